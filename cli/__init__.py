@@ -1,0 +1,1 @@
+"""The `tt` command line: parse, call `supervisor`, print. Nothing here talks to processes directly."""

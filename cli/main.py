@@ -1,0 +1,285 @@
+"""`tt`: one small function per command. Heavy imports (redis, rich) happen inside commands."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from supervisor.errors import TinytownError
+
+STATES = ("pending", "assigned", "running", "completed", "failed", "cancelled")
+
+
+class TinytownGroup(click.Group):
+    """Turns expected failures into one line on stderr and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except TinytownError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            sys.exit(130)
+        except Exception as exc:  # noqa: BLE001
+            _fail(_explain(exc))
+
+
+def _explain(exc: Exception) -> str:
+    name = type(exc).__module__ + "." + type(exc).__name__
+    if name.startswith("redis."):
+        if "Connection" in name or "Timeout" in name:
+            return f"cannot reach the town's Redis: {exc} (is the town running? `tt start`)"
+        return f"Redis error: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _fail(message: str, code: int = 1):
+    click.echo(f"tt: error: {message}", err=True)
+    sys.exit(code)
+
+
+def town_option(func):
+    """--town PATH on every command (also TT_TOWN_DIR): a town folder or its tinytown.toml."""
+
+    @click.option("--town", "town_path", metavar="PATH", envvar="TT_TOWN_DIR",
+                  help="The town's folder (default: walk up from here to tinytown.toml).")
+    @functools.wraps(func)
+    def wrapper(*args, town_path=None, **kwargs):
+        ctx = click.get_current_context()
+        return func(*args, town_path=town_path or (ctx.obj or {}).get("town"), **kwargs)
+
+    return wrapper
+
+
+def json_option(func):
+    return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(func)
+
+
+def _config(town_path):
+    from supervisor.config import load
+    return load(town_path)
+
+
+def _town(config):
+    from supervisor.town import Town
+    return Town(config)
+
+
+def _running_town(config):
+    """A Town for reading: says clearly when the town is not running instead of a socket error."""
+    from supervisor.lifecycle import running_pid
+    if not running_pid(config) and config.use_socket:
+        raise TinytownError(f"town {config.name!r} is not running (start it with `tt start`, or `tt spawn`)")
+    return _town(config)
+
+
+def _started_town(config):
+    """A Town for writing: starts the supervisor in the background if it is not running."""
+    from supervisor.lifecycle import ensure_running
+    ensure_running(config, say=lambda text: click.echo(text, err=True))
+    return _town(config)
+
+
+def _print_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group(cls=TinytownGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--town", "town", metavar="PATH", help="The town's folder (default: walk up from here).")
+@click.version_option(package_name="tinytown", prog_name="tt")
+@click.pass_context
+def cli(ctx, town):
+    """Tinytown: run a town of AI coding agents, coordinated through Redis."""
+    ctx.obj = {"town": town}
+
+
+@cli.command()
+@click.option("--name", help="The town's name (default: the folder's name and git branch).")
+@click.option("--cli", "--model", "default_cli", default="claude", show_default=True,
+              help="The default agent CLI preset.")
+@click.option("--max-agents", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing tinytown.toml.")
+@click.pass_context
+def init(ctx, name, default_cli, max_agents, force):
+    """Write tinytown.toml here (or in --town) and create agents/ and .tt/."""
+    from pathlib import Path
+
+    from supervisor.config import init_town
+    folder = Path((ctx.obj or {}).get("town") or ".")
+    config = init_town(folder, name, default_cli, max_agents, force)
+    click.echo(f"Initialized town {config.name!r} in {config.root}")
+    click.echo(f"  config: {config.root / 'tinytown.toml'}   runtime: {config.runtime_dir}")
+    click.echo("Next: tt spawn dev --model claude")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--model", "--cli", "cli_name", metavar="PRESET", help="The agent CLI (default: default_cli).")
+@click.option("--task-timeout", type=click.FloatRange(min=0), help="Fail a task running longer than this (s).")
+@json_option
+@town_option
+def spawn(name, cli_name, task_timeout, as_json, town_path):
+    """Register agent NAME; the supervisor starts its runner (and is started if needed)."""
+    from supervisor.config import validate_name
+    config = _config(town_path)
+    validate_name("agent", name)
+    config.cli(cli_name or config.default_cli)  # unknown preset: fail before starting anything
+    town = _started_town(config)
+    agent = town.spawn(name, cli_name or config.default_cli, task_timeout)
+    if as_json:
+        from supervisor.town import agent_json
+        _print_json(agent_json(agent, 0, config.supervisor.heartbeat_stale))
+    else:
+        click.echo(f"Spawned agent {agent.name} ({agent.id}) using {agent.cli}")
+
+
+@cli.command(name="list")
+@json_option
+@town_option
+def list_agents(as_json, town_path):
+    """The town's agents with id and state."""
+    from cli import render
+    config = _config(town_path)
+    town = _running_town(config)
+    agents = town.agents()
+    pending = town.pending_counts(agents)
+    if as_json:
+        from supervisor.town import agent_json
+        _print_json([agent_json(a, pending.get(a.id, 0), config.supervisor.heartbeat_stale) for a in agents])
+    else:
+        render.agent_lines(agents, pending)
+
+
+@cli.command()
+@click.argument("agent")
+@click.argument("description", required=False)
+@click.option("--file", "-f", "from_file", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Read the task text from a file ('-' for stdin): no size limit, any bytes.")
+@json_option
+@town_option
+def assign(agent, description, from_file, as_json, town_path):
+    """Give AGENT a task (DESCRIPTION, or --file, or '-' for stdin)."""
+    if description == "-" and not from_file:
+        description, from_file = None, "-"
+    if from_file:
+        if description is not None:
+            raise TinytownError("give the task text either as an argument or with --file, not both")
+        raw = sys.stdin.buffer.read() if from_file == "-" else open(from_file, "rb").read()
+        description = raw.decode("utf-8", "surrogateescape")
+    if description is None:
+        raise TinytownError("no task text: tt assign AGENT \"what to do\" (or --file PATH)")
+    config = _config(town_path)
+    town = _started_town(config)
+    task = town.assign(agent, description)
+    if as_json:
+        _print_json(task.to_json())
+    else:
+        click.echo(f"Assigned task {task.id} to {agent}")
+
+
+@cli.command()
+@json_option
+@town_option
+def status(as_json, town_path):
+    """The town, its agents and their states, and pending work."""
+    from supervisor.lifecycle import running_pid
+    config = _config(town_path)
+    if not running_pid(config) and config.use_socket:
+        data = {"town": config.name, "root": str(config.root), "running": False, "agents": [], "tasks": {}}
+        if as_json:
+            _print_json(data)
+        else:
+            click.echo(f"Town {config.name}: not running (start it with `tt start`)")
+        return
+    data = _town(config).status()
+    data["running"] = True
+    if as_json:
+        _print_json(data)
+    else:
+        from cli import render
+        render.status(data)
+
+
+@cli.command()
+@click.option("--agent", help="Only this agent's tasks.")
+@click.option("--state", type=click.Choice(STATES), help="Only tasks in this state.")
+@click.option("-n", "--limit", type=int, default=0, help="Only the newest N.")
+@json_option
+@town_option
+def tasks(agent, state, limit, as_json, town_path):
+    """The town's tasks, oldest first."""
+    config = _config(town_path)
+    found = _running_town(config).tasks(agent=agent, state=state, limit=limit)
+    if as_json:
+        _print_json([t.to_json() for t in found])
+    else:
+        from cli import render
+        render.tasks(found)
+
+
+@cli.command()
+@click.argument("task_id")
+@json_option
+@town_option
+def task(task_id, as_json, town_path):
+    """One task in full (TASK_ID may be a unique prefix)."""
+    config = _config(town_path)
+    found = _running_town(config).task(task_id)
+    if as_json:
+        _print_json(found.to_json())
+    else:
+        from cli import render
+        render.task(found)
+
+
+@cli.command()
+@town_option
+def start(town_path):
+    """Run the supervisor in the foreground (Ctrl+C stops the town gracefully)."""
+    from supervisor.daemon import Supervisor
+    config = _config(town_path)
+    Supervisor(config, say=lambda text: click.echo(f"tt: {text}")).serve()
+
+
+@cli.command()
+@click.option("--now", is_flag=True, help="Do not wait for running tasks; re-queue them at once.")
+@json_option
+@town_option
+def stop(now, as_json, town_path):
+    """Stop every runner, then redis-server; unfinished tasks go back to their inbox."""
+    from supervisor.lifecycle import stop as stop_town
+    config = _config(town_path)
+    report = stop_town(config, now=now)
+    if as_json:
+        _print_json(report or {"running": False})
+        return
+    if report is None:
+        click.echo(f"Town {config.name} is not running")
+        return
+    stopped = report.get("stopped", []) + report.get("killed", [])
+    click.echo(f"Stopped town {config.name}: {len(stopped)} runner(s)" + (f" ({', '.join(stopped)})" if stopped else ""))
+    if report.get("requeued"):
+        click.echo(f"Re-queued {len(report['requeued'])} unfinished task(s): {', '.join(report['requeued'])}")
+    if report.get("pending"):
+        click.echo(f"{report['pending']} task(s) wait in inboxes for the next start")
+
+
+@cli.command()
+@click.argument("agent")
+@town_option
+def restart(agent, town_path):
+    """Clear a failed agent and start its runner again."""
+    config = _config(town_path)
+    found = _started_town(config).restart_agent(agent)
+    click.echo(f"Restarting agent {found.name} (state {found.state})")
+
+
+def main() -> None:
+    cli(prog_name="tt")
+
+
+if __name__ == "__main__":
+    main()

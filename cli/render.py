@@ -1,0 +1,97 @@
+"""Human output for `tt`: rich tables and coloured states. `--json` output never comes here."""
+from __future__ import annotations
+
+import time
+
+import click
+
+STATE_COLOURS = {
+    "starting": "cyan", "idle": "green", "working": "yellow", "stopping": "magenta", "stopped": "bright_black",
+    "backoff": "bright_red", "failed": "red", "pending": "cyan", "assigned": "blue", "running": "yellow",
+    "completed": "green", "cancelled": "bright_black", "unresponsive": "red",
+}
+
+
+def agent_lines(agents, pending) -> None:
+    """The tutorial's format: `  dev (550e8400-...) - Idle`; plain click, no rich import, so it is quick."""
+    if not agents:
+        click.echo("No agents (add one with `tt spawn NAME`)")
+        return
+    click.echo("Agents:")
+    for a in agents:
+        state = click.style(a.state.capitalize(), fg=STATE_COLOURS.get(a.state))
+        extra = f", {pending.get(a.id, 0)} pending" if pending.get(a.id) else ""
+        click.echo(f"  {a.name} ({a.id}) - {state}  [{a.cli}{extra}]")
+
+
+def _console():
+    from rich.console import Console
+    return Console(highlight=False)
+
+
+def _state(text: str) -> str:
+    colour = STATE_COLOURS.get(text)
+    return f"[{colour}]{text}[/]" if colour else text
+
+
+def _ago(ts) -> str:
+    if not ts:
+        return "-"
+    secs = max(0.0, time.time() - float(ts))
+    return f"{secs:.0f}s ago" if secs < 120 else f"{secs / 60:.0f}m ago" if secs < 7200 else f"{secs / 3600:.0f}h ago"
+
+
+def status(data: dict) -> None:
+    from rich.table import Table
+    console = _console()
+    sup = data["supervisor"]
+    console.print(f"[bold]Town {data['town']}[/]  {data['root']}")
+    console.print(f"  supervisor: {_state(sup.get('state') or 'unknown')} (pid {sup.get('pid') or '-'}"
+                  f"{', host ' + sup['host'] if sup.get('host') else ''})   redis: {data['redis']}")
+    counts = data["tasks"]
+    console.print("  tasks: " + ", ".join(f"{_state(k)} {v}" for k, v in counts.items() if v) if any(counts.values())
+                  else "  tasks: none yet")
+    agents = data["agents"]
+    if not agents:
+        console.print(f"  no agents (max {data['max_agents']}); add one with `tt spawn NAME`")
+        return
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("AGENT", "STATE", "CLI", "PID", "TASK", "PENDING", "RESTARTS", "HEARTBEAT"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("NOTE", overflow="fold", ratio=1)
+    for a in agents:
+        state = a["state"] if a["responsive"] else "unresponsive"
+        table.add_row(a["name"], _state(state), a["cli"], str(a["pid"] or "-"), (a["current_task"] or "-")[:8],
+                      str(a["pending"]), str(a["restarts"]), _ago(a["heartbeat_at"]), a["reason"] or "")
+    console.print(table)
+    console.print(f"  {len(agents)}/{data['max_agents']} agents")
+
+
+def tasks(found) -> None:
+    if not found:
+        click.echo("No tasks")
+        return
+    from rich.table import Table
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("ID", "AGENT", "STATE", "EXIT", "TRIES", "CREATED"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("DESCRIPTION", overflow="ellipsis", no_wrap=True, ratio=1)
+    for t in found:
+        first = (t.description.strip().splitlines() or [""])[0][:60]
+        table.add_row(t.id[:8], t.agent, _state(t.state), "" if t.exit_code is None else str(t.exit_code),
+                      str(t.attempts), _ago(t.created_at), first)
+    _console().print(table)
+
+
+def task(t) -> None:
+    console = _console()
+    console.print(f"[bold]Task {t.id}[/]  agent {t.agent}  {_state(t.state)}"
+                  + (f"  exit {t.exit_code}" if t.exit_code is not None else "") + f"  attempts {t.attempts}")
+    console.print(f"  created {_ago(t.created_at)}, started {_ago(t.started_at)}, finished {_ago(t.finished_at)}")
+    if t.reason:
+        console.print(f"  reason: {t.reason}")
+    console.rule("description")
+    console.print(t.description, markup=False)
+    if t.output:
+        console.rule("output (last 64 KiB)")
+        console.print(t.output, markup=False)

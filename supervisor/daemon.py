@@ -1,0 +1,368 @@
+"""The supervisor: one per town. Starts redis-server, keeps one runner per agent, stops in order.
+
+It is a reconciler (see DESIGN.md): desired state is the agent registry in Redis, actual state is
+its child processes, and one loop makes the two match whenever something happens: a child exits
+(SIGCHLD), a `tt` command nudges (pub/sub), a backoff timer fires, or a stop is asked.
+No threads: runners are forked, and fork and threads do not mix.
+"""
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+from . import lock
+from .config import Config, ensure_runtime_dir
+from .control import ControlChannel
+from .errors import TinytownError
+from .logs import tail_text
+from .models import AgentState
+from .procutil import describe_status, killpg, reap, set_parent_death_signal
+from .redis_server import RedisServer
+from .runner import KILL_WAIT_SECONDS, run_forked
+from .town import Town, host
+
+
+@dataclass
+class RunnerProc:
+    agent_id: str
+    name: str
+    pid: int
+    started_at: float
+    stop_requested: bool = False
+
+
+@dataclass
+class Health:
+    """Restart bookkeeping for one agent, kept in memory by the supervisor."""
+
+    fast_failures: int = 0
+    next_start: float = 0.0     # monotonic time before which a backoff agent is not restarted
+    gave_up: bool = False
+
+
+@dataclass
+class StopReport:
+    stopped: list[str] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)
+    killed: list[str] = field(default_factory=list)
+    pending: int = 0
+
+
+class Supervisor:
+    def __init__(self, config: Config, say=None, ready_fd: int | None = None):
+        self.config = config
+        self.policy = config.supervisor
+        self.say = say or (lambda text: print(text, flush=True))
+        self.ready_fd = ready_fd
+        self.procs: dict[str, RunnerProc] = {}
+        self.health: dict[str, Health] = {}
+        self.stop_mode: str | None = None
+        self.redis = RedisServer(config)
+        self.lock_fd: int | None = None
+
+    # --- life cycle --------------------------------------------------------------------------
+    def serve(self) -> int:
+        ensure_runtime_dir(self.config.runtime_dir)
+        try:
+            self.lock_fd = lock.acquire(self.config.runtime_dir)
+        except lock.AlreadyRunning as exc:
+            self._notify_ready(f"running {exc.pid or ''}")
+            raise TinytownError(str(exc)) from None
+        try:
+            self._install_signals()
+            self.redis.start()
+            self.town = Town(self.config)
+            self.town.r.hset(self.town.keys.supervisor, mapping={
+                "pid": os.getpid(), "host": host(), "state": "running", "started_at": f"{time.time():.6f}",
+                "stop": "", "root": str(self.config.root)})
+            self.control = ControlChannel(self.config, self.town.keys.control)
+            self.control.connect()
+            self.selector = selectors.DefaultSelector()
+            self.selector.register(self.wake_r, selectors.EVENT_READ)
+            self.selector.register(self.control, selectors.EVENT_READ)
+            where = self.config.redis_socket if self.config.use_socket else f"port {self.config.redis_port}"
+            self.say(f"town {self.config.name}: supervisor pid {os.getpid()}, redis-server pid {self.redis.pid} on {where}")
+            self._reconcile()
+            self._notify_ready(f"ok {os.getpid()}")
+            self._loop()
+            report = self._shutdown()
+            self._write_report(report)
+            return 0
+        except BaseException as exc:
+            self._notify_ready(f"error {exc}")
+            self._kill_everything()
+            raise
+        finally:
+            self.redis.stop()
+            if self.lock_fd is not None:
+                lock.release(self.lock_fd)
+
+    def _notify_ready(self, line: str) -> None:
+        if self.ready_fd is not None:
+            try:
+                os.write(self.ready_fd, (line.replace("\n", " ") + "\n").encode())
+                os.close(self.ready_fd)
+            except OSError:
+                pass
+            self.ready_fd = None
+
+    def _install_signals(self) -> None:
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the terminal closing is not a stop
+
+    def _on_stop_signal(self, *_):
+        self.stop_mode = self.stop_mode or "graceful"
+
+    # --- the loop ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while self.stop_mode is None:
+            timeout = self._next_timer()
+            for key, _ in self.selector.select(timeout):
+                if key.fileobj is self.control:
+                    if not self.control.drain():
+                        self._redis_lost()
+                else:
+                    self._drain_wake()
+            self._reap()
+            requested = self.town.r.hget(self.town.keys.supervisor, "stop")
+            if requested:
+                self.stop_mode = requested
+            if self.stop_mode is None:
+                self._reconcile()
+
+    def _next_timer(self) -> float | None:
+        waits = [h.next_start for h in self.health.values() if h.next_start and not h.gave_up]
+        if not waits:
+            return None
+        return max(0.0, min(waits) - time.monotonic())
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _redis_lost(self) -> None:
+        """redis-server died under us: start it again (its append-only file keeps the town)."""
+        self.selector.unregister(self.control)
+        self.control.close()
+        if self.redis.proc and self.redis.proc.poll() is not None:
+            self.say(f"redis-server exited ({describe_status_code(self.redis.proc.returncode)}); restarting it")
+            self.redis.start()
+        self.control.connect()
+        self.selector.register(self.control, selectors.EVENT_READ)
+
+    # --- reconcile ---------------------------------------------------------------------------
+    def _reconcile(self) -> None:
+        agents = self.town.agents()
+        allowed = agents[: self.config.max_agents]
+        allowed_ids = {a.id for a in allowed}
+        now = time.monotonic()
+        for agent in allowed:
+            if agent.id in self.procs:
+                continue
+            health = self.health.setdefault(agent.id, Health())
+            if agent.state == AgentState.FAILED.value:
+                health.gave_up = True
+                continue
+            if agent.state == AgentState.STARTING.value and (health.gave_up or health.next_start > now):
+                self.health[agent.id] = health = Health()  # `tt restart` clears the record
+            if health.next_start > now:
+                continue
+            health.next_start = 0.0
+            self._start_runner(agent.id, agent.name)
+        for agent_id, proc in self.procs.items():
+            if agent_id not in allowed_ids and not proc.stop_requested:
+                self._signal_runner(proc, signal.SIGTERM)
+
+    def _start_runner(self, agent_id: str, name: str) -> None:
+        self.town.set_agent_state(agent_id, AgentState.STARTING, pid="", cli_pid="", current_task="")
+        log_path = self.config.log_file(name)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # --- child: becomes the runner and never returns
+            try:
+                signal.set_wakeup_fd(-1)
+                for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
+                os.setpgid(0, 0)  # Ctrl+C on `tt start` reaches the supervisor only
+                set_parent_death_signal(signal.SIGUSR1, parent)
+                for fd in (self.wake_r, self.wake_w):
+                    os.close(fd)
+                self.control.close()
+                self.selector.close()
+                log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                null_fd = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(null_fd, 0)
+                os.dup2(log_fd, 1)
+                os.dup2(log_fd, 2)
+                os.close(log_fd)
+                os.close(null_fd)
+            except BaseException:
+                os._exit(70)
+            run_forked(self.config, agent_id, log_path)
+            os._exit(70)  # not reached
+        try:
+            os.setpgid(pid, pid)
+        except OSError:
+            pass
+        self.procs[agent_id] = RunnerProc(agent_id, name, pid, time.monotonic())
+        self.town.r.hset(self.town.keys.agent(agent_id), "pid", pid)
+        self.say(f"runner {name} started (pid {pid})")
+
+    def _signal_runner(self, proc: RunnerProc, sig: int) -> None:
+        proc.stop_requested = True
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    # --- exits and restart policy --------------------------------------------------------------
+    def _reap(self) -> None:
+        for agent_id, proc in list(self.procs.items()):
+            status = reap(proc.pid)
+            if status is None:
+                continue
+            del self.procs[agent_id]
+            self._runner_exited(proc, status)
+        if self.redis.proc and self.redis.proc.poll() is not None and self.stop_mode is None:
+            self._redis_lost()
+
+    def _runner_exited(self, proc: RunnerProc, status: int) -> None:
+        agent_key = self.town.keys.agent(proc.agent_id)
+        cli_pid = self.town.r.hget(agent_key, "cli_pid")
+        if cli_pid:  # the runner died mid-task: take its CLI's whole group down too
+            killpg(int(cli_pid), signal.SIGKILL)
+        if proc.stop_requested:
+            if self.town.r.exists(agent_key):
+                self.town.set_agent_state(proc.agent_id, AgentState.STOPPED, pid="", cli_pid="")
+            self.say(f"runner {proc.name} stopped")
+            return
+        if not self.town.r.exists(agent_key):
+            return
+        health = self.health.setdefault(proc.agent_id, Health())
+        uptime = time.monotonic() - proc.started_at
+        if uptime >= self.policy.start_seconds:
+            health.fast_failures = 0
+        health.fast_failures += 1
+        tail = tail_text(self.config.log_file(proc.name))
+        reason = f"runner {describe_status(status)} after {uptime:.1f}s" + (f"; last output: {tail}" if tail else "")
+        if health.fast_failures >= self.policy.max_fast_failures:
+            health.gave_up = True
+            self.town.set_agent_state(proc.agent_id, AgentState.FAILED, pid="", cli_pid="",
+                                      current_task="", reason=reason)
+            self.say(f"runner {proc.name} failed {health.fast_failures} times in a row; giving up ({reason})")
+            self._event("agent_failed", agent=proc.name, reason=reason)
+            return
+        delay = 0.0 if health.fast_failures == 1 else min(
+            self.policy.backoff_max, self.policy.backoff_first * self.policy.backoff_factor ** (health.fast_failures - 2))
+        self.town.r.hincrby(agent_key, "restarts", 1)
+        self._event("agent_restarting", agent=proc.name, reason=reason, delay=f"{delay:.3f}")
+        if delay <= 0:
+            self.say(f"runner {proc.name} exited ({describe_status(status)}); restarting")
+            self._start_runner(proc.agent_id, proc.name)
+            return
+        health.next_start = time.monotonic() + delay
+        self.town.set_agent_state(proc.agent_id, AgentState.BACKOFF, pid="", cli_pid="", reason=reason)
+        self.say(f"runner {proc.name} exited ({describe_status(status)}); restarting in {delay:.2f}s")
+
+    def _event(self, kind: str, **fields) -> None:
+        pipe = self.town.r.pipeline()
+        self.town._event(pipe, kind, **fields)
+        pipe.execute()
+
+    # --- stop ----------------------------------------------------------------------------------
+    def _shutdown(self) -> StopReport:
+        mode = self.stop_mode or "graceful"
+        self.say(f"stopping ({mode})")
+        report = StopReport()
+        self.town.r.hset(self.town.keys.supervisor, "state", "stopping")
+        since = self.town.r.xadd(self.town.keys.events, {"type": "town_stopping", "mode": mode})
+        sig = signal.SIGUSR1 if mode == "now" else signal.SIGTERM
+        for proc in self.procs.values():
+            self.town.set_agent_state(proc.agent_id, AgentState.STOPPING)
+            self._signal_runner(proc, sig)
+        grace = 0.0 if mode == "now" else self.policy.stop_grace
+        deadline = time.monotonic() + grace + KILL_WAIT_SECONDS + 3.0
+        while self.procs and time.monotonic() < deadline:
+            self.selector.select(max(0.0, deadline - time.monotonic()))
+            self._drain_wake()
+            for agent_id, proc in list(self.procs.items()):
+                if reap(proc.pid) is not None:
+                    del self.procs[agent_id]
+                    report.stopped.append(proc.name)
+        for proc in self.procs.values():  # past every deadline: no mercy
+            killpg(proc.pid, signal.SIGKILL)
+            cli_pid = self.town.r.hget(self.town.keys.agent(proc.agent_id), "cli_pid")
+            killpg(int(cli_pid) if cli_pid else None, signal.SIGKILL)
+            os.waitpid(proc.pid, 0)
+            report.killed.append(proc.name)
+        self.procs.clear()
+        for agent in self.town.agents():
+            if agent.state != AgentState.FAILED.value:
+                self.town.set_agent_state(agent.id, AgentState.STOPPED, pid="", cli_pid="", current_task="")
+        for _id, fields in self.town.r.xrange(self.town.keys.events, min=since):
+            if fields.get("type") == "task_requeued":
+                report.requeued.append(fields.get("task", ""))
+        report.pending = sum(self.town.pending_counts(self.town.agents()).values())
+        self.town.r.hset(self.town.keys.supervisor, mapping={"state": "stopped", "stop": "", "pid": ""})
+        self.say(f"stopped {len(report.stopped) + len(report.killed)} runner(s); "
+                 f"{len(report.requeued)} task(s) re-queued; {report.pending} waiting")
+        return report
+
+    def _write_report(self, report: StopReport) -> None:
+        path = self.config.runtime_dir / "last-stop.json"
+        data = {"stopped": report.stopped, "killed": report.killed, "requeued": report.requeued,
+                "pending": report.pending, "at": time.time()}
+        path.write_text(json.dumps(data))
+
+    def _kill_everything(self) -> None:
+        """On an unexpected supervisor error: leave no runner or CLI behind."""
+        for proc in self.procs.values():
+            killpg(proc.pid, signal.SIGKILL)
+            try:
+                os.waitpid(proc.pid, 0)
+            except ChildProcessError:
+                pass
+        self.procs.clear()
+
+
+def describe_status_code(returncode: int | None) -> str:
+    if returncode is None:
+        return "running"
+    return f"killed by signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m supervisor.daemon ROOT [--ready-fd N]`: how `tt spawn` starts a background supervisor."""
+    import argparse
+
+    from .config import load
+    parser = argparse.ArgumentParser(prog="tt-supervisor")
+    parser.add_argument("root")
+    parser.add_argument("--ready-fd", type=int)
+    args = parser.parse_args(argv)
+    try:
+        config = load(args.root)
+        return Supervisor(config, ready_fd=args.ready_fd).serve()
+    except TinytownError as exc:
+        print(f"tt supervisor: {exc}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

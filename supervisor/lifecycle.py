@@ -1,0 +1,117 @@
+"""Starting and stopping a town's supervisor from a `tt` command."""
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+
+from . import lock
+from .config import Config, ensure_runtime_dir
+from .errors import TinytownError
+from .procutil import alive, wait_until
+
+START_TIMEOUT = 30.0
+
+
+def running_pid(config: Config) -> int | None:
+    """The supervisor's pid if one holds this town's lock, else None."""
+    if not config.runtime_dir.exists():
+        return None
+    return lock.holder(config.runtime_dir)
+
+
+def ensure_running(config: Config, say=None) -> bool:
+    """Start a background supervisor unless one runs; True if this call started it."""
+    if running_pid(config):
+        _wait_ready(config)
+        return False
+    ensure_runtime_dir(config.runtime_dir)
+    log_path = config.runtime_dir / "supervisor.log"
+    read_fd, write_fd = os.pipe()
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            # -P (3.11+): the town folder must not shadow our packages on sys.path.
+            [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []), "-m", "supervisor.daemon",
+             str(config.root), "--ready-fd", str(write_fd)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_fd,),
+            start_new_session=True, cwd=str(config.root),
+        )
+    os.close(write_fd)
+    line = _read_line(read_fd, START_TIMEOUT)
+    os.close(read_fd)
+    if line.startswith("ok"):
+        if say:
+            say(f"started the town's supervisor in the background (pid {proc.pid}; log {log_path})")
+        return True
+    if line.startswith("running"):  # another command started it a moment ago
+        proc.wait()
+        _wait_ready(config)
+        return False
+    if line.startswith("error"):
+        proc.wait()
+        raise TinytownError(f"the supervisor could not start: {line[6:].strip()}")
+    code = proc.poll()
+    tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] if log_path.exists() else []
+    raise TinytownError("the supervisor did not start" + (f" (exit {code})" if code is not None else "")
+                        + (f": {tail[0]}" if tail else f"; see {log_path}"))
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    data = b""
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+def _wait_ready(config: Config, timeout: float = START_TIMEOUT) -> None:
+    """Wait until a supervisor started by someone else reports `running` in Redis."""
+    from .town import Town
+
+    town = Town(config)
+
+    def ready() -> bool:
+        if not running_pid(config):
+            return True  # it went away; the caller's next Redis call will say so
+        try:
+            return town.r.hget(town.keys.supervisor, "state") == "running"
+        except Exception:
+            return False
+
+    if not wait_until(ready, timeout, interval=0.005, max_interval=0.05):
+        raise TinytownError("the town's supervisor is starting but not ready; see .tt/supervisor.log")
+
+
+def stop(config: Config, now: bool = False, timeout: float | None = None) -> dict | None:
+    """Ask the supervisor to stop and wait until it has; the stop report, or None if not running."""
+    pid = running_pid(config)
+    if not pid:
+        return None
+    from .town import Town
+
+    try:
+        Town(config).request_stop(now)
+    except Exception:
+        # Redis is unreachable: a signal still reaches a local supervisor.
+        if pid > 0 and alive(pid):
+            os.kill(pid, 15)
+    wait = timeout if timeout is not None else (0 if now else config.supervisor.stop_grace) + 30
+    if not lock.wait_released(config.runtime_dir, wait):
+        raise TinytownError(f"the supervisor (pid {pid}) did not stop within {wait:.0f}s")
+    report_path = config.runtime_dir / "last-stop.json"
+    try:
+        return json.loads(report_path.read_text())
+    except (OSError, ValueError):
+        return {}

