@@ -18,6 +18,8 @@ class TinytownGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # usage errors: click prints them its own way (exit 2)
         except TinytownError as exc:
             _fail(str(exc))
         except KeyboardInterrupt:

@@ -42,7 +42,6 @@ def _ago(ts) -> str:
 
 
 def status(data: dict) -> None:
-    from rich.table import Table
     console = _console()
     sup = data["supervisor"]
     console.print(f"[bold]Town {data['town']}[/]  {data['root']}")
@@ -55,32 +54,38 @@ def status(data: dict) -> None:
     if not agents:
         console.print(f"  no agents (max {data['max_agents']}); add one with `tt spawn NAME`")
         return
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("AGENT", "STATE", "CLI", "PID", "TASK", "PENDING", "RESTARTS", "HEARTBEAT"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("NOTE", overflow="fold", ratio=1)
-    for a in agents:
-        state = a["state"] if a["responsive"] else "unresponsive"
-        table.add_row(a["name"], _state(state), a["cli"], str(a["pid"] or "-"), (a["current_task"] or "-")[:8],
-                      str(a["pending"]), str(a["restarts"]), _ago(a["heartbeat_at"]), a["reason"] or "")
-    console.print(table)
+    rows = [(a["name"], a["state"] if a["responsive"] else "unresponsive", a["cli"], str(a["pid"] or "-"),
+             (a["current_task"] or "-")[:8], str(a["pending"]), str(a["restarts"]), _ago(a["heartbeat_at"]),
+             a["reason"] or "") for a in agents]
+    _table(("AGENT", "STATE", "CLI", "PID", "TASK", "PENDING", "RESTARTS", "HEARTBEAT", "NOTE"), rows,
+           state_col=1, console=console)
     console.print(f"  {len(agents)}/{data['max_agents']} agents")
+
+
+def _table(headers, rows, state_col: int, console=None) -> None:
+    """A borderless table whose columns keep their full width; only the last one is cut or folded."""
+    from rich.table import Table
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for i, header in enumerate(headers):
+        if i == len(headers) - 1:
+            table.add_column(header, overflow="fold", ratio=1)
+        else:
+            width = max([len(header)] + [len(row[i]) for row in rows])
+            table.add_column(header, no_wrap=True, min_width=width)
+    for row in rows:
+        row = list(row)
+        row[state_col] = _state(row[state_col])
+        table.add_row(*row)
+    (console or _console()).print(table)
 
 
 def tasks(found) -> None:
     if not found:
         click.echo("No tasks")
         return
-    from rich.table import Table
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("ID", "AGENT", "STATE", "EXIT", "TRIES", "CREATED"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("DESCRIPTION", overflow="ellipsis", no_wrap=True, ratio=1)
-    for t in found:
-        first = (t.description.strip().splitlines() or [""])[0][:60]
-        table.add_row(t.id[:8], t.agent, _state(t.state), "" if t.exit_code is None else str(t.exit_code),
-                      str(t.attempts), _ago(t.created_at), first)
-    _console().print(table)
+    rows = [(t.id[:8], t.agent, t.state, "" if t.exit_code is None else str(t.exit_code), str(t.attempts),
+             _ago(t.created_at), (t.description.strip().splitlines() or [""])[0][:80]) for t in found]
+    _table(("ID", "AGENT", "STATE", "EXIT", "TRIES", "CREATED", "DESCRIPTION"), rows, state_col=2)
 
 
 def task(t) -> None:

@@ -59,6 +59,14 @@ def ensure_running(config: Config, say=None) -> bool:
                         + (f": {tail[0]}" if tail else f"; see {log_path}"))
 
 
+def _running(pid: int) -> bool:
+    import psutil
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def _read_line(fd: int, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     data = b""
@@ -110,6 +118,8 @@ def stop(config: Config, now: bool = False, timeout: float | None = None) -> dic
     wait = timeout if timeout is not None else (0 if now else config.supervisor.stop_grace) + 30
     if not lock.wait_released(config.runtime_dir, wait):
         raise TinytownError(f"the supervisor (pid {pid}) did not stop within {wait:.0f}s")
+    if pid > 0:  # the lock goes a moment before the process: return only once it is gone
+        wait_until(lambda: not _running(pid), 10.0)
     report_path = config.runtime_dir / "last-stop.json"
     try:
         return json.loads(report_path.read_text())

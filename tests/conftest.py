@@ -1,0 +1,169 @@
+"""Shared test helpers: a real town in a temp folder, driven through the real `tt` command."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FAKE_BIN = REPO / "fixtures" / "bin"
+FAKE_AGENT = REPO / "fixtures" / "fake_agent.py"
+
+FAST_POLICY = """
+[supervisor]
+backoff_first = 0.05
+backoff_factor = 2.0
+backoff_max = 1.0
+start_seconds = 1.0
+max_fast_failures = 4
+max_attempts = 3
+stop_grace = 10.0
+heartbeat_interval = 0.5
+heartbeat_stale = 5.0
+"""
+
+
+def wait_for(predicate, timeout: float = 20.0, message: str = "condition"):
+    """Poll until `predicate()` is truthy; return its value or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+def town_processes(root: Path) -> list[psutil.Process]:
+    """Every live process that belongs to the town: cwd inside it, or its path on the command line."""
+    root_s = str(root)
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "cwd", "status"]):
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            cwd = proc.info["cwd"] or ""
+            cmd = " ".join(proc.info["cmdline"] or [])
+        except (psutil.Error, OSError):
+            continue
+        if cwd == root_s or cwd.startswith(root_s + "/") or root_s in cmd:
+            found.append(proc)
+    return found
+
+
+class TownHarness:
+    def __init__(self, root: Path):
+        self.root = root
+        self.record = root / "record"
+        self.record.mkdir(parents=True, exist_ok=True)
+        self.env = dict(os.environ)
+        self.env["PATH"] = f"{FAKE_BIN}{os.pathsep}{self.env.get('PATH', '')}"
+        self.env["FAKE_AGENT_RECORD"] = str(self.record)
+        self.env.pop("TT_TOWN_DIR", None)
+        self.env["PYTHONPATH"] = str(REPO) + (os.pathsep + self.env["PYTHONPATH"] if self.env.get("PYTHONPATH") else "")
+
+    def tt(self, *args, input: bytes | str | None = None, check: bool = True, timeout: float = 60,
+           cwd: Path | None = None) -> subprocess.CompletedProcess:
+        if isinstance(input, str):
+            input = input.encode()
+        proc = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=cwd or self.root, env=self.env,
+                              input=input, capture_output=True, timeout=timeout)
+        proc.out = proc.stdout.decode(errors="replace")
+        proc.err = proc.stderr.decode(errors="replace")
+        if check and proc.returncode != 0:
+            pytest.fail(f"tt {' '.join(map(str, args))[:200]} exited {proc.returncode}:\n{proc.err}\n{proc.out}")
+        return proc
+
+    def json(self, *args):
+        return json.loads(self.tt(*args, "--json").stdout)
+
+    def append_config(self, text: str) -> None:
+        with (self.root / "tinytown.toml").open("a") as fh:
+            fh.write(text)
+
+    def config(self):
+        from supervisor.config import load
+        return load(self.root)
+
+    def town(self):
+        from supervisor.town import Town
+        return Town(self.config())
+
+    def task(self, task_id: str) -> dict:
+        return self.json("task", task_id)
+
+    def wait_task(self, task_id: str, states=("completed", "failed"), timeout: float = 30.0) -> dict:
+        holder = {}
+
+        def done():
+            holder["t"] = self.task(task_id)
+            return holder["t"]["state"] in states
+
+        wait_for(done, timeout, f"task {task_id} to reach {states}")
+        return holder["t"]
+
+    def agent(self, name: str) -> dict:
+        return next(a for a in self.json("list") if a["name"] == name)
+
+    def wait_agent(self, name: str, states=("idle",), timeout: float = 30.0) -> dict:
+        holder = {}
+
+        def ok():
+            holder["a"] = self.agent(name)
+            return holder["a"]["state"] in states
+
+        wait_for(ok, timeout, f"agent {name} to be {states}")
+        return holder["a"]
+
+    def supervisor_pid(self) -> int | None:
+        from supervisor import lock
+        return lock.holder(self.root / ".tt")
+
+    def recorded(self, task_id: str) -> tuple[dict, bytes]:
+        info = json.loads((self.record / f"{task_id}.json").read_text())
+        return info, (self.record / f"{task_id}.prompt").read_bytes()
+
+    def cleanup(self) -> None:
+        if (self.root / ".tt" / "supervisor.lock").exists() and self.supervisor_pid():
+            self.tt("stop", "--now", check=False, timeout=60)
+        for proc in town_processes(self.root):
+            try:
+                proc.send_signal(signal.SIGKILL)
+            except psutil.Error:
+                pass
+
+
+@pytest.fixture
+def make_town(tmp_path):
+    """Factory: an initialised town (fast restart policy) in a temp folder, stopped afterwards."""
+    made = []
+
+    def make(name: str = "testtown", extra: str = "", policy: str = FAST_POLICY, folder: str = "town"):
+        root = tmp_path / folder
+        root.mkdir()
+        harness = TownHarness(root)
+        harness.tt("init", "--name", name)
+        harness.append_config(policy + extra)
+        made.append(harness)
+        return harness
+
+    yield make
+    for harness in made:
+        harness.cleanup()
+
+
+@pytest.fixture
+def town(make_town):
+    return make_town()
