@@ -192,7 +192,7 @@ def load(root: str | Path | None = None) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise TinytownError(f"{path}: {exc}") from None
+        raise TinytownError(_toml_error(path, text, exc)) from None
     return _from_dict(data, folder, path, text)
 
 
@@ -286,6 +286,18 @@ def _from_dict(data: dict, root: Path, path: Path, text: str) -> Config:
     if config.default_cli not in PRESETS and config.default_cli not in clis:
         fail("default_cli", f"unknown CLI {config.default_cli!r}")
     return config
+
+
+def _toml_error(path: Path, text: str, exc: Exception) -> str:
+    """`file:LINE: what` from tomllib's "... (at line L, column C)" or "(at end of document)"."""
+    message = str(exc)
+    found = re.search(r"\(at line (\d+), column (\d+)\)$", message)
+    if found:
+        return f"{path}:{found[1]}: {message[:found.start()].strip()} (line {found[1]}, column {found[2]})"
+    if message.endswith("(at end of document)"):
+        last = len(text.splitlines()) or 1
+        return f"{path}:{last}: {message[:-len('(at end of document)')].strip()} (line {last}, at end of file)"
+    return f"{path}: {message}"
 
 
 def _line_of(text: str, key: str) -> int | None:

@@ -19,14 +19,6 @@ from .models import (Agent, AgentState, Message, Task, TaskState, check_agent_tr
 OUTPUT_TAIL_BYTES = 64 * 1024
 EVENTS_MAXLEN = 5000
 
-# KEYS: agent_index, agent hash. ARGV: name, max_agents, then the agent hash as field/value pairs.
-_SPAWN_LUA = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return {err='duplicate'} end
-if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[2]) then return {err='full'} end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-redis.call('HSET', KEYS[2], unpack(ARGV, 4))
-return 1
-"""
 
 
 def connect(config: Config, decode: bool = True, timeout: float | None = None) -> redis.Redis:
@@ -70,18 +62,24 @@ class Town:
         self.config.cli(cli)  # unknown preset -> TinytownError before anything is written
         agent = Agent(id=new_id(), name=name, cli=cli, state=AgentState.STARTING.value,
                       created_at=now(), updated_at=now(), task_timeout=task_timeout)
-        flat = [x for kv in agent.to_hash().items() for x in kv]
-        try:
-            self.r.eval(_SPAWN_LUA, 2, self.keys.agent_index, self.keys.agent(agent.id),
-                        name, self.config.max_agents, agent.id, *flat)
-        except redis.ResponseError as exc:
-            if "duplicate" in str(exc):
-                raise TinytownError(f"an agent named {name!r} already exists") from None
-            if "full" in str(exc):
-                raise TinytownError(
-                    f"max_agents reached ({self.config.max_agents}); raise max_agents in "
-                    f"{self.config.root / 'tinytown.toml'} or remove an agent") from None
-            raise
+        index = self.keys.agent_index
+        with self.r.pipeline() as pipe:
+            while True:  # optimistic transaction: two racing spawns cannot both pass the checks
+                try:
+                    pipe.watch(index)
+                    if pipe.hexists(index, name):
+                        raise TinytownError(f"an agent named {name!r} already exists")
+                    if pipe.hlen(index) >= self.config.max_agents:
+                        raise TinytownError(
+                            f"max_agents reached ({self.config.max_agents}); raise max_agents in "
+                            f"{self.config.root / 'tinytown.toml'} or remove an agent")
+                    pipe.multi()
+                    pipe.hset(index, name, agent.id)
+                    pipe.hset(self.keys.agent(agent.id), mapping=agent.to_hash())
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
         pipe = self.r.pipeline()
         self._event(pipe, "agent_spawned", agent=name, agent_id=agent.id, cli=cli)
         pipe.publish(self.keys.control, "reconcile")

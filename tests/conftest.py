@@ -152,7 +152,7 @@ def make_town(tmp_path):
 
     def make(name: str = "testtown", extra: str = "", policy: str = FAST_POLICY, folder: str = "town"):
         root = tmp_path / folder
-        root.mkdir()
+        root.mkdir(parents=True)
         harness = TownHarness(root)
         harness.tt("init", "--name", name)
         harness.append_config(policy + extra)

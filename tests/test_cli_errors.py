@@ -1,0 +1,114 @@
+"""Bad input through the real `tt` command: one clear line on stderr, non-zero exit, nothing lost."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, TownHarness, town_processes, wait_for
+
+COMMANDS = ["init", "spawn", "list", "assign", "status", "tasks", "task", "start", "stop", "restart"]
+
+
+def one_error_line(proc, *needles):
+    assert proc.returncode != 0, proc.out
+    lines = proc.err.strip().splitlines()
+    assert len(lines) == 1, proc.err
+    assert "Traceback" not in proc.err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(tmp_path, command):
+    proc = subprocess.run([sys.executable, "-m", "cli.main", command, "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0 and "Usage: tt " + command in proc.stdout
+
+
+def test_no_town_here(tmp_path):
+    t = TownHarness(tmp_path)
+    one_error_line(t.tt("list", check=False), "no tinytown.toml")
+
+
+def test_malformed_toml_names_the_line(town):
+    (town.root / "tinytown.toml").write_text('name = "x"\nmax_agents = [1,\n')
+    one_error_line(town.tt("spawn", "dev", check=False), "tinytown.toml", "line 2")
+    assert town.supervisor_pid() is None
+
+
+def test_unknown_preset_bad_name_duplicate_and_unknown_agent(town):
+    one_error_line(town.tt("spawn", "dev", "--model", "gpt-17", check=False), "unknown CLI 'gpt-17'")
+    assert town.supervisor_pid() is None  # nothing started for a command that could not succeed
+    one_error_line(town.tt("spawn", "bad name", check=False), "invalid agent name")
+    town.tt("spawn", "dev")
+    one_error_line(town.tt("spawn", "dev", check=False), "already exists")
+    one_error_line(town.tt("assign", "nobody", "do it", check=False), "no agent named 'nobody'")
+    one_error_line(town.tt("task", "no-such-task", check=False), "no task")
+    one_error_line(town.tt("assign", "dev", check=False), "no task text")
+    assert [a["name"] for a in town.json("list")] == ["dev"]
+
+
+def test_max_agents_refuses_and_registers_nothing(make_town):
+    town = make_town()
+    text = (town.root / "tinytown.toml").read_text().replace("max_agents = 10", "max_agents = 2")
+    (town.root / "tinytown.toml").write_text(text)
+    town.tt("spawn", "a")
+    town.tt("spawn", "b")
+    one_error_line(town.tt("spawn", "c", check=False), "max_agents reached (2)")
+    assert [a["name"] for a in town.json("list")] == ["a", "b"]
+
+
+def test_read_commands_on_a_stopped_town(town):
+    assert "not running" in town.tt("status").out
+    assert town.json("status")["running"] is False
+    one_error_line(town.tt("list", check=False), "not running")
+    assert "not running" in town.tt("stop").out
+
+
+def test_socket_path_over_the_os_limit_is_moved(make_town):
+    town = make_town(folder="d" * 70 + "/" + "e" * 60)
+    assert len(os.fsencode(town.root / ".tt" / "redis.sock")) > 107
+    town.tt("spawn", "dev")
+    status = town.json("status")
+    assert len(os.fsencode(status["redis"])) <= 107 and status["redis"].startswith("/tmp/")
+    assert town.wait_task(town.json("assign", "dev", "hi")["id"])["state"] == "completed"
+    sock = status["redis"]
+    assert oct(os.stat(sock).st_mode & 0o777) == "0o700"
+    town.tt("stop")
+
+
+def test_redis_server_missing(town):
+    town.append_config('\n')
+    text = (town.root / "tinytown.toml").read_text().replace(
+        'socket_path = "redis.sock"', 'socket_path = "redis.sock"\nserver = "/nonexistent/redis-server"')
+    (town.root / "tinytown.toml").write_text(text)
+    one_error_line(town.tt("spawn", "dev", check=False), "redis-server not found")
+    assert town_processes(town.root) == []
+
+
+def test_second_start_says_one_is_running(town):
+    town.tt("spawn", "dev")
+    pid = town.supervisor_pid()
+    proc = town.tt("start", check=False, timeout=30)
+    one_error_line(proc, "already running", str(pid))
+    assert town.supervisor_pid() == pid
+
+
+def test_foreground_start_and_ctrl_c(town):
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "start"], cwd=town.root, env=town.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: town.supervisor_pid() == proc.pid, 20, "the foreground supervisor")
+        town.tt("spawn", "dev")
+        assert town.wait_task(town.json("assign", "dev", "hi")["id"])["state"] == "completed"
+        proc.send_signal(2)  # what Ctrl+C delivers
+        assert proc.wait(30) == 0
+        out = proc.stdout.read().decode()
+        assert "runner dev started" in out and "stopping" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert town_processes(town.root) == []

@@ -1,0 +1,113 @@
+"""Config loading and validation: pure file logic, no processes."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from supervisor.config import (MAX_UNIX_SOCKET_PATH, PRESETS, CliSpec, find_town, init_town, load,
+                               short_socket_path)
+from supervisor.errors import TinytownError
+
+
+def write(tmp_path, text):
+    (tmp_path / "tinytown.toml").write_text(text)
+    return tmp_path
+
+
+def test_init_writes_the_tutorial_config(tmp_path):
+    config = init_town(tmp_path, "feature-builder")
+    assert (config.name, config.default_cli, config.max_agents) == ("feature-builder", "claude", 10)
+    assert config.use_socket and config.socket_path == "redis.sock"
+    assert config.redis_socket == tmp_path.resolve() / ".tt" / "redis.sock"
+    assert (tmp_path / "agents").is_dir()
+    assert oct((tmp_path / ".tt").stat().st_mode & 0o777) == "0o700"
+    assert (tmp_path / ".gitignore").read_text() == ".tt/\n"
+
+
+def test_init_keeps_an_existing_gitignore_and_refuses_to_overwrite(tmp_path):
+    (tmp_path / ".gitignore").write_text("node_modules")
+    init_town(tmp_path, "t")
+    assert (tmp_path / ".gitignore").read_text() == "node_modules\n.tt/\n"
+    with pytest.raises(TinytownError, match="already exists"):
+        init_town(tmp_path, "t")
+    init_town(tmp_path, "t2", force=True)
+    assert (tmp_path / ".gitignore").read_text().count(".tt/") == 1
+
+
+def test_default_name_comes_from_folder_and_git_branch(tmp_path):
+    folder = tmp_path / "my project"
+    folder.mkdir()
+    assert init_town(folder, None).name == "my-project"
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    os.system(f"git -C '{repo}' init -q -b feature/x 2>/dev/null || git -C '{repo}' init -q")
+    name = init_town(repo, None).name
+    assert name.startswith("repo")
+
+
+def test_find_town_walks_up(tmp_path):
+    init_town(tmp_path, "t")
+    deep = tmp_path / "a" / "b"
+    deep.mkdir(parents=True)
+    cwd = os.getcwd()
+    try:
+        os.chdir(deep)
+        assert find_town() == tmp_path.resolve()
+    finally:
+        os.chdir(cwd)
+    assert find_town(tmp_path / "tinytown.toml") == tmp_path.resolve()
+    with pytest.raises(TinytownError, match="no tinytown.toml"):
+        find_town(deep)
+
+
+def test_malformed_toml_names_the_line(tmp_path):
+    write(tmp_path, 'name = "t"\nmax_agents = \n')
+    with pytest.raises(TinytownError, match=r"tinytown.toml:2: .*line 2"):
+        load(tmp_path)
+
+
+@pytest.mark.parametrize("text,pattern", [
+    ('name = "t"\nmax_agents = "ten"\n', r"tinytown.toml:2: max_agents: expected int"),
+    ('name = "t"\nmax_agents = 0\n', r":2: max_agents: must be positive"),
+    ('max_agents = 3\n', r"name: missing"),
+    ('name = "bad name!"\n', r":1: name: invalid town name"),
+    ('name = "t"\ndefault_cli = "nope"\n', r":2: default_cli: unknown CLI 'nope'"),
+    ('name = "t"\n[redis]\nuse_socket = "yes"\n', r":3: use_socket: expected bool"),
+    ('name = "t"\n[agent_clis.x]\nprompt = "stdin"\n', r"command"),
+    ('name = "t"\n[agent_clis.x]\ncommand = "x"\nprompt = "pipe"\n', r":4: prompt: must be one of"),
+    ('name = "t"\n[supervisor]\nbackoff_factor = 0.5\n', r":3: backoff_factor: must be at least 1"),
+])
+def test_invalid_values_name_the_line(tmp_path, text, pattern):
+    write(tmp_path, text)
+    with pytest.raises(TinytownError, match=pattern):
+        load(tmp_path)
+
+
+def test_custom_cli_and_presets(tmp_path):
+    write(tmp_path, 'name = "t"\ndefault_cli = "mine"\n[agent_clis.mine]\n'
+                    'command = "my-cli --fast \'two words\'"\nprompt = "arg"\nenv = { A = "1" }\n')
+    config = load(tmp_path)
+    spec = config.cli("mine")
+    assert spec.command == ("my-cli", "--fast", "two words") and spec.env == (("A", "1"),)
+    assert spec.argv("a $(b) `c`", "/p") == ["my-cli", "--fast", "two words", "a $(b) `c`"]
+    assert set(PRESETS) == {"claude", "auggie", "codex", "aider", "gemini", "copilot", "cursor"}
+    assert config.cli("aider").argv(None, "/tmp/p.txt")[-2:] == ["--message-file", "/tmp/p.txt"]
+    with pytest.raises(TinytownError, match="unknown CLI 'gpt'"):
+        config.cli("gpt")
+
+
+def test_argument_prompts_over_the_linux_limit_are_refused():
+    spec = CliSpec("x", ("x", "-p", "{prompt}"), "arg")
+    assert spec.argv("hi", "/f") == ["x", "-p", "hi"]
+    with pytest.raises(TinytownError, match="too long to pass as an argument"):
+        spec.argv("y" * (200 * 1024), "/f")
+
+
+def test_long_socket_paths_are_shortened(tmp_path):
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    path = short_socket_path(deep / ".tt" / "redis.sock", deep)
+    assert len(os.fsencode(path)) <= MAX_UNIX_SOCKET_PATH
+    assert path == short_socket_path(deep / ".tt" / "redis.sock", deep)  # stable: every command agrees
+    short = short_socket_path(tmp_path / "r.sock", tmp_path)
+    assert short == tmp_path / "r.sock"

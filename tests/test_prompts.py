@@ -1,0 +1,98 @@
+"""Prompt fidelity and task outcomes through real runners, ptys and the fake agent CLI."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+METACHARS = "echo $(touch /tmp/tt-pwned) `id` 'single' \"double\" ; rm -rf / && | > < * ? ~ \\ $HOME !!"
+
+
+@pytest.fixture
+def dev(town):
+    town.tt("spawn", "dev", "--model", "claude")
+    return town
+
+
+def run(town, prompt: bytes, agent="dev", via_stdin=True):
+    if via_stdin:
+        task_id = json.loads(town.tt("assign", agent, "--file", "-", "--json", input=prompt).stdout)["id"]
+    else:
+        task_id = town.json("assign", agent, prompt.decode())["id"]
+    task = town.wait_task(task_id)
+    return task, town.recorded(task_id)
+
+
+@pytest.mark.parametrize("prompt", [
+    METACHARS.encode(),
+    ("multi\nline\n\n  indented\ttabs\r\nwindows line\n" * 3).encode(),
+    "unicode: héllo wörld ✓ 日本語".encode(),
+])
+def test_prompt_arrives_byte_exact_as_argument(dev, prompt):
+    task, (info, got) = run(dev, prompt, via_stdin=False)
+    assert task["state"] == "completed"
+    assert got == prompt
+    assert not info["stdin_isatty"] and info["stdout_isatty"]  # prompt file on stdin, pty for output
+
+
+def test_one_megabyte_prompt(dev):
+    prompt = (b"0123456789abcdef" * 65536)[:1024 * 1024]
+    task, (info, got) = run(dev, prompt)
+    assert task["state"] == "completed"
+    assert info["size"] == len(prompt) and info["sha256"] == hashlib.sha256(prompt).hexdigest()
+    assert got == prompt
+
+
+def test_a_single_ten_thousand_character_line(dev):
+    prompt = b"L" * 10_000  # a pty in canonical mode would cut this at 4095 bytes
+    task, (_, got) = run(dev, prompt, via_stdin=False)
+    assert task["state"] == "completed" and got == prompt
+
+
+def test_binary_prompt(dev):
+    prompt = bytes(range(256)) * 4 + b"\xff\xfe\x00tail"
+    task, (_, got) = run(dev, prompt)
+    assert task["state"] == "completed" and got == prompt
+
+
+@pytest.mark.parametrize("model,argv_tail", [
+    ("aider", ["--yes", "--no-auto-commits", "--message-file"]),
+    ("copilot", ["--allow-all-tools", "-p"]),
+])
+def test_file_and_argument_presets_deliver_too(town, model, argv_tail):
+    town.tt("spawn", "bot", "--model", model)
+    prompt = b"line one\n" + METACHARS.encode()
+    task, (info, got) = run(town, prompt, agent="bot")
+    assert task["state"] == "completed"
+    assert got == prompt
+    assert info["argv"][: len(argv_tail)] == argv_tail
+
+
+def test_nonzero_exit_fails_the_task_and_the_agent_goes_back_to_idle(dev):
+    task_id = dev.json("assign", "dev", "@echo about to fail\n@exit 3")["id"]
+    task = dev.wait_task(task_id)
+    assert (task["state"], task["exit_code"]) == ("failed", 3)
+    assert "exit code 3" in task["reason"] and "about to fail" in task["output"]
+    agent = dev.wait_agent("dev", ("idle",))
+    assert agent["current_task"] == ""
+    ok = dev.json("assign", "dev", "fine")["id"]
+    assert dev.wait_task(ok)["state"] == "completed"
+
+
+def test_missing_cli_binary_fails_the_task_and_the_runner_stays_up(town):
+    town.append_config('\n[agent_clis.ghost]\ncommand = "no-such-cli-binary --print"\n')
+    town.tt("spawn", "ghost", "--model", "ghost")
+    before = town.wait_agent("ghost", ("idle",))
+    task = town.wait_task(town.json("assign", "ghost", "hello")["id"])
+    assert task["state"] == "failed"
+    assert "no-such-cli-binary" in task["reason"] and "not found" in task["reason"]
+    after = town.wait_agent("ghost", ("idle",))
+    assert after["pid"] == before["pid"] and after["restarts"] == 0
+
+
+def test_cli_environment_and_working_directory(dev):
+    task, (info, _) = run(dev, b"env check", via_stdin=False)
+    env = info["env"]
+    assert env["TT_TOWN"] == "testtown" and env["TT_AGENT"] == "dev" and env["TT_TASK_ID"] == task["id"]
+    assert info["cwd"] == str(dev.root)
