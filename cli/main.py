@@ -104,13 +104,14 @@ def cli(ctx, town):
               help="The default agent CLI preset.")
 @click.option("--max-agents", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing tinytown.toml.")
+@click.option("--town", "town_path", metavar="PATH", help="The folder to make a town of (default: here).")
 @click.pass_context
-def init(ctx, name, default_cli, max_agents, force):
+def init(ctx, name, default_cli, max_agents, force, town_path):
     """Write tinytown.toml here (or in --town) and create agents/ and .tt/."""
     from pathlib import Path
 
     from supervisor.config import init_town
-    folder = Path((ctx.obj or {}).get("town") or ".")
+    folder = Path(town_path or (ctx.obj or {}).get("town") or ".")
     config = init_town(folder, name, default_cli, max_agents, force)
     click.echo(f"Initialized town {config.name!r} in {config.root}")
     click.echo(f"  config: {config.root / 'tinytown.toml'}   runtime: {config.runtime_dir}")

@@ -24,10 +24,16 @@ def running_pid(config: Config) -> int | None:
 
 
 def ensure_running(config: Config, say=None) -> bool:
-    """Start a background supervisor unless one runs; True if this call started it."""
-    if running_pid(config):
-        _wait_ready(config)
+    """Start a background supervisor unless one runs; True if this call started it.
+
+    One that is still stopping is waited out first: its town comes back with a new supervisor.
+    """
+    if running_pid(config) and _wait_ready(config):
         return False
+    return _start_background(config, say)
+
+
+def _start_background(config: Config, say) -> bool:
     ensure_runtime_dir(config.runtime_dir)
     log_path = config.runtime_dir / "supervisor.log"
     read_fd, write_fd = os.pipe()
@@ -48,7 +54,8 @@ def ensure_running(config: Config, say=None) -> bool:
         return True
     if line.startswith("running"):  # another command started it a moment ago
         proc.wait()
-        _wait_ready(config)
+        if not _wait_ready(config):
+            raise TinytownError("the town's supervisor stopped while starting; see .tt/supervisor.log")
         return False
     if line.startswith("error"):
         proc.wait()
@@ -84,22 +91,23 @@ def _read_line(fd: int, timeout: float) -> str:
     return data.decode(errors="replace").strip()
 
 
-def _wait_ready(config: Config, timeout: float = START_TIMEOUT) -> None:
-    """Wait until a supervisor started by someone else reports `running` in Redis."""
+def _wait_ready(config: Config, timeout: float = START_TIMEOUT) -> bool:
+    """Wait until a running supervisor reports `running` in Redis: False if it exits instead."""
     from .town import Town
 
     town = Town(config)
 
     def ready() -> bool:
         if not running_pid(config):
-            return True  # it went away; the caller's next Redis call will say so
+            return True  # it went away (it was stopping)
         try:
             return town.r.hget(town.keys.supervisor, "state") == "running"
         except Exception:
             return False
 
     if not wait_until(ready, timeout, interval=0.005, max_interval=0.05):
-        raise TinytownError("the town's supervisor is starting but not ready; see .tt/supervisor.log")
+        raise TinytownError("the town's supervisor is running but not ready; see .tt/supervisor.log")
+    return bool(running_pid(config))
 
 
 def stop(config: Config, now: bool = False, timeout: float | None = None) -> dict | None:
