@@ -9,6 +9,7 @@ STATE_COLOURS = {
     "starting": "cyan", "idle": "green", "working": "yellow", "stopping": "magenta", "stopped": "bright_black",
     "backoff": "bright_red", "failed": "red", "pending": "cyan", "assigned": "blue", "running": "yellow",
     "completed": "green", "cancelled": "bright_black", "unresponsive": "red",
+    "healthy": "green", "restarting": "bright_red",
 }
 
 
@@ -25,8 +26,13 @@ def agent_lines(agents, pending) -> None:
 
 
 def _console():
+    import os
+    import sys
+
     from rich.console import Console
-    return Console(highlight=False)
+    # Piped into grep or a file: rows on one line each, not folded to 80 columns.
+    wide = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
+    return Console(highlight=False, width=200 if wide else None)
 
 
 def _state(text: str) -> str:
@@ -54,12 +60,33 @@ def status(data: dict) -> None:
     if not agents:
         console.print(f"  no agents (max {data['max_agents']}); add one with `tt spawn NAME`")
         return
-    rows = [(a["name"], a["state"] if a["responsive"] else "unresponsive", a["cli"], str(a["pid"] or "-"),
+    from rich.markup import escape
+    health: dict[str, int] = {}
+    for a in agents:
+        health[a["health"]] = health.get(a["health"], 0) + 1
+    order = ("healthy", "unresponsive", "restarting", "failed", "starting", "stopping", "stopped")
+    console.print("  agents: " + ", ".join(f"{_state(h)} {health[h]}" for h in order if h in health))
+    # STATE is the agent's state, except that a stale heartbeat shows as unresponsive and backoff
+    # as restarting: what a user needs to know first. NOTE says why and what happens next.
+    rows = [(a["name"], a["state"] if a["health"] == "healthy" else a["health"], a["cli"], str(a["pid"] or "-"),
              (a["current_task"] or "-")[:8], str(a["pending"]), str(a["restarts"]), _ago(a["heartbeat_at"]),
-             a["reason"] or "") for a in agents]
+             escape(_note(a))) for a in agents]
     _table(("AGENT", "STATE", "CLI", "PID", "TASK", "PENDING", "RESTARTS", "HEARTBEAT", "NOTE"), rows,
            state_col=1, console=console)
     console.print(f"  {len(agents)}/{data['max_agents']} agents")
+
+
+def _note(a: dict) -> str:
+    """Why an agent is not healthy, and what happens next."""
+    health, reason = a["health"], a["reason"] or ""
+    if health == "restarting":
+        left = max(0.0, float(a["restart_at"]) - time.time()) if a.get("restart_at") else 0.0
+        return f"restarting in {left:.0f}s (`tt restart {a['name']}`: now) after {reason}"
+    if health == "failed":
+        return f"{reason}; `tt restart {a['name']}` to try again"
+    if health == "unresponsive":
+        return f"{a['state']}, but no heartbeat for {_ago(a['heartbeat_at']).replace(' ago', '')}: the runner may be hung"
+    return reason
 
 
 def _table(headers, rows, state_col: int, console=None) -> None:

@@ -21,7 +21,7 @@ from .control import ControlChannel
 from .errors import TinytownError
 from .logs import tail_text
 from .models import AgentState
-from .procutil import describe_status, killpg, reap, set_parent_death_signal
+from .procutil import describe_status, killpg, reap, set_parent_death_signal, set_process_name
 from .redis_server import RedisServer
 from .runner import KILL_WAIT_SECONDS, run_forked
 from .town import Town, host
@@ -122,7 +122,8 @@ class Supervisor:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the terminal closing is not a stop
 
     def _on_stop_signal(self, *_):
-        self.stop_mode = self.stop_mode or "graceful"
+        # SIGTERM/SIGINT = `tt stop`; a second one while stopping = `tt stop --now`
+        self.stop_mode = "now" if self.stop_mode else "graceful"
 
     # --- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -135,7 +136,7 @@ class Supervisor:
                 else:
                     self._drain_wake()
             self._reap()
-            requested = self.town.r.hget(self.town.keys.supervisor, "stop")
+            requested = self._requested_stop()
             if requested:
                 self.stop_mode = requested
             if self.stop_mode is None:
@@ -167,12 +168,23 @@ class Supervisor:
     # --- reconcile ---------------------------------------------------------------------------
     def _reconcile(self) -> None:
         agents = self.town.agents()
-        allowed = agents[: self.config.max_agents]
+        cap = self.config.max_agents
+        allowed = agents[:cap]
         allowed_ids = {a.id for a in allowed}
+        for agent_id, proc in self.procs.items():
+            if agent_id not in allowed_ids and not proc.stop_requested:
+                self._signal_runner(proc, signal.SIGTERM)
+        held_back = f"not started: the town already runs max_agents ({cap}) agents"
+        for agent in agents[cap:]:  # more than max_agents registered (a hand edit, or a race)
+            if agent.id not in self.procs and agent.reason != held_back:
+                self.town.set_agent_state(agent.id, AgentState.STOPPED, pid="", cli_pid="", reason=held_back)
+                self.say(f"agent {agent.name} not started: max_agents is {cap}")
         now = time.monotonic()
         for agent in allowed:
             if agent.id in self.procs:
                 continue
+            if len(self.procs) >= cap:  # one held back is still exiting: start this one when it has
+                break
             health = self.health.setdefault(agent.id, Health())
             if agent.state == AgentState.FAILED.value:
                 health.gave_up = True
@@ -183,12 +195,10 @@ class Supervisor:
                 continue
             health.next_start = 0.0
             self._start_runner(agent.id, agent.name)
-        for agent_id, proc in self.procs.items():
-            if agent_id not in allowed_ids and not proc.stop_requested:
-                self._signal_runner(proc, signal.SIGTERM)
 
     def _start_runner(self, agent_id: str, name: str) -> None:
-        self.town.set_agent_state(agent_id, AgentState.STARTING, pid="", cli_pid="", current_task="")
+        self.town.set_agent_state(agent_id, AgentState.STARTING, pid="", cli_pid="", current_task="",
+                                  restart_at="")
         log_path = self.config.log_file(name)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -201,8 +211,12 @@ class Supervisor:
                     signal.signal(sig, signal.SIG_DFL)
                 os.setpgid(0, 0)  # Ctrl+C on `tt start` reaches the supervisor only
                 set_parent_death_signal(signal.SIGUSR1, parent)
-                for fd in (self.wake_r, self.wake_w):
-                    os.close(fd)
+                # Only the supervisor holds the town's lock: a runner outliving it (for the moment
+                # its parent-death signal takes) must not make the next `tt start` wait.
+                for fd in (self.wake_r, self.wake_w, self.lock_fd, self.ready_fd):
+                    if fd is not None:
+                        os.close(fd)
+                set_process_name(f"tt-runner {name}")
                 self.control.close()
                 self.selector.close()
                 log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -264,7 +278,7 @@ class Supervisor:
         if health.fast_failures >= self.policy.max_fast_failures:
             health.gave_up = True
             self.town.set_agent_state(proc.agent_id, AgentState.FAILED, pid="", cli_pid="",
-                                      current_task="", reason=reason)
+                                      current_task="", reason=reason, restart_at="")
             self.say(f"runner {proc.name} failed {health.fast_failures} times in a row; giving up ({reason})")
             self._event("agent_failed", agent=proc.name, reason=reason)
             return
@@ -277,7 +291,8 @@ class Supervisor:
             self._start_runner(proc.agent_id, proc.name)
             return
         health.next_start = time.monotonic() + delay
-        self.town.set_agent_state(proc.agent_id, AgentState.BACKOFF, pid="", cli_pid="", reason=reason)
+        self.town.set_agent_state(proc.agent_id, AgentState.BACKOFF, pid="", cli_pid="", reason=reason,
+                                  restart_at=f"{time.time() + delay:.6f}")
         self.say(f"runner {proc.name} exited ({describe_status(status)}); restarting in {delay:.2f}s")
 
     def _event(self, kind: str, **fields) -> None:
@@ -292,29 +307,42 @@ class Supervisor:
         report = StopReport()
         self.town.r.hset(self.town.keys.supervisor, "state", "stopping")
         since = self.town.r.xadd(self.town.keys.events, {"type": "town_stopping", "mode": mode})
+        # While a runner lives, the agent's state is its own to write (it says `stopping` when it
+        # gets the signal): a write from here could race with it recording a finished task.
         sig = signal.SIGUSR1 if mode == "now" else signal.SIGTERM
         for proc in self.procs.values():
-            self.town.set_agent_state(proc.agent_id, AgentState.STOPPING)
             self._signal_runner(proc, sig)
         grace = 0.0 if mode == "now" else self.policy.stop_grace
         deadline = time.monotonic() + grace + KILL_WAIT_SECONDS + 3.0
         while self.procs and time.monotonic() < deadline:
-            self.selector.select(max(0.0, deadline - time.monotonic()))
-            self._drain_wake()
+            for key, _ in self.selector.select(max(0.0, deadline - time.monotonic())):
+                if key.fileobj is self.control:
+                    self.control.drain()
+                else:
+                    self._drain_wake()
             for agent_id, proc in list(self.procs.items()):
                 if reap(proc.pid) is not None:
                     del self.procs[agent_id]
                     report.stopped.append(proc.name)
+                    self._mark_stopped(agent_id)
+            if mode != "now" and (self.stop_mode == "now" or self._requested_stop() == "now"):
+                # `tt stop --now` (or a second Ctrl+C) during a graceful stop: skip the grace period
+                mode = self.stop_mode = "now"
+                self.say("stopping now")
+                for proc in self.procs.values():
+                    self._signal_runner(proc, signal.SIGUSR1)
+                deadline = min(deadline, time.monotonic() + KILL_WAIT_SECONDS + 3.0)
         for proc in self.procs.values():  # past every deadline: no mercy
             killpg(proc.pid, signal.SIGKILL)
             cli_pid = self.town.r.hget(self.town.keys.agent(proc.agent_id), "cli_pid")
             killpg(int(cli_pid) if cli_pid else None, signal.SIGKILL)
             os.waitpid(proc.pid, 0)
             report.killed.append(proc.name)
+            self._mark_stopped(proc.agent_id)
         self.procs.clear()
-        for agent in self.town.agents():
-            if agent.state != AgentState.FAILED.value:
-                self.town.set_agent_state(agent.id, AgentState.STOPPED, pid="", cli_pid="", current_task="")
+        for agent in self.town.agents():  # those in backoff, or never started
+            if agent.state not in (AgentState.FAILED.value, AgentState.STOPPED.value):
+                self._mark_stopped(agent.id)
         for _id, fields in self.town.r.xrange(self.town.keys.events, min=since):
             if fields.get("type") == "task_requeued":
                 report.requeued.append(fields.get("task", ""))
@@ -323,6 +351,14 @@ class Supervisor:
         self.say(f"stopped {len(report.stopped) + len(report.killed)} runner(s); "
                  f"{len(report.requeued)} task(s) re-queued; {report.pending} waiting")
         return report
+
+    def _mark_stopped(self, agent_id: str) -> None:
+        if self.town.r.exists(self.town.keys.agent(agent_id)):
+            self.town.set_agent_state(agent_id, AgentState.STOPPED, pid="", cli_pid="", current_task="",
+                                      restart_at="")
+
+    def _requested_stop(self) -> str | None:
+        return self.town.r.hget(self.town.keys.supervisor, "stop") or None
 
     def _write_report(self, report: StopReport) -> None:
         path = self.config.runtime_dir / "last-stop.json"

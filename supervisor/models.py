@@ -131,6 +131,16 @@ class Agent(_Hash):
     heartbeat_at: float | None = None
     task_timeout: float | None = None
     reason: str = ""                 # why it is failed/backoff: last exit status and output tail
+    restart_at: float | None = None  # in backoff: when the supervisor starts it again
+
+    def health(self, stale_after: float, at: float | None = None) -> str:
+        """What `tt status` tells a user at a glance: healthy (idle or working with a fresh heartbeat),
+        unresponsive (idle or working, heartbeat older than `stale_after`), restarting (backoff),
+        failed, or the state itself (starting, stopping, stopped)."""
+        if self.state in (AgentState.IDLE.value, AgentState.WORKING.value):
+            stale = self.heartbeat_at is not None and (at or now()) - self.heartbeat_at > stale_after
+            return "unresponsive" if stale else "healthy"
+        return {AgentState.BACKOFF.value: "restarting"}.get(self.state, self.state)
 
 
 @dataclass

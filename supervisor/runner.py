@@ -76,16 +76,21 @@ class Runner:
         self.log = AgentLog(self.config, self.name)
         heartbeat = self.config.supervisor.heartbeat_interval
         try:
+            self.idle = False  # from here a stop signal only sets stop_mode; the loop checks it
             self.town.set_agent_state(self.agent_id, AgentState.IDLE, pid=os.getpid(), current_task="",
-                                      cli_pid="", reason="", heartbeat_at=f"{time.time():.6f}")
+                                      cli_pid="", reason="", restart_at="", heartbeat_at=f"{time.time():.6f}")
             self._recover_inflight()
             while self.stop_mode is None:
                 self.idle = True
+                if self.stop_mode is not None:  # a signal between the check above and idle = True
+                    break
                 claimed = self.town.claim(self.agent_id, heartbeat)
                 self.idle = False
                 if claimed is None:
                     self.town.heartbeat(self.agent_id)
                     continue
+                if self.stop_mode is not None:  # claimed as the stop came: _exit_cleanly puts it back
+                    break
                 self._handle(claimed)
         except _StopNow:
             pass
@@ -156,6 +161,7 @@ class Runner:
             self.town.requeue(self.agent_id, claimed, give_back_attempt=True)
             self.town.set_agent_state(self.agent_id, AgentState.STOPPING, current_task="", cli_pid="")
             return
+        after = AgentState.STOPPING if self.stop_mode else AgentState.IDLE
         tail = bytes(self.tail)
         if outcome == "timeout":
             reason = f"timed out after {self.task_timeout:g}s"
@@ -167,7 +173,8 @@ class Runner:
             state = TaskState.COMPLETED if code == 0 else TaskState.FAILED
             reason = "" if code == 0 else session.outcome()
         self.log.note(f"task {task_id} {state.value}" + (f": {reason}" if reason else ""))
-        self.town.finish_task(self.agent_id, claimed, state, exit_code=code, reason=reason, output=tail)
+        self.town.finish_task(self.agent_id, claimed, state, exit_code=code, reason=reason, output=tail,
+                              agent_state=after)
 
     def _pump(self, session: CliSession, task_id: str) -> str:
         """Copy the CLI's output to the log, Redis and the task tail until it exits.
@@ -192,6 +199,7 @@ class Runner:
                 session.kill_group(signal.SIGTERM)
             elif self.stop_mode == "graceful" and grace_deadline is None:
                 grace_deadline = now + self.config.supervisor.stop_grace
+                self.town.set_agent_state(self.agent_id, AgentState.STOPPING)  # `tt status` shows the wait
             if grace_deadline is not None and now >= grace_deadline and kill_deadline is None:
                 self.stop_mode = "now"
                 continue

@@ -204,15 +204,21 @@ class Town:
         pipe.hset(self.keys.task(task_id), mapping={"state": TaskState.RUNNING.value,
                                                      "started_at": f"{now():.6f}", "reason": ""})
         pipe.hincrby(self.keys.task(task_id), "attempts", 1)
-        self.set_agent_state(agent_id, AgentState.WORKING, pipe=pipe, current_task=task_id)
+        # A task's start and end prove the runner alive, so a runner busy with back-to-back short
+        # tasks never looks unresponsive.
+        self.set_agent_state(agent_id, AgentState.WORKING, pipe=pipe, current_task=task_id,
+                             heartbeat_at=f"{now():.6f}")
         self._event(pipe, "task_started", task=task_id, agent=task.agent)
         pipe.execute()
         task.state, task.attempts = TaskState.RUNNING.value, task.attempts + 1
         return task
 
     def finish_task(self, agent_id: str, claimed: Claimed, state: TaskState, exit_code: int | None = None,
-                    reason: str = "", output: bytes = b"") -> None:
-        """Write a task's outcome, drop it from in-flight and set the agent idle, in one transaction."""
+                    reason: str = "", output: bytes = b"", agent_state: AgentState = AgentState.IDLE) -> None:
+        """Write a task's outcome, drop it from in-flight and set the agent idle, in one transaction.
+
+        agent_state: `stopping` when the task finished within a stop's grace period.
+        """
         task_id = claimed.message.task_id
         old = self.r.hget(self.keys.task(task_id), "state")
         pipe = self.r.pipeline()
@@ -224,7 +230,8 @@ class Town:
                 "output": output[-OUTPUT_TAIL_BYTES:].decode("utf-8", "replace"),
             })
         pipe.lrem(self.keys.inflight(agent_id), 1, claimed.raw)
-        self.set_agent_state(agent_id, AgentState.IDLE, pipe=pipe, current_task="", cli_pid="")
+        self.set_agent_state(agent_id, agent_state, pipe=pipe, current_task="", cli_pid="",
+                             heartbeat_at=f"{now():.6f}")
         self._event(pipe, f"task_{state.value}", task=task_id, exit_code=exit_code, reason=reason)
         pipe.execute()
 
@@ -277,8 +284,8 @@ class Town:
 def agent_json(agent: Agent, pending: int, stale_after: float) -> dict:
     data = agent.to_json()
     data["pending"] = pending
-    live = agent.state in (AgentState.IDLE.value, AgentState.WORKING.value)
-    data["responsive"] = not (live and agent.heartbeat_at and now() - agent.heartbeat_at > stale_after)
+    data["health"] = agent.health(stale_after)
+    data["responsive"] = data["health"] != "unresponsive"
     return data
 
 

@@ -1,0 +1,451 @@
+"""Supervision you can trust: restarts, crash-safe delivery, the supervisor's own death, graceful stop,
+heartbeats, task timeouts and max_agents, against real processes and a real redis-server.
+
+Every wait is a condition with a deadline (conftest.wait_for); the fake agent's `@gate NAME` blocks a
+task until the test opens the gate, so nothing depends on how fast this machine is.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from conftest import FAST_POLICY, town_processes, wait_for
+
+
+# --- helpers -----------------------------------------------------------------------------------
+def policy(**overrides) -> str:
+    """FAST_POLICY with some values replaced or added."""
+    lines, seen = [], set()
+    for line in FAST_POLICY.strip().splitlines():
+        key = line.split("=")[0].strip()
+        if key in overrides:
+            line, _ = f"{key} = {overrides[key]}", seen.add(key)
+        lines.append(line)
+    lines += [f"{k} = {v}" for k, v in overrides.items() if k not in seen]
+    return "\n" + "\n".join(lines) + "\n"
+
+
+def flat(text: str) -> str:
+    """Output with runs of whitespace made one space: a table's last column may fold."""
+    return " ".join(text.split())
+
+
+def open_gate(town, name: str = "go") -> None:
+    (town.record / name).touch()
+
+
+def dead(pid) -> bool:
+    """Gone, or a zombie nobody has reaped yet (it runs nothing)."""
+    try:
+        return psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def events(town, kind: str | None = None) -> list[dict]:
+    t = town.town()
+    try:
+        found = [fields for _id, fields in t.r.xrange(t.keys.events)]
+    finally:
+        t.r.close()
+    return [f for f in found if kind is None or f.get("type") == kind]
+
+
+def working_on(town, name: str, task_id: str) -> dict:
+    """Wait until agent `name` runs `task_id` with its CLI started; the agent's record."""
+    return wait_for(lambda: (lambda a: a if a["current_task"] == task_id and a["cli_pid"] else None)(town.agent(name)),
+                    30, f"{name} to run {task_id}")
+
+
+def helpers_of(town, task_id: str) -> list[int]:
+    path = town.record / f"{task_id}.children"
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def start_foreground(town) -> subprocess.Popen:
+    """`tt start` as a user runs it in a terminal; returns once it holds the town's lock."""
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "start"], cwd=town.root, env=town.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: town.supervisor_pid() == proc.pid or proc.poll() is not None, 30, "tt start to take the lock")
+    assert proc.poll() is None, proc.communicate()
+    return proc
+
+
+def supervisors(town) -> list[psutil.Process]:
+    """The town's supervisor processes (its forked runners share its command line, not its name)."""
+    return [p for p in town_processes(town.root) if not p.name().startswith("tt-runner")
+            and any(s in " ".join(p.cmdline()) for s in ("supervisor.daemon", "cli.main start"))]
+
+
+def runners(town) -> list[psutil.Process]:
+    return [p for p in town_processes(town.root) if p.name().startswith("tt-runner")]
+
+
+def redis_servers(town) -> list[psutil.Process]:
+    return [p for p in town_processes(town.root) if "redis-server" in p.name()]
+
+
+def set_max_agents(town, n: int) -> None:
+    path = town.root / "tinytown.toml"
+    path.write_text(path.read_text().replace("max_agents = 10", f"max_agents = {n}"))
+
+
+# --- 1. restart policy -------------------------------------------------------------------------
+def test_runner_killed_mid_task_is_restarted_and_the_task_redelivered(town):
+    town.tt("spawn", "dev")
+    task_id = town.json("assign", "dev", "@child\n@gate go\n@echo finished")["id"]
+    agent = working_on(town, "dev", task_id)
+    wait_for(lambda: helpers_of(town, task_id), 20, "the CLI's helper")
+    first_cli, first_helper = agent["cli_pid"], helpers_of(town, task_id)[0]
+
+    os.kill(agent["pid"], signal.SIGKILL)
+
+    # the runner's death takes its CLI's whole process group with it ...
+    wait_for(lambda: dead(first_cli) and dead(first_helper), 20, "the old CLI and its helper to die")
+    # ... and a new runner picks the task up again from the in-flight list
+    wait_for(lambda: town.task(task_id)["attempts"] == 2 and town.agent("dev")["cli_pid"] not in ("", None, first_cli),
+             30, "the task to be re-delivered")
+    after = town.agent("dev")
+    assert after["pid"] != agent["pid"] and after["restarts"] == 1 and after["state"] == "working"
+    open_gate(town)
+    task = town.wait_task(task_id)
+    assert task["state"] == "completed" and task["attempts"] == 2 and "finished" in task["output"]
+    restarting = events(town, "agent_restarting")
+    assert len(restarting) == 1 and float(restarting[0]["delay"]) == 0  # the first restart is immediate
+    assert "SIGKILL" in restarting[0]["reason"]
+    wait_for(lambda: all(dead(p) for p in helpers_of(town, task_id)), 20, "every helper to be gone")
+
+
+def test_cli_killed_mid_task_fails_the_task_and_the_runner_stays(town):
+    town.tt("spawn", "dev")
+    task_id = town.json("assign", "dev", "@gate never")["id"]
+    agent = working_on(town, "dev", task_id)
+    os.kill(agent["cli_pid"], signal.SIGKILL)
+    task = town.wait_task(task_id)
+    assert task["state"] == "failed" and task["exit_code"] == -signal.SIGKILL
+    assert "SIGKILL" in task["reason"] and task["attempts"] == 1
+    after = town.wait_agent("dev", ("idle",))
+    assert after["pid"] == agent["pid"] and after["restarts"] == 0
+    assert town.wait_task(town.json("assign", "dev", "@echo next")["id"])["state"] == "completed"
+
+
+def test_a_runner_that_keeps_crashing_ends_failed_with_growing_backoff(make_town):
+    town = make_town(policy=policy(start_seconds=60, max_fast_failures=4, max_attempts=4,
+                                   backoff_first=0.05, backoff_factor=2.0, backoff_max=10.0))
+    town.tt("spawn", "crashy")
+    town.tt("spawn", "steady")
+    crash_id = town.json("assign", "crashy", "@echo about to crash\n@kill-runner")["id"]
+
+    failed = town.wait_agent("crashy", ("failed",), timeout=30)
+    assert "SIGKILL" in failed["reason"] and "last output" in failed["reason"]
+    assert failed["restarts"] == 3 and not failed["pid"]
+    delays = [float(e["delay"]) for e in events(town, "agent_restarting") if e["agent"] == "crashy"]
+    assert delays == [0.0, 0.05, 0.1]  # at once, then backoff_first, then times backoff_factor
+    assert len(events(town, "agent_failed")) == 1
+
+    # the supervisor stays up and serves the other agent
+    assert town.wait_task(town.json("assign", "steady", "@echo fine")["id"])["state"] == "completed"
+    assert len(events(town, "agent_restarting")) == 3  # no restart storm: nothing after giving up
+    assert town.agent("crashy")["state"] == "failed"
+    status = town.json("status")
+    crashy = next(a for a in status["agents"] if a["name"] == "crashy")
+    assert crashy["health"] == "failed"
+    text = flat(town.tt("status").out)
+    assert "failed 1" in text and "SIGKILL" in text and "`tt restart crashy` to try again" in text
+
+    # `tt restart` clears it; the task that kept killing it has used up its attempts
+    town.tt("restart", "crashy")
+    task = town.wait_task(crash_id)
+    assert task["state"] == "failed" and task["reason"] == "agent crashed 4 times"
+    town.wait_agent("crashy", ("idle",))
+    assert town.wait_task(town.json("assign", "crashy", "@echo recovered")["id"])["state"] == "completed"
+
+
+def test_status_shows_an_agent_in_backoff_and_restart_skips_the_wait(make_town):
+    town = make_town(policy=policy(start_seconds=60, backoff_first=600, backoff_max=600, max_attempts=2))
+    town.tt("spawn", "crashy")
+    task_id = town.json("assign", "crashy", "@kill-runner")["id"]
+    agent = town.wait_agent("crashy", ("backoff",), timeout=30)
+    assert agent["restarts"] == 2 and agent["restart_at"] > time.time() + 60
+    data = next(a for a in town.json("status")["agents"] if a["name"] == "crashy")
+    assert data["health"] == "restarting"
+    text = flat(town.tt("status").out)
+    assert "restarting in" in text and "SIGKILL" in text
+    town.tt("restart", "crashy")  # no 10-minute wait
+    task = town.wait_task(task_id)
+    assert task["state"] == "failed" and task["reason"] == "agent crashed 2 times"
+    town.wait_agent("crashy", ("idle",))
+
+
+# --- 3. the supervisor's own death ---------------------------------------------------------------
+def test_supervisor_sigkill_leaves_no_orphans_and_the_town_comes_back(town):
+    for name in ("a", "b"):
+        town.tt("spawn", name)
+    running = {"a": town.json("assign", "a", "@child\n@gate go\n@echo a1")["id"],
+               "b": town.json("assign", "b", "@gate go\n@echo b1")["id"]}
+    queued = [town.json("assign", name, f"@echo {name}{i}")["id"] for name in ("a", "b") for i in (2, 3)]
+    for name, task_id in running.items():
+        working_on(town, name, task_id)
+    wait_for(lambda: helpers_of(town, running["a"]), 20, "a's helper")
+    assert len(redis_servers(town)) == 1
+
+    os.kill(town.supervisor_pid(), signal.SIGKILL)
+
+    # runners, their CLIs (and helpers) and redis-server all go: nothing of the town lives on
+    wait_for(lambda: town_processes(town.root) == [], 30, "every process of the town to exit")
+    assert town.supervisor_pid() is None
+
+    open_gate(town)
+    town.tt("restart", "a")  # any writing command brings the town back
+    for task_id in [*running.values(), *queued]:
+        task = town.wait_task(task_id)
+        assert task["state"] == "completed", task
+        assert task["attempts"] in (1, 2)
+    assert {a["name"]: a["state"] for a in town.json("list")} == {"a": "idle", "b": "idle"}
+
+
+def test_whole_town_killed_at_once_leaves_stale_files_that_the_next_start_replaces(town):
+    town.tt("spawn", "dev")
+    running = town.json("assign", "dev", "@gate go\n@echo first")["id"]
+    queued = town.json("assign", "dev", "@echo second")["id"]
+    working_on(town, "dev", running)
+    aof = town.root / ".tt" / "redis"
+
+    def persisted() -> bool:  # appendfsync everysec: wait until the tasks are on disk
+        data = b"".join(p.read_bytes() for p in aof.rglob("*") if p.is_file())
+        return running.encode() in data and queued.encode() in data
+
+    wait_for(persisted, 20, "the append-only file to hold the tasks")
+    for proc in town_processes(town.root):  # a power cut, or the OOM killer taking everything
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    wait_for(lambda: town_processes(town.root) == [], 20, "every process to die")
+    assert (town.root / ".tt" / "redis.pid").exists() and (town.root / ".tt" / "redis.sock").exists()
+
+    open_gate(town)
+    proc = start_foreground(town)
+    try:
+        assert town.wait_task(running)["state"] == "completed"
+        assert town.wait_task(queued)["state"] == "completed"
+        assert len(redis_servers(town)) == 1
+    finally:
+        town.tt("stop")
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert town_processes(town.root) == []
+
+
+def test_two_starts_at_the_same_instant_make_one_supervisor(town):
+    procs = [subprocess.Popen([sys.executable, "-m", "cli.main", "start"], cwd=town.root, env=town.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    try:
+        loser = wait_for(lambda: next((p for p in procs if p.poll() is not None), None), 30, "one start to give up")
+        winner = next(p for p in procs if p is not loser)
+        _, err = loser.communicate()
+        assert loser.returncode == 1 and "already running" in err.decode()
+        assert err.decode().count("\n") == 1  # one line, no traceback
+        assert winner.poll() is None and town.supervisor_pid() == winner.pid
+        assert [p.pid for p in supervisors(town)] == [winner.pid]
+        town.tt("spawn", "dev")  # goes to the running supervisor, starts no other
+        assert town.wait_task(town.json("assign", "dev", "@echo hi")["id"])["state"] == "completed"
+        assert [p.pid for p in supervisors(town)] == [winner.pid] and len(redis_servers(town)) == 1
+    finally:
+        town.tt("stop")
+        for p in procs:
+            p.communicate(timeout=30)
+    assert winner.returncode == 0
+
+
+def test_concurrent_auto_starts_make_one_supervisor(town):
+    names = ["a", "b", "c"]
+    procs = [subprocess.Popen([sys.executable, "-m", "cli.main", "spawn", name], cwd=town.root, env=town.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in names]
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err.decode()
+    assert len(supervisors(town)) == 1 and len(redis_servers(town)) == 1
+    for name in names:
+        town.wait_agent(name, ("idle",))
+
+
+# --- 4. graceful stop ----------------------------------------------------------------------------
+def test_stop_during_a_long_task_requeues_it_and_the_next_start_completes_it(make_town):
+    town = make_town(policy=policy(stop_grace=0.2))
+    town.tt("spawn", "dev")
+    long_id = town.json("assign", "dev", "@child\n@gate go\n@echo long done")["id"]
+    next_id = town.json("assign", "dev", "@echo next")["id"]
+    working_on(town, "dev", long_id)
+    wait_for(lambda: helpers_of(town, long_id), 20, "the CLI's helper")
+
+    out = town.tt("stop").out
+
+    assert "Stopped town testtown: 1 runner(s) (dev)" in out
+    assert f"Re-queued 1 unfinished task(s): {long_id}" in out and "2 task(s) wait" in out
+    assert town_processes(town.root) == []
+    assert all(dead(p) for p in helpers_of(town, long_id))
+    report = json.loads((town.root / ".tt" / "last-stop.json").read_text())
+    assert report["requeued"] == [long_id]
+
+    open_gate(town)
+    proc = start_foreground(town)
+    try:
+        long_task, next_task = town.wait_task(long_id), town.wait_task(next_id)
+        assert long_task["state"] == "completed" and long_task["attempts"] == 1  # a stop is not a crash
+        assert next_task["state"] == "completed"
+        assert long_task["started_at"] < next_task["started_at"]  # back at the front of the inbox
+    finally:
+        town.tt("stop")
+        proc.communicate(timeout=30)
+
+
+def test_stop_lets_a_working_runner_finish_within_the_grace_period(make_town):
+    town = make_town(policy=policy(stop_grace=60))
+    town.tt("spawn", "dev")
+    town.tt("spawn", "idler")
+    task_id = town.json("assign", "dev", "@gate go\n@echo finished in time")["id"]
+    working_on(town, "dev", task_id)
+    stopping = subprocess.Popen([sys.executable, "-m", "cli.main", "stop", "--json"], cwd=town.root, env=town.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        town.wait_agent("dev", ("stopping",))
+        # the idle runner exited at once; the working one is still at its task
+        wait_for(lambda: town.agent("idler")["state"] == "stopped", 20, "the idle runner to stop")
+        assert town.task(task_id)["state"] == "running"
+        open_gate(town)
+        out, err = stopping.communicate(timeout=60)
+    finally:
+        if stopping.poll() is None:
+            stopping.kill()
+    assert stopping.returncode == 0, err
+    report = json.loads(out)
+    assert report["requeued"] == [] and sorted(report["stopped"]) == ["dev", "idler"]
+    town.tt("restart", "dev")
+    task = town.task(task_id)
+    assert task["state"] == "completed" and task["attempts"] == 1 and "finished in time" in task["output"]
+
+
+def test_stop_now_skips_the_grace_period(make_town):
+    town = make_town(policy=policy(stop_grace=600))
+    town.tt("spawn", "dev")
+    task_id = town.json("assign", "dev", "@ignore-term\n@gate never")["id"]
+    working_on(town, "dev", task_id)
+    out = town.tt("stop", "--now").out  # the CLI ignores SIGTERM: SIGKILL follows
+    assert task_id in out and town_processes(town.root) == []
+    data = town.json("status")
+    assert data["running"] is False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_to_the_supervisor_stop_it_gracefully(make_town, sig):
+    town = make_town(policy=policy(stop_grace=0.2))
+    proc = start_foreground(town)
+    try:
+        town.tt("spawn", "dev")
+        task_id = town.json("assign", "dev", "@gate never")["id"]
+        working_on(town, "dev", task_id)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "1 task(s) re-queued" in out.decode()
+    wait_for(lambda: town_processes(town.root) == [], 20, "the town to be down")
+    report = json.loads((town.root / ".tt" / "last-stop.json").read_text())
+    assert report["requeued"] == [task_id]
+
+
+# --- 5. heartbeats and task timeouts -----------------------------------------------------------
+def test_a_stopped_runner_shows_as_unresponsive(make_town):
+    town = make_town(policy=policy(heartbeat_interval=0.1, heartbeat_stale=1.0))
+    town.tt("spawn", "dev")
+    town.tt("spawn", "other")
+    pid = town.wait_agent("dev", ("idle",))["pid"]
+    town.wait_agent("other", ("idle",))
+
+    def health() -> dict:
+        return {a["name"]: a["health"] for a in town.json("status")["agents"]}
+
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: health() == {"dev": "unresponsive", "other": "healthy"}, 20, "dev to look unresponsive")
+        assert "unresponsive" in town.tt("status").out
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: health() == {"dev": "healthy", "other": "healthy"}, 20, "dev to be healthy again")
+
+
+def test_a_busy_runner_keeps_its_heartbeat(make_town):
+    """Back-to-back short tasks for longer than heartbeat_stale: never unresponsive."""
+    town = make_town(policy=policy(heartbeat_interval=0.1, heartbeat_stale=0.5))
+    town.tt("spawn", "dev")
+    town.wait_agent("dev", ("idle",))
+    t = town.town()
+    ids = [t.assign("dev", "@echo quick").id for _ in range(40)]
+    seen = set()
+    while town.task(ids[-1])["state"] not in ("completed", "failed"):
+        seen |= {a["health"] for a in t.status()["agents"]}
+    assert seen <= {"healthy"}, seen
+    assert all(t.task(i).state == "completed" for i in ids)
+    t.r.close()
+
+
+def test_task_timeout_fails_the_task_and_kills_the_cli_group(make_town):
+    town = make_town(policy=policy(task_timeout=0.5))
+    town.tt("spawn", "quick")                              # the town's task_timeout
+    town.tt("spawn", "patient", "--task-timeout", "600")   # its own
+    slow_id = town.json("assign", "quick", "@child\n@ignore-term\n@gate never")["id"]
+    patient_id = town.json("assign", "patient", "@gate go\n@echo patience")["id"]
+    agent = working_on(town, "quick", slow_id)
+    wait_for(lambda: helpers_of(town, slow_id), 20, "the CLI's helper")
+
+    task = town.wait_task(slow_id)
+    assert task["state"] == "failed" and task["reason"].startswith("timed out")
+    assert dead(agent["cli_pid"]) and all(dead(p) for p in helpers_of(town, slow_id))
+    after = town.wait_agent("quick", ("idle",))
+    assert after["pid"] == agent["pid"] and after["restarts"] == 0
+
+    assert town.task(patient_id)["state"] == "running"  # its own, longer timeout
+    open_gate(town)
+    assert town.wait_task(patient_id)["state"] == "completed"
+
+
+# --- 6. max_agents -----------------------------------------------------------------------------
+def test_the_supervisor_runs_no_more_than_max_agents(town):
+    set_max_agents(town, 2)
+    town.tt("spawn", "a")
+    town.tt("spawn", "b")
+    assert "max_agents" in town.tt("spawn", "c", check=False).err
+    # more agents than allowed, written straight into Redis (a hand edit, or two racing spawns)
+    from supervisor.models import Agent, new_id, now
+    t = town.town()
+    for name in ("c", "d"):
+        agent = Agent(id=new_id(), name=name, cli="claude", created_at=now(), updated_at=now())
+        t.r.hset(t.keys.agent_index, name, agent.id)
+        t.r.hset(t.keys.agent(agent.id), mapping=agent.to_hash())
+    t.nudge()
+    for name in ("c", "d"):
+        over = town.wait_agent(name, ("stopped",))
+        assert "max_agents" in over["reason"] and not over["pid"]
+    for name in ("a", "b"):
+        town.wait_agent(name, ("idle",))
+
+    assert sorted(p.pid for p in runners(town)) == sorted(town.agent(n)["pid"] for n in ("a", "b"))
+    assert "max_agents" in town.tt("status").out
+
+    # and after a restart of the town, still two
+    town.tt("stop")
+    town.tt("restart", "a")
+    for name in ("a", "b"):
+        town.wait_agent(name, ("idle",))
+    wait_for(lambda: town.agent("d")["reason"], 20, "d to be held back again")
+    assert len(runners(town)) == 2
+    t.r.close()
