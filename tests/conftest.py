@@ -69,7 +69,9 @@ class TownHarness:
         self.record = root / "record"
         self.record.mkdir(parents=True, exist_ok=True)
         self.env = dict(os.environ)
-        self.env["PATH"] = f"{FAKE_BIN}{os.pathsep}{self.env.get('PATH', '')}"
+        # The venv's bin next: the fake CLIs' `#!/usr/bin/env python3` then finds a real interpreter,
+        # not a version-manager shim (pyenv's costs ~150 ms a task).
+        self.env["PATH"] = os.pathsep.join([str(FAKE_BIN), str(Path(sys.executable).parent), self.env.get("PATH", "")])
         self.env["FAKE_AGENT_RECORD"] = str(self.record)
         self.env.pop("TT_TOWN_DIR", None)
         self.env["PYTHONPATH"] = str(REPO) + (os.pathsep + self.env["PYTHONPATH"] if self.env.get("PYTHONPATH") else "")
