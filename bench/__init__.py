@@ -1,0 +1,1 @@
+"""scripts/bench: Tinytown measured side by side with supervisord and RQ."""

@@ -1,0 +1,379 @@
+"""The benchmarks, one function each: (size, ctx) -> list[Row]. See bench/__main__.py."""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pexpect
+
+from . import peers
+from .common import Row, clean_env, wait_until
+from .town import BenchTown, Monitor, kill, tt_command, wait_socket
+
+MB = 1e6
+
+
+class Context:
+    """What the benchmarks share: whether the peers are there, and the redis-server binary."""
+
+    def __init__(self, peers_ok: bool, peers_why: str, redis_binary: str, log=print):
+        self.peers_ok = peers_ok
+        self.peers_why = peers_why
+        self.redis_binary = redis_binary
+        self.log = log
+
+
+def _peer_note(ctx: Context) -> str:
+    return f"peer not measured: {ctx.peers_why}"
+
+
+# --- restart after SIGKILL ------------------------------------------------------------------------
+
+def restart(size: dict, ctx: Context) -> list[Row]:
+    row = Row("restart", "runner restart after SIGKILL, until it waits on its inbox again", "ms",
+              peer_name="supervisord", target="p50 <= 50 ms and <= 1/20 of supervisord", latency=True)
+    with BenchTown(["/bin/true"]) as bt:
+        bt.start_background()
+        bt.spawn(1)
+        mon = Monitor(bt.config.redis_socket)
+        try:
+            for _ in range(size["restart_reps"]):
+                pid = bt.runner_pids()[0]
+                time.sleep(0.05)
+                mon.clear()
+                t0 = time.monotonic()
+                kill(pid)
+                t1 = mon.wait_command(b'"blmove"', 10.0)
+                row.tt.append((t1 - t0) * 1000)
+                wait_until(lambda: bt.runner_pids() and bt.runner_pids()[0] != pid, 5, 0.005, "the new runner's pid")
+        finally:
+            mon.close()
+    if ctx.peers_ok:
+        with peers.Supervisord(1) as sd:
+            sd.start()
+            sd.wait_up()
+            for _ in range(size["restart_peer_reps"]):
+                old = sd.children()[0].pid
+                time.sleep(0.05)
+                t0 = time.monotonic()
+                kill(old)
+                wait_until(lambda: any(c.pid != old for c in sd.children()), 10, 0.002, "supervisord's restart")
+                row.peer.append((time.monotonic() - t0) * 1000)
+    else:
+        row.note = _peer_note(ctx)
+    return [row.judge(absolute=lambda v: v <= 50, max_ratio=1 / 20)]
+
+
+# --- start and graceful stop of N idle agents ---------------------------------------------------
+
+def start_stop(size: dict, ctx: Context) -> list[Row]:
+    n = size["agents"]
+    start = Row("start", f"`tt start` to {n} agents idle", "s", peer_name="supervisord",
+                target=f"<= supervisord starting {n} `sleep` programs", latency=True)
+    stop = Row("stop", f"graceful stop of {n} idle agents", "s", peer_name="supervisord",
+               target=f"<= supervisord stopping {n}", latency=True)
+    with BenchTown(["/bin/true"]) as bt:
+        bt.start_background()
+        bt.spawn(n)
+        bt.stop_cli()
+        for _ in range(size["start_reps"]):
+            t0 = time.monotonic()
+            bt.start_foreground()
+            wait_socket(bt.config.redis_socket, 30)
+            bt.connect()
+            bt.wait_blocked(n, interval=0.005)
+            start.tt.append(time.monotonic() - t0)
+            time.sleep(0.2)
+            t0 = time.monotonic()
+            bt.stop_cli()
+            stop.tt.append(time.monotonic() - t0)
+        if ctx.peers_ok:
+            for _ in range(size["start_reps"]):
+                with peers.Supervisord(n) as sd:
+                    t0 = time.monotonic()
+                    sd.start()
+                    sd.wait_up(interval=0.005)
+                    start.peer.append(time.monotonic() - t0)
+                    time.sleep(0.2)
+                    t0 = time.monotonic()
+                    sd.shutdown()
+                    stop.peer.append(time.monotonic() - t0)
+        else:
+            start.note = stop.note = _peer_note(ctx)
+    return [start.judge(max_ratio=1.0), stop.judge(max_ratio=1.0)]
+
+
+# --- dispatch latency -----------------------------------------------------------------------------
+
+def dispatch(size: dict, ctx: Context) -> list[Row]:
+    row = Row("dispatch", "dispatch: inbox written -> CLI process running", "ms", peer_name="RQ Worker (forking)",
+              target="p50 <= 5 ms and <= 1/2 of RQ", latency=True)
+    with BenchTown(["/bin/true"]) as bt:
+        fifo = bt.tmp / "marks"
+        os.mkfifo(fifo)
+        # the CLI copies its stdin (the prompt: a token) into the FIFO the moment it runs
+        with (bt.root / "tinytown.toml").open("a") as fh:
+            fh.write(f'\n[agent_clis.tee]\ncommand = ["tee", "-a", "{fifo}"]\nprompt = "stdin"\n')
+        from supervisor.config import load
+        bt.config = load(bt.root)
+        bt.start_background()
+        bt.town.spawn("d", "tee")
+        bt.wait_blocked(1)
+        fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+        town = bt.town
+        events = town.keys.events
+        try:
+            for i in range(size["dispatch_samples"]):
+                last = town.r.xrevrange(events, count=1)
+                since = last[0][0] if last else "0"
+                token = f"{i}-{time.monotonic_ns()}\n"
+                t0 = time.monotonic()
+                task = town.assign("d", token)
+                got = b""
+                while not got.endswith(b"\n"):
+                    ready, _, _ = select.select([fd], [], [], 30)
+                    if not ready:
+                        raise TimeoutError("the CLI did not start within 30 s")
+                    got += os.read(fd, 4096)
+                row.tt.append((time.monotonic() - t0) * 1000)
+                _wait_events(town, since, {task.id}, 30)
+                bt.wait_blocked(1, interval=0.001)
+                time.sleep(0.02)
+        finally:
+            os.close(fd)
+    if ctx.peers_ok:
+        result = peers.run_rq("dispatch", ctx.redis_binary, samples=size["dispatch_samples"])
+        row.peer = result["samples_ms"]
+    else:
+        row.note = _peer_note(ctx)
+    return [row.judge(absolute=lambda v: v <= 5, max_ratio=0.5)]
+
+
+def _wait_events(town, since: str, task_ids: set[str], timeout: float) -> str:
+    """Block on the town's event stream until every task in `task_ids` has finished."""
+    left = set(task_ids)
+    deadline = time.monotonic() + timeout
+    last = since
+    while left:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(left)} task(s) did not finish")
+        got = town.r.xread({town.keys.events: last}, block=1000, count=1000)
+        for _stream, entries in got or []:
+            for entry_id, fields in entries:
+                last = entry_id
+                if fields.get("type") in ("task_completed", "task_failed"):
+                    left.discard(fields.get("task"))
+    return last
+
+
+# --- trivial task throughput ----------------------------------------------------------------------
+
+def _throughput(bt: BenchTown, agents: list[str], tasks: int) -> float:
+    town = bt.town
+    last = town.r.xrevrange(town.keys.events, count=1)
+    since = last[0][0] if last else "0"
+    ids = set()
+    t0 = time.monotonic()
+    for i in range(tasks):
+        ids.add(town.assign(agents[i % len(agents)], "x").id)
+    _wait_events(town, since, ids, 300)
+    rate = tasks / (time.monotonic() - t0)
+    bt.wait_blocked(len(agents))
+    return rate
+
+
+def throughput(size: dict, ctx: Context) -> list[Row]:
+    one = Row("tasks1", "trivial tasks (/bin/true as the CLI), 1 agent", "tasks/s", higher_is_better=True,
+              target=">= 150 tasks/s", note="", peer_name="")
+    four = Row("tasks4", "trivial tasks, 4 agents", "tasks/s", peer_name="RQ Worker (forking), 4 workers",
+               higher_is_better=True, target=">= 2 x RQ")
+    with BenchTown(["/bin/true"]) as bt:
+        bt.start_background()
+        agents = bt.spawn(4)
+        _throughput(bt, agents[:1], 20)  # warm-up
+        for _ in range(size["tasks_reps"]):
+            one.tt.append(_throughput(bt, agents[:1], size["tasks_one"]))
+        for _ in range(size["tasks_reps"]):
+            four.tt.append(_throughput(bt, agents, size["tasks_four"]))
+    if ctx.peers_ok:
+        result = peers.run_rq("throughput", ctx.redis_binary, jobs=size["tasks_four"], workers=4,
+                              reps=size["tasks_reps"])
+        four.peer = result["samples_per_s"]
+    else:
+        four.note = _peer_note(ctx)
+    return [one.judge(absolute=lambda v: v >= 150), four.judge(min_ratio=2.0)]
+
+
+# --- idle town: supervisor CPU and runner memory ----------------------------------------------------
+
+def idle(size: dict, ctx: Context) -> list[Row]:
+    n = size["agents"]
+    secs = size["idle_seconds"]
+    mem = Row("memory", "memory per idle runner (USS)", "MB", peer_name="supervisord itself",
+              target="<= 8 MB per runner (max)", stat="max")
+    cpu = Row("cpu", f"supervisor CPU, {n} idle agents, {secs:g} s", "%", peer_name="supervisord",
+              target="< 1 %")
+    sd = peers.Supervisord(n) if ctx.peers_ok else None
+    with BenchTown(["/bin/true"]) as bt:
+        try:
+            bt.start_background()
+            bt.spawn(n)
+            if sd:
+                sd.start()
+                sd.wait_up()
+            time.sleep(min(1.0, secs / 4))
+            sup = bt.supervisor_pid()
+            runners = bt.runner_pids()
+            for _ in range(size["idle_reps"]):
+                t0 = time.monotonic()
+                c0 = peers.cpu_seconds(sup)
+                p0 = peers.cpu_seconds(sd.proc.pid) if sd else None
+                r0 = sum(peers.cpu_seconds(p) for p in runners)
+                time.sleep(secs / size["idle_reps"])
+                wall = time.monotonic() - t0
+                cpu.tt.append(100 * (peers.cpu_seconds(sup) - c0) / wall)
+                runners_cpu = 100 * (sum(peers.cpu_seconds(p) for p in runners) - r0) / wall
+                if sd:
+                    cpu.peer.append(100 * (peers.cpu_seconds(sd.proc.pid) - p0) / wall)
+            cpu.note = f"all {n} runners together (heartbeats every 2 s): {runners_cpu:.2f} % of a core"
+            mem.tt = [peers.uss_mb(p) for p in runners]
+            if sd:
+                mem.peer = [peers.uss_mb(sd.proc.pid)]
+            else:
+                mem.note = cpu.note = _peer_note(ctx)
+        finally:
+            if sd:
+                sd.close()
+    mem.judge(absolute=lambda v: v <= 8)
+    mem.ratio = None if not mem.peer else mem.ratio
+    return [mem, cpu.judge(absolute=lambda v: v < 1)]
+
+
+# --- tt list --------------------------------------------------------------------------------------
+
+def tt_list(size: dict, ctx: Context) -> list[Row]:
+    row = Row("list", "`tt list`, 10 agents, wall", "ms", peer_name='python -c "import redis"',
+              target="<= 1.5 x import redis", latency=True)
+    env = clean_env()
+    with BenchTown(["/bin/true"]) as bt:
+        bt.start_background()
+        bt.spawn(10)
+        cmd = tt_command("list", "--town", str(bt.root))
+        for _ in range(size["list_reps"]):
+            t0 = time.monotonic()
+            subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True, env=env, cwd=str(bt.root))
+            row.tt.append((time.monotonic() - t0) * 1000)
+            t0 = time.monotonic()
+            subprocess.run([sys.executable, "-c", "import redis"], check=True, env=env, cwd=str(bt.root))
+            row.peer.append((time.monotonic() - t0) * 1000)
+    return [row.judge(max_ratio=1.5)]
+
+
+# --- CLI output through the pty -----------------------------------------------------------------------
+
+def _pexpect_read(nbytes: int) -> float:
+    """The floor: a plain pexpect read loop over the same command (delays zeroed)."""
+    child = pexpect.spawn("head", ["-c", str(nbytes), "/dev/zero"], echo=False)
+    child.delayafterclose = child.delayafterterminate = 0
+    child.ptyproc.delayafterclose = child.ptyproc.delayafterterminate = 0
+    t0 = time.monotonic()
+    got = 0
+    while True:
+        try:
+            data = os.read(child.child_fd, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        got += len(data)
+    wall = time.monotonic() - t0
+    child.close(force=True)
+    return got / wall / MB
+
+
+class SlowFollower(threading.Thread):
+    """Reads the agent's log file 4 KiB every 10 ms: a follower far slower than the CLI."""
+
+    def __init__(self, path: Path):
+        super().__init__(daemon=True)
+        self.path = path
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        fh = None
+        while not self.stop_flag.is_set():
+            if fh is None and self.path.exists():
+                fh = open(self.path, "rb")
+            if fh is not None:
+                fh.read(4096)
+            time.sleep(0.01)
+        if fh:
+            fh.close()
+
+
+def pty_output(size: dict, ctx: Context) -> list[Row]:
+    nbytes = size["pty_bytes"]
+    row = Row("pty", "CLI output through the pty into the log, with a slow follower", "MB/s",
+              peer_name="plain pexpect read loop", higher_is_better=True,
+              target=">= 100 MB/s, CLI never blocked by a slow follower")
+    with BenchTown(["head", "-c", str(nbytes), "/dev/zero"]) as bt:
+        bt.start_background()
+        bt.spawn(1)
+        follower = SlowFollower(bt.config.log_file("a0"))
+        follower.start()
+        try:
+            for _ in range(size["pty_reps"]):
+                last = bt.town.r.xrevrange(bt.town.keys.events, count=1)
+                since = last[0][0] if last else "0"
+                task = bt.town.assign("a0", "go")
+                _wait_events(bt.town, since, {task.id}, 120)
+                t = bt.town.task(task.id)
+                if t.state != "completed":
+                    raise RuntimeError(f"the output task ended {t.state}: {t.reason}")
+                row.tt.append(nbytes / (t.finished_at - t.started_at) / MB)
+                bt.wait_blocked(1)
+        finally:
+            follower.stop_flag.set()
+    for _ in range(size["pty_reps"]):
+        row.peer.append(_pexpect_read(nbytes))
+    row.note = f"{nbytes / MB:g} MB per task; the follower reads the log 4 KiB per 10 ms"
+    return [row.judge(absolute=lambda v: v >= 100)]
+
+
+# --- tt logs -f -------------------------------------------------------------------------------------
+
+def logs_follow(size: dict, ctx: Context) -> list[Row]:
+    row = Row("logs", "`tt logs -f`: byte written -> shown", "ms", target="p50 <= 20 ms", latency=True)
+    probe = subprocess.run(tt_command("logs", "--help"), capture_output=True, env=clean_env())
+    if probe.returncode != 0 or b"-f" not in probe.stdout:
+        row.note = "n/a (tt logs not built)"
+        return [row]
+    return [row]  # filled in once `tt logs -f` exists
+
+
+BENCHMARKS = {
+    "restart": restart,
+    "start_stop": start_stop,
+    "dispatch": dispatch,
+    "throughput": throughput,
+    "idle": idle,
+    "list": tt_list,
+    "pty": pty_output,
+    "logs": logs_follow,
+}
+
+SIZES = {
+    "default": dict(restart_reps=30, restart_peer_reps=8, agents=50, start_reps=3, dispatch_samples=60,
+                    tasks_reps=3, tasks_one=300, tasks_four=600, idle_seconds=10.0, idle_reps=5, list_reps=10,
+                    pty_bytes=100_000_000, pty_reps=3, logs_samples=50),
+    "tiny": dict(restart_reps=3, restart_peer_reps=1, agents=3, start_reps=1, dispatch_samples=3,
+                 tasks_reps=1, tasks_one=10, tasks_four=12, idle_seconds=0.5, idle_reps=1, list_reps=1,
+                 pty_bytes=1_000_000, pty_reps=1, logs_samples=3),
+}
