@@ -67,6 +67,13 @@ def _start_background(config: Config, say) -> bool:
 
 
 def _running(pid: int) -> bool:
+    try:  # /proc first: importing psutil costs more than the whole check
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        pass
     import psutil
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -115,10 +122,11 @@ def stop(config: Config, now: bool = False, timeout: float | None = None) -> dic
     pid = running_pid(config)
     if not pid:
         return None
+    from .resp import connect
     from .town import Town
 
     try:
-        Town(config).request_stop(now)
+        Town(config, client=connect(config)).request_stop(now)  # no redis-py import: `tt stop` is quick
     except Exception:
         # Redis is unreachable: a signal still reaches a local supervisor.
         if pid > 0 and alive(pid):

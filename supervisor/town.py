@@ -8,13 +8,23 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
-import redis
-
 from .config import Config, validate_name
 from .errors import TinytownError
 from .keys import Keys
 from .models import (Agent, AgentState, Message, Task, TaskState, check_agent_transition,
                      check_task_transition, new_id, now)
+
+
+class _LazyRedis:
+    """redis-py, imported on first use: it costs 100-170 ms, and the quick `tt` commands read the
+    town through supervisor/resp.py (a Town built on a RespClient) without ever touching it."""
+
+    def __getattr__(self, name):
+        import redis as module
+        return getattr(module, name)
+
+
+redis = _LazyRedis()
 
 OUTPUT_TAIL_BYTES = 64 * 1024
 EVENTS_MAXLEN = 5000

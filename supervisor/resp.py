@@ -1,0 +1,214 @@
+"""A small Redis client for the `tt` commands that read the town (and nudge it): RESP2 over a socket.
+
+Why it exists: `import redis` (redis-py) costs 100-170 ms, mostly redis.asyncio, which is more
+than everything else `tt list` does. The quick commands (list, status, tasks, task, stop) talk to
+the town through this instead; the supervisor and the runners, which live long and use blocking
+commands, transactions with WATCH and streams, keep redis-py.
+
+It speaks just what `Town`'s read paths use: the commands below, plain and MULTI/EXEC pipelines.
+Replies are decoded like Town's redis-py client (UTF-8, surrogateescape), so the same code reads
+both. Key names still come from supervisor/keys.py: this module knows commands, not keys.
+"""
+from __future__ import annotations
+
+import socket
+
+
+class RespError(Exception):
+    """An error reply from Redis."""
+
+
+class RespConnectionError(ConnectionError):
+    """Redis cannot be reached, or the connection broke."""
+
+
+def connect(config, timeout: float = 5.0) -> "RespClient":
+    """A client for the town's Redis (its unix socket, or host and port)."""
+    if config.use_socket:
+        return RespClient(path=str(config.redis_socket), timeout=timeout)
+    return RespClient(host=config.redis_host, port=config.redis_port, timeout=timeout)
+
+
+def encode_command(args) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode("utf-8", "surrogateescape")
+        elif isinstance(arg, (int, float)) and not isinstance(arg, bool):
+            data = repr(arg).encode()
+        else:
+            raise TypeError(f"cannot send {type(arg).__name__} to Redis")
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def _pairs(reply):
+    if reply is None:
+        return {}
+    return dict(zip(reply[::2], reply[1::2]))
+
+
+def _int(reply):
+    return int(reply)
+
+
+class _Commands:
+    """The commands, each as (args, how to shape the reply); shared by the client and pipelines."""
+
+    def _call(self, args, shape=None):
+        raise NotImplementedError
+
+    def ping(self):
+        return self._call(("PING",), lambda r: r == "PONG")
+
+    def exists(self, *names):
+        return self._call(("EXISTS", *names), _int)
+
+    def hget(self, name, key):
+        return self._call(("HGET", name, key))
+
+    def hgetall(self, name):
+        return self._call(("HGETALL", name), _pairs)
+
+    def hvals(self, name):
+        return self._call(("HVALS", name))
+
+    def hexists(self, name, key):
+        return self._call(("HEXISTS", name, key), lambda r: bool(r))
+
+    def hset(self, name, key=None, value=None, mapping=None):
+        args = ["HSET", name]
+        if key is not None:
+            args += [key, value]
+        for k, v in (mapping or {}).items():
+            args += [k, v]
+        return self._call(args, _int)
+
+    def llen(self, name):
+        return self._call(("LLEN", name), _int)
+
+    def lrange(self, name, start, end):
+        return self._call(("LRANGE", name, start, end))
+
+    def zrange(self, name, start, end):
+        return self._call(("ZRANGE", name, start, end))
+
+    def publish(self, channel, message):
+        return self._call(("PUBLISH", channel, message), _int)
+
+
+class RespClient(_Commands):
+    """One connection, opened on first use; every call is one round trip."""
+
+    def __init__(self, path: str | None = None, host: str = "127.0.0.1", port: int = 6379, timeout: float = 5.0):
+        self.path, self.host, self.port, self.timeout = path, host, port, timeout
+        self.sock: socket.socket | None = None
+        self.reader = None
+
+    def _connect(self) -> None:
+        try:
+            if self.path:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(self.timeout)
+                sock.connect(self.path)
+            else:
+                sock = socket.create_connection((self.host, self.port), self.timeout)
+        except OSError as exc:
+            where = self.path or f"{self.host}:{self.port}"
+            raise RespConnectionError(f"cannot connect to Redis at {where}: {exc.strerror or exc}") from None
+        self.sock, self.reader = sock, sock.makefile("rb")
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.reader.close()
+            self.sock.close()
+            self.sock = self.reader = None
+
+    def execute_command(self, *args):
+        return self._call(args)
+
+    def _call(self, args, shape=None):
+        reply = self._roundtrip([args], 1)[0]
+        if isinstance(reply, RespError):
+            raise reply
+        return shape(reply) if shape else reply
+
+    def _roundtrip(self, commands, replies: int) -> list:
+        if self.sock is None:
+            self._connect()
+        try:
+            self.sock.sendall(b"".join(encode_command(c) for c in commands))
+            return [self._read() for _ in range(replies)]
+        except OSError as exc:
+            self.close()
+            raise RespConnectionError(f"Redis connection lost: {exc}") from None
+
+    def _read(self):
+        line = self.reader.readline()
+        if not line.endswith(b"\r\n"):
+            raise RespConnectionError("Redis closed the connection")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"$":
+            size = int(rest)
+            if size < 0:
+                return None
+            data = self.reader.read(size + 2)
+            if len(data) != size + 2:
+                raise RespConnectionError("Redis closed the connection")
+            return data[:-2].decode("utf-8", "surrogateescape")
+        if kind == b"*":
+            size = int(rest)
+            return None if size < 0 else [self._read() for _ in range(size)]
+        if kind == b":":
+            return int(rest)
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            return RespError(rest.decode("utf-8", "replace"))
+        raise RespConnectionError(f"unexpected reply from Redis: {line[:40]!r}")
+
+    def pipeline(self, transaction: bool = True) -> "Pipeline":
+        return Pipeline(self, transaction)
+
+
+class Pipeline(_Commands):
+    """Commands queued and sent in one round trip (inside MULTI/EXEC when `transaction`)."""
+
+    def __init__(self, client: RespClient, transaction: bool):
+        self.client = client
+        self.transaction = transaction
+        self.queued: list[tuple] = []
+
+    def _call(self, args, shape=None):
+        self.queued.append((tuple(args), shape))
+        return self
+
+    def execute(self) -> list:
+        queued, self.queued = self.queued, []
+        if not queued:
+            return []
+        commands = [args for args, _ in queued]
+        if self.transaction:
+            replies = self.client._roundtrip([("MULTI",), *commands, ("EXEC",)], len(commands) + 2)
+            for reply in replies[:-1]:
+                if isinstance(reply, RespError):
+                    raise reply
+            replies = replies[-1]
+            if replies is None:
+                raise RespError("transaction aborted")
+        else:
+            replies = self.client._roundtrip(commands, len(commands))
+        out = []
+        for reply, (_, shape) in zip(replies, queued):
+            if isinstance(reply, RespError):
+                raise reply
+            out.append(shape(reply) if shape else reply)
+        return out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.queued = []
