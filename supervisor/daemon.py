@@ -20,7 +20,7 @@ from .config import Config, ensure_runtime_dir
 from .control import ControlChannel
 from .errors import TinytownError
 from .logs import tail_text
-from .models import AgentState
+from .models import AgentState, InvalidTransition
 from .procutil import describe_status, killpg, reap, set_parent_death_signal, set_process_name
 from .redis_server import RedisServer
 from .runner import KILL_WAIT_SECONDS, run_forked
@@ -194,7 +194,10 @@ class Supervisor:
             if health.next_start > now:
                 continue
             health.next_start = 0.0
-            self._start_runner(agent.id, agent.name)
+            try:
+                self._start_runner(agent.id, agent.name)
+            except (InvalidTransition, ValueError) as exc:  # a record edited by hand: not the whole town
+                self.say(f"agent {agent.name} not started: {exc}")
 
     def _start_runner(self, agent_id: str, name: str) -> None:
         self.town.set_agent_state(agent_id, AgentState.STARTING, pid="", cli_pid="", current_task="",

@@ -449,3 +449,18 @@ def test_the_supervisor_runs_no_more_than_max_agents(town):
     wait_for(lambda: town.agent("d")["reason"], 20, "d to be held back again")
     assert len(runners(town)) == 2
     t.r.close()
+
+
+def test_a_hand_edited_agent_record_does_not_take_the_town_down(town):
+    town.tt("spawn", "good")
+    town.wait_agent("good", ("idle",))
+    from supervisor.models import Agent, new_id, now
+    t = town.town()
+    bad = Agent(id=new_id(), name="bad", cli="claude", state="bogus", created_at=now(), updated_at=now())
+    t.r.hset(t.keys.agent_index, "bad", bad.id)
+    t.r.hset(t.keys.agent(bad.id), mapping=bad.to_hash())
+    t.nudge()
+    wait_for(lambda: "agent bad not started" in (town.root / ".tt" / "supervisor.log").read_text(), 20,
+             "the supervisor to refuse the bad record")
+    assert town.wait_task(town.json("assign", "good", "@echo still here")["id"])["state"] == "completed"
+    t.r.close()
