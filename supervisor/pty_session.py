@@ -46,16 +46,37 @@ class CliSession:
         self.fd = -1                     # the pty's master side (non-blocking)
         self.exit_code: int | None = None
         self.signal: int | None = None
+        self.wrote_file = False
 
     def start(self) -> None:
-        """Write the prompt file (0600) and exec the CLI; TinytownError if it cannot start."""
-        fd = os.open(self.prompt_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        """Hand over the prompt and exec the CLI; TinytownError if it cannot start.
+
+        The prompt file (0600) is written only when the CLI is given its path; a prompt on stdin
+        comes from an anonymous in-memory file (memfd): a regular, seekable file for the CLI, and
+        no file to create and delete on a disk that may be busy.
+        """
+        needs_file = self.spec.prompt == "file" or any("{prompt_file}" in part for part in self.spec.command)
+        if needs_file:
+            fd = os.open(self.prompt_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            self.wrote_file = True
+        elif self.spec.prompt == "stdin":
+            fd = _memfd()
+        else:  # the prompt is an argument
+            self._spawn(-1)
+            return
         try:
             view = memoryview(self.prompt)
             while view:
                 view = view[os.write(fd, view):]
+            if needs_file:
+                os.close(fd)
+                fd = -1
+            self._spawn(fd)
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
+
+    def _spawn(self, stdin_fd: int) -> None:
         text = self.prompt.decode("utf-8", "surrogateescape") if self.spec.prompt == "arg" else None
         argv = self.spec.argv(text, str(self.prompt_file))
         # posix_spawn has no chdir: the CLI inherits the runner's working directory, so that is the town's.
@@ -78,7 +99,11 @@ class CliSession:
             if self.spec.prompt == "stdin":
                 # The prompt is the CLI's stdin: a plain file, so any size and any bytes arrive
                 # intact (a tty line is cut at 4095 bytes); the pty stays its controlling terminal.
-                actions.append((os.POSIX_SPAWN_OPEN, 0, str(self.prompt_file), os.O_RDONLY, 0))
+                if stdin_fd >= 0:
+                    os.lseek(stdin_fd, 0, os.SEEK_SET)
+                    actions.append((os.POSIX_SPAWN_DUP2, stdin_fd, 0))
+                else:
+                    actions.append((os.POSIX_SPAWN_OPEN, 0, str(self.prompt_file), os.O_RDONLY, 0))
             else:
                 actions.append((os.POSIX_SPAWN_DUP2, 1, 0))
             self.pid = os.posix_spawn(path, argv, self.env, file_actions=actions, setsid=True,
@@ -156,10 +181,11 @@ class CliSession:
                     self._set_status(status)
                 except ChildProcessError:
                     pass
-        try:
-            self.prompt_file.unlink()
-        except FileNotFoundError:
-            pass
+        if self.wrote_file:
+            try:
+                self.prompt_file.unlink()
+            except FileNotFoundError:
+                pass
 
     def outcome(self) -> str:
         if self.signal:
@@ -168,3 +194,14 @@ class CliSession:
             except ValueError:
                 return f"killed by signal {self.signal}"
         return f"exit code {self.exit_code}"
+
+
+def _memfd() -> int:
+    """An anonymous in-memory file for the prompt (close-on-exec; dup2 to stdin clears that)."""
+    try:
+        return os.memfd_create("tt-prompt", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):  # pragma: no cover - not Linux, or an old kernel
+        import tempfile
+        fd, path = tempfile.mkstemp(prefix="tt-prompt-")
+        os.unlink(path)
+        return fd

@@ -127,9 +127,14 @@ class Town:
             pipe.llen(self.keys.inbox(a.id))
         return {a.id: n for a, n in zip(agents, pipe.execute())}
 
-    def set_agent_state(self, agent_id: str, state: AgentState, pipe=None, **fields) -> None:
-        """The one way an agent's state changes: checked against models.AGENT_TRANSITIONS."""
-        old = self.r.hget(self.keys.agent(agent_id), "state")
+    def set_agent_state(self, agent_id: str, state: AgentState, pipe=None, *, old: str | None = None,
+                        **fields) -> None:
+        """The one way an agent's state changes: checked against models.AGENT_TRANSITIONS.
+
+        old: the agent's current state when the caller has just read it (saves a round trip).
+        """
+        if old is None:
+            old = self.r.hget(self.keys.agent(agent_id), "state")
         check_agent_transition(old, state)
         values = {"state": state.value, "updated_at": f"{now():.6f}"}
         values.update({k: "" if v is None else str(v) for k, v in fields.items()})
@@ -206,9 +211,21 @@ class Town:
     def inflight(self, agent_id: str) -> list[Claimed]:
         return [Claimed(raw, Message.decode(raw)) for raw in self.r.lrange(self.keys.inflight(agent_id), 0, -1)]
 
-    def start_task(self, agent_id: str, task_id: str, cli_pid: int | None = None) -> Task:
-        """Mark a claimed task running (one more attempt) and its agent working."""
-        task = self.task(task_id)
+    def claimed_task(self, agent_id: str, task_id: str) -> tuple[Task | None, str | None]:
+        """A claimed message's task (None if it is gone) and the agent's state, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(self.keys.task(task_id))
+        pipe.hget(self.keys.agent(agent_id), "state")
+        data, agent_state = pipe.execute()
+        return (Task.from_hash(data) if data else None), agent_state
+
+    def start_task(self, agent_id: str, task_id: str, cli_pid: int | None = None, task: Task | None = None,
+                   agent_state: str | None = None) -> Task:
+        """Mark a claimed task running (one more attempt) and its agent working.
+
+        task, agent_state: as the runner just read them (claimed_task), to skip reading them again.
+        """
+        task = task if task is not None else self.task(task_id)
         check_task_transition(task.state, TaskState.RUNNING)
         pipe = self.r.pipeline()
         pipe.hset(self.keys.task(task_id), mapping={"state": TaskState.RUNNING.value,
@@ -216,7 +233,7 @@ class Town:
         pipe.hincrby(self.keys.task(task_id), "attempts", 1)
         # A task's start and end prove the runner alive, so a runner busy with back-to-back short
         # tasks never looks unresponsive.
-        self.set_agent_state(agent_id, AgentState.WORKING, pipe=pipe, current_task=task_id,
+        self.set_agent_state(agent_id, AgentState.WORKING, pipe=pipe, old=agent_state, current_task=task_id,
                              heartbeat_at=f"{now():.6f}")
         self._event(pipe, "task_started", task=task_id, agent=task.agent)
         pipe.execute()
@@ -230,7 +247,10 @@ class Town:
         agent_state: `stopping` when the task finished within a stop's grace period.
         """
         task_id = claimed.message.task_id
-        old = self.r.hget(self.keys.task(task_id), "state")
+        reads = self.r.pipeline(transaction=False)
+        reads.hget(self.keys.task(task_id), "state")
+        reads.hget(self.keys.agent(agent_id), "state")
+        old, old_agent = reads.execute()
         pipe = self.r.pipeline()
         if old is not None:
             check_task_transition(old, state)
@@ -240,7 +260,7 @@ class Town:
                 "output": output[-OUTPUT_TAIL_BYTES:].decode("utf-8", "replace"),
             })
         pipe.lrem(self.keys.inflight(agent_id), 1, claimed.raw)
-        self.set_agent_state(agent_id, agent_state, pipe=pipe, current_task="", cli_pid="",
+        self.set_agent_state(agent_id, agent_state, pipe=pipe, old=old_agent, current_task="", cli_pid="",
                              heartbeat_at=f"{now():.6f}")
         self._event(pipe, f"task_{state.value}", task=task_id, exit_code=exit_code, reason=reason)
         pipe.execute()
