@@ -127,9 +127,9 @@ class Runner:
         if task is None or TaskState(task.state).terminal:  # gone, cancelled while waiting, or finished
             self.town.drop_message(self.agent_id, claimed)
             return
-        self._run_task(claimed, task.id, task.description)
+        self._run_task(claimed, task.id, task.description, task, agent_state)
 
-    def _run_task(self, claimed: Claimed, task_id: str, description: str) -> None:
+    def _run_task(self, claimed: Claimed, task_id: str, description: str, task=None, agent_state=None) -> None:
         prompt_dir = self.config.runtime_dir / "prompts"
         prompt_dir.mkdir(mode=0o700, exist_ok=True)
         env = dict(os.environ)
