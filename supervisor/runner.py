@@ -272,6 +272,10 @@ class Runner:
 def run_forked(config: Config, agent_id: str, log_path: Path) -> None:
     """Entry point in the forked child: never returns into the supervisor's code."""
     code = 1
+    # Everything inherited from the supervisor lives as long as the runner: out of the collector's
+    # sight, a full collection no longer walks every imported module (ms of pause in the middle of
+    # a task) nor writes to their pages (which would unshare them from the supervisor's).
+    gc.freeze()
     try:
         code = Runner(config, agent_id).run()
     except BaseException as exc:  # noqa: BLE001 - the runner's last word goes to the agent log
@@ -286,7 +290,3 @@ def run_forked(config: Config, agent_id: str, log_path: Path) -> None:
         except Exception:
             pass
         os._exit(code)
-    # Everything inherited from the supervisor lives as long as the runner: out of the collector's
-    # sight, a full collection no longer walks every imported module (ms of pause in the middle of
-    # a task) nor writes to their pages (which would unshare them from the supervisor's).
-    gc.freeze()
