@@ -222,11 +222,15 @@ def test_whole_town_killed_at_once_leaves_stale_files_that_the_next_start_replac
         return running.encode() in data and queued.encode() in data
 
     wait_for(persisted, 20, "the append-only file to hold the tasks")
-    for proc in town_processes(town.root):  # a power cut, or the OOM killer taking everything
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
+    victims = town_processes(town.root)
+    # A power cut, or the OOM killer taking everything: freeze all first, so no process sees another
+    # die (redis-server would get its parent-death SIGTERM and tidy up its pid file and socket).
+    for action in ("suspend", "kill"):
+        for proc in victims:
+            try:
+                getattr(proc, action)()
+            except psutil.NoSuchProcess:
+                pass
     wait_for(lambda: town_processes(town.root) == [], 20, "every process to die")
     assert (town.root / ".tt" / "redis.pid").exists() and (town.root / ".tt" / "redis.sock").exists()
 
