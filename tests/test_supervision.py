@@ -468,3 +468,30 @@ def test_a_hand_edited_agent_record_does_not_take_the_town_down(town):
              "the supervisor to refuse the bad record")
     assert town.wait_task(town.json("assign", "good", "@echo still here")["id"])["state"] == "completed"
     t.r.close()
+
+
+def test_a_runner_that_stayed_up_long_enough_counts_as_started(make_town):
+    """Crashes far apart are each restarted at once: only quick failures in a row lead to `failed`."""
+    town = make_town(policy=policy(start_seconds=0.3, max_fast_failures=2))
+    town.tt("spawn", "dev")
+    pid = None
+    for n in (1, 2, 3):
+        pid = wait_for(lambda: (lambda a: a["state"] == "idle" and a["pid"] != pid and a["pid"])(town.agent("dev")),
+                       20, "a new runner for dev")
+        seen = time.monotonic()  # it has been up at least since now (psutil's create_time is too coarse)
+        wait_for(lambda: time.monotonic() - seen > 0.6, 20, "dev to count as started")
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: town.agent("dev")["restarts"] == n, 20, f"restart {n}")
+    assert [float(e["delay"]) for e in events(town, "agent_restarting")] == [0.0, 0.0, 0.0]
+    assert town.wait_task(town.json("assign", "dev", "@echo alive")["id"])["state"] == "completed"
+
+
+def test_racing_spawns_never_pass_max_agents(town):
+    set_max_agents(town, 2)
+    town.tt("spawn", "first")  # the supervisor is up: the race is in the registry, not the start
+    procs = [subprocess.Popen([sys.executable, "-m", "cli.main", "spawn", f"racer{i}"], cwd=town.root,
+                              env=town.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(4)]
+    results = [(p.wait(timeout=60), p.communicate()[1].decode()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 1, 1, 1]
+    assert all("max_agents reached" in err for code, err in results if code)
+    assert len(town.json("list")) == 2
