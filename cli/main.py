@@ -287,6 +287,34 @@ def restart(agent, town_path):
     click.echo(f"Restarting agent {found.name} (state {found.state})")
 
 
+@cli.command()
+@click.argument("agents", nargs=-1)
+@click.option("-n", "--lines", type=click.IntRange(min=0), metavar="N",
+              help="Show the last N lines of each agent (default 100; all with --since or --task).")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new output until Ctrl+C.")
+@click.option("--task", "task_id", metavar="ID", help="Only this task's output (with -f: until it finishes).")
+@click.option("--since", metavar="WHEN", help="Only output since then: 90s, 10m, 2h, 1d, 14:30, or an ISO time.")
+@click.option("--no-color", is_flag=True, help="No coloured agent prefixes.")
+@click.option("--raw", is_flag=True, help="Bytes as the CLI wrote them, escape sequences included.")
+@click.option("--redis", "from_redis", is_flag=True,
+              help="Read from the town's Redis, not .tt/logs (the default when the files are not here).")
+@town_option
+def logs(agents, lines, follow, task_id, since, no_color, raw, from_redis, town_path):
+    """Recent output of AGENTS (default: all, interleaved with `agent |` prefixes)."""
+    import signal
+
+    from cli import logview
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `tt logs | head` ends quietly, like tail
+    if task_id and agents:
+        raise TinytownError("give either agent names or --task, not both")
+    config = _config(town_path)
+    try:
+        logview.show(config, list(agents), lines=lines, follow=follow, task=task_id, since=since, raw=raw,
+                     colour=logview.colour_wanted(no_color), from_redis=from_redis)
+    except KeyboardInterrupt:  # the way out of --follow, not an error
+        pass
+
+
 def main() -> None:
     cli(prog_name="tt")
 

@@ -1,0 +1,208 @@
+"""`tt logs`: recent output, following (across runner restarts and log rotation), several agents
+interleaved with prefixes, one task's output, and reading through Redis from another folder."""
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import wait_for
+
+
+class Follower:
+    """`tt logs -f ...` running in the background; a thread collects what it prints."""
+
+    def __init__(self, town, *args, cwd=None):
+        self.proc = subprocess.Popen([sys.executable, "-m", "cli.main", "logs", "-f", *args], cwd=cwd or town.root,
+                                     env=town.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.out = bytearray()
+        self.thread = threading.Thread(target=self._collect, daemon=True)
+        self.thread.start()
+
+    def _collect(self):
+        while True:
+            data = os.read(self.proc.stdout.fileno(), 65536)
+            if not data:
+                return
+            self.out += data
+
+    @property
+    def text(self) -> str:
+        return bytes(self.out).decode(errors="replace")
+
+    def wait_for(self, needle: str, timeout: float = 20):
+        wait_for(lambda: needle in self.text, timeout, f"{needle!r} from tt logs -f (got {self.text[-300:]!r})")
+
+    def stop(self) -> int:
+        """Ctrl+C, as a user ends it: exit status 0."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        code = self.proc.wait(20)
+        self.thread.join(10)
+        return code
+
+
+@pytest.fixture
+def follow():
+    started = []
+
+    def start(town, *args, **kwargs):
+        follower = Follower(town, *args, **kwargs)
+        started.append(follower)
+        return follower
+
+    yield start
+    for follower in started:
+        if follower.proc.poll() is None:
+            follower.proc.kill()
+            follower.proc.wait()
+
+
+def assign(town, agent: str, text: str) -> str:
+    return town.json("assign", agent, text)["id"]
+
+
+def seq_lines(text: str) -> list[str]:
+    return re.findall(r"^seq \d{6}$", text, re.M)
+
+
+def test_recent_output_last_lines_raw_and_clean(town):
+    town.tt("spawn", "dev")
+    task = assign(town, "dev", "@seq 150\n@echo \x1b[31mred\x1b[0m text")
+    assert town.wait_task(task)["state"] == "completed"
+    out = town.tt("logs", "dev").out
+    lines = out.splitlines()
+    assert len(lines) == 100                              # the default: the last 100 lines
+    assert lines[-3:-1] == ["red text", "done"] and f"task {task} completed" in lines[-1]
+    assert "seq 000150" in lines and "seq 000040" not in lines
+    assert "\r" not in out and "\x1b" not in out          # escape sequences and CRs cleaned away
+    assert town.tt("logs", "dev", "-n", "2").out.splitlines()[0] == "done"
+    raw = town.tt("logs", "dev", "--raw", "-n", "3").stdout
+    assert b"\x1b[31mred\x1b[0m text\r\n" in raw           # bytes as the CLI wrote them (pty CRLF)
+    assert town.tt("logs", "dev", "-n", "0").out == ""
+
+
+def test_follow_sees_a_new_line(town, follow):
+    town.tt("spawn", "dev")
+    town.wait_task(assign(town, "dev", "@echo first-marker"))
+    follower = follow(town, "dev")
+    follower.wait_for("first-marker")               # history printed: it is following now
+    town.wait_task(assign(town, "dev", "@echo second-marker"), states=("running", "completed"))
+    follower.wait_for("second-marker", timeout=10)
+    assert follower.stop() == 0
+    assert follower.text.count("first-marker") == 1 and follower.text.count("second-marker") == 1
+    assert " | " not in follower.text               # one agent named: no prefixes
+
+
+def test_follow_survives_runner_restart_and_rotation(make_town, follow):
+    # Backups enough to hold the whole run: a follower that falls behind must still find every
+    # line (identity by inode across the renames), whatever the timing.
+    town = make_town(extra="\n[logs]\nmax_bytes = 1024\nbackups = 60\n")
+    town.tt("spawn", "dev")
+    town.wait_task(assign(town, "dev", "@echo before-restart"))
+    follower = follow(town, "dev", "-n", "1")
+    follower.wait_for("completed")
+    old_pid = town.agent("dev")["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    wait_for(lambda: town.agent("dev")["pid"] not in (None, old_pid) and town.agent("dev")["state"] == "idle",
+             20, "a new runner for dev")
+    town.wait_task(assign(town, "dev", "@echo after-restart"))
+    follower.wait_for("after-restart")
+    # 3000 lines written one at a time (each directive flushes): ~33 KB, rotated every KiB
+    task = assign(town, "dev", "\n".join(f"@echo seq {i:06d}" for i in range(1, 3001)))
+    assert town.wait_task(task)["state"] == "completed"
+    follower.wait_for(f"task {task} completed")
+    assert (town.root / ".tt" / "logs" / "dev.log.1").exists()
+    assert follower.stop() == 0
+    assert seq_lines(follower.text) == [f"seq {i:06d}" for i in range(1, 3001)]  # none lost, none twice
+    assert follower.text.count("before-restart") == 0 and follower.text.count("after-restart") == 1
+    # history reaches back through the backups too
+    assert seq_lines(town.tt("logs", "dev", "-n", "2000").out) == [f"seq {i:06d}" for i in range(1003, 3001)]
+
+
+def test_two_agents_interleaved_with_prefixes(town, follow):
+    town.tt("spawn", "alpha")
+    town.tt("spawn", "b")
+    follower = follow(town)                          # no names: every agent
+    town.wait_task(assign(town, "alpha", "@echo one-from-alpha"))
+    follower.wait_for("one-from-alpha")
+    town.wait_task(assign(town, "b", "@echo two-from-b"))
+    follower.wait_for("two-from-b")
+    town.wait_task(assign(town, "alpha", "@echo three-from-alpha"))
+    follower.wait_for("three-from-alpha")
+    assert follower.stop() == 0
+    text = follower.text
+    assert "alpha | one-from-alpha\n" in text and "b     | two-from-b\n" in text
+    assert text.index("one-from-alpha") < text.index("two-from-b") < text.index("three-from-alpha")
+    assert "\x1b[" not in text                     # not a terminal: no colour
+    history = town.tt("logs", "alpha", "b").out
+    assert "alpha | three-from-alpha" in history and "b     | two-from-b" in history
+
+
+def test_prefix_colours_and_partial_lines():
+    from cli.logview import Printer
+    out = io.BytesIO()
+    printer = Printer(out, prefix=True, colour=True, raw=False)
+    printer.add("a")
+    printer.add("bb")
+    printer.feed("a", b"\x1b[1mbold\x1b[0m\r\nProceed? ")
+    printer.feed("bb", b"50%\r100%\n")
+    printer.flush_partial(force=True)
+    text = out.getvalue().decode()
+    assert "\x1b[36ma  | \x1b[0mbold\n" in text           # cyan prefix, the CLI's own escapes removed
+    assert "\x1b[33mbb | \x1b[0m100%\n" in text            # a redrawn line shows as drawn last
+    assert text.endswith("a  | \x1b[0mProceed? \n")
+
+
+def test_one_task_and_since(town, follow):
+    town.tt("spawn", "dev")
+    first = assign(town, "dev", "@echo output-of-first")
+    town.wait_task(first)
+    second = assign(town, "dev", "@echo before-gate\n@gate open-it\n@echo output-of-second")
+    town.wait_task(second, states=("running",))
+    out = town.tt("logs", "--task", first[:8]).out
+    assert "output-of-first" in out and "output-of-second" not in out
+    follower = follow(town, "--task", second)
+    follower.wait_for("before-gate")
+    (town.record / "open-it").touch()
+    assert follower.proc.wait(20) == 0               # ends by itself when the task finishes
+    follower.thread.join(10)
+    assert "output-of-second" in follower.text and "output-of-first" not in follower.text
+    assert "output-of-first" in town.tt("logs", "dev", "--since", "1h").out
+    assert town.tt("logs", "dev", "--since", "2999-01-01T00:00").out == ""
+
+
+def test_follow_through_redis_from_another_folder(town, tmp_path, follow):
+    """Another machine sees no .tt/logs, only the town's Redis: output still follows."""
+    town.tt("spawn", "dev")
+    town.wait_task(assign(town, "dev", "@echo old-output"))
+    viewer = tmp_path / "elsewhere"
+    viewer.mkdir()
+    (viewer / "tinytown.toml").write_text(
+        f'name = "testtown"\n[redis]\nsocket_path = "{town.config().redis_socket}"\n')
+    assert "old-output" in town.tt("logs", "dev", cwd=viewer).out
+    follower = follow(town, "dev", cwd=viewer)
+    follower.wait_for("old-output")
+    town.wait_task(assign(town, "dev", "@echo new-output\n@echo \x1b[32mgreen\x1b[0m"))
+    follower.wait_for("new-output")
+    follower.wait_for("green")
+    assert follower.stop() == 0
+    assert "\x1b" not in follower.text and follower.text.count("new-output") == 1
+
+
+def test_logs_errors(town):
+    town.tt("spawn", "dev")
+    for args, message in ((("nosuch",), "no agent named 'nosuch'"),
+                          (("dev", "--since", "yesterday-ish"), "--since 'yesterday-ish'"),
+                          (("dev", "--task", "x"), "either agent names or --task"),
+                          (("--task", "nosuchtask"), "no task 'nosuchtask'"),
+                          (("../x",), "invalid agent name")):
+        proc = town.tt("logs", *args, check=False)
+        assert proc.returncode == 1 and proc.err.startswith("tt: error: ") and message in proc.err, proc.err
+        assert len(proc.err.strip().splitlines()) == 1
