@@ -315,6 +315,26 @@ def logs(agents, lines, follow, task_id, since, no_color, raw, from_redis, town_
         pass
 
 
+@cli.command()
+@click.argument("agent")
+@click.option("--read-only", is_flag=True, help="Watch without sending keystrokes or window size.")
+@click.option("--detach-keys", metavar="KEYS",
+              help='Key sequence that detaches, e.g. "ctrl-]" (default) or "ctrl-p,ctrl-q"; '
+                   "also [attach] detach_keys in tinytown.toml.")
+@town_option
+def attach(agent, read_only, detach_keys, town_path):
+    """Connect this terminal to AGENT's live terminal; the detach key leaves it running."""
+    from supervisor import attach as attaching
+    from supervisor.config import parse_keys
+    config = _config(town_path)
+    spec = detach_keys or config.detach_keys
+    try:
+        keys = parse_keys(spec)
+    except ValueError as exc:
+        raise TinytownError(f"--detach-keys: {exc}") from None
+    sys.exit(attaching.attach(config, agent, keys, spec, read_only=read_only))
+
+
 def main() -> None:
     cli(prog_name="tt")
 

@@ -103,6 +103,24 @@ class LogPolicy:
     stream_maxlen: int = 10000       # Redis output stream entries kept per agent
 
 
+DEFAULT_DETACH_KEYS = "ctrl-]"
+
+
+def parse_keys(spec: str) -> bytes:
+    """`tt attach`'s detach sequence, docker's syntax: "ctrl-]", "ctrl-p,ctrl-q", "q"; ValueError if bad."""
+    keys = bytearray()
+    for item in spec.split(","):
+        item = item.strip()
+        lower = item.lower()
+        if lower.startswith("ctrl-") and len(item) == 6 and 0x40 <= ord(item[5].upper()) <= 0x5f:
+            keys.append(ord(item[5].upper()) & 0x1f)
+        elif len(item) == 1 and item.isprintable() and item.isascii():
+            keys.append(ord(item))
+        else:
+            raise ValueError(f"cannot read {item!r} as a key (use e.g. \"ctrl-]\" or \"ctrl-p,ctrl-q\")")
+    return bytes(keys)
+
+
 @dataclass(frozen=True)
 class Config:
     root: Path                       # the folder holding tinytown.toml
@@ -117,6 +135,7 @@ class Config:
     clis: dict[str, CliSpec] = field(default_factory=dict)
     supervisor: SupervisorPolicy = field(default_factory=SupervisorPolicy)
     logs: LogPolicy = field(default_factory=LogPolicy)
+    detach_keys: str = DEFAULT_DETACH_KEYS   # [attach] detach_keys
 
     @property
     def runtime_dir(self) -> Path:
@@ -128,6 +147,10 @@ class Config:
 
     def log_file(self, agent_name: str) -> Path:
         return self.log_dir / f"{agent_name}.log"
+
+    def attach_socket(self, agent_name: str) -> Path:
+        """Where an agent's runner serves `tt attach` (owner-only folder; short enough for sun_path)."""
+        return short_socket_path(self.runtime_dir / "attach" / f"{agent_name}.sock", self.root)
 
     @property
     def redis_socket(self) -> Path:
@@ -224,6 +247,7 @@ def _from_dict(data: dict, root: Path, path: Path, text: str) -> Config:
     redis_t = get(data, "redis", dict, {})
     sup_t = get(data, "supervisor", dict, {})
     logs_t = get(data, "logs", dict, {})
+    attach_t = get(data, "attach", dict, {})
     clis_t = get(data, "agent_clis", dict, {})
 
     clis: dict[str, CliSpec] = {}
@@ -282,10 +306,19 @@ def _from_dict(data: dict, root: Path, path: Path, text: str) -> Config:
         clis=clis,
         supervisor=policy,
         logs=logs,
+        detach_keys=get(attach_t, "detach_keys", str, DEFAULT_DETACH_KEYS, _keys_ok,
+                        "not a key sequence (use e.g. \"ctrl-]\" or \"ctrl-p,ctrl-q\")"),
     )
     if config.default_cli not in PRESETS and config.default_cli not in clis:
         fail("default_cli", f"unknown CLI {config.default_cli!r}")
     return config
+
+
+def _keys_ok(spec: str) -> bool:
+    try:
+        return bool(parse_keys(spec))
+    except ValueError:
+        return False
 
 
 def _toml_error(path: Path, text: str, exc: Exception) -> str:

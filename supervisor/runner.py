@@ -20,7 +20,8 @@ from pathlib import Path
 
 from .config import Config
 from .errors import TinytownError
-from .logs import AgentLog
+from .attach import REPLAY_BYTES, AttachServer
+from .logs import AgentLog, tail_bytes
 from .models import AgentState, TaskState
 from .pty_session import CliSession
 from .town import OUTPUT_TAIL_BYTES, Claimed, Town
@@ -75,6 +76,7 @@ class Runner:
         self.spec = self.config.cli(agent.cli)
         self.task_timeout = agent.task_timeout or self.config.supervisor.task_timeout or None
         self.log = AgentLog(self.config, self.name)
+        self.attach = self._serve_attach()
         heartbeat = self.config.supervisor.heartbeat_interval
         try:
             self.idle = False  # from here a stop signal only sets stop_mode; the loop checks it
@@ -97,7 +99,18 @@ class Runner:
             pass
         self.idle = False
         self._exit_cleanly()
+        self.attach.close()
         return 0
+
+    def _serve_attach(self) -> AttachServer:
+        """`tt attach` for this agent, replaying the log's end to the first viewers after a restart."""
+        server = AttachServer(self.config.attach_socket(self.name), self.name,
+                              tail_bytes(self.log.path, REPLAY_BYTES))
+        try:
+            server.start()
+        except (OSError, TinytownError) as exc:  # the agent works on without attach
+            print(f"tt runner: cannot serve attach: {exc}", file=sys.stderr)
+        return server
 
     def _recover_inflight(self) -> None:
         """Re-deliver what a previous runner of this agent had in flight when it died."""
@@ -149,9 +162,11 @@ class Runner:
             session.close()
             return
         self.town.r.hset(self.town.keys.agent(self.agent_id), "cli_pid", session.pid)
+        self.attach.task_started(task_id, session)
         try:
             outcome = self._pump(session, task_id)
         finally:
+            self.attach.task_ended()  # viewers' keystrokes stop before the pty closes
             session.close()
         if outcome == "requeue":
             self.log.note(f"task {task_id} interrupted by stop; back in the inbox")
@@ -227,6 +242,7 @@ class Runner:
                 if not data:
                     break
                 self.log.write(data)
+                self.attach.output(data)
                 self.tail += data
                 if len(self.tail) > 2 * OUTPUT_TAIL_BYTES:
                     del self.tail[:-OUTPUT_TAIL_BYTES]
