@@ -173,7 +173,10 @@ def show(config: Config, names: list[str], *, lines: int | None, follow: bool, t
     printer = Printer(out, prefix=all_agents or len(names) > 1, colour=colour, raw=raw)
     for name in names:
         printer.add(name)
-    use_redis = from_redis or since_at is not None or (client is not None and not set(names) & set(local))
+    # The files are here if this machine runs the town's supervisor or has any of them already.
+    from supervisor.lifecycle import running_pid
+    here = bool(set(names) & set(local)) or bool(running_pid(config))
+    use_redis = from_redis or since_at is not None or (client is not None and not here)
     try:
         if use_redis:
             if client is None:

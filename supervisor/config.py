@@ -376,6 +376,13 @@ socket_path = "redis.sock"
 # max_attempts = 3
 # stop_grace = 10.0
 
+# Optional. Log rotation, and the key sequence that leaves `tt attach` (defaults shown).
+# [logs]
+# max_bytes = 10485760
+# backups = 3
+# [attach]
+# detach_keys = "ctrl-]"
+
 # Your own model CLI (prompt = "stdin", "arg" or "file"):
 # [agent_clis.mybot]
 # command = "mybot --non-interactive"
