@@ -66,6 +66,21 @@ def _start_background(config: Config, say) -> bool:
                         + (f": {tail[0]}" if tail else f"; see {log_path}"))
 
 
+def _wait_gone(pid: int, timeout: float) -> None:
+    """Until process `pid` (not our child) has exited: a pidfd wakes us that moment; else poll."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    except (AttributeError, OSError):  # Python < 3.9 or Linux < 5.3
+        wait_until(lambda: not _running(pid), timeout)
+        return
+    try:
+        select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+
+
 def _running(pid: int) -> bool:
     try:  # /proc first: importing psutil costs more than the whole check
         with open(f"/proc/{pid}/stat", "rb") as fh:
@@ -135,7 +150,7 @@ def stop(config: Config, now: bool = False, timeout: float | None = None) -> dic
     if not lock.wait_released(config.runtime_dir, wait):
         raise TinytownError(f"the supervisor (pid {pid}) did not stop within {wait:.0f}s")
     if pid > 0:  # the lock goes a moment before the process: return only once it is gone
-        wait_until(lambda: not _running(pid), 10.0)
+        _wait_gone(pid, 10.0)
     report_path = config.runtime_dir / "last-stop.json"
     try:
         return json.loads(report_path.read_text())

@@ -125,7 +125,23 @@ class RedisServer:
             return
         self.proc.terminate()
         try:
-            self.proc.wait(timeout)
+            wait_exit(self.proc, timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
+    """Popen.wait(timeout), woken the moment the process exits (a pidfd) rather than by polling
+    with growing sleeps, which added up to 30 ms to every `tt stop`."""
+    import select
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # Python < 3.9 or Linux < 5.3
+        return proc.wait(timeout)
+    try:
+        if not select.select([fd], [], [], timeout)[0]:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+    finally:
+        os.close(fd)
+    return proc.wait(1.0)

@@ -96,7 +96,14 @@ class Runner:
                     break
                 self._handle(claimed)
         except _StopNow:
-            pass
+            # Stopped while waiting on the inbox, so nothing to finish or record here. The read
+            # the signal interrupted took this runner's Redis connection down, and 50 runners
+            # reconnecting at once to write what the supervisor writes anyway made `tt stop` slow;
+            # the supervisor marks the agent stopped and puts back a message claimed as the stop
+            # came (and if the supervisor is gone, the next runner re-delivers it).
+            if self.attach.viewers:  # only tell those watching why the terminal went away
+                self.attach.close()
+            return 0
         self.idle = False
         self._exit_cleanly()
         self.attach.close()
