@@ -300,7 +300,7 @@ def restart(agent, town_path):
               help="Read from the town's Redis, not .tt/logs (the default when the files are not here).")
 @town_option
 def logs(agents, lines, follow, task_id, since, no_color, raw, from_redis, town_path):
-    """Recent output of AGENTS (default: all, interleaved with `agent |` prefixes)."""
+    """Agents' recent output; -f follows it (all agents unless named, `agent |` prefixed)."""
     import signal
 
     from cli import logview
@@ -323,7 +323,7 @@ def logs(agents, lines, follow, task_id, since, no_color, raw, from_redis, town_
                    "also [attach] detach_keys in tinytown.toml.")
 @town_option
 def attach(agent, read_only, detach_keys, town_path):
-    """Connect this terminal to AGENT's live terminal; the detach key leaves it running."""
+    """Your terminal on AGENT's live CLI; the detach key (Ctrl-]) leaves it running."""
     from supervisor import attach as attaching
     from supervisor.config import parse_keys
     config = _config(town_path)

@@ -188,8 +188,10 @@ class AttachServer:
         with self.lock:
             self.stopping = reason
             self._broadcast_state()
-        self._wake()
-        self.thread.join(2.0)
+            watched = bool(self.viewers)
+        self._wake(always=True)
+        if watched:  # give viewers a moment to hear why; with none, the process just exits
+            self.thread.join(2.0)
         self.thread = None
         try:
             if os.stat(self.path).st_ino == self.identity:
@@ -197,7 +199,9 @@ class AttachServer:
         except OSError:
             pass
 
-    def _wake(self) -> None:
+    def _wake(self, always: bool = False) -> None:
+        if not (always or self.viewers):  # nobody watching: no syscall per chunk of output
+            return
         try:
             os.write(self.wake_w, b"x")
         except (BlockingIOError, OSError):

@@ -137,7 +137,12 @@ def test_two_viewers_see_the_same_output(town, attach):
         viewer.expect_exact("shared-line")
         viewer.expect_exact("seq 000500")
     detach(first)
-    detach(second)
+    second.expect_exact("dev is idle")
+    town.tt("stop")                                 # a viewer still attached is told, and ends
+    second.expect_exact("dev's runner stopped")
+    second.expect(pexpect.EOF)
+    second.close()
+    assert second.exitstatus == 0
 
 
 def test_killed_or_stalled_viewer_leaves_the_runner_healthy(town, attach):
