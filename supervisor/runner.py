@@ -27,7 +27,8 @@ from .pty_session import CliSession
 from .town import OUTPUT_TAIL_BYTES, Claimed, Town
 
 STREAM_FLUSH_SECONDS = 0.02
-STREAM_FLUSH_BYTES = 64 * 1024
+STREAM_FLUSH_BYTES = 256 * 1024
+PUMP_BATCH_BYTES = 256 * 1024
 KILL_WAIT_SECONDS = 2.0
 
 
@@ -241,21 +242,28 @@ class Runner:
             if self.wake_r in ready:
                 self._drain_wakeups()
             eof = False
-            while True:
+            # Drain what is there (a pty gives at most 4 KiB a read), up to a bound so deadlines
+            # and signals are looked at again, and pass it on in one piece: one log write, one
+            # hand-over to attach, per batch rather than per read.
+            chunks = []
+            size = 0
+            while size < PUMP_BATCH_BYTES:
                 data = session.read()
                 if data is None:
                     eof = True
                     break
                 if not data:
                     break
+                chunks.append(data)
+                size += len(data)
+            if chunks:
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 self.log.write(data)
                 self.attach.output(data)
                 self.tail += data
                 if len(self.tail) > 2 * OUTPUT_TAIL_BYTES:
                     del self.tail[:-OUTPUT_TAIL_BYTES]
                 pending += data
-                if len(data) < 4096:
-                    break
             now = time.monotonic()
             if pending and (len(pending) >= STREAM_FLUSH_BYTES or now - last_flush >= STREAM_FLUSH_SECONDS or eof):
                 self.town.r.xadd(stream_key, {"task": task_id, "data": bytes(pending)}, maxlen=maxlen, approximate=True)
@@ -264,7 +272,7 @@ class Runner:
             if now >= next_beat:
                 self.town.heartbeat(self.agent_id)
                 next_beat = now + self.config.supervisor.heartbeat_interval
-            if not exited:
+            if not exited and (eof or not chunks):  # no waitpid per read while output flows
                 exited = session.poll()
             if exited and (eof or not ready or session.fd not in ready):
                 # Exited and nothing more to read now: any leftover helper holding the pty is
