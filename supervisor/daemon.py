@@ -21,7 +21,8 @@ from .control import ControlChannel
 from .errors import TinytownError
 from .logs import tail_text
 from .models import AgentState, InvalidTransition, Message, TaskState
-from .procutil import describe_status, killpg, reap, set_parent_death_signal, set_process_name
+from .procutil import (describe_status, kill_leftover_runners, killpg, reap, set_parent_death_signal,
+                       set_process_name)
 from .redis_server import RedisServer
 from .runner import KILL_WAIT_SECONDS, run_forked
 from .town import Claimed, Town, host
@@ -75,6 +76,9 @@ class Supervisor:
             raise TinytownError(str(exc)) from None
         try:
             self._install_signals()
+            leftover = kill_leftover_runners(self.config.log_dir)  # a SIGKILLed supervisor's, winding down
+            if leftover:
+                self.say(f"killed {len(leftover)} runner(s) left by the previous supervisor")
             self.redis.start()
             self.town = Town(self.config)
             self.town.r.hset(self.town.keys.supervisor, mapping={

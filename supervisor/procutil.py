@@ -105,3 +105,58 @@ def reap(pid: int) -> int | None:
             return None
         raise
     return status if got == pid else None
+
+
+def kill_leftover_runners(log_dir, timeout: float = 5.0) -> list[int]:
+    """SIGKILL the runners of an earlier supervisor of this town that are still alive, and their CLIs.
+
+    A SIGKILLed supervisor's runners get their parent-death signal and take a moment (up to their
+    CLI's SIGTERM grace) to exit; meanwhile they could write into a new town's Redis on the same
+    socket, next to the new runners. They are found by their standard output, which is their
+    agent's log in `log_dir`, and frozen before anything is killed so none reacts to another's death.
+    Returns the pids of the runners killed.
+    """
+    prefix = os.path.join(os.fspath(log_dir), "")
+    me = os.getpid()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            if os.readlink(f"/proc/{entry}/fd/1").startswith(prefix):
+                found.append(int(entry))
+        except OSError:  # gone, or not ours to look at
+            continue
+    if not found:
+        return []
+    import psutil
+    procs = []
+    for pid in found:
+        try:
+            proc = psutil.Process(pid)
+            proc.suspend()
+            procs.append(proc)
+        except psutil.Error:
+            continue
+    for proc in procs:
+        try:
+            for child in proc.children(recursive=True):  # its CLI: kill the CLI's whole group
+                try:
+                    killpg(os.getpgid(child.pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.kill()
+        except psutil.Error:
+            continue
+
+    def all_gone() -> bool:
+        for proc in procs:
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    return False
+            except psutil.Error:
+                continue
+        return True
+
+    wait_until(all_gone, timeout)
+    return [p.pid for p in procs]

@@ -495,3 +495,26 @@ def test_racing_spawns_never_pass_max_agents(town):
     assert sorted(code for code, _ in results) == [0, 1, 1, 1]
     assert all("max_agents reached" in err for code, err in results if code)
     assert len(town.json("list")) == 2
+
+
+def test_a_start_right_after_a_supervisor_sigkill_is_not_raced_by_the_old_runners(make_town):
+    """The old runner is still putting its CLI down (it ignores SIGTERM) when the new town is up."""
+    town = make_town(policy=policy(stop_grace=0.2))
+    town.tt("spawn", "dev")
+    task_id = town.json("assign", "dev", "@ignore-term\n@runs\n@gate go\n@echo done")["id"]
+    old = working_on(town, "dev", task_id)
+
+    os.kill(town.supervisor_pid(), signal.SIGKILL)
+    proc = start_foreground(town)  # at once: the old runner is still alive
+    try:
+        wait_for(lambda: dead(old["pid"]) and dead(old["cli_pid"]), 20, "the old runner and CLI to be gone")
+        new = working_on(town, "dev", task_id)
+        assert new["pid"] != old["pid"]
+        open_gate(town)
+        task = town.wait_task(task_id)
+        assert task["state"] == "completed" and "runs 2" in task["output"]
+        assert len([e for e in events(town, "task_completed") if e["task"] == task_id]) == 1
+        assert town.agent("dev")["restarts"] == 0
+    finally:
+        town.tt("stop")
+        proc.communicate(timeout=30)
