@@ -50,6 +50,7 @@ class AgentLog:
 
     def rotate(self) -> None:
         """agent.log -> agent.log.1 -> ... ; a follower notices the new inode and reopens."""
+        old = os.fstat(self.fd)
         os.close(self.fd)
         if self.backups > 0:
             for n in range(self.backups - 1, 0, -1):
@@ -62,6 +63,18 @@ class AgentLog:
             # reads it to the end before moving on, so nothing it had not read yet is lost.
             os.unlink(self.path)
         self._open()
+        self._move_std(old)
+
+    def _move_std(self, old: os.stat_result) -> None:
+        """The runner's stdout and stderr are this log too (the supervisor set them up so): keep
+        them on the current file, where a crash's traceback is looked for."""
+        for std in (1, 2):
+            try:
+                st = os.fstat(std)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (old.st_dev, old.st_ino):
+                os.dup2(self.fd, std)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -232,3 +232,19 @@ def test_log_file_reader_across_rotations(tmp_path):
             assert LogFile(config.log_file("a")).start(15) == cut_lines(bytes(written), 15)
         log.close()
         reader.close()
+
+
+def test_rotation_moves_the_runners_stderr_along(tmp_path):
+    """A runner's stderr is its log file; after a rotation a traceback must land in the current one."""
+    log = tmp_path / ".tt" / "logs" / "a.log"
+    log.parent.mkdir(parents=True)
+    script = ("import os, sys\nfrom pathlib import Path\n"
+              "from supervisor.config import Config, LogPolicy\nfrom supervisor.logs import AgentLog\n"
+              f"log = AgentLog(Config(root=Path({str(tmp_path)!r}), name='t', logs=LogPolicy(max_bytes=1024)), 'a')\n"
+              "for i in range(100):\n    log.write(b'x' * 100 + b'\\n')\n"
+              "print('after-rotation', file=sys.stderr, flush=True)\n")
+    with open(log, "ab") as fh:
+        subprocess.run([sys.executable, "-c", script], stdout=fh, stderr=fh, check=True,
+                       env={**os.environ, "PYTHONPATH": str(os.path.dirname(os.path.dirname(__file__)))})
+    assert "after-rotation" in log.read_text()
+    assert (tmp_path / ".tt" / "logs" / "a.log.1").exists()
