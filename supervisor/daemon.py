@@ -268,6 +268,9 @@ class Supervisor:
         cli_pid = self.town.r.hget(agent_key, "cli_pid")
         if cli_pid:  # the runner died mid-task: take its CLI's whole group down too
             killpg(int(cli_pid), signal.SIGKILL)
+        # What it had claimed waits at the front of the inbox (a failed agent's work shows as
+        # pending, not as running) for the next runner, which counts the attempt.
+        self.town.put_back_inflight(proc.agent_id)
         if proc.stop_requested:
             if self.town.r.exists(agent_key):
                 self.town.set_agent_state(proc.agent_id, AgentState.STOPPED, pid="", cli_pid="")
@@ -317,8 +320,14 @@ class Supervisor:
         # While a runner lives, the agent's state is its own to write (it says `stopping` when it
         # gets the signal): a write from here could race with it recording a finished task.
         sig = signal.SIGUSR1 if mode == "now" else signal.SIGTERM
-        for proc in self.procs.values():
-            self._signal_runner(proc, sig)
+        # Every runner gets its signal before the first exit interrupts the loop (SIGCHLD is
+        # held back meanwhile; the wakeup pipe still hears of it once unblocked).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        try:
+            for proc in self.procs.values():
+                self._signal_runner(proc, sig)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         grace = 0.0 if mode == "now" else self.policy.stop_grace
         deadline = time.monotonic() + grace + KILL_WAIT_SECONDS + 3.0
         nudged = True  # look for a `tt stop --now` once before the first wait

@@ -121,22 +121,11 @@ class Runner:
         return server
 
     def _recover_inflight(self) -> None:
-        """Re-deliver what a previous runner of this agent had in flight when it died."""
-        limit = self.config.supervisor.max_attempts
+        """Re-deliver what a previous runner of this agent had in flight when it died and no
+        supervisor was there to put it back in the inbox (the supervisor itself was killed)."""
         for claimed in self.town.inflight(self.agent_id):
             if self.stop_mode is not None:
                 return
-            try:
-                task = self.town.task(claimed.message.task_id)
-            except TinytownError:
-                self.town.drop_message(self.agent_id, claimed)
-                continue
-            if task.state == TaskState.RUNNING.value and task.attempts >= limit:
-                reason = f"agent crashed {task.attempts} times"
-                self.log.note(f"task {task.id} failed: {reason}")
-                self.town.finish_task(self.agent_id, claimed, TaskState.FAILED, reason=reason,
-                                      output=task.output.encode("utf-8", "surrogateescape"))
-                continue
             self._handle(claimed)
 
     def _handle(self, claimed: Claimed) -> None:
@@ -147,6 +136,14 @@ class Runner:
         task, agent_state = self.town.claimed_task(self.agent_id, message.task_id)
         if task is None or TaskState(task.state).terminal:  # gone, cancelled while waiting, or finished
             self.town.drop_message(self.agent_id, claimed)
+            return
+        # A stop gives its attempt back, so on an unfinished task `attempts` counts the runs whose
+        # runner died under them: enough of those and the task is the likely cause.
+        if task.attempts >= self.config.supervisor.max_attempts:
+            reason = f"agent crashed {task.attempts} times"
+            self.log.note(f"task {task.id} failed: {reason}")
+            self.town.finish_task(self.agent_id, claimed, TaskState.FAILED, reason=reason,
+                                  output=task.output.encode("utf-8", "surrogateescape"))
             return
         self._run_task(claimed, task.id, task.description, task, agent_state)
 

@@ -284,6 +284,18 @@ class Town:
         self._event(pipe, "task_requeued", task=task_id)
         pipe.execute()
 
+    def put_back_inflight(self, agent_id: str) -> list[str]:
+        """After a runner died: its unfinished tasks go back to the front of its inbox, `assigned`,
+        their attempts kept (Runner._handle fails a task whose runners died max_attempts times).
+        The ids of the tasks put back."""
+        back = []
+        for claimed in reversed(self.inflight(agent_id)):  # LPUSH one by one: the order is kept
+            state = self.r.hget(self.keys.task(claimed.message.task_id), "state")
+            if state in (TaskState.ASSIGNED.value, TaskState.RUNNING.value):
+                self.requeue(agent_id, claimed)
+                back.append(claimed.message.task_id)
+        return back
+
     # --- the supervisor's record -----------------------------------------------------------
     def supervisor_info(self) -> dict:
         return self.r.hgetall(self.keys.supervisor)

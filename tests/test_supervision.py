@@ -156,6 +156,10 @@ def test_a_runner_that_keeps_crashing_ends_failed_with_growing_backoff(make_town
     status = town.json("status")
     crashy = next(a for a in status["agents"] if a["name"] == "crashy")
     assert crashy["health"] == "failed"
+    # its task is not lost, nor shown as running: it waits in the inbox for `tt restart`
+    assert crashy["pending"] == 1 and crashy["current_task"] == ""
+    waiting = town.task(crash_id)
+    assert waiting["state"] == "assigned" and waiting["attempts"] == 4
     text = flat(town.tt("status").out)
     assert "failed 1" in text and "SIGKILL" in text and "`tt restart crashy` to try again" in text
 
