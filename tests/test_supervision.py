@@ -512,8 +512,9 @@ def test_a_start_right_after_a_supervisor_sigkill_is_not_raced_by_the_old_runner
     proc = start_foreground(town)  # at once: the old runner is still alive
     try:
         wait_for(lambda: dead(old["pid"]) and dead(old["cli_pid"]), 20, "the old runner and CLI to be gone")
-        new = working_on(town, "dev", task_id)
-        assert new["pid"] != old["pid"]
+        # the new runner has it (until the new supervisor starts one, the record still shows the old)
+        wait_for(lambda: (lambda a: a["pid"] not in (None, old["pid"]) and a["current_task"] == task_id
+                          and a["cli_pid"])(town.agent("dev")), 30, "a new runner to run the task")
         open_gate(town)
         task = town.wait_task(task_id)
         assert task["state"] == "completed" and "runs 2" in task["output"]
