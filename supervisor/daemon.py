@@ -397,7 +397,9 @@ class Supervisor:
     def _put_back_unstarted(self, agent_id: str, raw: str) -> None:
         try:
             claimed = Claimed(raw, Message.decode(raw))
-            if self.town.task(claimed.message.task_id).state == TaskState.ASSIGNED.value:
+            # assigned: claimed as the stop came; running: its runner died under it (or was killed
+            # past every deadline), which counts as an attempt
+            if self.town.task(claimed.message.task_id).state in (TaskState.ASSIGNED.value, TaskState.RUNNING.value):
                 self.town.requeue(agent_id, claimed)
         except (TinytownError, ValueError, TypeError):
             pass  # not a task we can put back: the next runner's recovery decides

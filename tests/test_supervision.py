@@ -523,3 +523,17 @@ def test_a_start_right_after_a_supervisor_sigkill_is_not_raced_by_the_old_runner
     finally:
         town.tt("stop")
         proc.communicate(timeout=30)
+
+
+def test_a_runner_that_will_not_stop_is_killed_and_its_task_put_back(town):
+    town.tt("spawn", "dev")
+    task_id = town.json("assign", "dev", "@gate go\n@echo done")["id"]
+    agent = working_on(town, "dev", task_id)
+    os.kill(agent["pid"], signal.SIGSTOP)  # hung: it will not hear the stop
+    report = town.json("stop", "--now")
+    assert report["killed"] == ["dev"] and report["requeued"] == [task_id]
+    assert town_processes(town.root) == [] and dead(agent["cli_pid"])
+    open_gate(town)
+    town.tt("restart", "dev")
+    task = town.wait_task(task_id)
+    assert task["state"] == "completed" and task["attempts"] == 2  # the killed run counts
