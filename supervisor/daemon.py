@@ -181,7 +181,10 @@ class Supervisor:
         held_back = f"not started: the town already runs max_agents ({cap}) agents"
         for agent in agents[cap:]:  # more than max_agents registered (a hand edit, or a race)
             if agent.id not in self.procs and agent.reason != held_back:
-                self.town.set_agent_state(agent.id, AgentState.STOPPED, pid="", cli_pid="", reason=held_back)
+                try:
+                    self.town.set_agent_state(agent.id, AgentState.STOPPED, pid="", cli_pid="", reason=held_back)
+                except (InvalidTransition, ValueError):  # a record edited by hand: it is not run anyway
+                    pass
                 self.say(f"agent {agent.name} not started: max_agents is {cap}")
         now = time.monotonic()
         for agent in allowed:
