@@ -63,8 +63,8 @@ def test_no_redis_is_a_connection_error(tmp_path):
 
 
 def test_the_reading_commands_never_import_redis_py(running):
-    code = ("import sys, runpy; sys.argv = ['tt'] + sys.argv[1:]\n"
-            "try:\n    runpy.run_module('cli.main', run_name='__main__')\n"
+    code = ("import sys\nfrom cli.main import cli\n"
+            "try:\n    cli(sys.argv[1:], prog_name='tt')\n"
             "except SystemExit:\n    pass\n"
             "print('REDIS-PY' if 'redis' in sys.modules else 'NO-REDIS-PY')")
     for args in (["list"], ["list", "--json"], ["status"], ["tasks"]):
