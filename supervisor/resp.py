@@ -212,3 +212,50 @@ class Pipeline(_Commands):
 
     def __exit__(self, *exc):
         self.queued = []
+
+
+class Sender:
+    """Writes sent without waiting for each reply: the replies are read later, in order, a batch at
+    a time. For the runner's copy of a CLI's output into its Redis stream: waiting for each XADD's
+    reply stopped the runner reading the pty, and a pty holds only a few KiB, so the CLI stalled.
+    A failed write is reported (`errors`), not raised: the log file is the record, the stream a copy.
+    """
+
+    def __init__(self, client: RespClient, window: int = 32):
+        self.client = client
+        self.window = window
+        self.outstanding = 0
+        self.errors: list[str] = []
+
+    def send(self, *args) -> None:
+        if self.outstanding >= self.window:
+            self._read(self.outstanding - self.window // 2)
+        if self.client.sock is None:
+            self.client._connect()
+        try:
+            self.client.sock.sendall(encode_command(args))
+        except OSError as exc:
+            self.client.close()
+            self.outstanding = 0
+            raise RespConnectionError(f"Redis connection lost: {exc}") from None
+        self.outstanding += 1
+
+    def flush(self) -> None:
+        """Read every outstanding reply (call before anything must be known written)."""
+        self._read(self.outstanding)
+
+    def _read(self, count: int) -> None:
+        try:
+            for _ in range(count):
+                reply = self.client._read()
+                self.outstanding -= 1
+                if isinstance(reply, RespError):
+                    self.errors.append(str(reply))
+        except OSError as exc:
+            self.client.close()
+            self.outstanding = 0
+            raise RespConnectionError(f"Redis connection lost: {exc}") from None
+
+    def close(self) -> None:
+        self.client.close()
+        self.outstanding = 0

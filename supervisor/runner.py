@@ -24,6 +24,8 @@ from .attach import REPLAY_BYTES, AttachServer
 from .logs import AgentLog, tail_bytes
 from .models import AgentState, TaskState
 from .pty_session import CliSession
+from .resp import RespConnectionError, Sender
+from .resp import connect as resp_connect
 from .town import OUTPUT_TAIL_BYTES, Claimed, Town
 
 STREAM_FLUSH_SECONDS = 0.02
@@ -43,6 +45,7 @@ class Runner:
         self.stop_mode: str | None = None       # None, "graceful" or "now"
         self.idle = True                          # a stop signal may interrupt the inbox wait
         self.wake_r = self.wake_w = -1
+        self.stream = None                        # resp.Sender for the output stream, on first output
 
     # --- signals -----------------------------------------------------------------------------
     def _install_signals(self) -> None:
@@ -263,7 +266,7 @@ class Runner:
                 pending += data
             now = time.monotonic()
             if pending and (len(pending) >= STREAM_FLUSH_BYTES or now - last_flush >= STREAM_FLUSH_SECONDS or eof):
-                self.town.r.xadd(stream_key, {"task": task_id, "data": bytes(pending)}, maxlen=maxlen, approximate=True)
+                self._stream_add(stream_key, task_id, pending, maxlen)
                 pending.clear()
                 last_flush = now
             if now >= next_beat:
@@ -275,12 +278,38 @@ class Runner:
                 # Exited and nothing more to read now: any leftover helper holding the pty is
                 # killed with the group in close().
                 if pending:
-                    self.town.r.xadd(stream_key, {"task": task_id, "data": bytes(pending)}, maxlen=maxlen, approximate=True)
+                    self._stream_add(stream_key, task_id, pending, maxlen)
+                self._stream_flush()
                 if kill_deadline is not None:
                     return "timeout" if timed_out else "requeue"
                 return "done"
             if eof:
                 fds = [self.wake_r]  # output closed; wait for the exit status
+
+    def _stream_add(self, key: str, task_id: str, data: bytearray, maxlen: int) -> None:
+        """Output into the agent's Redis stream without waiting for Redis (resp.Sender): the pump
+        goes back to reading the pty at once."""
+        if self.stream is None:
+            self.stream = Sender(resp_connect(self.config))
+        try:
+            self.stream.send("XADD", key, "MAXLEN", "~", maxlen, "*", "task", task_id, "data", bytes(data))
+        except RespConnectionError as exc:
+            print(f"tt runner: output stream: {exc}", file=sys.stderr)
+            self.stream = None
+
+    def _stream_flush(self) -> None:
+        """Wait for Redis to have the output (before the task's outcome is written)."""
+        if self.stream is None:
+            return
+        try:
+            self.stream.flush()
+        except RespConnectionError as exc:
+            print(f"tt runner: output stream: {exc}", file=sys.stderr)
+            self.stream = None
+            return
+        if self.stream.errors:
+            print(f"tt runner: output stream: {self.stream.errors[-1]}", file=sys.stderr)
+            self.stream.errors.clear()
 
     def _exit_cleanly(self) -> None:
         """Put back anything claimed but not started, and say we stopped."""

@@ -71,3 +71,19 @@ def test_the_reading_commands_never_import_redis_py(running):
         out = subprocess.run([sys.executable, "-c", code, *args], cwd=running.root, env=running.env,
                              capture_output=True, text=True, timeout=60)
         assert out.stdout.strip().endswith("NO-REDIS-PY"), (args, out.stdout, out.stderr)
+
+
+def test_sender_writes_in_order_without_waiting_and_collects_errors(running):
+    config = running.config()
+    sender = resp.Sender(resp.connect(config), window=4)
+    for i in range(10):
+        sender.send("RPUSH", "tt:test:sent", f"item {i}".encode())
+    sender.send("LLEN", "tt:test:hash-not-list")  # fine: 0
+    sender.send("HSET", "tt:test:sent", "a", "b")  # WRONGTYPE: reported, not raised
+    sender.send("RPUSH", "tt:test:sent", "last")
+    assert sender.outstanding <= 4 + 1
+    sender.flush()
+    assert sender.outstanding == 0 and len(sender.errors) == 1 and "WRONGTYPE" in sender.errors[0]
+    c = resp.connect(config)
+    assert c.lrange("tt:test:sent", 0, -1) == [f"item {i}" for i in range(10)] + ["last"]
+    sender.close()
