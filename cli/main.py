@@ -81,8 +81,10 @@ def _running_town(config):
 
 def _reading_town(config):
     """A Town on the small RESP client (supervisor/resp.py): reading needs no redis-py import."""
+    from supervisor.lifecycle import wait_serving
     from supervisor.resp import connect
     from supervisor.town import Town
+    wait_serving(config)
     return Town(config, client=connect(config))
 
 

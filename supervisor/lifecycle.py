@@ -113,6 +113,13 @@ def _read_line(fd: int, timeout: float) -> str:
     return data.decode(errors="replace").strip()
 
 
+def wait_serving(config: Config) -> None:
+    """For a command that reads: a supervisor holding the lock whose redis-server has no socket yet is
+    still starting (it may first be killing a dead supervisor's leftover runners): wait for it."""
+    if config.use_socket and not config.redis_socket.exists():
+        _wait_ready(config)
+
+
 def _wait_ready(config: Config, timeout: float = START_TIMEOUT) -> bool:
     """Wait until a running supervisor reports `running` in Redis: False if it exits instead."""
     from .town import Town

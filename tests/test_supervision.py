@@ -75,11 +75,8 @@ def start_foreground(town) -> subprocess.Popen:
     wait_for(lambda: town.supervisor_pid() == proc.pid or proc.poll() is not None, 30, "tt start to take the lock")
     assert proc.poll() is None, proc.communicate()
 
-    def serving() -> bool:  # it holds the lock a moment before its redis-server is up
-        status = town.tt("status", "--json", check=False)
-        return status.returncode == 0 and json.loads(status.out)["supervisor"]["state"] == "running"
-
-    wait_for(serving, 30, "tt start to serve")
+    # It holds the lock a moment before its redis-server is up: a command that reads waits for it.
+    assert town.json("status")["supervisor"]["state"] == "running"
     return proc
 
 
