@@ -284,10 +284,15 @@ def stop(now, as_json, town_path):
 @click.argument("agent")
 @town_option
 def restart(agent, town_path):
-    """Clear a failed agent and start its runner again."""
+    """Clear a failed agent (or one waiting to restart) and start its runner again."""
     config = _config(town_path)
-    found = _started_town(config).restart_agent(agent)
-    click.echo(f"Restarting agent {found.name} (state {found.state})")
+    town = _started_town(config)
+    before = town.agent(agent).state
+    found = town.restart_agent(agent)
+    if before in ("failed", "backoff", "stopped"):
+        click.echo(f"Restarting agent {found.name} (it was {before})")
+    else:
+        click.echo(f"Agent {found.name} is {before}: nothing to restart")
 
 
 @cli.command()

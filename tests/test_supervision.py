@@ -167,10 +167,11 @@ def test_a_runner_that_keeps_crashing_ends_failed_with_growing_backoff(make_town
     assert "failed 1" in text and "SIGKILL" in text and "`tt restart crashy` to try again" in text
 
     # `tt restart` clears it; the task that kept killing it has used up its attempts
-    town.tt("restart", "crashy")
+    assert town.tt("restart", "crashy").out == "Restarting agent crashy (it was failed)\n"
     task = town.wait_task(crash_id)
     assert task["state"] == "failed" and task["reason"] == "agent crashed 4 times"
     town.wait_agent("crashy", ("idle",))
+    assert town.tt("restart", "crashy").out == "Agent crashy is idle: nothing to restart\n"
     assert town.wait_task(town.json("assign", "crashy", "@echo recovered")["id"])["state"] == "completed"
 
 
