@@ -375,6 +375,9 @@ socket_path = "redis.sock"
 # max_fast_failures = 5
 # max_attempts = 3
 # stop_grace = 10.0
+# task_timeout = 0            # seconds; 0 = none (per agent: tt spawn NAME --task-timeout S)
+# heartbeat_interval = 2.0
+# heartbeat_stale = 10.0      # then `tt status` shows the agent unresponsive
 
 # Optional. Log rotation, and the key sequence that leaves `tt attach` (defaults shown).
 # [logs]
