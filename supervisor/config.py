@@ -4,11 +4,9 @@ Errors name the file and, where it can be found, the line, because a user fixes 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shlex
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,6 +173,7 @@ def short_socket_path(path: Path, root: Path) -> Path:
     path = path if path.is_absolute() else root / RUNTIME_DIR / path
     if len(os.fsencode(path)) <= MAX_UNIX_SOCKET_PATH:
         return path
+    import hashlib  # here, not at the top: every `tt` loads this module, few need a digest
     digest = hashlib.sha1(os.fsencode(path.resolve())).hexdigest()[:16]
     return Path(f"/tmp/tt-{os.getuid()}") / f"{digest}-{path.name}"[:60]
 
@@ -345,6 +344,7 @@ def _line_of(text: str, key: str) -> int | None:
 def default_town_name(folder: Path) -> str:
     """The folder's name, plus the git branch when there is one (`repo-feature-x`)."""
     base = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder.name).strip("-.") or "town"
+    import subprocess  # only `tt init` asks git; the other commands skip the import
     try:
         branch = subprocess.run(
             ["git", "-C", str(folder), "rev-parse", "--abbrev-ref", "HEAD"],

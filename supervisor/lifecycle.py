@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import subprocess
 import sys
 import time
 
@@ -34,6 +33,7 @@ def ensure_running(config: Config, say=None) -> bool:
 
 
 def _start_background(config: Config, say) -> bool:
+    import subprocess  # only when starting one: `tt list` and `tt stop` skip the import
     ensure_runtime_dir(config.runtime_dir)
     log_path = config.runtime_dir / "supervisor.log"
     read_fd, write_fd = os.pipe()

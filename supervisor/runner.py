@@ -29,7 +29,7 @@ from .resp import connect as resp_connect
 from .town import OUTPUT_TAIL_BYTES, Claimed, Town
 
 STREAM_FLUSH_SECONDS = 0.02
-STREAM_FLUSH_BYTES = 256 * 1024
+STREAM_FLUSH_BYTES = 64 * 1024
 PUMP_BATCH_BYTES = 256 * 1024
 KILL_WAIT_SECONDS = 2.0
 
@@ -62,6 +62,9 @@ class Runner:
     def _on_stop(self, signum, _frame) -> None:
         self.stop_mode = "now" if signum == signal.SIGUSR1 else (self.stop_mode or "graceful")
         if self.idle:
+            attach = getattr(self, "attach", None)
+            if attach is None or not attach.viewers:  # nothing to finish, nobody to tell: just go
+                _exit_now(0)  # (what run() does on _StopNow, without unwinding through redis-py)
             raise _StopNow()
 
     def _drain_wakeups(self) -> None:
@@ -324,6 +327,14 @@ class Runner:
             self.town.set_agent_state(self.agent_id, AgentState.STOPPING, current_task="", cli_pid="")
         except Exception as exc:  # Redis may already be going down with the supervisor
             print(f"tt runner: could not record stop: {exc}", file=sys.stderr)
+
+
+def _exit_now(code: int) -> None:
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
 
 
 def run_forked(config: Config, agent_id: str, log_path: Path) -> None:
