@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import select
 import signal
 import statistics
@@ -280,23 +281,32 @@ def tt_list(size: dict, ctx: Context) -> list[Row]:
 
 # --- CLI output through the pty -----------------------------------------------------------------------
 
-def _pexpect_read(nbytes: int) -> float:
-    """The floor: a plain pexpect read loop over the same command (delays zeroed)."""
+def _pexpect_read(nbytes: int, log: Path | None = None) -> float:
+    """The floor: a plain pexpect read loop over the same command (delays zeroed); with `log`,
+    it also appends every chunk to that file, as the runner does to the agent's log."""
     child = pexpect.spawn("head", ["-c", str(nbytes), "/dev/zero"], echo=False)
     child.delayafterclose = child.delayafterterminate = 0
     child.ptyproc.delayafterclose = child.ptyproc.delayafterterminate = 0
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600) if log else -1
     t0 = time.monotonic()
     got = 0
-    while True:
-        try:
-            data = os.read(child.child_fd, 65536)
-        except OSError:
-            break
-        if not data:
-            break
-        got += len(data)
-    wall = time.monotonic() - t0
-    child.close(force=True)
+    try:
+        while True:
+            try:
+                data = os.read(child.child_fd, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            got += len(data)
+            if fd >= 0:
+                os.write(fd, data)
+        wall = time.monotonic() - t0
+    finally:
+        if fd >= 0:
+            os.close(fd)
+            os.unlink(log)
+        child.close(force=True)
     return got / wall / MB
 
 
@@ -325,6 +335,7 @@ def pty_output(size: dict, ctx: Context) -> list[Row]:
     row = Row("pty", "CLI output through the pty into the log, with a slow follower", "MB/s",
               peer_name="plain pexpect read loop", higher_is_better=True,
               target=">= 100 MB/s, CLI never blocked by a slow follower")
+    with_log: list[float] = []
     with BenchTown(["head", "-c", str(nbytes), "/dev/zero"]) as bt:
         bt.start_background()
         bt.spawn(1)
@@ -342,9 +353,12 @@ def pty_output(size: dict, ctx: Context) -> list[Row]:
                 row.tt.append(nbytes / (t.finished_at - t.started_at) / MB)
                 bt.wait_blocked(1)
                 row.peer.append(_pexpect_read(nbytes))  # taking turns with Tinytown
+                with_log.append(_pexpect_read(nbytes, bt.config.log_dir / "pexpect-floor.log"))
         finally:
             follower.stop_flag.set()
-    row.note = f"{nbytes / MB:g} MB per task; the follower reads the log 4 KiB per 10 ms"
+    row.note = (f"{nbytes / MB:g} MB per task; the follower reads the log 4 KiB per 10 ms. The same pexpect loop "
+                f"writing each chunk to a file, as the runner does, reaches {statistics.median(with_log):.0f} MB/s "
+                f"(min {min(with_log):.0f}, max {max(with_log):.0f}) in this run: the floor of this row here")
     return [row.judge(absolute=lambda v: v >= 100)]
 
 
@@ -402,7 +416,7 @@ def logs_follow(size: dict, ctx: Context) -> list[Row]:
                 if not shown(token, 10):
                     raise TimeoutError("a line written by the CLI did not show in tt logs -f")
                 row.tt.append((time.monotonic() - t0) * 1000)
-                time.sleep(0.013)  # not in step with the follower's polling
+                time.sleep(random.uniform(0.005, 0.045))  # never in step with the follower's polling
             os.close(writer)
             writer = -1  # the CLI reads end of file and finishes
             _wait_events(bt.town, "0", {task.id}, 30)
