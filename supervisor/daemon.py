@@ -334,20 +334,27 @@ class Supervisor:
         grace = 0.0 if mode == "now" else self.policy.stop_grace
         deadline = time.monotonic() + grace + KILL_WAIT_SECONDS + 3.0
         nudged = True  # look for a `tt stop --now` once before the first wait
+        unmarked: list[str] = []  # reaped, not yet recorded: one write for many, not one per wakeup
+        mark_at = time.monotonic() + 0.1
         while self.procs and time.monotonic() < deadline:
-            for key, _ in self.selector.select(max(0.0, deadline - time.monotonic())):
+            wait = deadline - time.monotonic()
+            if unmarked:
+                wait = min(wait, mark_at - time.monotonic())
+            for key, _ in self.selector.select(max(0.0, wait)):
                 if key.fileobj is self.control:
                     self.control.drain()
                     nudged = True
                 else:
                     self._drain_wake()
-            done = []
             for agent_id, proc in list(self.procs.items()):
                 if reap(proc.pid) is not None:
                     del self.procs[agent_id]
                     report.stopped.append(proc.name)
-                    done.append(agent_id)
-            self._mark_stopped(*done)
+                    unmarked.append(agent_id)
+            if unmarked and (not self.procs or time.monotonic() >= mark_at):
+                self._mark_stopped(*unmarked)
+                unmarked = []
+                mark_at = time.monotonic() + 0.1
             # `tt stop --now` writes the request and then publishes on the control channel
             asked_now = nudged and self._requested_stop() == "now"
             nudged = False
@@ -358,6 +365,7 @@ class Supervisor:
                 for proc in self.procs.values():
                     self._signal_runner(proc, signal.SIGUSR1)
                 deadline = min(deadline, time.monotonic() + KILL_WAIT_SECONDS + 3.0)
+        self._mark_stopped(*unmarked)
         for proc in self.procs.values():  # past every deadline: no mercy
             killpg(proc.pid, signal.SIGKILL)
             cli_pid = self.town.r.hget(self.town.keys.agent(proc.agent_id), "cli_pid")
