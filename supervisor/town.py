@@ -300,7 +300,7 @@ class Town:
     def supervisor_info(self) -> dict:
         return self.r.hgetall(self.keys.supervisor)
 
-    def request_stop(self, now_: bool = False) -> None:
+    def request_stop(self, now_: bool = False) -> None:  # lifecycle.stop writes the same, without Town
         pipe = self.r.pipeline()
         pipe.hset(self.keys.supervisor, "stop", "now" if now_ else "graceful")
         pipe.publish(self.keys.control, "stop")
