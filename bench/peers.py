@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from .common import BENCH_DIR, REPO, clean_env, wait_until
+from .common import BENCH_DIR, REPO, clean_env, run_timed, wait_exit, wait_until
 
 VENV = Path(os.environ.get("TT_BENCH_VENV", REPO / ".bench-venv"))
 REQUIREMENTS = ["supervisor>=4.2,<5", "rq>=2,<4", "matplotlib>=3.5"]
@@ -138,10 +138,9 @@ stderr_logfile=NONE
 
     def shutdown(self) -> None:
         """`supervisorctl shutdown` and wait for supervisord to exit (it stops its programs first)."""
-        subprocess.run([str(VENV / "bin" / "supervisorctl"), "-c", str(self.conf), "shutdown"],
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       env=clean_env(), cwd=str(self.dir), timeout=60)
-        self.proc.wait(60)
+        run_timed([str(VENV / "bin" / "supervisorctl"), "-c", str(self.conf), "shutdown"], 60, check=False,
+                  env=clean_env(), cwd=str(self.dir))
+        wait_exit(self.proc, 60)
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

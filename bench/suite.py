@@ -16,7 +16,7 @@ from pathlib import Path
 import pexpect
 
 from . import peers
-from .common import Row, clean_env, wait_until
+from .common import Row, clean_env, run_timed, wait_until
 from .town import BenchTown, Monitor, kill, tt_command, wait_socket
 
 MB = 1e6
@@ -271,10 +271,10 @@ def tt_list(size: dict, ctx: Context) -> list[Row]:
         cmd = tt_command("list", "--town", str(bt.root))
         for _ in range(size["list_reps"]):
             t0 = time.monotonic()
-            subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True, env=env, cwd=str(bt.root))
+            run_timed(cmd, 60, env=env, cwd=str(bt.root))
             row.tt.append((time.monotonic() - t0) * 1000)
             t0 = time.monotonic()
-            subprocess.run([sys.executable, "-c", "import redis"], check=True, env=env, cwd=str(bt.root))
+            run_timed([sys.executable, "-c", "import redis"], 60, env=env, cwd=str(bt.root))
             row.peer.append((time.monotonic() - t0) * 1000)
     return [row.judge(max_ratio=1.5)]
 

@@ -22,7 +22,7 @@ from supervisor import lifecycle
 from supervisor.config import Config, init_town, load
 from supervisor.town import Town
 
-from .common import clean_env, wait_until
+from .common import clean_env, run_timed, wait_exit, wait_until
 
 TT = str(Path(sys.executable).with_name("tt"))
 
@@ -72,11 +72,9 @@ class BenchTown:
 
     def stop_cli(self) -> None:
         """`tt stop` as a user runs it: returns once the supervisor has exited."""
-        subprocess.run(tt_command("stop", "--town", str(self.root)), stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env(), check=True,
-                       timeout=120)
+        run_timed(tt_command("stop", "--town", str(self.root)), 120, env=clean_env())
         if self.fg is not None:
-            self.fg.wait(30)
+            wait_exit(self.fg, 30)
             self.fg = None
         self.town = None
 
