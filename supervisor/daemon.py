@@ -7,6 +7,7 @@ No threads: runners are forked, and fork and threads do not mix.
 """
 from __future__ import annotations
 
+import ctypes  # noqa: F401 - loaded before any fork: procutil's prctl calls run in the children
 import json
 import os
 import selectors
@@ -374,12 +375,13 @@ class Supervisor:
             report.killed.append(proc.name)
             self._mark_stopped(proc.agent_id)
         self.procs.clear()
-        self._mark_stopped(*[agent.id for agent in self.town.agents()  # those in backoff, or never started
+        agents = self.town.agents()
+        self._mark_stopped(*[agent.id for agent in agents  # those in backoff, or never started
                              if agent.state not in (AgentState.FAILED.value, AgentState.STOPPED.value)])
         for _id, fields in self.town.r.xrange(self.town.keys.events, min=since):
             if fields.get("type") == "task_requeued":
                 report.requeued.append(fields.get("task", ""))
-        report.pending = sum(self.town.pending_counts(self.town.agents()).values())
+        report.pending = sum(self.town.pending_counts(agents).values())  # by id: the states are not read
         self.town.r.hset(self.town.keys.supervisor, mapping={"state": "stopped", "stop": "", "pid": ""})
         self.say(f"stopped {len(report.stopped) + len(report.killed)} runner(s); "
                  f"{len(report.requeued)} task(s) re-queued; {report.pending} waiting")

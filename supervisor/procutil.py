@@ -1,7 +1,6 @@
 """Small process helpers: parent-death signals, process-group kills, waiting with a deadline."""
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import signal
@@ -20,6 +19,7 @@ def set_parent_death_signal(sig: int = signal.SIGKILL, expected_parent: int | No
     global _libc
     try:
         if _libc is None:
+            import ctypes  # here: a `tt` command has no use for it (the supervisor loads it early)
             _libc = ctypes.CDLL(None, use_errno=True)
         _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     except (OSError, AttributeError):  # pragma: no cover - not Linux
@@ -34,6 +34,7 @@ def set_process_name(name: str) -> None:
     global _libc
     try:
         if _libc is None:
+            import ctypes  # here: a `tt` command has no use for it (the supervisor loads it early)
             _libc = ctypes.CDLL(None, use_errno=True)
         _libc.prctl(_PR_SET_NAME, os.fsencode(name)[:15], 0, 0, 0)
     except (OSError, AttributeError):  # pragma: no cover - not Linux
