@@ -39,6 +39,7 @@ def _peer_note(ctx: Context) -> str:
 # --- restart after SIGKILL ------------------------------------------------------------------------
 
 def restart(size: dict, ctx: Context) -> list[Row]:
+    """Runner restart after SIGKILL until it blocks in BLMOVE again, vs supervisord (startsecs=0)."""
     row = Row("restart", "runner restart after SIGKILL, until it waits on its inbox again", "ms",
               peer_name="supervisord", target="p50 <= 50 ms and <= 1/20 of supervisord", latency=True)
     with BenchTown(["/bin/true"]) as bt:
@@ -76,6 +77,7 @@ def restart(size: dict, ctx: Context) -> list[Row]:
 # --- start and graceful stop of N idle agents ---------------------------------------------------
 
 def start_stop(size: dict, ctx: Context) -> list[Row]:
+    """`tt start` to N agents idle and `tt stop` of them, vs supervisord with N `sleep` programs."""
     n = size["agents"]
     start = Row("start", f"`tt start` to {n} agents idle", "s", peer_name="supervisord",
                 target=f"<= supervisord starting {n} `sleep` programs", latency=True)
@@ -116,6 +118,7 @@ def start_stop(size: dict, ctx: Context) -> list[Row]:
 # --- dispatch latency -----------------------------------------------------------------------------
 
 def dispatch(size: dict, ctx: Context) -> list[Row]:
+    """Inbox written -> CLI process running, vs RQ forking Worker enqueue -> job start."""
     row = Row("dispatch", "dispatch: inbox written -> CLI process running", "ms", peer_name="RQ Worker (forking)",
               target="p50 <= 5 ms and <= 1/2 of RQ", latency=True)
     with BenchTown(["/bin/true"]) as bt:
@@ -193,6 +196,7 @@ def _throughput(bt: BenchTown, agents: list[str], tasks: int) -> float:
 
 
 def throughput(size: dict, ctx: Context) -> list[Row]:
+    """Trivial tasks (/bin/true) per second, 1 and 4 agents, vs 4 RQ forking Workers."""
     one = Row("tasks1", "trivial tasks (/bin/true as the CLI), 1 agent", "tasks/s", higher_is_better=True,
               target=">= 150 tasks/s", note="", peer_name="")
     four = Row("tasks4", "trivial tasks, 4 agents", "tasks/s", peer_name="RQ Worker (forking), 4 workers",
@@ -217,6 +221,7 @@ def throughput(size: dict, ctx: Context) -> list[Row]:
 # --- idle town: supervisor CPU and runner memory ----------------------------------------------------
 
 def idle(size: dict, ctx: Context) -> list[Row]:
+    """N idle agents: USS per runner, supervisor CPU over a window, vs supervisord."""
     n = size["agents"]
     secs = size["idle_seconds"]
     mem = Row("memory", "memory per idle runner (USS)", "MB", peer_name="supervisord itself",
@@ -262,6 +267,7 @@ def idle(size: dict, ctx: Context) -> list[Row]:
 # --- tt list --------------------------------------------------------------------------------------
 
 def tt_list(size: dict, ctx: Context) -> list[Row]:
+    """`tt list` with 10 agents, wall, vs `python -c 'import redis'`."""
     row = Row("list", "`tt list`, 10 agents, wall", "ms", peer_name='python -c "import redis"',
               target="<= 1.5 x import redis", latency=True)
     env = clean_env()
@@ -331,6 +337,7 @@ class SlowFollower(threading.Thread):
 
 
 def pty_output(size: dict, ctx: Context) -> list[Row]:
+    """CLI output through the pty into the log with a slow follower, vs a plain pexpect loop."""
     nbytes = size["pty_bytes"]
     row = Row("pty", "CLI output through the pty into the log, with a slow follower", "MB/s",
               peer_name="plain pexpect read loop", higher_is_better=True,
@@ -365,6 +372,7 @@ def pty_output(size: dict, ctx: Context) -> list[Row]:
 # --- tt logs -f -------------------------------------------------------------------------------------
 
 def logs_follow(size: dict, ctx: Context) -> list[Row]:
+    """`tt logs -f`: a byte the CLI writes -> shown by a separate `tt logs -f`."""
     row = Row("logs", "`tt logs -f`: byte written -> shown", "ms", target="p50 <= 20 ms", latency=True)
     probe = subprocess.run(tt_command("logs", "--help"), capture_output=True, env=clean_env())
     if probe.returncode != 0 or b"--follow" not in probe.stdout:
