@@ -11,34 +11,32 @@ _PR_SET_NAME = 15
 _libc = None
 
 
-def set_parent_death_signal(sig: int = signal.SIGKILL, expected_parent: int | None = None) -> None:
-    """Ask Linux to send `sig` to this process when its parent dies (so nothing outlives it).
-
-    If the parent already died before the call, act at once: the kernel would never send it.
-    """
+def _prctl(option: int, arg) -> bool:
+    """prctl(2) through libc, loaded once (before any fork, so no child has to dlopen it)."""
     global _libc
     try:
         if _libc is None:
             import ctypes  # here: a `tt` command has no use for it (the supervisor loads it early)
             _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        _libc.prctl(option, arg, 0, 0, 0)
+        return True
     except (OSError, AttributeError):  # pragma: no cover - not Linux
-        return
-    if expected_parent is not None and os.getppid() != expected_parent:
+        return False
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL, expected_parent: int | None = None) -> None:
+    """Ask Linux to send `sig` to this process when its parent dies (so nothing outlives it).
+
+    If the parent already died before the call, act at once: the kernel would never send it.
+    """
+    if _prctl(_PR_SET_PDEATHSIG, int(sig)) and expected_parent is not None and os.getppid() != expected_parent:
         os.kill(os.getpid(), sig)
 
 
 def set_process_name(name: str) -> None:
     """The name `ps -o comm`, top and psutil show (15 bytes at most), so a forked runner is told
     apart from its supervisor, whose command line it shares."""
-    global _libc
-    try:
-        if _libc is None:
-            import ctypes  # here: a `tt` command has no use for it (the supervisor loads it early)
-            _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.prctl(_PR_SET_NAME, os.fsencode(name)[:15], 0, 0, 0)
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
-        pass
+    _prctl(_PR_SET_NAME, os.fsencode(name)[:15])
 
 
 def killpg(pgid: int | None, sig: int) -> bool:

@@ -1,15 +1,12 @@
-"""One model CLI run in a pseudo-terminal: spawn, prompt delivery, reap, group kill.
+"""One model CLI run in a pseudo-terminal through pexpect: spawn, prompt delivery, reap, group kill.
 
-The CLI is started with posix_spawn (vfork + exec: no copy of the runner's page tables and no Python
-code between fork and exec), as the leader of a new session whose controlling terminal is the pty:
-setsid comes first, then the slave is opened by name, which makes it the session's terminal. This
-costs about what a bare `fork + exec` of /bin/true costs; pexpect.spawn, with its default delays
-zeroed, cost 3 to 5 times as much per task. Its pid is also its process group, so killing the group
-takes its helpers with it.
-
-posix_spawn runs no code in the child, so the CLI has no parent-death signal. If the runner dies,
-the pty's master side closes and the kernel hangs the terminal up (SIGHUP to the CLI's session),
-and the supervisor kills the CLI's process group (its pid is in the agent's record) as well.
+pexpect (its ptyprocess layer) makes the CLI the leader of a new session whose controlling
+terminal is the pty, so a permission prompt asked on /dev/tty reaches `tt attach`, and its pid is
+also its process group: killing the group takes its helpers with it. In the child, before exec,
+the CLI gets a parent-death signal (it dies with its runner) and, for prompt = "stdin", the
+prompt as its standard input: an in-memory file, so any size and any bytes arrive intact where a
+line typed into a tty would be cut at 4095 bytes. pexpect's default pauses (0.05 s before each
+send, 0.1 s after close) are switched off: they cost ~100 ms a task.
 """
 from __future__ import annotations
 
@@ -22,9 +19,12 @@ import struct
 import termios
 from pathlib import Path
 
+import pexpect
+import ptyprocess
+
 from .config import CliSpec
 from .errors import TinytownError
-from .procutil import killpg
+from .procutil import killpg, set_parent_death_signal
 
 READ_CHUNK = 65536
 # Signals the runner handles or ignores: the CLI starts with every one of them at its default.
@@ -42,6 +42,7 @@ class CliSession:
         self.cwd = cwd
         self.env = env
         self.dimensions = dimensions
+        self.child: pexpect.spawn | None = None
         self.pid: int | None = None
         self.fd = -1                     # the pty's master side (non-blocking)
         self.exit_code: int | None = None
@@ -79,42 +80,38 @@ class CliSession:
     def _spawn(self, stdin_fd: int) -> None:
         text = self.prompt.decode("utf-8", "surrogateescape") if self.spec.prompt == "arg" else None
         argv = self.spec.argv(text, str(self.prompt_file))
-        # posix_spawn has no chdir: the CLI inherits the runner's working directory, so that is the town's.
-        cwd = str(self.cwd)
-        if os.getcwd() != cwd:
-            os.chdir(cwd)
         path = shutil.which(argv[0], path=self.env.get("PATH", os.defpath))
         if path is None:
             raise TinytownError(f"cannot start {argv[0]!r}: command not found or not executable "
                                 f"(PATH={self.env.get('PATH', '')})")
-        master, slave = os.openpty()  # both close-on-exec
+        runner_pid = os.getpid()
+        stdin_path = str(self.prompt_file) if self.spec.prompt == "stdin" and stdin_fd < 0 else None
+
+        def in_child() -> None:  # between fork and exec: no imports, no locks
+            set_parent_death_signal(signal.SIGKILL, runner_pid)
+            for sig in _DEFAULT_SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, ())
+            if stdin_fd >= 0:
+                os.dup2(stdin_fd, 0)
+            elif stdin_path is not None:
+                fd = os.open(stdin_path, os.O_RDONLY)
+                os.dup2(fd, 0)
+                os.close(fd)
+
+        if stdin_fd >= 0:
+            os.lseek(stdin_fd, 0, os.SEEK_SET)
         try:
-            rows, cols = self.dimensions
-            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-            attrs = termios.tcgetattr(slave)
-            attrs[3] &= ~termios.ECHO  # keystrokes from an attached user are not echoed twice
-            termios.tcsetattr(slave, termios.TCSANOW, attrs)
-            tty = os.ttyname(slave)
-            actions = [(os.POSIX_SPAWN_OPEN, 1, tty, os.O_RDWR, 0), (os.POSIX_SPAWN_DUP2, 1, 2)]
-            if self.spec.prompt == "stdin":
-                # The prompt is the CLI's stdin: a plain file, so any size and any bytes arrive
-                # intact (a tty line is cut at 4095 bytes); the pty stays its controlling terminal.
-                if stdin_fd >= 0:
-                    os.lseek(stdin_fd, 0, os.SEEK_SET)
-                    actions.append((os.POSIX_SPAWN_DUP2, stdin_fd, 0))
-                else:
-                    actions.append((os.POSIX_SPAWN_OPEN, 0, str(self.prompt_file), os.O_RDONLY, 0))
-            else:
-                actions.append((os.POSIX_SPAWN_DUP2, 1, 0))
-            self.pid = os.posix_spawn(path, argv, self.env, file_actions=actions, setsid=True,
-                                      setsigdef=_DEFAULT_SIGNALS, setsigmask=())
-        except OSError as exc:
-            os.close(master)
-            raise TinytownError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
-        finally:
-            os.close(slave)  # only the CLI holds the slave now: its exit is our end of file
-        os.set_blocking(master, False)
-        self.fd = master
+            child = _Spawn(path, argv[1:], cwd=str(self.cwd), env=self.env, echo=False, preexec_fn=in_child,
+                           dimensions=self.dimensions, pass_fds=(stdin_fd,) if stdin_fd >= 0 else ())
+        except (pexpect.ExceptionPexpect, OSError) as exc:
+            reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise TinytownError(f"cannot start {argv[0]!r}: {reason}") from None
+        child.delaybeforesend = None
+        child.delayafterclose = child.ptyproc.delayafterclose = 0
+        child.delayafterterminate = child.ptyproc.delayafterterminate = 0
+        os.set_blocking(child.child_fd, False)
+        self.child, self.pid, self.fd = child, child.pid, child.child_fd
 
     def read(self) -> bytes | None:
         """Whatever the CLI printed and is ready now: b"" if nothing yet, None at end of output."""
@@ -172,8 +169,11 @@ class CliSession:
         """Kill anything left in the CLI's group, release the pty, reap, remove the prompt file."""
         if self.pid is not None:
             self.kill_group(signal.SIGKILL)
-            if self.fd >= 0:
-                os.close(self.fd)
+            if self.child is not None:
+                # The fd belongs to ptyprocess's file object: close it there, once, and stop
+                # pexpect from reaping what we reap ourselves.
+                self.child.ptyproc.fileobj.close()
+                self.child.ptyproc.closed = self.child.closed = True
                 self.fd = -1
             if self.exit_code is None and self.signal is None:
                 try:
@@ -194,6 +194,17 @@ class CliSession:
             except ValueError:
                 return f"killed by signal {self.signal}"
         return f"exit code {self.exit_code}"
+
+
+class _Spawn(pexpect.spawn):
+    """pexpect.spawn that keeps `pass_fds` open in the child (ptyprocess closes every other fd)."""
+
+    def __init__(self, *args, pass_fds=(), **kwargs):
+        self._pass_fds = tuple(pass_fds)
+        super().__init__(*args, **kwargs)
+
+    def _spawnpty(self, args, **kwargs):
+        return ptyprocess.PtyProcess.spawn(args, pass_fds=self._pass_fds, **kwargs)
 
 
 def _memfd() -> int:
