@@ -14,9 +14,10 @@ import pytest
 
 from conftest import REPO
 
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-from bench.suite import BENCHMARKS  # noqa: E402
+SCRIPTS = REPO / "scripts"  # the benchmark suite is scripts/benchsuite/
+if str(SCRIPTS) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS))
+from benchsuite.suite import BENCHMARKS  # noqa: E402
 
 ROWS = {"restart": ["restart"], "start_stop": ["start", "stop"], "dispatch": ["dispatch"],
         "throughput": ["tasks1", "tasks4"], "idle": ["memory", "cpu"], "list": ["list"], "pty": ["pty"],
@@ -25,8 +26,8 @@ NO_PEER = {"tasks1", "logs"}
 
 
 def run_bench(tmp_path, *args, timeout=240):
-    out = subprocess.run([sys.executable, "-m", "bench", "--size", "tiny", "--out", str(tmp_path), *args],
-                         cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run([sys.executable, "-m", "benchsuite", "--size", "tiny", "--out", str(tmp_path), *args],
+                         cwd=SCRIPTS, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
     return json.loads((tmp_path / "latest.json").read_text()), out
 
@@ -34,7 +35,7 @@ def run_bench(tmp_path, *args, timeout=240):
 @pytest.fixture(scope="module")
 def peers_ready():
     """Install the peers once (cached in .bench-venv/); False when that is impossible (offline)."""
-    from bench import peers
+    from benchsuite import peers
     try:
         peers.ensure_venv(log=lambda text: None)
         return True

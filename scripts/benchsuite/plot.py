@@ -1,6 +1,6 @@
 """Plot the latency distributions of a benchmark run (runs in the bench venv, which has matplotlib).
 
-    python bench/plot.py RESULTS.json OUT.png
+    python scripts/benchsuite/plot.py RESULTS.json OUT.png
 """
 import json
 import sys

@@ -11,8 +11,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BENCH_DIR = REPO / "bench"
+REPO = Path(__file__).resolve().parent.parent.parent
+BENCH_DIR = Path(__file__).resolve().parent
 
 
 @dataclass

@@ -164,7 +164,7 @@ stderr_logfile=NONE
 # --- RQ ------------------------------------------------------------------------------------------
 
 def run_rq(mode: str, redis_binary: str, **params) -> dict:
-    """Run bench/rq_peer.py in the bench venv; it starts its own redis-server and workers."""
+    """Run rq_side/rq_peer.py in the bench venv; it starts its own redis-server and workers."""
     work = Path(tempfile.mkdtemp(prefix="rqb-"))
     args = [str(venv_python()), str(BENCH_DIR / "rq_side" / "rq_peer.py"), mode, "--redis-server", redis_binary,
             "--dir", str(work)]

@@ -1,4 +1,4 @@
-"""The benchmarks, one function each: (size, ctx) -> list[Row]. See bench/__main__.py."""
+"""The benchmarks, one function each: (size, ctx) -> list[Row]. See __main__.py."""
 from __future__ import annotations
 
 import os
