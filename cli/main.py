@@ -81,11 +81,13 @@ def _running_town(config):
 
 def _reading_town(config):
     """A Town on the small RESP client (supervisor/resp.py): reading needs no redis-py import."""
-    from supervisor.lifecycle import wait_serving
+    from supervisor.lifecycle import wait_recorded, wait_serving
     from supervisor.resp import connect
     from supervisor.town import Town
     wait_serving(config)
-    return Town(config, client=connect(config))
+    town = Town(config, client=connect(config))
+    wait_recorded(config, town)
+    return town
 
 
 def _started_town(config):

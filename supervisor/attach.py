@@ -124,6 +124,7 @@ class AttachServer:
         self.task = ""
         self.stopping = ""               # the reason, once close() is called
         self.serial = 0
+        self.identity = None             # the socket file's inode, once we made it
         self.listener: socket.socket | None = None
         self.thread: threading.Thread | None = None
         self.wake_r = self.wake_w = -1
@@ -193,8 +194,12 @@ class AttachServer:
         if watched:  # give viewers a moment to hear why; with none, the process just exits
             self.thread.join(2.0)
         self.thread = None
+        self.remove_socket()
+
+    def remove_socket(self) -> None:
+        """Unlink our socket file (not a successor's), so none is left behind in .tt/ or /tmp."""
         try:
-            if os.stat(self.path).st_ino == self.identity:
+            if self.identity is not None and os.stat(self.path).st_ino == self.identity:
                 self.path.unlink()
         except OSError:
             pass

@@ -98,7 +98,7 @@ class SupervisorPolicy:
 class LogPolicy:
     max_bytes: int = 10 * 1024 * 1024
     backups: int = 3
-    stream_maxlen: int = 10000       # Redis output stream entries kept per agent
+    stream_maxlen: int = 1000        # Redis output stream entries kept per agent (each <= 64 KiB)
 
 
 DEFAULT_DETACH_KEYS = "ctrl-]"
@@ -290,7 +290,7 @@ def _from_dict(data: dict, root: Path, path: Path, text: str) -> Config:
     logs = LogPolicy(
         max_bytes=get(logs_t, "max_bytes", int, 10 * 1024 * 1024, lambda v: v >= 1024, "must be at least 1024"),
         backups=get(logs_t, "backups", int, 3, *non_negative),
-        stream_maxlen=get(logs_t, "stream_maxlen", int, 10000, *positive),
+        stream_maxlen=get(logs_t, "stream_maxlen", int, 1000, *positive),
     )
     config = Config(
         root=root,

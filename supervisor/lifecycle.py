@@ -120,6 +120,13 @@ def wait_serving(config: Config) -> None:
         _wait_ready(config)
 
 
+def wait_recorded(config: Config, town) -> None:
+    """Redis answers, but a supervisor that just started may not have written its record yet (what
+    is there is its predecessor's `stopped`): wait for it, so a read shows this supervisor."""
+    if town.r.hget(town.keys.supervisor, "state") not in ("running", "stopping") and running_pid(config):
+        _wait_ready(config)
+
+
 def _wait_ready(config: Config, timeout: float = START_TIMEOUT) -> bool:
     """Wait until a running supervisor reports `running` in Redis: False if it exits instead."""
     from .town import Town

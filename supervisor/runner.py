@@ -64,6 +64,8 @@ class Runner:
         if self.idle:
             attach = getattr(self, "attach", None)
             if attach is None or not attach.viewers:  # nothing to finish, nobody to tell: just go
+                if attach is not None:
+                    attach.remove_socket()
                 _exit_now(0)  # (what run() does on _StopNow, without unwinding through redis-py)
             raise _StopNow()
 
@@ -110,6 +112,8 @@ class Runner:
             # came (and if the supervisor is gone, the next runner re-delivers it).
             if self.attach.viewers:  # only tell those watching why the terminal went away
                 self.attach.close()
+            else:
+                self.attach.remove_socket()
             return 0
         self.idle = False
         self._exit_cleanly()
