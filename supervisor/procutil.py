@@ -159,3 +159,20 @@ def kill_leftover_runners(log_dir, timeout: float = 5.0) -> list[int]:
 
     wait_until(all_gone, timeout)
     return [p.pid for p in procs]
+
+
+def wait_exit(proc, timeout: float) -> int:
+    """Popen.wait(timeout), woken the moment the process exits (a pidfd) rather than by polling
+    with growing sleeps, which added up to 30 ms to every `tt stop`."""
+    import select
+    import subprocess
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # Python < 3.9 or Linux < 5.3
+        return proc.wait(timeout)
+    try:
+        if not select.select([fd], [], [], timeout)[0]:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+    finally:
+        os.close(fd)
+    return proc.wait(1.0)

@@ -12,7 +12,7 @@ import psutil
 
 from .config import Config
 from .errors import TinytownError
-from .procutil import alive, set_parent_death_signal, wait_until
+from .procutil import alive, set_parent_death_signal, wait_exit, wait_until
 
 SHUTDOWN_TIMEOUT = 10.0  # SHUTDOWN returns once the append-only file is fsynced: slow on a busy disk
 
@@ -154,19 +154,3 @@ class RedisServer:
         finally:
             client.close()
         return False
-
-
-def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
-    """Popen.wait(timeout), woken the moment the process exits (a pidfd) rather than by polling
-    with growing sleeps, which added up to 30 ms to every `tt stop`."""
-    import select
-    try:
-        fd = os.pidfd_open(proc.pid)
-    except (AttributeError, OSError):  # Python < 3.9 or Linux < 5.3
-        return proc.wait(timeout)
-    try:
-        if not select.select([fd], [], [], timeout)[0]:
-            raise subprocess.TimeoutExpired(proc.args, timeout)
-    finally:
-        os.close(fd)
-    return proc.wait(1.0)

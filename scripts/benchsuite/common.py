@@ -11,6 +11,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from supervisor.procutil import wait_exit  # noqa: F401  (used here and by peers.py, town.py)
+
 REPO = Path(__file__).resolve().parent.parent.parent
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -78,24 +80,6 @@ def wait_until(predicate, timeout: float, interval: float = 0.002, what: str = "
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
-
-
-def wait_exit(proc, timeout: float) -> int:
-    """proc.wait(timeout), woken the moment the process exits. Popen.wait(timeout) polls with
-    sleeps that double up to 50 ms, which rounds a ~100 ms command up to ~114 ms: for a timed
-    command that is the measurement itself."""
-    import select
-    import subprocess
-    try:
-        fd = os.pidfd_open(proc.pid)
-    except (AttributeError, OSError):
-        return proc.wait(timeout)
-    try:
-        if not select.select([fd], [], [], timeout)[0]:
-            raise subprocess.TimeoutExpired(proc.args, timeout)
-    finally:
-        os.close(fd)
-    return proc.wait()
 
 
 def run_timed(cmd, timeout: float, check: bool = True, **kwargs) -> int:

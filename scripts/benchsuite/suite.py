@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import random
 import select
-import signal
 import statistics
 import subprocess
 import sys
