@@ -66,6 +66,7 @@ def main() -> int:
         tt("status", cwd=folder)
         tt("tasks", cwd=folder)
         tt("task", ids[0], cwd=folder)
+        tt("logs", "-n", "4", cwd=folder)
     finally:
         tt("stop", cwd=folder)
     done = [json.loads((folder / ".tt" / "last-stop.json").read_text())]
