@@ -59,13 +59,27 @@ class Supervisor:
     def __init__(self, config: Config, say=None, ready_fd: int | None = None):
         self.config = config
         self.policy = config.supervisor
-        self.say = say or (lambda text: print(text, flush=True))
+        self._say = say or (lambda text: print(text, flush=True))
         self.ready_fd = ready_fd
         self.procs: dict[str, RunnerProc] = {}
         self.health: dict[str, Health] = {}
         self.stop_mode: str | None = None
         self.redis = RedisServer(config)
         self.lock_fd: int | None = None
+
+    def say(self, text: str) -> None:
+        """Tell the user; if the terminal is gone (SIGHUP is ignored), go on in .tt/supervisor.log."""
+        try:
+            self._say(text)
+        except OSError:
+            fd = os.open(self.config.runtime_dir / "supervisor.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+            try:
+                self._say(text)
+            except OSError:
+                pass
 
     # --- life cycle --------------------------------------------------------------------------
     def serve(self) -> int:
@@ -430,6 +444,11 @@ class Supervisor:
         """On an unexpected supervisor error: leave no runner or CLI behind."""
         for proc in self.procs.values():
             killpg(proc.pid, signal.SIGKILL)
+            try:  # the CLI has a session of its own: its helpers are not in the runner's group
+                cli_pid = self.town.r.hget(self.town.keys.agent(proc.agent_id), "cli_pid")
+                killpg(int(cli_pid) if cli_pid else None, signal.SIGKILL)
+            except Exception:  # noqa: BLE001 - Redis may be what failed
+                pass
             try:
                 os.waitpid(proc.pid, 0)
             except ChildProcessError:

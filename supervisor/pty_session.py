@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import shutil
 import signal
 import struct
@@ -56,6 +57,12 @@ class CliSession:
         comes from an anonymous in-memory file (memfd): a regular, seekable file for the CLI, and
         no file to create and delete on a disk that may be busy.
         """
+        try:
+            self._write_prompt_and_spawn()
+        except OSError as exc:  # the prompt could not be written (disk full, permissions...)
+            raise TinytownError(f"cannot hand the prompt to the CLI: {exc.strerror or exc}") from None
+
+    def _write_prompt_and_spawn(self) -> None:
         needs_file = self.spec.prompt == "file" or any("{prompt_file}" in part for part in self.spec.command)
         if needs_file:
             fd = os.open(self.prompt_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -102,7 +109,9 @@ class CliSession:
         if stdin_fd >= 0:
             os.lseek(stdin_fd, 0, os.SEEK_SET)
         try:
-            child = _Spawn(path, argv[1:], cwd=str(self.cwd), env=self.env, echo=False, preexec_fn=in_child,
+            # With no arguments pexpect splits `command` like a shell line: escape the path.
+            command = path if len(argv) > 1 else re.sub(r"([\\\s'\"])", r"\\\1", path)
+            child = _Spawn(command, argv[1:], cwd=str(self.cwd), env=self.env, echo=False, preexec_fn=in_child,
                            dimensions=self.dimensions, pass_fds=(stdin_fd,) if stdin_fd >= 0 else ())
         except (pexpect.ExceptionPexpect, OSError) as exc:
             reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -5,6 +5,7 @@ import hashlib
 import json
 
 import pytest
+from conftest import FAKE_AGENT as REPO_FAKE_AGENT
 
 METACHARS = "echo $(touch /tmp/tt-pwned) `id` 'single' \"double\" ; rm -rf / && | > < * ? ~ \\ $HOME !!"
 
@@ -96,3 +97,15 @@ def test_cli_environment_and_working_directory(dev):
     env = info["env"]
     assert env["TT_TOWN"] == "testtown" and env["TT_AGENT"] == "dev" and env["TT_TASK_ID"] == task["id"]
     assert info["cwd"] == str(dev.root)
+
+
+def test_cli_path_with_spaces_and_no_arguments(town):
+    folder = town.root / "my tools"
+    folder.mkdir()
+    cli = folder / "it's bot"
+    cli.symlink_to(REPO_FAKE_AGENT)
+    town.append_config(f'\n[agent_clis.spaced]\ncommand = [{json.dumps(str(cli))}]\n')
+    town.tt("spawn", "bot", "--model", "spaced")
+    task, (info, got) = run(town, b"hello from a spaced path", agent="bot")
+    assert task["state"] == "completed", task
+    assert got == b"hello from a spaced path" and info["argv"] == []

@@ -546,3 +546,28 @@ def test_a_runner_that_will_not_stop_is_killed_and_its_task_put_back(town):
     town.tt("restart", "dev")
     task = town.wait_task(task_id)
     assert task["state"] == "completed" and task["attempts"] == 2  # the killed run counts
+
+
+def test_foreground_supervisor_outlives_its_terminal(town):
+    """`tt start` over SSH, then the connection drops: the town goes on, its messages go to the log."""
+    import pexpect
+    child = pexpect.spawn(sys.executable, ["-m", "cli.main", "start"], cwd=str(town.root), env=town.env,
+                          timeout=30)
+    try:
+        child.expect("supervisor pid")
+        pid = wait_for(town.supervisor_pid, 10, "the supervisor's lock")
+        assert pid == child.pid
+        # The terminal goes away: closing the pty's master side hangs it up (SIGHUP, which the
+        # supervisor ignores), and from then on writes to it fail.
+        child.ptyproc.fileobj.close()
+        child.closed = child.ptyproc.closed = True
+        town.tt("spawn", "late")  # makes the supervisor print "runner late started" to a dead terminal
+        assert town.wait_task(town.json("assign", "late", "hi")["id"])["state"] == "completed"
+        assert town.supervisor_pid() == pid
+        wait_for(lambda: "runner late started" in (town.root / ".tt" / "supervisor.log").read_text(), 10,
+                 "the message in .tt/supervisor.log")
+        town.tt("stop")
+        assert os.waitpid(child.pid, 0)[1] == 0
+    finally:
+        if town.supervisor_pid() == child.pid:
+            os.kill(child.pid, signal.SIGKILL)
