@@ -117,8 +117,7 @@ class CliSession:
             reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise TinytownError(f"cannot start {argv[0]!r}: {reason}") from None
         child.delaybeforesend = None
-        child.delayafterclose = child.ptyproc.delayafterclose = 0
-        child.delayafterterminate = child.ptyproc.delayafterterminate = 0
+        child.delayafterclose = child.delayafterterminate = 0  # (its _PtyProcess has them off too)
         os.set_blocking(child.child_fd, False)
         self.child, self.pid, self.fd = child, child.pid, child.child_fd
 
@@ -205,6 +204,18 @@ class CliSession:
         return f"exit code {self.exit_code}"
 
 
+class _PtyProcess(ptyprocess.PtyProcess):
+    """ptyprocess with pexpect's pauses off, remembering the last one made: when exec fails,
+    ptyprocess raises after making it, and its pty fd and unreaped child must not wait for the GC."""
+
+    last: "_PtyProcess | None" = None
+
+    def __init__(self, pid, fd):
+        super().__init__(pid, fd)
+        self.delayafterclose = self.delayafterterminate = 0
+        type(self).last = self
+
+
 class _Spawn(pexpect.spawn):
     """pexpect.spawn that keeps `pass_fds` open in the child (ptyprocess closes every other fd)."""
 
@@ -213,7 +224,19 @@ class _Spawn(pexpect.spawn):
         super().__init__(*args, **kwargs)
 
     def _spawnpty(self, args, **kwargs):
-        return ptyprocess.PtyProcess.spawn(args, pass_fds=self._pass_fds, **kwargs)
+        _PtyProcess.last = None
+        try:
+            return _PtyProcess.spawn(args, pass_fds=self._pass_fds, **kwargs)
+        except BaseException:
+            failed, _PtyProcess.last = _PtyProcess.last, None
+            if failed is not None:  # exec failed in the child: release the pty, reap the child
+                failed.fileobj.close()
+                failed.closed = True
+                try:
+                    os.waitpid(failed.pid, 0)
+                except ChildProcessError:
+                    pass
+            raise
 
 
 def _memfd() -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 
 import pytest
@@ -109,3 +110,18 @@ def test_cli_path_with_spaces_and_no_arguments(town):
     task, (info, got) = run(town, b"hello from a spaced path", agent="bot")
     assert task["state"] == "completed", task
     assert got == b"hello from a spaced path" and info["argv"] == []
+
+
+def test_cli_that_cannot_be_executed_leaves_no_zombie(town):
+    import psutil
+    bad = town.root / "not-a-program"
+    bad.write_text("this is text, not a program\n")
+    bad.chmod(0o755)
+    town.append_config(f'\n[agent_clis.bad]\ncommand = [{json.dumps(str(bad))}, "--x"]\n')
+    town.tt("spawn", "bad", "--model", "bad")
+    for _ in range(3):
+        task = town.wait_task(town.json("assign", "bad", "hello")["id"])
+        assert task["state"] == "failed" and "Exec format error" in task["reason"], task
+    runner = psutil.Process(town.wait_agent("bad", ("idle",))["pid"])
+    assert [c for c in runner.children() if c.status() == psutil.STATUS_ZOMBIE] == []
+    assert sum(1 for f in os.listdir(f"/proc/{runner.pid}/fd") if os.readlink(f"/proc/{runner.pid}/fd/{f}") == "/dev/ptmx") == 0
