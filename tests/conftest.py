@@ -63,6 +63,18 @@ def town_processes(root: Path) -> list[psutil.Process]:
     return found
 
 
+def _wait_state(fetch, states, timeout: float, what: str) -> dict:
+    """Fetch a record (a task's, an agent's) until its state is one of `states`; return it."""
+    latest = {}
+
+    def reached():
+        latest["record"] = fetch()
+        return latest["record"]["state"] in states
+
+    wait_for(reached, timeout, f"{what} to reach {states}")
+    return latest["record"]
+
+
 class TownHarness:
     def __init__(self, root: Path):
         self.root = root
@@ -107,27 +119,13 @@ class TownHarness:
         return self.json("task", task_id)
 
     def wait_task(self, task_id: str, states=("completed", "failed"), timeout: float = 30.0) -> dict:
-        holder = {}
-
-        def done():
-            holder["t"] = self.task(task_id)
-            return holder["t"]["state"] in states
-
-        wait_for(done, timeout, f"task {task_id} to reach {states}")
-        return holder["t"]
+        return _wait_state(lambda: self.task(task_id), states, timeout, f"task {task_id}")
 
     def agent(self, name: str) -> dict:
         return next(a for a in self.json("list") if a["name"] == name)
 
     def wait_agent(self, name: str, states=("idle",), timeout: float = 30.0) -> dict:
-        holder = {}
-
-        def ok():
-            holder["a"] = self.agent(name)
-            return holder["a"]["state"] in states
-
-        wait_for(ok, timeout, f"agent {name} to be {states}")
-        return holder["a"]
+        return _wait_state(lambda: self.agent(name), states, timeout, f"agent {name}")
 
     def supervisor_pid(self) -> int | None:
         from supervisor import lock

@@ -43,6 +43,10 @@ def log_text(town, agent: str = "dev") -> str:
 def detach(child, key: str = "]") -> None:
     child.sendcontrol(key)
     child.expect_exact("detached from")
+    expect_clean_exit(child)
+
+
+def expect_clean_exit(child) -> None:
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
@@ -140,9 +144,7 @@ def test_two_viewers_see_the_same_output(town, attach):
     second.expect_exact("dev is idle")
     town.tt("stop")                                 # a viewer still attached is told, and ends
     second.expect_exact("dev's runner stopped")
-    second.expect(pexpect.EOF)
-    second.close()
-    assert second.exitstatus == 0
+    expect_clean_exit(second)
 
 
 def test_killed_or_stalled_viewer_leaves_the_runner_healthy(town, attach):
