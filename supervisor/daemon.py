@@ -22,8 +22,8 @@ from .control import ControlChannel
 from .errors import TinytownError
 from .logs import tail_text
 from .models import AgentState, InvalidTransition, Message, TaskState
-from .procutil import (describe_status, kill_leftover_runners, killpg, reap, set_parent_death_signal,
-                       set_process_name)
+from .procutil import (describe_status, drain, kill_leftover_runners, killpg, reap, set_parent_death_signal,
+                       set_process_name, signal_wakeup_pipe)
 from .redis_server import RedisServer
 from .runner import KILL_WAIT_SECONDS, run_forked
 from .town import Claimed, Town, host
@@ -131,10 +131,7 @@ class Supervisor:
             self.ready_fd = None
 
     def _install_signals(self) -> None:
-        self.wake_r, self.wake_w = os.pipe()
-        for fd in (self.wake_r, self.wake_w):
-            os.set_blocking(fd, False)
-        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        self.wake_r, self.wake_w = signal_wakeup_pipe()
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
@@ -153,7 +150,7 @@ class Supervisor:
                     if not self.control.drain():
                         self._redis_lost()
                 else:
-                    self._drain_wake()
+                    drain(self.wake_r)
             self._reap()
             requested = self._requested_stop()
             if requested:
@@ -166,13 +163,6 @@ class Supervisor:
         if not waits:
             return None
         return max(0.0, min(waits) - time.monotonic())
-
-    def _drain_wake(self) -> None:
-        try:
-            while os.read(self.wake_r, 512):
-                pass
-        except (BlockingIOError, OSError):
-            pass
 
     def _redis_lost(self) -> None:
         """redis-server died under us: start it again (its append-only file keeps the town)."""
@@ -360,7 +350,7 @@ class Supervisor:
                     self.control.drain()
                     nudged = True
                 else:
-                    self._drain_wake()
+                    drain(self.wake_r)
             for agent_id, proc in list(self.procs.items()):
                 if reap(proc.pid) is not None:
                     del self.procs[agent_id]

@@ -176,3 +176,21 @@ def wait_exit(proc, timeout: float) -> int:
     finally:
         os.close(fd)
     return proc.wait(1.0)
+
+
+def signal_wakeup_pipe() -> tuple[int, int]:
+    """A non-blocking pipe that signal handlers write to (set_wakeup_fd), so select() wakes on a
+    signal instead of sleeping through it; returns (read end, write end)."""
+    import signal as _signal
+    read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    _signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    return read_fd, write_fd
+
+
+def drain(fd: int) -> None:
+    """Read a non-blocking fd until it is empty (the wakeup bytes themselves mean nothing)."""
+    try:
+        while os.read(fd, 512):
+            pass
+    except OSError:  # BlockingIOError included: empty
+        pass

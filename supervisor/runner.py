@@ -23,6 +23,7 @@ from .errors import TinytownError
 from .attach import REPLAY_BYTES, AttachServer
 from .logs import AgentLog, tail_bytes
 from .models import AgentState, TaskState
+from .procutil import drain, signal_wakeup_pipe
 from .pty_session import CliSession
 from .resp import RespConnectionError, Sender
 from .resp import connect as resp_connect
@@ -49,10 +50,7 @@ class Runner:
 
     # --- signals -----------------------------------------------------------------------------
     def _install_signals(self) -> None:
-        self.wake_r, self.wake_w = os.pipe()
-        for fd in (self.wake_r, self.wake_w):
-            os.set_blocking(fd, False)
-        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        self.wake_r, self.wake_w = signal_wakeup_pipe()
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl+C reaches the supervisor, which decides
         signal.signal(signal.SIGUSR1, self._on_stop)
@@ -68,13 +66,6 @@ class Runner:
                     attach.remove_socket()
                 _exit_now(0)  # (what run() does on _StopNow, without unwinding through redis-py)
             raise _StopNow()
-
-    def _drain_wakeups(self) -> None:
-        try:
-            while os.read(self.wake_r, 512):
-                pass
-        except (BlockingIOError, OSError):
-            pass
 
     # --- main loop ---------------------------------------------------------------------------
     def run(self) -> int:
@@ -247,7 +238,7 @@ class Runner:
             except InterruptedError:
                 ready = []
             if self.wake_r in ready:
-                self._drain_wakeups()
+                drain(self.wake_r)
             eof = False
             # Drain what is there (a pty gives at most 4 KiB a read), up to a bound so deadlines
             # and signals are looked at again, and pass it on in one piece: one log write, one
