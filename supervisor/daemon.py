@@ -22,8 +22,8 @@ from .control import ControlChannel
 from .errors import TinytownError
 from .logs import tail_text
 from .models import AgentState, InvalidTransition, Message, TaskState
-from .procutil import (describe_status, drain, kill_leftover_runners, killpg, reap, set_parent_death_signal,
-                       set_process_name, signal_wakeup_pipe)
+from .procutil import (become_subreaper, describe_status, drain, kill_adopted, kill_leftovers, killpg, reap,
+                       reap_adopted, set_parent_death_signal, set_process_name, signal_wakeup_pipe)
 from .redis_server import RedisServer
 from .runner import KILL_WAIT_SECONDS, run_forked
 from .town import Claimed, Town, host
@@ -91,9 +91,10 @@ class Supervisor:
             raise TinytownError(str(exc)) from None
         try:
             self._install_signals()
-            leftover = kill_leftover_runners(self.config.log_dir)  # a SIGKILLed supervisor's, winding down
+            become_subreaper()
+            leftover = kill_leftovers(self.config.log_dir, self.config.root)  # a SIGKILLed supervisor's
             if leftover:
-                self.say(f"killed {len(leftover)} runner(s) left by the previous supervisor")
+                self.say(f"killed {len(leftover)} process(es) left by the previous supervisor")
             self.redis.start()
             self.town = Town(self.config)
             self.town.r.hset(self.town.keys.supervisor, mapping={
@@ -270,12 +271,22 @@ class Supervisor:
             self._runner_exited(proc, status)
         if self.redis.proc and self.redis.proc.poll() is not None and self.stop_mode is None:
             self._redis_lost()
+        reap_adopted(self._own_children())
+
+    def _own_children(self) -> set[int]:
+        """The runners and redis-server: every other child is an orphan adopted as subreaper."""
+        known = {proc.pid for proc in self.procs.values()}
+        if self.redis.proc is not None:
+            known.add(self.redis.proc.pid)
+        return known
 
     def _runner_exited(self, proc: RunnerProc, status: int) -> None:
         agent_key = self.town.keys.agent(proc.agent_id)
         cli_pid = self.town.r.hget(agent_key, "cli_pid")
         if cli_pid:  # the runner died mid-task: take its CLI's whole group down too
             killpg(int(cli_pid), signal.SIGKILL)
+        # and a CLI it started but had not yet recorded, now ours as subreaper
+        kill_adopted(self._own_children(), proc.agent_id)
         # What it had claimed waits at the front of the inbox (a failed agent's work shows as
         # pending, not as running) for the next runner, which counts the attempt.
         self.town.put_back_inflight(proc.agent_id)
@@ -379,6 +390,10 @@ class Supervisor:
             report.killed.append(proc.name)
             self._mark_stopped(proc.agent_id)
         self.procs.clear()
+        # A CLI's helper that left its group (setsid, a double fork) outlived its CLI and became
+        # ours as subreaper: `tt stop` leaves nothing running.
+        kill_adopted(self._own_children())
+        reap_adopted(self._own_children())
         agents = self.town.agents()
         self._mark_stopped(*[agent.id for agent in agents  # those in backoff, or never started
                              if agent.state not in (AgentState.FAILED.value, AgentState.STOPPED.value)])
@@ -444,6 +459,7 @@ class Supervisor:
             except ChildProcessError:
                 pass
         self.procs.clear()
+        kill_adopted(self._own_children())  # orphaned CLIs, ours as subreaper
 
 
 def describe_status_code(returncode: int | None) -> str:

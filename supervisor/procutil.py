@@ -8,6 +8,7 @@ import time
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
+_PR_SET_CHILD_SUBREAPER = 36
 _libc = None
 
 
@@ -31,6 +32,59 @@ def set_parent_death_signal(sig: int = signal.SIGKILL, expected_parent: int | No
     """
     if _prctl(_PR_SET_PDEATHSIG, int(sig)) and expected_parent is not None and os.getppid() != expected_parent:
         os.kill(os.getpid(), sig)
+
+
+def become_subreaper() -> None:
+    """Adopt this process's orphaned descendants (Linux): a CLI whose runner died becomes our
+    child rather than init's, so it can be killed and reaped, and its pid cannot be reused under
+    us until we reap it."""
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def kill_adopted(known: set[int], agent_id: str | None = None) -> list[int]:
+    """SIGKILL this process's children that it did not start (`known`): orphans it adopted as
+    subreaper, which a runner started for `agent_id` (any agent if None), as the TT_AGENT_ID in
+    their environment says. A CLI leads its process group: the group goes with it."""
+    me = os.getpid()
+    try:
+        with open(f"/proc/{me}/task/{me}/children", "rb") as fh:
+            children = [int(pid) for pid in fh.read().split()]
+    except OSError:  # pragma: no cover - a kernel without CONFIG_PROC_CHILDREN
+        return []
+    wanted = b"\0TT_AGENT_ID=" + (agent_id.encode() + b"\0" if agent_id else b"")
+    killed = []
+    for pid in children:
+        if pid in known:
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if wanted not in b"\0" + fh.read():
+                    continue
+            if os.getpgid(pid) == pid:
+                killpg(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except OSError:  # exited meanwhile
+            continue
+    return killed
+
+
+def reap_adopted(known: set[int]) -> list[int]:
+    """Reap exited children that are not in `known` (orphans adopted as subreaper); a known
+    child's exit is left for its owner to collect. Returns the pids reaped."""
+    reaped = []
+    while True:
+        try:  # WNOWAIT: look at who exited without collecting it
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return reaped
+        if info is None or info.si_pid in known:
+            return reaped
+        try:
+            os.waitpid(info.si_pid, 0)
+        except ChildProcessError:
+            pass
+        reaped.append(info.si_pid)
 
 
 def set_process_name(name: str) -> None:
@@ -106,23 +160,32 @@ def reap(pid: int) -> int | None:
     return status if got == pid else None
 
 
-def kill_leftover_runners(log_dir, timeout: float = 5.0) -> list[int]:
-    """SIGKILL the runners of an earlier supervisor of this town that are still alive, and their CLIs.
+def kill_leftovers(log_dir, town_dir, timeout: float = 5.0) -> list[int]:
+    """SIGKILL what an earlier supervisor of this town left alive: its runners and their CLIs.
 
     A SIGKILLed supervisor's runners get their parent-death signal and take a moment (up to their
     CLI's SIGTERM grace) to exit; meanwhile they could write into a new town's Redis on the same
     socket, next to the new runners. They are found by their standard output, which is their
-    agent's log in `log_dir`, and frozen before anything is killed so none reacts to another's death.
-    Returns the pids of the runners killed.
+    agent's log in `log_dir`. A CLI whose runner and supervisor were killed together, and which
+    ignored its terminal's hang-up, is found by what its runner put in its environment (the town's
+    directory and a task id); not this process's ancestors, which may be an agent's own `tt`
+    command. All are frozen before anything is killed, so none reacts to another's death.
+    Returns the pids killed.
     """
     prefix = os.path.join(os.fspath(log_dir), "")
-    me = os.getpid()
+    town_marker = b"\0TT_TOWN_DIR=" + os.fsencode(os.fspath(town_dir)) + b"\0"
+    spared = _ancestors(os.getpid())
     found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
+        if not entry.isdigit() or int(entry) in spared:
             continue
         try:
             if os.readlink(f"/proc/{entry}/fd/1").startswith(prefix):
+                found.append(int(entry))
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                environ = b"\0" + fh.read()
+            if town_marker in environ and b"\0TT_TASK_ID=" in environ:
                 found.append(int(entry))
         except OSError:  # gone, or not ours to look at
             continue
@@ -139,7 +202,7 @@ def kill_leftover_runners(log_dir, timeout: float = 5.0) -> list[int]:
             continue
     for proc in procs:
         try:
-            for child in proc.children(recursive=True):  # its CLI: kill the CLI's whole group
+            for child in proc.children(recursive=True):  # a runner's CLI: kill the CLI's whole group
                 try:
                     killpg(os.getpgid(child.pid), signal.SIGKILL)
                 except ProcessLookupError:
@@ -159,6 +222,19 @@ def kill_leftover_runners(log_dir, timeout: float = 5.0) -> list[int]:
 
     wait_until(all_gone, timeout)
     return [p.pid for p in procs]
+
+
+def _ancestors(pid: int) -> set[int]:
+    """pid and every process above it, up to init."""
+    chain = set()
+    while pid > 1 and pid not in chain:
+        chain.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                pid = int(fh.read().rsplit(b")", 1)[1].split()[1])  # (comm may hold spaces)
+        except (OSError, ValueError, IndexError):
+            break
+    return chain
 
 
 def wait_exit(proc, timeout: float) -> int:

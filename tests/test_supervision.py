@@ -255,6 +255,48 @@ def test_whole_town_killed_at_once_leaves_stale_files_that_the_next_start_replac
     assert town_processes(town.root) == []
 
 
+def test_a_cli_deaf_to_hangup_is_killed_when_its_runner_dies(town):
+    town.tt("spawn", "dev")
+    task_id = town.json("assign", "dev", "@ignore-hup\n@ignore-term\n@gate never")["id"]
+    agent = working_on(town, "dev", task_id)
+    wait_for(lambda: "received" in town.tt("logs", "dev").stdout.decode(), 20, "the CLI to be past its setup")
+    os.kill(agent["pid"], signal.SIGKILL)
+    # its terminal hangs up, which it ignores: the supervisor, its adoptive parent, kills it
+    wait_for(lambda: dead(agent["cli_pid"]), 20, "the orphaned CLI to be killed")
+    wait_for(lambda: town.agent("dev")["cli_pid"] not in ("", None, agent["cli_pid"]), 30, "the task to run again")
+
+
+def test_a_cli_that_outlives_its_runner_and_supervisor_is_killed_by_the_next_start(town):
+    town.tt("spawn", "dev")
+    task_id = town.json("assign", "dev", "@ignore-hup\n@ignore-term\n@runs\n@gate go\n@echo done")["id"]
+    agent = working_on(town, "dev", task_id)
+    wait_for(lambda: "runs 1" in town.tt("logs", "dev").stdout.decode(), 20, "the CLI to be past its setup")
+    cli = psutil.Process(agent["cli_pid"])
+    # supervisor and runner killed together (frozen first, so neither sees the other die)
+    victims = [psutil.Process(town.supervisor_pid()), psutil.Process(agent["pid"])]
+    for action in ("suspend", "kill"):
+        for proc in victims:
+            getattr(proc, action)()
+    wait_for(lambda: all(dead(p.pid) for p in victims), 20, "the supervisor and the runner to die")
+    assert cli.is_running() and cli.status() != psutil.STATUS_ZOMBIE  # deaf to its hang-up: still there
+
+    town.tt("restart", "dev")  # a new supervisor starts, and first kills what the old one left
+    wait_for(lambda: dead(cli.pid), 20, "the leftover CLI to be killed")
+    open_gate(town)  # (had it lived, the old CLI would have gone on with the task, unsupervised)
+    task = town.wait_task(task_id)
+    assert task["state"] == "completed" and "runs 2" in task["output"]
+
+
+def test_stop_kills_a_helper_that_left_its_clis_process_group(town):
+    town.tt("spawn", "dev")
+    task_id = town.json("assign", "dev", "@daemon\n@echo started a daemon")["id"]
+    assert town.wait_task(task_id)["state"] == "completed"
+    [helper] = helpers_of(town, task_id)
+    assert not dead(helper)  # out of the CLI's group, it outlived the task (as a server would)
+    town.tt("stop")
+    assert dead(helper) and town_processes(town.root) == []
+
+
 def test_two_starts_at_the_same_instant_make_one_supervisor(town):
     procs = [subprocess.Popen([sys.executable, "-m", "cli.main", "start"], cwd=town.root, env=town.env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
