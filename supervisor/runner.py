@@ -76,6 +76,9 @@ class Runner:
         self.spec = self.config.cli(agent.cli)
         self.task_timeout = agent.task_timeout or self.config.supervisor.task_timeout or None
         self.log = AgentLog(self.config, self.name)
+        self.prompt_dir = self.config.runtime_dir / "prompts"
+        self.prompt_dir.mkdir(mode=0o700, exist_ok=True)
+        self.base_env = self._cli_env()
         self.attach = self._serve_attach()
         heartbeat = self.config.supervisor.heartbeat_interval
         try:
@@ -110,6 +113,15 @@ class Runner:
         self._exit_cleanly()
         self.attach.close()
         return 0
+
+    def _cli_env(self) -> dict[str, str]:
+        """The environment every CLI of this agent starts with (TT_TASK_ID is added per task)."""
+        env = dict(os.environ)
+        env.update(dict(self.spec.env))
+        env.update({"TT_TOWN": self.config.name, "TT_TOWN_DIR": str(self.config.root), "TT_AGENT": self.name,
+                    "TT_AGENT_ID": self.agent_id})
+        env.setdefault("TERM", "xterm-256color")
+        return env
 
     def _serve_attach(self) -> AttachServer:
         """`tt attach` for this agent, replaying the log's end to the first viewers after a restart."""
@@ -149,25 +161,24 @@ class Runner:
         self._run_task(claimed, task.id, task.description, task, agent_state)
 
     def _run_task(self, claimed: Claimed, task_id: str, description: str, task=None, agent_state=None) -> None:
-        prompt_dir = self.config.runtime_dir / "prompts"
-        prompt_dir.mkdir(mode=0o700, exist_ok=True)
-        env = dict(os.environ)
-        env.update(dict(self.spec.env))
-        env.update({"TT_TOWN": self.config.name, "TT_TOWN_DIR": str(self.config.root), "TT_AGENT": self.name,
-                    "TT_AGENT_ID": self.agent_id, "TT_TASK_ID": task_id})
-        env.setdefault("TERM", "xterm-256color")
+        env = dict(self.base_env)
+        env["TT_TASK_ID"] = task_id
         session = CliSession(self.spec, description.encode("utf-8", "surrogateescape"),
-                             prompt_dir / f"{task_id}.prompt", self.config.root, env)
-        self.town.start_task(self.agent_id, task_id, task=task, agent_state=agent_state)
-        self.log.note(f"task {task_id} started")
+                             self.prompt_dir / f"{task_id}.prompt", self.config.root, env)
+        # The CLI starts first and the task is marked running (with the CLI's pid) right after,
+        # in one transaction: the round trip is not between the task's arrival and its start. A
+        # runner dying in between leaves the task `assigned` in flight, to be delivered again,
+        # and its CLI to the supervisor, which adopts and kills it.
         try:
             session.start()
         except TinytownError as exc:
+            self.town.start_task(self.agent_id, task_id, task=task, agent_state=agent_state)
             self.log.note(f"task {task_id} failed: {exc}")
             self.town.finish_task(self.agent_id, claimed, TaskState.FAILED, exit_code=None, reason=str(exc))
             session.close()
             return
-        self.town.r.hset(self.town.keys.agent(self.agent_id), "cli_pid", session.pid)
+        self.town.start_task(self.agent_id, task_id, task=task, agent_state=agent_state, cli_pid=session.pid)
+        self.log.note(f"task {task_id} started")
         self.attach.task_started(task_id, session)
         try:
             outcome = self._pump(session, task_id)

@@ -234,7 +234,7 @@ class Town:
         # A task's start and end prove the runner alive, so a runner busy with back-to-back short
         # tasks never looks unresponsive.
         self.set_agent_state(agent_id, AgentState.WORKING, pipe=pipe, old=agent_state, current_task=task_id,
-                             heartbeat_at=f"{now():.6f}")
+                             heartbeat_at=f"{now():.6f}", **({"cli_pid": cli_pid} if cli_pid else {}))
         self._event(pipe, "task_started", task=task_id, agent=task.agent)
         pipe.execute()
         task.state, task.attempts = TaskState.RUNNING.value, task.attempts + 1
