@@ -25,6 +25,7 @@ from .models import AgentState, InvalidTransition, Message, TaskState
 from .procutil import (become_subreaper, describe_status, drain, kill_adopted, kill_leftovers, killpg, reap,
                        reap_adopted, set_parent_death_signal, set_process_name, signal_wakeup_pipe)
 from .redis_server import RedisServer
+from .resp import connect as resp_connect
 from .runner import KILL_WAIT_SECONDS, run_forked
 from .town import Claimed, Town, host
 
@@ -96,7 +97,7 @@ class Supervisor:
             if leftover:
                 self.say(f"killed {len(leftover)} process(es) left by the previous supervisor")
             self.redis.start()
-            self.town = Town(self.config)
+            self.town = Town(self.config, resp_connect(self.config))  # (not redis-py: see resp.py)
             self.town.r.hset(self.town.keys.supervisor, mapping={
                 "pid": os.getpid(), "host": host(), "state": "running", "started_at": f"{time.time():.6f}",
                 "stop": "", "root": str(self.config.root)})

@@ -100,7 +100,7 @@ class RedisServer:
             # SIGTERM when the supervisor dies, so redis saves and exits instead of living on.
             preexec_fn=lambda: (os.setpgid(0, 0), set_parent_death_signal(signal.SIGTERM, parent)),
         )
-        from .town import connect
+        from .resp import connect
         client = connect(self.config, timeout=1)
 
         def ready() -> bool:

@@ -1,12 +1,13 @@
-"""A small Redis client for the `tt` commands that read the town (and nudge it): RESP2 over a socket.
+"""A small Redis client: RESP2 over a socket, for the supervisor, the runners and the quick `tt` commands.
 
-Why it exists: `import redis` (redis-py) costs 100-170 ms, mostly redis.asyncio, which is more
-than everything else `tt list` does. The quick commands (list, status, tasks, task, stop) talk to
-the town through this instead; the supervisor and the runners, which live long and use blocking
-commands, transactions with WATCH and streams, keep redis-py.
+Why it exists: `import redis` (redis-py) costs 100-170 ms and ~10 MB of a process's private memory,
+mostly redis.asyncio. `tt list`, status, tasks, task and stop pay more for it than for everything
+else they do; and every runner is a fork of the supervisor, so the supervisor's size is what each
+runner's fork and exit cost (50 runners stopping is 50 address spaces torn down). The commands
+that write with WATCH (spawn) and the log follower keep redis-py.
 
-It speaks just what `Town`'s read paths use: the commands below, plain and MULTI/EXEC pipelines.
-Replies are decoded like Town's redis-py client (UTF-8, surrogateescape), so the same code reads
+It speaks what `Town` uses on those paths: the commands below, plain and MULTI/EXEC pipelines.
+Replies are decoded like Town's redis-py client (UTF-8, surrogateescape), so the same code runs on
 both. Key names still come from supervisor/keys.py: this module knows commands, not keys.
 """
 from __future__ import annotations
@@ -54,6 +55,11 @@ def _int(reply):
     return int(reply)
 
 
+def _entries(reply):
+    """A stream's entries as redis-py gives them: [(id, {field: value}), ...]."""
+    return [(entry_id, _pairs(fields)) for entry_id, fields in reply or []]
+
+
 class _Commands:
     """The commands, each as (args, how to shape the reply); shared by the client and pipelines."""
 
@@ -97,6 +103,41 @@ class _Commands:
 
     def publish(self, channel, message):
         return self._call(("PUBLISH", channel, message), _int)
+
+    # --- what the supervisor and the runners write -------------------------------------------
+    def hincrby(self, name, key, amount=1):
+        return self._call(("HINCRBY", name, key, amount), _int)
+
+    def hlen(self, name):
+        return self._call(("HLEN", name), _int)
+
+    def lpush(self, name, *values):
+        return self._call(("LPUSH", name, *values), _int)
+
+    def rpush(self, name, *values):
+        return self._call(("RPUSH", name, *values), _int)
+
+    def lrem(self, name, count, value):
+        return self._call(("LREM", name, count, value), _int)
+
+    def zadd(self, name, mapping):
+        args = ["ZADD", name]
+        for member, score in mapping.items():
+            args += [score, member]
+        return self._call(args, _int)
+
+    def xadd(self, name, fields, id="*", maxlen=None, approximate=True):
+        args = ["XADD", name]
+        if maxlen is not None:
+            args += ["MAXLEN", "~" if approximate else "=", maxlen]
+        args.append(id)
+        for key, value in fields.items():
+            args += [key, value]
+        return self._call(args)
+
+    def xrange(self, name, min="-", max="+", count=None):
+        args = ["XRANGE", name, min, max] + (["COUNT", count] if count is not None else [])
+        return self._call(args, _entries)
 
 
 class RespClient(_Commands):
@@ -171,6 +212,17 @@ class RespClient(_Commands):
 
     def pipeline(self, transaction: bool = True) -> "Pipeline":
         return Pipeline(self, transaction)
+
+    def blmove(self, source, destination, timeout, src="LEFT", dest="RIGHT"):
+        """Block up to `timeout` seconds for an element (the socket waits that much longer)."""
+        if self.sock is None:
+            self._connect()
+        self.sock.settimeout(timeout + self.timeout)
+        try:
+            return self._call(("BLMOVE", source, destination, src, dest, timeout))
+        finally:
+            if self.sock is not None:
+                self.sock.settimeout(self.timeout)
 
 
 class Pipeline(_Commands):

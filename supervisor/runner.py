@@ -70,7 +70,7 @@ class Runner:
     # --- main loop ---------------------------------------------------------------------------
     def run(self) -> int:
         self._install_signals()
-        self.town = Town(self.config)
+        self.town = Town(self.config, resp_connect(self.config))
         agent = self.town.agent_by_id(self.agent_id)
         self.name = agent.name
         self.spec = self.config.cli(agent.cli)

@@ -1,4 +1,4 @@
-"""supervisor/resp.py, the small RESP client the quick `tt` commands read the town with."""
+"""supervisor/resp.py, the small RESP client of the supervisor, the runners and the quick `tt` commands."""
 from __future__ import annotations
 
 import subprocess
@@ -87,3 +87,21 @@ def test_sender_writes_in_order_without_waiting_and_collects_errors(running):
     c = resp.connect(config)
     assert c.lrange("tt:test:sent", 0, -1) == [f"item {i}" for i in range(10)] + ["last"]
     sender.close()
+
+
+def test_writes_give_what_redis_py_gives(running):
+    """The commands the supervisor and runners write with, against the same calls through redis-py."""
+    config = running.config()
+    full, light = Town(config).r, resp.connect(config)
+    for client, tag in ((full, "a"), (light, "b")):
+        assert client.rpush(f"t:{tag}:l", "x", "y") == 2 and client.lpush(f"t:{tag}:l", "w") == 3
+        assert client.lrem(f"t:{tag}:l", 1, "x") == 1
+        assert client.hincrby(f"t:{tag}:h", "n", 5) == 5 and client.hincrby(f"t:{tag}:h", "n", -2) == 3
+        assert client.hlen(f"t:{tag}:h") == 1 and client.zadd(f"t:{tag}:z", {"m": 1.5}) == 1
+        first = client.xadd(f"t:{tag}:s", {"k": "v1"}, maxlen=10, approximate=True)
+        client.xadd(f"t:{tag}:s", {"k": "v2"})
+        assert [f for _id, f in client.xrange(f"t:{tag}:s", min=first)] == [{"k": "v1"}, {"k": "v2"}]
+        assert client.xrange(f"t:{tag}:s", min=first, count=1)[0][0] == first
+        assert client.blmove(f"t:{tag}:l", f"t:{tag}:m", 0.05, "LEFT", "RIGHT") == "w"
+        assert client.blmove(f"t:{tag}:none", f"t:{tag}:m", 0.05, "LEFT", "RIGHT") is None
+    assert full.lrange("t:a:l", 0, -1) == light.lrange("t:b:l", 0, -1) == ["y"]

@@ -613,3 +613,25 @@ def test_foreground_supervisor_outlives_its_terminal(town):
     finally:
         if town.supervisor_pid() == child.pid:
             os.kill(child.pid, signal.SIGKILL)
+
+
+def test_supervisor_and_runners_never_load_redis_py(town):
+    """They talk RESP themselves (supervisor/resp.py): each runner is a fork of the supervisor,
+    and redis-py's ~10 MB would be in every one of them, making each fork and exit dearer."""
+    code = ("import sys; sys.modules['redis'] = None  # any `import redis` now raises ImportError\n"
+            "from supervisor.daemon import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(town.root)], cwd=town.root, env=town.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: town.supervisor_pid() == proc.pid or proc.poll() is not None, 30, "the supervisor to start")
+        assert proc.poll() is None, proc.communicate()
+        town.tt("spawn", "dev")
+        task = town.wait_task(town.json("assign", "dev", "@echo hello")["id"])
+        assert task["state"] == "completed" and "hello" in task["output"]
+        town.tt("stop")
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err.decode()
+    assert b"redis" not in err.replace(b"redis-server", b"")  # no ImportError reported anywhere
