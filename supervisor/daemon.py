@@ -12,6 +12,7 @@ import json
 import os
 import selectors
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,12 +23,17 @@ from .control import ControlChannel
 from .errors import TinytownError
 from .logs import tail_text
 from .models import AgentState, InvalidTransition, Message, TaskState
-from .procutil import (become_subreaper, describe_status, drain, kill_adopted, kill_leftovers, killpg, reap,
-                       reap_adopted, set_parent_death_signal, set_process_name, signal_wakeup_pipe)
+from .procutil import (adopted, become_subreaper, close_on_exec_all, describe_status, drain, kill_leftovers,
+                       kill_with_group, killpg, reap, reap_adopted, set_parent_death_signal, set_process_name,
+                       signal_wakeup_pipe, wait_exit, wait_until)
 from .redis_server import RedisServer
+from .resp import RespConnectionError
 from .resp import connect as resp_connect
 from .runner import KILL_WAIT_SECONDS, run_forked
 from .town import Claimed, Town, host
+
+# How long `tt stop` gives a process a task left running (a server, a gpg-agent) after SIGTERM.
+ADOPTED_STOP_GRACE = 2.0
 
 
 @dataclass
@@ -93,11 +99,12 @@ class Supervisor:
         try:
             self._install_signals()
             become_subreaper()
+            close_on_exec_all()
             leftover = kill_leftovers(self.config.log_dir, self.config.root)  # a SIGKILLed supervisor's
             if leftover:
                 self.say(f"killed {len(leftover)} process(es) left by the previous supervisor")
             self.redis.start()
-            self.town = Town(self.config, resp_connect(self.config))  # (not redis-py: see resp.py)
+            self.town = Town(self.config, resp_connect(self.config, long_lived=True))  # (not redis-py: see resp.py)
             self.town.r.hset(self.town.keys.supervisor, mapping={
                 "pid": os.getpid(), "host": host(), "state": "running", "started_at": f"{time.time():.6f}",
                 "stop": "", "root": str(self.config.root)})
@@ -153,12 +160,19 @@ class Supervisor:
                         self._redis_lost()
                 else:
                     drain(self.wake_r)
-            self._reap()
-            requested = self._requested_stop()
-            if requested:
-                self.stop_mode = requested
-            if self.stop_mode is None:
-                self._reconcile()
+            try:
+                self._reap()
+                requested = self._requested_stop()
+                if requested:
+                    self.stop_mode = requested
+                if self.stop_mode is None:
+                    self._reconcile()
+            except RespConnectionError as exc:
+                # redis-server went away under a command: start it again (its append-only file
+                # keeps the town); what this pass did not finish, the next one redoes.
+                self.say(f"lost Redis ({exc}); reconnecting")
+                self._redis_lost()
+                time.sleep(0.01)  # (a Redis that is up but refuses us must not make this spin)
 
     def _next_timer(self) -> float | None:
         waits = [h.next_start for h in self.health.values() if h.next_start and not h.gave_up]
@@ -167,12 +181,26 @@ class Supervisor:
         return max(0.0, min(waits) - time.monotonic())
 
     def _redis_lost(self) -> None:
-        """redis-server died under us: start it again (its append-only file keeps the town)."""
+        """A connection to redis-server broke: if the server died, start it again (its append-only
+        file keeps the town); if it is still there, only reconnect."""
         self.selector.unregister(self.control)
         self.control.close()
-        if self.redis.proc and self.redis.proc.poll() is not None:
-            self.say(f"redis-server exited ({describe_status_code(self.redis.proc.returncode)}); restarting it")
-            self.redis.start()
+        proc = self.redis.proc
+        if proc is not None and proc.poll() is None:
+            try:
+                self.control.connect()
+                self.selector.register(self.control, selectors.EVENT_READ)
+                return  # alive and answering: a connection broke, the server did not
+            except OSError:  # dying: the connection broke before the process was gone
+                self.control.close()
+                try:
+                    wait_exit(proc, 2.0)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        if proc is not None:
+            self.say(f"redis-server exited ({describe_status_code(proc.returncode)}); restarting it")
+        self.redis.start()
         self.control.connect()
         self.selector.register(self.control, selectors.EVENT_READ)
 
@@ -286,8 +314,11 @@ class Supervisor:
         cli_pid = self.town.r.hget(agent_key, "cli_pid")
         if cli_pid:  # the runner died mid-task: take its CLI's whole group down too
             killpg(int(cli_pid), signal.SIGKILL)
-        # and a CLI it started but had not yet recorded, now ours as subreaper
-        kill_adopted(self._own_children(), proc.agent_id)
+        # and a CLI it started but had not yet recorded, now ours as subreaper (what earlier tasks
+        # left running, a gpg-agent or an ssh master, is not this task's: it stays)
+        running = {c.message.task_id for c in self.town.inflight(proc.agent_id) if c.message.task_id}
+        if running:
+            kill_with_group(adopted(self._own_children(), running), signal.SIGKILL)
         # What it had claimed waits at the front of the inbox (a failed agent's work shows as
         # pending, not as running) for the next runner, which counts the attempt.
         self.town.put_back_inflight(proc.agent_id)
@@ -391,10 +422,7 @@ class Supervisor:
             report.killed.append(proc.name)
             self._mark_stopped(proc.agent_id)
         self.procs.clear()
-        # A CLI's helper that left its group (setsid, a double fork) outlived its CLI and became
-        # ours as subreaper: `tt stop` leaves nothing running.
-        kill_adopted(self._own_children())
-        reap_adopted(self._own_children())
+        self._stop_adopted()
         agents = self.town.agents()
         self._mark_stopped(*[agent.id for agent in agents  # those in backoff, or never started
                              if agent.state not in (AgentState.FAILED.value, AgentState.STOPPED.value)])
@@ -406,6 +434,24 @@ class Supervisor:
         self.say(f"stopped {len(report.stopped) + len(report.killed)} runner(s); "
                  f"{len(report.requeued)} task(s) re-queued; {report.pending} waiting")
         return report
+
+    def _stop_adopted(self, grace: float = ADOPTED_STOP_GRACE) -> None:
+        """A CLI's helper that left its group (setsid, a double fork: a server, a gpg-agent) outlived
+        its CLI and became ours as subreaper: `tt stop` leaves nothing running, but asks first."""
+        leftovers = adopted(self._own_children())
+        if not leftovers:
+            return
+        kill_with_group(leftovers, signal.SIGTERM)
+        gone = set()
+
+        def all_gone() -> bool:
+            gone.update(reap_adopted(self._own_children()))
+            return gone.issuperset(leftovers)
+
+        if not wait_until(all_gone, grace):
+            kill_with_group([pid for pid in leftovers if pid not in gone], signal.SIGKILL)
+            wait_until(all_gone, 2.0)
+        self.say(f"stopped {len(leftovers)} process(es) the agents' tasks had left running")
 
     def _mark_stopped(self, *agent_ids: str) -> None:
         """Record agents as stopped, and put back what their runners claimed but never started
@@ -460,7 +506,7 @@ class Supervisor:
             except ChildProcessError:
                 pass
         self.procs.clear()
-        kill_adopted(self._own_children())  # orphaned CLIs, ours as subreaper
+        kill_with_group(adopted(self._own_children()), signal.SIGKILL)  # orphaned CLIs, ours as subreaper
 
 
 def describe_status_code(returncode: int | None) -> str:

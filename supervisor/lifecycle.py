@@ -32,6 +32,16 @@ def ensure_running(config: Config, say=None) -> bool:
     return _start_background(config, say)
 
 
+# What a runner puts in its CLI's environment. A supervisor started by an agent's own `tt` (an
+# agent working on a project that runs a town of its own) must not carry them: they name the
+# agent's town, whose supervisor kills processes that carry them when they are left over.
+AGENT_MARKERS = ("TT_TOWN", "TT_TOWN_DIR", "TT_AGENT", "TT_AGENT_ID", "TT_TASK_ID")
+
+
+def supervisor_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in AGENT_MARKERS}
+
+
 def _start_background(config: Config, say) -> bool:
     import subprocess  # only when starting one: `tt list` and `tt stop` skip the import
     ensure_runtime_dir(config.runtime_dir)
@@ -43,7 +53,7 @@ def _start_background(config: Config, say) -> bool:
             [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []), "-m", "supervisor.daemon",
              str(config.root), "--ready-fd", str(write_fd)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_fd,),
-            start_new_session=True, cwd=str(config.root),
+            start_new_session=True, cwd=str(config.root), env=supervisor_env(),
         )
     os.close(write_fd)
     line = _read_line(read_fd, START_TIMEOUT)

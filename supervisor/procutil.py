@@ -41,32 +41,41 @@ def become_subreaper() -> None:
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
-def kill_adopted(known: set[int], agent_id: str | None = None) -> list[int]:
-    """SIGKILL this process's children that it did not start (`known`): orphans it adopted as
-    subreaper, which a runner started for `agent_id` (any agent if None), as the TT_AGENT_ID in
-    their environment says. A CLI leads its process group: the group goes with it."""
+def adopted(known: set[int], task_ids: set[str] | None = None) -> list[int]:
+    """This process's children that it did not start (`known`): orphans it adopted as subreaper
+    that a runner started (TT_AGENT_ID in their environment) for one of `task_ids` (TT_TASK_ID),
+    or for any task if None."""
     me = os.getpid()
     try:
         with open(f"/proc/{me}/task/{me}/children", "rb") as fh:
             children = [int(pid) for pid in fh.read().split()]
     except OSError:  # pragma: no cover - a kernel without CONFIG_PROC_CHILDREN
         return []
-    wanted = b"\0TT_AGENT_ID=" + (agent_id.encode() + b"\0" if agent_id else b"")
-    killed = []
+    found = []
     for pid in children:
         if pid in known:
             continue
         try:
             with open(f"/proc/{pid}/environ", "rb") as fh:
-                if wanted not in b"\0" + fh.read():
-                    continue
-            if os.getpgid(pid) == pid:
-                killpg(pid, signal.SIGKILL)
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
+                environ = b"\0" + fh.read()
         except OSError:  # exited meanwhile
             continue
-    return killed
+        if b"\0TT_AGENT_ID=" not in environ:
+            continue
+        if task_ids is None or any(b"\0TT_TASK_ID=%s\0" % t.encode() in environ for t in task_ids):
+            found.append(pid)
+    return found
+
+
+def kill_with_group(pids: list[int], sig: int) -> None:
+    """Signal each process, and the whole group of those that lead one (a CLI and its helpers)."""
+    for pid in pids:
+        try:
+            if os.getpgid(pid) == pid:
+                killpg(pid, sig)
+            os.kill(pid, sig)
+        except OSError:  # exited meanwhile
+            continue
 
 
 def reap_adopted(known: set[int]) -> list[int]:
@@ -85,6 +94,19 @@ def reap_adopted(known: set[int]) -> list[int]:
         except ChildProcessError:
             pass
         reaped.append(info.si_pid)
+
+
+def close_on_exec_all() -> None:
+    """Mark every fd from 3 up close-on-exec. What `tt start` inherited from its shell (an open
+    file, a lock, a pipe's write end) must not reach the CLIs, which posix_spawn starts with every
+    fd not so marked; Python marks its own fds, not inherited ones."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:  # the listing's own fd, closed by now
+                pass
 
 
 def set_process_name(name: str) -> None:
@@ -168,16 +190,17 @@ def kill_leftovers(log_dir, town_dir, timeout: float = 5.0) -> list[int]:
     socket, next to the new runners. They are found by their standard output, which is their
     agent's log in `log_dir`. A CLI whose runner and supervisor were killed together, and which
     ignored its terminal's hang-up, is found by what its runner put in its environment (the town's
-    directory and a task id); not this process's ancestors, which may be an agent's own `tt`
-    command. All are frozen before anything is killed, so none reacts to another's death.
-    Returns the pids killed.
+    directory and a task id), even when it is what started this supervisor (its `tt assign`
+    brought the town back): its task is delivered again, and must not run twice. All are frozen
+    before anything is killed, so none reacts to another's death; this process and its own
+    process group (a foreground `tt start` typed by such a CLI) are spared. Returns the pids killed.
     """
     prefix = os.path.join(os.fspath(log_dir), "")
     town_marker = b"\0TT_TOWN_DIR=" + os.fsencode(os.fspath(town_dir)) + b"\0"
-    spared = _ancestors(os.getpid())
+    me = os.getpid()
     found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in spared:
+        if not entry.isdigit() or int(entry) == me:
             continue
         try:
             if os.readlink(f"/proc/{entry}/fd/1").startswith(prefix):
@@ -200,11 +223,18 @@ def kill_leftovers(log_dir, town_dir, timeout: float = 5.0) -> list[int]:
             procs.append(proc)
         except psutil.Error:
             continue
+    own_group = os.getpgid(0)
     for proc in procs:
         try:
             for child in proc.children(recursive=True):  # a runner's CLI: kill the CLI's whole group
+                if child.pid == me:
+                    continue
                 try:
-                    killpg(os.getpgid(child.pid), signal.SIGKILL)
+                    group = os.getpgid(child.pid)
+                    if group != own_group:
+                        killpg(group, signal.SIGKILL)
+                    else:
+                        os.kill(child.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
             proc.kill()
@@ -222,19 +252,6 @@ def kill_leftovers(log_dir, town_dir, timeout: float = 5.0) -> list[int]:
 
     wait_until(all_gone, timeout)
     return [p.pid for p in procs]
-
-
-def _ancestors(pid: int) -> set[int]:
-    """pid and every process above it, up to init."""
-    chain = set()
-    while pid > 1 and pid not in chain:
-        chain.add(pid)
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as fh:
-                pid = int(fh.read().rsplit(b")", 1)[1].split()[1])  # (comm may hold spaces)
-        except (OSError, ValueError, IndexError):
-            break
-    return chain
 
 
 def wait_exit(proc, timeout: float) -> int:

@@ -12,7 +12,9 @@ both. Key names still come from supervisor/keys.py: this module knows commands, 
 """
 from __future__ import annotations
 
+import select
 import socket
+import time
 
 
 class RespError(Exception):
@@ -23,11 +25,20 @@ class RespConnectionError(ConnectionError):
     """Redis cannot be reached, or the connection broke."""
 
 
-def connect(config, timeout: float = 5.0) -> "RespClient":
-    """A client for the town's Redis (its unix socket, or host and port)."""
+def connect(config, timeout: float = 5.0, long_lived: bool = False, retry_for: float = 0.0) -> "RespClient":
+    """A client for the town's Redis (its unix socket, or host and port).
+
+    long_lived: for the supervisor and the runners: no time limit on a reply (a Redis that is slow
+    for a while, an fsync on a busy disk, is not a reason to give up; `timeout` still bounds
+    connecting). retry_for: keep trying to connect for that long (a runner riding out the moment
+    its supervisor restarts redis-server).
+    """
+    read_timeout = None if long_lived else timeout
     if config.use_socket:
-        return RespClient(path=str(config.redis_socket), timeout=timeout)
-    return RespClient(host=config.redis_host, port=config.redis_port, timeout=timeout)
+        return RespClient(path=str(config.redis_socket), timeout=timeout, read_timeout=read_timeout,
+                          retry_for=retry_for)
+    return RespClient(host=config.redis_host, port=config.redis_port, timeout=timeout, read_timeout=read_timeout,
+                      retry_for=retry_for)
 
 
 def encode_command(args) -> bytes:
@@ -141,25 +152,51 @@ class _Commands:
 
 
 class RespClient(_Commands):
-    """One connection, opened on first use; every call is one round trip."""
+    """One connection, opened on first use and again when found closed; every call is one round trip.
 
-    def __init__(self, path: str | None = None, host: str = "127.0.0.1", port: int = 6379, timeout: float = 5.0):
+    A connection Redis closed while it sat idle (redis-server restarted) is noticed before a
+    command is sent on it, and replaced. One that breaks during a command raises
+    RespConnectionError: the command may or may not have been carried out, which only the caller
+    can judge.
+    """
+
+    _UNSET = object()
+
+    def __init__(self, path: str | None = None, host: str = "127.0.0.1", port: int = 6379, timeout: float = 5.0,
+                 read_timeout=_UNSET, retry_for: float = 0.0):
         self.path, self.host, self.port, self.timeout = path, host, port, timeout
+        self.read_timeout = timeout if read_timeout is RespClient._UNSET else read_timeout
+        self.retry_for = retry_for
         self.sock: socket.socket | None = None
         self.reader = None
 
     def _connect(self) -> None:
-        try:
-            if self.path:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(self.timeout)
-                sock.connect(self.path)
-            else:
-                sock = socket.create_connection((self.host, self.port), self.timeout)
-        except OSError as exc:
-            where = self.path or f"{self.host}:{self.port}"
-            raise RespConnectionError(f"cannot connect to Redis at {where}: {exc.strerror or exc}") from None
+        deadline = time.monotonic() + self.retry_for
+        pause = 0.01
+        while True:
+            try:
+                if self.path:
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    sock.settimeout(self.timeout)
+                    sock.connect(self.path)
+                else:
+                    sock = socket.create_connection((self.host, self.port), self.timeout)
+                break
+            except OSError as exc:
+                if time.monotonic() + pause > deadline:
+                    where = self.path or f"{self.host}:{self.port}"
+                    raise RespConnectionError(f"cannot connect to Redis at {where}: {exc.strerror or exc}") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.5)
+        sock.settimeout(self.read_timeout)
         self.sock, self.reader = sock, sock.makefile("rb")
+
+    def _usable(self) -> bool:
+        """False if Redis closed this idle connection (or sent what nobody asked for)."""
+        try:
+            return not select.select([self.sock], [], [], 0)[0]
+        except (OSError, ValueError):
+            return False
 
     def close(self) -> None:
         if self.sock is not None:
@@ -177,6 +214,8 @@ class RespClient(_Commands):
         return shape(reply) if shape else reply
 
     def _roundtrip(self, commands, replies: int) -> list:
+        if self.sock is not None and not self._usable():
+            self.close()
         if self.sock is None:
             self._connect()
         try:
@@ -215,14 +254,18 @@ class RespClient(_Commands):
 
     def blmove(self, source, destination, timeout, src="LEFT", dest="RIGHT"):
         """Block up to `timeout` seconds for an element (the socket waits that much longer)."""
+        if self.sock is not None and not self._usable():
+            self.close()
         if self.sock is None:
             self._connect()
-        self.sock.settimeout(timeout + self.timeout)
+        if self.read_timeout is None:
+            return self._call(("BLMOVE", source, destination, src, dest, timeout))
+        self.sock.settimeout(timeout + self.read_timeout)
         try:
             return self._call(("BLMOVE", source, destination, src, dest, timeout))
         finally:
             if self.sock is not None:
-                self.sock.settimeout(self.timeout)
+                self.sock.settimeout(self.read_timeout)
 
 
 class Pipeline(_Commands):
@@ -282,6 +325,8 @@ class Sender:
     def send(self, *args) -> None:
         if self.outstanding >= self.window:
             self._read(self.outstanding - self.window // 2)
+        if self.client.sock is not None and not self.outstanding and not self.client._usable():
+            self.client.close()  # closed by Redis while idle (restarted): a new connection
         if self.client.sock is None:
             self.client._connect()
         try:

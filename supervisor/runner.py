@@ -55,7 +55,9 @@ class Runner:
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl+C reaches the supervisor, which decides
         signal.signal(signal.SIGUSR1, self._on_stop)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake select via the wakeup fd
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        # A write to a connection Redis or a viewer closed is an error to handle (EPIPE), not the
+        # runner's death. (The CLI gets SIGPIPE back at its default: pty_session.)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
     def _on_stop(self, signum, _frame) -> None:
         self.stop_mode = "now" if signum == signal.SIGUSR1 else (self.stop_mode or "graceful")
@@ -70,7 +72,9 @@ class Runner:
     # --- main loop ---------------------------------------------------------------------------
     def run(self) -> int:
         self._install_signals()
-        self.town = Town(self.config, resp_connect(self.config))
+        # No limit on a reply, and 30 s to reconnect: long enough for the supervisor to start
+        # redis-server again after it died.
+        self.town = Town(self.config, resp_connect(self.config, long_lived=True, retry_for=30.0))
         agent = self.town.agent_by_id(self.agent_id)
         self.name = agent.name
         self.spec = self.config.cli(agent.cli)
@@ -90,7 +94,15 @@ class Runner:
                 self.idle = True
                 if self.stop_mode is not None:  # a signal between the check above and idle = True
                     break
-                claimed = self.town.claim(self.agent_id, heartbeat)
+                try:
+                    claimed = self.town.claim(self.agent_id, heartbeat)
+                except RespConnectionError:
+                    # redis-server went away during the wait. The move may have happened before
+                    # the reply was lost, so look in the in-flight list once Redis is back.
+                    self.idle = False
+                    self._wait_for_redis()
+                    self._recover_inflight()
+                    continue
                 self.idle = False
                 if claimed is None:
                     self.town.heartbeat(self.agent_id)
@@ -132,6 +144,19 @@ class Runner:
         except (OSError, TinytownError) as exc:  # the agent works on without attach
             print(f"tt runner: cannot serve attach: {exc}", file=sys.stderr)
         return server
+
+    def _wait_for_redis(self, timeout: float = 30.0) -> None:
+        """Until Redis answers again (its supervisor restarts it); RespConnectionError past `timeout`.
+        A connection made while the dead server's socket still stood may be reset at once: retry."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.town.r.ping()
+                return
+            except RespConnectionError:
+                if time.monotonic() > deadline or self.stop_mode is not None:
+                    raise
+                time.sleep(0.02)
 
     def _recover_inflight(self) -> None:
         """Re-deliver what a previous runner of this agent had in flight when it died and no

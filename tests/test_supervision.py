@@ -297,6 +297,96 @@ def test_stop_kills_a_helper_that_left_its_clis_process_group(town):
     assert dead(helper) and town_processes(town.root) == []
 
 
+def test_redis_server_killed_is_restarted_and_the_town_goes_on(town):
+    town.tt("spawn", "dev")
+    assert town.wait_task(town.json("assign", "dev", "@echo one")["id"])["state"] == "completed"
+    supervisor, runner = town.supervisor_pid(), town.agent("dev")["pid"]
+    [server] = redis_servers(town)
+    server.kill()
+    wait_for(lambda: [p.pid for p in redis_servers(town)] not in ([], [server.pid]), 30, "a new redis-server")
+    # the same supervisor restarted it; the runner rode it out on its own connection
+    task = town.wait_task(town.json("assign", "dev", "@echo two")["id"])
+    assert task["state"] == "completed" and "two" in task["output"]
+    assert town.supervisor_pid() == supervisor and town.agent("dev")["pid"] == runner
+
+
+def test_a_redis_server_stalled_longer_than_a_client_timeout_loses_nothing(town):
+    town.tt("spawn", "dev")
+    assert town.wait_task(town.json("assign", "dev", "@echo one")["id"])["state"] == "completed"
+    supervisor, runner = town.supervisor_pid(), town.agent("dev")["pid"]
+    [server] = redis_servers(town)
+    server.suspend()  # an fsync on a busy disk, swapping: Redis answers nobody for a while
+    try:
+        time.sleep(6)  # the stall itself (longer than the 5 s a `tt` command waits), not a wait for state
+    finally:
+        server.resume()
+    task = town.wait_task(town.json("assign", "dev", "@echo two")["id"])
+    assert task["state"] == "completed"
+    assert town.supervisor_pid() == supervisor and town.agent("dev")["pid"] == runner
+    assert [p.pid for p in redis_servers(town)] == [server.pid]
+
+
+def test_a_cli_does_not_inherit_what_tt_start_inherited(town):
+    inherited = os.open(town.root / "tinytown.toml", os.O_RDONLY)
+    os.dup2(inherited, 57)  # an fd a user's shell left open (`exec 57<file`, a lock, a pipe)
+    os.close(inherited)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "cli.main", "start"], cwd=town.root, env=town.env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(57,))
+    finally:
+        os.close(57)
+    try:
+        wait_for(lambda: town.supervisor_pid() == proc.pid, 30, "tt start to take the lock")
+        town.tt("spawn", "dev")
+        task_id = town.json("assign", "dev", "@echo hi")["id"]
+        assert town.wait_task(task_id)["state"] == "completed"
+        fds = json.loads((town.record / f"{task_id}.json").read_text())["fds"]
+        assert 57 not in fds and fds[:3] == [0, 1, 2]
+    finally:
+        town.tt("stop")
+        proc.wait(30)
+
+
+def test_a_leftover_cli_that_brings_the_town_back_is_killed_by_the_supervisor_it_started(town):
+    # A CLI left over from a dead town runs `tt ...` (as agents do), which starts a supervisor in
+    # the foreground, in its own process group: the new supervisor kills it (its task will be
+    # delivered again) and goes on.
+    markers = dict(town.env, TT_TOWN_DIR=str(town.root), TT_TASK_ID="left-over", TT_AGENT_ID="x")
+    start = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-m', 'cli.main', 'start']); "
+             f"time.sleep(300)")
+    leftover = subprocess.Popen([sys.executable, "-c", start], cwd=town.root, env=markers, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: leftover.poll() is not None, 30, "the leftover CLI to be killed")
+        supervisor = wait_for(town.supervisor_pid, 30, "the supervisor it started to run")
+        assert town.json("status")["supervisor"]["state"] == "running"
+        assert town.supervisor_pid() == supervisor  # it spared itself, and its process group
+    finally:
+        if leftover.poll() is None:
+            leftover.kill()
+        town.tt("stop")
+
+
+def test_a_supervisor_started_by_an_agent_does_not_carry_its_markers(town):
+    agent_env = {"TT_TOWN": "outer", "TT_TOWN_DIR": "/outer/town", "TT_AGENT": "dev", "TT_AGENT_ID": "x", "TT_TASK_ID": "y"}
+    town.env.update(agent_env)
+    town.tt("spawn", "dev", "--town", str(town.root))  # starts this town's supervisor in the background
+    environ = open(f"/proc/{town.supervisor_pid()}/environ", "rb").read().split(b"\0")
+    assert not [v for v in environ if v.split(b"=")[0].decode() in agent_env]
+
+
+def test_a_runner_death_spares_what_earlier_tasks_left_running(town):
+    town.tt("spawn", "dev")
+    first = town.json("assign", "dev", "@daemon\n@echo started a daemon")["id"]
+    assert town.wait_task(first)["state"] == "completed"
+    [daemon] = helpers_of(town, first)
+    crash = town.json("assign", "dev", "@kill-runner")["id"]
+    wait_for(lambda: town.task(crash)["attempts"] >= 2, 30, "the crashed task to be run again")
+    assert not dead(daemon)  # not the crashed task's: a gpg-agent, a server the agent meant to keep
+    town.tt("stop")
+    assert dead(daemon)  # `tt stop` leaves nothing running (SIGTERM first)
+
+
 def test_two_starts_at_the_same_instant_make_one_supervisor(town):
     procs = [subprocess.Popen([sys.executable, "-m", "cli.main", "start"], cwd=town.root, env=town.env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
