@@ -19,10 +19,10 @@ CLI's group; a CLI outliving both is killed by the next supervisor (procutil.kil
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import re
+import select
 import shutil
 import signal
 import struct
@@ -35,8 +35,9 @@ import ptyprocess
 from .config import CliSpec
 from .errors import TinytownError
 from .procutil import killpg
+from .pty_reader import PtyReader
 
-READ_CHUNK = 65536
+WRITE_CHUNK = 512  # keystrokes a write: within what a pty takes at once
 # Signals the runner handles or ignores: the CLI starts with every one of them at its default.
 _DEFAULT_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
                                      signal.SIGUSR2, signal.SIGCHLD, signal.SIGPIPE, signal.SIGHUP,
@@ -58,6 +59,7 @@ class CliSession:
         self.exit_code: int | None = None
         self.signal: int | None = None
         self.wrote_file = False
+        self.reader: PtyReader | None = None
 
     def start(self) -> None:
         """Hand over the prompt and exec the CLI; TinytownError if it cannot start.
@@ -117,26 +119,23 @@ class CliSession:
             raise TinytownError(f"cannot start {argv[0]!r}: {reason}") from None
         child.delaybeforesend = None
         child.delayafterclose = child.delayafterterminate = 0  # (its _PtyProcess has them off too)
-        os.set_blocking(child.child_fd, False)
-        self.child, self.pid, self.fd = child, child.pid, child.child_fd
+        self.child, self.pid, self.fd = child, child.pid, child.child_fd  # blocking: see pty_reader
 
-    def read(self) -> bytes | None:
-        """Whatever the CLI printed and is ready now: b"" if nothing yet, None at end of output."""
-        try:
-            data = os.read(self.fd, READ_CHUNK)
-        except BlockingIOError:
-            return b""
-        except OSError as exc:
-            if exc.errno == errno.EIO:  # Linux: the slave side is closed
-                return None
-            raise
-        return data if data else None
+    def start_reader(self) -> PtyReader:
+        """Start reading the CLI's output on a thread (pty_reader); close() lets it go."""
+        self.reader = PtyReader(self.fd)
+        self.reader.start()
+        return self.reader
 
     def write(self, data: bytes) -> None:
-        """Keystrokes for the CLI (from an attached user)."""
+        """Keystrokes for the CLI (from an attached user). The pty is in blocking mode for its
+        reader, so a write goes only as far as the terminal takes it now: a CLI that reads no
+        input must not block the attach thread."""
+        view = memoryview(data)
         try:
-            os.write(self.fd, data)
-        except (BlockingIOError, OSError):
+            while view and select.select([], [self.fd], [], 0)[1]:
+                view = view[os.write(self.fd, view[:WRITE_CHUNK]):]
+        except OSError:  # closed, or hung up
             pass
 
     def resize(self, rows: int, cols: int) -> None:
@@ -176,6 +175,9 @@ class CliSession:
         """Kill anything left in the CLI's group, release the pty, reap, remove the prompt file."""
         if self.pid is not None:
             self.kill_group(signal.SIGKILL)
+            if self.reader is not None:
+                self.reader.abandon()
+                self.reader = None
             if self.child is not None:
                 # The fd belongs to ptyprocess's file object: close it there, once, and stop
                 # pexpect from reaping what we reap ourselves.

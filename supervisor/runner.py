@@ -31,7 +31,7 @@ from .town import OUTPUT_TAIL_BYTES, Claimed, Town
 
 STREAM_FLUSH_SECONDS = 0.02
 STREAM_FLUSH_BYTES = 64 * 1024
-PUMP_BATCH_BYTES = 256 * 1024
+EXIT_DRAIN_SECONDS = 0.5
 KILL_WAIT_SECONDS = 2.0
 
 
@@ -243,8 +243,10 @@ class Runner:
         grace_deadline = kill_deadline = None
         stream_key = self.town.keys.output(self.agent_id)
         maxlen = self.config.logs.stream_maxlen
-        exited = timed_out = False
-        fds = [session.fd, self.wake_r]
+        exited = timed_out = eof = False
+        drain_deadline = None  # once the CLI has exited: how long its last output may take to arrive
+        reader = session.start_reader()
+        fds = [reader.notify_r, self.wake_r]
         while True:
             now = time.monotonic()
             # -- decide on stop/timeout
@@ -264,7 +266,7 @@ class Runner:
             if kill_deadline is not None and now >= kill_deadline:
                 session.kill_group(signal.SIGKILL)
             timeouts = [next_beat - now, STREAM_FLUSH_SECONDS if pending else 3600]
-            for deadline in (grace_deadline, kill_deadline):
+            for deadline in (grace_deadline, kill_deadline, drain_deadline):
                 if deadline is not None:
                     timeouts.append(deadline - now)
             if self.task_timeout and kill_deadline is None:
@@ -275,21 +277,7 @@ class Runner:
                 ready = []
             if self.wake_r in ready:
                 drain(self.wake_r)
-            eof = False
-            # Drain what is there (a pty gives at most 4 KiB a read), up to a bound so deadlines
-            # and signals are looked at again, and pass it on in one piece: one log write, one
-            # hand-over to attach, per batch rather than per read.
-            chunks = []
-            size = 0
-            while size < PUMP_BATCH_BYTES:
-                data = session.read()
-                if data is None:
-                    eof = True
-                    break
-                if not data:
-                    break
-                chunks.append(data)
-                size += len(data)
+            chunks, eof = reader.take()  # one log write, one hand-over to attach per batch
             if chunks:
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 self.log.write(data)
@@ -306,11 +294,17 @@ class Runner:
             if now >= next_beat:
                 self.town.heartbeat(self.agent_id)
                 next_beat = now + self.config.supervisor.heartbeat_interval
-            if not exited and (eof or not chunks):  # no waitpid per read while output flows
+            if not exited and (eof or not chunks):  # no waitpid per batch while output flows
                 exited = session.poll()
-            if exited and (eof or not ready or session.fd not in ready):
-                # Exited and nothing more to read now: any leftover helper holding the pty is
-                # killed with the group in close().
+                if exited and not eof:
+                    # What it printed last may still be in the pty, and a helper of its group may
+                    # hold the terminal open: the group goes now (close() would kill it anyway),
+                    # and its output is read to the terminal's end.
+                    session.kill_group(signal.SIGKILL)
+                    drain_deadline = now + EXIT_DRAIN_SECONDS
+            if exited and (eof or now >= drain_deadline):
+                # (past the deadline: a helper that left the CLI's session holds the terminal;
+                # the reader thread is let go, to end at that helper's next write or exit)
                 if pending:
                     self._stream_add(stream_key, task_id, pending, maxlen)
                 self._stream_flush()

@@ -175,6 +175,22 @@ def test_killed_or_stalled_viewer_leaves_the_runner_healthy(town, attach):
     detach(fresh)
 
 
+def test_typing_into_a_cli_that_reads_nothing_never_stalls_attach(town, attach):
+    # The pty is in blocking mode for its reader thread: a keystroke the terminal cannot take
+    # now is dropped, never waited for by the thread that also serves the viewers.
+    town.tt("spawn", "dev")
+    task = assign(town, "dev", "@echo not-reading\n@gate go\n@seq 3")
+    viewer = attach(town, "dev")
+    viewer.expect_exact("not-reading")
+    for _ in range(64):  # 64 KiB: far more than a pty's buffers hold
+        viewer.send("a" * 1023 + "\r")
+    (town.record / "go").touch()
+    viewer.expect_exact("seq 000003")               # output still flows to the viewer
+    viewer.expect_exact("dev is idle")
+    assert town.wait_task(task)["state"] == "completed"
+    detach(viewer)
+
+
 def test_attach_errors(town):
     town.tt("spawn", "dev")
     town.wait_agent("dev")

@@ -289,8 +289,9 @@ def test_a_cli_that_outlives_its_runner_and_supervisor_is_killed_by_the_next_sta
 
 def test_stop_kills_a_helper_that_left_its_clis_process_group(town):
     town.tt("spawn", "dev")
-    task_id = town.json("assign", "dev", "@daemon\n@echo started a daemon")["id"]
-    assert town.wait_task(task_id)["state"] == "completed"
+    task_id = town.json("assign", "dev", "@daemon\n@seq 2000\n@echo started a daemon")["id"]
+    task = town.wait_task(task_id)  # the helper holds the CLI's terminal: the task ends all the same
+    assert task["state"] == "completed" and task["output"].endswith("seq 002000\r\nstarted a daemon\r\ndone\r\n")
     [helper] = helpers_of(town, task_id)
     assert not dead(helper)  # out of the CLI's group, it outlived the task (as a server would)
     town.tt("stop")
