@@ -69,6 +69,8 @@ class Supervisor:
         self._say = say or (lambda text: print(text, flush=True))
         self.ready_fd = ready_fd
         self.procs: dict[str, RunnerProc] = {}
+        self.exited: list[tuple[RunnerProc, int]] = []  # reaped runners whose exit is not yet recorded
+        self.again = False  # a pass cut short by a lost Redis: run the next one at once
         self.health: dict[str, Health] = {}
         self.stop_mode: str | None = None
         self.redis = RedisServer(config)
@@ -153,7 +155,8 @@ class Supervisor:
     # --- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
         while self.stop_mode is None:
-            timeout = self._next_timer()
+            timeout = 0 if self.again else self._next_timer()
+            self.again = False
             for key, _ in self.selector.select(timeout):
                 if key.fileobj is self.control:
                     if not self.control.drain():
@@ -172,6 +175,7 @@ class Supervisor:
                 # keeps the town); what this pass did not finish, the next one redoes.
                 self.say(f"lost Redis ({exc}); reconnecting")
                 self._redis_lost()
+                self.again = True
                 time.sleep(0.01)  # (a Redis that is up but refuses us must not make this spin)
 
     def _next_timer(self) -> float | None:
@@ -297,7 +301,12 @@ class Supervisor:
             if status is None:
                 continue
             del self.procs[agent_id]
-            self._runner_exited(proc, status)
+            self.exited.append((proc, status))
+        while self.exited:  # one at a time: one a lost Redis cut short is done again next pass
+            proc, status = self.exited[0]
+            if proc.agent_id not in self.procs:  # (else it was restarted before Redis went)
+                self._runner_exited(proc, status)
+            self.exited.pop(0)
         if self.redis.proc and self.redis.proc.poll() is not None and self.stop_mode is None:
             self._redis_lost()
         reap_adopted(self._own_children())
@@ -366,8 +375,8 @@ class Supervisor:
         mode = self.stop_mode or "graceful"
         self.say(f"stopping ({mode})")
         report = StopReport()
-        self.town.r.hset(self.town.keys.supervisor, "state", "stopping")
-        since = self.town.r.xadd(self.town.keys.events, {"type": "town_stopping", "mode": mode})
+        self._retrying(lambda: self.town.r.hset(self.town.keys.supervisor, "state", "stopping"))
+        since = self._retrying(lambda: self.town.r.xadd(self.town.keys.events, {"type": "town_stopping", "mode": mode}))
         # While a runner lives, the agent's state is its own to write (it says `stopping` when it
         # gets the signal): a write from here could race with it recording a finished task.
         sig = signal.SIGUSR1 if mode == "now" else signal.SIGTERM
@@ -400,11 +409,11 @@ class Supervisor:
                     report.stopped.append(proc.name)
                     unmarked.append(agent_id)
             if unmarked and (not self.procs or time.monotonic() >= mark_at):
-                self._mark_stopped(*unmarked)
+                self._retrying(lambda: self._mark_stopped(*unmarked))
                 unmarked = []
                 mark_at = time.monotonic() + 0.1
             # `tt stop --now` writes the request and then publishes on the control channel
-            asked_now = nudged and self._requested_stop() == "now"
+            asked_now = nudged and self._retrying(self._requested_stop) == "now"
             nudged = False
             if mode != "now" and (self.stop_mode == "now" or asked_now):
                 # `tt stop --now` (or a second Ctrl+C) during a graceful stop: skip the grace period
@@ -413,27 +422,41 @@ class Supervisor:
                 for proc in self.procs.values():
                     self._signal_runner(proc, signal.SIGUSR1)
                 deadline = min(deadline, time.monotonic() + KILL_WAIT_SECONDS + 3.0)
-        self._mark_stopped(*unmarked)
+        self._retrying(lambda: self._mark_stopped(*unmarked))
         for proc in self.procs.values():  # past every deadline: no mercy
             killpg(proc.pid, signal.SIGKILL)
-            cli_pid = self.town.r.hget(self.town.keys.agent(proc.agent_id), "cli_pid")
+            cli_pid = self._retrying(lambda: self.town.r.hget(self.town.keys.agent(proc.agent_id), "cli_pid"))
             killpg(int(cli_pid) if cli_pid else None, signal.SIGKILL)
             os.waitpid(proc.pid, 0)
             report.killed.append(proc.name)
-            self._mark_stopped(proc.agent_id)
+            self._retrying(lambda: self._mark_stopped(proc.agent_id))
         self.procs.clear()
         self._stop_adopted()
-        agents = self.town.agents()
-        self._mark_stopped(*[agent.id for agent in agents  # those in backoff, or never started
-                             if agent.state not in (AgentState.FAILED.value, AgentState.STOPPED.value)])
-        for _id, fields in self.town.r.xrange(self.town.keys.events, min=since):
-            if fields.get("type") == "task_requeued":
-                report.requeued.append(fields.get("task", ""))
-        report.pending = sum(self.town.pending_counts(agents).values())  # by id: the states are not read
-        self.town.r.hset(self.town.keys.supervisor, mapping={"state": "stopped", "stop": "", "pid": ""})
+        self._retrying(lambda: self._record_stop(report, since))
         self.say(f"stopped {len(report.stopped) + len(report.killed)} runner(s); "
                  f"{len(report.requeued)} task(s) re-queued; {report.pending} waiting")
         return report
+
+    def _record_stop(self, report: StopReport, since: str) -> None:
+        agents = self.town.agents()
+        self._mark_stopped(*[agent.id for agent in agents  # those in backoff, or never started
+                             if agent.state not in (AgentState.FAILED.value, AgentState.STOPPED.value)])
+        events = self.town.r.xrange(self.town.keys.events, min=since)
+        report.requeued = [fields.get("task", "") for _id, fields in events if fields.get("type") == "task_requeued"]
+        report.pending = sum(self.town.pending_counts(agents).values())  # by id: the states are not read
+        self.town.r.hset(self.town.keys.supervisor, mapping={"state": "stopped", "stop": "", "pid": ""})
+
+    def _retrying(self, call, attempts: int = 3):
+        """call() against Redis; if the connection breaks (redis-server died while the town
+        stops), reconnect, starting the server again if need be, and try again."""
+        for attempt in range(attempts):
+            try:
+                return call()
+            except RespConnectionError as exc:
+                if attempt == attempts - 1:
+                    raise
+                self.say(f"lost Redis ({exc}); reconnecting")
+                self._redis_lost()
 
     def _stop_adopted(self, grace: float = ADOPTED_STOP_GRACE) -> None:
         """A CLI's helper that left its group (setsid, a double fork: a server, a gpg-agent) outlived

@@ -6,40 +6,61 @@ timers, moved ~70 MB/s on a 2-core machine; blocking reads ~100-130 MB/s (a poll
 pty empty first waits for the kernel's flush worker and then sleeps; a blocking read sleeps once).
 The runner's main thread keeps everything else, and is woken through a pipe when output waits.
 
-The thread reads its own dup of the master side, so it can outlive the session: when a helper
-that left the CLI's session still holds the terminal after the CLI is gone, the runner moves on
-and the thread ends (closing its fd) at the helper's next write or exit.
+At most QUEUE_BYTES wait between the two: past that the thread stops reading, the pty fills and
+the CLI waits, as it would for any slow reader, rather than the runner's memory growing while
+its main thread is held up (a stalled Redis, a slow disk).
+
+The thread reads its own dup of the master side. When the runner is done with a session whose
+terminal is still held open (by a helper that left the CLI's session), abandon() writes a byte
+into the terminal to end the thread's read, so the thread closes its dup and the master's close
+hangs the terminal up, as it would without the thread.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 
 READ_CHUNK = 65536
+QUEUE_BYTES = 256 * 1024
+_TIOCGPTPEER = 0x5441  # (termios does not name it): an fd for the slave side of a pty master
 
 
 class PtyReader(threading.Thread):
     def __init__(self, master_fd: int):
         super().__init__(name="pty-reader", daemon=True)
-        self.fd = os.dup(master_fd)  # (close-on-exec, as dup makes it)
-        self.lock = threading.Lock()
+        self.master_fd = master_fd
+        self.notify_r, self.notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self.fd = os.dup(master_fd)  # (close-on-exec, as dup makes it)
+        except OSError:
+            os.close(self.notify_r)
+            os.close(self.notify_w)
+            raise
+        self.cond = threading.Condition()
         self.chunks: list[bytes] = []
+        self.size = 0
         self.eof = False
         self.abandoned = False
-        self.notify_r, self.notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def run(self) -> None:
         while True:
+            with self.cond:  # room in the queue first: else the CLI waits, not our memory
+                while self.size >= QUEUE_BYTES and not self.abandoned:
+                    self.cond.wait()
+                if self.abandoned:
+                    break
             try:
                 data = os.read(self.fd, READ_CHUNK)
             except OSError:  # EIO: every holder of the terminal has closed it
                 data = b""
-            with self.lock:
+            with self.cond:
                 if self.abandoned:
                     break
                 wake = not self.chunks
                 if data:
                     self.chunks.append(data)
+                    self.size += len(data)
                 else:
                     self.eof = True
             if wake:
@@ -49,7 +70,8 @@ class PtyReader(threading.Thread):
                     pass
             if not data:
                 break
-        self._close()
+        os.close(self.fd)
+        os.close(self.notify_w)
 
     def take(self) -> tuple[list[bytes], bool]:
         """The output read since the last call, and whether the terminal has closed."""
@@ -58,20 +80,36 @@ class PtyReader(threading.Thread):
                 pass
         except OSError:  # empty
             pass
-        with self.lock:
-            chunks, self.chunks = self.chunks, []
+        with self.cond:
+            chunks, self.chunks, self.size = self.chunks, [], 0
+            self.cond.notify()
             return chunks, self.eof
 
     def abandon(self) -> None:
-        """The runner is done with this output: end now if the terminal closed, else at the next
-        read that returns."""
-        with self.lock:
+        """The runner is done with this output (call before closing the master side)."""
+        with self.cond:
             self.abandoned = True
             done = self.eof
+            self.cond.notify()
         os.close(self.notify_r)
-        if done:
-            self.join()
+        if not done:
+            self._wake_read()
+        self.join(1.0)
 
-    def _close(self) -> None:
-        os.close(self.fd)
-        os.close(self.notify_w)
+    def release(self) -> None:
+        """The fds of a reader whose thread never started."""
+        for fd in (self.fd, self.notify_r, self.notify_w):
+            os.close(fd)
+
+    def _wake_read(self) -> None:
+        """End a read blocked on a terminal someone still holds: one byte from its slave side."""
+        try:
+            slave = fcntl.ioctl(self.master_fd, _TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # a kernel before 4.13: the thread ends at the holder's next write or exit
+            return
+        try:
+            os.write(slave, b"\0")
+        except OSError:  # full: then the thread is not blocked in a read
+            pass
+        finally:
+            os.close(slave)

@@ -123,17 +123,24 @@ class CliSession:
 
     def start_reader(self) -> PtyReader:
         """Start reading the CLI's output on a thread (pty_reader); close() lets it go."""
-        self.reader = PtyReader(self.fd)
-        self.reader.start()
-        return self.reader
+        reader = PtyReader(self.fd)
+        try:
+            reader.start()
+        except RuntimeError:  # no thread to be had
+            reader.release()
+            raise
+        self.reader = reader
+        return reader
 
     def write(self, data: bytes) -> None:
         """Keystrokes for the CLI (from an attached user). The pty is in blocking mode for its
         reader, so a write goes only as far as the terminal takes it now: a CLI that reads no
         input must not block the attach thread."""
         view = memoryview(data)
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
         try:
-            while view and select.select([], [self.fd], [], 0)[1]:
+            while view and poller.poll(0):
                 view = view[os.write(self.fd, view[:WRITE_CHUNK]):]
         except OSError:  # closed, or hung up
             pass

@@ -196,7 +196,8 @@ class Runner:
         # and its CLI to the supervisor, which adopts and kills it.
         try:
             session.start()
-        except TinytownError as exc:
+            session.start_reader()
+        except (TinytownError, OSError, RuntimeError) as exc:  # (no fd or thread left for the reader)
             self.town.start_task(self.agent_id, task_id, task=task, agent_state=agent_state)
             self.log.note(f"task {task_id} failed: {exc}")
             self.town.finish_task(self.agent_id, claimed, TaskState.FAILED, exit_code=None, reason=str(exc))
@@ -245,7 +246,7 @@ class Runner:
         maxlen = self.config.logs.stream_maxlen
         exited = timed_out = eof = False
         drain_deadline = None  # once the CLI has exited: how long its last output may take to arrive
-        reader = session.start_reader()
+        reader = session.reader
         fds = [reader.notify_r, self.wake_r]
         while True:
             now = time.monotonic()

@@ -388,6 +388,41 @@ def test_a_runner_death_spares_what_earlier_tasks_left_running(town):
     assert dead(daemon)  # `tt stop` leaves nothing running (SIGTERM first)
 
 
+def test_helpers_holding_the_terminal_leave_nothing_behind_in_the_runner(town):
+    town.tt("spawn", "dev")
+    assert town.wait_task(town.json("assign", "dev", "@echo warm")["id"])["state"] == "completed"
+    runner = psutil.Process(town.agent("dev")["pid"])
+    fds, threads = runner.num_fds(), runner.num_threads()
+    for i in range(5):  # each leaves a helper in a session of its own, holding the task's terminal
+        task = town.wait_task(town.json("assign", "dev", f"@daemon\n@echo task {i}")["id"])
+        assert task["state"] == "completed" and f"task {i}" in task["output"]
+    # each task's reader thread, its fds and its pty are let go, as they were for a plain task
+    wait_for(lambda: (runner.num_fds(), runner.num_threads()) == (fds, threads), 20, "the runner's fds and threads")
+
+
+def test_redis_server_killed_during_a_graceful_stop_loses_nothing(town):
+    town.tt("spawn", "dev")
+    task_id = town.json("assign", "dev", "@gate go\n@echo finished")["id"]
+    working_on(town, "dev", task_id)
+    supervisor = psutil.Process(town.supervisor_pid())
+    stop = subprocess.Popen([sys.executable, "-m", "cli.main", "stop"], cwd=town.root, env=town.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    town.wait_agent("dev", ("stopping",))  # the stop waits for the task, within stop_grace
+    [server] = redis_servers(town)
+    server.kill()
+    wait_for(lambda: dead(server.pid), 20, "redis-server to die")
+    open_gate(town)
+    out, err = stop.communicate(timeout=60)
+    assert stop.returncode == 0, err.decode()
+    supervisor.wait(30)
+    assert town_processes(town.root) == []
+    report = json.loads((town.root / ".tt" / "last-stop.json").read_text())
+    assert report["stopped"] == ["dev"] and report["killed"] == []
+    town.tt("restart", "dev")  # any writing command brings the town back, to read it
+    task = town.wait_task(task_id)
+    assert task["state"] == "completed" and "finished" in task["output"]
+
+
 def test_two_starts_at_the_same_instant_make_one_supervisor(town):
     procs = [subprocess.Popen([sys.executable, "-m", "cli.main", "start"], cwd=town.root, env=town.env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
