@@ -8,7 +8,8 @@ The runner's main thread keeps everything else, and is woken through a pipe when
 
 At most QUEUE_BYTES wait between the two: past that the thread stops reading, the pty fills and
 the CLI waits, as it would for any slow reader, rather than the runner's memory growing while
-its main thread is held up (a stalled Redis, a slow disk).
+its main thread is held up (a stalled Redis, a slow disk). The bound is also the largest batch
+the main thread takes at once: with 256 KiB the rate was ~20 % lower than with 4 MiB here.
 
 The thread reads its own dup of the master side. When the runner is done with a session whose
 terminal is still held open (by a helper that left the CLI's session), abandon() writes a byte
@@ -22,7 +23,7 @@ import os
 import threading
 
 READ_CHUNK = 65536
-QUEUE_BYTES = 256 * 1024
+QUEUE_BYTES = 4 * 1024 * 1024
 _TIOCGPTPEER = 0x5441  # (termios does not name it): an fd for the slave side of a pty master
 
 
@@ -37,7 +38,8 @@ class PtyReader(threading.Thread):
             os.close(self.notify_r)
             os.close(self.notify_w)
             raise
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
+        self.room = threading.Condition(self.lock)  # notified when take() empties the queue
         self.chunks: list[bytes] = []
         self.size = 0
         self.eof = False
@@ -45,16 +47,17 @@ class PtyReader(threading.Thread):
 
     def run(self) -> None:
         while True:
-            with self.cond:  # room in the queue first: else the CLI waits, not our memory
-                while self.size >= QUEUE_BYTES and not self.abandoned:
-                    self.cond.wait()
+            if self.size >= QUEUE_BYTES:  # full: the CLI waits, not the runner's memory grows
+                with self.lock:
+                    while self.size >= QUEUE_BYTES and not self.abandoned:
+                        self.room.wait()
                 if self.abandoned:
                     break
             try:
                 data = os.read(self.fd, READ_CHUNK)
             except OSError:  # EIO: every holder of the terminal has closed it
                 data = b""
-            with self.cond:
+            with self.lock:
                 if self.abandoned:
                     break
                 wake = not self.chunks
@@ -80,17 +83,17 @@ class PtyReader(threading.Thread):
                 pass
         except OSError:  # empty
             pass
-        with self.cond:
+        with self.lock:
             chunks, self.chunks, self.size = self.chunks, [], 0
-            self.cond.notify()
+            self.room.notify()
             return chunks, self.eof
 
     def abandon(self) -> None:
         """The runner is done with this output (call before closing the master side)."""
-        with self.cond:
+        with self.lock:
             self.abandoned = True
             done = self.eof
-            self.cond.notify()
+            self.room.notify()
         os.close(self.notify_r)
         if not done:
             self._wake_read()

@@ -321,7 +321,10 @@ class Runner:
         if self.stream is None:
             self.stream = Sender(resp_connect(self.config))
         try:
-            self.stream.send("XADD", key, "MAXLEN", "~", maxlen, "*", "task", task_id, "data", bytes(data))
+            view = memoryview(data)
+            for start in range(0, len(view), STREAM_FLUSH_BYTES):  # entries of 64 KiB at most: the
+                piece = bytes(view[start:start + STREAM_FLUSH_BYTES])  # stream's size is maxlen x that
+                self.stream.send("XADD", key, "MAXLEN", "~", maxlen, "*", "task", task_id, "data", piece)
         except RespConnectionError as exc:
             print(f"tt runner: output stream: {exc}", file=sys.stderr)
             self.stream = None
