@@ -158,10 +158,14 @@ class AttachServer:
     def output(self, data: bytes) -> None:
         """The CLI printed `data`: keep it for replay and queue it for every viewer."""
         with self.lock:
-            self.ring += data
-            if len(self.ring) > 2 * REPLAY_BYTES:
-                del self.ring[:-REPLAY_BYTES]
+            if len(data) >= REPLAY_BYTES:  # (a batch may be MiBs: copy only what is kept)
+                self.ring[:] = data[-REPLAY_BYTES:]
                 self.ring_aligned = False
+            else:
+                self.ring += data
+                if len(self.ring) > 2 * REPLAY_BYTES:
+                    del self.ring[:-REPLAY_BYTES]
+                    self.ring_aligned = False
             for viewer in self.viewers.values():
                 if viewer.mode:
                     viewer.queue(b"O", data, droppable=True)

@@ -283,9 +283,12 @@ class Runner:
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 self.log.write(data)
                 self.attach.output(data)
-                self.tail += data
-                if len(self.tail) > 2 * OUTPUT_TAIL_BYTES:
-                    del self.tail[:-OUTPUT_TAIL_BYTES]
+                if len(data) >= OUTPUT_TAIL_BYTES:  # (a batch may be MiBs: copy only what is kept)
+                    self.tail[:] = data[-OUTPUT_TAIL_BYTES:]
+                else:
+                    self.tail += data
+                    if len(self.tail) > 2 * OUTPUT_TAIL_BYTES:
+                        del self.tail[:-OUTPUT_TAIL_BYTES]
                 pending += data
             now = time.monotonic()
             if pending and (len(pending) >= STREAM_FLUSH_BYTES or now - last_flush >= STREAM_FLUSH_SECONDS or eof):
