@@ -254,7 +254,8 @@ def task(task_id, as_json, town_path):
 @town_option
 def start(town_path):
     """Run the supervisor in the foreground (Ctrl+C stops the town gracefully)."""
-    from supervisor.daemon import Supervisor, exit_now
+    from supervisor.daemon import Supervisor
+    from supervisor.procutil import exit_now
     config = _config(town_path)
     exit_now(Supervisor(config, say=lambda text: click.echo(f"tt: {text}")).serve())
 

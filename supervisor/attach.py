@@ -31,6 +31,8 @@ from pathlib import Path
 
 from .config import Config, validate_name
 from .errors import TinytownError
+from .logs import keep_tail
+from .procutil import drain
 
 FRAME = struct.Struct("!cI")
 MAX_FRAME = 1024 * 1024
@@ -158,14 +160,8 @@ class AttachServer:
     def output(self, data: bytes) -> None:
         """The CLI printed `data`: keep it for replay and queue it for every viewer."""
         with self.lock:
-            if len(data) >= REPLAY_BYTES:  # (a batch may be MiBs: copy only what is kept)
-                self.ring[:] = data[-REPLAY_BYTES:]
+            if keep_tail(self.ring, data, REPLAY_BYTES):
                 self.ring_aligned = False
-            else:
-                self.ring += data
-                if len(self.ring) > 2 * REPLAY_BYTES:
-                    del self.ring[:-REPLAY_BYTES]
-                    self.ring_aligned = False
             for viewer in self.viewers.values():
                 if viewer.mode:
                     viewer.queue(b"O", data, droppable=True)
@@ -250,11 +246,7 @@ class AttachServer:
                     if key.data == "listen":
                         self._accept(sel)
                     elif key.data == "wake":
-                        try:
-                            while os.read(self.wake_r, 4096):
-                                pass
-                        except (BlockingIOError, OSError):
-                            pass
+                        drain(self.wake_r)
                     elif events & selectors.EVENT_READ:
                         self._receive(key.data)
                 with self.lock:
@@ -472,11 +464,7 @@ class _Terminal:
         while True:
             ready, _, _ = select.select(watch, [], [])
             if wake_r in ready:
-                try:
-                    while os.read(wake_r, 512):
-                        pass
-                except (BlockingIOError, OSError):
-                    pass
+                drain(wake_r)
                 if not self.read_only:
                     self._send(b"W", json.dumps(self._size()).encode())
             if self.stdin in ready:

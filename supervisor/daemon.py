@@ -23,9 +23,9 @@ from .control import ControlChannel
 from .errors import TinytownError
 from .logs import tail_text
 from .models import AgentState, InvalidTransition, Message, TaskState
-from .procutil import (adopted, become_subreaper, close_on_exec_all, describe_status, drain, kill_leftovers,
-                       kill_with_group, killpg, reap, reap_adopted, set_parent_death_signal, set_process_name,
-                       signal_wakeup_pipe, wait_exit, wait_until)
+from .procutil import (adopted, become_subreaper, close_on_exec_all, describe_status, drain, exit_now,
+                       kill_leftovers, kill_with_group, killpg, reap, reap_adopted, set_parent_death_signal,
+                       set_process_name, signal_wakeup_pipe, wait_exit, wait_until)
 from .redis_server import RedisServer
 from .resp import RespConnectionError
 from .resp import connect as resp_connect
@@ -311,6 +311,12 @@ class Supervisor:
             self._redis_lost()
         reap_adopted(self._own_children())
 
+    def _kill_cli(self, agent_id: str) -> None:
+        """SIGKILL the process group of the CLI the agent's record names (it leads a session of its
+        own, so a runner's group does not hold it)."""
+        cli_pid = self.town.r.hget(self.town.keys.agent(agent_id), "cli_pid")
+        killpg(int(cli_pid) if cli_pid else None, signal.SIGKILL)
+
     def _own_children(self) -> set[int]:
         """The runners and redis-server: every other child is an orphan adopted as subreaper."""
         known = {proc.pid for proc in self.procs.values()}
@@ -320,9 +326,7 @@ class Supervisor:
 
     def _runner_exited(self, proc: RunnerProc, status: int) -> None:
         agent_key = self.town.keys.agent(proc.agent_id)
-        cli_pid = self.town.r.hget(agent_key, "cli_pid")
-        if cli_pid:  # the runner died mid-task: take its CLI's whole group down too
-            killpg(int(cli_pid), signal.SIGKILL)
+        self._kill_cli(proc.agent_id)  # the runner died mid-task: its CLI's whole group goes too
         # and a CLI it started but had not yet recorded, now ours as subreaper (what earlier tasks
         # left running, a gpg-agent or an ssh master, is not this task's: it stays)
         running = {c.message.task_id for c in self.town.inflight(proc.agent_id) if c.message.task_id}
@@ -425,8 +429,7 @@ class Supervisor:
         self._retrying(lambda: self._mark_stopped(*unmarked))
         for proc in self.procs.values():  # past every deadline: no mercy
             killpg(proc.pid, signal.SIGKILL)
-            cli_pid = self._retrying(lambda: self.town.r.hget(self.town.keys.agent(proc.agent_id), "cli_pid"))
-            killpg(int(cli_pid) if cli_pid else None, signal.SIGKILL)
+            self._retrying(lambda: self._kill_cli(proc.agent_id))
             os.waitpid(proc.pid, 0)
             report.killed.append(proc.name)
             self._retrying(lambda: self._mark_stopped(proc.agent_id))
@@ -520,8 +523,7 @@ class Supervisor:
         for proc in self.procs.values():
             killpg(proc.pid, signal.SIGKILL)
             try:  # the CLI has a session of its own: its helpers are not in the runner's group
-                cli_pid = self.town.r.hget(self.town.keys.agent(proc.agent_id), "cli_pid")
-                killpg(int(cli_pid) if cli_pid else None, signal.SIGKILL)
+                self._kill_cli(proc.agent_id)
             except Exception:  # noqa: BLE001 - Redis may be what failed
                 pass
             try:
@@ -553,16 +555,6 @@ def main(argv: list[str] | None = None) -> int:
     except TinytownError as exc:
         print(f"tt supervisor: {exc}", file=sys.stderr, flush=True)
         return 1
-
-
-def exit_now(code: int) -> None:
-    """Leave without the interpreter's teardown, which takes tens of ms with all that is imported:
-    the town is stopped and its lock released, and `tt stop` waits for this process to be gone."""
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    finally:
-        os._exit(code)
 
 
 if __name__ == "__main__":

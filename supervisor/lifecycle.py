@@ -10,7 +10,7 @@ import time
 from . import lock
 from .config import Config, ensure_runtime_dir
 from .errors import TinytownError
-from .procutil import alive, wait_until
+from .procutil import alive, pidfd_wait, wait_until
 
 START_TIMEOUT = 30.0
 
@@ -78,17 +78,8 @@ def _start_background(config: Config, say) -> bool:
 
 def _wait_gone(pid: int, timeout: float) -> None:
     """Until process `pid` (not our child) has exited: a pidfd wakes us that moment; else poll."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    except (AttributeError, OSError):  # Python < 3.9 or Linux < 5.3
+    if pidfd_wait(pid, timeout) is None:
         wait_until(lambda: not _running(pid), timeout)
-        return
-    try:
-        select.select([fd], [], [], timeout)
-    finally:
-        os.close(fd)
 
 
 def _running(pid: int) -> bool:
@@ -139,19 +130,20 @@ def wait_recorded(config: Config, town) -> None:
 
 def _wait_ready(config: Config, timeout: float = START_TIMEOUT) -> bool:
     """Wait until a running supervisor reports `running` in Redis: False if it exits instead."""
-    from .town import Town
+    from .keys import Keys
+    from .resp import connect  # (not redis-py: a command that only reads must stay quick)
 
-    town = Town(config)
+    client, key = connect(config), Keys(config.name).supervisor
 
     def ready() -> bool:
         if not running_pid(config):
             return True  # it went away (it was stopping)
         try:
-            return town.r.hget(town.keys.supervisor, "state") == "running"
+            return client.hget(key, "state") == "running"
         except Exception:
             return False
 
-    if not wait_until(ready, timeout, interval=0.005, max_interval=0.05):
+    if not wait_until(ready, timeout):
         raise TinytownError("the town's supervisor is running but not ready; see .tt/supervisor.log")
     return bool(running_pid(config))
 
@@ -166,8 +158,8 @@ def stop(config: Config, now: bool = False, timeout: float | None = None) -> dic
 
     keys = Keys(config.name)
     try:
-        # Town.request_stop's two writes, on the small RESP client and without importing town.py,
-        # models.py or redis-py: a quicker `tt stop`.
+        # The stop request, on the small RESP client and without importing town.py, models.py or
+        # redis-py: a quicker `tt stop`.
         connect(config).pipeline().hset(keys.supervisor, "stop", "now" if now else "graceful") \
             .publish(keys.control, "stop").execute()
     except Exception:

@@ -84,14 +84,7 @@ class AgentLog:
 
 def tail_text(path, max_lines: int = 5, max_chars: int = 400) -> str:
     """The last lines of a log file, for a failed agent's reason."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 8192))
-            data = fh.read()
-    except OSError:
-        return ""
+    data = tail_bytes(path, 8192, align=False)
     lines = [line for line in data.decode("utf-8", "replace").splitlines() if line.strip()]
     return " | ".join(lines[-max_lines:])[-max_chars:]
 
@@ -295,6 +288,20 @@ def cut_lines(data: bytes, lines: int | None) -> bytes:
         if cut < 0:
             return data
     return data[cut + 1:]
+
+
+def keep_tail(buf: bytearray, data: bytes, limit: int) -> bool:
+    """Append `data` to `buf`, keeping at least its last `limit` bytes (trimmed back to that once
+    past twice as much, so not at every append); True if anything was dropped. A batch of output
+    may be MiBs: only what is kept is copied."""
+    if len(data) >= limit:
+        buf[:] = data[-limit:]
+        return True
+    buf += data
+    if len(buf) > 2 * limit:
+        del buf[:-limit]
+        return True
+    return False
 
 
 def tail_bytes(path: Path, max_bytes: int, align: bool = True) -> bytes:

@@ -22,6 +22,8 @@ import fcntl
 import os
 import threading
 
+from .procutil import drain
+
 READ_CHUNK = 65536
 QUEUE_BYTES = 4 * 1024 * 1024
 _TIOCGPTPEER = 0x5441  # (termios does not name it): an fd for the slave side of a pty master
@@ -78,11 +80,7 @@ class PtyReader(threading.Thread):
 
     def take(self) -> tuple[list[bytes], bool]:
         """The output read since the last call, and whether the terminal has closed."""
-        try:
-            while os.read(self.notify_r, 512):
-                pass
-        except OSError:  # empty
-            pass
+        drain(self.notify_r)
         with self.lock:
             chunks, self.chunks, self.size = self.chunks, [], 0
             self.room.notify()

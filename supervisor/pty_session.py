@@ -55,7 +55,7 @@ class CliSession:
         self.dimensions = dimensions
         self.child: pexpect.spawn | None = None
         self.pid: int | None = None
-        self.fd = -1                     # the pty's master side (non-blocking)
+        self.fd = -1                     # the pty's master side (blocking: see pty_reader)
         self.exit_code: int | None = None
         self.signal: int | None = None
         self.wrote_file = False

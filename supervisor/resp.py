@@ -213,17 +213,32 @@ class RespClient(_Commands):
             raise reply
         return shape(reply) if shape else reply
 
-    def _roundtrip(self, commands, replies: int) -> list:
-        if self.sock is not None and not self._usable():
+    def _ensure(self, idle: bool = True) -> None:
+        """A connection to send on: a new one if there is none, or if Redis closed this one while
+        it sat `idle` (no reply outstanding)."""
+        if self.sock is not None and idle and not self._usable():
             self.close()
         if self.sock is None:
             self._connect()
+
+    def _lost(self, exc: OSError) -> RespConnectionError:
+        """Drop a connection that broke mid-command; the error to raise."""
+        self.close()
+        return RespConnectionError(f"Redis connection lost: {exc}")
+
+    def _roundtrip(self, commands, replies: int, wait: float | None = None) -> list:
+        """Send, and read the replies; `wait`: seconds the first reply may take beyond read_timeout."""
+        self._ensure()
         try:
+            if wait is not None and self.read_timeout is not None:
+                self.sock.settimeout(wait + self.read_timeout)
             self.sock.sendall(b"".join(encode_command(c) for c in commands))
             return [self._read() for _ in range(replies)]
         except OSError as exc:
-            self.close()
-            raise RespConnectionError(f"Redis connection lost: {exc}") from None
+            raise self._lost(exc) from None
+        finally:
+            if wait is not None and self.read_timeout is not None and self.sock is not None:
+                self.sock.settimeout(self.read_timeout)
 
     def _read(self):
         line = self.reader.readline()
@@ -254,18 +269,10 @@ class RespClient(_Commands):
 
     def blmove(self, source, destination, timeout, src="LEFT", dest="RIGHT"):
         """Block up to `timeout` seconds for an element (the socket waits that much longer)."""
-        if self.sock is not None and not self._usable():
-            self.close()
-        if self.sock is None:
-            self._connect()
-        if self.read_timeout is None:
-            return self._call(("BLMOVE", source, destination, src, dest, timeout))
-        self.sock.settimeout(timeout + self.read_timeout)
-        try:
-            return self._call(("BLMOVE", source, destination, src, dest, timeout))
-        finally:
-            if self.sock is not None:
-                self.sock.settimeout(self.read_timeout)
+        reply = self._roundtrip([("BLMOVE", source, destination, src, dest, timeout)], 1, wait=timeout)[0]
+        if isinstance(reply, RespError):
+            raise reply
+        return reply
 
 
 class Pipeline(_Commands):
@@ -325,16 +332,12 @@ class Sender:
     def send(self, *args) -> None:
         if self.outstanding >= self.window:
             self._read(self.outstanding - self.window // 2)
-        if self.client.sock is not None and not self.outstanding and not self.client._usable():
-            self.client.close()  # closed by Redis while idle (restarted): a new connection
-        if self.client.sock is None:
-            self.client._connect()
+        self.client._ensure(idle=not self.outstanding)
         try:
             self.client.sock.sendall(encode_command(args))
         except OSError as exc:
-            self.client.close()
             self.outstanding = 0
-            raise RespConnectionError(f"Redis connection lost: {exc}") from None
+            raise self.client._lost(exc) from None
         self.outstanding += 1
 
     def flush(self) -> None:
@@ -349,9 +352,8 @@ class Sender:
                 if isinstance(reply, RespError):
                     self.errors.append(str(reply))
         except OSError as exc:
-            self.client.close()
             self.outstanding = 0
-            raise RespConnectionError(f"Redis connection lost: {exc}") from None
+            raise self.client._lost(exc) from None
 
     def close(self) -> None:
         self.client.close()

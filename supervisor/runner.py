@@ -21,9 +21,9 @@ from pathlib import Path
 from .config import Config
 from .errors import TinytownError
 from .attach import REPLAY_BYTES, AttachServer
-from .logs import AgentLog, tail_bytes
+from .logs import AgentLog, keep_tail, tail_bytes
 from .models import AgentState, TaskState
-from .procutil import drain, signal_wakeup_pipe
+from .procutil import drain, exit_now, signal_wakeup_pipe
 from .pty_session import CliSession
 from .resp import RespConnectionError, Sender
 from .resp import connect as resp_connect
@@ -66,7 +66,7 @@ class Runner:
             if attach is None or not attach.viewers:  # nothing to finish, nobody to tell: just go
                 if attach is not None:
                     attach.remove_socket()
-                _exit_now(0)  # (what run() does on _StopNow, without unwinding through redis-py)
+                exit_now(0)  # (what run() does on _StopNow, without unwinding a Redis read)
             raise _StopNow()
 
     # --- main loop ---------------------------------------------------------------------------
@@ -283,12 +283,7 @@ class Runner:
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 self.log.write(data)
                 self.attach.output(data)
-                if len(data) >= OUTPUT_TAIL_BYTES:  # (a batch may be MiBs: copy only what is kept)
-                    self.tail[:] = data[-OUTPUT_TAIL_BYTES:]
-                else:
-                    self.tail += data
-                    if len(self.tail) > 2 * OUTPUT_TAIL_BYTES:
-                        del self.tail[:-OUTPUT_TAIL_BYTES]
+                keep_tail(self.tail, data, OUTPUT_TAIL_BYTES)
                 pending += data
             now = time.monotonic()
             if pending and (len(pending) >= STREAM_FLUSH_BYTES or now - last_flush >= STREAM_FLUSH_SECONDS or eof):
@@ -361,14 +356,6 @@ class Runner:
             print(f"tt runner: could not record stop: {exc}", file=sys.stderr)
 
 
-def _exit_now(code: int) -> None:
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    finally:
-        os._exit(code)
-
-
 def run_forked(config: Config, agent_id: str, log_path: Path) -> None:
     """Entry point in the forked child: never returns into the supervisor's code."""
     code = 1
@@ -384,9 +371,4 @@ def run_forked(config: Config, agent_id: str, log_path: Path) -> None:
         print(f"tt runner: {type(exc).__name__}: {exc}", file=sys.stderr)
         code = 1
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except Exception:
-            pass
-        os._exit(code)
+        exit_now(code)

@@ -1,6 +1,6 @@
 """The Redis operations shared by the `tt` commands, the supervisor and the runners.
 
-Every multi-key change happens in one MULTI/EXEC or one Lua script, so a crash between two writes
+Every multi-key change happens in one MULTI/EXEC, so a crash between two writes
 cannot leave a task both in an inbox and finished, or an agent registered past `max_agents`.
 """
 from __future__ import annotations
@@ -299,12 +299,6 @@ class Town:
     # --- the supervisor's record -----------------------------------------------------------
     def supervisor_info(self) -> dict:
         return self.r.hgetall(self.keys.supervisor)
-
-    def request_stop(self, now_: bool = False) -> None:  # lifecycle.stop writes the same, without Town
-        pipe = self.r.pipeline()
-        pipe.hset(self.keys.supervisor, "stop", "now" if now_ else "graceful")
-        pipe.publish(self.keys.control, "stop")
-        pipe.execute()
 
     def status(self) -> dict:
         agents = self.agents()

@@ -100,6 +100,10 @@ class TownHarness:
             pytest.fail(f"tt {' '.join(map(str, args))[:200]} exited {proc.returncode}:\n{proc.err}\n{proc.out}")
         return proc
 
+    def assign(self, agent: str, text: str) -> str:
+        """`tt assign AGENT TEXT`; the new task's id."""
+        return self.json("assign", agent, text)["id"]
+
     def json(self, *args):
         return json.loads(self.tt(*args, "--json").stdout)
 

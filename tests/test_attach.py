@@ -31,10 +31,6 @@ def attach():
         child.close(force=True)
 
 
-def assign(town, agent: str, text: str) -> str:
-    return town.json("assign", agent, text)["id"]
-
-
 def log_text(town, agent: str = "dev") -> str:
     path = town.root / ".tt" / "logs" / f"{agent}.log"
     return path.read_text(errors="replace") if path.exists() else ""
@@ -54,8 +50,8 @@ def expect_clean_exit(child) -> None:
 
 def test_replay_prompt_answer_and_detach(town, attach):
     town.tt("spawn", "dev")
-    town.wait_task(assign(town, "dev", "@echo earlier-output"))
-    task = assign(town, "dev", "@echo asking-now\n@ask\n@echo after-answer")
+    town.wait_task(town.assign("dev", "@echo earlier-output"))
+    task = town.assign("dev", "@echo asking-now\n@ask\n@echo after-answer")
     wait_for(lambda: "Proceed? [y/N]" in log_text(town), 20, "the CLI's prompt")
     pid = town.agent("dev")["pid"]
     viewer = attach(town, "dev")
@@ -69,7 +65,7 @@ def test_replay_prompt_answer_and_detach(town, attach):
     viewer.expect_exact("dev is idle")
     finished = town.wait_task(task)
     assert finished["state"] == "completed" and finished["exit_code"] == 0
-    task2 = assign(town, "dev", "@ask")
+    task2 = town.assign("dev", "@ask")
     viewer.expect_exact(f"dev is working on task {task2}")
     viewer.expect_exact("Proceed? [y/N]")
     detach(viewer)                                  # back to the shell, the agent keeps running
@@ -89,7 +85,7 @@ def test_idle_agent_stays_attached_until_a_task(town, attach):
     viewer = attach(town, "dev", "--detach-keys", "ctrl-p,ctrl-q")
     assert "Ctrl-P Ctrl-Q " in viewer.before.decode()
     viewer.expect_exact("dev is idle: waiting for the next task")
-    task = assign(town, "dev", "@echo live-line")
+    task = town.assign("dev", "@echo live-line")
     viewer.expect_exact(f"dev is working on task {task}")
     viewer.expect_exact("live-line")
     viewer.expect_exact("dev is idle")
@@ -102,7 +98,7 @@ def test_idle_agent_stays_attached_until_a_task(town, attach):
 
 def test_read_only_sends_nothing(town, attach):
     town.tt("spawn", "dev")
-    task = assign(town, "dev", "@ask")
+    task = town.assign("dev", "@ask")
     wait_for(lambda: "Proceed? [y/N]" in log_text(town), 20, "the CLI's prompt")
     watcher = attach(town, "dev", "--read-only")
     assert "read-only" in watcher.before.decode()
@@ -119,7 +115,7 @@ def test_read_only_sends_nothing(town, attach):
 
 def test_window_size_follows_the_terminal(town, attach):
     town.tt("spawn", "dev")
-    task = assign(town, "dev", "@wait-winsize 30 100\n@wait-winsize 33 111")
+    task = town.assign("dev", "@wait-winsize 30 100\n@wait-winsize 33 111")
     town.wait_task(task, states=("running",))
     viewer = attach(town, "dev", dimensions=(30, 100))
     viewer.expect_exact("winsize 30 100")           # the size on attach reached the CLI
@@ -136,7 +132,7 @@ def test_two_viewers_see_the_same_output(town, attach):
     second = attach(town, "dev", "--read-only")
     for viewer in (first, second):
         viewer.expect_exact("dev is idle")
-    assign(town, "dev", "@echo shared-line\n@seq 500")
+    town.assign("dev", "@echo shared-line\n@seq 500")
     for viewer in (first, second):
         viewer.expect_exact("shared-line")
         viewer.expect_exact("seq 000500")
@@ -157,7 +153,7 @@ def test_killed_or_stalled_viewer_leaves_the_runner_healthy(town, attach):
     stalled = attach(town, "dev")
     for viewer in (doomed, stalled):
         viewer.expect_exact("dev is idle")
-    task = assign(town, "dev", "@gate go\n@print 4000000\n@echo big-done")
+    task = town.assign("dev", "@gate go\n@print 4000000\n@echo big-done")
     doomed.expect_exact("dev is working")
     stalled.expect_exact("dev is working")
     os.kill(doomed.pid, signal.SIGKILL)             # gone abruptly, mid-task
@@ -179,7 +175,7 @@ def test_typing_into_a_cli_that_reads_nothing_never_stalls_attach(town, attach):
     # The pty is in blocking mode for its reader thread: a keystroke the terminal cannot take
     # now is dropped, never waited for by the thread that also serves the viewers.
     town.tt("spawn", "dev")
-    task = assign(town, "dev", "@echo not-reading\n@gate go\n@seq 3")
+    task = town.assign("dev", "@echo not-reading\n@gate go\n@seq 3")
     viewer = attach(town, "dev")
     viewer.expect_exact("not-reading")
     for _ in range(64):  # 64 KiB: far more than a pty's buffers hold

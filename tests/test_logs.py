@@ -64,17 +64,13 @@ def follow():
             follower.proc.wait()
 
 
-def assign(town, agent: str, text: str) -> str:
-    return town.json("assign", agent, text)["id"]
-
-
 def seq_lines(text: str) -> list[str]:
     return re.findall(r"^seq \d{6}$", text, re.M)
 
 
 def test_recent_output_last_lines_raw_and_clean(town):
     town.tt("spawn", "dev")
-    task = assign(town, "dev", "@seq 150\n@echo \x1b[31mred\x1b[0m text")
+    task = town.assign("dev", "@seq 150\n@echo \x1b[31mred\x1b[0m text")
     assert town.wait_task(task)["state"] == "completed"
     out = town.tt("logs", "dev").out
     lines = out.splitlines()
@@ -90,10 +86,10 @@ def test_recent_output_last_lines_raw_and_clean(town):
 
 def test_follow_sees_a_new_line(town, follow):
     town.tt("spawn", "dev")
-    town.wait_task(assign(town, "dev", "@echo first-marker"))
+    town.wait_task(town.assign("dev", "@echo first-marker"))
     follower = follow(town, "dev")
     follower.wait_for("first-marker")               # history printed: it is following now
-    town.wait_task(assign(town, "dev", "@echo second-marker"), states=("running", "completed"))
+    town.wait_task(town.assign("dev", "@echo second-marker"), states=("running", "completed"))
     follower.wait_for("second-marker", timeout=10)
     assert follower.stop() == 0
     assert follower.text.count("first-marker") == 1 and follower.text.count("second-marker") == 1
@@ -105,17 +101,17 @@ def test_follow_survives_runner_restart_and_rotation(make_town, follow):
     # line (identity by inode across the renames), whatever the timing.
     town = make_town(extra="\n[logs]\nmax_bytes = 1024\nbackups = 60\n")
     town.tt("spawn", "dev")
-    town.wait_task(assign(town, "dev", "@echo before-restart"))
+    town.wait_task(town.assign("dev", "@echo before-restart"))
     follower = follow(town, "dev", "-n", "1")
     follower.wait_for("completed")
     old_pid = town.agent("dev")["pid"]
     os.kill(old_pid, signal.SIGKILL)
     wait_for(lambda: town.agent("dev")["pid"] not in (None, old_pid) and town.agent("dev")["state"] == "idle",
              20, "a new runner for dev")
-    town.wait_task(assign(town, "dev", "@echo after-restart"))
+    town.wait_task(town.assign("dev", "@echo after-restart"))
     follower.wait_for("after-restart")
     # 3000 lines written one at a time (each directive flushes): ~33 KB, rotated every KiB
-    task = assign(town, "dev", "\n".join(f"@echo seq {i:06d}" for i in range(1, 3001)))
+    task = town.assign("dev", "\n".join(f"@echo seq {i:06d}" for i in range(1, 3001)))
     assert town.wait_task(task)["state"] == "completed"
     follower.wait_for(f"task {task} completed")
     assert (town.root / ".tt" / "logs" / "dev.log.1").exists()
@@ -130,11 +126,11 @@ def test_two_agents_interleaved_with_prefixes(town, follow):
     town.tt("spawn", "alpha")
     town.tt("spawn", "b")
     follower = follow(town)                          # no names: every agent
-    town.wait_task(assign(town, "alpha", "@echo one-from-alpha"))
+    town.wait_task(town.assign("alpha", "@echo one-from-alpha"))
     follower.wait_for("one-from-alpha")
-    town.wait_task(assign(town, "b", "@echo two-from-b"))
+    town.wait_task(town.assign("b", "@echo two-from-b"))
     follower.wait_for("two-from-b")
-    town.wait_task(assign(town, "alpha", "@echo three-from-alpha"))
+    town.wait_task(town.assign("alpha", "@echo three-from-alpha"))
     follower.wait_for("three-from-alpha")
     assert follower.stop() == 0
     text = follower.text
@@ -162,9 +158,9 @@ def test_prefix_colours_and_partial_lines():
 
 def test_one_task_and_since(town, follow):
     town.tt("spawn", "dev")
-    first = assign(town, "dev", "@echo output-of-first")
+    first = town.assign("dev", "@echo output-of-first")
     town.wait_task(first)
-    second = assign(town, "dev", "@echo before-gate\n@gate open-it\n@echo output-of-second")
+    second = town.assign("dev", "@echo before-gate\n@gate open-it\n@echo output-of-second")
     town.wait_task(second, states=("running",))
     out = town.tt("logs", "--task", first[:8]).out
     assert "output-of-first" in out and "output-of-second" not in out
@@ -181,7 +177,7 @@ def test_one_task_and_since(town, follow):
 def test_follow_through_redis_from_another_folder(town, tmp_path, follow):
     """Another machine sees no .tt/logs, only the town's Redis: output still follows."""
     town.tt("spawn", "dev")
-    town.wait_task(assign(town, "dev", "@echo old-output"))
+    town.wait_task(town.assign("dev", "@echo old-output"))
     viewer = tmp_path / "elsewhere"
     viewer.mkdir()
     (viewer / "tinytown.toml").write_text(
@@ -189,7 +185,7 @@ def test_follow_through_redis_from_another_folder(town, tmp_path, follow):
     assert "old-output" in town.tt("logs", "dev", cwd=viewer).out
     follower = follow(town, "dev", cwd=viewer)
     follower.wait_for("old-output")
-    town.wait_task(assign(town, "dev", "@echo new-output\n@echo \x1b[32mgreen\x1b[0m"))
+    town.wait_task(town.assign("dev", "@echo new-output\n@echo \x1b[32mgreen\x1b[0m"))
     follower.wait_for("new-output")
     follower.wait_for("green")
     assert follower.stop() == 0

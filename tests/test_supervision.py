@@ -353,8 +353,7 @@ def test_a_leftover_cli_that_brings_the_town_back_is_killed_by_the_supervisor_it
     # the foreground, in its own process group: the new supervisor kills it (its task will be
     # delivered again) and goes on.
     markers = dict(town.env, TT_TOWN_DIR=str(town.root), TT_TASK_ID="left-over", TT_AGENT_ID="x")
-    start = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-m', 'cli.main', 'start']); "
-             f"time.sleep(300)")
+    start = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-m', 'cli.main', 'start']); time.sleep(300)"
     leftover = subprocess.Popen([sys.executable, "-c", start], cwd=town.root, env=markers, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

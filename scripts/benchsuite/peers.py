@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
@@ -189,5 +188,3 @@ def cpu_seconds(pid: int) -> float:
     return t.user + t.system
 
 
-def settle(seconds: float = 0.05) -> None:
-    time.sleep(seconds)

@@ -133,11 +133,9 @@ def dispatch(size: dict, ctx: Context) -> list[Row]:
         bt.wait_blocked(1)
         fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
         town = bt.town
-        events = town.keys.events
         try:
             for i in range(size["dispatch_samples"]):
-                last = town.r.xrevrange(events, count=1)
-                since = last[0][0] if last else "0"
+                since = _last_event(town)
                 token = f"{i}-{time.monotonic_ns()}\n"
                 t0 = time.monotonic()
                 task = town.assign("d", token)
@@ -161,6 +159,12 @@ def dispatch(size: dict, ctx: Context) -> list[Row]:
     return [row.judge(absolute=lambda v: v <= 5, max_ratio=0.5)]
 
 
+def _last_event(town) -> str:
+    """The id of the town's latest event ("0" if none): where to start waiting for new ones."""
+    last = town.r.xrevrange(town.keys.events, count=1)
+    return last[0][0] if last else "0"
+
+
 def _wait_events(town, since: str, task_ids: set[str], timeout: float) -> str:
     """Block on the town's event stream until every task in `task_ids` has finished."""
     left = set(task_ids)
@@ -182,8 +186,7 @@ def _wait_events(town, since: str, task_ids: set[str], timeout: float) -> str:
 
 def _throughput(bt: BenchTown, agents: list[str], tasks: int) -> float:
     town = bt.town
-    last = town.r.xrevrange(town.keys.events, count=1)
-    since = last[0][0] if last else "0"
+    since = _last_event(town)
     ids = set()
     t0 = time.monotonic()
     for i in range(tasks):
@@ -259,7 +262,6 @@ def idle(size: dict, ctx: Context) -> list[Row]:
             if sd:
                 sd.close()
     mem.judge(absolute=lambda v: v <= 8)
-    mem.ratio = None if not mem.peer else mem.ratio
     return [mem, cpu.judge(absolute=lambda v: v < 1)]
 
 
@@ -349,8 +351,7 @@ def pty_output(size: dict, ctx: Context) -> list[Row]:
         follower.start()
         try:
             for _ in range(size["pty_reps"]):
-                last = bt.town.r.xrevrange(bt.town.keys.events, count=1)
-                since = last[0][0] if last else "0"
+                since = _last_event(bt.town)
                 task = bt.town.assign("a0", "go")
                 _wait_events(bt.town, since, {task.id}, 120)
                 t = bt.town.task(task.id)

@@ -126,9 +126,6 @@ class BenchTown:
     def runner_pids(self) -> list[int]:
         return [a.pid for a in self.town.agents() if a.pid]
 
-    def agent_id(self, name: str) -> str:
-        return self.town.agent_id(name)
-
 
 def wait_socket(path: Path, timeout: float) -> None:
     """Until redis-server accepts connections on `path`."""
