@@ -11,9 +11,9 @@ from datetime import datetime
 
 import click
 
-from supervisor.config import Config, validate_name
-from supervisor.errors import TinytownError
-from supervisor.logs import LogFile, OutputStream, cut_lines
+from tinytown.supervisor.config import Config, validate_name
+from tinytown.supervisor.errors import TinytownError
+from tinytown.supervisor.logs import LogFile, OutputStream, cut_lines
 
 POLL_SECONDS = 0.02          # how often followed files are checked: a new line shows within this
 PARTIAL_SECONDS = 0.3        # a line without its newline yet (a prompt) is shown after this pause
@@ -133,7 +133,7 @@ def _redis(config: Config):
 
 
 def _registry(config: Config, client) -> dict[str, str]:
-    from supervisor.keys import Keys
+    from tinytown.supervisor.keys import Keys
     return {k.decode(): v.decode() for k, v in client.hgetall(Keys(config.name).agent_index).items()}
 
 
@@ -174,7 +174,7 @@ def show(config: Config, names: list[str], *, lines: int | None, follow: bool, t
     for name in names:
         printer.add(name)
     # The files are here if this machine runs the town's supervisor or has any of them already.
-    from supervisor.lifecycle import running_pid
+    from tinytown.supervisor.lifecycle import running_pid
     here = bool(set(names) & set(local)) or bool(running_pid(config))
     use_redis = from_redis or since_at is not None or (client is not None and not here)
     try:
@@ -219,7 +219,7 @@ def _from_files(config, names, all_agents, printer, lines, follow) -> None:
 def _from_stream(config, client, registry, names, all_agents, printer, lines, since_at, follow) -> None:
     import redis
 
-    from supervisor.keys import Keys
+    from tinytown.supervisor.keys import Keys
     keys = Keys(config.name)
     stream = OutputStream(client, keys, {n: registry[n] for n in names if n in registry})
     for name, data in stream.history(lines, since_at):
@@ -254,9 +254,9 @@ def _from_stream(config, client, registry, names, all_agents, printer, lines, si
 
 def _show_task(config, client, task_ref, lines, since_at, follow, raw, out) -> None:
     """One task's output from the Redis stream; until it finishes with --follow."""
-    from supervisor.keys import Keys
-    from supervisor.models import TaskState
-    from supervisor.town import Town
+    from tinytown.supervisor.keys import Keys
+    from tinytown.supervisor.models import TaskState
+    from tinytown.supervisor.town import Town
     town = Town(config)
     task = town.task(task_ref)
     stream = OutputStream(client, Keys(config.name), {task.agent: task.agent_id}, task=task.id)

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from supervisor.errors import TinytownError
+from tinytown.supervisor.errors import TinytownError
 
 STATES = ("pending", "assigned", "running", "completed", "failed", "cancelled")
 
@@ -32,7 +32,7 @@ class TinytownGroup(click.Group):
 
 def _explain(exc: Exception) -> str:
     name = type(exc).__module__ + "." + type(exc).__name__
-    if name.startswith(("redis.", "supervisor.resp.")):
+    if name.startswith(("redis.", "tinytown.supervisor.resp.")):
         if "Connection" in name or "Timeout" in name:
             return f"cannot reach the town's Redis: {exc} (is the town running? `tt start`)"
         return f"Redis error: {exc}"
@@ -62,18 +62,18 @@ def json_option(func):
 
 
 def _config(town_path):
-    from supervisor.config import load
+    from tinytown.supervisor.config import load
     return load(town_path)
 
 
 def _town(config):
-    from supervisor.town import Town
+    from tinytown.supervisor.town import Town
     return Town(config)
 
 
 def _running_town(config):
     """A Town for reading: says clearly when the town is not running instead of a socket error."""
-    from supervisor.lifecycle import running_pid
+    from tinytown.supervisor.lifecycle import running_pid
     if not running_pid(config) and config.use_socket:
         raise TinytownError(f"town {config.name!r} is not running (start it with `tt start`, or `tt spawn`)")
     return _reading_town(config)
@@ -81,9 +81,9 @@ def _running_town(config):
 
 def _reading_town(config):
     """A Town on the small RESP client (supervisor/resp.py): reading needs no redis-py import."""
-    from supervisor.lifecycle import wait_recorded, wait_serving
-    from supervisor.resp import connect
-    from supervisor.town import Town
+    from tinytown.supervisor.lifecycle import wait_recorded, wait_serving
+    from tinytown.supervisor.resp import connect
+    from tinytown.supervisor.town import Town
     wait_serving(config)
     town = Town(config, client=connect(config))
     wait_recorded(config, town)
@@ -92,7 +92,7 @@ def _reading_town(config):
 
 def _started_town(config):
     """A Town for writing: starts the supervisor in the background if it is not running."""
-    from supervisor.lifecycle import ensure_running
+    from tinytown.supervisor.lifecycle import ensure_running
     ensure_running(config, say=lambda text: click.echo(text, err=True))
     return _town(config)
 
@@ -122,7 +122,7 @@ def init(ctx, name, default_cli, max_agents, force, town_path):
     """Write tinytown.toml here (or in --town) and create agents/ and .tt/."""
     from pathlib import Path
 
-    from supervisor.config import init_town
+    from tinytown.supervisor.config import init_town
     folder = Path(town_path or (ctx.obj or {}).get("town") or ".")
     config = init_town(folder, name, default_cli, max_agents, force)
     click.echo(f"Initialized town {config.name!r} in {config.root}")
@@ -138,14 +138,14 @@ def init(ctx, name, default_cli, max_agents, force, town_path):
 @town_option
 def spawn(name, cli_name, task_timeout, as_json, town_path):
     """Register agent NAME; the supervisor starts its runner (and is started if needed)."""
-    from supervisor.config import validate_name
+    from tinytown.supervisor.config import validate_name
     config = _config(town_path)
     validate_name("agent", name)
     config.cli(cli_name or config.default_cli)  # unknown preset: fail before starting anything
     town = _started_town(config)
     agent = town.spawn(name, cli_name or config.default_cli, task_timeout)
     if as_json:
-        from supervisor.town import agent_json
+        from tinytown.supervisor.town import agent_json
         _print_json(agent_json(agent, 0, config.supervisor.heartbeat_stale))
     else:
         click.echo(f"Spawned agent {agent.name} ({agent.id}) using {agent.cli}")
@@ -156,13 +156,13 @@ def spawn(name, cli_name, task_timeout, as_json, town_path):
 @town_option
 def list_agents(as_json, town_path):
     """The town's agents with id and state."""
-    from cli import render
+    from tinytown.cli import render
     config = _config(town_path)
     town = _running_town(config)
     agents = town.agents()
     pending = town.pending_counts(agents)
     if as_json:
-        from supervisor.town import agent_json
+        from tinytown.supervisor.town import agent_json
         _print_json([agent_json(a, pending.get(a.id, 0), config.supervisor.heartbeat_stale) for a in agents])
     else:
         render.agent_lines(agents, pending)
@@ -200,7 +200,7 @@ def assign(agent, description, from_file, as_json, town_path):
 @town_option
 def status(as_json, town_path):
     """The town, its agents and their states, and pending work."""
-    from supervisor.lifecycle import running_pid
+    from tinytown.supervisor.lifecycle import running_pid
     config = _config(town_path)
     if not running_pid(config) and config.use_socket:
         data = {"town": config.name, "root": str(config.root), "running": False, "agents": [], "tasks": {}}
@@ -214,7 +214,7 @@ def status(as_json, town_path):
     if as_json:
         _print_json(data)
     else:
-        from cli import render
+        from tinytown.cli import render
         render.status(data)
 
 
@@ -231,7 +231,7 @@ def tasks(agent, state, limit, as_json, town_path):
     if as_json:
         _print_json([t.to_json() for t in found])
     else:
-        from cli import render
+        from tinytown.cli import render
         render.tasks(found)
 
 
@@ -246,7 +246,7 @@ def task(task_id, as_json, town_path):
     if as_json:
         _print_json(found.to_json())
     else:
-        from cli import render
+        from tinytown.cli import render
         render.task(found)
 
 
@@ -254,8 +254,8 @@ def task(task_id, as_json, town_path):
 @town_option
 def start(town_path):
     """Run the supervisor in the foreground (Ctrl+C stops the town gracefully)."""
-    from supervisor.daemon import Supervisor
-    from supervisor.procutil import exit_now
+    from tinytown.supervisor.daemon import Supervisor
+    from tinytown.supervisor.procutil import exit_now
     config = _config(town_path)
     exit_now(Supervisor(config, say=lambda text: click.echo(f"tt: {text}")).serve())
 
@@ -266,7 +266,7 @@ def start(town_path):
 @town_option
 def stop(now, as_json, town_path):
     """Stop every runner, then redis-server; unfinished tasks go back to their inbox."""
-    from supervisor.lifecycle import stop as stop_town
+    from tinytown.supervisor.lifecycle import stop as stop_town
     config = _config(town_path)
     report = stop_town(config, now=now)
     if as_json:
@@ -314,7 +314,7 @@ def logs(agents, lines, follow, task_id, since, no_color, raw, from_redis, town_
     """Agents' recent output; -f follows it (all agents unless named, `agent |` prefixed)."""
     import signal
 
-    from cli import logview
+    from tinytown.cli import logview
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `tt logs | head` ends quietly, like tail
     if task_id and agents:
         raise TinytownError("give either agent names or --task, not both")
@@ -335,8 +335,8 @@ def logs(agents, lines, follow, task_id, since, no_color, raw, from_redis, town_
 @town_option
 def attach(agent, read_only, detach_keys, town_path):
     """Your terminal on AGENT's live CLI; the detach key (Ctrl-]) leaves it running."""
-    from supervisor import attach as attaching
-    from supervisor.config import parse_keys
+    from tinytown.supervisor import attach as attaching
+    from tinytown.supervisor.config import parse_keys
     config = _config(town_path)
     spec = detach_keys or config.detach_keys
     try:

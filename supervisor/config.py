@@ -12,10 +12,7 @@ from pathlib import Path
 
 from .errors import TinytownError
 
-try:  # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - only on 3.10
-    import tomli as tomllib
+import tomllib
 
 CONFIG_FILE = "tinytown.toml"
 RUNTIME_DIR = ".tt"

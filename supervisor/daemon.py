@@ -1,6 +1,6 @@
 """The supervisor: one per town. Starts redis-server, keeps one runner per agent, stops in order.
 
-It is a reconciler (see DESIGN.md): desired state is the agent registry in Redis, actual state is
+It is a reconciler: desired state is the agent registry in Redis, actual state is
 its child processes, and one loop makes the two match whenever something happens: a child exits
 (SIGCHLD), a `tt` command nudges (pub/sub), a backoff timer fires, or a stop is asked.
 No threads: runners are forked, and fork and threads do not mix.
@@ -541,7 +541,7 @@ def describe_status_code(returncode: int | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m supervisor.daemon ROOT [--ready-fd N]`: how `tt spawn` starts a background supervisor."""
+    """`python -m tinytown.supervisor.daemon ROOT [--ready-fd N]`: how `tt spawn` starts a background supervisor."""
     import argparse
 
     from .config import load

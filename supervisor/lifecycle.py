@@ -50,7 +50,7 @@ def _start_background(config: Config, say) -> bool:
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             # -P (3.11+): the town folder must not shadow our packages on sys.path.
-            [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []), "-m", "supervisor.daemon",
+            [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []), "-m", "tinytown.supervisor.daemon",
              str(config.root), "--ready-fd", str(write_fd)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_fd,),
             start_new_session=True, cwd=str(config.root), env=supervisor_env(),

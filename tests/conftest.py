@@ -86,13 +86,12 @@ class TownHarness:
         self.env["PATH"] = os.pathsep.join([str(FAKE_BIN), str(Path(sys.executable).parent), self.env.get("PATH", "")])
         self.env["FAKE_AGENT_RECORD"] = str(self.record)
         self.env.pop("TT_TOWN_DIR", None)
-        self.env["PYTHONPATH"] = str(REPO) + (os.pathsep + self.env["PYTHONPATH"] if self.env.get("PYTHONPATH") else "")
 
     def tt(self, *args, input: bytes | str | None = None, check: bool = True, timeout: float = 60,
            cwd: Path | None = None) -> subprocess.CompletedProcess:
         if isinstance(input, str):
             input = input.encode()
-        proc = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=cwd or self.root, env=self.env,
+        proc = subprocess.run([sys.executable, "-m", "tinytown.cli.main", *args], cwd=cwd or self.root, env=self.env,
                               input=input, capture_output=True, timeout=timeout)
         proc.out = proc.stdout.decode(errors="replace")
         proc.err = proc.stderr.decode(errors="replace")
@@ -112,11 +111,11 @@ class TownHarness:
             fh.write(text)
 
     def config(self):
-        from supervisor.config import load
+        from tinytown.supervisor.config import load
         return load(self.root)
 
     def town(self):
-        from supervisor.town import Town
+        from tinytown.supervisor.town import Town
         return Town(self.config())
 
     def task(self, task_id: str) -> dict:
@@ -132,7 +131,7 @@ class TownHarness:
         return _wait_state(lambda: self.agent(name), states, timeout, f"agent {name}")
 
     def supervisor_pid(self) -> int | None:
-        from supervisor import lock
+        from tinytown.supervisor import lock
         return lock.holder(self.root / ".tt")
 
     def recorded(self, task_id: str) -> tuple[dict, bytes]:

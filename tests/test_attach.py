@@ -18,7 +18,7 @@ def attach():
     started = []
 
     def start(town, *args, dimensions=(30, 100)):
-        child = pexpect.spawn(sys.executable, ["-m", "cli.main", "attach", *args], cwd=str(town.root),
+        child = pexpect.spawn(sys.executable, ["-m", "tinytown.cli.main", "attach", *args], cwd=str(town.root),
                               env=town.env, dimensions=dimensions, timeout=20, maxread=65536)
         started.append(child)
         child.expect_exact("detaches")                 # the banner: attached, and how to leave

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, TownHarness, town_processes, wait_for
+from conftest import TownHarness, town_processes, wait_for
 
 COMMANDS = ["init", "spawn", "list", "assign", "status", "tasks", "task", "start", "stop", "restart"]
 
@@ -23,8 +23,8 @@ def one_error_line(proc, *needles):
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help(tmp_path, command):
-    proc = subprocess.run([sys.executable, "-m", "cli.main", command, "--help"], cwd=tmp_path,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run([sys.executable, "-m", "tinytown.cli.main", command, "--help"], cwd=tmp_path,
+                          capture_output=True, text=True)
     assert proc.returncode == 0 and "Usage: tt " + command in proc.stdout
 
 
@@ -98,7 +98,7 @@ def test_second_start_says_one_is_running(town):
 
 
 def test_foreground_start_and_ctrl_c(town):
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "start"], cwd=town.root, env=town.env,
+    proc = subprocess.Popen([sys.executable, "-m", "tinytown.cli.main", "start"], cwd=town.root, env=town.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: town.supervisor_pid() == proc.pid, 20, "the foreground supervisor")

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from supervisor.config import (MAX_UNIX_SOCKET_PATH, PRESETS, CliSpec, find_town, init_town, load,
+from tinytown.supervisor.config import (MAX_UNIX_SOCKET_PATH, PRESETS, CliSpec, find_town, init_town, load,
                                short_socket_path)
-from supervisor.errors import TinytownError
+from tinytown.supervisor.errors import TinytownError
 
 
 def write(tmp_path, text):

@@ -19,7 +19,7 @@ class Follower:
     """`tt logs -f ...` running in the background; a thread collects what it prints."""
 
     def __init__(self, town, *args, cwd=None):
-        self.proc = subprocess.Popen([sys.executable, "-m", "cli.main", "logs", "-f", *args], cwd=cwd or town.root,
+        self.proc = subprocess.Popen([sys.executable, "-m", "tinytown.cli.main", "logs", "-f", *args], cwd=cwd or town.root,
                                      env=town.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.out = bytearray()
         self.thread = threading.Thread(target=self._collect, daemon=True)
@@ -142,7 +142,7 @@ def test_two_agents_interleaved_with_prefixes(town, follow):
 
 
 def test_prefix_colours_and_partial_lines():
-    from cli.logview import Printer
+    from tinytown.cli.logview import Printer
     out = io.BytesIO()
     printer = Printer(out, prefix=True, colour=True, raw=False)
     printer.add("a")
@@ -206,8 +206,8 @@ def test_logs_errors(town):
 
 def test_log_file_reader_across_rotations(tmp_path):
     """The reader alone, with the real writer: behind by several rotations, deleted files, history."""
-    from supervisor.config import Config, LogPolicy
-    from supervisor.logs import AgentLog, LogFile, cut_lines
+    from tinytown.supervisor.config import Config, LogPolicy
+    from tinytown.supervisor.logs import AgentLog, LogFile, cut_lines
     for backups, read_every in ((0, 1), (2, 1), (2, 25), (40, 400)):  # (40, 400): ~20 rotations behind
         root = tmp_path / f"b{backups}-{read_every}"
         config = Config(root=root, name="t", logs=LogPolicy(max_bytes=1024, backups=backups))
@@ -235,12 +235,11 @@ def test_rotation_moves_the_runners_stderr_along(tmp_path):
     log = tmp_path / ".tt" / "logs" / "a.log"
     log.parent.mkdir(parents=True)
     script = ("import os, sys\nfrom pathlib import Path\n"
-              "from supervisor.config import Config, LogPolicy\nfrom supervisor.logs import AgentLog\n"
+              "from tinytown.supervisor.config import Config, LogPolicy\nfrom tinytown.supervisor.logs import AgentLog\n"
               f"log = AgentLog(Config(root=Path({str(tmp_path)!r}), name='t', logs=LogPolicy(max_bytes=1024)), 'a')\n"
               "for i in range(100):\n    log.write(b'x' * 100 + b'\\n')\n"
               "print('after-rotation', file=sys.stderr, flush=True)\n")
     with open(log, "ab") as fh:
-        subprocess.run([sys.executable, "-c", script], stdout=fh, stderr=fh, check=True,
-                       env={**os.environ, "PYTHONPATH": str(os.path.dirname(os.path.dirname(__file__)))})
+        subprocess.run([sys.executable, "-c", script], stdout=fh, stderr=fh, check=True)
     assert "after-rotation" in log.read_text()
     assert (tmp_path / ".tt" / "logs" / "a.log.1").exists()

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor.keys import Keys
-from supervisor.models import (AGENT_TRANSITIONS, Agent, AgentState, InvalidTransition, Message, Task,
+from tinytown.supervisor.keys import Keys
+from tinytown.supervisor.models import (AGENT_TRANSITIONS, Agent, AgentState, InvalidTransition, Message, Task,
                                TaskState, check_agent_transition, check_task_transition)
 
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from supervisor import resp
-from supervisor.town import Town
+from tinytown.supervisor import resp
+from tinytown.supervisor.town import Town
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_no_redis_is_a_connection_error(tmp_path):
 
 
 def test_the_reading_commands_never_import_redis_py(running):
-    code = ("import sys\nfrom cli.main import cli\n"
+    code = ("import sys\nfrom tinytown.cli.main import cli\n"
             "try:\n    cli(sys.argv[1:], prog_name='tt')\n"
             "except SystemExit:\n    pass\n"
             "print('REDIS-PY' if 'redis' in sys.modules else 'NO-REDIS-PY')")

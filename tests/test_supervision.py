@@ -70,7 +70,7 @@ def helpers_of(town, task_id: str) -> list[int]:
 
 def start_foreground(town) -> subprocess.Popen:
     """`tt start` as a user runs it in a terminal; returns once it holds the town's lock."""
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "start"], cwd=town.root, env=town.env,
+    proc = subprocess.Popen([sys.executable, "-m", "tinytown.cli.main", "start"], cwd=town.root, env=town.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for(lambda: town.supervisor_pid() == proc.pid or proc.poll() is not None, 30, "tt start to take the lock")
     assert proc.poll() is None, proc.communicate()
@@ -332,7 +332,7 @@ def test_a_cli_does_not_inherit_what_tt_start_inherited(town):
     os.dup2(inherited, 57)  # an fd a user's shell left open (`exec 57<file`, a lock, a pipe)
     os.close(inherited)
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "cli.main", "start"], cwd=town.root, env=town.env,
+        proc = subprocess.Popen([sys.executable, "-m", "tinytown.cli.main", "start"], cwd=town.root, env=town.env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(57,))
     finally:
         os.close(57)
@@ -353,7 +353,7 @@ def test_a_leftover_cli_that_brings_the_town_back_is_killed_by_the_supervisor_it
     # the foreground, in its own process group: the new supervisor kills it (its task will be
     # delivered again) and goes on.
     markers = dict(town.env, TT_TOWN_DIR=str(town.root), TT_TASK_ID="left-over", TT_AGENT_ID="x")
-    start = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-m', 'cli.main', 'start']); time.sleep(300)"
+    start = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-m', 'tinytown.cli.main', 'start']); time.sleep(300)"
     leftover = subprocess.Popen([sys.executable, "-c", start], cwd=town.root, env=markers, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -404,7 +404,7 @@ def test_redis_server_killed_during_a_graceful_stop_loses_nothing(town):
     task_id = town.json("assign", "dev", "@gate go\n@echo finished")["id"]
     working_on(town, "dev", task_id)
     supervisor = psutil.Process(town.supervisor_pid())
-    stop = subprocess.Popen([sys.executable, "-m", "cli.main", "stop"], cwd=town.root, env=town.env,
+    stop = subprocess.Popen([sys.executable, "-m", "tinytown.cli.main", "stop"], cwd=town.root, env=town.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     town.wait_agent("dev", ("stopping",))  # the stop waits for the task, within stop_grace
     [server] = redis_servers(town)
@@ -423,7 +423,7 @@ def test_redis_server_killed_during_a_graceful_stop_loses_nothing(town):
 
 
 def test_two_starts_at_the_same_instant_make_one_supervisor(town):
-    procs = [subprocess.Popen([sys.executable, "-m", "cli.main", "start"], cwd=town.root, env=town.env,
+    procs = [subprocess.Popen([sys.executable, "-m", "tinytown.cli.main", "start"], cwd=town.root, env=town.env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     try:
         loser = wait_for(lambda: next((p for p in procs if p.poll() is not None), None), 30, "one start to give up")
@@ -445,7 +445,7 @@ def test_two_starts_at_the_same_instant_make_one_supervisor(town):
 
 def test_concurrent_auto_starts_make_one_supervisor(town):
     names = ["a", "b", "c"]
-    procs = [subprocess.Popen([sys.executable, "-m", "cli.main", "spawn", name], cwd=town.root, env=town.env,
+    procs = [subprocess.Popen([sys.executable, "-m", "tinytown.cli.main", "spawn", name], cwd=town.root, env=town.env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in names]
     for p in procs:
         _, err = p.communicate(timeout=60)
@@ -491,7 +491,7 @@ def test_stop_lets_a_working_runner_finish_within_the_grace_period(make_town):
     town.tt("spawn", "idler")
     task_id = town.json("assign", "dev", "@gate go\n@echo finished in time")["id"]
     working_on(town, "dev", task_id)
-    stopping = subprocess.Popen([sys.executable, "-m", "cli.main", "stop", "--json"], cwd=town.root, env=town.env,
+    stopping = subprocess.Popen([sys.executable, "-m", "tinytown.cli.main", "stop", "--json"], cwd=town.root, env=town.env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         town.wait_agent("dev", ("stopping",))
@@ -609,7 +609,7 @@ def test_the_supervisor_runs_no_more_than_max_agents(town):
     town.tt("spawn", "b")
     assert "max_agents" in town.tt("spawn", "c", check=False).err
     # more agents than allowed, written straight into Redis (a hand edit, or two racing spawns)
-    from supervisor.models import Agent, new_id, now
+    from tinytown.supervisor.models import Agent, new_id, now
     t = town.town()
     for name in ("c", "d"):
         agent = Agent(id=new_id(), name=name, cli="claude", created_at=now(), updated_at=now())
@@ -638,7 +638,7 @@ def test_the_supervisor_runs_no_more_than_max_agents(town):
 def test_a_hand_edited_agent_record_does_not_take_the_town_down(town):
     town.tt("spawn", "good")
     town.wait_agent("good", ("idle",))
-    from supervisor.models import Agent, new_id, now
+    from tinytown.supervisor.models import Agent, new_id, now
     t = town.town()
     bad = Agent(id=new_id(), name="bad", cli="claude", state="bogus", created_at=now(), updated_at=now())
     t.r.hset(t.keys.agent_index, "bad", bad.id)
@@ -669,7 +669,7 @@ def test_a_runner_that_stayed_up_long_enough_counts_as_started(make_town):
 def test_racing_spawns_never_pass_max_agents(town):
     set_max_agents(town, 2)
     town.tt("spawn", "first")  # the supervisor is up: the race is in the registry, not the start
-    procs = [subprocess.Popen([sys.executable, "-m", "cli.main", "spawn", f"racer{i}"], cwd=town.root,
+    procs = [subprocess.Popen([sys.executable, "-m", "tinytown.cli.main", "spawn", f"racer{i}"], cwd=town.root,
                               env=town.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(4)]
     results = [(p.wait(timeout=60), p.communicate()[1].decode()) for p in procs]
     assert sorted(code for code, _ in results) == [0, 1, 1, 1]
@@ -718,7 +718,7 @@ def test_a_runner_that_will_not_stop_is_killed_and_its_task_put_back(town):
 def test_foreground_supervisor_outlives_its_terminal(town):
     """`tt start` over SSH, then the connection drops: the town goes on, its messages go to the log."""
     import pexpect
-    child = pexpect.spawn(sys.executable, ["-m", "cli.main", "start"], cwd=str(town.root), env=town.env,
+    child = pexpect.spawn(sys.executable, ["-m", "tinytown.cli.main", "start"], cwd=str(town.root), env=town.env,
                           timeout=30)
     try:
         child.expect("supervisor pid")
@@ -744,7 +744,7 @@ def test_supervisor_and_runners_never_load_redis_py(town):
     """They talk RESP themselves (supervisor/resp.py): each runner is a fork of the supervisor,
     and redis-py's ~10 MB would be in every one of them, making each fork and exit dearer."""
     code = ("import sys; sys.modules['redis'] = None  # any `import redis` now raises ImportError\n"
-            "from supervisor.daemon import main; sys.exit(main(sys.argv[1:]))")
+            "from tinytown.supervisor.daemon import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", code, str(town.root)], cwd=town.root, env=town.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

@@ -4,10 +4,10 @@ from __future__ import annotations
 import fakeredis
 import pytest
 
-from supervisor.config import init_town
-from supervisor.errors import TinytownError
-from supervisor.models import AgentState, TaskState
-from supervisor.town import Town
+from tinytown.supervisor.config import init_town
+from tinytown.supervisor.errors import TinytownError
+from tinytown.supervisor.models import AgentState, TaskState
+from tinytown.supervisor.town import Town
 
 
 @pytest.fixture

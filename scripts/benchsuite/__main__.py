@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     names = args.only or list(BENCHMARKS)
     size = SIZES[args.size]
 
-    from supervisor.config import Config
-    from supervisor.redis_server import find_binary
+    from tinytown.supervisor.config import Config
+    from tinytown.supervisor.redis_server import find_binary
 
     from . import peers
     from .suite import Context

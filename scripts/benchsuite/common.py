@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from supervisor.procutil import wait_exit  # noqa: F401  (used here and by peers.py, town.py)
+from tinytown.supervisor.procutil import wait_exit  # noqa: F401  (used here and by peers.py, town.py)
 
 REPO = Path(__file__).resolve().parent.parent.parent
 BENCH_DIR = Path(__file__).resolve().parent

@@ -126,7 +126,7 @@ def dispatch(size: dict, ctx: Context) -> list[Row]:
         # the CLI copies its stdin (the prompt: a token) into the FIFO the moment it runs
         with (bt.root / "tinytown.toml").open("a") as fh:
             fh.write(f'\n[agent_clis.tee]\ncommand = ["tee", "-a", "{fifo}"]\nprompt = "stdin"\n')
-        from supervisor.config import load
+        from tinytown.supervisor.config import load
         bt.config = load(bt.root)
         bt.start_background()
         bt.town.spawn("d", "tee")

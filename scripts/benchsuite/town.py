@@ -18,9 +18,9 @@ from pathlib import Path
 
 import psutil
 
-from supervisor import lifecycle
-from supervisor.config import Config, init_town, load
-from supervisor.town import Town
+from tinytown.supervisor import lifecycle
+from tinytown.supervisor.config import Config, init_town, load
+from tinytown.supervisor.town import Town
 
 from .common import clean_env, run_timed, wait_exit, wait_until
 
@@ -28,10 +28,10 @@ TT = str(Path(sys.executable).with_name("tt"))
 
 
 def tt_command(*args: str) -> list[str]:
-    """The installed `tt` (as a user runs it), else `python -m cli.main`."""
+    """The installed `tt` (as a user runs it), else `python -m tinytown.cli.main`."""
     if os.access(TT, os.X_OK):
         return [TT, *args]
-    return [sys.executable, "-m", "cli.main", *args]
+    return [sys.executable, "-m", "tinytown.cli.main", *args]
 
 
 class BenchTown:
