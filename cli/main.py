@@ -335,7 +335,7 @@ def logs(agents, lines, follow, task_id, since, no_color, raw, from_redis, town_
 @town_option
 def attach(agent, read_only, detach_keys, town_path):
     """Your terminal on AGENT's live CLI; the detach key (Ctrl-]) leaves it running."""
-    from tinytown.supervisor import attach as attaching
+    from tinytown.cli import attach as attaching
     from tinytown.supervisor.config import parse_keys
     config = _config(town_path)
     spec = detach_keys or config.detach_keys

@@ -159,6 +159,11 @@ class Config:
             raise TinytownError(f"unknown CLI {name!r} (known: {known})")
         return spec
 
+    @property
+    def redis_password(self) -> str | None:
+        """The password every client sends (AUTH) before its first command; None: no AUTH."""
+        return None
+
     def redis_kwargs(self) -> dict:
         if self.use_socket:
             return {"unix_socket_path": str(self.redis_socket)}
@@ -413,6 +418,17 @@ def init_town(folder: Path, name: str | None, default_cli: str = "claude", max_a
         with gitignore.open("a") as fh:
             fh.write(("\n" if existing and not existing.endswith("\n") else "") + f"{RUNTIME_DIR}/\n")
     return load(folder)
+
+
+def ensure_private_folder(folder: Path, holds: str) -> Path:
+    """Create `folder` owner-only, and refuse one that another user owns or could reach (a
+    neighbour who made /tmp/tt-<uid> first could replace the sockets in it and read every prompt)."""
+    import stat
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise TinytownError(f"{folder} must be a folder only you own and can open (mode 700) to hold {holds}")
+    return folder
 
 
 def ensure_runtime_dir(path: Path) -> Path:

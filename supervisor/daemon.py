@@ -21,7 +21,7 @@ from . import lock
 from .config import Config, ensure_runtime_dir
 from .control import ControlChannel
 from .errors import TinytownError
-from .logs import tail_text
+from .agent_log import tail_text
 from .models import AgentState, InvalidTransition, Message, TaskState
 from .procutil import (adopted, become_subreaper, close_on_exec_all, describe_status, drain, exit_now,
                        kill_leftovers, kill_with_group, killpg, reap, reap_adopted, set_parent_death_signal,

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from .config import Config
 from .errors import TinytownError
-from .attach import REPLAY_BYTES, AttachServer
-from .logs import AgentLog, keep_tail, tail_bytes
+from .agent_log import AgentLog, keep_tail, tail_bytes
+from .attach_server import REPLAY_BYTES, AttachServer
 from .models import AgentState, TaskState
 from .procutil import drain, exit_now, signal_wakeup_pipe
 from .pty_session import CliSession

@@ -207,7 +207,8 @@ def test_logs_errors(town):
 def test_log_file_reader_across_rotations(tmp_path):
     """The reader alone, with the real writer: behind by several rotations, deleted files, history."""
     from tinytown.supervisor.config import Config, LogPolicy
-    from tinytown.supervisor.logs import AgentLog, LogFile, cut_lines
+    from tinytown.supervisor.agent_log import AgentLog
+    from tinytown.supervisor.log_readers import LogFile, cut_lines
     for backups, read_every in ((0, 1), (2, 1), (2, 25), (40, 400)):  # (40, 400): ~20 rotations behind
         root = tmp_path / f"b{backups}-{read_every}"
         config = Config(root=root, name="t", logs=LogPolicy(max_bytes=1024, backups=backups))
@@ -235,7 +236,7 @@ def test_rotation_moves_the_runners_stderr_along(tmp_path):
     log = tmp_path / ".tt" / "logs" / "a.log"
     log.parent.mkdir(parents=True)
     script = ("import os, sys\nfrom pathlib import Path\n"
-              "from tinytown.supervisor.config import Config, LogPolicy\nfrom tinytown.supervisor.logs import AgentLog\n"
+              "from tinytown.supervisor.config import Config, LogPolicy\nfrom tinytown.supervisor.agent_log import AgentLog\n"
               f"log = AgentLog(Config(root=Path({str(tmp_path)!r}), name='t', logs=LogPolicy(max_bytes=1024)), 'a')\n"
               "for i in range(100):\n    log.write(b'x' * 100 + b'\\n')\n"
               "print('after-rotation', file=sys.stderr, flush=True)\n")

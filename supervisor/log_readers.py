@@ -1,92 +1,13 @@
-"""Agent output: the log files the runner writes, and the two ways `tt logs` reads it back.
-
-Writing: AgentLog appends the CLI's bytes unbuffered and rotates by size (agent.log -> .1 -> .2 ...).
-Reading: LogFile follows one file across rotations like `tail -F`, without losing or repeating a
-byte; OutputStream reads the same output from the town's Redis, for machines without the files
-and for questions about time (`--since`, one task), since stream entries carry time and task.
+"""The two ways `tt logs` reads an agent's output back: LogFile follows one log file across
+rotations like `tail -F`, without losing or repeating a byte; OutputStream reads the same output
+from the town's Redis, for machines without the files and for questions about time (`--since`,
+one task), since stream entries carry time and task. The writer is agent_log.py.
 """
 from __future__ import annotations
 
 import os
 import re
-import time
 from pathlib import Path
-
-from .config import Config
-
-
-class AgentLog:
-    """`.tt/logs/<agent>.log`, written unbuffered so a follower sees a line within milliseconds."""
-
-    def __init__(self, config: Config, agent_name: str):
-        self.path = config.log_file(agent_name)
-        self.max_bytes = config.logs.max_bytes
-        self.backups = config.logs.backups
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.fd = -1
-        self._open()
-        # Kept across rotations: the files read as one stream, so a note must not join a line.
-        self.at_line_start = tail_bytes(self.path, 1, align=False) in (b"", b"\n")
-
-    def _open(self) -> None:
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self.size = os.fstat(self.fd).st_size
-
-    def write(self, data: bytes) -> None:
-        if self.size + len(data) > self.max_bytes and self.size > 0:
-            self.rotate()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
-        self.size += len(data)
-        if data:
-            self.at_line_start = data.endswith(b"\n")
-
-    def note(self, text: str) -> None:
-        """A line of Tinytown's own (task started/finished), marked so it stands out from CLI output."""
-        stamp = time.strftime("%H:%M:%S")
-        start = "" if self.at_line_start else "\n"
-        self.write(f"{start}[tt {stamp}] {text}\n".encode("utf-8", "replace"))
-
-    def rotate(self) -> None:
-        """agent.log -> agent.log.1 -> ... ; a follower notices the new inode and reopens."""
-        old = os.fstat(self.fd)
-        os.close(self.fd)
-        if self.backups > 0:
-            for n in range(self.backups - 1, 0, -1):
-                older = self.path.with_name(f"{self.path.name}.{n}")
-                if older.exists():
-                    os.replace(older, self.path.with_name(f"{self.path.name}.{n + 1}"))
-            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
-        else:
-            # A new file rather than truncating in place: a follower still holding the old one
-            # reads it to the end before moving on, so nothing it had not read yet is lost.
-            os.unlink(self.path)
-        self._open()
-        self._move_std(old)
-
-    def _move_std(self, old: os.stat_result) -> None:
-        """The runner's stdout and stderr are this log too (the supervisor set them up so): keep
-        them on the current file, where a crash's traceback is looked for."""
-        for std in (1, 2):
-            try:
-                st = os.fstat(std)
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) == (old.st_dev, old.st_ino):
-                os.dup2(self.fd, std)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def tail_text(path, max_lines: int = 5, max_chars: int = 400) -> str:
-    """The last lines of a log file, for a failed agent's reason."""
-    data = tail_bytes(path, 8192, align=False)
-    lines = [line for line in data.decode("utf-8", "replace").splitlines() if line.strip()]
-    return " | ".join(lines[-max_lines:])[-max_chars:]
 
 
 READ_BLOCK = 64 * 1024
@@ -288,34 +209,6 @@ def cut_lines(data: bytes, lines: int | None) -> bytes:
         if cut < 0:
             return data
     return data[cut + 1:]
-
-
-def keep_tail(buf: bytearray, data: bytes, limit: int) -> bool:
-    """Append `data` to `buf`, keeping at least its last `limit` bytes (trimmed back to that once
-    past twice as much, so not at every append); True if anything was dropped. A batch of output
-    may be MiBs: only what is kept is copied."""
-    if len(data) >= limit:
-        buf[:] = data[-limit:]
-        return True
-    buf += data
-    if len(buf) > 2 * limit:
-        del buf[:-limit]
-        return True
-    return False
-
-
-def tail_bytes(path: Path, max_bytes: int, align: bool = True) -> bytes:
-    """The end of a log file, from a line boundary unless align=False: what `tt attach` replays first."""
-    try:
-        with open(path, "rb") as fh:
-            size = fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, size - max_bytes))
-            data = fh.read(max_bytes)
-    except OSError:
-        return b""
-    if size > max_bytes and align:
-        data = data[data.find(b"\n") + 1:] if b"\n" in data else b""
-    return data
 
 
 class OutputStream:
