@@ -15,13 +15,12 @@ from tinytown.supervisor.config import Config, validate_name
 from tinytown.supervisor.errors import TinytownError
 from tinytown.supervisor.log_readers import LogFile, OutputStream, cut_lines
 
+from .text import clean_line
+
 POLL_SECONDS = 0.02          # how often followed files are checked: a new line shows within this
 PARTIAL_SECONDS = 0.3        # a line without its newline yet (a prompt) is shown after this pause
 RESCAN_SECONDS = 1.0         # how often "all agents" looks for agents spawned since
 COLOURS = ("cyan", "yellow", "green", "magenta", "blue", "red")
-# CSI, OSC (ended by BEL or ST), other string controls, and two-byte escapes.
-ESCAPES = re.compile(rb"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[PX^_][^\x1b]*(?:\x1b\\)?|[ -/]*[0-~])")
-CONTROLS = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 class Printer:
@@ -77,7 +76,7 @@ class Printer:
 
     def _line(self, name: str, line: bytes, newline: bool) -> None:
         if not self.raw:
-            line = clean(line)
+            line = clean_line(line)
         head = b""
         if self.prefix:
             width = max(len(n) for n in self.names)
@@ -86,14 +85,6 @@ class Printer:
                 text = click.style(text, fg=COLOURS[self.names.index(name) % len(COLOURS)])
             head = text.encode()
         self.out.write(head + line + (b"\n" if newline else b""))
-
-
-def clean(line: bytes) -> bytes:
-    """A line as text: escape sequences and control characters gone, a \\r-overwritten line as shown last."""
-    line = ESCAPES.sub(b"", line).rstrip(b"\r")
-    if b"\r" in line:  # progress bars redraw the line: keep what was drawn last
-        line = line.rsplit(b"\r", 1)[1]
-    return CONTROLS.sub(b"", line).decode("utf-8", "replace").encode("utf-8")
 
 
 def parse_since(text: str) -> float:

@@ -39,6 +39,17 @@ def _explain(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _read_file(path: str) -> bytes:
+    """A file's bytes, or one clear line saying why not."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise TinytownError(f"no such file: {path}") from None
+    except OSError as exc:
+        raise TinytownError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
 def _fail(message: str, code: int = 1):
     click.echo(f"tt: error: {message}", err=True)
     sys.exit(code)
@@ -182,7 +193,7 @@ def assign(agent, description, from_file, as_json, town_path):
     if from_file:
         if description is not None:
             raise TinytownError("give the task text either as an argument or with --file, not both")
-        raw = sys.stdin.buffer.read() if from_file == "-" else open(from_file, "rb").read()
+        raw = sys.stdin.buffer.read() if from_file == "-" else _read_file(from_file)
         description = raw.decode("utf-8", "surrogateescape")
     if description is None:
         raise TinytownError("no task text: tt assign AGENT \"what to do\" (or --file PATH)")
@@ -221,7 +232,7 @@ def status(as_json, town_path):
 @cli.command()
 @click.option("--agent", help="Only this agent's tasks.")
 @click.option("--state", type=click.Choice(STATES), help="Only tasks in this state.")
-@click.option("-n", "--limit", type=int, default=0, help="Only the newest N.")
+@click.option("-n", "--limit", type=click.IntRange(min=0), default=0, metavar="N", help="Only the newest N (0: all).")
 @json_option
 @town_option
 def tasks(agent, state, limit, as_json, town_path):
@@ -237,16 +248,19 @@ def tasks(agent, state, limit, as_json, town_path):
 
 @cli.command()
 @click.argument("task_id")
+@click.option("--raw", is_flag=True, help="The description and output bytes as written, escape sequences included.")
 @json_option
 @town_option
-def task(task_id, as_json, town_path):
+def task(task_id, raw, as_json, town_path):
     """One task in full (TASK_ID may be a unique prefix)."""
     config = _config(town_path)
     found = _running_town(config).task(task_id)
+    from tinytown.cli import render
     if as_json:
         _print_json(found.to_json())
+    elif raw:
+        render.task_raw(found, sys.stdout.buffer)
     else:
-        from tinytown.cli import render
         render.task(found)
 
 

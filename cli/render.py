@@ -1,9 +1,15 @@
-"""Human output for `tt`: rich tables and coloured states. `--json` output never comes here."""
+"""Human output for `tt`: rich tables and coloured states. `--json` output never comes here.
+
+Rich gets text a user or an agent wrote (task descriptions, output, reasons) only as `Text`
+objects, never as markup, and only after cli/text.py has removed escape sequences and controls.
+"""
 from __future__ import annotations
 
 import time
 
 import click
+
+from .text import clean_text
 
 STATE_COLOURS = {
     "starting": "cyan", "idle": "green", "working": "yellow", "stopping": "magenta", "stopped": "bright_black",
@@ -35,9 +41,22 @@ def _console():
     return Console(highlight=False, width=200 if wide else None)
 
 
-def _state(text: str) -> str:
-    colour = STATE_COLOURS.get(text)
-    return f"[{colour}]{text}[/]" if colour else text
+def _state(text: str):
+    """A state word, coloured (a Text: never read as markup)."""
+    from rich.text import Text
+    return Text(text, style=STATE_COLOURS.get(text) or "")
+
+
+def _plain(text: str):
+    """Text someone else wrote, as rich shows it: cleaned, and never markup."""
+    from rich.text import Text
+    return Text(clean_text(text or ""))
+
+
+def _line(*parts):
+    """One line from pieces: our own words (str, printed as they are) and Text pieces."""
+    from rich.text import Text
+    return Text.assemble(*parts)
 
 
 def _ago(ts) -> str:
@@ -50,30 +69,37 @@ def _ago(ts) -> str:
 def status(data: dict) -> None:
     console = _console()
     sup = data["supervisor"]
-    console.print(f"[bold]Town {data['town']}[/]  {data['root']}")
-    console.print(f"  supervisor: {_state(sup.get('state') or 'unknown')} (pid {sup.get('pid') or '-'}"
-                  f"{', host ' + sup['host'] if sup.get('host') else ''})   redis: {data['redis']}")
+    console.print(_line((f"Town {data['town']}", "bold"), f"  {data['root']}"))
+    console.print(_line("  supervisor: ", _state(sup.get("state") or "unknown"),
+                        f" (pid {sup.get('pid') or '-'}{', host ' + sup['host'] if sup.get('host') else ''})"
+                        f"   redis: {data['redis']}"))
     counts = data["tasks"]
-    console.print("  tasks: " + ", ".join(f"{_state(k)} {v}" for k, v in counts.items() if v) if any(counts.values())
-                  else "  tasks: none yet")
+    console.print(_counts("  tasks: ", counts) if any(counts.values()) else "  tasks: none yet")
     agents = data["agents"]
     if not agents:
-        console.print(f"  no agents (max {data['max_agents']}); add one with `tt spawn NAME`")
+        console.print(f"  no agents (max {data['max_agents']}); add one with `tt spawn NAME`", markup=False)
         return
-    from rich.markup import escape
     health: dict[str, int] = {}
     for a in agents:
         health[a["health"]] = health.get(a["health"], 0) + 1
     order = ("healthy", "unresponsive", "restarting", "failed", "starting", "stopping", "stopped")
-    console.print("  agents: " + ", ".join(f"{_state(h)} {health[h]}" for h in order if h in health))
+    console.print(_counts("  agents: ", {h: health[h] for h in order if h in health}))
     # STATE is the agent's state, except that a stale heartbeat shows as unresponsive and backoff
     # as restarting: what a user needs to know first. NOTE says why and what happens next.
     rows = [(a["name"], a["state"] if a["health"] == "healthy" else a["health"], a["cli"], str(a["pid"] or "-"),
              (a["current_task"] or "-")[:8], str(a["pending"]), str(a["restarts"]), _ago(a["heartbeat_at"]),
-             escape(_note(a))) for a in agents]
+             _note(a)) for a in agents]
     _table(("AGENT", "STATE", "CLI", "PID", "TASK", "PENDING", "RESTARTS", "HEARTBEAT", "NOTE"), rows,
            state_col=1, console=console)
-    console.print(f"  {len(agents)}/{data['max_agents']} agents")
+    console.print(f"  {len(agents)}/{data['max_agents']} agents", markup=False)
+
+
+def _counts(label: str, counts: dict):
+    """`label state N, state N` with each state coloured."""
+    parts: list = [label]
+    for i, (state, n) in enumerate((k, v) for k, v in counts.items() if v):
+        parts += [", " if i else "", _state(state), f" {n}"]
+    return _line(*parts)
 
 
 def _note(a: dict) -> str:
@@ -97,12 +123,10 @@ def _table(headers, rows, state_col: int, console=None) -> None:
         if i == len(headers) - 1:
             table.add_column(header, overflow="fold", ratio=1)
         else:
-            width = max([len(header)] + [len(row[i]) for row in rows])
+            width = max([len(header)] + [len(clean_text(row[i])) for row in rows])
             table.add_column(header, no_wrap=True, min_width=width)
-    for row in rows:
-        row = list(row)
-        row[state_col] = _state(row[state_col])
-        table.add_row(*row)
+    for row in rows:  # every cell a Text: a `[/]` in a task's text is text, not markup
+        table.add_row(*(_state(cell) if i == state_col else _plain(cell) for i, cell in enumerate(row)))
     (console or _console()).print(table)
 
 
@@ -117,13 +141,22 @@ def tasks(found) -> None:
 
 def task(t) -> None:
     console = _console()
-    console.print(f"[bold]Task {t.id}[/]  agent {t.agent}  {_state(t.state)}"
-                  + (f"  exit {t.exit_code}" if t.exit_code is not None else "") + f"  attempts {t.attempts}")
-    console.print(f"  created {_ago(t.created_at)}, started {_ago(t.started_at)}, finished {_ago(t.finished_at)}")
+    console.print(_line((f"Task {t.id}", "bold"), f"  agent {t.agent}  ", _state(t.state),
+                        (f"  exit {t.exit_code}" if t.exit_code is not None else "") + f"  attempts {t.attempts}"))
+    console.print(f"  created {_ago(t.created_at)}, started {_ago(t.started_at)}, finished {_ago(t.finished_at)}",
+                  markup=False)
     if t.reason:
-        console.print(f"  reason: {t.reason}")
+        console.print(_line("  reason: ", _plain(t.reason)))
     console.rule("description")
-    console.print(t.description, markup=False)
+    console.print(_plain(t.description))
     if t.output:
         console.rule("output (last 64 KiB)")
-        console.print(t.output, markup=False)
+        console.print(_plain(t.output))
+
+
+def task_raw(t, out) -> None:
+    """`tt task ID --raw`: the description and output bytes exactly as they were written."""
+    out.write(t.description.encode("utf-8", "surrogateescape"))
+    if t.output:
+        out.write(b"\n--- output (last 64 KiB) ---\n" + t.output.encode("utf-8", "surrogateescape"))
+    out.flush()

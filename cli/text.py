@@ -1,0 +1,38 @@
+"""Text an agent or a user wrote, made safe to show in a terminal.
+
+Everything a CLI prints and every task text is hostile: an escape sequence in it can retitle the
+user's terminal, clear the screen or worse, and a `[bold]` or `[/]` in it must not be read as rich
+markup. Escape sequences and control characters are removed here (newlines and tabs kept); rich
+only ever gets the result as a `Text`, never as markup (see render.py). `--raw` skips this.
+"""
+from __future__ import annotations
+
+import re
+
+# CSI, OSC (ended by BEL or ST), other string controls, and two-byte escapes.
+ESCAPES = re.compile(rb"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[PX^_][^\x1b]*(?:\x1b\\)?|[ -/]*[0-~])")
+CONTROLS = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
+# The same for text, where C1 controls (U+0080-U+009F, e.g. U+009B, a one-character CSI) go too.
+TEXT_ESCAPES = re.compile(ESCAPES.pattern.decode("latin-1"))
+TEXT_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def clean_line(line: bytes) -> bytes:
+    """One line of output as text: escape sequences and control characters gone, a line a
+    progress bar redrew with \\r as it was shown last."""
+    line = ESCAPES.sub(b"", line).rstrip(b"\r")
+    if b"\r" in line:
+        line = line.rsplit(b"\r", 1)[1]
+    return CONTROLS.sub(b"", line).decode("utf-8", "replace").encode("utf-8")
+
+
+def clean_text(text: str) -> str:
+    """Text of any length (a task's description, output or reason) safe for a terminal: each line
+    as clean_line makes it, tabs kept, lone surrogates (undecodable bytes) shown as U+FFFD."""
+    lines = []
+    for line in text.split("\n"):
+        line = TEXT_ESCAPES.sub("", line).rstrip("\r")
+        if "\r" in line:
+            line = line.rsplit("\r", 1)[1]
+        lines.append(TEXT_CONTROLS.sub("", line.replace("\t", "    ")))
+    return "\n".join(lines).encode("utf-8", "replace").decode("utf-8")

@@ -1,0 +1,41 @@
+"""What `tt` shows of text that users and agents wrote: never markup, never a control sequence."""
+from __future__ import annotations
+
+from tinytown.cli.text import clean_line, clean_text
+
+HOSTILE = "[/] [bold red]styled?[/bold red] \x1b]0;pwned title\x07\x1b[2J\x1b[31mred\x1b[0m \x9b31m c1 \x07bell"
+
+
+def test_clean_text_removes_escapes_and_controls_and_keeps_lines():
+    assert clean_text("a\x1b[31mb\x1b[0m\tc\nnext \x1b]0;title\x07line") == "ab    c\nnext line"
+    assert clean_text("10%\r50%\r100%\n") == "100%\n"          # a progress bar as shown last
+    assert clean_text("\x9b2J csi \x85 nel \x00 nul") == "2J csi  nel  nul"  # C1 controls too
+    assert clean_text("[/] [bold]x[/bold]") == "[/] [bold]x[/bold]"          # markup is only text
+    assert clean_text("bytes \udcff kept") == "bytes ? kept"                   # undecodable bytes
+    assert clean_line(b"\x1b[1mbold\x1b[0m\r") == b"bold"  # (a line comes without its newline)
+
+
+def test_tasks_and_task_show_hostile_text_as_plain_text(town):
+    town.tt("spawn", "dev")
+    task_id = town.assign("dev", f"{HOSTILE}\n@echo {HOSTILE}\n@exit 3")
+    town.wait_task(task_id, states=("failed",))
+    listing = town.tt("tasks")  # a `[/]` used to raise MarkupError here, for good
+    shown = town.tt("task", task_id)
+    for out in (listing, shown):
+        assert out.returncode == 0 and "Traceback" not in out.err
+        assert "\x1b" not in out.out and "\x07" not in out.out and "\x9b" not in out.out
+        assert "[/] [bold red]styled?[/bold red]" in out.out  # shown as written, not styled
+    assert shown.out.count("[bold red]styled?[/bold red]") == 3  # description (twice) and output
+    raw = town.tt("task", task_id, "--raw")
+    assert HOSTILE.encode() in raw.stdout and b"\x1b]0;pwned title\x07" in raw.stdout
+    assert town.json("task", task_id)["description"].startswith(HOSTILE)
+
+
+def test_tasks_refuses_a_negative_count_and_assign_names_a_missing_file(town):
+    from test_cli_errors import one_error_line
+    town.tt("spawn", "dev")
+    proc = town.tt("tasks", "-n", "-1", check=False)
+    assert proc.returncode == 2 and "-1 is not in the range x>=0" in proc.err
+    one_error_line(town.tt("assign", "dev", "--file", "/nonexistent/prompt.md", check=False),
+                   "no such file: /nonexistent/prompt.md")
+    assert town.json("tasks") == []
