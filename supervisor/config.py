@@ -41,6 +41,30 @@ class CliSpec:
     command: tuple[str, ...]
     prompt: str = "stdin"
     env: tuple[tuple[str, str], ...] = ()
+    # The prompt is a positional argument (last, or appended) and the CLI ends its options at "--"
+    # (most parsers do): a prompt that starts with "-" then goes after one. Without it, such a
+    # prompt is refused rather than read as an option (the value of a flag such as -p cannot be
+    # protected this way).
+    options_end: bool = False
+
+    def check_prompt(self, prompt_text: str) -> None:
+        """TinytownError if this CLI cannot be handed `prompt_text` intact (before anything is written)."""
+        if self.prompt != "arg":
+            return
+        if len(prompt_text.encode("utf-8", "surrogateescape")) > MAX_ARG_BYTES:
+            raise TinytownError(
+                f"prompt is too long to pass as an argument to {self.name!r} "
+                f"(over {MAX_ARG_BYTES} bytes); use prompt = \"stdin\" or \"file\""
+            )
+        if prompt_text.startswith("-") and not self._prompt_after_options_end():
+            raise TinytownError(
+                f"the task text starts with '-', which {self.name!r} would read as an option (its prompt "
+                "is an argument): start the text with something else, or use a CLI that reads stdin")
+
+    def _prompt_after_options_end(self) -> bool:
+        """True when "--" can go right before the prompt: the last argument, or appended."""
+        slots = [i for i, part in enumerate(self.command) if "{prompt}" in part]
+        return self.options_end and (not slots or (slots == [len(self.command) - 1] and self.command[-1] == "{prompt}"))
 
     def argv(self, prompt_text: str | None, prompt_file: str) -> list[str]:
         """The argv to exec, with placeholders filled; never passed through a shell."""
@@ -49,11 +73,11 @@ class CliSpec:
         argv = [part.replace("{prompt_file}", prompt_file) for part in self.command]
         if self.prompt == "arg":
             text = prompt_text or ""
-            if len(text.encode("utf-8", "surrogateescape")) > MAX_ARG_BYTES:
-                raise TinytownError(
-                    f"prompt is too long to pass as an argument to {self.name!r} "
-                    f"(over {MAX_ARG_BYTES} bytes); use prompt = \"stdin\" or \"file\""
-                )
+            self.check_prompt(text)
+            if text.startswith("-"):  # (check_prompt allowed it: after "--", as a positional)
+                argv = argv[:-1] if uses_prompt else argv
+                argv += ["--", text]
+                return argv
             argv = [part.replace("{prompt}", text) for part in argv]
             if not uses_prompt:
                 argv.append(text)

@@ -104,7 +104,10 @@ class TownHarness:
         return self.json("assign", agent, text)["id"]
 
     def json(self, *args):
-        return json.loads(self.tt(*args, "--json").stdout)
+        """`tt ARGS --json`, parsed (--json goes before a "--" among ARGS)."""
+        args = list(args)
+        at = args.index("--") if "--" in args else len(args)
+        return json.loads(self.tt(*args[:at], "--json", *args[at:]).stdout)
 
     def append_config(self, text: str) -> None:
         with (self.root / "tinytown.toml").open("a") as fh:

@@ -149,3 +149,20 @@ def test_the_init_template_holds_every_default(tmp_path):
     assert (everything.default_cli, everything.max_agents) == ("codex", 7) == (config.default_cli, config.max_agents)
     assert everything.detach_keys == config.detach_keys and everything.redis_port == config.redis_port
     assert everything.redis_server == "/usr/bin/redis-server"  # the example for a key without default
+
+
+def test_a_prompt_that_starts_with_a_dash_is_never_an_option():
+    positional = CliSpec("pos", ("agent", "--print", "{prompt}"), "arg", options_end=True)
+    assert positional.argv("--version please", "/f") == ["agent", "--print", "--", "--version please"]
+    assert positional.argv("hi", "/f") == ["agent", "--print", "hi"]
+    appended = CliSpec("app", ("agent",), "arg", options_end=True)
+    assert appended.argv("-x", "/f") == ["agent", "--", "-x"]
+    # the value of a flag, or a CLI not known to take "--": refused, with a line that says why
+    for spec in (CliSpec("flag", ("agent", "-p", "{prompt}"), "arg"),
+                 CliSpec("custom", ("agent", "{prompt}"), "arg")):
+        with pytest.raises(TinytownError, match="starts with '-', which .* would read as an option"):
+            spec.argv("--version", "/f")
+        with pytest.raises(TinytownError, match="starts with '-'"):
+            spec.check_prompt("-rf /")
+        assert spec.argv("x -y", "/f")[-1] == "x -y"
+    CliSpec("stdin", ("agent",), "stdin").check_prompt("--version")  # stdin and file prompts are data

@@ -125,3 +125,15 @@ def test_cli_that_cannot_be_executed_leaves_no_zombie(town):
     runner = psutil.Process(town.wait_agent("bad", ("idle",))["pid"])
     assert [c for c in runner.children() if c.status() == psutil.STATUS_ZOMBIE] == []
     assert sum(1 for f in os.listdir(f"/proc/{runner.pid}/fd") if os.readlink(f"/proc/{runner.pid}/fd/{f}") == "/dev/ptmx") == 0
+
+
+def test_a_prompt_starting_with_a_dash_never_reaches_an_argument_cli_as_an_option(town):
+    """`cursor-agent --print --force --version` ran, with no prompt. A positional prompt now goes
+    after "--" where the preset says its CLI takes it; elsewhere the task fails saying why, and
+    the CLI never runs."""
+    town.append_config('\n[agent_clis.flagged]\ncommand = "claude -p {prompt}"\nprompt = "arg"\n')
+    town.tt("spawn", "bot", "--model", "flagged")
+    task_id = town.json("assign", "bot", "--", "--version")["id"]
+    task = town.wait_task(task_id)
+    assert task["state"] == "failed" and "starts with '-'" in task["reason"], task
+    assert not (town.record / f"{task_id}.json").exists()  # the CLI never started
