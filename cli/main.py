@@ -108,6 +108,42 @@ def _started_town(config):
     return _town(config)
 
 
+# --- shell completion (click's: `_TT_COMPLETE=bash_source tt`, see the README) -----------------
+def _completion_town(ctx):
+    """The town's Redis for a completion: quick, and None rather than an error when unreachable."""
+    from tinytown.supervisor.config import load
+    from tinytown.supervisor.keys import Keys
+    from tinytown.supervisor.resp import connect
+    root = ctx.params.get("town_path") or (ctx.find_root().params or {}).get("town")
+    try:
+        config = load(root)
+        if config.use_socket and not config.redis_socket.exists():
+            return None, None
+        return connect(config, timeout=0.5), Keys(config.name)
+    except Exception:  # noqa: BLE001 - a completion never prints an error into the user's line
+        return None, None
+
+
+def complete_agent(ctx, _param, incomplete: str):
+    """Agent names of the town (for AGENT arguments and --agent)."""
+    client, keys = _completion_town(ctx)
+    try:
+        names = client.execute_command("HKEYS", keys.agent_index) if client else []
+    except Exception:  # noqa: BLE001
+        names = []
+    return sorted(n for n in names if n.startswith(incomplete))
+
+
+def complete_task(ctx, _param, incomplete: str):
+    """Task ids of the town, newest first (a prefix is enough on the command line)."""
+    client, keys = _completion_town(ctx)
+    try:
+        ids = client.zrange(keys.task_index, 0, -1) if client else []
+    except Exception:  # noqa: BLE001
+        ids = []
+    return [t for t in reversed(ids) if t.startswith(incomplete)][:200]
+
+
 def _print_json(data) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
@@ -180,7 +216,7 @@ def list_agents(as_json, town_path):
 
 
 @cli.command()
-@click.argument("agent")
+@click.argument("agent", shell_complete=complete_agent)
 @click.argument("description", required=False)
 @click.option("--file", "-f", "from_file", type=click.Path(dir_okay=False, allow_dash=True),
               help="Read the task text from a file ('-' for stdin): no size limit, any bytes.")
@@ -230,7 +266,7 @@ def status(as_json, town_path):
 
 
 @cli.command()
-@click.option("--agent", help="Only this agent's tasks.")
+@click.option("--agent", help="Only this agent's tasks.", shell_complete=complete_agent)
 @click.option("--state", type=click.Choice(STATES), help="Only tasks in this state.")
 @click.option("-n", "--limit", type=click.IntRange(min=0), default=0, metavar="N", help="Only the newest N (0: all).")
 @json_option
@@ -247,7 +283,7 @@ def tasks(agent, state, limit, as_json, town_path):
 
 
 @cli.command()
-@click.argument("task_id")
+@click.argument("task_id", shell_complete=complete_task)
 @click.option("--raw", is_flag=True, help="The description and output bytes as written, escape sequences included.")
 @json_option
 @town_option
@@ -298,7 +334,7 @@ def stop(now, as_json, town_path):
 
 
 @cli.command()
-@click.argument("agent")
+@click.argument("agent", shell_complete=complete_agent)
 @town_option
 def restart(agent, town_path):
     """Clear a failed agent (or one waiting to restart) and start its runner again."""
@@ -313,11 +349,11 @@ def restart(agent, town_path):
 
 
 @cli.command()
-@click.argument("agents", nargs=-1)
+@click.argument("agents", nargs=-1, shell_complete=complete_agent)
 @click.option("-n", "--lines", type=click.IntRange(min=0), metavar="N",
               help="Show the last N lines of each agent (default 100; all with --since or --task).")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output until Ctrl+C.")
-@click.option("--task", "task_id", metavar="ID", help="Only this task's output (with -f: until it finishes).")
+@click.option("--task", "task_id", metavar="ID", shell_complete=complete_task, help="Only this task's output (with -f: until it finishes).")
 @click.option("--since", metavar="WHEN", help="Only output since then: 90s, 10m, 2h, 1d, 14:30, or an ISO time.")
 @click.option("--no-color", is_flag=True, help="No coloured agent prefixes.")
 @click.option("--raw", is_flag=True, help="Bytes as the CLI wrote them, escape sequences included.")
@@ -341,7 +377,7 @@ def logs(agents, lines, follow, task_id, since, no_color, raw, from_redis, town_
 
 
 @cli.command()
-@click.argument("agent")
+@click.argument("agent", shell_complete=complete_agent)
 @click.option("--read-only", is_flag=True, help="Watch without sending keystrokes or window size.")
 @click.option("--detach-keys", metavar="KEYS",
               help='Key sequence that detaches, e.g. "ctrl-]" (default) or "ctrl-p,ctrl-q"; '

@@ -112,3 +112,30 @@ def test_foreground_start_and_ctrl_c(town):
         if proc.poll() is None:
             proc.kill()
     assert town_processes(town.root) == []
+
+
+def test_shell_completion_offers_commands_agents_and_task_ids(town):
+    """click's completion protocol, as bash/zsh/fish call it; names and ids come from the town."""
+    def complete(words: str, cword: int, shell: str = "bash") -> list[str]:
+        env = {**town.env, "_TT_COMPLETE": f"{shell}_complete", "COMP_WORDS": words, "COMP_CWORD": str(cword)}
+        proc = subprocess.run([sys.executable, "-m", "tinytown.cli.main"], cwd=town.root, env=env,
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0 and not proc.stderr, proc.stderr
+        return [line.split(",", 1)[1] for line in proc.stdout.splitlines() if line]
+
+    town.tt("spawn", "dev")
+    town.tt("spawn", "devops")
+    town.tt("spawn", "reviewer")
+    task_id = town.assign("dev", "hello")
+    assert complete("tt as", 1) == ["assign"]
+    assert complete("tt assign de", 2) == ["dev", "devops"]
+    assert complete("tt logs -f re", 3) == ["reviewer"]
+    assert complete(f"tt task {task_id[:4]}", 2) == [task_id]
+    assert complete("tt tasks --agent d", 3) == ["dev", "devops"]
+    town.tt("stop")
+    assert complete("tt assign de", 2) == []  # a stopped town: nothing offered, nothing printed
+    for shell in ("bash", "zsh", "fish"):
+        script = subprocess.run([sys.executable, "-m", "tinytown.cli.main"], env={**town.env, "_TT_COMPLETE": f"{shell}_source"},
+                                capture_output=True, text=True, timeout=30).stdout
+        assert "_TT_COMPLETE" in script
+    assert town.tt("--version").out.startswith("tt, version ")
