@@ -213,9 +213,38 @@ class Config:
     def runtime_dir(self) -> Path:
         return self.root / RUNTIME_DIR
 
+    # --- the files under .tt/: named here and nowhere else ----------------------------------
     @property
     def log_dir(self) -> Path:
         return self.runtime_dir / "logs"
+
+    @property
+    def supervisor_log(self) -> Path:
+        """A background supervisor's own output (and a runner's last words before it has a log)."""
+        return self.runtime_dir / "supervisor.log"
+
+    @property
+    def last_stop_file(self) -> Path:
+        """The last stop's report (JSON), which `tt stop` prints."""
+        return self.runtime_dir / "last-stop.json"
+
+    @property
+    def prompt_dir(self) -> Path:
+        """Prompt files of CLIs that are handed a path (prompt = "file"), removed after each task."""
+        return self.runtime_dir / "prompts"
+
+    @property
+    def redis_dir(self) -> Path:
+        """redis-server's working folder: its append-only file."""
+        return self.runtime_dir / "redis"
+
+    @property
+    def redis_log(self) -> Path:
+        return self.runtime_dir / "redis.log"
+
+    @property
+    def redis_pid_file(self) -> Path:
+        return self.runtime_dir / "redis.pid"
 
     def log_file(self, agent_name: str) -> Path:
         return self.log_dir / f"{agent_name}.log"

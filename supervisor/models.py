@@ -18,6 +18,13 @@ class AgentState(str, Enum):
     FAILED = "failed"
 
 
+class StopMode(str, Enum):
+    """How a stop treats running tasks: let them finish within stop_grace, or put them back now."""
+
+    GRACEFUL = "graceful"
+    NOW = "now"
+
+
 class TaskState(str, Enum):
     PENDING = "pending"
     ASSIGNED = "assigned"
