@@ -6,8 +6,7 @@ checked, and turns replies into models. Everything here works on any client Town
 (resp.RespClient or redis-py), and the two calls meant for the finishing path (`queue_release`,
 `queue_claim`) add a script to a MULTI/EXEC pipeline the caller executes with its own writes.
 
-/work/notes/coordination-design.md (and the README, once wired) has the keys, the scripts'
-contracts and where each call belongs in the runner, the supervisor and the CLI.
+The scripts' contracts are in coordination_lua.py; the keys in keys.py.
 """
 from __future__ import annotations
 
@@ -20,6 +19,7 @@ from .config import validate_name
 from .coordination_lua import SCRIPTS, Script
 from .errors import TinytownError
 from .models import Note, Task, TaskState, new_id, now
+from .town import EVENTS_MAXLEN
 
 UNFINISHED = (TaskState.PENDING.value, TaskState.ASSIGNED.value, TaskState.RUNNING.value)
 
@@ -84,8 +84,7 @@ class Begun:
 class Coordination:
     """The coordination store of one town: takes the Town whose client and keys it uses."""
 
-    def __init__(self, town, events_maxlen: int | None = None):
-        from .town import EVENTS_MAXLEN
+    def __init__(self, town, events_maxlen: int = EVENTS_MAXLEN):
         self.town = town
         self.r = town.r
         self.keys = town.keys
@@ -97,7 +96,7 @@ class Coordination:
             "backlog_roles": k.backlog_roles, "roles": k.roles(""), "note": k.note(""), "notes": k.notes(""),
             "delivered_notes": k.delivered_notes(""), "cancel_requests": k.cancel_requests,
         }
-        self.ctx = json.dumps({"keys": templates, "events_maxlen": events_maxlen or EVENTS_MAXLEN,
+        self.ctx = json.dumps({"keys": templates, "events_maxlen": events_maxlen,
                                "control": k.control}, separators=(",", ":"))
 
     # --- running the scripts ---------------------------------------------------------------
