@@ -57,3 +57,47 @@ class Keys:
     def control(self) -> str:
         """Pub/sub channel: "something changed, reconcile" nudges to the supervisor."""
         return self.prefix + "control"
+
+    # --- work that flows between agents (supervisor/coordination.py) ----------------------
+    # The Lua scripts build these keys as `template + id` from the names below called with "",
+    # so each must end with the id (tests/test_coordination_store.py checks it).
+    def dependents(self, task_id: str) -> str:
+        """List of the pending task ids waiting on this task, in creation order; deleted once
+        this task finished and its dependents were released (or cancelled)."""
+        return f"{self.prefix}dependents:{task_id}"
+
+    @property
+    def awaited(self) -> str:
+        """Set of task ids that still have a dependents list: all the supervisor re-releases at
+        start, instead of scanning every task."""
+        return self.prefix + "awaited"
+
+    def backlog(self, role: str) -> str:
+        """Sorted set of unclaimed backlog task ids for one role ("*": any agent), by creation time."""
+        return f"{self.prefix}backlog:{role}"
+
+    @property
+    def backlog_roles(self) -> str:
+        """Set of the roles that have had a backlog sorted set, for listing the whole backlog."""
+        return self.prefix + "backlog-roles"
+
+    def roles(self, agent_id: str) -> str:
+        """Set of an agent's roles (`tt spawn --role`), matched against backlog tasks."""
+        return f"{self.prefix}roles:{agent_id}"
+
+    def note(self, note_id: str) -> str:
+        """Hash of one note (see models.Note)."""
+        return f"{self.prefix}note:{note_id}"
+
+    def notes(self, agent_id: str) -> str:
+        """List of the ids of the notes waiting for an agent's next task, in the order sent."""
+        return f"{self.prefix}notes:{agent_id}"
+
+    def delivered_notes(self, agent_id: str) -> str:
+        """List of the ids of the notes already delivered to an agent, in the order delivered."""
+        return f"{self.prefix}delivered:{agent_id}"
+
+    @property
+    def cancel_requests(self) -> str:
+        """Set of the ids of in-flight tasks whose cancel waits for their runner to stop the CLI."""
+        return self.prefix + "cancel-requests"

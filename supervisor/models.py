@@ -164,6 +164,15 @@ class Task(_Hash):
     finished_at: float | None = None
     reason: str = ""                 # why it failed
     output: str = ""                 # last 64 KiB of the CLI's output
+    # Work that flows between agents (supervisor/coordination.py):
+    after: str = ""                  # comma-separated ids of the tasks this one runs after
+    deps_left: int = 0               # how many of those are not finished yet (while `pending`)
+    backlog: int = 0                 # 1: queued for whichever matching agent is idle first
+    role: str = ""                   # a backlog task's role ("": any agent)
+    no_context: int = 0              # 1: no upstream output appended to the prompt
+    created_by: str = ""             # the agent that created it (TT_AGENT), or "user"
+    notes: str = ""                  # comma-separated ids of the notes delivered with it
+    cancel_request: str = ""         # in flight: why its runner is to stop it (`tt cancel`)
 
 
 @dataclass
@@ -189,3 +198,22 @@ class Message:
     @classmethod
     def task_assign(cls, task_id: str) -> "Message":
         return cls(type="TaskAssign", id=new_id(), created_at=now(), task_id=task_id)
+
+
+@dataclass
+class Note(_Hash):
+    """A note left for an agent (`tt send`), delivered with the agent's next task."""
+
+    id: str
+    to: str                          # agent name
+    sender: str                      # an agent name, or "user"
+    text: str
+    urgent: int = 0
+    created_at: float = 0.0
+    delivered_at: float | None = None
+    task: str = ""                   # the task it was delivered with
+
+    def to_json(self) -> dict:
+        data = super().to_json()
+        data["from"] = data.pop("sender")  # `from` is what the issue and `tt inbox --json` call it
+        return data

@@ -1,0 +1,430 @@
+"""Work that flows between agents, in Redis: dependencies, the shared backlog and roles, notes, cancel.
+
+The steps that must be atomic run as the Lua scripts of supervisor/coordination_lua.py; this module
+resolves what a user typed (task ids, prefixes, agent names) into ids first, checks what can be
+checked, and turns replies into models. Everything here works on any client Town works on
+(resp.RespClient or redis-py), and the two calls meant for the finishing path (`queue_release`,
+`queue_claim`) add a script to a MULTI/EXEC pipeline the caller executes with its own writes.
+
+The scripts' contracts are in coordination_lua.py; the keys in keys.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+from .config import validate_name
+from .coordination_lua import SCRIPTS, Script
+from .errors import TinytownError
+from .models import Note, Task, TaskState, new_id, now
+from .town import EVENTS_MAXLEN
+
+UNFINISHED = (TaskState.PENDING.value, TaskState.ASSIGNED.value, TaskState.RUNNING.value)
+
+
+def caller(town_name: str, env=os.environ) -> str:
+    """Who is acting: the agent whose CLI runs this `tt` (its runner sets TT_AGENT, and TT_TOWN to
+    the town, so an agent of another town is not taken for one of this town's), else "user"."""
+    agent = env.get("TT_AGENT", "")
+    return agent if agent and env.get("TT_TOWN") == town_name else "user"
+
+
+def split_refs(refs) -> list[str]:
+    """`--after a --after b,c` -> ["a", "b", "c"]: repeatable and comma-separated alike."""
+    out = []
+    for ref in refs:
+        for part in ref.split(","):
+            part = part.strip()
+            if not part:
+                raise TinytownError(f"empty reference in --after {ref!r}")
+            out.append(part)
+    return out
+
+
+def _pairs(flat) -> dict:
+    return dict(zip(flat[::2], flat[1::2])) if flat else {}
+
+
+def _ids(joined: str) -> list[str]:
+    return [i for i in joined.split(",") if i]
+
+
+@dataclass
+class Created:
+    """What `create_task` made: the task as stored, and where it went."""
+
+    task: Task
+    taken_by: str = ""       # a backlog task handed at once to this (idle) agent
+
+
+@dataclass
+class Upstream:
+    """A dependency as the dependent's prompt shows it."""
+
+    id: str
+    agent: str
+    state: str
+    exit_code: int | None
+    output: str
+
+
+@dataclass
+class Begun:
+    """The reply of `begin`: what a runner needs between claiming a task and starting its CLI."""
+
+    status: str              # ok | gone | finished | cancel
+    task: Task | None
+    agent_state: str
+    notes: list[Note] = field(default_factory=list)
+    upstream: list[Upstream] = field(default_factory=list)
+
+
+class Coordination:
+    """The coordination store of one town: takes the Town whose client and keys it uses."""
+
+    def __init__(self, town, events_maxlen: int = EVENTS_MAXLEN):
+        self.town = town
+        self.r = town.r
+        self.keys = town.keys
+        k = self.keys
+        templates = {
+            "task": k.task(""), "tasks": k.task_index, "agent": k.agent(""), "agents": k.agent_index,
+            "inbox": k.inbox(""), "inflight": k.inflight(""), "events": k.events,
+            "dependents": k.dependents(""), "awaited": k.awaited, "backlog": k.backlog(""),
+            "backlog_roles": k.backlog_roles, "roles": k.roles(""), "note": k.note(""), "notes": k.notes(""),
+            "delivered_notes": k.delivered_notes(""), "cancel_requests": k.cancel_requests,
+        }
+        self.ctx = json.dumps({"keys": templates, "events_maxlen": events_maxlen,
+                               "control": k.control}, separators=(",", ":"))
+
+    # --- running the scripts ---------------------------------------------------------------
+    def _run(self, name: str, *args):
+        """EVALSHA (the script text only when Redis does not have it yet); TTERR replies raise
+        TinytownError with their text."""
+        script: Script = SCRIPTS[name]
+        try:
+            try:
+                return self.r.execute_command("EVALSHA", script.sha, 1, self.keys.task_index, self.ctx, *args)
+            except Exception as exc:  # noqa: BLE001 - resp.RespError and redis-py's NoScriptError alike
+                if "NOSCRIPT" not in str(exc) and "No matching script" not in str(exc):
+                    raise
+            return self.r.execute_command("EVAL", script.text, 1, self.keys.task_index, self.ctx, *args)
+        except TinytownError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise _user_error(exc) from None
+
+    def _queue(self, pipe, name: str, *args) -> None:
+        """Add a script to `pipe` (a MULTI/EXEC the caller executes): EVAL, never EVALSHA, as a
+        NOSCRIPT inside EXEC would not undo the transaction's other writes."""
+        _command(pipe, "EVAL", SCRIPTS[name].text, 1, self.keys.task_index, self.ctx, *args)
+
+    # --- references ------------------------------------------------------------------------
+    def resolve_task(self, ref: str) -> str:
+        """A task id from an id or a unique prefix of one."""
+        if not ref:
+            raise TinytownError("no task id given")
+        if self.r.exists(self.keys.task(ref)):
+            return ref
+        matches = [t for t in self.r.zrange(self.keys.task_index, 0, -1) if t.startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        raise TinytownError(f"task id {ref!r} is ambiguous" if matches else f"no task {ref!r}")
+
+    def resolve_refs(self, refs) -> list[str]:
+        """Dependency ids from `--after` references, in order, each once.
+
+        A reference naming an agent means every task of that agent not finished yet (none: nothing
+        to wait for); anything else is a task id or a unique prefix of one. An unknown reference is
+        a TinytownError, raised before anything is written. A cycle cannot be made: every
+        dependency exists before its dependent, whose own list is fixed when it is created.
+        """
+        ids: list[str] = []
+        names = split_refs(refs)
+        agents = self.r.hgetall(self.keys.agent_index) if names else {}
+        unfinished_by_agent = None
+        for ref in names:
+            if ref in agents:
+                if unfinished_by_agent is None:
+                    unfinished_by_agent = self._unfinished_by_agent()
+                ids.extend(unfinished_by_agent.get(ref, []))
+                continue
+            try:
+                ids.append(self.resolve_task(ref))
+            except TinytownError as exc:
+                if str(exc).startswith("no task"):
+                    raise TinytownError(f"--after {ref!r}: no task or agent of that name in town "
+                                        f"{self.town.config.name!r}") from None
+                raise
+        return list(dict.fromkeys(ids))
+
+    def _unfinished_by_agent(self) -> dict[str, list[str]]:
+        """Agent name -> its unfinished task ids, oldest first (one read of every task's agent and
+        state: only when an --after names an agent)."""
+        ids = self.r.zrange(self.keys.task_index, 0, -1)
+        pipe = self.r.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hget(self.keys.task(task_id), "agent")
+            pipe.hget(self.keys.task(task_id), "state")
+        values = pipe.execute()
+        found: dict[str, list[str]] = {}
+        for task_id, agent, state in zip(ids, values[::2], values[1::2]):
+            if agent and state in UNFINISHED:
+                found.setdefault(agent, []).append(task_id)
+        return found
+
+    # --- creating tasks --------------------------------------------------------------------
+    def create_task(self, description: str, *, agent: str | None = None, role: str | None = None,
+                    after=(), context: bool = True, created_by: str = "user") -> Created:
+        """A task for `agent` (its inbox), or without one for the backlog (`role`, or any agent),
+        after the tasks `after` names (see resolve_refs), in one atomic step.
+
+        With unfinished dependencies it is `pending` until the last completes. A dependency that
+        already failed or was cancelled makes it `cancelled` at once, with the reason: the same
+        outcome it would have had a moment later, so a script building a graph sees one rule (a
+        refusal would instead break every later step that names this task).
+        """
+        if not description.strip():
+            raise TinytownError("the task description is empty")
+        if agent is not None and role is not None:
+            raise TinytownError("a role is for backlog tasks; a task for a named agent has none")
+        if role is not None:
+            validate_name("role", role)
+        deps = self.resolve_refs(after)
+        agent_id = self.town.agent_id(agent) if agent is not None else ""
+        task = Task(id=new_id(), agent=agent or "", agent_id=agent_id, description=description,
+                    state=TaskState.PENDING.value, created_at=now(), after=",".join(deps),
+                    backlog=0 if agent is not None else 1, role=role or "", no_context=0 if context else 1,
+                    created_by=created_by)
+        fields = task.to_hash()
+        del fields["state"]  # the script decides it
+        flat = [x for kv in fields.items() for x in kv]
+        state, reason, taker, deps_left = self._run("create", task.id, len(deps), *deps, *flat)
+        task.state, task.reason, task.deps_left = state, reason, int(deps_left)
+        if state == TaskState.CANCELLED.value:
+            task.finished_at = now()
+        if task.backlog and taker:  # handed at once to an idle agent
+            task.agent, task.agent_id = taker, self.town.agent_id(taker)
+            return Created(task, taker)
+        return Created(task)
+
+    def backlog_add(self, description: str, *, role: str | None = None, after=(), context: bool = True,
+                    created_by: str = "user") -> Created:
+        """Queue work for whichever agent matching `role` (None: any agent) is free first."""
+        return self.create_task(description, role=role, after=after, context=context, created_by=created_by)
+
+    # --- the finishing path ----------------------------------------------------------------
+    def queue_release(self, pipe, task_id: str) -> None:
+        """In the transaction that records a task's outcome: release (or cancel) its dependents."""
+        self._queue(pipe, "release", task_id)
+
+    def queue_claim(self, pipe, agent_id: str) -> None:
+        """In a transaction that makes an agent idle: it takes the oldest backlog task it may, if
+        its inbox and in-flight list are empty by then."""
+        self._queue(pipe, "claim", agent_id, "", "1")
+
+    def release(self, task_id: str) -> tuple[int, int]:
+        """Release a finished task's dependents now: (released, cancelled). Idempotent; nothing
+        for a task not finished yet."""
+        released, cancelled = self._run("release", task_id)
+        return int(released), int(cancelled)
+
+    def recover(self) -> tuple[int, int, int]:
+        """At supervisor start: every finished task with dependents left (a crash between an
+        outcome and its release, or an outcome written without one) is released, and every free
+        agent takes backlog work it may. (released, cancelled, claimed). Reads only the tasks
+        someone waits on, never every task."""
+        released, cancelled, claimed = self._run("recover")
+        return int(released), int(cancelled), int(claimed)
+
+    def blocked_by(self, tasks: list[Task]) -> dict[str, list[str]]:
+        """Task id -> the ids it runs after that have not completed (one round trip for all)."""
+        wanted = {d for t in tasks for d in _ids(t.after)}
+        order = list(wanted)
+        pipe = self.r.pipeline(transaction=False)
+        for dep in order:
+            pipe.hget(self.keys.task(dep), "state")
+        states = dict(zip(order, pipe.execute())) if order else {}
+        return {t.id: [d for d in _ids(t.after) if states.get(d) != TaskState.COMPLETED.value] for t in tasks}
+
+    def dependency_json(self, tasks: list[Task]) -> dict[str, dict]:
+        """Task id -> {"after": [...], "blocked_by": [...]}: what --json adds to each task."""
+        blocked = self.blocked_by(tasks)
+        return {t.id: {"after": _ids(t.after), "blocked_by": blocked[t.id]} for t in tasks}
+
+    # --- the runner's step between claim and CLI ----------------------------------------------
+    def begin(self, agent_id: str, task_id: str) -> Begun:
+        """Take a claimed task's notes into its record and read what its prompt needs (task,
+        notes, upstream outputs) with the agent's state, in one atomic round trip."""
+        status, task, agent_state, notes, upstream = self._run("begin", agent_id, task_id)
+        return Begun(
+            status=status,
+            task=Task.from_hash(_pairs(task)) if task else None,
+            agent_state=agent_state or "",
+            notes=[Note.from_hash(_pairs(n)) for n in notes if n],
+            upstream=[Upstream(u[0] or "", u[1] or "", u[2] or "", int(u[3]) if u[3] not in (None, "") else None,
+                               u[4] or "") for u in upstream if u and u[0]],
+        )
+
+    # --- backlog and roles -----------------------------------------------------------------
+    def set_roles(self, agent: str, roles) -> list[str]:
+        """Give an agent exactly these roles (replacing any), then let it take matching backlog
+        work if it is free."""
+        roles = list(dict.fromkeys(roles))
+        for role in roles:
+            validate_name("role", role)
+        agent_id = self.town.agent_id(agent)
+        pipe = self.r.pipeline()
+        _command(pipe, "DEL", self.keys.roles(agent_id))
+        if roles:
+            _command(pipe, "SADD", self.keys.roles(agent_id), *roles)
+        self.queue_claim(pipe, agent_id)
+        pipe.execute()
+        return roles
+
+    def roles(self, agent_ids: list[str]) -> dict[str, list[str]]:
+        """Agent id -> its roles, sorted (one round trip for all)."""
+        pipe = self.r.pipeline(transaction=False)
+        for agent_id in agent_ids:
+            _command(pipe, "SMEMBERS", self.keys.roles(agent_id))
+        return {a: sorted(r or []) for a, r in zip(agent_ids, pipe.execute())} if agent_ids else {}
+
+    def backlog(self) -> list[Task]:
+        """Unclaimed backlog tasks, oldest first (those still waiting on dependencies are not in
+        it yet: `tt tasks --state pending` shows them)."""
+        roles = self.r.execute_command("SMEMBERS", self.keys.backlog_roles) or []
+        pipe = self.r.pipeline(transaction=False)
+        for role in roles:
+            _command(pipe, "ZRANGE", self.keys.backlog(role), 0, -1, "WITHSCORES")
+        scored = []
+        for flat in pipe.execute() if roles else []:
+            scored += [(float(score), task_id) for task_id, score in zip(flat[::2], flat[1::2])]
+        ids = [task_id for _, task_id in sorted(scored)]
+        pipe = self.r.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hgetall(self.keys.task(task_id))
+        return [Task.from_hash(d) for d in (pipe.execute() if ids else []) if d]
+
+    def unserved_roles(self) -> list[str]:
+        """Roles with backlog work that no agent has (`tt status`: nobody can take it)."""
+        waiting = [t.role for t in self.backlog() if t.role]
+        if not waiting:
+            return []
+        agent_ids = list(self.r.hvals(self.keys.agent_index))
+        held = {r for roles in self.roles(agent_ids).values() for r in roles}
+        return sorted(set(waiting) - held)
+
+    def claim(self, agent: str, task_ref: str | None = None) -> str | None:
+        """Give `agent` the oldest backlog task its roles match (or the one named), atomically:
+        two claimers never get the same task. The task id, or None if nothing matches."""
+        agent_id = self.town.agent_id(agent)
+        task_id = self.resolve_task(task_ref) if task_ref else ""
+        return self._run("claim", agent_id, task_id, "0") or None
+
+    def backlog_remove(self, task_ref: str, by: str = "user") -> int:
+        """Drop an unclaimed backlog task: it becomes cancelled (tasks are records, never deleted)
+        and so do its dependents. How many dependents were cancelled with it."""
+        task_id = self.resolve_task(task_ref)
+        _, cascaded = self._run("cancel", task_id, f"removed from the backlog by {by}", "1")
+        return int(cascaded)
+
+    # --- notes -----------------------------------------------------------------------------
+    def send(self, agent: str, text: str, *, urgent: bool = False, sender: str = "user") -> Note:
+        """Leave a note for `agent`, delivered with its next task (before the task's text)."""
+        if not text.strip():
+            raise TinytownError("the note is empty")
+        agent_id = self.town.agent_id(agent)
+        note = Note(id=new_id(), to=agent, sender=sender, text=text, urgent=1 if urgent else 0, created_at=now())
+        pipe = self.r.pipeline()
+        pipe.hset(self.keys.note(note.id), mapping=note.to_hash())
+        pipe.rpush(self.keys.notes(agent_id), note.id)
+        self.town._event(pipe, "note_sent", note=note.id, agent=agent, sender=sender, urgent=note.urgent)
+        pipe.execute()
+        return note
+
+    def inbox(self, agent: str, delivered: bool = False) -> list[Note]:
+        """Notes waiting for `agent`, in the order sent; with `delivered`, those already delivered
+        first (in the order delivered)."""
+        agent_id = self.town.agent_id(agent)
+        ids = self.r.lrange(self.keys.delivered_notes(agent_id), 0, -1) if delivered else []
+        ids += self.r.lrange(self.keys.notes(agent_id), 0, -1)
+        pipe = self.r.pipeline(transaction=False)
+        for note_id in ids:
+            pipe.hgetall(self.keys.note(note_id))
+        return [Note.from_hash(d) for d in (pipe.execute() if ids else []) if d]
+
+    # --- cancel ----------------------------------------------------------------------------
+    def cancel(self, task_ref: str, by: str = "user") -> tuple[str, int]:
+        """Cancel a task: ("cancelled", dependents cancelled with it) when it was waiting (pending,
+        in an inbox or the backlog); ("requested", 0) when in flight: its runner stops the CLI and
+        records it cancelled. A finished task is a TinytownError and nothing changes."""
+        task_id = self.resolve_task(task_ref)
+        outcome, cascaded = self._run("cancel", task_id, f"cancelled by {by}", "0")
+        return outcome, int(cascaded)
+
+    def cancel_requests(self) -> list[tuple[str, str]]:
+        """(task id, agent id) of each in-flight task a cancel waits on: for the supervisor to
+        signal those runners (on start, and on each nudge)."""
+        ids = self.r.execute_command("SMEMBERS", self.keys.cancel_requests) or []
+        pipe = self.r.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hget(self.keys.task(task_id), "state")
+            pipe.hget(self.keys.task(task_id), "agent_id")
+        values = pipe.execute() if ids else []
+        return [(t, a) for t, s, a in zip(ids, values[::2], values[1::2]) if s in UNFINISHED and a]
+
+    # --- wait --------------------------------------------------------------------------------
+    def wait(self, task_ids: list[str], timeout: float | None = None) -> dict[str, str]:
+        """Block until every task is finished: id -> its final state (those still unfinished at
+        `timeout` are missing). No polling: XREAD BLOCK on the town's events wakes it when
+        something happens, and then the states are read again (one round trip), so a trimmed
+        stream or an outcome written without its event loses nothing. The client must allow a
+        reply to take as long as the block (resp: long_lived; redis-py: no socket_timeout)."""
+        ids = list(dict.fromkeys(task_ids))
+        last = self.r.execute_command("XREVRANGE", self.keys.events, "+", "-", "COUNT", 1)
+        last = last[0][0] if last else "0-0"  # read before the states: a later finish is after it
+        deadline = None if timeout is None else time.monotonic() + timeout
+        done: dict[str, str] = {}
+        while True:
+            left = [t for t in ids if t not in done]
+            pipe = self.r.pipeline(transaction=False)
+            for task_id in left:
+                pipe.hget(self.keys.task(task_id), "state")
+            for task_id, state in zip(left, pipe.execute() if left else []):
+                if state is None:
+                    raise TinytownError(f"no task {task_id!r}")
+                if TaskState(state).terminal:
+                    done[task_id] = state
+            if len(done) == len(ids):
+                return done
+            block = 0 if deadline is None else int((deadline - time.monotonic()) * 1000)
+            if deadline is not None and block <= 0:
+                return done
+            reply = self.r.execute_command("XREAD", "COUNT", 1000, "BLOCK", block, "STREAMS",
+                                           self.keys.events, last)
+            for _stream, entries in reply or []:
+                if entries:
+                    last = entries[-1][0]
+
+    def cancel_request(self, task_id: str) -> str:
+        """Why a running task is to be stopped ("" if it is not): what a runner reads when told."""
+        return self.r.hget(self.keys.task(task_id), "cancel_request") or ""
+
+
+def _command(pipe, *args) -> None:
+    """Queue any command on a pipeline: redis-py's have execute_command, resp.Pipeline queues
+    through _call (phase 2: give it execute_command and drop this)."""
+    queue = getattr(pipe, "execute_command", None)
+    if queue is not None:
+        queue(*args)
+    else:
+        pipe._call(args)
+
+
+def _user_error(exc: Exception) -> Exception:
+    text = str(exc)
+    if "TTERR " in text:
+        return TinytownError(text.split("TTERR ", 1)[1].strip())
+    return exc
