@@ -15,7 +15,7 @@ from tinytown.supervisor.config import Config, validate_name
 from tinytown.supervisor.errors import TinytownError
 from tinytown.supervisor.log_readers import LogFile, OutputStream, cut_lines
 
-from .text import clean_line
+from tinytown.supervisor.terminal_text import clean_line
 
 POLL_SECONDS = 0.02          # how often followed files are checked: a new line shows within this
 PARTIAL_SECONDS = 0.3        # a line without its newline yet (a prompt) is shown after this pause

@@ -1,7 +1,7 @@
 """Human output for `tt`: rich tables and coloured states. `--json` output never comes here.
 
 Rich gets text a user or an agent wrote (task descriptions, output, reasons) only as `Text`
-objects, never as markup, and only after cli/text.py has removed escape sequences and controls.
+objects, never as markup, and only after supervisor/terminal_text.py has removed escape sequences and controls.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 import click
 
-from .text import clean_text
+from tinytown.supervisor.terminal_text import clean_text
 
 STATE_COLOURS = {
     "starting": "cyan", "idle": "green", "working": "yellow", "stopping": "magenta", "stopped": "bright_black",

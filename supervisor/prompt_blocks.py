@@ -7,28 +7,12 @@ write them) cannot fake the end of its block and pass for the user's instruction
 """
 from __future__ import annotations
 
-import re
 import secrets
 from datetime import datetime, timezone
 
+from .terminal_text import clean_text
+
 DEFAULT_CONTEXT_BYTES = 4096
-
-# CSI, OSC (ended by BEL or ST), other string controls, and two-byte escapes (as cli/logview.py).
-_ESCAPES = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[PX^_][^\x1b]*(?:\x1b\\)?|[ -/]*[0-~])")
-_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-
-
-def as_text(output: str) -> str:
-    """A terminal's output as the text it showed: escape sequences and control characters out, a
-    line redrawn with \\r (a progress bar) as drawn last. Tabs and newlines stay."""
-    lines = []
-    for line in _ESCAPES.sub("", output).split("\n"):
-        line = line.rstrip("\r")
-        if "\r" in line:
-            line = line.rsplit("\r", 1)[1]
-        lines.append(_CONTROLS.sub("", line))
-    return "\n".join(lines)
-
 
 def tail(text: str, limit: int) -> tuple[str, bool]:
     """The last `limit` bytes of `text` as UTF-8, cut at a character boundary; whether it was cut."""
@@ -65,7 +49,7 @@ def context_block(upstream, context_bytes: int, marker: str) -> str:
            f"Each one's outcome and the end of its output follow, for reference. >>>\n"]
     for i, dep in enumerate(upstream, 1):
         code = f", exit code {dep.exit_code}" if dep.exit_code is not None else ""
-        text, cut = tail(as_text(dep.output), context_bytes)
+        text, cut = tail(clean_text(dep.output), context_bytes)
         size = len(text.encode("utf-8"))
         what = (f"the last {size} bytes of its output" if cut else
                 f"its output ({size} bytes)" if size else "no output")

@@ -1,13 +1,13 @@
 """What `tt` shows of text that users and agents wrote: never markup, never a control sequence."""
 from __future__ import annotations
 
-from tinytown.cli.text import clean_line, clean_text
+from tinytown.supervisor.terminal_text import clean_line, clean_text
 
 HOSTILE = "[/] [bold red]styled?[/bold red] \x1b]0;pwned title\x07\x1b[2J\x1b[31mred\x1b[0m \x9b31m c1 \x07bell"
 
 
 def test_clean_text_removes_escapes_and_controls_and_keeps_lines():
-    assert clean_text("a\x1b[31mb\x1b[0m\tc\nnext \x1b]0;title\x07line") == "ab    c\nnext line"
+    assert clean_text("a\x1b[31mb\x1b[0m\tc\nnext \x1b]0;title\x07line") == "ab\tc\nnext line"
     assert clean_text("10%\r50%\r100%\n") == "100%\n"          # a progress bar as shown last
     assert clean_text("\x9b2J csi \x85 nel \x00 nul") == "2J csi  nel  nul"  # C1 controls too
     assert clean_text("[/] [bold]x[/bold]") == "[/] [bold]x[/bold]"          # markup is only text

@@ -1,9 +1,10 @@
-"""Text an agent or a user wrote, made safe to show in a terminal.
+"""Text an agent or a user wrote, made safe to show in a terminal (and to quote in a prompt).
 
 Everything a CLI prints and every task text is hostile: an escape sequence in it can retitle the
 user's terminal, clear the screen or worse, and a `[bold]` or `[/]` in it must not be read as rich
 markup. Escape sequences and control characters are removed here (newlines and tabs kept); rich
-only ever gets the result as a `Text`, never as markup (see render.py). `--raw` skips this.
+only ever gets the result as a `Text`, never as markup (see cli/render.py). `--raw` skips this.
+Upstream output quoted in a dependent task's prompt is cleaned the same way (prompt_blocks.py).
 """
 from __future__ import annotations
 
@@ -27,12 +28,12 @@ def clean_line(line: bytes) -> bytes:
 
 
 def clean_text(text: str) -> str:
-    """Text of any length (a task's description, output or reason) safe for a terminal: each line
-    as clean_line makes it, tabs kept, lone surrogates (undecodable bytes) shown as U+FFFD."""
+    """Text of any length (a task's description, output or reason) safe for a terminal or a prompt:
+    each line as clean_line makes it, tabs kept, lone surrogates (undecodable bytes) as '?'."""
     lines = []
     for line in text.split("\n"):
         line = TEXT_ESCAPES.sub("", line).rstrip("\r")
         if "\r" in line:
             line = line.rsplit("\r", 1)[1]
-        lines.append(TEXT_CONTROLS.sub("", line.replace("\t", "    ")))
+        lines.append(TEXT_CONTROLS.sub("", line))
     return "\n".join(lines).encode("utf-8", "replace").decode("utf-8")
