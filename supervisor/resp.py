@@ -316,12 +316,11 @@ class RespClient(_Commands):
     def _broken(self, exc: BaseException) -> BaseException:
         """Drop a connection a command failed on (the replies left on it would answer the next
         command); the exception to raise in its place."""
-        where = self.where
         self.close()
         if isinstance(exc, RespError):
             return exc
         if isinstance(exc, TimeoutError):
-            return NotAnswering(f"Redis at {where} did not answer within {self.read_timeout or self.timeout:g} s")
+            return NotAnswering(f"Redis at {self.where} did not answer within {self.read_timeout or self.timeout:g} s")
         if isinstance(exc, OSError):
             return RespConnectionError(f"Redis connection lost: {exc}")
         return exc  # a signal handler's exception, KeyboardInterrupt: as it is
