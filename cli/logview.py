@@ -106,19 +106,13 @@ def parse_since(text: str) -> float:
 
 # --- sources ------------------------------------------------------------------------------------
 def _redis(config: Config):
-    """A bytes client for the town's Redis, or None when it cannot be reached.
-
-    No retries: redis-py's default backoff would make `tt logs` on a stopped town wait seconds,
-    and the follow loop retries on its own.
-    """
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-    client = redis.Redis(**config.redis_kwargs(), socket_connect_timeout=2, retry=Retry(NoBackoff(), 0),
-                         health_check_interval=0)
+    """A client for the town's Redis with bytes replies (output is the CLI's bytes), or None when
+    it cannot be reached. Asked once, without retries: the follow loop retries on its own."""
+    from tinytown.supervisor.resp import RespConnectionError, connect
+    client = connect(config, timeout=2, decode=False)
     try:
         client.ping()
-    except (redis.RedisError, OSError):
+    except RespConnectionError:
         return None
     return client
 
@@ -208,9 +202,8 @@ def _from_files(config, names, all_agents, printer, lines, follow) -> None:
 
 
 def _from_stream(config, client, registry, names, all_agents, printer, lines, since_at, follow) -> None:
-    import redis
-
     from tinytown.supervisor.keys import Keys
+    from tinytown.supervisor.resp import RespConnectionError
     keys = Keys(config.name)
     stream = OutputStream(client, keys, {n: registry[n] for n in names if n in registry})
     for name, data in stream.history(lines, since_at):
@@ -228,7 +221,7 @@ def _from_stream(config, client, registry, names, all_agents, printer, lines, si
                     if keys.output(agent_id) not in stream.names:
                         stream.add(name, agent_id)
                         printer.add(name)
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
+        except (RespConnectionError, OSError):  # (Redis restarting, or loading its data again)
             if not lost:
                 click.echo("tt logs: lost the town's Redis; retrying", err=True)
             lost = True

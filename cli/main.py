@@ -1,4 +1,4 @@
-"""`tt`: one small function per command. Heavy imports (redis, rich) happen inside commands."""
+"""`tt`: one small function per command. Heavy imports (rich, the store) happen inside commands."""
 from __future__ import annotations
 
 import functools
@@ -27,27 +27,35 @@ class TinytownGroup(click.Group):
             click.echo("", err=True)
             sys.exit(130)
         except Exception as exc:  # noqa: BLE001
-            _fail(_explain(exc))
+            _fail(_explain(exc, ctx.meta.get(CONFIG_META)))
 
 
-def _explain(exc: Exception) -> str:
-    name = type(exc).__module__ + "." + type(exc).__name__
-    if name.startswith(("redis.", "tinytown.supervisor.resp.")):
-        if "Connection" in name or "Timeout" in name:
+CONFIG_META = "tinytown.config"  # the command's Config, once loaded (click's meta is shared by its contexts)
+
+
+def _explain(exc: Exception, config=None) -> str:
+    """One line for an unexpected error; the town's Redis errors by their class in resp.py."""
+    resp = sys.modules.get("tinytown.supervisor.resp")  # not loaded: the error cannot be one of its
+    if resp is not None and isinstance(exc, resp.RespError):
+        if isinstance(exc, resp.NotAnswering):
+            pid = _redis_pid(config)
+            return f"the town's Redis does not answer ({f'pid {pid}, ' if pid else ''}stopped?)"
+        if isinstance(exc, resp.PasswordRefused):
+            return str(exc)
+        if isinstance(exc, resp.RespConnectionError):
             return f"cannot reach the town's Redis: {exc} (is the town running? `tt start`)"
         return f"Redis error: {exc}"
     return f"{type(exc).__name__}: {exc}"
 
 
-def _read_file(path: str) -> bytes:
-    """A file's bytes, or one clear line saying why not."""
+def _redis_pid(config) -> int | None:
+    """The pid redis-server wrote to .tt/redis.pid, if it did."""
+    if config is None:
+        return None
     try:
-        with open(path, "rb") as fh:
-            return fh.read()
-    except FileNotFoundError:
-        raise TinytownError(f"no such file: {path}") from None
-    except OSError as exc:
-        raise TinytownError(f"cannot read {path}: {exc.strerror or exc}") from None
+        return int(config.redis_pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def _fail(message: str, code: int = 1):
@@ -74,7 +82,9 @@ def json_option(func):
 
 def _config(town_path):
     from tinytown.supervisor.config import load
-    return load(town_path)
+    config = load(town_path)
+    click.get_current_context().meta[CONFIG_META] = config  # for _explain
+    return config
 
 
 def _town(config):
@@ -91,12 +101,10 @@ def _running_town(config):
 
 
 def _reading_town(config):
-    """A Town on the small RESP client (supervisor/resp.py): reading needs no redis-py import."""
+    """A Town for reading, once a supervisor that is starting has its Redis up and its record written."""
     from tinytown.supervisor.lifecycle import wait_recorded, wait_serving
-    from tinytown.supervisor.resp import connect
-    from tinytown.supervisor.town import Town
     wait_serving(config)
-    town = Town(config, client=connect(config))
+    town = _town(config)
     wait_recorded(config, town)
     return town
 
@@ -220,17 +228,25 @@ def list_agents(as_json, town_path):
 @click.argument("description", required=False)
 @click.option("--file", "-f", "from_file", type=click.Path(dir_okay=False, allow_dash=True),
               help="Read the task text from a file ('-' for stdin): no size limit, any bytes.")
+@click.option("--each", "each_file", metavar="FILE", type=click.Path(dir_okay=False, allow_dash=True),
+              help="One task per line of FILE ('-' for stdin), all written at once; prints one id per line.")
+@click.option("--null", "-0", "null", is_flag=True, help="With --each: records end with NUL, not newline.")
 @json_option
 @town_option
-def assign(agent, description, from_file, as_json, town_path):
-    """Give AGENT a task (DESCRIPTION, or --file, or '-' for stdin)."""
+def assign(agent, description, from_file, each_file, null, as_json, town_path):
+    """Give AGENT a task (DESCRIPTION, or --file, or '-' for stdin), or many (--each)."""
+    if each_file:
+        if description is not None or from_file:
+            raise TinytownError("--each reads every task from its file: give no task text and no --file")
+        return _assign_each(agent, each_file, null, as_json, town_path)
+    if null:
+        raise TinytownError("--null goes with --each")
     if description == "-" and not from_file:
         description, from_file = None, "-"
     if from_file:
         if description is not None:
             raise TinytownError("give the task text either as an argument or with --file, not both")
-        raw = sys.stdin.buffer.read() if from_file == "-" else _read_file(from_file)
-        description = raw.decode("utf-8", "surrogateescape")
+        description = _read_input(from_file).decode("utf-8", "surrogateescape")
     if description is None:
         raise TinytownError("no task text: tt assign AGENT \"what to do\" (or --file PATH)")
     config = _config(town_path)
@@ -240,6 +256,39 @@ def assign(agent, description, from_file, as_json, town_path):
         _print_json(task.to_json())
     else:
         click.echo(f"Assigned task {task.id} to {agent}")
+
+
+def _assign_each(agent, path, null, as_json, town_path):
+    """`tt assign AGENT --each FILE`: a task per record, in one transaction (all or none)."""
+    raw = _read_input(path)
+    if null:
+        records = raw.split(b"\0")
+    else:
+        records = [line[:-1] if line.endswith(b"\r") else line for line in raw.split(b"\n")]
+    texts = [text for text in (r.decode("utf-8", "surrogateescape") for r in records) if text.strip()]
+    if not texts:
+        where = "stdin" if path == "-" else path
+        raise TinytownError(f"no tasks in {where} (one per {'NUL-ended record' if null else 'line'}; "
+                            "empty ones are skipped)")
+    config = _config(town_path)
+    tasks = _started_town(config).assign_many(agent, texts)
+    if as_json:
+        _print_json([t.to_json() for t in tasks])
+    else:
+        click.echo("\n".join(t.id for t in tasks))
+
+
+def _read_input(path: str) -> bytes:
+    """A file's bytes ('-': stdin), or one clear line about why not."""
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise TinytownError(f"no such file: {path}") from None
+    except OSError as exc:
+        raise TinytownError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 @cli.command()

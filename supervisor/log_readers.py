@@ -214,8 +214,8 @@ def cut_lines(data: bytes, lines: int | None) -> bytes:
 class OutputStream:
     """Agents' output from the town's Redis streams (see Keys.output): chunks with time and task.
 
-    `agents` maps name -> agent id; `task` keeps only that task's chunks. The client must be made
-    with decode=False: chunks are the CLI's bytes.
+    `agents` maps name -> agent id; `task` keeps only that task's chunks. The client is a
+    resp.RespClient made with decode=False: chunks are the CLI's bytes, ids and fields bytes too.
     """
 
     def __init__(self, client, keys, agents: dict[str, str], task: str | None = None):
@@ -269,7 +269,7 @@ class OutputStream:
         found = self.r.xread(dict(self.last), block=block_ms) or []
         merged = []
         for key, entries in found:
-            key = key.decode() if isinstance(key, bytes) else key
+            key = key.decode()
             for entry_id, fields in entries:
                 self.last[key] = entry_id
                 if self._wanted(fields):

@@ -1,14 +1,16 @@
-"""A small Redis client: RESP2 over a socket, for the supervisor, the runners and the quick `tt` commands.
+"""The town's one Redis client: the supervisor, the runners and every `tt` command talk through it.
 
-Why it exists: `import redis` (redis-py) costs 100-170 ms and ~10 MB of a process's private memory,
-mostly redis.asyncio. `tt list`, status, tasks, task and stop pay more for it than for everything
-else they do; and every runner is a fork of the supervisor, so the supervisor's size is what each
-runner's fork and exit cost (50 runners stopping is 50 address spaces torn down). The commands
-that write with WATCH (spawn) and the log follower keep redis-py.
+Why not redis-py: importing it costs 70-170 ms and ~10 MB of a process's private memory (mostly
+redis.asyncio). A `tt` command paid more for that than for everything else it does, and every
+runner is a fork of the supervisor, so the supervisor's size is what each runner's fork and exit
+cost. The protocol is hiredis's (its C parser and packer, ~1 ms to import); this module adds only
+what the town needs: connections that come back after a redis-server restart, MULTI/EXEC
+pipelines and WATCH transactions, blocking reads, pub/sub, Lua scripts, AUTH, and one hierarchy of
+errors (RespError) that says whether Redis refused, could not be reached, or does not answer.
 
-It speaks what `Town` uses on those paths: the commands below, plain and MULTI/EXEC pipelines.
-Replies are decoded like Town's redis-py client (UTF-8, surrogateescape), so the same code runs on
-both. Key names still come from supervisor/keys.py: this module knows commands, not keys.
+Replies are text (UTF-8, surrogateescape: any bytes a user gave round-trip intact) unless the
+client is made with decode=False, which the readers of agents' output streams use. Key names come
+from supervisor/keys.py: this module knows commands, not keys.
 """
 from __future__ import annotations
 
@@ -16,46 +18,89 @@ import select
 import socket
 import time
 
+import hiredis
 
+
+# --- errors ---------------------------------------------------------------------------------------
 class RespError(Exception):
-    """An error reply from Redis."""
+    """Anything this client raises: Redis refused, could not be reached, or did not answer."""
 
 
-class RespConnectionError(ConnectionError):
-    """Redis cannot be reached, or the connection broke."""
+class ReplyError(RespError):
+    """An error reply from Redis (WRONGTYPE, a script's error...)."""
 
 
-def connect(config, timeout: float = 5.0, long_lived: bool = False, retry_for: float = 0.0) -> "RespClient":
-    """A client for the town's Redis (its unix socket, or host and port).
+class NoScriptError(ReplyError):
+    """EVALSHA of a script this Redis does not have (never loaded, or the server restarted)."""
 
-    long_lived: for the supervisor and the runners: no time limit on a reply (a Redis that is slow
-    for a while, an fsync on a busy disk, is not a reason to give up; `timeout` still bounds
-    connecting). retry_for: keep trying to connect for that long (a runner riding out the moment
-    its supervisor restarts redis-server).
+
+class PasswordRefused(ReplyError):
+    """AUTH failed, or Redis wants a password and none was given."""
+
+
+class WatchError(RespError):
+    """A watched key changed before EXEC: nothing of the transaction was carried out."""
+
+
+class RespConnectionError(RespError, ConnectionError):
+    """Redis cannot be reached, or the connection broke: a command may or may not have run."""
+
+
+class NotAnswering(RespConnectionError):
+    """Connected, but no reply came in time: a redis-server that is stopped (SIGSTOP) or wedged."""
+
+
+class Loading(RespConnectionError):
+    """Redis is up but still loading its data (just restarted): ask again in a moment."""
+
+
+_REPLY_ERRORS = {"NOSCRIPT": NoScriptError, "NOAUTH": PasswordRefused, "WRONGPASS": PasswordRefused,
+                 "LOADING": Loading}
+
+
+def _reply_error(message: str) -> RespError:
+    """hiredis calls this for each error reply: the class says what kind of refusal it is."""
+    return _REPLY_ERRORS.get(message.split(" ", 1)[0], ReplyError)(message)
+
+
+_MORE = object()   # hiredis's "no whole reply buffered yet"
+
+
+def _reader(decode: bool) -> hiredis.Reader:
+    if decode:
+        return hiredis.Reader(replyError=_reply_error, protocolError=RespConnectionError, notEnoughData=_MORE,
+                              encoding="utf-8", errors="surrogateescape")
+    return hiredis.Reader(replyError=_reply_error, protocolError=RespConnectionError, notEnoughData=_MORE)
+
+
+def pack(args) -> bytes:
+    """One command as RESP. hiredis packs str as strict UTF-8, so a user's text holding a byte that
+    is not UTF-8 (a lone surrogate after surrogateescape) is encoded here first."""
+    args = tuple(args)
+    try:
+        return hiredis.pack_command(args)
+    except UnicodeEncodeError:
+        return hiredis.pack_command(tuple(a.encode("utf-8", "surrogateescape") if isinstance(a, str) else a
+                                          for a in args))
+
+
+def connect(config, timeout: float = 5.0, long_lived: bool = False, retry_for: float = 0.0,
+            decode: bool = True) -> "RespClient":
+    """A client for the town's Redis (its unix socket, or host and port, with its password).
+
+    timeout: for connecting, and for each reply of a `tt` command: a Redis that does not answer
+    within it raises NotAnswering. long_lived: for the supervisor and the runners: no time limit on
+    a reply (a Redis slow for a while, an fsync on a busy disk, is not a reason to give up).
+    retry_for: keep trying to connect for that long (a runner riding out a redis-server restart).
+    decode=False: replies as bytes (agents' output).
     """
-    read_timeout = None if long_lived else timeout
-    if config.use_socket:
-        return RespClient(path=str(config.redis_socket), timeout=timeout, read_timeout=read_timeout,
-                          retry_for=retry_for)
-    return RespClient(host=config.redis_host, port=config.redis_port, timeout=timeout, read_timeout=read_timeout,
-                      retry_for=retry_for)
+    where = {"path": str(config.redis_socket)} if config.use_socket else \
+        {"host": config.redis_host, "port": config.redis_port}
+    return RespClient(**where, timeout=timeout, read_timeout=None if long_lived else timeout,
+                      retry_for=retry_for, password=config.redis_password, decode=decode)
 
 
-def encode_command(args) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, bytes):
-            data = arg
-        elif isinstance(arg, str):
-            data = arg.encode("utf-8", "surrogateescape")
-        elif isinstance(arg, (int, float)) and not isinstance(arg, bool):
-            data = repr(arg).encode()
-        else:
-            raise TypeError(f"cannot send {type(arg).__name__} to Redis")
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
+# --- reply shapes (as redis-py gives them, so call sites read naturally) ------------------------
 def _pairs(reply):
     if reply is None:
         return {}
@@ -67,8 +112,22 @@ def _int(reply):
 
 
 def _entries(reply):
-    """A stream's entries as redis-py gives them: [(id, {field: value}), ...]."""
+    """A stream's entries: [(id, {field: value}), ...]."""
     return [(entry_id, _pairs(fields)) for entry_id, fields in reply or []]
+
+
+def _streams(reply):
+    """XREAD's reply: [[stream, [(id, {field: value}), ...]], ...]; [] when the wait ran out."""
+    return [[name, _entries(entries)] for name, entries in reply or []]
+
+
+def _ok(reply):
+    return reply in ("OK", b"OK")
+
+
+def _client_list(reply):
+    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
+    return [dict(item.partition("=")[::2] for item in line.split(" ")) for line in text.splitlines() if line]
 
 
 class _Commands:
@@ -77,11 +136,17 @@ class _Commands:
     def _call(self, args, shape=None):
         raise NotImplementedError
 
+    def execute_command(self, *args):
+        return self._call(args)
+
     def ping(self):
-        return self._call(("PING",), lambda r: r == "PONG")
+        return self._call(("PING",), lambda r: r in ("PONG", b"PONG"))
 
     def exists(self, *names):
         return self._call(("EXISTS", *names), _int)
+
+    def delete(self, *names):
+        return self._call(("DEL", *names), _int)
 
     def hget(self, name, key):
         return self._call(("HGET", name, key))
@@ -93,7 +158,10 @@ class _Commands:
         return self._call(("HVALS", name))
 
     def hexists(self, name, key):
-        return self._call(("HEXISTS", name, key), lambda r: bool(r))
+        return self._call(("HEXISTS", name, key), bool)
+
+    def hlen(self, name):
+        return self._call(("HLEN", name), _int)
 
     def hset(self, name, key=None, value=None, mapping=None):
         args = ["HSET", name]
@@ -103,24 +171,14 @@ class _Commands:
             args += [k, v]
         return self._call(args, _int)
 
+    def hincrby(self, name, key, amount=1):
+        return self._call(("HINCRBY", name, key, amount), _int)
+
     def llen(self, name):
         return self._call(("LLEN", name), _int)
 
     def lrange(self, name, start, end):
         return self._call(("LRANGE", name, start, end))
-
-    def zrange(self, name, start, end):
-        return self._call(("ZRANGE", name, start, end))
-
-    def publish(self, channel, message):
-        return self._call(("PUBLISH", channel, message), _int)
-
-    # --- what the supervisor and the runners write -------------------------------------------
-    def hincrby(self, name, key, amount=1):
-        return self._call(("HINCRBY", name, key, amount), _int)
-
-    def hlen(self, name):
-        return self._call(("HLEN", name), _int)
 
     def lpush(self, name, *values):
         return self._call(("LPUSH", name, *values), _int)
@@ -137,6 +195,12 @@ class _Commands:
             args += [score, member]
         return self._call(args, _int)
 
+    def zrange(self, name, start, end):
+        return self._call(("ZRANGE", name, start, end))
+
+    def publish(self, channel, message):
+        return self._call(("PUBLISH", channel, message), _int)
+
     def xadd(self, name, fields, id="*", maxlen=None, approximate=True):
         args = ["XADD", name]
         if maxlen is not None:
@@ -150,25 +214,46 @@ class _Commands:
         args = ["XRANGE", name, min, max] + (["COUNT", count] if count is not None else [])
         return self._call(args, _entries)
 
+    def xrevrange(self, name, max="+", min="-", count=None):
+        args = ["XREVRANGE", name, max, min] + (["COUNT", count] if count is not None else [])
+        return self._call(args, _entries)
 
+    def evalsha(self, sha, keys=(), args=()):
+        return self._call(("EVALSHA", sha, len(keys), *keys, *args))
+
+    def eval(self, source, keys=(), args=()):
+        return self._call(("EVAL", source, len(keys), *keys, *args))
+
+    def client_list(self):
+        return self._call(("CLIENT", "LIST"), _client_list)
+
+
+# --- one connection ---------------------------------------------------------------------------
 class RespClient(_Commands):
     """One connection, opened on first use and again when found closed; every call is one round trip.
 
     A connection Redis closed while it sat idle (redis-server restarted) is noticed before a
     command is sent on it, and replaced. One that breaks during a command raises
     RespConnectionError: the command may or may not have been carried out, which only the caller
-    can judge.
+    can judge. A reply that does not come within read_timeout raises NotAnswering.
     """
 
     _UNSET = object()
 
     def __init__(self, path: str | None = None, host: str = "127.0.0.1", port: int = 6379, timeout: float = 5.0,
-                 read_timeout=_UNSET, retry_for: float = 0.0):
+                 read_timeout=_UNSET, retry_for: float = 0.0, password: str | None = None, decode: bool = True):
         self.path, self.host, self.port, self.timeout = path, host, port, timeout
         self.read_timeout = timeout if read_timeout is RespClient._UNSET else read_timeout
         self.retry_for = retry_for
+        self.password = password
+        self.decode = decode
         self.sock: socket.socket | None = None
-        self.reader = None
+        self.reader: hiredis.Reader | None = None
+        self.auth_unread = False   # AUTH went out with the connection; its reply comes first
+
+    @property
+    def where(self) -> str:
+        return self.path or f"{self.host}:{self.port}"
 
     def _connect(self) -> None:
         deadline = time.monotonic() + self.retry_for
@@ -178,21 +263,31 @@ class RespClient(_Commands):
                 if self.path:
                     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                     sock.settimeout(self.timeout)
-                    sock.connect(self.path)
+                    try:
+                        sock.connect(self.path)
+                    except BaseException:
+                        sock.close()
+                        raise
                 else:
                     sock = socket.create_connection((self.host, self.port), self.timeout)
                 break
             except OSError as exc:
                 if time.monotonic() + pause > deadline:
-                    where = self.path or f"{self.host}:{self.port}"
-                    raise RespConnectionError(f"cannot connect to Redis at {where}: {exc.strerror or exc}") from None
+                    raise RespConnectionError(f"cannot connect to Redis at {self.where}: "
+                                              f"{exc.strerror or exc}") from None
                 time.sleep(pause)
                 pause = min(pause * 2, 0.5)
         sock.settimeout(self.read_timeout)
-        self.sock, self.reader = sock, sock.makefile("rb")
+        self.sock, self.reader = sock, _reader(self.decode)
+        if self.password is not None:
+            # Sent now, its reply read before the first command's: no round trip of its own.
+            self.auth_unread = True
+            self._send(pack(("AUTH", self.password)))
 
     def _usable(self) -> bool:
         """False if Redis closed this idle connection (or sent what nobody asked for)."""
+        if self.auth_unread:
+            return True  # AUTH's reply may be waiting: it was asked for
         try:
             return not select.select([self.sock], [], [], 0)[0]
         except (OSError, ValueError):
@@ -200,18 +295,9 @@ class RespClient(_Commands):
 
     def close(self) -> None:
         if self.sock is not None:
-            self.reader.close()
             self.sock.close()
             self.sock = self.reader = None
-
-    def execute_command(self, *args):
-        return self._call(args)
-
-    def _call(self, args, shape=None):
-        reply = self._roundtrip([args], 1)[0]
-        if isinstance(reply, RespError):
-            raise reply
-        return shape(reply) if shape else reply
+            self.auth_unread = False
 
     def _ensure(self, idle: bool = True) -> None:
         """A connection to send on: a new one if there is none, or if Redis closed this one while
@@ -221,58 +307,121 @@ class RespClient(_Commands):
         if self.sock is None:
             self._connect()
 
-    def _lost(self, exc: OSError) -> RespConnectionError:
-        """Drop a connection that broke mid-command; the error to raise."""
+    def _send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except BaseException as exc:
+            raise self._broken(exc) from None
+
+    def _broken(self, exc: BaseException) -> BaseException:
+        """Drop a connection a command failed on (the replies left on it would answer the next
+        command); the exception to raise in its place."""
         self.close()
-        return RespConnectionError(f"Redis connection lost: {exc}")
+        if isinstance(exc, RespError):
+            return exc
+        if isinstance(exc, TimeoutError):
+            return NotAnswering(f"Redis at {self.where} did not answer within {self.read_timeout or self.timeout:g} s")
+        if isinstance(exc, OSError):
+            return RespConnectionError(f"Redis connection lost: {exc}")
+        return exc  # a signal handler's exception, KeyboardInterrupt: as it is
+
+    def _read(self, block: bool = True):
+        """The next reply (an error reply as a RespError instance, not raised); _MORE if not `block`
+        and no whole reply has arrived."""
+        if self.auth_unread:
+            reply = self._next(block)
+            if reply is _MORE:
+                return _MORE
+            self.auth_unread = False
+            if isinstance(reply, RespError):
+                self.close()
+                raise PasswordRefused("the town's Redis refused the password")
+        return self._next(block)
+
+    def _next(self, block: bool):
+        reply = self.reader.gets()
+        while reply is _MORE and block:
+            data = self.sock.recv(65536)
+            if not data:
+                raise RespConnectionError("Redis closed the connection")
+            self.reader.feed(data)
+            reply = self.reader.gets()
+        return reply
 
     def _roundtrip(self, commands, replies: int, wait: float | None = None) -> list:
-        """Send, and read the replies; `wait`: seconds the first reply may take beyond read_timeout."""
+        """Send, and read the replies; `wait`: seconds the first reply may take beyond the
+        read timeout (a blocking command's own wait; float('inf'): no limit)."""
         self._ensure()
+        stretched = wait is not None and self.read_timeout is not None
         try:
-            if wait is not None and self.read_timeout is not None:
-                self.sock.settimeout(wait + self.read_timeout)
-            self.sock.sendall(b"".join(encode_command(c) for c in commands))
-            return [self._read() for _ in range(replies)]
-        except OSError as exc:
-            raise self._lost(exc) from None
-        finally:
-            if wait is not None and self.read_timeout is not None and self.sock is not None:
+            if stretched:
+                self.sock.settimeout(None if wait == float("inf") else wait + self.read_timeout)
+            self.sock.sendall(b"".join(pack(c) for c in commands))
+            out = [self._read() for _ in range(replies)]
+            if stretched:
                 self.sock.settimeout(self.read_timeout)
+            return out
+        except BaseException as exc:
+            raise self._broken(exc) from None
 
-    def _read(self):
-        line = self.reader.readline()
-        if not line.endswith(b"\r\n"):
-            raise RespConnectionError("Redis closed the connection")
-        kind, rest = line[:1], line[1:-2]
-        if kind == b"$":
-            size = int(rest)
-            if size < 0:
-                return None
-            data = self.reader.read(size + 2)
-            if len(data) != size + 2:
-                raise RespConnectionError("Redis closed the connection")
-            return data[:-2].decode("utf-8", "surrogateescape")
-        if kind == b"*":
-            size = int(rest)
-            return None if size < 0 else [self._read() for _ in range(size)]
-        if kind == b":":
-            return int(rest)
-        if kind == b"+":
-            return rest.decode()
-        if kind == b"-":
-            return RespError(rest.decode("utf-8", "replace"))
-        raise RespConnectionError(f"unexpected reply from Redis: {line[:40]!r}")
+    def _call(self, args, shape=None, wait: float | None = None):
+        reply = self._roundtrip([args], 1, wait)[0]
+        if isinstance(reply, RespError):
+            raise reply
+        return shape(reply) if shape else reply
 
+    # --- what needs more than one request and one reply ---------------------------------------
     def pipeline(self, transaction: bool = True) -> "Pipeline":
         return Pipeline(self, transaction)
 
+    def transaction(self, body, *watch, attempts: int = 100):
+        """An optimistic transaction: WATCH `watch`, then `body(pipe)` reads through this client
+        and queues its writes on `pipe`, which run in one MULTI/EXEC only if no watched key
+        changed in between; else all of it again. body's return value is returned; an exception
+        in body (a check that failed) writes nothing."""
+        for _ in range(attempts):
+            self._call(("WATCH", *watch))
+            pipe = Pipeline(self, transaction=True)
+            try:
+                result = body(pipe)
+                if not pipe.queued:
+                    self._call(("UNWATCH",))
+                    return result
+                pipe.execute()
+                return result
+            except WatchError:
+                continue
+            except BaseException:
+                if self.sock is not None:  # still connected: drop the watch for the next command
+                    try:
+                        self._call(("UNWATCH",))
+                    except RespError:
+                        pass
+                raise
+        raise WatchError(f"gave up after {attempts} attempts: {', '.join(watch)} kept changing")
+
     def blmove(self, source, destination, timeout, src="LEFT", dest="RIGHT"):
         """Block up to `timeout` seconds for an element (the socket waits that much longer)."""
-        reply = self._roundtrip([("BLMOVE", source, destination, src, dest, timeout)], 1, wait=timeout)[0]
-        if isinstance(reply, RespError):
-            raise reply
-        return reply
+        return self._call(("BLMOVE", source, destination, src, dest, timeout), wait=timeout)
+
+    def xread(self, streams: dict, count=None, block=None):
+        """New entries after each stream's id; with `block` (ms), wait that long for the first
+        (0: until one comes). [[stream, [(id, {field: value}), ...]], ...], [] if none came."""
+        args = ["XREAD"] + (["COUNT", count] if count is not None else [])
+        if block is not None:
+            args += ["BLOCK", block]
+        args += ["STREAMS", *streams.keys(), *streams.values()]
+        wait = None if block is None else (float("inf") if block == 0 else block / 1000)
+        return self._call(args, _streams, wait=wait)
+
+    def subscribe(self, *channels) -> "Subscription":
+        """This connection, from now on listening on `channels` and good for nothing else.
+        Returns without waiting for Redis's confirmation (a stalled Redis must not stall the
+        caller); what arrives is read with Subscription.messages()."""
+        self._ensure()
+        self._send(pack(("SUBSCRIBE", *channels)))
+        self.sock.setblocking(False)
+        return Subscription(self)
 
 
 class Pipeline(_Commands):
@@ -299,7 +448,7 @@ class Pipeline(_Commands):
                     raise reply
             replies = replies[-1]
             if replies is None:
-                raise RespError("transaction aborted")
+                raise WatchError("a watched key changed: the transaction was not carried out")
         else:
             replies = self.client._roundtrip(commands, len(commands))
         out = []
@@ -314,6 +463,62 @@ class Pipeline(_Commands):
 
     def __exit__(self, *exc):
         self.queued = []
+
+
+class Subscription:
+    """A connection in SUBSCRIBE mode: fileno() for select(), messages() for what has arrived."""
+
+    def __init__(self, client: RespClient):
+        self.client = client
+
+    def fileno(self) -> int:
+        return self.client.sock.fileno()
+
+    def messages(self) -> list[tuple]:
+        """The (channel, data) of every message that has arrived, without waiting.
+        RespConnectionError once Redis has closed the connection."""
+        client = self.client
+        while True:
+            try:
+                data = client.sock.recv(65536)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                raise client._broken(exc) from None
+            if not data:
+                client.close()
+                raise RespConnectionError("Redis closed the connection")
+            client.reader.feed(data)
+        found = []
+        while (reply := client._read(block=False)) is not _MORE:
+            if isinstance(reply, RespError):
+                raise reply
+            if reply[0] in ("message", b"message"):
+                found.append((reply[1], reply[2]))
+        return found
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class Script:
+    """A Lua script run by its SHA1 (EVALSHA), sent whole (EVAL) when Redis does not have it yet.
+
+    In a pipeline it is always sent whole: a NOSCRIPT inside a transaction could not be retried.
+    """
+
+    def __init__(self, source: str):
+        import hashlib  # here: only the processes that run scripts pay for it
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def __call__(self, client, keys=(), args=()):
+        if isinstance(client, Pipeline):
+            return client.eval(self.source, keys, args)
+        try:
+            return client.evalsha(self.sha, keys, args)
+        except NoScriptError:
+            return client.eval(self.source, keys, args)
 
 
 class Sender:
@@ -334,10 +539,10 @@ class Sender:
             self._read(self.outstanding - self.window // 2)
         self.client._ensure(idle=not self.outstanding)
         try:
-            self.client.sock.sendall(encode_command(args))
-        except OSError as exc:
+            self.client._send(pack(args))
+        except BaseException:
             self.outstanding = 0
-            raise self.client._lost(exc) from None
+            raise
         self.outstanding += 1
 
     def flush(self) -> None:
@@ -351,9 +556,9 @@ class Sender:
                 self.outstanding -= 1
                 if isinstance(reply, RespError):
                     self.errors.append(str(reply))
-        except OSError as exc:
+        except BaseException as exc:
             self.outstanding = 0
-            raise self.client._lost(exc) from None
+            raise self.client._broken(exc) from None
 
     def close(self) -> None:
         self.client.close()

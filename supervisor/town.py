@@ -13,28 +13,11 @@ from .errors import TinytownError
 from .keys import Keys
 from .models import (Agent, AgentState, Message, Task, TaskState, check_agent_transition,
                      check_task_transition, new_id, now)
+from .resp import RespClient, RespError, connect
 
-
-class _LazyRedis:
-    """redis-py, imported on first use: it costs 100-170 ms, and the quick `tt` commands read the
-    town through supervisor/resp.py (a Town built on a RespClient) without ever touching it."""
-
-    def __getattr__(self, name):
-        import redis as module
-        return getattr(module, name)
-
-
-redis = _LazyRedis()
 
 OUTPUT_TAIL_BYTES = 64 * 1024
 EVENTS_MAXLEN = 5000
-
-
-
-def connect(config: Config, decode: bool = True, timeout: float | None = None) -> redis.Redis:
-    # surrogateescape: any bytes a user gives (a binary prompt) round-trip through Redis intact.
-    return redis.Redis(**config.redis_kwargs(), decode_responses=decode, encoding_errors="surrogateescape",
-                       socket_connect_timeout=timeout or 5, health_check_interval=0)
 
 
 @dataclass
@@ -46,7 +29,10 @@ class Claimed:
 
 
 class Town:
-    def __init__(self, config: Config, client: redis.Redis | None = None):
+    """The town's records in Redis. `client`: a resp.RespClient (default: a `tt` command's, with
+    its reply timeout; the supervisor and the runners pass long-lived ones)."""
+
+    def __init__(self, config: Config, client: RespClient | None = None):
         self.config = config
         self.keys = Keys(config.name)
         self.r = client if client is not None else connect(config)
@@ -55,7 +41,7 @@ class Town:
     def ping(self) -> bool:
         try:
             return bool(self.r.ping())
-        except Exception:  # noqa: BLE001 - redis-py's or resp.py's errors alike: not reachable
+        except RespError:
             return False
 
     def _event(self, pipe, kind: str, **fields) -> None:
@@ -73,27 +59,21 @@ class Town:
         agent = Agent(id=new_id(), name=name, cli=cli, state=AgentState.STARTING.value,
                       created_at=now(), updated_at=now(), task_timeout=task_timeout)
         index = self.keys.agent_index
-        with self.r.pipeline() as pipe:
-            while True:  # optimistic transaction: two racing spawns cannot both pass the checks
-                try:
-                    pipe.watch(index)
-                    if pipe.hexists(index, name):
-                        raise TinytownError(f"an agent named {name!r} already exists")
-                    if pipe.hlen(index) >= self.config.max_agents:
-                        raise TinytownError(
-                            f"max_agents reached ({self.config.max_agents}); raise max_agents in "
-                            f"{self.config.root / 'tinytown.toml'} or remove an agent")
-                    pipe.multi()
-                    pipe.hset(index, name, agent.id)
-                    pipe.hset(self.keys.agent(agent.id), mapping=agent.to_hash())
-                    pipe.execute()
-                    break
-                except redis.WatchError:
-                    continue
-        pipe = self.r.pipeline()
-        self._event(pipe, "agent_spawned", agent=name, agent_id=agent.id, cli=cli)
-        pipe.publish(self.keys.control, "reconcile")
-        pipe.execute()
+
+        def register(pipe):  # optimistic: two racing spawns cannot both pass the checks
+            taken, count = self.r.pipeline(transaction=False).hexists(index, name).hlen(index).execute()
+            if taken:
+                raise TinytownError(f"an agent named {name!r} already exists")
+            if count >= self.config.max_agents:
+                raise TinytownError(
+                    f"max_agents reached ({self.config.max_agents}); raise max_agents in "
+                    f"{self.config.root / 'tinytown.toml'} or remove an agent")
+            pipe.hset(index, name, agent.id)
+            pipe.hset(self.keys.agent(agent.id), mapping=agent.to_hash())
+            self._event(pipe, "agent_spawned", agent=name, agent_id=agent.id, cli=cli)
+            pipe.publish(self.keys.control, "reconcile")
+
+        self.r.transaction(register, index)
         return agent
 
     def agent_id(self, name: str) -> str:
@@ -158,19 +138,25 @@ class Town:
     # --- tasks -----------------------------------------------------------------------------
     def assign(self, name: str, description: str) -> Task:
         """Create a task and push its TaskAssign message onto the agent's inbox, atomically."""
-        if not description.strip():
+        return self.assign_many(name, [description])[0]
+
+    def assign_many(self, name: str, descriptions: list[str]) -> list[Task]:
+        """Tasks for one agent, in this order, written in one MULTI/EXEC: all of them or none."""
+        if not descriptions or any(not d.strip() for d in descriptions):
             raise TinytownError("the task description is empty")
         agent_id = self.agent_id(name)
-        task = Task(id=new_id(), agent=name, agent_id=agent_id, description=description,
-                    state=TaskState.ASSIGNED.value, created_at=now())
-        message = Message.task_assign(task.id)
         pipe = self.r.pipeline()
-        pipe.hset(self.keys.task(task.id), mapping=task.to_hash())
-        pipe.zadd(self.keys.task_index, {task.id: task.created_at})
-        pipe.rpush(self.keys.inbox(agent_id), message.encode())
-        self._event(pipe, "task_assigned", task=task.id, agent=name)
+        tasks = []
+        for description in descriptions:
+            task = Task(id=new_id(), agent=name, agent_id=agent_id, description=description,
+                        state=TaskState.ASSIGNED.value, created_at=now())
+            pipe.hset(self.keys.task(task.id), mapping=task.to_hash())
+            pipe.zadd(self.keys.task_index, {task.id: task.created_at})
+            pipe.rpush(self.keys.inbox(agent_id), Message.task_assign(task.id).encode())
+            self._event(pipe, "task_assigned", task=task.id, agent=name)
+            tasks.append(task)
         pipe.execute()
-        return task
+        return tasks
 
     def task(self, task_id: str) -> Task:
         """A task by id, or by a unique prefix of its id."""

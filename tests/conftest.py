@@ -173,3 +173,45 @@ def make_town(tmp_path):
 @pytest.fixture
 def town(make_town):
     return make_town()
+
+
+class BareRedis:
+    """A redis-server of its own on a unix socket (no town, no supervisor): for the store logic and
+    the client itself. `args`: more of its options (e.g. --requirepass)."""
+
+    def __init__(self, folder: Path, *args: str):
+        from tinytown.supervisor.config import Config
+        from tinytown.supervisor.redis_server import find_binary
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path = str(folder / "redis.sock")
+        self.proc = subprocess.Popen(
+            [find_binary(Config(root=folder, name="bare")), "--port", "0", "--unixsocket", self.path,
+             "--unixsocketperm", "700", "--save", "", "--appendonly", "no", "--daemonize", "no",
+             "--dir", str(folder), *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: os.path.exists(self.path) or self.proc.poll() is not None, 20, "redis-server's socket")
+        assert self.proc.poll() is None, "redis-server exited at start"
+
+    def client(self, **kwargs):
+        from tinytown.supervisor.resp import RespClient
+        return RespClient(path=self.path, **kwargs)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def bare_redis(tmp_path):
+    """Factory: BareRedis(*args) in the test's temp folder, killed afterwards."""
+    started = []
+
+    def start(*args: str) -> BareRedis:
+        server = BareRedis(tmp_path / f"redis{len(started)}", *args)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

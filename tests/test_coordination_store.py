@@ -3,11 +3,13 @@ release, the backlog and its claim race, notes, cancel. No runner here: a test p
 part with the same calls the runner makes (claim, begin, finish in one MULTI/EXEC)."""
 from __future__ import annotations
 
+import select
 import subprocess
 import threading
 import time
 
 import pytest
+from conftest import wait_for
 
 from tinytown.supervisor.config import init_town
 from tinytown.supervisor.coordination import Coordination, caller, split_refs
@@ -18,7 +20,7 @@ from tinytown.supervisor.models import AgentState, Message, TaskState
 from tinytown.supervisor.prompt_blocks import compose
 from tinytown.supervisor.redis_server import find_binary
 from tinytown.supervisor.resp import connect as resp_connect
-from tinytown.supervisor.town import Claimed, Town, connect
+from tinytown.supervisor.town import Claimed, Town
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +62,8 @@ def coord(town):
 
 
 def spawn(town, name: str, idle: bool = True, roles=()) -> str:
-    """Register an agent (spawn WATCHes: redis-py), idle unless told; its id."""
-    agent = Town(town.config, connect(town.config)).spawn(name, "claude")
+    """Register an agent, idle unless told; its id."""
+    agent = town.spawn(name, "claude")
     if idle:
         town.set_agent_state(agent.id, AgentState.IDLE)
     if roles:
@@ -567,17 +569,22 @@ def test_cancel_in_flight_is_a_request_the_runner_acts_on(town, coord):
     task = coord.create_task("long job", agent="dev").task.id
     after = coord.create_task("after it", agent="dev", after=[task]).task.id
     claimed = town.claim(dev, 0.01)  # in flight, not started yet
-    pubsub = connect(town.config).pubsub()
-    pubsub.subscribe(town.keys.control)
-    assert pubsub.get_message(timeout=1)["type"] == "subscribe"
+    subscription = resp_connect(town.config).subscribe(town.keys.control)
+    heard = []
+
+    def nudged():
+        select.select([subscription], [], [], 0.1)
+        heard.extend(data for _channel, data in subscription.messages())
+        return f"cancel {task}" in heard
+
     assert coord.cancel(task) == ("requested", 0)
-    assert pubsub.get_message(timeout=1)["data"] == f"cancel {task}"
+    wait_for(nudged, 10, "the cancel's nudge on the control channel")
     assert coord.cancel_requests() == [(task, dev)] and coord.cancel_request(task) == "cancelled by user"
     begun = coord.begin(dev, task)  # what the runner does next: no CLI, record it cancelled
     assert begun.status == "cancel"
     finish(town, coord, dev, claimed, TaskState.CANCELLED)
     assert state(town, after) == "cancelled" and coord.cancel_requests() == []
-    pubsub.close()
+    subscription.close()
 
 
 def test_cancel_running_then_finished(town, coord):
@@ -628,20 +635,3 @@ def test_caller_is_the_agent_of_this_town_else_the_user():
     assert caller("t", {"TT_AGENT": "dev", "TT_TOWN": "t"}) == "dev"
     assert caller("t", {"TT_AGENT": "dev", "TT_TOWN": "other"}) == "user"
     assert caller("t", {}) == "user"
-
-
-def test_works_on_redis_py_too(town_config):
-    """The CLI's WATCH commands use redis-py: the store takes either client."""
-    client = connect(town_config)
-    client.flushall()
-    town = Town(town_config, client)
-    coord = Coordination(town)
-    dev = spawn(town, "dev")
-    a = coord.create_task("a", agent="dev").task.id
-    b = coord.create_task("b", agent="dev", after=[a]).task.id
-    coord.send("dev", "note")
-    run_one(town, coord, dev)
-    assert state(town, b) == "assigned"
-    _, begun = take(town, coord, dev)
-    assert begun.task.id == b and [n.text for n in begun.notes] == [] and begun.upstream[0].id == a
-    assert coord.backlog_add("x").taken_by == ""

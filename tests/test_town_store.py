@@ -1,7 +1,6 @@
-"""The Redis operations on fakeredis: registry, assignment, the in-flight path. Pure store logic."""
+"""The Redis operations on a bare redis-server: registry, assignment, the in-flight path. Store logic."""
 from __future__ import annotations
 
-import fakeredis
 import pytest
 
 from tinytown.supervisor.config import init_town
@@ -11,10 +10,9 @@ from tinytown.supervisor.town import Town
 
 
 @pytest.fixture
-def town(tmp_path):
-    config = init_town(tmp_path, "unit", max_agents=2)
-    client = fakeredis.FakeRedis(decode_responses=True, encoding_errors="surrogateescape")
-    return Town(config, client)
+def town(tmp_path, bare_redis):
+    config = init_town(tmp_path / "town", "unit", max_agents=2)
+    return Town(config, bare_redis().client())
 
 
 def test_spawn_registers_once_and_respects_max_agents(town):
@@ -77,3 +75,55 @@ def test_empty_task_is_refused(town):
     town.spawn("dev", "claude")
     with pytest.raises(TinytownError, match="empty"):
         town.assign("dev", "  \n ")
+
+
+def test_assign_many_writes_all_in_order_or_nothing(town):
+    dev = town.spawn("dev", "claude")
+    with pytest.raises(TinytownError, match="empty"):
+        town.assign_many("dev", ["fine", " "])
+    assert town.tasks() == [] and town.pending_counts([dev]) == {dev.id: 0}
+    tasks = town.assign_many("dev", [f"task {i}" for i in range(50)])
+    assert [t.description for t in town.tasks()] == [f"task {i}" for i in range(50)]
+    assert [town.claim(dev.id, 0.01).message.task_id for _ in range(50)] == [t.id for t in tasks]
+
+
+def test_racing_spawns_never_pass_max_agents(town):
+    """Each spawn checks the registry and writes under WATCH: of 8 that all read "no agents yet"
+    before any of them writes, 2 win (max_agents) and the others, run again, find no room."""
+    import threading
+
+    from tinytown.supervisor.resp import RespClient
+    all_checked = threading.Barrier(8)
+
+    class CheckThenWait(RespClient):
+        """Waits after its first read until every racer has read too: the race, every time."""
+        waited = False
+
+        def pipeline(self, transaction=True):
+            pipe = super().pipeline(transaction)
+            if not transaction and not self.waited:
+                execute = pipe.execute
+
+                def execute_then_wait():
+                    result = execute()
+                    self.waited = True
+                    all_checked.wait(30)
+                    return result
+                pipe.execute = execute_then_wait
+            return pipe
+
+    won, lost = [], []
+
+    def spawn(i):
+        try:
+            won.append(Town(town.config, CheckThenWait(path=town.r.path)).spawn(f"a{i}", "claude").name)
+        except TinytownError as exc:
+            lost.append(str(exc))
+
+    threads = [threading.Thread(target=spawn, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(won) == 2 and len(lost) == 6 and all("max_agents reached" in m for m in lost)
+    assert sorted(a.name for a in town.agents()) == sorted(won)

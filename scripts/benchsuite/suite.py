@@ -267,23 +267,41 @@ def idle(size: dict, ctx: Context) -> list[Row]:
 
 # --- tt list --------------------------------------------------------------------------------------
 
-def tt_list(size: dict, ctx: Context) -> list[Row]:
-    """`tt list` with 10 agents, wall, vs `python -c 'import redis'`."""
-    row = Row("list", "`tt list`, 10 agents, wall", "ms", peer_name='python -c "import redis"',
-              target="<= 1.5 x import redis", latency=True)
+def _commands_alternated(size: dict, row: Row, ours, peers) -> None:
+    """Time `ours(town, i)` and `peers(town, i)` (argv lists) from exec to exit, one after the
+    other so both see the same machine, beside a town of 10 idle agents."""
     env = clean_env()
     with BenchTown(["/bin/true"]) as bt:
         bt.start_background()
         bt.spawn(10)
-        cmd = tt_command("list", "--town", str(bt.root))
-        for _ in range(size["list_reps"]):
-            t0 = time.monotonic()
-            run_timed(cmd, 60, env=env, cwd=str(bt.root))
-            row.tt.append((time.monotonic() - t0) * 1000)
-            t0 = time.monotonic()
-            run_timed([sys.executable, "-c", "import redis"], 60, env=env, cwd=str(bt.root))
-            row.peer.append((time.monotonic() - t0) * 1000)
+        for i in range(size["list_reps"]):
+            for cmd, samples in ((ours(bt, i), row.tt), (peers(bt, i), row.peer)):
+                t0 = time.monotonic()
+                run_timed(cmd, 60, env=env, cwd=str(bt.root))
+                samples.append((time.monotonic() - t0) * 1000)
+
+
+def _tt_list(bt: BenchTown, i: int) -> list[str]:
+    return tt_command("list", "--town", str(bt.root))
+
+
+def tt_list(size: dict, ctx: Context) -> list[Row]:
+    """`tt list` with 10 agents, wall, vs `python -c 'import redis'`."""
+    row = Row("list", "`tt list`, 10 agents, wall", "ms", peer_name='python -c "import redis"',
+              target="<= 1.5 x import redis", latency=True)
+    _commands_alternated(size, row, _tt_list, lambda bt, i: [sys.executable, "-c", "import redis"])
     return [row.judge(max_ratio=1.5)]
+
+
+# --- tt assign -------------------------------------------------------------------------------------
+
+def tt_assign(size: dict, ctx: Context) -> list[Row]:
+    """`tt assign` wall vs `tt list` wall: a command that writes costs what one that reads does."""
+    row = Row("assign", "`tt assign`, wall", "ms", peer_name="`tt list`, 10 agents",
+              target="<= 1.2 x tt list", latency=True)
+    _commands_alternated(size, row, lambda bt, i: tt_command("assign", "a0", f"task {i}", "--town", str(bt.root)),
+                         _tt_list)
+    return [row.judge(max_ratio=1.2)]
 
 
 # --- CLI output through the pty -----------------------------------------------------------------------
@@ -446,6 +464,7 @@ BENCHMARKS = {
     "throughput": throughput,
     "idle": idle,
     "list": tt_list,
+    "assign": tt_assign,
     "pty": pty_output,
     "logs": logs_follow,
 }
