@@ -86,15 +86,23 @@ class CliSpec:
         return argv
 
 
+# Checked against the real CLIs by scripts/check-presets (versions in the README's "Using real CLIs").
 PRESETS: dict[str, CliSpec] = {
     spec.name: spec
     for spec in (
         CliSpec("claude", ("claude", "--print", "--dangerously-skip-permissions"), "stdin"),
+        # auggie reads a prompt on stdin in --print mode (its --help does not say so; its error does).
         CliSpec("auggie", ("auggie", "--print"), "stdin"),
         # "-" makes `codex exec` read the prompt from stdin.
         CliSpec("codex", ("codex", "exec", "--dangerously-bypass-approvals-and-sandbox", "-"), "stdin"),
-        CliSpec("aider", ("aider", "--yes", "--no-auto-commits", "--message-file", "{prompt_file}"), "file"),
-        CliSpec("gemini", ("gemini",), "stdin"),
+        # --yes-always answers every question yes, so what must not be said yes to is switched off:
+        # its edits to the town's .gitignore, upgrading itself (then exiting 0 having done nothing)
+        # and opting in to analytics.
+        CliSpec("aider", ("aider", "--yes-always", "--no-auto-commits", "--no-gitignore", "--no-check-update",
+                          "--no-analytics", "--message-file", "{prompt_file}"), "file"),
+        # A prompt on stdin makes gemini headless; headless it exits 55 in a folder it does not
+        # trust (--skip-trust) and refuses edits and commands unless --yolo.
+        CliSpec("gemini", ("gemini", "--skip-trust", "--yolo"), "stdin"),
         CliSpec("copilot", ("copilot", "--allow-all-tools", "-p", "{prompt}"), "arg"),
         CliSpec("cursor", ("cursor-agent", "--print", "--force", "{prompt}"), "arg"),
     )

@@ -59,7 +59,8 @@ def test_binary_prompt(dev):
 
 
 @pytest.mark.parametrize("model,argv_tail", [
-    ("aider", ["--yes", "--no-auto-commits", "--message-file"]),
+    ("aider", ["--yes-always", "--no-auto-commits", "--no-gitignore", "--no-check-update", "--no-analytics",
+               "--message-file"]),
     ("copilot", ["--allow-all-tools", "-p"]),
 ])
 def test_file_and_argument_presets_deliver_too(town, model, argv_tail):
