@@ -8,7 +8,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
-from .config import Config, validate_name
+from .config import PRESETS, Config, validate_name
 from .errors import TinytownError
 from .keys import Keys
 from .models import (Agent, AgentState, Message, Task, TaskState, check_agent_transition,
@@ -67,7 +67,7 @@ class Town:
             if count >= self.config.max_agents:
                 raise TinytownError(
                     f"max_agents reached ({self.config.max_agents}); raise max_agents in "
-                    f"{self.config.root / 'tinytown.toml'} or remove an agent")
+                    f"{self.config.root / 'tinytown.toml'} (agents are not removed: stopped ones count too)")
             pipe.hset(index, name, agent.id)
             pipe.hset(self.keys.agent(agent.id), mapping=agent.to_hash())
             self._event(pipe, "agent_spawned", agent=name, agent_id=agent.id, cli=cli)
@@ -145,6 +145,7 @@ class Town:
         if not descriptions or any(not d.strip() for d in descriptions):
             raise TinytownError("the task description is empty")
         agent_id = self.agent_id(name)
+        self._check_prompts(agent_id, descriptions)
         pipe = self.r.pipeline()
         tasks = []
         for description in descriptions:
@@ -157,6 +158,15 @@ class Town:
             tasks.append(task)
         pipe.execute()
         return tasks
+
+    def _check_prompts(self, agent_id: str, descriptions: list[str]) -> None:
+        """Refuse, before anything is written, a text the agent's CLI cannot be handed intact (one
+        that starts with '-' for a CLI that takes its prompt as an argument, or is too long for one)."""
+        cli = self.r.hget(self.keys.agent(agent_id), "cli")
+        spec = (self.config.clis.get(cli) or PRESETS.get(cli)) if cli else None
+        if spec is not None:
+            for description in descriptions:
+                spec.check_prompt(description)
 
     def task(self, task_id: str) -> Task:
         """A task by id, or by a unique prefix of its id."""

@@ -132,9 +132,12 @@ def test_a_prompt_starting_with_a_dash_never_reaches_an_argument_cli_as_an_optio
     """`cursor-agent --print --force --version` ran, with no prompt. A positional prompt now goes
     after "--" where the preset says its CLI takes it; elsewhere the task fails saying why, and
     the CLI never runs."""
-    town.append_config('\n[agent_clis.flagged]\ncommand = "claude -p {prompt}"\nprompt = "arg"\n')
+    town.append_config('\n[agent_clis.flagged]\ncommand = "claude -p {prompt}"\nprompt = "arg"\n'
+                       '\n[agent_clis.other]\ncommand = "claude"\nprompt = "stdin"\n')
     town.tt("spawn", "bot", "--model", "flagged")
-    task_id = town.json("assign", "bot", "--", "--version")["id"]
-    task = town.wait_task(task_id)
-    assert task["state"] == "failed" and "starts with '-'" in task["reason"], task
-    assert not (town.record / f"{task_id}.json").exists()  # the CLI never started
+    refused = town.tt("assign", "bot", "--", "--version", check=False)
+    assert refused.returncode == 1 and "starts with '-', which 'flagged' would read as an option" in refused.err
+    assert town.json("tasks") == []  # refused before anything was written
+    town.tt("spawn", "bot2", "--model", "other")
+    task_id = town.json("assign", "bot2", "--", "--version")["id"]
+    assert town.wait_task(task_id)["state"] == "completed"  # stdin prompts are data: fine
