@@ -61,6 +61,8 @@ IN_PROGRESS = (
     ("CHERRY_PICK_HEAD", "mid-cherry-pick", "git cherry-pick --continue, or --abort"),
     ("REVERT_HEAD", "mid-revert", "git revert --continue, or --abort"),
     ("BISECT_LOG", "mid-bisect", "git bisect reset"),
+    # A git command of the CLI killed mid-write leaves its lock: every git after it would fail.
+    ("index.lock", "index-locked", "if no git command runs there, delete {gitdir}/index.lock"),
 )
 
 
@@ -341,8 +343,9 @@ class Workspace:
         return self.gitdir is not None
 
     def problem(self) -> str:
-        """"" or what the worktree is in the middle of ("mid-rebase", "mid-merge", ...), or
-        "not-a-worktree" (agents/NAME is there but git does not know it): for `tt status`."""
+        """"" or what the worktree is in the middle of ("mid-rebase", "mid-merge", ...,
+        "index-locked"), or "not-a-worktree" (agents/NAME is there but git does not know it): for
+        `tt status`. File checks only."""
         gitdir = self.gitdir
         if gitdir is None:
             return "" if not self.path.exists() else "not-a-worktree"
@@ -353,8 +356,10 @@ class Workspace:
 
     def _busy(self, state: str) -> Busy:
         finish = next((how for _, s, how in IN_PROGRESS if s == state), "fix it by hand")
-        return Busy(state, f"{self.label} is {state.replace('-', ' ')} (left by its CLI): finish it there "
-                           f"({finish}); Tinytown commits nothing in it until then")
+        finish = finish.format(gitdir=self.gitdir)
+        what = "has a stale index.lock" if state == "index-locked" else f"is {state.replace('-', ' ')}"
+        return Busy(state, f"{self.label} {what} (left by its CLI): finish it there ({finish}); Tinytown "
+                           "commits nothing in it until then")
 
     def head(self) -> tuple[str | None, str | None]:
         """(HEAD's commit or None if unborn, the ref HEAD is on or None if detached), read from files."""

@@ -322,6 +322,24 @@ def test_a_worktree_left_mid_merge(town):
         space.begin("t2")
 
 
+def test_a_lock_left_by_a_killed_git_is_reported_not_removed(town):
+    space = spawned(town)
+    space.begin("t1")
+    (space.path / "f.txt").write_text("f\n")
+    lock = space.gitdir / "index.lock"
+    lock.write_bytes(b"")
+    ended = space.end("t1", "x")
+    assert ended.problem == "index-locked" and ended.commit == ""
+    assert f"has a stale index.lock (left by its CLI): finish it there (if no git command runs there, delete {lock})" \
+        in ended.notes[0]
+    with pytest.raises(Busy, match="stale index.lock"):
+        space.begin("t2")
+    assert lock.exists()
+    lock.unlink()
+    begun = space.begin("t2")
+    assert begun.interrupted_task == "t1" and "f.txt" in git(space.path, "show", "--name-only", "--format=")
+
+
 def test_a_cli_that_switched_branch_loses_nothing(town):
     space = spawned(town)
     space.begin("t1")
