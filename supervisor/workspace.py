@@ -10,8 +10,8 @@ Why it is shaped this way (the design note, workspaces-design.md, has the costs 
   never committed). A marker found by `begin` means the last run was interrupted (crash, `tt stop
   --now`): what it left is committed as `tt: interrupted <task>` before anything else happens.
 - No code path discards work: there is no `reset --hard` (the one reset is `--keep`, which refuses
-  to touch a changed file), no `clean`, no forced branch deletion, every ref update names the
-  value it replaces, and a merge is made in the object store first, so a conflict never touches
+  to touch a changed file), no `clean`, no forced branch deletion, every branch update names the
+  commit it replaces, and a merge is made in the object store first, so a conflict never touches
   the worktree (tests/test_workspace.py greps this file for the forbidden commands).
 - Git's output is read with -z and paths are kept as bytes decoded with surrogateescape, so a
   name with spaces, newlines or bytes that are not UTF-8 round-trips.
