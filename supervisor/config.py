@@ -167,6 +167,31 @@ class LogPolicy:
         table="logs", low=1, high=10**7)
 
 
+WORKSPACE_MODES = ("worktree", "shared")
+
+
+def _branch_prefix_ok(prefix: str) -> bool:
+    """A prefix that makes a valid branch name with any agent name (git check-ref-format's rules)."""
+    if not prefix:
+        return True
+    if not re.fullmatch(r"[A-Za-z0-9_./-]+", prefix) or prefix.startswith(("/", "-")) or ".." in prefix or "//" in prefix:
+        return False
+    return not any(part.startswith(".") or part.endswith(".lock") for part in prefix.split("/")[:-1])
+
+
+@dataclass(frozen=True)
+class WorkspacePolicy:
+    """Where each agent's CLI works ([workspace] in tinytown.toml; supervisor/workspace.py)."""
+
+    mode: str = setting(
+        "worktree", 'each agent in agents/NAME, a git worktree on its own branch; "shared": all in the town folder',
+        table="workspace",
+        check=lambda v: v in WORKSPACE_MODES, why='must be "worktree" or "shared"')
+    branch_prefix: str = setting("tt/", "agent NAME's branch is <prefix>NAME", table="workspace",
+                                 check=_branch_prefix_ok,
+                                 why="cannot start a git branch name (letters, digits, '_', '.', '-', '/')")
+
+
 DEFAULT_DETACH_KEYS = "ctrl-]"
 
 
@@ -216,6 +241,7 @@ class Config:
     clis: dict[str, CliSpec] = field(default_factory=dict)       # [agent_clis.NAME]
     supervisor: SupervisorPolicy = field(default_factory=SupervisorPolicy)
     logs: LogPolicy = field(default_factory=LogPolicy)
+    workspace: WorkspacePolicy = field(default_factory=WorkspacePolicy)
 
     @property
     def runtime_dir(self) -> Path:
@@ -336,7 +362,7 @@ def load(root: str | Path | None = None) -> Config:
 
 # The tables of tinytown.toml and the dataclass whose settings each holds (Config's own keys
 # sit at the top level, in [redis] and in [attach]); [agent_clis.NAME] is read by _read_clis.
-POLICY_TABLES = {"supervisor": SupervisorPolicy, "logs": LogPolicy}
+POLICY_TABLES = {"supervisor": SupervisorPolicy, "logs": LogPolicy, "workspace": WorkspacePolicy}
 CLI_KEYS = ("command", "prompt", "env")
 
 

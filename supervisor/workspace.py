@@ -1,0 +1,828 @@
+"""Each agent's own git worktree: made at spawn, a commit per task, dependencies merged in, work
+brought home, and nothing an agent wrote ever thrown away.
+
+Why it is shaped this way (the design note, workspaces-design.md, has the costs and the wiring):
+- A task's git work is on its path, so it is counted in processes. `begin` reads a few files under
+  the worktree's git folder and starts no git at all unless something is wrong; `end` scans the
+  worktree once (`git add -A`) and commits with plumbing (write-tree, commit-tree, update-ref),
+  which runs no hook, signs nothing and never refreshes the index a second time.
+- A task in flight leaves a marker in the worktree's git folder (not in the worktree, so it is
+  never committed). A marker found by `begin` means the last run was interrupted (crash, `tt stop
+  --now`): what it left is committed as `tt: interrupted <task>` before anything else happens.
+- No code path discards work: there is no `reset --hard` (the one reset is `--keep`, which refuses
+  to touch a changed file), no `clean`, no forced branch deletion, every branch update names the
+  commit it replaces, and a merge is made in the object store first, so a conflict never touches
+  the worktree (tests/test_workspace.py greps this file for the forbidden commands).
+- Git's output is read with -z and paths are kept as bytes decoded with surrogateescape, so a
+  name with spaces, newlines or bytes that are not UTF-8 round-trips.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import TinytownError
+
+SHARED = "shared"
+WORKTREE = "worktree"
+AGENTS_DIR = "agents"
+EMAIL_DOMAIN = "tinytown.invalid"          # RFC 2606: can never be a real mailbox
+MARKER = "tt-task"                         # in the worktree's git folder: "<task-id> <base>"
+SUBJECT_MAX = 100                          # characters of the prompt's first line in a commit subject
+GIT_TIMEOUT = 600.0
+ZERO_OID = "0" * 40
+OID_RE = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
+MIN_GIT = (2, 38)                          # `git merge-tree --write-tree`: merges without a worktree
+
+# Every git Tinytown runs for itself: no user hook can fail or slow a checkpoint (hooksPath), no
+# background gc or maintenance on a task's path, no signing prompt, no remembered resolution that
+# would make a conflict look resolved, and untracked files always seen whatever the user's config.
+GIT_OPTIONS = (
+    "-c", "core.hooksPath=/dev/null", "-c", "maintenance.auto=false", "-c", "gc.auto=0",
+    "-c", "commit.gpgSign=false", "-c", "merge.verifySignatures=false", "-c", "rerere.enabled=false",
+    "-c", "status.showUntrackedFiles=normal", "-c", "advice.detachedHead=false", "-c", "merge.autoStash=false",
+)
+# Variables that would point git at another repository, index or object store (`git rev-parse
+# --local-env-vars`): a `tt` started from a git hook has some of them set.
+_GIT_LOCAL_ENV = ("GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_CONFIG", "GIT_CONFIG_PARAMETERS", "GIT_CONFIG_COUNT",
+                  "GIT_OBJECT_DIRECTORY", "GIT_DIR", "GIT_WORK_TREE", "GIT_IMPLICIT_WORK_TREE", "GIT_GRAFT_FILE",
+                  "GIT_INDEX_FILE", "GIT_NO_REPLACE_OBJECTS", "GIT_REPLACE_REF_BASE", "GIT_PREFIX",
+                  "GIT_INTERNAL_SUPER_PREFIX", "GIT_SHALLOW_FILE", "GIT_COMMON_DIR")
+
+# What a CLI can leave a worktree in the middle of: (file in the git folder, state, how to finish).
+IN_PROGRESS = (
+    ("rebase-merge", "mid-rebase", "git rebase --continue, or --abort"),
+    ("rebase-apply/applying", "mid-am", "git am --continue, or --abort"),
+    ("rebase-apply", "mid-rebase", "git rebase --continue, or --abort"),
+    ("MERGE_HEAD", "mid-merge", "git merge --continue, or --abort"),
+    ("CHERRY_PICK_HEAD", "mid-cherry-pick", "git cherry-pick --continue, or --abort"),
+    ("REVERT_HEAD", "mid-revert", "git revert --continue, or --abort"),
+    ("BISECT_LOG", "mid-bisect", "git bisect reset"),
+    # A git command of the CLI killed mid-write leaves its lock: every git after it would fail.
+    ("index.lock", "index-locked", "if no git command runs there, delete {gitdir}/index.lock"),
+)
+
+
+class WorkspaceError(TinytownError):
+    """A git step failed or was refused; the message is one line a user can act on."""
+
+
+class Unavailable(WorkspaceError):
+    """No worktree can be made here; `kind` says why: "not-git" (the town is not in a git work
+    tree, or git is missing), "old-git" (older than MIN_GIT) or "no-commit" (the repository has
+    no commit to branch from)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+class Busy(WorkspaceError):
+    """The worktree is in the middle of a rebase, merge, ... left by a CLI: nothing is committed
+    until a human finishes or aborts it. `state` is "mid-rebase", "mid-merge", ..."""
+
+    def __init__(self, state: str, message: str):
+        super().__init__(message)
+        self.state = state
+
+
+class MergeConflict(WorkspaceError):
+    """A merge would conflict; it was aborted (or never started) and nothing changed."""
+
+    def __init__(self, files: list[str], message: str):
+        super().__init__(message)
+        self.files = files
+
+
+@dataclass(frozen=True)
+class FileChange:
+    """One changed file of a task's diff. added/deleted are None for a binary file; old_path is
+    set for a rename. Paths are str with undecodable bytes kept as surrogates (os.fsencode round-trips)."""
+
+    path: str
+    added: int | None
+    deleted: int | None
+    old_path: str | None = None
+
+    def to_json(self) -> dict:
+        data = {"path": self.path, "added": self.added, "deleted": self.deleted}
+        if self.old_path is not None:
+            data["old_path"] = self.old_path
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "FileChange":
+        return cls(data["path"], data.get("added"), data.get("deleted"), data.get("old_path"))
+
+
+@dataclass
+class Begun:
+    """What `begin` did: the commit the task starts from, and what it had to do first."""
+
+    base: str
+    interrupted_task: str = ""         # the task whose interrupted run left changes behind...
+    interrupted_commit: str = ""       # ...committed here as `tt: interrupted <task>`
+    merged: tuple[str, ...] = ()       # upstream heads merged in (already contained ones too)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Ended:
+    """What a task changed: base..head and its files. `commit` is the checkpoint made for it ("" if
+    nothing was left uncommitted); `branch` is where HEAD was (None: detached); `problem` is set
+    (and nothing committed) when the CLI left the worktree mid-rebase, mid-merge, ..."""
+
+    base: str
+    head: str
+    files: list[FileChange] = field(default_factory=list)
+    commit: str = ""
+    branch: str | None = None
+    problem: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MergedHome:
+    """What `merge_home` did to the target branch."""
+
+    branch: str
+    before: str
+    after: str
+    how: str                           # "up to date", "fast-forward" or "merge"
+    where: Path | None                 # the worktree that had the branch checked out, if any
+
+
+# --- running git ---------------------------------------------------------------------------------
+
+def _env(identity: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _GIT_LOCAL_ENV}
+    env.update(LC_ALL="C", GIT_TERMINAL_PROMPT="0", GIT_EDITOR="true", GIT_MERGE_AUTOEDIT="no")
+    if identity is not None:
+        name, email = f"{identity} (tt)", f"{identity}@{EMAIL_DOMAIN}"
+        env.update(GIT_AUTHOR_NAME=name, GIT_AUTHOR_EMAIL=email, GIT_COMMITTER_NAME=name, GIT_COMMITTER_EMAIL=email)
+    return env
+
+
+def git(cwd: Path, *args: str, input: bytes | None = None, ok=(0,), identity: str | None = None
+        ) -> subprocess.CompletedProcess:
+    """Run `git ARGS` in `cwd` (never through a shell); WorkspaceError unless its status is in `ok`."""
+    try:
+        done = subprocess.run(["git", *GIT_OPTIONS, *args], cwd=cwd, input=input, capture_output=True,
+                              env=_env(identity), timeout=GIT_TIMEOUT,
+                              stdin=None if input is not None else subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise Unavailable("not-git", "git is not installed (or not on PATH)") from None
+    except subprocess.TimeoutExpired:
+        raise WorkspaceError(f"git {args[0]} in {cwd} took over {GIT_TIMEOUT:g}s; gave up") from None
+    if done.returncode not in ok:
+        raise WorkspaceError(f"git {args[0]} failed in {cwd}: {_last_line(done)}")
+    return done
+
+
+def _last_line(done: subprocess.CompletedProcess) -> str:
+    """git's own reason, one printable line (hints dropped)."""
+    lines = [line for line in _text(done.stderr or done.stdout).splitlines()
+             if line.strip() and not line.startswith("hint:")]
+    fatal = [line for line in lines if line.startswith(("fatal:", "error:"))]
+    line = (fatal or lines or [f"exit status {done.returncode}"])[0]
+    return "".join(c if c.isprintable() else "?" for c in line)[:300]
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _oid(raw: bytes | str) -> str:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    text = text.strip()
+    if not OID_RE.fullmatch(text):
+        raise WorkspaceError(f"git gave {text[:80]!r} where a commit id was expected")
+    return text
+
+
+def git_version(text: str) -> tuple[int, ...]:
+    """(2, 39, 5) from "git version 2.39.5" (or "2.39.5.windows.1", "2.45.GIT"); (0,) if unreadable."""
+    found = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return tuple(int(part) for part in found.groups() if part is not None) if found else (0,)
+
+
+def is_oid(text: str) -> bool:
+    return bool(OID_RE.fullmatch(text or ""))
+
+
+def _safe_subject(text: str) -> str:
+    """The prompt's first line as a commit subject: printable, one line, bounded (git log prints it
+    raw to the user's terminal)."""
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    line = "".join(c if c.isprintable() else "?" for c in line)    # (surrogates are not printable)
+    return line if len(line) <= SUBJECT_MAX else line[:SUBJECT_MAX - 1] + "…"
+
+
+def parse_numstat(out: bytes) -> list[FileChange]:
+    """`git diff --numstat -z` output: "A\\tD\\tPATH\\0", or for a rename "A\\tD\\t\\0OLD\\0NEW\\0";
+    "-" counts for a binary file."""
+    parts, files, i = out.split(b"\0"), [], 0
+    while i < len(parts) and parts[i]:
+        added, deleted, path = parts[i].split(b"\t", 2)
+        i += 1
+        old = None
+        if not path:
+            old, path = parts[i], parts[i + 1]
+            i += 2
+        files.append(FileChange(_text(path), None if added == b"-" else int(added),
+                                None if deleted == b"-" else int(deleted), None if old is None else _text(old)))
+    return files
+
+
+# --- the town's repository -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Repo:
+    """The git work tree the town folder sits in."""
+
+    root: Path                         # the town folder
+    toplevel: Path                     # the top of its work tree
+    common_dir: Path                   # the repository's git folder (shared by every worktree)
+
+    @classmethod
+    def find(cls, root: Path) -> "Repo":
+        """The town's repository, or Unavailable("not-git") with the line spawn prints once."""
+        root = Path(root)
+        try:
+            done = git(root, "rev-parse", "--path-format=absolute", "--show-toplevel", "--git-common-dir",
+                       ok=(0, 128))
+        except Unavailable as exc:
+            raise Unavailable("not-git", f"{exc}: agents share the town folder") from None
+        lines = _text(done.stdout).splitlines()
+        if done.returncode != 0 or len(lines) != 2:
+            raise Unavailable("not-git", f"{root} is not in a git work tree: agents share the town folder "
+                                         "(git init and a first commit give each agent a worktree of its own)")
+        return cls(root, Path(lines[0]), Path(lines[1]))
+
+    def head_branch(self) -> str | None:
+        """The town folder's branch ("main"), None when its HEAD is detached."""
+        done = git(self.root, "symbolic-ref", "-q", "--short", "HEAD", ok=(0, 1))
+        return _text(done.stdout).strip() or None
+
+    def resolve(self, rev: str) -> str | None:
+        """The commit `rev` names, None if none (rev is never read as an option)."""
+        if rev.startswith("-"):
+            return None
+        done = git(self.root, "rev-parse", "--verify", "-q", "--end-of-options", f"{rev}^{{commit}}", ok=(0, 1, 128))
+        return _oid(done.stdout) if done.returncode == 0 else None
+
+    def is_ancestor(self, older: str, newer: str) -> bool:
+        return git(self.root, "merge-base", "--is-ancestor", older, newer, ok=(0, 1)).returncode == 0
+
+    def worktrees(self) -> list[dict]:
+        """`git worktree list --porcelain -z`: one dict per worktree (worktree, HEAD, branch, prunable...)."""
+        out = git(self.root, "worktree", "list", "--porcelain", "-z").stdout
+        found, current = [], {}
+        for item in out.split(b"\0"):
+            if not item:
+                if current:
+                    found.append(current)
+                current = {}
+                continue
+            key, _, value = _text(item).partition(" ")
+            current[key] = value
+        if current:
+            found.append(current)
+        return found
+
+    def checked_out_at(self, ref: str) -> Path | None:
+        for tree in self.worktrees():
+            if tree.get("branch") == ref:
+                return Path(tree["worktree"])
+        return None
+
+
+# --- one agent's worktree ------------------------------------------------------------------------
+
+class Workspace:
+    """agents/NAME, a git worktree on branch <prefix>NAME. Opening one starts no process."""
+
+    def __init__(self, town_root: Path, agent: str, branch_prefix: str = "tt/"):
+        self.town_root = Path(town_root).resolve()    # git reports resolved paths
+        self.agent = agent
+        self.path = self.town_root / AGENTS_DIR / agent
+        self.branch = f"{branch_prefix}{agent}"
+        self.ref = f"refs/heads/{self.branch}"
+        self.prefix = branch_prefix
+        self.label = f"{AGENTS_DIR}/{agent}"
+
+    # -- where git keeps this worktree (read from files: no process) --
+
+    @property
+    def gitdir(self) -> Path | None:
+        """The worktree's own git folder (.git/worktrees/NAME), None if the worktree is not there."""
+        try:
+            text = (self.path / ".git").read_text(encoding="utf-8", errors="surrogateescape")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        if not text.startswith("gitdir: "):
+            return None
+        gitdir = Path(text[len("gitdir: "):].strip())
+        gitdir = gitdir if gitdir.is_absolute() else (self.path / gitdir)
+        return gitdir if (gitdir / "HEAD").is_file() else None
+
+    def _dirs(self) -> tuple[Path, Path]:
+        gitdir = self.gitdir
+        if gitdir is None:
+            raise WorkspaceError(f"{self.label} is not a git worktree (tt spawn {self.agent} makes it again)")
+        try:
+            common = (gitdir / (gitdir / "commondir").read_text().strip()).resolve()
+        except OSError:
+            common = gitdir
+        return gitdir, common
+
+    def exists(self) -> bool:
+        return self.gitdir is not None
+
+    def problem(self) -> str:
+        """"" or what the worktree is in the middle of ("mid-rebase", "mid-merge", ...,
+        "index-locked"), or "not-a-worktree" (agents/NAME is there but git does not know it): for
+        `tt status`. File checks only."""
+        gitdir = self.gitdir
+        if gitdir is None:
+            return "" if not self.path.exists() else "not-a-worktree"
+        for name, state, _ in IN_PROGRESS:
+            if (gitdir / name).exists():
+                return state
+        return ""
+
+    def _busy(self, state: str) -> Busy:
+        finish = next((how for _, s, how in IN_PROGRESS if s == state), "fix it by hand")
+        finish = finish.format(gitdir=self.gitdir)
+        what = "has a stale index.lock" if state == "index-locked" else f"is {state.replace('-', ' ')}"
+        return Busy(state, f"{self.label} {what} (left by its CLI): finish it there ({finish}); Tinytown "
+                           "commits nothing in it until then")
+
+    def head(self) -> tuple[str | None, str | None]:
+        """(HEAD's commit or None if unborn, the ref HEAD is on or None if detached), read from files."""
+        gitdir, common = self._dirs()
+        try:
+            text = (gitdir / "HEAD").read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            text = ""
+        if text.startswith("ref: "):
+            ref = text[5:]
+            return self._read_ref(ref, common), ref
+        if OID_RE.fullmatch(text):
+            return text, None
+        return self._git_head()
+
+    def _read_ref(self, ref: str, common: Path) -> str | None:
+        """A branch's commit: its loose file, else packed-refs, else git (another ref backend)."""
+        try:
+            value = (common / ref).read_text(encoding="ascii").strip()
+            if OID_RE.fullmatch(value):
+                return value
+        except (OSError, UnicodeDecodeError):
+            pass
+        try:
+            with open(common / "packed-refs", "rb") as fh:
+                suffix = b" " + os.fsencode(ref)
+                for line in fh:
+                    line = line.rstrip(b"\n")
+                    if line.endswith(suffix) and OID_RE.fullmatch(line[:-len(suffix)].decode("ascii", "replace")):
+                        return line[:-len(suffix)].decode()
+        except OSError:
+            pass
+        cwd = self.path if self.path.is_dir() else self.town_root
+        done = git(cwd, "rev-parse", "--verify", "-q", f"{ref}^{{commit}}", ok=(0, 1, 128))
+        return _oid(done.stdout) if done.returncode == 0 else None
+
+    def _git_head(self) -> tuple[str | None, str | None]:
+        done = git(self.path, "rev-parse", "--verify", "-q", "HEAD", ok=(0, 1, 128))
+        ref = _text(git(self.path, "symbolic-ref", "-q", "HEAD", ok=(0, 1)).stdout).strip() or None
+        return (_oid(done.stdout) if done.returncode == 0 else None), ref
+
+    def branch_tip(self) -> str | None:
+        common = self._dirs()[1] if self.exists() else Repo.find(self.town_root).common_dir
+        return self._read_ref(self.ref, common)
+
+    # -- spawn --
+
+    def ensure(self, from_ref: str | None = None) -> list[str]:
+        """Make agents/NAME a worktree on the agent's branch if it is not one already; return what
+        was done, as lines to print once. The branch, if it exists, is reused as it is (--from is
+        then ignored); it is created from `from_ref` or the town's HEAD otherwise.
+
+        Unavailable("not-git" | "no-commit") when no worktree can be made (spawn says so and the
+        agent shares the town folder); WorkspaceError for a fault the user must fix.
+        """
+        if self.exists():
+            return []
+        repo = Repo.find(self.town_root)
+        version = git_version(_text(git(repo.root, "version").stdout))
+        if version < MIN_GIT:
+            raise Unavailable("old-git", f"git {'.'.join(map(str, version))} is older than "
+                                         f"{'.'.join(map(str, MIN_GIT))}, which agents' worktrees need: "
+                                         "agents share the town folder")
+        notes: list[str] = []
+        if git(repo.root, "check-ref-format", self.ref, ok=(0, 1)).returncode != 0:
+            raise WorkspaceError(f"{self.branch!r} cannot be a git branch name: rename the agent or change "
+                                 "[workspace] branch_prefix")
+        for tree in repo.worktrees():
+            if tree.get("branch") != self.ref and Path(tree.get("worktree", "")) != self.path:
+                continue
+            where = Path(tree["worktree"])
+            if where.exists() and "prunable" not in tree:
+                raise WorkspaceError(f"branch {self.branch} is already checked out at {where}: a branch can be "
+                                     f"checked out in one worktree only (switch that one to another branch)")
+            # Registered but its folder is gone (deleted by hand): drop git's record of it, keep the branch.
+            git(repo.root, "worktree", "remove", str(where))
+            if where == self.path:
+                notes.append(f"{self.label} had been deleted: made again from branch {self.branch} (its commits are "
+                              "kept; what was not committed went with the folder)")
+        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            raise WorkspaceError(f"{self.label} exists and is not a git worktree: move it away (Tinytown touches "
+                                 "nothing in it), or spawn the agent with --shared")
+        tip = repo.resolve(self.ref)
+        if tip is not None:
+            if from_ref:
+                notes.append(f"branch {self.branch} exists: reused as it is (--from {from_ref} ignored)")
+            args = ["worktree", "add", "-q", str(self.path), self.branch]
+        else:
+            start = repo.resolve(from_ref or "HEAD")
+            if start is None and from_ref:
+                raise WorkspaceError(f"--from {from_ref}: no such commit in {repo.toplevel}")
+            if start is None:
+                raise Unavailable("no-commit", f"the repository at {repo.toplevel} has no commit yet, so {self.agent} "
+                                               "has no worktree and shares the town folder: commit something "
+                                               f"(git add -A && git commit -m 'first commit'), then tt spawn {self.agent} again")
+            if not from_ref and repo.head_branch() is None:
+                notes.append(f"the town folder's HEAD is detached: {self.branch} starts at {start[:12]}; "
+                             "`tt merge` will need --into BRANCH")
+            args = ["worktree", "add", "-q", "--no-track", "-b", self.branch, str(self.path), start]
+        quiet = self._keep_out_of_status(repo)
+        git(repo.root, *args)
+        if quiet:
+            notes.append(quiet)
+        if (self.path / ".gitmodules").exists():
+            notes.append(f"{self.label}: the repository has submodules, which are not checked out there "
+                         f"(git -C {self.label} submodule update --init, if the agent needs them)")
+        return notes
+
+    def _keep_out_of_status(self, repo: Repo) -> str:
+        """Keep agents/ out of the user's `git status` without editing a file of theirs: a
+        self-ignoring agents/.gitignore (as a venv does), or, if they have their own there, a line in
+        the repository's untracked .git/info/exclude. Returns what was done ("" if nothing was needed)."""
+        relative = os.path.relpath(self.path, repo.root) + "/"
+        if git(repo.root, "check-ignore", "-q", "--no-index", relative, ok=(0, 1)).returncode == 0:
+            return ""
+        ignore = self.path.parent / ".gitignore"
+        if not ignore.exists():
+            ignore.parent.mkdir(parents=True, exist_ok=True)
+            ignore.write_text("# Written by Tinytown: the agents' worktrees stay out of `git status`.\n*\n")
+            return (f"wrote {AGENTS_DIR}/.gitignore (`*`, ignoring itself too): the agents' worktrees stay out "
+                    "of `git status`")
+        exclude = repo.common_dir / "info" / "exclude"
+        line = "/" + os.path.relpath(self.path, repo.toplevel).replace(os.sep, "/") + "/"
+        exclude.parent.mkdir(parents=True, exist_ok=True)
+        existing = exclude.read_text(errors="surrogateescape") if exclude.exists() else ""
+        with exclude.open("a", errors="surrogateescape") as fh:
+            fh.write(("" if not existing or existing.endswith("\n") else "\n") + line + "\n")
+        return f"added {line} to {exclude} (untracked, this clone only): {self.label} stays out of `git status`"
+
+    # -- a task's path --
+
+    def begin(self, task_id: str, after: tuple[str, ...] | list[str] = ()) -> Begun:
+        """Before a task's CLI starts: commit what an interrupted run left, put HEAD back on the
+        agent's branch if a CLI moved it, merge the upstream tasks' heads (`after`), and return the
+        commit the task starts from. Busy if the worktree is mid-rebase/merge (the task must fail
+        before its CLI starts); MergeConflict if `after` conflicts (nothing merged, nothing changed).
+
+        Costs no git process when the last task ended normally and `after` is empty.
+        """
+        notes: list[str] = []
+        if not self.exists():
+            notes += self.ensure()
+        gitdir, _ = self._dirs()
+        state = self.problem()
+        if state:
+            raise self._busy(state)
+        begun = Begun(base="", notes=notes)
+        marker = gitdir / MARKER
+        previous = _read_marker(marker)
+        if previous is not None:
+            old_task = previous[0]
+            head, ref = self.head()
+            commit, _ = self._checkpoint(f"tt: interrupted {old_task}", head, ref, trailers={
+                "Tinytown-Task": old_task, "Tinytown-State": "interrupted"})
+            if commit:
+                begun.interrupted_task, begun.interrupted_commit = old_task, commit
+                notes.append(f"the interrupted run of {old_task} left changes: committed as {commit[:12]}")
+            marker.unlink()
+        head, ref = self.head()
+        if ref != self.ref:
+            notes += self._back_on_branch(head, ref)
+        if after:
+            begun.merged = self.merge(after, task_id)
+        head, _ = self.head()
+        if head is None:
+            raise WorkspaceError(f"{self.label} has no commit on {self.branch}")
+        begun.base = head
+        _write_marker(marker, task_id, head)
+        return begun
+
+    def end(self, task_id: str, prompt: str, failed: bool = False) -> Ended:
+        """After a task's CLI exits: commit whatever it changed and did not commit (failed tasks too:
+        work is never thrown away) and return base, head and the files changed with +/- counts.
+
+        Left mid-rebase/merge: nothing is committed and `problem` says what (the task fails with it;
+        the marker stays, so the next `begin` refuses until a human finished it).
+        """
+        gitdir, _ = self._dirs()
+        marker = gitdir / MARKER
+        recorded = _read_marker(marker)
+        head, ref = self.head()
+        base = recorded[1] if recorded and recorded[0] == task_id else (head or "")
+        ended = Ended(base=base, head=head or "", branch=_short(ref))
+        state = self.problem()
+        if state:
+            ended.problem = state
+            ended.notes.append(str(self._busy(state)))
+            return ended
+        if ref is not None and ref != self.ref:
+            ended.notes.append(f"the CLI switched {self.label} to {_short(ref)}: the task's work is committed there "
+                               f"({self.branch} is unchanged; the next task puts it back)")
+        subject = f"tt: {task_id} {_safe_subject(prompt)}".rstrip()
+        commit, files = self._checkpoint(subject, head, ref, base=base, trailers={
+            "Tinytown-Task": task_id, "Tinytown-State": "failed" if failed else "completed"})
+        ended.commit, ended.head = commit, commit or head or ""
+        if files is None and base and ended.head != base:
+            files = self._numstat(base, ended.head)     # the CLI made commits of its own
+        ended.files = files or []
+        if ref is None and ended.head:
+            ended.notes.append(self._rescue(ended.head))
+        marker.unlink(missing_ok=True)
+        return ended
+
+    def _checkpoint(self, subject: str, head: str | None, ref: str | None, base: str | None = None,
+                    trailers: dict | None = None) -> tuple[str, list[FileChange] | None]:
+        """Commit everything in the worktree on top of HEAD: one scan (`git add -A`), then plumbing,
+        so no hook runs, nothing is signed and the index is not refreshed twice. Returns the new
+        commit ("" if nothing changed) and, when `base` is HEAD, base..index's files (else None)."""
+        git(self.path, "add", "-A")
+        files = None
+        if head is not None and base == head:
+            files = self._numstat(base, None)       # also says whether there is anything to commit
+            if not files:
+                return "", files
+            tree = _oid(git(self.path, "write-tree").stdout)
+        else:
+            tree = _oid(git(self.path, "write-tree").stdout)
+            if head is not None and tree == _oid(git(self.path, "rev-parse", f"{head}^{{tree}}").stdout):
+                return "", files
+        message = subject + "\n"
+        if trailers:
+            message += "\n" + "".join(f"{k}: {v}\n" for k, v in trailers.items())
+        parents = ["-p", head] if head else []
+        new = _oid(git(self.path, "commit-tree", "--no-gpg-sign", tree, *parents,
+                       input=message.encode("utf-8", "surrogateescape"), identity=self.agent).stdout)
+        git(self.path, "update-ref", "-m", subject[:200], "HEAD", new, head or ZERO_OID, identity=self.agent)
+        return new, files
+
+    def _numstat(self, base: str, head: str | None) -> list[FileChange]:
+        revs = ["--cached", base] if head is None else [base, head]
+        out = git(self.path, "diff", "--numstat", "-z", "-M", "--no-ext-diff", "--no-color", *revs, "--").stdout
+        return parse_numstat(out)
+
+    def _rescue(self, oid: str) -> str:
+        """A detached commit gets a branch, so no later checkout can leave it to the reflog alone."""
+        name = f"{self.branch}-detached-{oid[:12]}"
+        git(self.path, "update-ref", "-m", "tt: keep a detached commit", f"refs/heads/{name}", oid, ZERO_OID,
+            ok=(0, 128))
+        return f"{self.label} was on a detached HEAD: its commit {oid[:12]} is kept on branch {name}"
+
+    def _back_on_branch(self, head: str | None, ref: str | None) -> list[str]:
+        """A CLI left HEAD on another branch (or detached): bring the agent's branch forward to it when
+        that is a fast-forward, else switch back (the other branch keeps its commits)."""
+        tip = self.branch_tip()
+        where = _short(ref) or f"a detached HEAD ({(head or '')[:12]})"
+        if head is None:
+            raise WorkspaceError(f"{self.label} is on an unborn branch {where}: check out {self.branch} there")
+        if tip is None or git(self.path, "merge-base", "--is-ancestor", tip, head, ok=(0, 1)).returncode == 0:
+            git(self.path, "update-ref", "-m", "tt: follow the CLI's branch", self.ref, head, tip or ZERO_OID,
+                identity=self.agent)
+            git(self.path, "symbolic-ref", "-m", "tt: back on the agent's branch", "HEAD", self.ref)
+            return [f"{self.label} was left on {where}: {self.branch} moved forward to it ({head[:12]}) and "
+                    "checked out again"]
+        notes = [] if ref is not None else [self._rescue(head)]
+        git(self.path, "switch", "-q", "--no-guess", self.branch)
+        return notes + [f"{self.label} was left on {where}: back on {self.branch} (the commits made there stay there)"]
+
+    def merge(self, heads, task_id: str = "") -> tuple[str, ...]:
+        """Merge upstream tasks' head commits into the agent's branch, a fast-forward when possible.
+
+        Each merge is made in the object store first (`git merge-tree`), so a conflict is found
+        before anything is touched: MergeConflict names the files and the worktree is exactly as it
+        was. Only the result reaches the worktree, in one step that refuses, changing nothing, if it
+        would overwrite a local change. Cheaper than `git merge`, which scans the whole worktree and
+        stashes it away before a real merge.
+        """
+        wanted = tuple(dict.fromkeys(heads))
+        bad = [h for h in wanted if not is_oid(h)]
+        if bad:
+            raise WorkspaceError(f"not a commit id: {bad[0][:80]!r}")
+        head, _ = self.head()
+        if not wanted or head is None:
+            return ()
+        current = head
+        for upstream in wanted:
+            base = _text(git(self.path, "merge-base", current, upstream, ok=(0, 1)).stdout).strip()
+            if base == upstream:
+                continue                             # already in
+            if base == current:
+                current = upstream                   # a fast-forward
+                continue
+            done = git(self.path, "merge-tree", "--write-tree", "--name-only", "-z", "--no-messages", current,
+                       upstream, ok=range(0, 256))
+            if done.returncode == 1:
+                files = _conflicted(done.stdout)
+                raise MergeConflict(files, f"merging {upstream[:12]} into {self.branch} conflicts in {_names(files)}: "
+                                           f"nothing merged, {self.label} unchanged")
+            if done.returncode != 0:
+                raise WorkspaceError(f"cannot merge {upstream[:12]} into {self.branch}: {_last_line(done)}")
+            message = f"tt: {task_id} merges {upstream[:12]}, work it depends on\n" if task_id else \
+                f"tt: merge {upstream[:12]}\n"
+            current = _oid(git(self.path, "commit-tree", "--no-gpg-sign", _oid(done.stdout.split(b"\0")[0]), "-p",
+                               current, "-p", upstream, input=message.encode(), identity=self.agent).stdout)
+        if current != head:
+            # `reset --keep` (never --hard) moves the branch forward to `current`, a descendant of
+            # HEAD, and updates only the files that differ; it refuses, changing nothing, when one of
+            # them has a local change or an untracked file is in the way. Unlike `merge --ff-only`
+            # it does not lstat every file of the worktree first.
+            done = git(self.path, "reset", "-q", "--keep", current, ok=range(0, 256), identity=self.agent)
+            if done.returncode != 0:
+                raise WorkspaceError(f"could not bring {self.label} to the merged work: {_last_line(done)} "
+                                     "(nothing changed)")
+        return wanted
+
+    # -- tt prune --
+
+    def prune(self, delete_branch: bool = False) -> list[str]:
+        """Remove agents/NAME (after committing anything left in it) and keep the branch; with
+        delete_branch, delete it only if every commit on it is on one of the user's branches."""
+        notes: list[str] = []
+        repo = Repo.find(self.town_root)
+        if self.exists():
+            state = self.problem()
+            if state:
+                raise self._busy(state)
+            head, ref = self.head()
+            commit, _ = self._checkpoint("tt: left uncommitted when the agent was pruned", head, ref,
+                                         base=head, trailers={"Tinytown-State": "pruned"})
+            if commit:
+                notes.append(f"{self.label} held uncommitted changes: committed as {commit[:12]}")
+            if ref is None and (commit or head):
+                notes.append(self._rescue(commit or head))
+            done = git(repo.root, "worktree", "remove", str(self.path), ok=range(0, 256))
+            if done.returncode != 0:
+                raise WorkspaceError(f"could not remove {self.label}: {_last_line(done)}")
+            notes.append(f"removed {self.label}")
+        else:
+            for tree in repo.worktrees():
+                if Path(tree.get("worktree", "")) == self.path:
+                    git(repo.root, "worktree", "remove", str(self.path))
+        tip = repo.resolve(self.ref)
+        if tip is None:
+            return notes
+        if not delete_branch:
+            return notes + [f"kept branch {self.branch} (tt spawn {self.agent} reuses it)"]
+        unmerged = self.unmerged(repo, tip)
+        if unmerged:
+            return notes + [f"kept branch {self.branch}: {unmerged} commit{'s' if unmerged != 1 else ''} on it "
+                            f"{'are' if unmerged != 1 else 'is'} on none of your branches (tt merge {self.agent} first)"]
+        git(repo.root, "update-ref", "-m", "tt prune: merged", "-d", self.ref, tip)
+        return notes + [f"deleted branch {self.branch} (all its commits are on your branches)"]
+
+    def unmerged(self, repo: Repo, tip: str) -> int:
+        """How many commits on the agent's branch no branch of the user's holds (the town's agent
+        branches do not count: work is home only once it is on a branch of the user's)."""
+        excludes = [f"--exclude={self.prefix}*"] if self.prefix else []
+        out = git(repo.root, "rev-list", "--count", tip, "--not", *excludes, f"--exclude={self.branch}",
+                  "--branches").stdout
+        return int(out.strip() or 0)
+
+
+def _read_marker(marker: Path) -> tuple[str, str] | None:
+    try:
+        task, _, base = marker.read_text(encoding="utf-8").strip().partition(" ")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return (task, base if is_oid(base) else "") if task else None
+
+
+def _write_marker(marker: Path, task_id: str, base: str) -> None:
+    partial = marker.with_name(marker.name + ".new")
+    partial.write_text(f"{task_id} {base}\n", encoding="utf-8")
+    os.replace(partial, marker)
+
+
+def _short(ref: str | None) -> str | None:
+    return ref[len("refs/heads/"):] if ref and ref.startswith("refs/heads/") else ref
+
+
+def _paths(out: bytes) -> list[str]:
+    return [_text(p) for p in out.split(b"\0") if p]
+
+
+def _conflicted(out: bytes) -> list[str]:
+    """The files `git merge-tree --write-tree --name-only -z` lists after the tree on a conflict."""
+    return list(dict.fromkeys(_paths(out.split(b"\0", 1)[1] if b"\0" in out else b"")))
+
+
+def _names(files: list[str], most: int = 10) -> str:
+    shown = ", ".join(repr(f) if not f.isprintable() else f for f in files[:most])
+    return (shown + (f" and {len(files) - most} more" if len(files) > most else "")) or "(no file named)"
+
+
+# --- bringing work home --------------------------------------------------------------------------
+
+def merge_home(town_root: Path, source: str, into: str | None = None, label: str = "") -> MergedHome:
+    """`tt merge`: merge `source` (an agent's branch ref or a task's head commit) into the user's
+    branch: the town folder's, or `into`. Refused with one line and no change when the target's
+    worktree has uncommitted changes to tracked files or the merge would conflict (checked with
+    `git merge-tree` before anything is touched)."""
+    repo = Repo.find(town_root)
+    label = label or source
+    source_oid = repo.resolve(source)
+    if source_oid is None:
+        raise WorkspaceError(f"{label}: no such branch or commit")
+    if into is not None:
+        branch = into
+        if into.startswith("-") or git(repo.root, "check-ref-format", "--branch", into, ok=(0, 1, 128)).returncode:
+            raise WorkspaceError(f"--into {into}: not a branch name")
+    else:
+        branch = repo.head_branch()
+        if branch is None:
+            raise WorkspaceError("the town folder's HEAD is detached: check out a branch there, or name one with --into BRANCH")
+    ref = f"refs/heads/{branch}"
+    before = repo.resolve(ref)
+    if before is None:
+        raise WorkspaceError(f"no branch {branch!r} (--into names an existing branch)")
+    where = repo.checked_out_at(ref)
+    if repo.is_ancestor(source_oid, before):
+        return MergedHome(branch, before, before, "up to date", where)
+    fast_forward = repo.is_ancestor(before, source_oid)
+    tree = None
+    if not fast_forward:
+        done = git(repo.root, "merge-tree", "--write-tree", "--name-only", "-z", "--no-messages", before, source_oid,
+                   ok=range(0, 256))
+        if done.returncode == 1:
+            files = _conflicted(done.stdout)
+            raise MergeConflict(files, f"merging {label} into {branch} would conflict in {_names(files)}: nothing "
+                                       "changed (merge the other way in the agent's worktree, or by hand)")
+        if done.returncode != 0:
+            raise WorkspaceError(f"cannot check {label} against {branch}: {_last_line(done)}")
+        tree = _oid(done.stdout.split(b"\0")[0])
+    message = f"tt: merge {label} into {branch}"
+    if where is not None:
+        _refuse_unless_clean(where)
+        done = git(where, "merge", "-q", "--no-edit", "--ff", "--no-stat", "--no-verify-signatures", "-m", message,
+                   source_oid, ok=range(0, 256))
+        if done.returncode != 0:
+            if (Path(_text(git(where, "rev-parse", "--absolute-git-dir").stdout).strip()) / "MERGE_HEAD").exists():
+                git(where, "merge", "--abort")
+            raise WorkspaceError(f"could not merge {label} into {branch} at {where}: {_last_line(done)} (nothing changed)")
+        after = repo.resolve(ref) or before
+    else:
+        after = source_oid
+        if not fast_forward:
+            after = _oid(git(repo.root, "commit-tree", "--no-gpg-sign", tree, "-p", before, "-p", source_oid,
+                             input=(message + "\n").encode()).stdout)
+        git(repo.root, "update-ref", "-m", message, ref, after, before)
+    return MergedHome(branch, before, after, "fast-forward" if fast_forward else "merge", where)
+
+
+def _refuse_unless_clean(where: Path) -> None:
+    gitdir = Path(_text(git(where, "rev-parse", "--absolute-git-dir").stdout).strip())
+    for name, state, how in IN_PROGRESS:
+        if (gitdir / name).exists():
+            raise WorkspaceError(f"{where} is {state.replace('-', ' ')}: finish it first ({how})")
+    out = git(where, "status", "--porcelain=v2", "-z", "--untracked-files=no", "--ignore-submodules=dirty").stdout
+    if out.strip(b"\0"):
+        raise WorkspaceError(f"{where} has uncommitted changes: commit or stash them, then run tt merge again "
+                             "(nothing changed)")
+
+
+# --- tt diff -------------------------------------------------------------------------------------
+
+def diff_argv(town_root: Path, *, base: str = "", head: str = "", branch: str = "", stat: bool = False) -> list[str]:
+    """The git command `tt diff` runs in the user's terminal (git's own colour and pager): a task's
+    base..head, or what an agent's branch adds to the town folder's HEAD (HEAD...branch)."""
+    if branch:
+        if branch.startswith("-"):
+            raise WorkspaceError(f"not a branch name: {branch!r}")
+        revs = [f"HEAD...refs/heads/{branch}"]
+    else:
+        if not (is_oid(base) and is_oid(head)):
+            raise WorkspaceError("this task has no recorded commits (it ran in the shared town folder, or has not ended)")
+        revs = [base, head]
+    return ["git", "-C", str(town_root), "diff", *(["--stat"] if stat else []), *revs, "--"]
