@@ -149,9 +149,14 @@ class CliSession:
         except OSError:
             pass
 
+    @property
+    def reaped(self) -> bool:
+        """The CLI has exited and its status is known (exit_code or signal set)."""
+        return self.exit_code is not None or self.signal is not None
+
     def poll(self) -> bool:
         """True once the CLI has exited (reaped; exit_code or signal set)."""
-        if self.exit_code is not None or self.signal is not None:
+        if self.reaped:
             return True
         if self.pid is None:
             return True
@@ -185,7 +190,7 @@ class CliSession:
             if self.fd >= 0:  # (the reader read a dup of its own, closed by now or at its next read)
                 os.close(self.fd)
                 self.fd = -1
-            if self.exit_code is None and self.signal is None:
+            if not self.reaped:
                 try:
                     _, status = os.waitpid(self.pid, 0)
                     self._set_status(status)
