@@ -330,7 +330,7 @@ class Runner:
             if not eof and now >= clock.batch_at:
                 chunks, eof = reader.take()
                 if chunks:
-                    self._output(b"".join(chunks) if len(chunks) > 1 else chunks[0], clock, now)
+                    self._output(chunks, clock, now)
                     clock.batch_at = now + BATCH_SECONDS
             if self.unsent and (eof or now >= clock.flush_at or self.unsent_bytes >= STREAM_FLUSH_BYTES):
                 self._stream_send(task_id)
@@ -380,16 +380,17 @@ class Runner:
             session.kill_group(signal.SIGKILL)
         return killed_for
 
-    def _output(self, data: bytes, clock: PumpClock, now: float) -> None:
+    def _output(self, chunks: list[bytes], clock: PumpClock, now: float) -> None:
         """A batch of the CLI's output: to the log, the attach viewers, the task's tail, and queued
         for the Redis stream (sent at STREAM_FLUSH_BYTES or STREAM_FLUSH_SECONDS)."""
-        self.log.write(data)
+        for piece in _in_pieces(chunks, STREAM_FLUSH_BYTES):
+            self.log.write(piece)
+            self.attach.output(piece)
+            keep_tail(self.tail, piece, OUTPUT_TAIL_BYTES)
+            self.unsent.append(piece)
+            self.unsent_bytes += len(piece)
         if self.log.problem != self.warning:
             self._set_warning(self.log.problem)
-        self.attach.output(data)
-        keep_tail(self.tail, data, OUTPUT_TAIL_BYTES)
-        self.unsent.append(data)
-        self.unsent_bytes += len(data)
         if clock.flush_at is None:
             clock.flush_at = now + STREAM_FLUSH_SECONDS
 
@@ -399,14 +400,13 @@ class Runner:
         pump goes back to reading the pty at once."""
         if not self.unsent:
             return
-        data = self.unsent[0] if len(self.unsent) == 1 else b"".join(self.unsent)
+        pieces = _in_pieces(self.unsent, STREAM_FLUSH_BYTES)
         self.unsent, self.unsent_bytes = [], 0
         key, maxlen = self.town.keys.output(self.agent_id), self.config.logs.stream_maxlen
         if self.stream is None:
             self.stream = Sender(resp_connect(self.config))
         try:
-            for start in range(0, len(data), STREAM_FLUSH_BYTES):
-                piece = data if len(data) <= STREAM_FLUSH_BYTES else data[start:start + STREAM_FLUSH_BYTES]
+            for piece in pieces:
                 self.stream.send("XADD", key, "MAXLEN", "~", maxlen, "*", "task", task_id, "data", piece)
         except RespConnectionError as exc:
             self._say(f"output stream: {exc}")
@@ -461,6 +461,24 @@ class Runner:
             self.town.set_agent_state(self.agent_id, AgentState.STOPPING, current_task="", cli_pid="")
         except Exception as exc:  # Redis may already be going down with the supervisor
             self._say(f"could not record stop: {exc}")
+
+
+def _in_pieces(chunks: list[bytes], limit: int) -> list[bytes]:
+    """Consecutive chunks joined into pieces of at most `limit` bytes (no chunk is larger: the
+    reader's READ_CHUNK): the stream's entries, made with one copy, and none for a chunk that is
+    a piece already."""
+    pieces: list[bytes] = []
+    group: list[bytes] = []
+    size = 0
+    for chunk in chunks:
+        if group and size + len(chunk) > limit:
+            pieces.append(group[0] if len(group) == 1 else b"".join(group))
+            group, size = [], 0
+        group.append(chunk)
+        size += len(chunk)
+    if group:
+        pieces.append(group[0] if len(group) == 1 else b"".join(group))
+    return pieces
 
 
 def _loading(exc: RespError) -> bool:
