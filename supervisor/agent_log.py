@@ -6,6 +6,7 @@ log_readers.py.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -13,31 +14,50 @@ from .config import Config
 
 
 class AgentLog:
-    """`.tt/logs/<agent>.log`, written unbuffered so a follower sees a line within milliseconds."""
+    """`.tt/logs/<agent>.log`, written unbuffered so a follower sees a line within milliseconds.
+
+    A write that fails (a full disk, a file-size limit, a folder gone read-only) or a rotation
+    that fails does not raise: the log is a copy of what the task's tail and the Redis stream also
+    keep, and losing it must not lose the task. `problem` says what went wrong on the last write
+    ("" once a write succeeds again); every write tries again, so the log recovers by itself.
+    """
 
     def __init__(self, config: Config, agent_name: str):
         self.path = config.log_file(agent_name)
         self.max_bytes = config.logs.max_bytes
         self.backups = config.logs.backups
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.fd = -1
-        self._open()
+        self.size = 0
+        self.problem = ""
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.fd, self.size = self._open()
+        except OSError as exc:
+            self.problem = self._describe("cannot open", exc)
         # Kept across rotations: the files read as one stream, so a note must not join a line.
         self.at_line_start = tail_bytes(self.path, 1, align=False) in (b"", b"\n")
 
-    def _open(self) -> None:
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self.size = os.fstat(self.fd).st_size
+    def _open(self) -> tuple[int, int]:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return fd, os.fstat(fd).st_size
 
     def write(self, data: bytes) -> None:
-        if self.size + len(data) > self.max_bytes and self.size > 0:
-            self.rotate()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
-        self.size += len(data)
+        problem = ""
+        try:
+            if self.fd < 0:
+                self.fd, self.size = self._open()
+            if self.size + len(data) > self.max_bytes and self.size > 0:
+                problem = self.rotate()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as exc:  # what did not fit is lost from the log only
+            problem = self._describe("cannot write", exc)
+        finally:
+            self.size += len(data)  # (counted even if lost: a full log still rotates on time)
         if data:
             self.at_line_start = data.endswith(b"\n")
+        self.problem = problem
 
     def note(self, text: str) -> None:
         """A line of Tinytown's own (task started/finished), marked so it stands out from CLI output."""
@@ -45,22 +65,32 @@ class AgentLog:
         start = "" if self.at_line_start else "\n"
         self.write(f"{start}[tt {stamp}] {text}\n".encode("utf-8", "replace"))
 
-    def rotate(self) -> None:
-        """agent.log -> agent.log.1 -> ... ; a follower notices the new inode and reopens."""
-        old = os.fstat(self.fd)
-        os.close(self.fd)
-        if self.backups > 0:
-            for n in range(self.backups - 1, 0, -1):
-                older = self.path.with_name(f"{self.path.name}.{n}")
-                if older.exists():
-                    os.replace(older, self.path.with_name(f"{self.path.name}.{n + 1}"))
-            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
-        else:
-            # A new file rather than truncating in place: a follower still holding the old one
-            # reads it to the end before moving on, so nothing it had not read yet is lost.
-            os.unlink(self.path)
-        self._open()
+    def rotate(self) -> str:
+        """agent.log -> agent.log.1 -> ... ; a follower notices the new inode and reopens. "" or
+        what failed: then the current file is kept (and grows past max_bytes) until a rotation
+        succeeds."""
+        try:
+            if self.backups > 0:
+                for n in range(self.backups - 1, 0, -1):
+                    older = self.path.with_name(f"{self.path.name}.{n}")
+                    if older.exists():
+                        os.replace(older, self.path.with_name(f"{self.path.name}.{n + 1}"))
+                os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+            else:
+                # A new file rather than truncating in place: a follower still holding the old one
+                # reads it to the end before moving on, so nothing it had not read yet is lost.
+                os.unlink(self.path)
+            fd, size = self._open()
+        except OSError as exc:
+            return self._describe("cannot rotate", exc)
+        old_fd, self.fd, self.size = self.fd, fd, size
+        old = os.fstat(old_fd)
+        os.close(old_fd)
         self._move_std(old)
+        return ""
+
+    def _describe(self, what: str, exc: OSError) -> str:
+        return f"log {what} {self.path.name}: {exc.strerror or exc}; output kept in the task and Redis only"
 
     def _move_std(self, old: os.stat_result) -> None:
         """The runner's stdout and stderr are this log too (the supervisor set them up so): keep
@@ -104,6 +134,8 @@ def tail_bytes(path: Path, max_bytes: int, align: bool = True) -> bytes:
     """The end of a log file, from a line boundary unless align=False: what `tt attach` replays first."""
     try:
         with open(path, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):  # (a log made a link to /dev/full...)
+                return b""
             size = fh.seek(0, os.SEEK_END)
             fh.seek(max(0, size - max_bytes))
             data = fh.read(max_bytes)

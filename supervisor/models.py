@@ -139,6 +139,7 @@ class Agent(_Hash):
     task_timeout: float | None = None
     reason: str = ""                 # why it is failed/backoff: last exit status and output tail
     restart_at: float | None = None  # in backoff: when the supervisor starts it again
+    warning: str = ""                # what it works on despite (its log cannot be written...)
 
     def health(self, stale_after: float, at: float | None = None) -> str:
         """What `tt status` tells a user at a glance: healthy (idle or working with a fresh heartbeat),

@@ -1,16 +1,18 @@
-"""One model CLI run in a pseudo-terminal through pexpect: spawn, prompt delivery, reap, group kill.
+"""One model CLI run in a pseudo-terminal: spawn, prompt delivery, reap, group kill.
 
-The CLI is a pexpect.spawn whose process is started the way CPython's subprocess starts one:
-posix_spawn, which is vfork + exec. pexpect's own spawn forks the runner, which copies a Python
-process's page tables and runs Python in the child: ~2.2 ms a task here against ~0.6 ms, the
-largest part of the time from a task's arrival to its CLI running.
+The CLI is started the way CPython's subprocess starts one: posix_spawn, which is vfork + exec, on
+a new pty of our own. pexpect's spawn forks the runner, which copies a Python process's page
+tables and runs Python in the child: ~2.4 ms a task here against ~0.3 ms, the largest part of the
+time from a task's arrival to its CLI running. The session reaps its CLI itself (waitpid) and
+reads its output with a thread (pty_reader); pexpect is there, through its public fdspawn on the
+pty's master side, for what wants expect() (expecter()), and never reaches into a process it did
+not start.
 
 The CLI leads a new session (setsid comes first in the child, then the pty's slave is opened by
 name, which makes it the controlling terminal), so a permission prompt asked on /dev/tty reaches
 `tt attach`, and its pid is also its process group: killing the group takes its helpers with it.
 For prompt = "stdin" the prompt is its standard input: an in-memory file, so any size and any bytes
-arrive intact where a line typed into a tty would be cut at 4095 bytes. pexpect's default pauses
-(0.05 s before each send, 0.1 s after close) are off: they cost ~100 ms a task.
+arrive intact where a line typed into a tty would be cut at 4095 bytes.
 
 No code runs in the child between fork and exec, so the CLI has no parent-death signal of its own.
 If its runner dies, the pty's master side closes and the kernel hangs the terminal up (SIGHUP to
@@ -21,16 +23,12 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 import select
 import shutil
 import signal
 import struct
 import termios
 from pathlib import Path
-
-import pexpect
-import ptyprocess
 
 from .config import CliSpec
 from .errors import TinytownError
@@ -53,7 +51,6 @@ class CliSession:
         self.cwd = cwd
         self.env = env
         self.dimensions = dimensions
-        self.child: pexpect.spawn | None = None
         self.pid: int | None = None
         self.fd = -1                     # the pty's master side (blocking: see pty_reader)
         self.exit_code: int | None = None
@@ -110,16 +107,16 @@ class CliSession:
         else:
             stdin = None  # the terminal
         try:
-            # With no arguments pexpect splits `command` like a shell line: escape the path.
-            command = path if len(argv) > 1 else re.sub(r"([\\\s'\"])", r"\\\1", path)
-            child = _Spawn(command, argv[1:], stdin=stdin, cwd=str(self.cwd), env=self.env, echo=False,
-                           dimensions=self.dimensions)
-        except (pexpect.ExceptionPexpect, OSError) as exc:
-            reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise TinytownError(f"cannot start {argv[0]!r}: {reason}") from None
-        child.delaybeforesend = None
-        child.delayafterclose = child.delayafterterminate = 0  # (its _PtyProcess has them off too)
-        self.child, self.pid, self.fd = child, child.pid, child.child_fd  # blocking: see pty_reader
+            self.pid, self.fd = spawn_in_pty([path, *argv[1:]], self.env, str(self.cwd), stdin, self.dimensions)
+        except OSError as exc:
+            raise TinytownError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
+
+    def expecter(self, timeout: float = 30, encoding: str | None = None):
+        """pexpect on the CLI's terminal (its public fdspawn over the master side), for a caller
+        that wants expect() rather than the reader thread; use one or the other. The session
+        keeps the fd: close() closes it, the fdspawn must not."""
+        from pexpect.fdpexpect import fdspawn  # (the runner's own path does not need pexpect)
+        return fdspawn(self.fd, timeout=timeout, encoding=encoding)
 
     def start_reader(self) -> PtyReader:
         """Start reading the CLI's output on a thread (pty_reader); close() lets it go."""
@@ -152,9 +149,14 @@ class CliSession:
         except OSError:
             pass
 
+    @property
+    def reaped(self) -> bool:
+        """The CLI has exited and its status is known (exit_code or signal set)."""
+        return self.exit_code is not None or self.signal is not None
+
     def poll(self) -> bool:
         """True once the CLI has exited (reaped; exit_code or signal set)."""
-        if self.exit_code is not None or self.signal is not None:
+        if self.reaped:
             return True
         if self.pid is None:
             return True
@@ -185,13 +187,10 @@ class CliSession:
             if self.reader is not None:
                 self.reader.abandon()
                 self.reader = None
-            if self.child is not None:
-                # The fd belongs to ptyprocess's file object: close it there, once, and stop
-                # pexpect from reaping what we reap ourselves.
-                self.child.ptyproc.fileobj.close()
-                self.child.ptyproc.closed = self.child.closed = True
+            if self.fd >= 0:  # (the reader read a dup of its own, closed by now or at its next read)
+                os.close(self.fd)
                 self.fd = -1
-            if self.exit_code is None and self.signal is None:
+            if not self.reaped:
                 try:
                     _, status = os.waitpid(self.pid, 0)
                     self._set_status(status)
@@ -212,48 +211,35 @@ class CliSession:
         return f"exit code {self.exit_code}"
 
 
-class _PtyProcess(ptyprocess.PtyProcess):
-    """ptyprocess's handle on a CLI that posix_spawn started in a new pty, pexpect's pauses off."""
+def spawn_in_pty(argv: list[str], env: dict[str, str], cwd: str, stdin: tuple | None,
+                 dimensions: tuple[int, int] = (40, 160)) -> tuple[int, int]:
+    """Start argv (argv[0] a path) as the leader of a new session on a new pty: (pid, master fd).
 
-    def __init__(self, pid, fd):
-        super().__init__(pid, fd)
-        self.delayafterclose = self.delayafterterminate = 0
-
-    @classmethod
-    def posix_spawn(cls, argv, stdin, cwd, env, echo, dimensions) -> "_PtyProcess":
-        """Start argv as the leader of a new session on a new pty; stdin: a posix_spawn file
-        action that sets fd 0 (the prompt), or None for the terminal."""
-        if cwd and os.getcwd() != cwd:
-            os.chdir(cwd)  # posix_spawn cannot chdir; the runner's only relative path is the CLI's
-        master, slave = os.openpty()  # both close-on-exec: the child opens the slave by name
-        try:
-            rows, cols = dimensions
-            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-            if not echo:  # keystrokes from an attached user are not echoed twice
-                attrs = termios.tcgetattr(slave)
-                attrs[3] &= ~termios.ECHO
-                termios.tcsetattr(slave, termios.TCSANOW, attrs)
-            actions = [(os.POSIX_SPAWN_OPEN, 1, os.ttyname(slave), os.O_RDWR, 0), (os.POSIX_SPAWN_DUP2, 1, 2),
-                       stdin or (os.POSIX_SPAWN_DUP2, 1, 0)]
-            pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True,
-                                 setsigdef=_DEFAULT_SIGNALS, setsigmask=())
-        except BaseException:
-            os.close(master)
-            raise
-        finally:
-            os.close(slave)  # only the CLI holds the slave now: its exit is the master's end of file
-        return cls(pid, master)
-
-
-class _Spawn(pexpect.spawn):
-    """pexpect.spawn whose process comes from _PtyProcess.posix_spawn; `stdin` as there."""
-
-    def __init__(self, command, args, stdin=None, **kwargs):
-        self._stdin = stdin
-        super().__init__(command, args, **kwargs)
-
-    def _spawnpty(self, args, env=None, cwd=None, echo=True, preexec_fn=None, dimensions=(24, 80)):
-        return _PtyProcess.posix_spawn([os.fsdecode(a) for a in args], self._stdin, cwd, env, echo, dimensions)
+    stdin: a posix_spawn file action that sets fd 0 (the prompt), or None for the terminal. The
+    terminal does not echo: keystrokes from an attached user are not shown twice. The master fd
+    is blocking and close-on-exec.
+    """
+    if os.getcwd() != cwd:
+        os.chdir(cwd)  # posix_spawn cannot chdir; the runner's only relative path is the CLI's
+    master, slave = os.openpty()  # both close-on-exec: the child opens the slave by name
+    try:
+        rows, cols = dimensions
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        attrs = termios.tcgetattr(slave)
+        attrs[3] &= ~termios.ECHO
+        termios.tcsetattr(slave, termios.TCSANOW, attrs)
+        # setsid comes first in the child: the slave, opened by name after it, becomes the
+        # session's controlling terminal.
+        actions = [(os.POSIX_SPAWN_OPEN, 1, os.ttyname(slave), os.O_RDWR, 0), (os.POSIX_SPAWN_DUP2, 1, 2),
+                   stdin or (os.POSIX_SPAWN_DUP2, 1, 0)]
+        pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True,
+                             setsigdef=_DEFAULT_SIGNALS, setsigmask=())
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)  # only the CLI holds the slave now: its exit is the master's end of file
+    return pid, master
 
 
 def _memfd() -> int:

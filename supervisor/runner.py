@@ -6,7 +6,13 @@ Redis hop, and a task whose runner dies stays in the in-flight list to be re-del
 
 Signals from the supervisor: SIGTERM = finish the current task (within stop_grace) then exit;
 SIGUSR1 = stop now (also sent by the kernel if the supervisor dies): the CLI is killed and its
-task put back at the front of the inbox.
+task put back at the front of the inbox, unless it finished meanwhile (exit code 0): an outcome
+that exists is recorded, so no task runs twice. With nothing to finish (waiting on the inbox, or
+for a Redis that went away) a stop is answered at once.
+
+Output goes to the log, the attach viewers, the task's tail and a Redis stream. A log that cannot
+be written (a full disk, a file-size limit, a rotation that fails) costs the log, not the task: the
+agent carries a warning (`tt status`) until a write succeeds again.
 """
 from __future__ import annotations
 
@@ -16,6 +22,8 @@ import select
 import signal
 import sys
 import time
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 from .config import Config
@@ -25,7 +33,7 @@ from .attach_server import REPLAY_BYTES, AttachServer
 from .models import AgentState, TaskState
 from .procutil import drain, exit_now, signal_wakeup_pipe
 from .pty_session import CliSession
-from .resp import RespConnectionError, Sender
+from .resp import RespConnectionError, RespError, Sender
 from .resp import connect as resp_connect
 from .town import OUTPUT_TAIL_BYTES, Claimed, Town
 
@@ -33,10 +41,44 @@ STREAM_FLUSH_SECONDS = 0.02
 STREAM_FLUSH_BYTES = 64 * 1024
 EXIT_DRAIN_SECONDS = 0.5
 KILL_WAIT_SECONDS = 2.0
+# After a batch of output, the pump lets the next one gather this long (signals and deadlines
+# still wake it): a CLI printing flat out then costs a wakeup per ~100 KiB, not per 4 KiB pty
+# read, and the reader thread is not held off the GIL by a busy main thread. Output reaches the
+# log at most this much later.
+BATCH_SECONDS = 0.001
 
 
 class _StopNow(Exception):
-    """Raised from the signal handler to break out of a blocking inbox wait."""
+    """Raised from the signal handler to break out of a wait with nothing to finish."""
+
+
+class Ending(Enum):
+    """How a CLI's run ended, as the pump saw it; _record turns it into the task's state."""
+
+    EXITED = "exited"        # its exit status is the outcome (also when it exited 0 as it was killed)
+    TIMED_OUT = "timed out"  # killed at the task timeout
+    STOPPED = "stopped"      # killed by a stop before it finished: back in the inbox
+
+
+@dataclass
+class PumpClock:
+    """The pump's deadlines (time.monotonic()), and how long it may wait for the next one."""
+
+    next_beat: float                    # the agent's heartbeat
+    timeout_at: float | None = None     # the task's timeout
+    grace_at: float | None = None       # a graceful stop's end: then the CLI is killed
+    kill_at: float | None = None        # SIGTERM sent: SIGKILL from then on
+    drain_until: float | None = None    # the CLI exited: how long its last output may take to arrive
+    flush_at: float | None = None       # output waits for the Redis stream until then
+    batch_at: float = 0.0               # the next batch of output is taken from then
+
+    def wait(self, now: float) -> float:
+        """Seconds until the next deadline still ahead (those passed have been acted on)."""
+        ahead = [deadline for deadline in (self.next_beat, self.batch_at, self.grace_at, self.kill_at,
+                                           self.timeout_at if self.kill_at is None else None,
+                                           self.drain_until, self.flush_at)
+                 if deadline is not None and deadline > now]
+        return min(ahead) - now if ahead else 3600.0
 
 
 class Runner:
@@ -44,9 +86,23 @@ class Runner:
         self.config = config
         self.agent_id = agent_id
         self.stop_mode: str | None = None       # None, "graceful" or "now"
-        self.idle = True                          # a stop signal may interrupt the inbox wait
+        self.idle = True                          # nothing to finish: a stop signal may end the wait
         self.wake_r = self.wake_w = -1
-        self.stream = None                        # resp.Sender for the output stream, on first output
+        # Filled in by run(), from the agent's record once Redis answers:
+        self.town: Town | None = None
+        self.name = ""
+        self.spec = None                          # the agent's CliSpec
+        self.task_timeout: float | None = None
+        self.log: AgentLog | None = None
+        self.attach: AttachServer | None = None
+        self.prompt_dir = config.runtime_dir / "prompts"
+        self.base_env: dict[str, str] = {}        # every CLI's environment (TT_TASK_ID added per task)
+        self.warning = ""                         # the agent's warning as last written (the log's state)
+        # Per task: the output's last OUTPUT_TAIL_BYTES, and what the Redis stream has not had yet.
+        self.tail = bytearray()
+        self.unsent: list[bytes] = []
+        self.unsent_bytes = 0
+        self.stream: Sender | None = None         # for the output stream, on first output
 
     # --- signals -----------------------------------------------------------------------------
     def _install_signals(self) -> None:
@@ -58,11 +114,14 @@ class Runner:
         # A write to a connection Redis or a viewer closed is an error to handle (EPIPE), not the
         # runner's death. (The CLI gets SIGPIPE back at its default: pty_session.)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        # Past a file-size limit (RLIMIT_FSIZE) a log write fails with EFBIG, which the log
+        # survives; the signal's default would end the runner.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
     def _on_stop(self, signum, _frame) -> None:
         self.stop_mode = "now" if signum == signal.SIGUSR1 else (self.stop_mode or "graceful")
         if self.idle:
-            attach = getattr(self, "attach", None)
+            attach = self.attach
             if attach is None or not attach.viewers:  # nothing to finish, nobody to tell: just go
                 if attach is not None:
                     attach.remove_socket()
@@ -80,38 +139,46 @@ class Runner:
         self.spec = self.config.cli(agent.cli)
         self.task_timeout = agent.task_timeout or self.config.supervisor.task_timeout or None
         self.log = AgentLog(self.config, self.name)
-        self.prompt_dir = self.config.runtime_dir / "prompts"
         self.prompt_dir.mkdir(mode=0o700, exist_ok=True)
         self.base_env = self._cli_env()
         self.attach = self._serve_attach()
         heartbeat = self.config.supervisor.heartbeat_interval
         try:
             self.idle = False  # from here a stop signal only sets stop_mode; the loop checks it
+            self.warning = self.log.problem
             self.town.set_agent_state(self.agent_id, AgentState.IDLE, pid=os.getpid(), current_task="",
-                                      cli_pid="", reason="", restart_at="", heartbeat_at=f"{time.time():.6f}")
+                                      cli_pid="", reason="", restart_at="", heartbeat_at=f"{time.time():.6f}",
+                                      warning=self.warning)
             self._recover_inflight()
             while self.stop_mode is None:
                 self.idle = True
                 if self.stop_mode is not None:  # a signal between the check above and idle = True
                     break
+                # Idle until a message is claimed: the heartbeat and a wait for a Redis that went
+                # away are cut short by a stop too (a message moved as the connection broke stays
+                # in flight, for the next runner).
                 try:
                     claimed = self.town.claim(self.agent_id, heartbeat)
-                except RespConnectionError:
-                    # redis-server went away during the wait. The move may have happened before
-                    # the reply was lost, so look in the in-flight list once Redis is back.
-                    self.idle = False
+                    if claimed is None:
+                        self.town.heartbeat(self.agent_id)
+                except (RespConnectionError, RespError) as exc:
+                    # redis-server went away during the wait (or is back but still loading its
+                    # file). The move may have happened before the reply was lost, so look in the
+                    # in-flight list once Redis answers.
+                    if isinstance(exc, RespError) and not _loading(exc):
+                        raise
                     self._wait_for_redis()
+                    self.idle = False
                     self._recover_inflight()
                     continue
                 self.idle = False
                 if claimed is None:
-                    self.town.heartbeat(self.agent_id)
                     continue
                 if self.stop_mode is not None:  # claimed as the stop came: _exit_cleanly puts it back
                     break
                 self._handle(claimed)
         except _StopNow:
-            # Stopped while waiting on the inbox, so nothing to finish or record here. The read
+            # Stopped while waiting on the inbox (or for Redis), so nothing to finish or record here. The read
             # the signal interrupted took this runner's Redis connection down, and 50 runners
             # reconnecting at once to write what the supervisor writes anyway made `tt stop` slow;
             # the supervisor marks the agent stopped and puts back a message claimed as the stop
@@ -142,18 +209,21 @@ class Runner:
         try:
             server.start()
         except (OSError, TinytownError) as exc:  # the agent works on without attach
-            print(f"tt runner: cannot serve attach: {exc}", file=sys.stderr)
+            self._say(f"cannot serve attach: {exc}")
         return server
 
     def _wait_for_redis(self, timeout: float = 30.0) -> None:
         """Until Redis answers again (its supervisor restarts it); RespConnectionError past `timeout`.
-        A connection made while the dead server's socket still stood may be reset at once: retry."""
+        A connection made while the dead server's socket still stood may be reset at once: retry.
+        The runner is idle meanwhile: a stop ends the wait at once (_on_stop)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
                 self.town.r.ping()
                 return
-            except RespConnectionError:
+            except (RespConnectionError, RespError) as exc:
+                if isinstance(exc, RespError) and not _loading(exc):
+                    raise
                 if time.monotonic() > deadline or self.stop_mode is not None:
                     raise
                 time.sleep(0.02)
@@ -179,7 +249,7 @@ class Runner:
         # runner died under them: enough of those and the task is the likely cause.
         if task.attempts >= self.config.supervisor.max_attempts:
             reason = f"agent crashed {task.attempts} times"
-            self.log.note(f"task {task.id} failed: {reason}")
+            self._note(f"task {task.id} failed: {reason}")
             self.town.finish_task(self.agent_id, claimed, TaskState.FAILED, reason=reason,
                                   output=task.output.encode("utf-8", "surrogateescape"))
             return
@@ -199,26 +269,28 @@ class Runner:
             session.start_reader()
         except (TinytownError, OSError, RuntimeError) as exc:  # (no fd or thread left for the reader)
             self.town.start_task(self.agent_id, task_id, task=task, agent_state=agent_state)
-            self.log.note(f"task {task_id} failed: {exc}")
+            self._note(f"task {task_id} failed: {exc}")
             self.town.finish_task(self.agent_id, claimed, TaskState.FAILED, exit_code=None, reason=str(exc))
             session.close()
             return
         self.town.start_task(self.agent_id, task_id, task=task, agent_state=agent_state, cli_pid=session.pid)
-        self.log.note(f"task {task_id} started")
+        self._note(f"task {task_id} started")
         self.attach.task_started(task_id, session)
         try:
-            outcome = self._pump(session, task_id)
+            ending = self._pump(session, task_id)
         finally:
             self.attach.task_ended()  # viewers' keystrokes stop before the pty closes
             session.close()
-        if outcome == "requeue":
-            self.log.note(f"task {task_id} interrupted by stop; back in the inbox")
+        self._record(claimed, task_id, session, ending)
+
+    def _record(self, claimed: Claimed, task_id: str, session: CliSession, ending: Ending) -> None:
+        """The task's outcome in Redis: finished (completed/failed), or back in the inbox."""
+        if ending is Ending.STOPPED:
+            self._note(f"task {task_id} interrupted by stop; back in the inbox")
             self.town.requeue(self.agent_id, claimed, give_back_attempt=True)
             self.town.set_agent_state(self.agent_id, AgentState.STOPPING, current_task="", cli_pid="")
             return
-        after = AgentState.STOPPING if self.stop_mode else AgentState.IDLE
-        tail = bytes(self.tail)
-        if outcome == "timeout":
+        if ending is Ending.TIMED_OUT:
             reason = f"timed out after {self.task_timeout:g}s"
             state, code = TaskState.FAILED, None
         elif session.signal:
@@ -227,104 +299,117 @@ class Runner:
             code = session.exit_code
             state = TaskState.COMPLETED if code == 0 else TaskState.FAILED
             reason = "" if code == 0 else session.outcome()
-        self.log.note(f"task {task_id} {state.value}" + (f": {reason}" if reason else ""))
-        self.town.finish_task(self.agent_id, claimed, state, exit_code=code, reason=reason, output=tail,
+        self._note(f"task {task_id} {state.value}" + (f": {reason}" if reason else ""))
+        after = AgentState.STOPPING if self.stop_mode else AgentState.IDLE
+        self.town.finish_task(self.agent_id, claimed, state, exit_code=code, reason=reason, output=bytes(self.tail),
                               agent_state=after)
 
-    def _pump(self, session: CliSession, task_id: str) -> str:
-        """Copy the CLI's output to the log, Redis and the task tail until it exits.
-
-        Returns "done", "timeout" or "requeue" (stopped before it finished).
-        """
+    def _pump(self, session: CliSession, task_id: str) -> Ending:
+        """Copy the CLI's output to the log, attach, Redis and the task's tail until it exits, and
+        enforce a stop's grace and the task's timeout on the way."""
         self.tail = bytearray()
-        pending = bytearray()
-        last_flush = time.monotonic()
-        started = time.monotonic()
-        next_beat = started + self.config.supervisor.heartbeat_interval
-        grace_deadline = kill_deadline = None
-        stream_key = self.town.keys.output(self.agent_id)
-        maxlen = self.config.logs.stream_maxlen
-        exited = timed_out = eof = False
-        drain_deadline = None  # once the CLI has exited: how long its last output may take to arrive
         reader = session.reader
-        fds = [reader.notify_r, self.wake_r]
+        now = time.monotonic()
+        heartbeat = self.config.supervisor.heartbeat_interval
+        clock = PumpClock(next_beat=now + heartbeat, timeout_at=now + self.task_timeout if self.task_timeout else None)
+        killed_for: Ending | None = None  # why the runner killed the CLI, if it did
+        exited = eof = False
         while True:
-            now = time.monotonic()
-            # -- decide on stop/timeout
-            if self.stop_mode == "now" and kill_deadline is None:
-                kill_deadline = now + KILL_WAIT_SECONDS
-                session.kill_group(signal.SIGTERM)
-            elif self.stop_mode == "graceful" and grace_deadline is None:
-                grace_deadline = now + self.config.supervisor.stop_grace
-                self.town.set_agent_state(self.agent_id, AgentState.STOPPING)  # `tt status` shows the wait
-            if grace_deadline is not None and now >= grace_deadline and kill_deadline is None:
-                self.stop_mode = "now"
-                continue
-            if self.task_timeout and now - started >= self.task_timeout and kill_deadline is None:
-                session.kill_group(signal.SIGTERM)
-                kill_deadline = now + KILL_WAIT_SECONDS
-                timed_out = True
-            if kill_deadline is not None and now >= kill_deadline:
-                session.kill_group(signal.SIGKILL)
-            timeouts = [next_beat - now, STREAM_FLUSH_SECONDS if pending else 3600]
-            for deadline in (grace_deadline, kill_deadline, drain_deadline):
-                if deadline is not None:
-                    timeouts.append(deadline - now)
-            if self.task_timeout and kill_deadline is None:
-                timeouts.append(started + self.task_timeout - now)
+            if not exited:
+                killed_for = self._enforce(session, clock, now, killed_for)
+            watch = [self.wake_r] if eof or now < clock.batch_at else [reader.notify_r, self.wake_r]
             try:
-                ready, _, _ = select.select(fds, [], [], max(0.0, min(timeouts)))
+                ready, _, _ = select.select(watch, [], [], clock.wait(now))
             except InterruptedError:
                 ready = []
-            if self.wake_r in ready:
+            signalled = self.wake_r in ready
+            if signalled:
                 drain(self.wake_r)
-            chunks, eof = reader.take()  # one log write, one hand-over to attach per batch
-            if chunks:
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                self.log.write(data)
-                self.attach.output(data)
-                keep_tail(self.tail, data, OUTPUT_TAIL_BYTES)
-                pending += data
             now = time.monotonic()
-            if pending and (len(pending) >= STREAM_FLUSH_BYTES or now - last_flush >= STREAM_FLUSH_SECONDS or eof):
-                self._stream_add(stream_key, task_id, pending, maxlen)
-                pending.clear()
-                last_flush = now
-            if now >= next_beat:
+            chunks: list[bytes] = []
+            if not eof and now >= clock.batch_at:
+                chunks, eof = reader.take()
+                if chunks:
+                    self._output(chunks, clock, now)
+                    clock.batch_at = now + BATCH_SECONDS
+            if self.unsent and (eof or now >= clock.flush_at or self.unsent_bytes >= STREAM_FLUSH_BYTES):
+                self._stream_send(task_id)
+                clock.flush_at = None
+            if now >= clock.next_beat:
                 self.town.heartbeat(self.agent_id)
-                next_beat = now + self.config.supervisor.heartbeat_interval
-            if not exited and (eof or not chunks):  # no waitpid per batch while output flows
+                clock.next_beat = now + heartbeat
+            # No waitpid per batch while output flows (SIGCHLD wakes the pump, and _enforce polls).
+            if not exited and (eof or not chunks or signalled or session.reaped):
                 exited = session.poll()
                 if exited and not eof:
                     # What it printed last may still be in the pty, and a helper of its group may
                     # hold the terminal open: the group goes now (close() would kill it anyway),
                     # and its output is read to the terminal's end.
                     session.kill_group(signal.SIGKILL)
-                    drain_deadline = now + EXIT_DRAIN_SECONDS
-            if exited and (eof or now >= drain_deadline):
+                    clock.drain_until = now + EXIT_DRAIN_SECONDS
+            if exited and (eof or now >= clock.drain_until):
                 # (past the deadline: a helper that left the CLI's session holds the terminal;
                 # the reader thread is let go, to end at that helper's next write or exit)
-                if pending:
-                    self._stream_add(stream_key, task_id, pending, maxlen)
+                self._stream_send(task_id)
                 self._stream_flush()
-                if kill_deadline is not None:
-                    return "timeout" if timed_out else "requeue"
-                return "done"
-            if eof:
-                fds = [self.wake_r]  # output closed; wait for the exit status
+                if killed_for is None or (session.signal is None and session.exit_code == 0):
+                    return Ending.EXITED  # exit 0 as it was being killed: it finished
+                return killed_for
 
-    def _stream_add(self, key: str, task_id: str, data: bytearray, maxlen: int) -> None:
-        """Output into the agent's Redis stream without waiting for Redis (resp.Sender): the pump
-        goes back to reading the pty at once."""
+    def _enforce(self, session: CliSession, clock: PumpClock, now: float, killed_for: Ending | None) -> Ending | None:
+        """A stop's grace and the task's timeout: SIGTERM to the CLI's group when one runs out,
+        SIGKILL after KILL_WAIT_SECONDS; why the CLI is being killed (None: it is not)."""
+        if self.stop_mode == "graceful" and clock.grace_at is None:
+            clock.grace_at = now + self.config.supervisor.stop_grace
+            self.town.set_agent_state(self.agent_id, AgentState.STOPPING)  # `tt status` shows the wait
+        if clock.grace_at is not None and now >= clock.grace_at:
+            self.stop_mode = "now"
+        if killed_for is None:
+            if self.stop_mode == "now":
+                why = Ending.STOPPED
+            elif clock.timeout_at is not None and now >= clock.timeout_at:
+                why = Ending.TIMED_OUT
+            else:
+                return None
+            if session.poll():  # it has exited already: its status is the outcome, nothing to kill
+                return None
+            session.kill_group(signal.SIGTERM)
+            clock.kill_at = now + KILL_WAIT_SECONDS
+            return why
+        if now >= clock.kill_at:
+            session.kill_group(signal.SIGKILL)
+        return killed_for
+
+    def _output(self, chunks: list[bytes], clock: PumpClock, now: float) -> None:
+        """A batch of the CLI's output: to the log, the attach viewers, the task's tail, and queued
+        for the Redis stream (sent at STREAM_FLUSH_BYTES or STREAM_FLUSH_SECONDS)."""
+        for piece in _in_pieces(chunks, STREAM_FLUSH_BYTES):
+            self.log.write(piece)
+            self.attach.output(piece)
+            keep_tail(self.tail, piece, OUTPUT_TAIL_BYTES)
+            self.unsent.append(piece)
+            self.unsent_bytes += len(piece)
+        if self.log.problem != self.warning:
+            self._set_warning(self.log.problem)
+        if clock.flush_at is None:
+            clock.flush_at = now + STREAM_FLUSH_SECONDS
+
+    def _stream_send(self, task_id: str) -> None:
+        """The output not yet in the agent's Redis stream, in entries of STREAM_FLUSH_BYTES at most
+        (the stream's size is stream_maxlen x that), without waiting for Redis (resp.Sender): the
+        pump goes back to reading the pty at once."""
+        if not self.unsent:
+            return
+        pieces = _in_pieces(self.unsent, STREAM_FLUSH_BYTES)
+        self.unsent, self.unsent_bytes = [], 0
+        key, maxlen = self.town.keys.output(self.agent_id), self.config.logs.stream_maxlen
         if self.stream is None:
             self.stream = Sender(resp_connect(self.config))
         try:
-            view = memoryview(data)
-            for start in range(0, len(view), STREAM_FLUSH_BYTES):  # entries of 64 KiB at most: the
-                piece = bytes(view[start:start + STREAM_FLUSH_BYTES])  # stream's size is maxlen x that
+            for piece in pieces:
                 self.stream.send("XADD", key, "MAXLEN", "~", maxlen, "*", "task", task_id, "data", piece)
         except RespConnectionError as exc:
-            print(f"tt runner: output stream: {exc}", file=sys.stderr)
+            self._say(f"output stream: {exc}")
             self.stream = None
 
     def _stream_flush(self) -> None:
@@ -334,12 +419,34 @@ class Runner:
         try:
             self.stream.flush()
         except RespConnectionError as exc:
-            print(f"tt runner: output stream: {exc}", file=sys.stderr)
+            self._say(f"output stream: {exc}")
             self.stream = None
             return
         if self.stream.errors:
-            print(f"tt runner: output stream: {self.stream.errors[-1]}", file=sys.stderr)
+            self._say(f"output stream: {self.stream.errors[-1]}")
             self.stream.errors.clear()
+
+    # --- the log, and what it cannot write -----------------------------------------------------
+    def _note(self, text: str) -> None:
+        """A line of the runner's own in the agent's log (task started, finished...)."""
+        self.log.note(text)
+        if self.log.problem != self.warning:
+            self._set_warning(self.log.problem)
+
+    def _set_warning(self, text: str) -> None:
+        """The log's trouble (or its end) on the agent's record, for `tt status`."""
+        self.warning = text
+        self.town.set_agent_warning(self.agent_id, text)
+        if text:
+            self._say(f"warning: {text}")
+
+    @staticmethod
+    def _say(text: str) -> None:
+        """A line on the runner's stderr (the agent's log too): lost, not fatal, if it cannot be written."""
+        try:
+            print(f"tt runner: {text}", file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
 
     def _exit_cleanly(self) -> None:
         """Put back anything claimed but not started, and say we stopped."""
@@ -353,7 +460,30 @@ class Runner:
                     self.town.requeue(self.agent_id, claimed)
             self.town.set_agent_state(self.agent_id, AgentState.STOPPING, current_task="", cli_pid="")
         except Exception as exc:  # Redis may already be going down with the supervisor
-            print(f"tt runner: could not record stop: {exc}", file=sys.stderr)
+            self._say(f"could not record stop: {exc}")
+
+
+def _in_pieces(chunks: list[bytes], limit: int) -> list[bytes]:
+    """Consecutive chunks joined into pieces of at most `limit` bytes (no chunk is larger: the
+    reader's READ_CHUNK): the stream's entries, made with one copy, and none for a chunk that is
+    a piece already."""
+    pieces: list[bytes] = []
+    group: list[bytes] = []
+    size = 0
+    for chunk in chunks:
+        if group and size + len(chunk) > limit:
+            pieces.append(group[0] if len(group) == 1 else b"".join(group))
+            group, size = [], 0
+        group.append(chunk)
+        size += len(chunk)
+    if group:
+        pieces.append(group[0] if len(group) == 1 else b"".join(group))
+    return pieces
+
+
+def _loading(exc: RespError) -> bool:
+    """Redis restarted and is still reading its append-only file: it answers only that, for now."""
+    return str(exc).startswith("LOADING")
 
 
 def run_forked(config: Config, agent_id: str, log_path: Path) -> None:

@@ -204,6 +204,10 @@ class Town:
         raw = self.r.blmove(self.keys.inbox(agent_id), self.keys.inflight(agent_id), timeout, "LEFT", "RIGHT")
         return None if raw is None else Claimed(raw, Message.decode(raw))
 
+    def set_agent_warning(self, agent_id: str, warning: str) -> None:
+        """What the agent works on despite (its log cannot be written), for `tt status`; "" clears it."""
+        self.r.hset(self.keys.agent(agent_id), "warning", warning)
+
     def inflight(self, agent_id: str) -> list[Claimed]:
         return [Claimed(raw, Message.decode(raw)) for raw in self.r.lrange(self.keys.inflight(agent_id), 0, -1)]
 

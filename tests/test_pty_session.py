@@ -1,0 +1,185 @@
+"""The CLI's session as the runner starts it (posix_spawn on a pty of its own) and drives it through
+pexpect's public fdspawn: what a pexpect or kernel change must not break.
+
+Against the fake CLI (fixtures/fake_agent.py), real ptys, real processes; no town needed.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import struct
+import sys
+import termios
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from tinytown.supervisor.config import CliSpec
+from tinytown.supervisor.errors import TinytownError
+from tinytown.supervisor.pty_session import CliSession
+
+from conftest import FAKE_BIN, wait_for
+
+STDIN_CLI = CliSpec("claude", ("claude", "--print"), "stdin")
+
+
+@pytest.fixture
+def record(tmp_path) -> Path:
+    folder = tmp_path / "record"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def sessions():
+    made: list[CliSession] = []
+    yield made
+    for session in made:
+        session.close()
+
+
+def start(sessions, record: Path, prompt: bytes, spec: CliSpec = STDIN_CLI, task_id: str = "t1",
+          dimensions=(40, 160)) -> CliSession:
+    env = dict(os.environ, FAKE_AGENT_RECORD=str(record), TT_TASK_ID=task_id,
+               PATH=os.pathsep.join([str(FAKE_BIN), str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    session = CliSession(spec, prompt, record / f"{task_id}.prompt-file", record.parent, env, dimensions=dimensions)
+    sessions.append(session)
+    session.start()
+    return session
+
+
+def wait_exit(session: CliSession) -> None:
+    wait_for(session.poll, 30, "the CLI's exit")
+
+
+def pty_number(master_fd: int) -> int:
+    """The device number of the pty whose master side this is (its /dev/pts/N)."""
+    _TIOCGPTN = 0x80045430
+    n = struct.unpack("I", fcntl.ioctl(master_fd, _TIOCGPTN, b"\0" * 4))[0]
+    return os.stat(f"/dev/pts/{n}").st_rdev
+
+
+def test_prompt_arrives_on_stdin_byte_exact_and_the_pty_is_its_terminal(sessions, record):
+    # Every byte value, NULs and invalid UTF-8 included, and past what a tty line would take.
+    prompt = b"@gate open\n" + bytes(range(256)) * 600 + b"\xff\xfe\n"
+    session = start(sessions, record, prompt)
+    term = session.expecter()
+    term.expect_exact(b"received %d bytes of prompt" % len(prompt))
+    wait_for(lambda: (record / "t1.json").exists(), 30, "the fake CLI's record")
+
+    # While it waits at the gate: it leads a session of its own, whose controlling terminal is
+    # the pty, which is also its stdout and stderr; stdin is the prompt (a file, not the terminal).
+    stat = Path(f"/proc/{session.pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    pgrp, sid, tty_nr = int(fields[2]), int(fields[3]), int(fields[4])
+    assert sid == pgrp == session.pid
+    assert tty_nr == pty_number(session.fd)
+    for fd in (1, 2):
+        assert os.stat(f"/proc/{session.pid}/fd/{fd}").st_rdev == tty_nr
+    assert not os.readlink(f"/proc/{session.pid}/fd/0").startswith("/dev/pts/")
+
+    (record / "open").touch()
+    term.expect_exact(b"done")
+    wait_exit(session)
+    info = json.loads((record / "t1.json").read_text())
+    assert (record / "t1.prompt").read_bytes() == prompt
+    assert info["stdin_isatty"] is False and info["stdout_isatty"] is True
+    assert info["argv"] == ["--print"]
+    assert session.exit_code == 0 and session.signal is None
+    assert session.outcome() == "exit code 0"
+
+
+def test_exit_code_and_killing_signal_are_reported(sessions, record):
+    failing = start(sessions, record, b"@exit 3\n", task_id="exit")
+    crashing = start(sessions, record, b"@crash\n", task_id="crash")
+    stopped = start(sessions, record, b"@sleep 300\n", task_id="sleep")
+    stopped.expecter().expect_exact(b"received")
+    stopped.kill_group(signal.SIGTERM)
+    for session in (failing, crashing, stopped):
+        session.expecter().expect(pexpect.EOF)  # (EOF: the terminal's last holder is gone)
+        wait_exit(session)
+    assert (failing.exit_code, failing.signal, failing.outcome()) == (3, None, "exit code 3")
+    assert (crashing.signal, crashing.outcome()) == (signal.SIGSEGV, "killed by SIGSEGV")
+    assert (stopped.signal, stopped.outcome()) == (signal.SIGTERM, "killed by SIGTERM")
+
+
+def test_window_size_is_set_and_resized(sessions, record):
+    session = start(sessions, record, b"@winsize\n@wait-winsize 50 200\n", dimensions=(33, 121))
+    term = session.expecter()
+    term.expect_exact(b"winsize 33 121")
+    session.resize(50, 200)
+    term.expect_exact(b"winsize 50 200")
+    term.expect_exact(b"done")
+
+
+def test_keystrokes_reach_a_cli_that_asks_and_are_not_echoed(sessions, record):
+    session = start(sessions, record, b"@ask\n")
+    term = session.expecter()
+    term.expect_exact(b"Proceed? [y/N] ")
+    session.write(b"y\n")
+    term.expect_exact(b"proceeding")
+    assert b"y" not in term.before  # the terminal does not echo: a viewer sees a key once
+    term.expect_exact(b"done")
+    wait_exit(session)
+    assert session.exit_code == 0
+
+
+def test_the_reader_thread_takes_all_output_to_the_end(sessions, record):
+    session = start(sessions, record, b"@seq 20000\n")
+    reader = session.start_reader()
+    got, eof = bytearray(), False
+    while not eof:
+        wait_for(lambda: reader.chunks or reader.eof, 30, "output")
+        chunks, eof = reader.take()
+        got += b"".join(chunks)
+    assert got.count(b"seq ") == 20000 and got.rstrip().endswith(b"done")
+    wait_exit(session)
+    assert session.exit_code == 0
+
+
+def test_close_kills_the_group_reaps_and_releases_the_terminal(sessions, record):
+    session = start(sessions, record, b"@child\n@sleep 300\n")
+    session.start_reader()
+    children = record / "t1.children"
+    wait_for(lambda: children.exists() and children.read_text().strip(), 30, "the CLI's helper")
+    helper = int(children.read_text().split()[0])
+    fd, pid = session.fd, session.pid
+    session.close()
+    assert session.signal == signal.SIGKILL and session.fd == -1
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaped: no zombie left
+    wait_for(lambda: not Path(f"/proc/{helper}").exists() or "Z" in _state(helper), 10, "the helper's end")
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return "Z"
+    return stat[stat.rindex(")") + 2:].split()[0]
+
+
+def test_a_cli_that_is_not_there_is_one_clear_error(sessions, record):
+    with pytest.raises(TinytownError, match="cannot start 'no-such-cli': command not found"):
+        start(sessions, record, b"hi", spec=CliSpec("x", ("no-such-cli",), "stdin"))
+
+
+def test_the_prompt_as_an_argument_and_as_a_file(sessions, record):
+    text = "-- a prompt with 'quotes', $HOME and ünïcode"
+    arg = start(sessions, record, text.encode(), spec=CliSpec("x", ("claude", "--message", "{prompt}"), "arg"),
+                task_id="arg")
+    by_file = start(sessions, record, text.encode(), spec=CliSpec("x", ("aider", "--message-file"), "file"),
+                    task_id="file")
+    for session in (arg, by_file):
+        session.expecter().expect(pexpect.EOF)
+        wait_exit(session)
+        assert session.exit_code == 0
+    assert (record / "arg.prompt").read_bytes() == text.encode()
+    assert (record / "file.prompt").read_bytes() == text.encode()
+    by_file.close()
+    assert not by_file.prompt_file.exists()  # the session removes the prompt file it wrote

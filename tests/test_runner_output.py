@@ -1,0 +1,22 @@
+"""Where a CLI's output goes as the runner copies it: the log, the Redis stream (entries of 64 KiB at
+most), and the task's tail. Real town, real pty."""
+from __future__ import annotations
+
+
+def test_output_reaches_the_log_and_the_stream_whole_and_the_task_its_tail(town):
+    town.tt("spawn", "dev")
+    task = town.wait_task(town.assign("dev", "@seq 60000"))  # ~660 KB, many batches
+    assert task["state"] == "completed"
+    t = town.town()
+    try:
+        entries = [fields for _id, fields in t.r.xrange(t.keys.output(t.agent_id("dev")))]
+    finally:
+        t.r.close()
+    assert entries and all(e["task"] == task["id"] for e in entries)
+    assert all(len(e["data"].encode("utf-8", "surrogateescape")) <= 64 * 1024 for e in entries)
+    streamed = "".join(e["data"] for e in entries)
+    lines = [line for line in streamed.split("\r\n") if line.startswith("seq ")]
+    assert lines == [f"seq {i:06d}" for i in range(1, 60001)]  # every line, in order, once
+    log = (town.root / ".tt" / "logs" / "dev.log").read_bytes()
+    assert streamed.encode() in log
+    assert streamed.endswith(task["output"]) and len(task["output"]) == 64 * 1024
