@@ -33,7 +33,7 @@ from .attach_server import REPLAY_BYTES, AttachServer
 from .models import AgentState, TaskState
 from .procutil import drain, exit_now, signal_wakeup_pipe
 from .pty_session import CliSession
-from .resp import RespConnectionError, RespError, Sender
+from .resp import RespConnectionError, Sender
 from .resp import connect as resp_connect
 from .town import OUTPUT_TAIL_BYTES, Claimed, Town
 
@@ -161,12 +161,10 @@ class Runner:
                     claimed = self.town.claim(self.agent_id, heartbeat)
                     if claimed is None:
                         self.town.heartbeat(self.agent_id)
-                except (RespConnectionError, RespError) as exc:
+                except RespConnectionError:
                     # redis-server went away during the wait (or is back but still loading its
-                    # file). The move may have happened before the reply was lost, so look in the
-                    # in-flight list once Redis answers.
-                    if isinstance(exc, RespError) and not _loading(exc):
-                        raise
+                    # file: resp.Loading). The move may have happened before the reply was lost,
+                    # so look in the in-flight list once Redis answers.
                     self._wait_for_redis()
                     self.idle = False
                     self._recover_inflight()
@@ -221,9 +219,7 @@ class Runner:
             try:
                 self.town.r.ping()
                 return
-            except (RespConnectionError, RespError) as exc:
-                if isinstance(exc, RespError) and not _loading(exc):
-                    raise
+            except RespConnectionError:  # (resp.Loading included: back, still reading its file)
                 if time.monotonic() > deadline or self.stop_mode is not None:
                     raise
                 time.sleep(0.02)
@@ -479,11 +475,6 @@ def _in_pieces(chunks: list[bytes], limit: int) -> list[bytes]:
     if group:
         pieces.append(group[0] if len(group) == 1 else b"".join(group))
     return pieces
-
-
-def _loading(exc: RespError) -> bool:
-    """Redis restarted and is still reading its append-only file: it answers only that, for now."""
-    return str(exc).startswith("LOADING")
 
 
 def run_forked(config: Config, agent_id: str, log_path: Path) -> None:

@@ -170,7 +170,7 @@ def test_a_cli_that_is_not_there_is_one_clear_error(sessions, record):
 
 
 def test_the_prompt_as_an_argument_and_as_a_file(sessions, record):
-    text = "-- a prompt with 'quotes', $HOME and ünïcode"
+    text = "a prompt -- with 'quotes', $HOME and ünïcode"  # (one that starts with '-' is refused: test_config)
     arg = start(sessions, record, text.encode(), spec=CliSpec("x", ("claude", "--message", "{prompt}"), "arg"),
                 task_id="arg")
     by_file = start(sessions, record, text.encode(), spec=CliSpec("x", ("aider", "--message-file"), "file"),
