@@ -77,6 +77,10 @@ class _Commands:
     def _call(self, args, shape=None):
         raise NotImplementedError
 
+    def execute_command(self, *args):
+        """Any command, its reply as it comes (queued, in a pipeline)."""
+        return self._call(args)
+
     def ping(self):
         return self._call(("PING",), lambda r: r == "PONG")
 
@@ -203,9 +207,6 @@ class RespClient(_Commands):
             self.reader.close()
             self.sock.close()
             self.sock = self.reader = None
-
-    def execute_command(self, *args):
-        return self._call(args)
 
     def _call(self, args, shape=None):
         reply = self._roundtrip([args], 1)[0]
