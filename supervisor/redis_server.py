@@ -8,11 +8,9 @@ import signal
 import subprocess
 from pathlib import Path
 
-import psutil
-
 from .config import Config
 from .errors import TinytownError
-from .procutil import alive, set_parent_death_signal, wait_exit, wait_until
+from .procutil import alive, pidfd_wait, set_parent_death_signal, wait_exit, wait_until
 
 SHUTDOWN_TIMEOUT = 10.0  # SHUTDOWN returns once the append-only file is fsynced: slow on a busy disk
 
@@ -71,20 +69,29 @@ class RedisServer:
             pid = int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             pid = None
-        if pid and alive(pid):
+        if pid and alive(pid) and self._is_ours(pid):
             try:
-                proc = psutil.Process(pid)
-                if "redis" in proc.name() and str(self.data_dir) in " ".join(proc.cmdline()):
-                    proc.terminate()
-                    proc.wait(5)
-            except (psutil.Error, OSError):
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
                 pass
+            if pidfd_wait(pid, 5.0) is None:
+                wait_until(lambda: not alive(pid), 5.0)
         if self.config.use_socket:
             sock = self.config.redis_socket
             try:
                 sock.unlink()
             except FileNotFoundError:
                 pass
+
+    def _is_ours(self, pid: int) -> bool:
+        """A redis-server on this town's data folder (read from /proc: psutil is not loaded in the
+        supervisor, whose every page each forked runner maps and tears down again)."""
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmdline = fh.read().replace(b"\0", b" ")
+        except OSError:
+            return False
+        return b"redis" in cmdline and os.fsencode(self.data_dir) in cmdline
 
     def start(self, timeout: float = 10.0) -> None:
         binary = find_binary(self.config)
