@@ -8,7 +8,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from .config import Config
+from .config import Config, ensure_private_folder
 from .errors import TinytownError
 from .procutil import alive, pidfd_wait, set_parent_death_signal, wait_exit, wait_until
 
@@ -96,8 +96,10 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> None:
         binary = find_binary(self.config)
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if self.config.use_socket:
-            self.config.redis_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.config.use_socket and self.config.redis_socket.parent != self.config.runtime_dir:
+            # A socket moved out of .tt/ (a long town path: /tmp/tt-<uid>/): a neighbour who made
+            # that folder first could put their own server in its place and read every prompt.
+            ensure_private_folder(self.config.redis_socket.parent, "the town's Redis socket")
         self.clear_stale()
         parent = os.getpid()
         self.proc = subprocess.Popen(
