@@ -23,6 +23,10 @@ class ControlChannel:
         else:
             sock = socket.create_connection((self.config.redis_host, self.config.redis_port))
         command = b"*2\r\n$9\r\nSUBSCRIBE\r\n$%d\r\n%s\r\n" % (len(self.channel), self.channel)
+        password = self.config.redis_password
+        if password is not None:  # (its reply is read and dropped with the rest by drain())
+            secret = password.encode()
+            command = b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(secret), secret) + command
         sock.sendall(command)
         sock.setblocking(False)
         self.sock = sock

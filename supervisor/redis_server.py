@@ -38,6 +38,27 @@ def find_binary(config: Config) -> str:
                         "or set [redis] server = \"/path/to/redis-server\" in tinytown.toml")
 
 
+DISABLED_COMMANDS = ("CONFIG", "DEBUG", "MODULE")
+
+
+def ensure_password(path: Path) -> str:
+    """The town's Redis password from `path`, made on first use: random, in a file only you can
+    read (only the supervisor, which holds the town's lock, makes it)."""
+    try:
+        existing = path.read_text().strip()
+        if existing:
+            return existing
+    except FileNotFoundError:
+        pass
+    import secrets
+    password = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        fh.write(password + "\n")
+    return password
+
+
 class RedisServer:
     """One redis-server process owned by the supervisor (its own process group, dies with it)."""
 
@@ -60,8 +81,19 @@ class RedisServer:
         if c.use_socket:
             args += ["--port", "0", "--unixsocket", str(c.redis_socket), "--unixsocketperm", "700"]
         else:
-            args += ["--port", str(c.redis_port), "--bind", c.redis_host]
+            # The rest comes on stdin (private_settings): a command line is readable by every local user.
+            args += ["--port", str(c.redis_port), "--bind", c.redis_host, "-"]
         return args
+
+    def private_settings(self) -> bytes | None:
+        """With TCP, what any local user could otherwise do on the port: a password is required,
+        and CONFIG (`CONFIG SET dir` writes files as you), DEBUG and MODULE (code into the server)
+        do not exist. Given on stdin, never on the command line, in a log or in Redis."""
+        if self.config.use_socket:
+            return None
+        password = ensure_password(self.config.redis_password_file)
+        return (f"requirepass {password}\n" + "".join(f'rename-command {command} ""\n' for command in DISABLED_COMMANDS)
+                ).encode()
 
     def clear_stale(self) -> None:
         """A redis-server left by a killed supervisor of this town is stopped; a stale socket removed."""
@@ -102,13 +134,21 @@ class RedisServer:
             ensure_private_folder(self.config.redis_socket.parent, "the town's Redis socket")
         self.clear_stale()
         parent = os.getpid()
+        settings = self.private_settings()
         self.proc = subprocess.Popen(
-            self.argv(binary), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            self.argv(binary), stdin=subprocess.DEVNULL if settings is None else subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, cwd=str(self.data_dir),
             # Own process group (Ctrl+C on `tt start` must not reach it before the runners stop);
             # SIGTERM when the supervisor dies, so redis saves and exits instead of living on.
             preexec_fn=lambda: (os.setpgid(0, 0), set_parent_death_signal(signal.SIGTERM, parent)),
         )
+        if settings is not None:
+            try:
+                self.proc.stdin.write(settings)
+                self.proc.stdin.close()
+            except OSError:  # it exited at once: said below
+                pass
         from .resp import connect
         client = connect(self.config, timeout=1)
 

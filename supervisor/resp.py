@@ -38,7 +38,7 @@ def connect(config, timeout: float = 5.0, long_lived: bool = False, retry_for: f
         return RespClient(path=str(config.redis_socket), timeout=timeout, read_timeout=read_timeout,
                           retry_for=retry_for)
     return RespClient(host=config.redis_host, port=config.redis_port, timeout=timeout, read_timeout=read_timeout,
-                      retry_for=retry_for)
+                      retry_for=retry_for, password=config.redis_password)
 
 
 def encode_command(args) -> bytes:
@@ -167,8 +167,9 @@ class RespClient(_Commands):
     _UNSET = object()
 
     def __init__(self, path: str | None = None, host: str = "127.0.0.1", port: int = 6379, timeout: float = 5.0,
-                 read_timeout=_UNSET, retry_for: float = 0.0):
+                 read_timeout=_UNSET, retry_for: float = 0.0, password: str | None = None):
         self.path, self.host, self.port, self.timeout = path, host, port, timeout
+        self.password = password
         self.read_timeout = timeout if read_timeout is RespClient._UNSET else read_timeout
         self.retry_for = retry_for
         self.sock: socket.socket | None = None
@@ -194,6 +195,15 @@ class RespClient(_Commands):
                 pause = min(pause * 2, 0.5)
         sock.settimeout(self.read_timeout)
         self.sock, self.reader = sock, sock.makefile("rb")
+        if self.password is not None:  # first thing on every new connection
+            try:
+                sock.sendall(encode_command(("AUTH", self.password)))
+                reply = self._read()
+            except OSError as exc:
+                raise self._lost(exc) from None
+            if isinstance(reply, RespError):
+                self.close()
+                raise reply
 
     def _usable(self) -> bool:
         """False if Redis closed this idle connection (or sent what nobody asked for)."""

@@ -49,3 +49,71 @@ def test_a_socket_folder_another_user_could_reach_is_refused(make_town, tmp_path
     assert f"{shared} must be a folder only you own" in proc.err and "Redis socket" in proc.err
     assert list(made_first.iterdir()) == []  # no socket put where the neighbour could reach it
     assert town_processes(town.root) == []
+
+
+# --- 2. with TCP, the town's Redis is not open to every local user --------------------------------
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_reply(port: int, *commands: bytes) -> list[bytes]:
+    """Each command's first reply line, on one connection that never authenticated (or did, if a
+    command is AUTH)."""
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        reader = sock.makefile("rb")
+        replies = []
+        for command in commands:
+            sock.sendall(command + b"\r\n")
+            replies.append(reader.readline().strip())
+        return replies
+
+
+def test_with_tcp_redis_wants_a_password_and_has_no_config_command(make_town):
+    town = make_town()
+    port = free_port()
+    path = town.root / "tinytown.toml"
+    path.write_text(path.read_text().replace('use_socket = true\nsocket_path = "redis.sock"',
+                                             f'use_socket = false\nport = {port}'))
+    town.tt("spawn", "dev")
+    task = town.wait_task(town.json("assign", "dev", "@echo over tcp")["id"])
+    assert task["state"] == "completed" and "over tcp" in task["output"]
+
+    secret_file = town.root / ".tt" / "redis.password"
+    assert oct(secret_file.stat().st_mode & 0o777) == "0o600"
+    password = secret_file.read_text().strip().encode()
+    assert len(password) >= 32
+    # anyone on this machine can connect to the port, but without the password Redis says no
+    ping, keys, config = redis_reply(port, b"PING", b"KEYS *", b"CONFIG SET dir /tmp")
+    assert ping.startswith(b"-NOAUTH") and keys.startswith(b"-NOAUTH")
+    assert config.startswith((b"-NOAUTH", b"-ERR unknown command"))
+    # and with it, CONFIG, DEBUG and MODULE do not exist
+    replies = redis_reply(port, b"AUTH " + password, b"CONFIG GET dir", b"DEBUG SLEEP 0", b"MODULE LIST")
+    assert replies[0] == b"+OK" and all(r.startswith(b"-ERR unknown command") for r in replies[1:])
+    # it listens on the loopback only
+    [server] = [p for p in town_processes(town.root) if "redis-server" in p.name()]
+    assert {c.laddr.ip for c in server.net_connections("inet") if c.status == "LISTEN"} == {"127.0.0.1"}
+
+    # the password is in no log, no status, no Redis key or value, no command line
+    status = town.tt("status").out + town.tt("status", "--json").out
+    texts = [status, *(p.read_text(errors="replace") for p in (town.root / ".tt").rglob("*.log"))]
+    t = town.town()
+    for key in t.r.keys("*"):
+        kind = t.r.type(key)
+        texts.append(key)
+        if kind == "hash":
+            texts.append(repr(t.r.hgetall(key)))
+        elif kind == "list":
+            texts.append(repr(t.r.lrange(key, 0, -1)))
+        elif kind == "stream":
+            texts.append(repr(t.r.xrange(key)))
+        elif kind == "string":
+            texts.append(t.r.get(key))
+    t.r.close()
+    texts += [" ".join(p.cmdline()) for p in town_processes(town.root) if p.is_running()]
+    assert not [text for text in texts if password.decode() in text]
+    town.tt("stop")
+    assert town_processes(town.root) == []
