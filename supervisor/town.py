@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from .config import Config, validate_name
 from .errors import TinytownError
 from .keys import Keys
-from .models import (Agent, AgentState, InvalidTransition, Message, Task, TaskState, check_agent_transition,
-                     check_task_transition, new_id, now)
+from .models import (AGENT_TRANSITIONS, Agent, AgentState, InvalidTransition, Message, Task, TaskState,
+                     check_agent_transition, check_task_transition, new_id, now)
 
 
 class _LazyRedis:
@@ -28,6 +28,33 @@ redis = _LazyRedis()
 
 OUTPUT_TAIL_BYTES = 64 * 1024
 EVENTS_MAXLEN = 5000
+
+# KEYS[1]: an agent's hash; ARGV: the new state, the states it may follow (",a,b,": see
+# _ALLOWED_BEFORE), then field, value pairs to write with it. Returns the old state.
+SET_AGENT_STATE = """
+local old = redis.call('HGET', KEYS[1], 'state') or ''
+if old ~= ARGV[1] and not string.find(ARGV[2], ',' .. old .. ',', 1, true) then
+  local from = old == '' and 'no record' or ("'" .. old .. "'")
+  return redis.error_reply("TRANSITION agent cannot go from " .. from .. " to '" .. ARGV[1] .. "'")
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], unpack(ARGV, 3))
+return old
+"""
+# For each state, the states it may follow, as the script reads them: models.AGENT_TRANSITIONS
+# turned around ("" = no record yet, from which only `starting` is allowed).
+_ALLOWED_BEFORE = {
+    new: "," + ",".join(sorted({old.value for old, nexts in AGENT_TRANSITIONS.items() if new in nexts}
+                               | ({""} if new is AgentState.STARTING else set()))) + ","
+    for new in AgentState
+}
+
+
+def _transition_error(exc: Exception) -> Exception:
+    """The script's refusal as InvalidTransition; any other error as it came."""
+    text = str(exc)
+    if text.startswith("TRANSITION "):
+        return InvalidTransition(text[len("TRANSITION "):])
+    return exc
 
 
 
@@ -129,16 +156,24 @@ class Town:
 
     def set_agent_state(self, agent_id: str, state: AgentState, pipe=None, *, old: str | None = None,
                         **fields) -> None:
-        """The one way an agent's state changes: checked against models.AGENT_TRANSITIONS.
+        """The one way an agent's state changes: checked against models.AGENT_TRANSITIONS inside Redis.
 
-        old: the agent's current state when the caller has just read it (saves a round trip).
+        The check and the write are one script, so two writers (a runner and its supervisor) cannot
+        both pass the check and then overwrite each other: the table is a guarantee, not advice.
+        old: the state the caller has just read: a transition it rules out fails before anything
+        is sent (a pipeline then writes nothing of the rest either). In a pipeline, a transition
+        refused inside Redis fails that command alone, when the pipeline executes.
         """
-        if old is None:
-            old = self.r.hget(self.keys.agent(agent_id), "state")
-        check_agent_transition(old, state)
-        values = {"state": state.value, "updated_at": f"{now():.6f}"}
+        if old is not None:
+            check_agent_transition(old, state)
+        values = {"updated_at": f"{now():.6f}"}
         values.update({k: "" if v is None else str(v) for k, v in fields.items()})
-        (pipe or self.r).hset(self.keys.agent(agent_id), mapping=values)
+        args = [state.value, _ALLOWED_BEFORE[state]] + [x for pair in values.items() for x in pair]
+        target = pipe if pipe is not None else self.r
+        try:
+            target.execute_command("EVAL", SET_AGENT_STATE, 1, self.keys.agent(agent_id), *args)
+        except Exception as exc:  # noqa: BLE001 - redis-py's ResponseError or resp.py's RespError
+            raise _transition_error(exc) from None
 
     def heartbeat(self, agent_id: str) -> None:
         self.r.hset(self.keys.agent(agent_id), "heartbeat_at", f"{now():.6f}")
