@@ -110,8 +110,11 @@ def tasks(found) -> None:
     if not found:
         click.echo("No tasks")
         return
+    from rich.markup import escape
+    # a task that waits for a failed agent says so before its text (Town._explain_waiting)
     rows = [(t.id[:8], t.agent, t.state, "" if t.exit_code is None else str(t.exit_code), str(t.attempts),
-             _ago(t.created_at), (t.description.strip().splitlines() or [""])[0][:80]) for t in found]
+             _ago(t.created_at), (escape(t.reason) + " | " if t.state == "assigned" and t.reason else "")
+             + (t.description.strip().splitlines() or [""])[0][:80]) for t in found]
     _table(("ID", "AGENT", "STATE", "EXIT", "TRIES", "CREATED", "DESCRIPTION"), rows, state_col=2)
 
 

@@ -215,7 +215,7 @@ class Town:
             if len(matches) != 1 or not task_id:
                 raise TinytownError(f"no task {task_id!r}" if not matches else f"task id {task_id!r} is ambiguous")
             data = self.r.hgetall(self.keys.task(matches[0]))
-        return Task.from_hash(data)
+        return self._explain_waiting([Task.from_hash(data)])[0]
 
     def tasks(self, agent: str | None = None, state: str | None = None, limit: int = 0) -> list[Task]:
         ids = self.r.zrange(self.keys.task_index, 0, -1)
@@ -224,7 +224,26 @@ class Town:
             pipe.hgetall(self.keys.task(task_id))
         found = [Task.from_hash(d) for d in pipe.execute() if d]
         found = [t for t in found if (agent is None or t.agent == agent) and (state is None or t.state == state)]
-        return found[-limit:] if limit else found
+        return self._explain_waiting(found[-limit:] if limit else found)
+
+    def _explain_waiting(self, tasks: list[Task]) -> list[Task]:
+        """A task waiting for an agent that gave up says so in its reason: "waiting: agent d
+        failed: …" (read, not stored: it holds exactly while the agent is failed)."""
+        waiting = [t for t in tasks if t.state == TaskState.ASSIGNED.value and not t.reason]
+        if not waiting:
+            return tasks
+        agent_ids = sorted({t.agent_id for t in waiting})
+        pipe = self.r.pipeline(transaction=False)
+        for agent_id in agent_ids:
+            pipe.hget(self.keys.agent(agent_id), "state")
+            pipe.hget(self.keys.agent(agent_id), "reason")
+        found = pipe.execute()
+        failed = {agent_id: reason for agent_id, state, reason in zip(agent_ids, found[::2], found[1::2])
+                  if state == AgentState.FAILED.value}
+        for task in waiting:
+            if task.agent_id in failed:
+                task.reason = f"waiting: agent {task.agent} failed: {failed[task.agent_id] or 'no reason recorded'}"
+        return tasks
 
     def task_counts(self) -> dict[str, int]:
         counts = {s.value: 0 for s in TaskState}
@@ -413,9 +432,13 @@ class Town:
             pass  # not a task we can put back: the next runner's recovery decides
 
     def status(self) -> dict:
+        """The town at a glance. tasks: a count per state, and `blocked`: those waiting in the
+        inbox of a failed agent (counted in `assigned` too), which nothing runs until `tt restart`."""
         agents = self.agents()
         pending = self.pending_counts(agents)
         info = self.supervisor_info()
+        tasks = self.task_counts()
+        tasks["blocked"] = sum(pending.get(a.id, 0) for a in agents if a.state == AgentState.FAILED.value)
         return {
             "town": self.config.name,
             "root": str(self.config.root),
@@ -425,7 +448,7 @@ class Town:
                            "host": info.get("host", ""), "state": info.get("state", "")},
             "max_agents": self.config.max_agents,
             "agents": [agent_json(a, pending.get(a.id, 0), self.config.supervisor.heartbeat_stale) for a in agents],
-            "tasks": self.task_counts(),
+            "tasks": tasks,
         }
 
 

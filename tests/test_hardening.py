@@ -117,3 +117,30 @@ def test_with_tcp_redis_wants_a_password_and_has_no_config_command(make_town):
     assert not [text for text in texts if password.decode() in text]
     town.tt("stop")
     assert town_processes(town.root) == []
+
+
+# --- 7. a task whose agent cannot run it says why ------------------------------------------------
+def test_tasks_waiting_for_a_failed_agent_say_why_and_count_as_blocked(make_town):
+    town = make_town(policy="\n[supervisor]\nstart_seconds = 60\nmax_fast_failures = 2\nmax_attempts = 2\n"
+                            "backoff_first = 0.05\n")
+    town.tt("spawn", "d")
+    crash = town.json("assign", "d", "@kill-runner")["id"]
+    town.wait_agent("d", ("failed",))
+    later = town.json("assign", "d", "@echo later")["id"]
+
+    for task_id in (crash, later):
+        task = town.task(task_id)
+        assert task["state"] == "assigned"
+        assert task["reason"].startswith("waiting: agent d failed: runner killed by SIGKILL")
+        assert "waiting: agent d failed: runner killed by SIGKILL" in " ".join(town.tt("task", task_id).out.split())
+    listing = " ".join(town.tt("tasks", "--agent", "d").out.split())
+    assert listing.count("waiting: agent d failed") == 2
+    status = town.json("status")
+    assert status["tasks"]["blocked"] == 2 and status["tasks"]["assigned"] == 2
+    assert "blocked 2" in town.tt("status").out
+
+    # `tt restart`: the agent runs again, and the tasks no longer say they wait for a failed one
+    town.tt("restart", "d")
+    assert town.wait_task(later)["state"] == "completed"
+    assert town.json("status")["tasks"]["blocked"] == 0
+    assert not town.task(later)["reason"]
