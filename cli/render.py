@@ -53,6 +53,10 @@ def status(data: dict) -> None:
     console.print(f"[bold]Town {data['town']}[/]  {data['root']}")
     console.print(f"  supervisor: {_state(sup.get('state') or 'unknown')} (pid {sup.get('pid') or '-'}"
                   f"{', host ' + sup['host'] if sup.get('host') else ''})   redis: {data['redis']}")
+    if sup.get("config_error"):
+        from rich.markup import escape
+        console.print(f"  config: [red]not applied[/]: {escape(sup['config_error'])} "
+                      "(the town runs on its previous config)")
     counts = data["tasks"]
     console.print("  tasks: " + ", ".join(f"{_state(k)} {v}" for k, v in counts.items() if v) if any(counts.values())
                   else "  tasks: none yet")

@@ -15,10 +15,10 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 from . import lock
-from .config import Config, ensure_runtime_dir
+from .config import CONFIG_FILE, Config, ensure_runtime_dir, load
 from .control import ControlChannel
 from .errors import TinytownError
 from .agent_log import tail_text
@@ -35,6 +35,13 @@ from .town import Town
 
 # How long `tt stop` gives a process a task left running (a server, a gpg-agent) after SIGTERM.
 ADOPTED_STOP_GRACE = 2.0
+# How often a running town looks whether tinytown.toml changed (one stat; `tt reload` asks at once).
+CONFIG_CHECK_SECONDS = 1.0
+# What a running town cannot change: its keys, and where its Redis is. The rest applies live.
+RESTART_ONLY = {"name": "name", "use_socket": "[redis] use_socket", "socket_path": "[redis] socket_path",
+                "redis_host": "[redis] host", "redis_port": "[redis] port", "redis_server": "[redis] server"}
+LIVE_NAMES = {"clis": "[agent_clis]", "supervisor": "[supervisor]", "logs": "[logs]",
+              "detach_keys": "[attach] detach_keys"}
 
 
 @dataclass
@@ -84,6 +91,8 @@ class Supervisor:
         self.control: ControlChannel | None = None
         self.selector: selectors.BaseSelector | None = None
         self.wake_r = self.wake_w = -1
+        self.config_stamp = self._config_stamp()  # tinytown.toml as `config` was read from it
+        self.reloads_done = 0                     # `tt reload` requests answered
 
     def say(self, text: str) -> None:
         """Tell the user; if the terminal is gone (SIGHUP is ignored), go on in .tt/supervisor.log."""
@@ -117,6 +126,8 @@ class Supervisor:
             self.redis.start()
             self.town = Town(self.config, resp_connect(self.config, long_lived=True))  # (not redis-py: see resp.py)
             self.town.record_supervisor_started(os.getpid())
+            _, self.reloads_done = self.town.requests()
+            self.town.record_config("", "", self.reloads_done)
             self.control = ControlChannel(self.config, self.town.keys.control)
             self.control.connect()
             self.selector = selectors.DefaultSelector()
@@ -178,8 +189,10 @@ class Supervisor:
             try:
                 self._reap()
                 if self.stopping is None:
-                    mode = self.signalled or self.town.requested_stop()
+                    stop, reloads_asked = self.town.requests()
+                    mode = self.signalled or stop
                     if mode is None:
+                        self._check_config(reloads_asked)  # before any runner is forked with it
                         self._reconcile()
                         continue
                     self._begin_stop(mode)
@@ -207,9 +220,7 @@ class Supervisor:
                 wait = min(wait, self.stopping.mark_at - now)
             return max(0.0, wait)
         waits = [r.next_start for r in self.restarts.values() if r.next_start and not r.gave_up]
-        if not waits:
-            return None
-        return max(0.0, min(waits) - now)
+        return max(0.0, min([*waits, now + CONFIG_CHECK_SECONDS]) - now)
 
     def _redis_lost(self) -> None:
         """A connection to redis-server broke: if the server died, start it again (its append-only
@@ -234,6 +245,51 @@ class Supervisor:
         self.redis.start()
         self.control.connect()
         self.selector.register(self.control, selectors.EVENT_READ)
+
+    # --- tinytown.toml, read again ---------------------------------------------------------------
+    def _config_stamp(self) -> tuple | None:
+        try:
+            st = os.stat(self.config.root / CONFIG_FILE)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _check_config(self, reloads_asked: int) -> None:
+        """Read tinytown.toml again if it changed or `tt reload` asked: apply what can change live
+        (runners are forked from here, so the next one gets it), keep the rest and say it needs a
+        restart; keep the previous config whole, and say why, if the new one is invalid."""
+        stamp = self._config_stamp()
+        if stamp == self.config_stamp and reloads_asked <= self.reloads_done:
+            return
+        self.config_stamp = stamp
+        try:
+            error, note = "", self._apply_config(load(self.config.root))
+        except TinytownError as exc:
+            error, note = str(exc), ""
+            self.say(f"tinytown.toml not applied: {exc} (the town runs on its previous config)")
+        else:
+            self.say(f"tinytown.toml read again: {note}")
+        self.reloads_done = max(self.reloads_done, reloads_asked)
+        self.town.record_config(error, note, self.reloads_done)
+
+    def _apply_config(self, new: Config) -> str:
+        """Make `new` the supervisor's config, except what only a restart can change; what it did."""
+        old = self.config
+        changed = [f.name for f in fields(Config) if f.name != "root" and getattr(new, f.name) != getattr(old, f.name)]
+        kept = [name for name in changed if name in RESTART_ONLY]
+        applied = [name for name in changed if name not in RESTART_ONLY]
+        new = replace(new, **{name: getattr(old, name) for name in kept})
+        self.config = self.town.config = new  # (the Redis server keeps its own: it does not change)
+        self.policy = new.supervisor
+        parts = []
+        if applied:
+            parts.append("applied " + ", ".join(LIVE_NAMES.get(name, name) for name in applied)
+                         + (" (running agents keep theirs until `tt restart AGENT`)"
+                            if set(applied) & {"clis", "supervisor", "logs"} else ""))
+        if kept:
+            parts.append("needs a restart of the town (`tt stop`, then `tt start`): "
+                         + ", ".join(RESTART_ONLY[name] for name in kept))
+        return "; ".join(parts) or "no change"
 
     # --- reconcile ---------------------------------------------------------------------------
     def _reconcile(self) -> None:

@@ -369,6 +369,28 @@ class Town:
         """The stop `tt stop` asked for ("graceful" or "now"), if any."""
         return self.r.hget(self.keys.supervisor, "stop") or None
 
+    def requests(self) -> tuple[str | None, int]:
+        """What `tt` commands asked of the supervisor, in one round trip: the stop (as
+        requested_stop) and how many reloads were asked so far (`tt reload`)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hget(self.keys.supervisor, "stop")
+        pipe.hget(self.keys.supervisor, "reloads_asked")
+        stop, asked = pipe.execute()
+        return stop or None, int(asked or 0)
+
+    def ask_reload(self) -> int:
+        """`tt reload`: ask the supervisor to read tinytown.toml again; the request's number."""
+        pipe = self.r.pipeline()
+        pipe.hincrby(self.keys.supervisor, "reloads_asked", 1)
+        pipe.publish(self.keys.control, "reload")
+        return pipe.execute()[0]
+
+    def record_config(self, error: str, note: str, reloads_done: int) -> None:
+        """How the supervisor's last read of tinytown.toml went: an error (the town runs on its
+        previous config), or what changed and what needs a restart."""
+        self.r.hset(self.keys.supervisor, mapping={"config_error": error, "config_note": note,
+                                                   "reloads_done": reloads_done})
+
     def event(self, kind: str, **fields) -> str:
         """Add one event to the town's stream; its id."""
         pipe = self.r.pipeline(transaction=False)
@@ -445,7 +467,8 @@ class Town:
             "redis": str(self.config.redis_socket) if self.config.use_socket else
             f"{self.config.redis_host}:{self.config.redis_port}",
             "supervisor": {"pid": int(info["pid"]) if info.get("pid") else None,
-                           "host": info.get("host", ""), "state": info.get("state", "")},
+                           "host": info.get("host", ""), "state": info.get("state", ""),
+                           "config_error": info.get("config_error", "")},
             "max_agents": self.config.max_agents,
             "agents": [agent_json(a, pending.get(a.id, 0), self.config.supervisor.heartbeat_stale) for a in agents],
             "tasks": tasks,
