@@ -53,8 +53,10 @@ def status(data: dict) -> None:
     console.print(f"[bold]Town {data['town']}[/]  {data['root']}")
     console.print(f"  supervisor: {_state(sup.get('state') or 'unknown')} (pid {sup.get('pid') or '-'}"
                   f"{', host ' + sup['host'] if sup.get('host') else ''})   redis: {data['redis']}")
+    from rich.markup import escape
+    if sup.get("disk_error"):
+        console.print(f"  [red]{escape(sup['disk_error'])}[/]")
     if sup.get("config_error"):
-        from rich.markup import escape
         console.print(f"  config: [red]not applied[/]: {escape(sup['config_error'])} "
                       "(the town runs on its previous config)")
     counts = data["tasks"]

@@ -27,7 +27,7 @@ from .procutil import (adopted, become_subreaper, close_on_exec_all, describe_st
                        kill_leftovers, kill_with_group, killpg, reap, reap_adopted, set_parent_death_signal,
                        set_process_name, signal_wakeup_pipe, wait_exit, wait_until)
 from .redis_server import RedisServer
-from .resp import RespConnectionError
+from .resp import RespConnectionError, RespError
 from .resp import connect as resp_connect
 from .runner import KILL_WAIT_SECONDS, run_forked
 from .restart_policy import GiveUp, RestartRecord
@@ -91,6 +91,7 @@ class Supervisor:
         self.control: ControlChannel | None = None
         self.selector: selectors.BaseSelector | None = None
         self.wake_r = self.wake_w = -1
+        self.disk_full = False                    # Redis refuses writes (MISCONF): said once
         self.config_stamp = self._config_stamp()  # tinytown.toml as `config` was read from it
         self.reloads_done = 0                     # `tt reload` requests answered
 
@@ -125,9 +126,9 @@ class Supervisor:
                 self.say(f"killed {len(leftover)} process(es) left by the previous supervisor")
             self.redis.start()
             self.town = Town(self.config, resp_connect(self.config, long_lived=True))  # (not redis-py: see resp.py)
-            self.town.record_supervisor_started(os.getpid())
+            self._retrying(lambda: self.town.record_supervisor_started(os.getpid()))
             _, self.reloads_done = self.town.requests()
-            self.town.record_config("", "", self.reloads_done)
+            self._retrying(lambda: self.town.record_config("", "", self.reloads_done))
             self.control = ControlChannel(self.config, self.town.keys.control)
             self.control.connect()
             self.selector = selectors.DefaultSelector()
@@ -135,7 +136,7 @@ class Supervisor:
             self.selector.register(self.control, selectors.EVENT_READ)
             where = self.config.redis_socket if self.config.use_socket else f"port {self.config.redis_port}"
             self.say(f"town {self.config.name}: supervisor pid {os.getpid()}, redis-server pid {self.redis.pid} on {where}")
-            self._reconcile()
+            self._retrying(self._reconcile)
             self._notify_ready(f"ok {os.getpid()}")
             report = self._loop()
             self._write_report(report)
@@ -187,6 +188,9 @@ class Supervisor:
                 else:
                     drain(self.wake_r)
             try:
+                if self.disk_full and self.town.persistence_error() is None:
+                    self.disk_full = False
+                    self.say("Redis writes again")
                 self._reap()
                 if self.stopping is None:
                     stop, reloads_asked = self.town.requests()
@@ -210,6 +214,15 @@ class Supervisor:
                 self._redis_lost()
                 self.again = True
                 time.sleep(0.01)  # (a Redis that is up but refuses us must not make this spin)
+            except RespError as exc:
+                if not disk_full(exc):
+                    raise
+                # Redis cannot write its append-only file (a full disk) and refuses writes: the
+                # town keeps what it has, and the next pass (CONFIG_CHECK_SECONDS) tries again.
+                # Restarting anything would only fail the same way.
+                self._refused(exc)
+                if self.stopping is not None:
+                    self.stopping.unmarked = []  # not to be recorded: the next start sees to it
 
     def _next_timeout(self) -> float | None:
         """Seconds until the next timer: a restart after backoff, or a stop's deadlines."""
@@ -510,12 +523,23 @@ class Supervisor:
         report.pending = sum(self.town.pending_counts(agents).values())  # by id: the states are not read
         self.town.record_supervisor_stopped()
 
+    def _refused(self, exc: RespError) -> None:
+        if not self.disk_full:
+            self.say(f"disk full: Redis refuses writes ({exc}); the town keeps what it has and tries again")
+        self.disk_full = True
+
     def _retrying(self, call, attempts: int = 3):
         """call() against Redis; if the connection breaks (redis-server died while the town
-        stops), reconnect, starting the server again if need be, and try again."""
+        stops), reconnect, starting the server again if need be, and try again. A write Redis
+        refuses for a full disk is let go: a start or a stop must not die of it."""
         for attempt in range(attempts):
             try:
                 return call()
+            except RespError as exc:
+                if not disk_full(exc):
+                    raise
+                self._refused(exc)
+                return None
             except RespConnectionError as exc:
                 if attempt == attempts - 1:
                     raise
@@ -560,6 +584,11 @@ class Supervisor:
                 pass
         self.procs.clear()
         kill_with_group(adopted(self._own_children()), signal.SIGKILL)  # orphaned CLIs, ours as subreaper
+
+
+def disk_full(exc: RespError) -> bool:
+    """Redis's answer when it cannot write its append-only file (a full disk, most often)."""
+    return str(exc).startswith("MISCONF")
 
 
 def reap_runners(procs: dict[str, RunnerProc]) -> list[tuple[RunnerProc, int]]:

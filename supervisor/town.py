@@ -453,6 +453,17 @@ class Town:
         except (TinytownError, ValueError, TypeError):
             pass  # not a task we can put back: the next runner's recovery decides
 
+    def persistence_error(self) -> str | None:
+        """Why Redis cannot write its append-only file (it then refuses every write), or None.
+        A read: it answers when nothing else can be written."""
+        info = self.r.execute_command("INFO", "persistence")
+        fields = info if isinstance(info, dict) else dict(  # (redis-py parses INFO; resp.py does not)
+            line.split(":", 1) for line in info.splitlines() if ":" in line)
+        if fields.get("aof_last_write_status", "ok") == "ok":
+            return None
+        return (f"disk full: Redis cannot write its append-only file in {self.config.runtime_dir / 'redis'}; "
+                "the town keeps what it has and goes on once there is space")
+
     def status(self) -> dict:
         """The town at a glance. tasks: a count per state, and `blocked`: those waiting in the
         inbox of a failed agent (counted in `assigned` too), which nothing runs until `tt restart`."""
@@ -468,7 +479,8 @@ class Town:
             f"{self.config.redis_host}:{self.config.redis_port}",
             "supervisor": {"pid": int(info["pid"]) if info.get("pid") else None,
                            "host": info.get("host", ""), "state": info.get("state", ""),
-                           "config_error": info.get("config_error", "")},
+                           "config_error": info.get("config_error", ""),
+                           "disk_error": self.persistence_error() or ""},
             "max_agents": self.config.max_agents,
             "agents": [agent_json(a, pending.get(a.id, 0), self.config.supervisor.heartbeat_stale) for a in agents],
             "tasks": tasks,

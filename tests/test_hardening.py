@@ -144,3 +144,54 @@ def test_tasks_waiting_for_a_failed_agent_say_why_and_count_as_blocked(make_town
     assert town.wait_task(later)["state"] == "completed"
     assert town.json("status")["tasks"]["blocked"] == 0
     assert not town.task(later)["reason"]
+
+
+# --- 5. a full disk under .tt/: the town keeps what it has ---------------------------------------
+@needs_mount_namespace
+def test_a_full_disk_under_the_town_keeps_the_supervisor_up_and_says_so(make_town):
+    from conftest import wait_for
+    from tinytown.supervisor.resp import RespError, connect
+    town = make_town(policy="\n[supervisor]\nheartbeat_interval = 0.2\nstart_seconds = 0.1\n")
+    runtime = town.root / ".tt"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(runtime)], check=True)
+    try:
+        town.tt("spawn", "dev")
+        assert town.wait_task(town.json("assign", "dev", "@echo before")["id"])["state"] == "completed"
+        supervisor = town.supervisor_pid()
+        filler = runtime / "filler"
+        with open(filler, "wb") as fh:  # every byte left
+            try:
+                while True:
+                    fh.write(b"\0" * 65536)
+                    fh.flush()
+            except OSError:
+                pass
+        client = connect(town.config())
+
+        def refused() -> bool:
+            try:
+                client.hset("tt:probe", "x", "y")
+                return False
+            except RespError as exc:
+                return str(exc).startswith("MISCONF")
+
+        wait_for(refused, 30, "Redis to refuse writes")
+        # the runner's heartbeats fail, it exits; the supervisor cannot record anything either
+        status = wait_for(lambda: (lambda s: s if s["supervisor"]["disk_error"] else None)(town.json("status")),
+                          20, "tt status to say the disk is full")
+        assert status["supervisor"]["disk_error"].startswith("disk full:")
+        assert "disk full:" in town.tt("status").out
+        wait_for(lambda: "disk full" in town.tt("status").out and town.supervisor_pid() == supervisor, 10,
+                 "the supervisor to stay")
+        assert town.supervisor_pid() == supervisor
+
+        filler.unlink()  # space again: Redis writes its file, and the town goes on by itself
+        wait_for(lambda: not refused(), 30, "Redis to write again")
+        task = town.wait_task(town.json("assign", "dev", "@echo after")["id"])
+        assert task["state"] == "completed" and "after" in task["output"]
+        assert town.supervisor_pid() == supervisor and not town.json("status")["supervisor"]["disk_error"]
+        client.close()
+        town.tt("stop")
+    finally:
+        town.cleanup()
+        subprocess.run(["umount", "-l", str(runtime)], check=False)
