@@ -178,15 +178,20 @@ class Supervisor:
         stop a step further instead, until it returns the stop's report."""
         nudged = True  # look for a stop request once before the first wait
         while True:
-            timeout = 0 if self.again else self._next_timeout()
-            self.again = False
-            for key, _ in self.selector.select(timeout):
+            again, self.again = self.again, False
+            events = self.selector.select(0 if again else self._next_timeout())
+            for key, _ in events:
                 if key.fileobj is self.control:
                     nudged = True
                     if not self.control.drain():
                         self._redis_lost()
                 else:
                     drain(self.wake_r)
+            # Woken by the config timer alone, with nothing else to do: one stat and back to sleep
+            # (an idle town must cost next to nothing).
+            if (not events and not again and self.stopping is None and not self.disk_full and not self.exited
+                    and not self._restart_due() and self._config_stamp() == self.config_stamp):
+                continue
             try:
                 if self.disk_full and self.town.persistence_error() is None:
                     self.disk_full = False
@@ -234,6 +239,10 @@ class Supervisor:
             return max(0.0, wait)
         waits = [r.next_start for r in self.restarts.values() if r.next_start and not r.gave_up]
         return max(0.0, min([*waits, now + CONFIG_CHECK_SECONDS]) - now)
+
+    def _restart_due(self) -> bool:
+        now = time.monotonic()
+        return any(r.next_start and not r.gave_up and r.next_start <= now for r in self.restarts.values())
 
     def _redis_lost(self) -> None:
         """A connection to redis-server broke: if the server died, start it again (its append-only
