@@ -382,6 +382,25 @@ def stop(now, as_json, town_path):
         click.echo(f"{report['pending']} task(s) wait in inboxes for the next start")
 
 
+@cli.command(name="reload")
+@town_option
+def reload_config(town_path):
+    """Apply an edited tinytown.toml to the running town (it also notices edits by itself)."""
+    from tinytown.supervisor.lifecycle import reload as reload_town
+    try:
+        config = _config(town_path)
+    except TinytownError as exc:
+        raise TinytownError(f"{exc} (the town runs on its previous config)") from None
+    outcome = reload_town(config)
+    if outcome is None:
+        click.echo(f"Town {config.name} is not running: the next start reads tinytown.toml")
+        return
+    error, note = outcome
+    if error:
+        raise TinytownError(f"{error} (the town runs on its previous config)")
+    click.echo(f"Town {config.name}: tinytown.toml read again: {note}")
+
+
 @cli.command()
 @click.argument("agent", shell_complete=complete_agent)
 @town_option

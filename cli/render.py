@@ -47,10 +47,10 @@ def _state(text: str):
     return Text(text, style=STATE_COLOURS.get(text) or "")
 
 
-def _plain(text: str):
+def _plain(text: str, style: str = ""):
     """Text someone else wrote, as rich shows it: cleaned, and never markup."""
     from rich.text import Text
-    return Text(clean_text(text or ""))
+    return Text(clean_text(text or ""), style=style)
 
 
 def _line(*parts):
@@ -73,6 +73,11 @@ def status(data: dict) -> None:
     console.print(_line("  supervisor: ", _state(sup.get("state") or "unknown"),
                         f" (pid {sup.get('pid') or '-'}{', host ' + sup['host'] if sup.get('host') else ''})"
                         f"   redis: {data['redis']}"))
+    if sup.get("disk_error"):
+        console.print(_line("  ", _plain(sup["disk_error"], style="red")))
+    if sup.get("config_error"):
+        console.print(_line("  config: ", ("not applied", "red"), ": ", _plain(sup["config_error"]),
+                            " (the town runs on its previous config)"))
     counts = data["tasks"]
     console.print(_counts("  tasks: ", counts) if any(counts.values()) else "  tasks: none yet")
     agents = data["agents"]
@@ -134,8 +139,10 @@ def tasks(found) -> None:
     if not found:
         click.echo("No tasks")
         return
+    # a task that waits for a failed agent says so before its text (Town._explain_waiting)
     rows = [(t.id[:8], t.agent, t.state, "" if t.exit_code is None else str(t.exit_code), str(t.attempts),
-             _ago(t.created_at), (t.description.strip().splitlines() or [""])[0][:80]) for t in found]
+             _ago(t.created_at), (t.reason + " | " if t.state == "assigned" and t.reason else "")
+             + (t.description.strip().splitlines() or [""])[0][:80]) for t in found]
     _table(("ID", "AGENT", "STATE", "EXIT", "TRIES", "CREATED", "DESCRIPTION"), rows, state_col=2)
 
 

@@ -300,14 +300,29 @@ class Config:
         return spec
 
     @property
+    def redis_password_file(self) -> Path:
+        """With TCP: the embedded Redis's password, made at the first start, readable by you only."""
+        return self.runtime_dir / "redis.password"
+
+    @property
     def redis_password(self) -> str | None:
-        """The password every client sends (AUTH) before its first command; None: no AUTH."""
-        return None
+        """The password every client sends (AUTH) before its first command; None: no AUTH.
+
+        Only with TCP (a port any local user can connect to); the unix socket is owner-only.
+        Read from the file each time: a command may load the config before the supervisor it
+        starts has made the password.
+        """
+        if self.use_socket:
+            return None
+        try:
+            return self.redis_password_file.read_text().strip() or None
+        except OSError:
+            return None
 
     def redis_kwargs(self) -> dict:
         if self.use_socket:
             return {"unix_socket_path": str(self.redis_socket)}
-        return {"host": self.redis_host, "port": self.redis_port}
+        return {"host": self.redis_host, "port": self.redis_port, "password": self.redis_password}
 
 
 def short_socket_path(path: Path, root: Path) -> Path:

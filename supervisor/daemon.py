@@ -15,25 +15,33 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 from . import lock
-from .config import Config, ensure_runtime_dir
+from .config import CONFIG_FILE, Config, ensure_runtime_dir, load
 from .control import ControlChannel
 from .errors import TinytownError
 from .agent_log import tail_text
-from .models import AgentState, InvalidTransition, Message, TaskState
+from .models import AgentState, InvalidTransition
 from .procutil import (adopted, become_subreaper, close_on_exec_all, describe_status, drain, exit_now,
                        kill_leftovers, kill_with_group, killpg, reap, reap_adopted, set_parent_death_signal,
                        set_process_name, signal_wakeup_pipe, wait_exit, wait_until)
 from .redis_server import RedisServer
-from .resp import RespConnectionError
+from .resp import RespConnectionError, RespError
 from .resp import connect as resp_connect
 from .runner import KILL_WAIT_SECONDS, run_forked
-from .town import Claimed, Town, host
+from .restart_policy import GiveUp, RestartRecord
+from .town import Town
 
 # How long `tt stop` gives a process a task left running (a server, a gpg-agent) after SIGTERM.
 ADOPTED_STOP_GRACE = 2.0
+# How often a running town looks whether tinytown.toml changed (one stat; `tt reload` asks at once).
+CONFIG_CHECK_SECONDS = 1.0
+# What a running town cannot change: its keys, and where its Redis is. The rest applies live.
+RESTART_ONLY = {"name": "name", "use_socket": "[redis] use_socket", "socket_path": "[redis] socket_path",
+                "redis_host": "[redis] host", "redis_port": "[redis] port", "redis_server": "[redis] server"}
+LIVE_NAMES = {"clis": "[agent_clis]", "supervisor": "[supervisor]", "logs": "[logs]",
+              "detach_keys": "[attach] detach_keys"}
 
 
 @dataclass
@@ -46,20 +54,23 @@ class RunnerProc:
 
 
 @dataclass
-class Health:
-    """Restart bookkeeping for one agent, kept in memory by the supervisor."""
-
-    fast_failures: int = 0
-    next_start: float = 0.0     # monotonic time before which a backoff agent is not restarted
-    gave_up: bool = False
-
-
-@dataclass
 class StopReport:
     stopped: list[str] = field(default_factory=list)
     requeued: list[str] = field(default_factory=list)
     killed: list[str] = field(default_factory=list)
     pending: int = 0
+
+
+@dataclass
+class Stopping:
+    """A stop under way: the mode the one loop is in once a stop is asked."""
+
+    mode: str                   # "graceful" or "now"
+    since: str                  # the events stream's id when it began (what was re-queued since)
+    deadline: float             # monotonic: past it, what still runs is killed
+    report: StopReport = field(default_factory=StopReport)
+    unmarked: list[str] = field(default_factory=list)  # reaped, not yet recorded: one write for many
+    mark_at: float = 0.0
 
 
 class Supervisor:
@@ -71,10 +82,18 @@ class Supervisor:
         self.procs: dict[str, RunnerProc] = {}
         self.exited: list[tuple[RunnerProc, int]] = []  # reaped runners whose exit is not yet recorded
         self.again = False  # a pass cut short by a lost Redis: run the next one at once
-        self.health: dict[str, Health] = {}
-        self.stop_mode: str | None = None
+        self.restarts: dict[str, RestartRecord] = {}
+        self.signalled: str | None = None   # a stop asked by SIGTERM/SIGINT: "graceful", then "now"
+        self.stopping: Stopping | None = None
         self.redis = RedisServer(config)
         self.lock_fd: int | None = None
+        self.town: Town | None = None
+        self.control: ControlChannel | None = None
+        self.selector: selectors.BaseSelector | None = None
+        self.wake_r = self.wake_w = -1
+        self.disk_full = False                    # Redis refuses writes (MISCONF): said once
+        self.config_stamp = self._config_stamp()  # tinytown.toml as `config` was read from it
+        self.reloads_done = 0                     # `tt reload` requests answered
 
     def say(self, text: str) -> None:
         """Tell the user; if the terminal is gone (SIGHUP is ignored), go on in .tt/supervisor.log."""
@@ -107,9 +126,9 @@ class Supervisor:
                 self.say(f"killed {len(leftover)} process(es) left by the previous supervisor")
             self.redis.start()
             self.town = Town(self.config, resp_connect(self.config, long_lived=True))  # (not redis-py: see resp.py)
-            self.town.r.hset(self.town.keys.supervisor, mapping={
-                "pid": os.getpid(), "host": host(), "state": "running", "started_at": f"{time.time():.6f}",
-                "stop": "", "root": str(self.config.root)})
+            self._retrying(lambda: self.town.record_supervisor_started(os.getpid()))
+            _, self.reloads_done = self.town.requests()
+            self._retrying(lambda: self.town.record_config("", "", self.reloads_done))
             self.control = ControlChannel(self.config, self.town.keys.control)
             self.control.connect()
             self.selector = selectors.DefaultSelector()
@@ -117,10 +136,9 @@ class Supervisor:
             self.selector.register(self.control, selectors.EVENT_READ)
             where = self.config.redis_socket if self.config.use_socket else f"port {self.config.redis_port}"
             self.say(f"town {self.config.name}: supervisor pid {os.getpid()}, redis-server pid {self.redis.pid} on {where}")
-            self._reconcile()
+            self._retrying(self._reconcile)
             self._notify_ready(f"ok {os.getpid()}")
-            self._loop()
-            report = self._shutdown()
+            report = self._loop()
             self._write_report(report)
             return 0
         except BaseException as exc:
@@ -150,26 +168,50 @@ class Supervisor:
 
     def _on_stop_signal(self, *_):
         # SIGTERM/SIGINT = `tt stop`; a second one while stopping = `tt stop --now`
-        self.stop_mode = "now" if self.stop_mode else "graceful"
+        self.signalled = "now" if (self.signalled or self.stopping) else "graceful"
 
     # --- the loop ----------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while self.stop_mode is None:
-            timeout = 0 if self.again else self._next_timer()
-            self.again = False
-            for key, _ in self.selector.select(timeout):
+    def _loop(self) -> StopReport:
+        """The one event loop (honcho's one-queue manager is the model): it wakes when a child
+        exits (SIGCHLD), a `tt` command nudges (pub/sub), a timer is due or a stop is asked, and
+        each pass makes the town match its registry; once a stop is asked, each pass takes the
+        stop a step further instead, until it returns the stop's report."""
+        nudged = True  # look for a stop request once before the first wait
+        while True:
+            again, self.again = self.again, False
+            events = self.selector.select(0 if again else self._next_timeout())
+            for key, _ in events:
                 if key.fileobj is self.control:
+                    nudged = True
                     if not self.control.drain():
                         self._redis_lost()
                 else:
                     drain(self.wake_r)
+            # Woken by the config timer alone, with nothing else to do: one stat and back to sleep
+            # (an idle town must cost next to nothing).
+            if (not events and not again and self.stopping is None and not self.disk_full and not self.exited
+                    and not self._restart_due() and self._config_stamp() == self.config_stamp):
+                continue
             try:
+                if self.disk_full and self.town.persistence_error() is None:
+                    self.disk_full = False
+                    self.say("Redis writes again")
                 self._reap()
-                requested = self._requested_stop()
-                if requested:
-                    self.stop_mode = requested
-                if self.stop_mode is None:
-                    self._reconcile()
+                if self.stopping is None:
+                    stop, reloads_asked = self.town.requests()
+                    mode = self.signalled or stop
+                    if mode is None:
+                        self._check_config(reloads_asked)  # before any runner is forked with it
+                        self._reconcile()
+                        continue
+                    self._begin_stop(mode)
+                elif nudged or self.signalled == "now":
+                    # `tt stop --now` writes the request and then publishes on the control channel
+                    if self.signalled == "now" or self.town.requested_stop() == "now":
+                        self._stop_now()
+                nudged = False
+                if self._stop_step():
+                    return self._finish_stop()
             except RespConnectionError as exc:
                 # redis-server went away under a command: start it again (its append-only file
                 # keeps the town); what this pass did not finish, the next one redoes.
@@ -177,12 +219,30 @@ class Supervisor:
                 self._redis_lost()
                 self.again = True
                 time.sleep(0.01)  # (a Redis that is up but refuses us must not make this spin)
+            except RespError as exc:
+                if not disk_full(exc):
+                    raise
+                # Redis cannot write its append-only file (a full disk) and refuses writes: the
+                # town keeps what it has, and the next pass (CONFIG_CHECK_SECONDS) tries again.
+                # Restarting anything would only fail the same way.
+                self._refused(exc)
+                if self.stopping is not None:
+                    self.stopping.unmarked = []  # not to be recorded: the next start sees to it
 
-    def _next_timer(self) -> float | None:
-        waits = [h.next_start for h in self.health.values() if h.next_start and not h.gave_up]
-        if not waits:
-            return None
-        return max(0.0, min(waits) - time.monotonic())
+    def _next_timeout(self) -> float | None:
+        """Seconds until the next timer: a restart after backoff, or a stop's deadlines."""
+        now = time.monotonic()
+        if self.stopping is not None:
+            wait = self.stopping.deadline - now
+            if self.stopping.unmarked:
+                wait = min(wait, self.stopping.mark_at - now)
+            return max(0.0, wait)
+        waits = [r.next_start for r in self.restarts.values() if r.next_start and not r.gave_up]
+        return max(0.0, min([*waits, now + CONFIG_CHECK_SECONDS]) - now)
+
+    def _restart_due(self) -> bool:
+        now = time.monotonic()
+        return any(r.next_start and not r.gave_up and r.next_start <= now for r in self.restarts.values())
 
     def _redis_lost(self) -> None:
         """A connection to redis-server broke: if the server died, start it again (its append-only
@@ -208,6 +268,51 @@ class Supervisor:
         self.control.connect()
         self.selector.register(self.control, selectors.EVENT_READ)
 
+    # --- tinytown.toml, read again ---------------------------------------------------------------
+    def _config_stamp(self) -> tuple | None:
+        try:
+            st = os.stat(self.config.root / CONFIG_FILE)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _check_config(self, reloads_asked: int) -> None:
+        """Read tinytown.toml again if it changed or `tt reload` asked: apply what can change live
+        (runners are forked from here, so the next one gets it), keep the rest and say it needs a
+        restart; keep the previous config whole, and say why, if the new one is invalid."""
+        stamp = self._config_stamp()
+        if stamp == self.config_stamp and reloads_asked <= self.reloads_done:
+            return
+        self.config_stamp = stamp
+        try:
+            error, note = "", self._apply_config(load(self.config.root))
+        except TinytownError as exc:
+            error, note = str(exc), ""
+            self.say(f"tinytown.toml not applied: {exc} (the town runs on its previous config)")
+        else:
+            self.say(f"tinytown.toml read again: {note}")
+        self.reloads_done = max(self.reloads_done, reloads_asked)
+        self.town.record_config(error, note, self.reloads_done)
+
+    def _apply_config(self, new: Config) -> str:
+        """Make `new` the supervisor's config, except what only a restart can change; what it did."""
+        old = self.config
+        changed = [f.name for f in fields(Config) if f.name != "root" and getattr(new, f.name) != getattr(old, f.name)]
+        kept = [name for name in changed if name in RESTART_ONLY]
+        applied = [name for name in changed if name not in RESTART_ONLY]
+        new = replace(new, **{name: getattr(old, name) for name in kept})
+        self.config = self.town.config = new  # (the Redis server keeps its own: it does not change)
+        self.policy = new.supervisor
+        parts = []
+        if applied:
+            parts.append("applied " + ", ".join(LIVE_NAMES.get(name, name) for name in applied)
+                         + (" (running agents keep theirs until `tt restart AGENT`)"
+                            if set(applied) & {"clis", "supervisor", "logs"} else ""))
+        if kept:
+            parts.append("needs a restart of the town (`tt stop`, then `tt start`): "
+                         + ", ".join(RESTART_ONLY[name] for name in kept))
+        return "; ".join(parts) or "no change"
+
     # --- reconcile ---------------------------------------------------------------------------
     def _reconcile(self) -> None:
         agents = self.town.agents()
@@ -231,15 +336,15 @@ class Supervisor:
                 continue
             if len(self.procs) >= cap:  # one held back is still exiting: start this one when it has
                 break
-            health = self.health.setdefault(agent.id, Health())
+            record = self.restarts.setdefault(agent.id, RestartRecord())
             if agent.state == AgentState.FAILED.value:
-                health.gave_up = True
+                record.gave_up = True
                 continue
-            if agent.state == AgentState.STARTING.value and (health.gave_up or health.next_start > now):
-                self.health[agent.id] = health = Health()  # `tt restart` clears the record
-            if health.next_start > now:
+            if agent.state == AgentState.STARTING.value and (record.gave_up or record.waiting(now)):
+                record.reset()  # `tt restart` clears the record
+            if record.waiting(now):
                 continue
-            health.next_start = 0.0
+            record.next_start = 0.0
             try:
                 self._start_runner(agent.id, agent.name)
             except (InvalidTransition, ValueError) as exc:  # a record edited by hand: not the whole town
@@ -284,7 +389,7 @@ class Supervisor:
         except OSError:
             pass
         self.procs[agent_id] = RunnerProc(agent_id, name, pid, time.monotonic())
-        self.town.r.hset(self.town.keys.agent(agent_id), "pid", pid)
+        self.town.set_runner_pid(agent_id, pid)
         self.say(f"runner {name} started (pid {pid})")
 
     def _signal_runner(self, proc: RunnerProc, sig: int) -> None:
@@ -296,26 +401,25 @@ class Supervisor:
 
     # --- exits and restart policy --------------------------------------------------------------
     def _reap(self) -> None:
-        for agent_id, proc in list(self.procs.items()):
-            status = reap(proc.pid)
-            if status is None:
-                continue
-            del self.procs[agent_id]
-            self.exited.append((proc, status))
+        for proc, status in reap_runners(self.procs):
+            if self.stopping is not None:  # recorded in one write with the others (_stop_step)
+                self.stopping.report.stopped.append(proc.name)
+                self.stopping.unmarked.append(proc.agent_id)
+            else:
+                self.exited.append((proc, status))
         while self.exited:  # one at a time: one a lost Redis cut short is done again next pass
             proc, status = self.exited[0]
             if proc.agent_id not in self.procs:  # (else it was restarted before Redis went)
                 self._runner_exited(proc, status)
             self.exited.pop(0)
-        if self.redis.proc and self.redis.proc.poll() is not None and self.stop_mode is None:
+        if self.redis.proc and self.redis.proc.poll() is not None:
             self._redis_lost()
         reap_adopted(self._own_children())
 
     def _kill_cli(self, agent_id: str) -> None:
         """SIGKILL the process group of the CLI the agent's record names (it leads a session of its
         own, so a runner's group does not hold it)."""
-        cli_pid = self.town.r.hget(self.town.keys.agent(agent_id), "cli_pid")
-        killpg(int(cli_pid) if cli_pid else None, signal.SIGKILL)
+        killpg(self.town.cli_pid(agent_id), signal.SIGKILL)
 
     def _own_children(self) -> set[int]:
         """The runners and redis-server: every other child is an orphan adopted as subreaper."""
@@ -325,7 +429,6 @@ class Supervisor:
         return known
 
     def _runner_exited(self, proc: RunnerProc, status: int) -> None:
-        agent_key = self.town.keys.agent(proc.agent_id)
         self._kill_cli(proc.agent_id)  # the runner died mid-task: its CLI's whole group goes too
         # and a CLI it started but had not yet recorded, now ours as subreaper (what earlier tasks
         # left running, a gpg-agent or an ssh master, is not this task's: it stays)
@@ -335,126 +438,117 @@ class Supervisor:
         # What it had claimed waits at the front of the inbox (a failed agent's work shows as
         # pending, not as running) for the next runner, which counts the attempt.
         self.town.put_back_inflight(proc.agent_id)
-        if proc.stop_requested:
-            if self.town.r.exists(agent_key):
+        if proc.stop_requested or self.stopping is not None:
+            if self.town.agent_exists(proc.agent_id):
                 self.town.set_agent_state(proc.agent_id, AgentState.STOPPED, pid="", cli_pid="")
             self.say(f"runner {proc.name} stopped")
             return
-        if not self.town.r.exists(agent_key):
+        if not self.town.agent_exists(proc.agent_id):
             return
-        health = self.health.setdefault(proc.agent_id, Health())
-        uptime = time.monotonic() - proc.started_at
-        if uptime >= self.policy.start_seconds:
-            health.fast_failures = 0
-        health.fast_failures += 1
+        record = self.restarts.setdefault(proc.agent_id, RestartRecord())
+        decision = record.decide(status, time.monotonic() - proc.started_at, self.policy)
+        record.apply(decision, time.monotonic())
         tail = tail_text(self.config.log_file(proc.name))
-        reason = f"runner {describe_status(status)} after {uptime:.1f}s" + (f"; last output: {tail}" if tail else "")
-        if health.fast_failures >= self.policy.max_fast_failures:
-            health.gave_up = True
+        reason = decision.reason + (f"; last output: {tail}" if tail else "")
+        if isinstance(decision, GiveUp):
             self.town.set_agent_state(proc.agent_id, AgentState.FAILED, pid="", cli_pid="",
                                       current_task="", reason=reason, restart_at="")
-            self.say(f"runner {proc.name} failed {health.fast_failures} times in a row; giving up ({reason})")
-            self._event("agent_failed", agent=proc.name, reason=reason)
+            self.say(f"runner {proc.name} failed {decision.fast_failures} times in a row; giving up ({reason})")
+            self.town.event("agent_failed", agent=proc.name, reason=reason)
             return
-        delay = 0.0 if health.fast_failures == 1 else min(
-            self.policy.backoff_max, self.policy.backoff_first * self.policy.backoff_factor ** (health.fast_failures - 2))
-        self.town.r.hincrby(agent_key, "restarts", 1)
-        self._event("agent_restarting", agent=proc.name, reason=reason, delay=f"{delay:.3f}")
-        if delay <= 0:
+        self.town.record_restart(proc.agent_id, proc.name, reason, decision.delay)
+        if decision.delay <= 0:
             self.say(f"runner {proc.name} exited ({describe_status(status)}); restarting")
             self._start_runner(proc.agent_id, proc.name)
             return
-        health.next_start = time.monotonic() + delay
         self.town.set_agent_state(proc.agent_id, AgentState.BACKOFF, pid="", cli_pid="", reason=reason,
-                                  restart_at=f"{time.time() + delay:.6f}")
-        self.say(f"runner {proc.name} exited ({describe_status(status)}); restarting in {delay:.2f}s")
+                                  restart_at=f"{time.time() + decision.delay:.6f}")
+        self.say(f"runner {proc.name} exited ({describe_status(status)}); restarting in {decision.delay:.2f}s")
 
-    def _event(self, kind: str, **fields) -> None:
-        pipe = self.town.r.pipeline()
-        self.town._event(pipe, kind, **fields)
-        pipe.execute()
-
-    # --- stop ----------------------------------------------------------------------------------
-    def _shutdown(self) -> StopReport:
-        mode = self.stop_mode or "graceful"
+    # --- stop: the loop's other mode -------------------------------------------------------------
+    def _begin_stop(self, mode: str) -> None:
         self.say(f"stopping ({mode})")
-        report = StopReport()
-        self._retrying(lambda: self.town.r.hset(self.town.keys.supervisor, "state", "stopping"))
-        since = self._retrying(lambda: self.town.r.xadd(self.town.keys.events, {"type": "town_stopping", "mode": mode}))
+        self.town.set_supervisor_state("stopping")
+        since = self.town.event("town_stopping", mode=mode)
+        grace = 0.0 if mode == "now" else self.policy.stop_grace
+        self.stopping = Stopping(mode, since, time.monotonic() + grace + KILL_WAIT_SECONDS + 3.0)
         # While a runner lives, the agent's state is its own to write (it says `stopping` when it
         # gets the signal): a write from here could race with it recording a finished task.
-        sig = signal.SIGUSR1 if mode == "now" else signal.SIGTERM
         # Every runner gets its signal before the first exit interrupts the loop (SIGCHLD is
         # held back meanwhile; the wakeup pipe still hears of it once unblocked).
+        sig = signal.SIGUSR1 if mode == "now" else signal.SIGTERM
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
         try:
             for proc in self.procs.values():
                 self._signal_runner(proc, sig)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-        grace = 0.0 if mode == "now" else self.policy.stop_grace
-        deadline = time.monotonic() + grace + KILL_WAIT_SECONDS + 3.0
-        nudged = True  # look for a `tt stop --now` once before the first wait
-        unmarked: list[str] = []  # reaped, not yet recorded: one write for many, not one per wakeup
-        mark_at = time.monotonic() + 0.1
-        while self.procs and time.monotonic() < deadline:
-            wait = deadline - time.monotonic()
-            if unmarked:
-                wait = min(wait, mark_at - time.monotonic())
-            for key, _ in self.selector.select(max(0.0, wait)):
-                if key.fileobj is self.control:
-                    self.control.drain()
-                    nudged = True
-                else:
-                    drain(self.wake_r)
-            for agent_id, proc in list(self.procs.items()):
-                if reap(proc.pid) is not None:
-                    del self.procs[agent_id]
-                    report.stopped.append(proc.name)
-                    unmarked.append(agent_id)
-            if unmarked and (not self.procs or time.monotonic() >= mark_at):
-                self._retrying(lambda: self._mark_stopped(*unmarked))
-                unmarked = []
-                mark_at = time.monotonic() + 0.1
-            # `tt stop --now` writes the request and then publishes on the control channel
-            asked_now = nudged and self._retrying(self._requested_stop) == "now"
-            nudged = False
-            if mode != "now" and (self.stop_mode == "now" or asked_now):
-                # `tt stop --now` (or a second Ctrl+C) during a graceful stop: skip the grace period
-                mode = self.stop_mode = "now"
-                self.say("stopping now")
-                for proc in self.procs.values():
-                    self._signal_runner(proc, signal.SIGUSR1)
-                deadline = min(deadline, time.monotonic() + KILL_WAIT_SECONDS + 3.0)
-        self._retrying(lambda: self._mark_stopped(*unmarked))
+
+    def _stop_now(self) -> None:
+        """`tt stop --now` (or a second Ctrl+C) during a graceful stop: skip the grace period."""
+        stopping = self.stopping
+        if stopping.mode == "now":
+            return
+        stopping.mode = self.signalled = "now"
+        self.say("stopping now")
+        for proc in self.procs.values():
+            self._signal_runner(proc, signal.SIGUSR1)
+        stopping.deadline = min(stopping.deadline, time.monotonic() + KILL_WAIT_SECONDS + 3.0)
+
+    def _stop_step(self) -> bool:
+        """Record the runners reaped since the last write (every 0.1 s, or once all are gone);
+        True once nothing is left to wait for."""
+        stopping = self.stopping
+        now = time.monotonic()
+        if stopping.unmarked and (not self.procs or now >= stopping.mark_at):
+            self.town.mark_stopped(*stopping.unmarked)
+            stopping.unmarked = []
+            stopping.mark_at = now + 0.1
+        return not self.procs or now >= stopping.deadline
+
+    def _finish_stop(self) -> StopReport:
+        stopping = self.stopping
+        report = stopping.report
+        self._retrying(lambda: self.town.mark_stopped(*stopping.unmarked))
+        stopping.unmarked = []
         for proc in self.procs.values():  # past every deadline: no mercy
             killpg(proc.pid, signal.SIGKILL)
             self._retrying(lambda: self._kill_cli(proc.agent_id))
             os.waitpid(proc.pid, 0)
             report.killed.append(proc.name)
-            self._retrying(lambda: self._mark_stopped(proc.agent_id))
+            self._retrying(lambda: self.town.mark_stopped(proc.agent_id))
         self.procs.clear()
         self._stop_adopted()
-        self._retrying(lambda: self._record_stop(report, since))
+        self._retrying(lambda: self._record_stop(report, stopping.since))
         self.say(f"stopped {len(report.stopped) + len(report.killed)} runner(s); "
                  f"{len(report.requeued)} task(s) re-queued; {report.pending} waiting")
         return report
 
     def _record_stop(self, report: StopReport, since: str) -> None:
         agents = self.town.agents()
-        self._mark_stopped(*[agent.id for agent in agents  # those in backoff, or never started
-                             if agent.state not in (AgentState.FAILED.value, AgentState.STOPPED.value)])
-        events = self.town.r.xrange(self.town.keys.events, min=since)
-        report.requeued = [fields.get("task", "") for _id, fields in events if fields.get("type") == "task_requeued"]
+        self.town.mark_stopped(*[agent.id for agent in agents  # those in backoff, or never started
+                                 if agent.state not in (AgentState.FAILED.value, AgentState.STOPPED.value)])
+        report.requeued = [fields.get("task", "") for fields in self.town.events_since(since, "task_requeued")]
         report.pending = sum(self.town.pending_counts(agents).values())  # by id: the states are not read
-        self.town.r.hset(self.town.keys.supervisor, mapping={"state": "stopped", "stop": "", "pid": ""})
+        self.town.record_supervisor_stopped()
+
+    def _refused(self, exc: RespError) -> None:
+        if not self.disk_full:
+            self.say(f"disk full: Redis refuses writes ({exc}); the town keeps what it has and tries again")
+        self.disk_full = True
 
     def _retrying(self, call, attempts: int = 3):
         """call() against Redis; if the connection breaks (redis-server died while the town
-        stops), reconnect, starting the server again if need be, and try again."""
+        stops), reconnect, starting the server again if need be, and try again. A write Redis
+        refuses for a full disk is let go: a start or a stop must not die of it."""
         for attempt in range(attempts):
             try:
                 return call()
+            except RespError as exc:
+                if not disk_full(exc):
+                    raise
+                self._refused(exc)
+                return None
             except RespConnectionError as exc:
                 if attempt == attempts - 1:
                     raise
@@ -479,39 +573,6 @@ class Supervisor:
             wait_until(all_gone, 2.0)
         self.say(f"stopped {len(leftovers)} process(es) the agents' tasks had left running")
 
-    def _mark_stopped(self, *agent_ids: str) -> None:
-        """Record agents as stopped, and put back what their runners claimed but never started
-        (a runner stopped while idle exits without writing anything): two round trips for any
-        number of agents, so 50 runners stop in one go."""
-        if not agent_ids:
-            return
-        reads = self.town.r.pipeline(transaction=False)
-        for agent_id in agent_ids:
-            reads.hget(self.town.keys.agent(agent_id), "state")
-            reads.lrange(self.town.keys.inflight(agent_id), 0, -1)
-        found = reads.execute()
-        pipe = self.town.r.pipeline(transaction=False)
-        for agent_id, old, inflight in zip(agent_ids, found[::2], found[1::2]):
-            if old is not None:  # no record: the agent was removed
-                self.town.set_agent_state(agent_id, AgentState.STOPPED, pipe=pipe, old=old, pid="", cli_pid="",
-                                          current_task="", restart_at="")
-            for raw in inflight:  # claimed as the stop came (rare)
-                self._put_back_unstarted(agent_id, raw)
-        pipe.execute()
-
-    def _put_back_unstarted(self, agent_id: str, raw: str) -> None:
-        try:
-            claimed = Claimed(raw, Message.decode(raw))
-            # assigned: claimed as the stop came; running: its runner died under it (or was killed
-            # past every deadline), which counts as an attempt
-            if self.town.task(claimed.message.task_id).state in (TaskState.ASSIGNED.value, TaskState.RUNNING.value):
-                self.town.requeue(agent_id, claimed)
-        except (TinytownError, ValueError, TypeError):
-            pass  # not a task we can put back: the next runner's recovery decides
-
-    def _requested_stop(self) -> str | None:
-        return self.town.r.hget(self.town.keys.supervisor, "stop") or None
-
     def _write_report(self, report: StopReport) -> None:
         path = self.config.runtime_dir / "last-stop.json"
         data = {"stopped": report.stopped, "killed": report.killed, "requeued": report.requeued,
@@ -532,6 +593,41 @@ class Supervisor:
                 pass
         self.procs.clear()
         kill_with_group(adopted(self._own_children()), signal.SIGKILL)  # orphaned CLIs, ours as subreaper
+
+
+def disk_full(exc: RespError) -> bool:
+    """Redis's answer when it cannot write its append-only file (a full disk, most often)."""
+    return str(exc).startswith("MISCONF")
+
+
+def reap_runners(procs: dict[str, RunnerProc]) -> list[tuple[RunnerProc, int]]:
+    """Collect the runners that exited, removing them from `procs`; (runner, waitpid status) each.
+
+    Exited children are looked at first without being collected (waitid WNOWAIT), so 50 runners
+    stopping cost 50 calls, not one waitpid per runner for each of 50 wakeups. An exited child that
+    is not a runner (redis-server, an adopted orphan) is left to its owner, and the runners are
+    then asked one by one."""
+    by_pid = {proc.pid: proc for proc in procs.values()}
+    found = []
+    while by_pid:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            break
+        if info is None:
+            return found  # nothing else has exited
+        proc = by_pid.pop(info.si_pid, None)
+        if proc is None:
+            break  # not a runner: leave it, and ask the runners one by one
+        status = reap(proc.pid)
+        del procs[proc.agent_id]
+        found.append((proc, 0 if status is None else status))
+    for pid, proc in by_pid.items():
+        status = reap(pid)
+        if status is not None:
+            del procs[proc.agent_id]
+            found.append((proc, status))
+    return found
 
 
 def describe_status_code(returncode: int | None) -> str:

@@ -176,3 +176,28 @@ def stop(config: Config, now: bool = False, timeout: float | None = None) -> dic
         return json.loads(report_path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def reload(config: Config, timeout: float = 10.0) -> tuple[str, str] | None:
+    """Ask the running supervisor to read tinytown.toml again and wait for its answer:
+    (error, note) as it recorded them, or None if the town is not running."""
+    if not running_pid(config):
+        return None
+    from .resp import connect
+    from .town import Town
+
+    town = Town(config, connect(config))
+    wait_recorded(config, town)
+    asked = town.ask_reload()
+    answered = {}
+
+    def done() -> bool:
+        info = town.supervisor_info()
+        if int(info.get("reloads_done") or 0) >= asked:
+            answered.update(info)
+            return True
+        return not running_pid(config)
+
+    if not wait_until(done, timeout) or not answered:
+        raise TinytownError("the town's supervisor did not answer the reload; see .tt/supervisor.log")
+    return answered.get("config_error", ""), answered.get("config_note", "")

@@ -8,11 +8,9 @@ import signal
 import subprocess
 from pathlib import Path
 
-import psutil
-
-from .config import Config
+from .config import Config, ensure_private_folder
 from .errors import TinytownError
-from .procutil import alive, set_parent_death_signal, wait_exit, wait_until
+from .procutil import alive, pidfd_wait, set_parent_death_signal, wait_exit, wait_until
 
 SHUTDOWN_TIMEOUT = 10.0  # SHUTDOWN returns once the append-only file is fsynced: slow on a busy disk
 
@@ -40,6 +38,27 @@ def find_binary(config: Config) -> str:
                         "or set [redis] server = \"/path/to/redis-server\" in tinytown.toml")
 
 
+DISABLED_COMMANDS = ("CONFIG", "DEBUG", "MODULE")
+
+
+def ensure_password(path: Path) -> str:
+    """The town's Redis password from `path`, made on first use: random, in a file only you can
+    read (only the supervisor, which holds the town's lock, makes it)."""
+    try:
+        existing = path.read_text().strip()
+        if existing:
+            return existing
+    except FileNotFoundError:
+        pass
+    import secrets
+    password = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        fh.write(password + "\n")
+    return password
+
+
 class RedisServer:
     """One redis-server process owned by the supervisor (its own process group, dies with it)."""
 
@@ -62,8 +81,19 @@ class RedisServer:
         if c.use_socket:
             args += ["--port", "0", "--unixsocket", str(c.redis_socket), "--unixsocketperm", "700"]
         else:
-            args += ["--port", str(c.redis_port), "--bind", c.redis_host]
+            # The rest comes on stdin (private_settings): a command line is readable by every local user.
+            args += ["--port", str(c.redis_port), "--bind", c.redis_host, "-"]
         return args
+
+    def private_settings(self) -> bytes | None:
+        """With TCP, what any local user could otherwise do on the port: a password is required,
+        and CONFIG (`CONFIG SET dir` writes files as you), DEBUG and MODULE (code into the server)
+        do not exist. Given on stdin, never on the command line, in a log or in Redis."""
+        if self.config.use_socket:
+            return None
+        password = ensure_password(self.config.redis_password_file)
+        return (f"requirepass {password}\n" + "".join(f'rename-command {command} ""\n' for command in DISABLED_COMMANDS)
+                ).encode()
 
     def clear_stale(self) -> None:
         """A redis-server left by a killed supervisor of this town is stopped; a stale socket removed."""
@@ -71,14 +101,13 @@ class RedisServer:
             pid = int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             pid = None
-        if pid and alive(pid):
+        if pid and alive(pid) and self._is_ours(pid):
             try:
-                proc = psutil.Process(pid)
-                if "redis" in proc.name() and str(self.data_dir) in " ".join(proc.cmdline()):
-                    proc.terminate()
-                    proc.wait(5)
-            except (psutil.Error, OSError):
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
                 pass
+            if pidfd_wait(pid, 5.0) is None:
+                wait_until(lambda: not alive(pid), 5.0)
         if self.config.use_socket:
             sock = self.config.redis_socket
             try:
@@ -86,20 +115,40 @@ class RedisServer:
             except FileNotFoundError:
                 pass
 
+    def _is_ours(self, pid: int) -> bool:
+        """A redis-server on this town's data folder (read from /proc: psutil is not loaded in the
+        supervisor, whose every page each forked runner maps and tears down again)."""
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmdline = fh.read().replace(b"\0", b" ")
+        except OSError:
+            return False
+        return b"redis" in cmdline and os.fsencode(self.data_dir) in cmdline
+
     def start(self, timeout: float = 10.0) -> None:
         binary = find_binary(self.config)
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if self.config.use_socket:
-            self.config.redis_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.config.use_socket and self.config.redis_socket.parent != self.config.runtime_dir:
+            # A socket moved out of .tt/ (a long town path: /tmp/tt-<uid>/): a neighbour who made
+            # that folder first could put their own server in its place and read every prompt.
+            ensure_private_folder(self.config.redis_socket.parent, "the town's Redis socket")
         self.clear_stale()
         parent = os.getpid()
+        settings = self.private_settings()
         self.proc = subprocess.Popen(
-            self.argv(binary), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            self.argv(binary), stdin=subprocess.DEVNULL if settings is None else subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, cwd=str(self.data_dir),
             # Own process group (Ctrl+C on `tt start` must not reach it before the runners stop);
             # SIGTERM when the supervisor dies, so redis saves and exits instead of living on.
             preexec_fn=lambda: (os.setpgid(0, 0), set_parent_death_signal(signal.SIGTERM, parent)),
         )
+        if settings is not None:
+            try:
+                self.proc.stdin.write(settings)
+                self.proc.stdin.close()
+            except OSError:  # it exited at once: said below
+                pass
         from .resp import connect
         client = connect(self.config, timeout=1)
 

@@ -11,13 +11,40 @@ from dataclasses import dataclass
 from .config import PRESETS, Config, validate_name
 from .errors import TinytownError
 from .keys import Keys
-from .models import (Agent, AgentState, Message, Task, TaskState, check_agent_transition,
-                     check_task_transition, new_id, now)
+from .models import (AGENT_TRANSITIONS, Agent, AgentState, InvalidTransition, Message, Task, TaskState,
+                     check_agent_transition, check_task_transition, new_id, now)
 from .resp import RespClient, RespError, connect
 
 
 OUTPUT_TAIL_BYTES = 64 * 1024
 EVENTS_MAXLEN = 5000
+
+# KEYS[1]: an agent's hash; ARGV: the new state, the states it may follow (",a,b,": see
+# _ALLOWED_BEFORE), then field, value pairs to write with it. Returns the old state.
+SET_AGENT_STATE = """
+local old = redis.call('HGET', KEYS[1], 'state') or ''
+if old ~= ARGV[1] and not string.find(ARGV[2], ',' .. old .. ',', 1, true) then
+  local from = old == '' and 'no record' or ("'" .. old .. "'")
+  return redis.error_reply("TRANSITION agent cannot go from " .. from .. " to '" .. ARGV[1] .. "'")
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], unpack(ARGV, 3))
+return old
+"""
+# For each state, the states it may follow, as the script reads them: models.AGENT_TRANSITIONS
+# turned around ("" = no record yet, from which only `starting` is allowed).
+_ALLOWED_BEFORE = {
+    new: "," + ",".join(sorted({old.value for old, nexts in AGENT_TRANSITIONS.items() if new in nexts}
+                               | ({""} if new is AgentState.STARTING else set()))) + ","
+    for new in AgentState
+}
+
+
+def _transition_error(exc: Exception) -> Exception:
+    """The script's refusal as InvalidTransition; any other error as it came."""
+    text = str(exc)
+    if text.startswith("TRANSITION "):
+        return InvalidTransition(text[len("TRANSITION "):])
+    return exc
 
 
 @dataclass
@@ -109,16 +136,24 @@ class Town:
 
     def set_agent_state(self, agent_id: str, state: AgentState, pipe=None, *, old: str | None = None,
                         **fields) -> None:
-        """The one way an agent's state changes: checked against models.AGENT_TRANSITIONS.
+        """The one way an agent's state changes: checked against models.AGENT_TRANSITIONS inside Redis.
 
-        old: the agent's current state when the caller has just read it (saves a round trip).
+        The check and the write are one script, so two writers (a runner and its supervisor) cannot
+        both pass the check and then overwrite each other: the table is a guarantee, not advice.
+        old: the state the caller has just read: a transition it rules out fails before anything
+        is sent (a pipeline then writes nothing of the rest either). In a pipeline, a transition
+        refused inside Redis fails that command alone, when the pipeline executes.
         """
-        if old is None:
-            old = self.r.hget(self.keys.agent(agent_id), "state")
-        check_agent_transition(old, state)
-        values = {"state": state.value, "updated_at": f"{now():.6f}"}
+        if old is not None:
+            check_agent_transition(old, state)
+        values = {"updated_at": f"{now():.6f}"}
         values.update({k: "" if v is None else str(v) for k, v in fields.items()})
-        (pipe or self.r).hset(self.keys.agent(agent_id), mapping=values)
+        args = [state.value, _ALLOWED_BEFORE[state]] + [x for pair in values.items() for x in pair]
+        target = pipe if pipe is not None else self.r
+        try:
+            target.execute_command("EVAL", SET_AGENT_STATE, 1, self.keys.agent(agent_id), *args)
+        except Exception as exc:  # noqa: BLE001 - redis-py's ResponseError or resp.py's RespError
+            raise _transition_error(exc) from None
 
     def heartbeat(self, agent_id: str) -> None:
         self.r.hset(self.keys.agent(agent_id), "heartbeat_at", f"{now():.6f}")
@@ -176,7 +211,7 @@ class Town:
             if len(matches) != 1 or not task_id:
                 raise TinytownError(f"no task {task_id!r}" if not matches else f"task id {task_id!r} is ambiguous")
             data = self.r.hgetall(self.keys.task(matches[0]))
-        return Task.from_hash(data)
+        return self._explain_waiting([Task.from_hash(data)])[0]
 
     def tasks(self, agent: str | None = None, state: str | None = None, limit: int = 0) -> list[Task]:
         ids = self.r.zrange(self.keys.task_index, 0, -1)
@@ -185,7 +220,26 @@ class Town:
             pipe.hgetall(self.keys.task(task_id))
         found = [Task.from_hash(d) for d in pipe.execute() if d]
         found = [t for t in found if (agent is None or t.agent == agent) and (state is None or t.state == state)]
-        return found[-limit:] if limit else found
+        return self._explain_waiting(found[-limit:] if limit else found)
+
+    def _explain_waiting(self, tasks: list[Task]) -> list[Task]:
+        """A task waiting for an agent that gave up says so in its reason: "waiting: agent d
+        failed: …" (read, not stored: it holds exactly while the agent is failed)."""
+        waiting = [t for t in tasks if t.state == TaskState.ASSIGNED.value and not t.reason]
+        if not waiting:
+            return tasks
+        agent_ids = sorted({t.agent_id for t in waiting})
+        pipe = self.r.pipeline(transaction=False)
+        for agent_id in agent_ids:
+            pipe.hget(self.keys.agent(agent_id), "state")
+            pipe.hget(self.keys.agent(agent_id), "reason")
+        found = pipe.execute()
+        failed = {agent_id: reason for agent_id, state, reason in zip(agent_ids, found[::2], found[1::2])
+                  if state == AgentState.FAILED.value}
+        for task in waiting:
+            if task.agent_id in failed:
+                task.reason = f"waiting: agent {task.agent} failed: {failed[task.agent_id] or 'no reason recorded'}"
+        return tasks
 
     def task_counts(self) -> dict[str, int]:
         counts = {s.value: 0 for s in TaskState}
@@ -296,24 +350,140 @@ class Town:
                 back.append(claimed.message.task_id)
         return back
 
-    # --- the supervisor's record -----------------------------------------------------------
+    # --- the supervisor's record, and what the supervisor writes --------------------------
     def supervisor_info(self) -> dict:
         return self.r.hgetall(self.keys.supervisor)
 
+    def record_supervisor_started(self, pid: int) -> None:
+        self.r.hset(self.keys.supervisor, mapping={
+            "pid": pid, "host": host(), "state": "running", "started_at": f"{now():.6f}", "stop": "",
+            "root": str(self.config.root)})
+
+    def set_supervisor_state(self, state: str) -> None:
+        self.r.hset(self.keys.supervisor, "state", state)
+
+    def record_supervisor_stopped(self) -> None:
+        self.r.hset(self.keys.supervisor, mapping={"state": "stopped", "stop": "", "pid": ""})
+
+    def requested_stop(self) -> str | None:
+        """The stop `tt stop` asked for ("graceful" or "now"), if any."""
+        return self.r.hget(self.keys.supervisor, "stop") or None
+
+    def requests(self) -> tuple[str | None, int]:
+        """What `tt` commands asked of the supervisor, in one round trip: the stop (as
+        requested_stop) and how many reloads were asked so far (`tt reload`)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hget(self.keys.supervisor, "stop")
+        pipe.hget(self.keys.supervisor, "reloads_asked")
+        stop, asked = pipe.execute()
+        return stop or None, int(asked or 0)
+
+    def ask_reload(self) -> int:
+        """`tt reload`: ask the supervisor to read tinytown.toml again; the request's number."""
+        pipe = self.r.pipeline()
+        pipe.hincrby(self.keys.supervisor, "reloads_asked", 1)
+        pipe.publish(self.keys.control, "reload")
+        return pipe.execute()[0]
+
+    def record_config(self, error: str, note: str, reloads_done: int) -> None:
+        """How the supervisor's last read of tinytown.toml went: an error (the town runs on its
+        previous config), or what changed and what needs a restart."""
+        self.r.hset(self.keys.supervisor, mapping={"config_error": error, "config_note": note,
+                                                   "reloads_done": reloads_done})
+
+    def event(self, kind: str, **fields) -> str:
+        """Add one event to the town's stream; its id."""
+        pipe = self.r.pipeline(transaction=False)
+        self._event(pipe, kind, **fields)
+        return pipe.execute()[0]
+
+    def events_since(self, since: str, kind: str) -> list[dict]:
+        """The events of one kind from stream id `since` on."""
+        return [fields for _id, fields in self.r.xrange(self.keys.events, min=since) if fields.get("type") == kind]
+
+    def agent_exists(self, agent_id: str) -> bool:
+        return bool(self.r.exists(self.keys.agent(agent_id)))
+
+    def cli_pid(self, agent_id: str) -> int | None:
+        """The pid (and process group) of the CLI the agent's record names, if any."""
+        pid = self.r.hget(self.keys.agent(agent_id), "cli_pid")
+        return int(pid) if pid else None
+
+    def set_runner_pid(self, agent_id: str, pid: int) -> None:
+        self.r.hset(self.keys.agent(agent_id), "pid", pid)
+
+    def record_restart(self, agent_id: str, name: str, reason: str, delay: float) -> None:
+        """One more restart of an agent's runner, and its event, in one transaction."""
+        pipe = self.r.pipeline()
+        pipe.hincrby(self.keys.agent(agent_id), "restarts", 1)
+        self._event(pipe, "agent_restarting", agent=name, reason=reason, delay=f"{delay:.3f}")
+        pipe.execute()
+
+    def mark_stopped(self, *agent_ids: str) -> None:
+        """Record agents as stopped, and put back what their runners claimed but never started
+        (a runner stopped while idle exits without writing anything): two round trips for any
+        number of agents, so 50 runners stop in one go. A record edited by hand into a state
+        that cannot become `stopped` is left as it is."""
+        if not agent_ids:
+            return
+        reads = self.r.pipeline(transaction=False)
+        for agent_id in agent_ids:
+            reads.hget(self.keys.agent(agent_id), "state")
+            reads.lrange(self.keys.inflight(agent_id), 0, -1)
+        found = reads.execute()
+        pipe = self.r.pipeline(transaction=False)
+        for agent_id, old, inflight in zip(agent_ids, found[::2], found[1::2]):
+            if old is not None:  # no record: the agent was removed
+                try:
+                    self.set_agent_state(agent_id, AgentState.STOPPED, pipe=pipe, old=old, pid="", cli_pid="",
+                                         current_task="", restart_at="")
+                except (InvalidTransition, ValueError):
+                    pass
+            for raw in inflight:  # claimed as the stop came (rare)
+                self._put_back_unstarted(agent_id, raw)
+        pipe.execute()
+
+    def _put_back_unstarted(self, agent_id: str, raw: str) -> None:
+        try:
+            claimed = Claimed(raw, Message.decode(raw))
+            # assigned: claimed as the stop came; running: its runner died under it (or was killed
+            # past every deadline), which counts as an attempt
+            if self.task(claimed.message.task_id).state in (TaskState.ASSIGNED.value, TaskState.RUNNING.value):
+                self.requeue(agent_id, claimed)
+        except (TinytownError, ValueError, TypeError):
+            pass  # not a task we can put back: the next runner's recovery decides
+
+    def persistence_error(self) -> str | None:
+        """Why Redis cannot write its append-only file (it then refuses every write), or None.
+        A read: it answers when nothing else can be written."""
+        info = self.r.execute_command("INFO", "persistence")
+        fields = info if isinstance(info, dict) else dict(  # (redis-py parses INFO; resp.py does not)
+            line.split(":", 1) for line in info.splitlines() if ":" in line)
+        if fields.get("aof_last_write_status", "ok") == "ok":
+            return None
+        return (f"disk full: Redis cannot write its append-only file in {self.config.runtime_dir / 'redis'}; "
+                "the town keeps what it has and goes on once there is space")
+
     def status(self) -> dict:
+        """The town at a glance. tasks: a count per state, and `blocked`: those waiting in the
+        inbox of a failed agent (counted in `assigned` too), which nothing runs until `tt restart`."""
         agents = self.agents()
         pending = self.pending_counts(agents)
         info = self.supervisor_info()
+        tasks = self.task_counts()
+        tasks["blocked"] = sum(pending.get(a.id, 0) for a in agents if a.state == AgentState.FAILED.value)
         return {
             "town": self.config.name,
             "root": str(self.config.root),
             "redis": str(self.config.redis_socket) if self.config.use_socket else
             f"{self.config.redis_host}:{self.config.redis_port}",
             "supervisor": {"pid": int(info["pid"]) if info.get("pid") else None,
-                           "host": info.get("host", ""), "state": info.get("state", "")},
+                           "host": info.get("host", ""), "state": info.get("state", ""),
+                           "config_error": info.get("config_error", ""),
+                           "disk_error": self.persistence_error() or ""},
             "max_agents": self.config.max_agents,
             "agents": [agent_json(a, pending.get(a.id, 0), self.config.supervisor.heartbeat_stale) for a in agents],
-            "tasks": self.task_counts(),
+            "tasks": tasks,
         }
 
 

@@ -7,6 +7,7 @@ task until the test opens the gate, so nothing depends on how fast this machine 
 from __future__ import annotations
 
 import json
+import select
 import os
 import signal
 import subprocess
@@ -717,28 +718,37 @@ def test_a_runner_that_will_not_stop_is_killed_and_its_task_put_back(town):
 
 def test_foreground_supervisor_outlives_its_terminal(town):
     """`tt start` over SSH, then the connection drops: the town goes on, its messages go to the log."""
-    import pexpect
-    child = pexpect.spawn(sys.executable, ["-m", "tinytown.cli.main", "start"], cwd=str(town.root), env=town.env,
-                          timeout=30)
+    master, slave = os.openpty()
+    child = subprocess.Popen([sys.executable, "-m", "tinytown.cli.main", "start"], cwd=town.root, env=town.env,
+                             stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
     try:
-        child.expect("supervisor pid")
+        seen = bytearray()
+
+        def printed_its_pid() -> bool:
+            if select.select([master], [], [], 0.1)[0]:
+                seen.extend(os.read(master, 4096))
+            return b"supervisor pid" in seen
+
+        wait_for(printed_its_pid, 30, "the supervisor's first line on its terminal")
         pid = wait_for(town.supervisor_pid, 10, "the supervisor's lock")
         assert pid == child.pid
         # The terminal goes away: closing the pty's master side hangs it up (SIGHUP, which the
         # supervisor ignores), and from then on writes to it fail.
-        child.ptyproc.fileobj.close()
-        child.closed = child.ptyproc.closed = True
+        os.close(master)
+        master = -1
         town.tt("spawn", "late")  # makes the supervisor print "runner late started" to a dead terminal
         assert town.wait_task(town.json("assign", "late", "hi")["id"])["state"] == "completed"
         assert town.supervisor_pid() == pid
         wait_for(lambda: "runner late started" in (town.root / ".tt" / "supervisor.log").read_text(), 10,
                  "the message in .tt/supervisor.log")
         town.tt("stop")
-        assert os.waitpid(child.pid, 0)[1] == 0
+        assert child.wait(30) == 0
     finally:
+        if master >= 0:
+            os.close(master)
         if town.supervisor_pid() == child.pid:
             os.kill(child.pid, signal.SIGKILL)
-
 
 def test_supervisor_and_runners_never_load_redis_py(town):
     """They talk RESP themselves (supervisor/resp.py): each runner is a fork of the supervisor,
