@@ -319,11 +319,6 @@ class Config:
         except OSError:
             return None
 
-    def redis_kwargs(self) -> dict:
-        if self.use_socket:
-            return {"unix_socket_path": str(self.redis_socket)}
-        return {"host": self.redis_host, "port": self.redis_port, "password": self.redis_password}
-
 
 def short_socket_path(path: Path, root: Path) -> Path:
     """`path` if it fits in sun_path; else a per-user, per-town path under /tmp that does."""

@@ -50,8 +50,7 @@ end
 
 -- The same TaskAssign message `tt assign` pushes (models.Message), for a task delivered here.
 local function message(task_id)
-  return cjson.encode({type = 'TaskAssign', id = task_id, created_at = tonumber(AT), task_id = task_id,
-                       sender = 'tt', priority = 'normal'})
+  return cjson.encode({type = 'TaskAssign', id = task_id, created_at = tonumber(AT), task_id = task_id})
 end
 
 -- Agents that can take backlog work right now: idle, nothing queued, nothing in flight; the one

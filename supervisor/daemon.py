@@ -22,7 +22,7 @@ from .config import CONFIG_FILE, Config, ensure_runtime_dir, load
 from .control import ControlChannel
 from .errors import TinytownError
 from .agent_log import tail_text
-from .models import AgentState, InvalidTransition
+from .models import AgentState, InvalidTransition, StopMode
 from .procutil import (adopted, become_subreaper, close_on_exec_all, describe_status, drain, exit_now,
                        kill_leftovers, kill_with_group, killpg, reap, reap_adopted, set_parent_death_signal,
                        set_process_name, signal_wakeup_pipe, wait_exit, wait_until)
@@ -65,7 +65,7 @@ class StopReport:
 class Stopping:
     """A stop under way: the mode the one loop is in once a stop is asked."""
 
-    mode: str                   # "graceful" or "now"
+    mode: StopMode
     since: str                  # the events stream's id when it began (what was re-queued since)
     deadline: float             # monotonic: past it, what still runs is killed
     report: StopReport = field(default_factory=StopReport)
@@ -83,7 +83,7 @@ class Supervisor:
         self.exited: list[tuple[RunnerProc, int]] = []  # reaped runners whose exit is not yet recorded
         self.again = False  # a pass cut short by a lost Redis: run the next one at once
         self.restarts: dict[str, RestartRecord] = {}
-        self.signalled: str | None = None   # a stop asked by SIGTERM/SIGINT: "graceful", then "now"
+        self.signalled: StopMode | None = None   # a stop asked by SIGTERM/SIGINT: graceful, then now
         self.stopping: Stopping | None = None
         self.redis = RedisServer(config)
         self.lock_fd: int | None = None
@@ -100,7 +100,7 @@ class Supervisor:
         try:
             self._say(text)
         except OSError:
-            fd = os.open(self.config.runtime_dir / "supervisor.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = os.open(self.config.supervisor_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
             os.close(fd)
@@ -168,7 +168,7 @@ class Supervisor:
 
     def _on_stop_signal(self, *_):
         # SIGTERM/SIGINT = `tt stop`; a second one while stopping = `tt stop --now`
-        self.signalled = "now" if (self.signalled or self.stopping) else "graceful"
+        self.signalled = StopMode.NOW if (self.signalled or self.stopping) else StopMode.GRACEFUL
 
     # --- the loop ----------------------------------------------------------------------------
     def _loop(self) -> StopReport:
@@ -205,9 +205,9 @@ class Supervisor:
                         self._reconcile()
                         continue
                     self._begin_stop(mode)
-                elif nudged or self.signalled == "now":
+                elif nudged or self.signalled is StopMode.NOW:
                     # `tt stop --now` writes the request and then publishes on the control channel
-                    if self.signalled == "now" or self.town.requested_stop() == "now":
+                    if self.signalled is StopMode.NOW or self.town.requested_stop() is StopMode.NOW:
                         self._stop_now()
                 nudged = False
                 if self._stop_step():
@@ -470,13 +470,13 @@ class Supervisor:
         self.say(f"stopping ({mode})")
         self.town.set_supervisor_state("stopping")
         since = self.town.event("town_stopping", mode=mode)
-        grace = 0.0 if mode == "now" else self.policy.stop_grace
+        grace = 0.0 if mode is StopMode.NOW else self.policy.stop_grace
         self.stopping = Stopping(mode, since, time.monotonic() + grace + KILL_WAIT_SECONDS + 3.0)
         # While a runner lives, the agent's state is its own to write (it says `stopping` when it
         # gets the signal): a write from here could race with it recording a finished task.
         # Every runner gets its signal before the first exit interrupts the loop (SIGCHLD is
         # held back meanwhile; the wakeup pipe still hears of it once unblocked).
-        sig = signal.SIGUSR1 if mode == "now" else signal.SIGTERM
+        sig = signal.SIGUSR1 if mode is StopMode.NOW else signal.SIGTERM
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
         try:
             for proc in self.procs.values():
@@ -487,9 +487,9 @@ class Supervisor:
     def _stop_now(self) -> None:
         """`tt stop --now` (or a second Ctrl+C) during a graceful stop: skip the grace period."""
         stopping = self.stopping
-        if stopping.mode == "now":
+        if stopping.mode is StopMode.NOW:
             return
-        stopping.mode = self.signalled = "now"
+        stopping.mode = self.signalled = StopMode.NOW
         self.say("stopping now")
         for proc in self.procs.values():
             self._signal_runner(proc, signal.SIGUSR1)
@@ -574,7 +574,7 @@ class Supervisor:
         self.say(f"stopped {len(leftovers)} process(es) the agents' tasks had left running")
 
     def _write_report(self, report: StopReport) -> None:
-        path = self.config.runtime_dir / "last-stop.json"
+        path = self.config.last_stop_file
         data = {"stopped": report.stopped, "killed": report.killed, "requeued": report.requeued,
                 "pending": report.pending, "at": time.time()}
         path.write_text(json.dumps(data))

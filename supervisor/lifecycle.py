@@ -10,6 +10,7 @@ import time
 from . import lock
 from .config import Config, ensure_runtime_dir
 from .errors import TinytownError
+from .models import StopMode
 from .procutil import alive, pidfd_wait, wait_until
 
 START_TIMEOUT = 30.0
@@ -45,7 +46,7 @@ def supervisor_env() -> dict[str, str]:
 def _start_background(config: Config, say) -> bool:
     import subprocess  # only when starting one: `tt list` and `tt stop` skip the import
     ensure_runtime_dir(config.runtime_dir)
-    log_path = config.runtime_dir / "supervisor.log"
+    log_path = config.supervisor_log
     read_fd, write_fd = os.pipe()
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
@@ -160,7 +161,7 @@ def stop(config: Config, now: bool = False, timeout: float | None = None) -> dic
     try:
         # The stop request, on the small RESP client and without importing town.py, models.py or
         # redis-py: a quicker `tt stop`.
-        connect(config).pipeline().hset(keys.supervisor, "stop", "now" if now else "graceful") \
+        connect(config).pipeline().hset(keys.supervisor, "stop", (StopMode.NOW if now else StopMode.GRACEFUL).value) \
             .publish(keys.control, "stop").execute()
     except Exception:
         # Redis is unreachable: a signal still reaches a local supervisor.
@@ -171,7 +172,7 @@ def stop(config: Config, now: bool = False, timeout: float | None = None) -> dic
         raise TinytownError(f"the supervisor (pid {pid}) did not stop within {wait:.0f}s")
     if pid > 0:  # the lock goes a moment before the process: return only once it is gone
         _wait_gone(pid, 10.0)
-    report_path = config.runtime_dir / "last-stop.json"
+    report_path = config.last_stop_file
     try:
         return json.loads(report_path.read_text())
     except (OSError, ValueError):

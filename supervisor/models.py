@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from dataclasses import asdict, dataclass, fields
 from enum import Enum
 
@@ -88,6 +87,7 @@ def check_task_transition(old: str | TaskState | None, new: TaskState) -> TaskSt
 
 
 def new_id() -> str:
+    import uuid  # here: `tt stop` and the quick reads import this module and make no ids
     return str(uuid.uuid4())
 
 
@@ -184,8 +184,6 @@ class Message:
     id: str
     created_at: float
     task_id: str = ""
-    sender: str = "cli"
-    priority: str = "normal"
 
     def encode(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

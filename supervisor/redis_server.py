@@ -64,8 +64,8 @@ class RedisServer:
 
     def __init__(self, config: Config):
         self.config = config
-        self.data_dir = config.runtime_dir / "redis"
-        self.pid_file = config.runtime_dir / "redis.pid"
+        self.data_dir = config.redis_dir
+        self.pid_file = config.redis_pid_file
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -76,7 +76,7 @@ class RedisServer:
         c = self.config
         args = [binary, "--daemonize", "no", "--dir", str(self.data_dir),
                 "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-                "--logfile", str(c.runtime_dir / "redis.log"), "--pidfile", str(self.pid_file),
+                "--logfile", str(c.redis_log), "--pidfile", str(self.pid_file),
                 "--databases", "1", "--loglevel", "warning"]
         if c.use_socket:
             args += ["--port", "0", "--unixsocket", str(c.redis_socket), "--unixsocketperm", "700"]
@@ -164,7 +164,7 @@ class RedisServer:
         client.close()
         if self.proc.poll() is not None:
             err = (self.proc.stderr.read() or b"").decode(errors="replace").strip().splitlines()
-            log = self.config.runtime_dir / "redis.log"
+            log = self.config.redis_log
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
             raise TinytownError(f"redis-server exited at start: {(err or tail or ['no output'])[-1]}")
         if self.proc.stderr:

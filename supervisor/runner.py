@@ -30,7 +30,7 @@ from .config import Config
 from .errors import TinytownError
 from .agent_log import AgentLog, keep_tail, tail_bytes
 from .attach_server import REPLAY_BYTES, AttachServer
-from .models import AgentState, TaskState
+from .models import AgentState, StopMode, TaskState
 from .procutil import drain, exit_now, signal_wakeup_pipe
 from .pty_session import CliSession
 from .resp import RespConnectionError, Sender
@@ -85,7 +85,7 @@ class Runner:
     def __init__(self, config: Config, agent_id: str):
         self.config = config
         self.agent_id = agent_id
-        self.stop_mode: str | None = None       # None, "graceful" or "now"
+        self.stop_mode: StopMode | None = None
         self.idle = True                          # nothing to finish: a stop signal may end the wait
         self.wake_r = self.wake_w = -1
         # Filled in by run(), from the agent's record once Redis answers:
@@ -95,7 +95,7 @@ class Runner:
         self.task_timeout: float | None = None
         self.log: AgentLog | None = None
         self.attach: AttachServer | None = None
-        self.prompt_dir = config.runtime_dir / "prompts"
+        self.prompt_dir = config.prompt_dir
         self.base_env: dict[str, str] = {}        # every CLI's environment (TT_TASK_ID added per task)
         self.warning = ""                         # the agent's warning as last written (the log's state)
         # Per task: the output's last OUTPUT_TAIL_BYTES, and what the Redis stream has not had yet.
@@ -119,7 +119,7 @@ class Runner:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
     def _on_stop(self, signum, _frame) -> None:
-        self.stop_mode = "now" if signum == signal.SIGUSR1 else (self.stop_mode or "graceful")
+        self.stop_mode = StopMode.NOW if signum == signal.SIGUSR1 else (self.stop_mode or StopMode.GRACEFUL)
         if self.idle:
             attach = self.attach
             if attach is None or not attach.viewers:  # nothing to finish, nobody to tell: just go
@@ -355,13 +355,13 @@ class Runner:
     def _enforce(self, session: CliSession, clock: PumpClock, now: float, killed_for: Ending | None) -> Ending | None:
         """A stop's grace and the task's timeout: SIGTERM to the CLI's group when one runs out,
         SIGKILL after KILL_WAIT_SECONDS; why the CLI is being killed (None: it is not)."""
-        if self.stop_mode == "graceful" and clock.grace_at is None:
+        if self.stop_mode is StopMode.GRACEFUL and clock.grace_at is None:
             clock.grace_at = now + self.config.supervisor.stop_grace
             self.town.set_agent_state(self.agent_id, AgentState.STOPPING)  # `tt status` shows the wait
         if clock.grace_at is not None and now >= clock.grace_at:
-            self.stop_mode = "now"
+            self.stop_mode = StopMode.NOW
         if killed_for is None:
-            if self.stop_mode == "now":
+            if self.stop_mode is StopMode.NOW:
                 why = Ending.STOPPED
             elif clock.timeout_at is not None and now >= clock.timeout_at:
                 why = Ending.TIMED_OUT

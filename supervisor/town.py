@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from .config import PRESETS, Config, validate_name
 from .errors import TinytownError
 from .keys import Keys
-from .models import (AGENT_TRANSITIONS, Agent, AgentState, InvalidTransition, Message, Task, TaskState,
-                     check_agent_transition, check_task_transition, new_id, now)
+from .models import (AGENT_TRANSITIONS, Agent, AgentState, InvalidTransition, Message, StopMode, Task,
+                     TaskState, check_agent_transition, check_task_transition, new_id, now)
 from .resp import RespClient, RespError, connect
 
 
@@ -365,18 +365,18 @@ class Town:
     def record_supervisor_stopped(self) -> None:
         self.r.hset(self.keys.supervisor, mapping={"state": "stopped", "stop": "", "pid": ""})
 
-    def requested_stop(self) -> str | None:
-        """The stop `tt stop` asked for ("graceful" or "now"), if any."""
-        return self.r.hget(self.keys.supervisor, "stop") or None
+    def requested_stop(self) -> StopMode | None:
+        """The stop `tt stop` asked for, if any."""
+        return _stop_mode(self.r.hget(self.keys.supervisor, "stop"))
 
-    def requests(self) -> tuple[str | None, int]:
+    def requests(self) -> tuple[StopMode | None, int]:
         """What `tt` commands asked of the supervisor, in one round trip: the stop (as
         requested_stop) and how many reloads were asked so far (`tt reload`)."""
         pipe = self.r.pipeline(transaction=False)
         pipe.hget(self.keys.supervisor, "stop")
         pipe.hget(self.keys.supervisor, "reloads_asked")
         stop, asked = pipe.execute()
-        return stop or None, int(asked or 0)
+        return _stop_mode(stop), int(asked or 0)
 
     def ask_reload(self) -> int:
         """`tt reload`: ask the supervisor to read tinytown.toml again; the request's number."""
@@ -487,16 +487,22 @@ class Town:
         }
 
 
+def _stop_mode(value: str | None) -> StopMode | None:
+    """A stop request as written by `tt stop`; an unknown word (a hand edit) counts as graceful."""
+    if not value:
+        return None
+    try:
+        return StopMode(value)
+    except ValueError:
+        return StopMode.GRACEFUL
+
+
 def agent_json(agent: Agent, pending: int, stale_after: float) -> dict:
     data = agent.to_json()
     data["pending"] = pending
     data["health"] = agent.health(stale_after)
     data["responsive"] = data["health"] != "unresponsive"
     return data
-
-
-def task_json(task: Task) -> dict:
-    return task.to_json()
 
 
 def host() -> str:
