@@ -466,10 +466,10 @@ class Supervisor:
         self.say(f"runner {proc.name} exited ({describe_status(status)}); restarting in {decision.delay:.2f}s")
 
     # --- stop: the loop's other mode -------------------------------------------------------------
-    def _begin_stop(self, mode: str) -> None:
-        self.say(f"stopping ({mode})")
+    def _begin_stop(self, mode: StopMode) -> None:
+        self.say(f"stopping ({mode.value})")
         self.town.set_supervisor_state("stopping")
-        since = self.town.event("town_stopping", mode=mode)
+        since = self.town.event("town_stopping", mode=mode.value)
         grace = 0.0 if mode is StopMode.NOW else self.policy.stop_grace
         self.stopping = Stopping(mode, since, time.monotonic() + grace + KILL_WAIT_SECONDS + 3.0)
         # While a runner lives, the agent's state is its own to write (it says `stopping` when it

@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             peers.ensure_venv(log=lambda text: print(text, file=sys.stderr, flush=True))
             peers_ok, why = True, ""
+            from . import town
+            town.TT = str(peers.install_tinytown())  # `tt` timed as a user's install runs it
         except peers.PeersUnavailable as exc:
             why = str(exc)
             print(f"bench: {why}; measuring Tinytown alone", file=sys.stderr)

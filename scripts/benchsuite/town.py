@@ -24,7 +24,7 @@ from tinytown.supervisor.town import Town
 
 from .common import clean_env, run_timed, wait_exit, wait_until
 
-TT = str(Path(sys.executable).with_name("tt"))
+TT = str(Path(sys.executable).with_name("tt"))  # (the bench's own install of the tree, once it has one)
 
 
 def tt_command(*args: str) -> list[str]:
