@@ -377,10 +377,11 @@ class Coordination:
         return [(t, a) for t, s, a in zip(ids, values[::2], values[1::2]) if s in UNFINISHED and a]
 
     # --- agents leaving (supervisor/agent_control.py) -----------------------------------------
-    def give_back(self, agent_id: str) -> int:
+    def give_back(self, agent_id: str, only_backlog: bool = False) -> int:
         """An agent's queued tasks (its inbox, and its tasks waiting on dependencies) to the shared
-        backlog, keeping their place; how many. Only for an agent no runner works for."""
-        return int(self._run("give_back", agent_id))
+        backlog, keeping their place; how many. Only for an agent no runner works for.
+        only_backlog: only those it had taken from the backlog (an agent that failed)."""
+        return int(self._run("give_back", agent_id, "1" if only_backlog else "0"))
 
     def remove_agent(self, agent_id: str, name: str, to_backlog: bool, check_only: bool = False) -> tuple[int, int]:
         """`tt prune`: the agent and its keys leave the registry (its tasks stay), or a TinytownError

@@ -374,16 +374,20 @@ return {'ok', redis.call('HGETALL', key), agent_state, notes, upstream}
 # of the agent is alive. The pending ones are found by reading every task's state and agent (a
 # rare command: one step, so no task is created for the agent in between and missed).
 AGENT_QUEUE = r"""
-local function queued_work(agent_id)
+-- only_backlog: only the tasks that came from the backlog (for an agent that failed holding them).
+local function queued_work(agent_id, only_backlog)
   local inbox, pending = {}, {}
   for _, raw in ipairs(redis.call('LRANGE', K.inbox .. agent_id, 0, -1)) do
     local ok, msg = pcall(cjson.decode, raw)
     local task_id = ok and type(msg) == 'table' and msg.task_id or nil
     if type(task_id) == 'string' and task_id ~= '' then
-      local t = redis.call('HMGET', K.task .. task_id, 'state', 'agent_id')
-      if t[1] == 'assigned' and t[2] == agent_id then inbox[#inbox + 1] = {raw, task_id} end
+      local t = redis.call('HMGET', K.task .. task_id, 'state', 'agent_id', 'backlog')
+      if t[1] == 'assigned' and t[2] == agent_id and (t[3] == '1' or not only_backlog) then
+        inbox[#inbox + 1] = {raw, task_id}
+      end
     end
   end
+  if only_backlog then return inbox, pending end  -- (a pending backlog task has no agent yet)
   for _, task_id in ipairs(redis.call('ZRANGE', K.tasks, 0, -1)) do
     local t = redis.call('HMGET', K.task .. task_id, 'state', 'agent_id')
     if t[1] == 'pending' and t[2] == agent_id then pending[#pending + 1] = task_id end
@@ -391,9 +395,9 @@ local function queued_work(agent_id)
   return inbox, pending
 end
 
-local function give_back(agent_id)
+local function give_back(agent_id, only_backlog)
   local name = redis.call('HGET', K.agent .. agent_id, 'name') or ''
-  local inbox, pending = queued_work(agent_id)
+  local inbox, pending = queued_work(agent_id, only_backlog)
   for _, item in ipairs(inbox) do
     redis.call('LREM', K.inbox .. agent_id, 1, item[1])
     redis.call('HSET', K.task .. item[2], 'agent', '', 'agent_id', '', 'backlog', '1', 'state', 'pending')
@@ -409,9 +413,9 @@ local function give_back(agent_id)
 end
 """
 
-# ARGV: ctx, agent id. Reply: how many tasks went back.
+# ARGV: ctx, agent id, "1" = only the tasks that came from the backlog. Reply: how many went back.
 GIVE_BACK = PRELUDE + AGENT_QUEUE + r"""
-return give_back(ARGV[2])
+return give_back(ARGV[2], ARGV[3] == '1')
 """
 
 # ARGV: ctx, agent id, name, "1" = give its queued work to the backlog, "1" = only check.
@@ -430,7 +434,7 @@ if redis.call('LLEN', K.inflight .. agent_id) > 0 then
   return fail(name .. ' still has a task in flight: its runner died with it (`tt restart ' .. name ..
               '` delivers it again)')
 end
-local inbox, pending = queued_work(agent_id)
+local inbox, pending = queued_work(agent_id, false)
 local queued = #inbox + #pending
 if queued > 0 and not to_back then
   return fail(name .. ' has ' .. queued .. ' queued task(s): `--to-backlog` gives them to the backlog, ' ..
@@ -439,7 +443,7 @@ end
 local waiting = redis.call('LRANGE', K.notes .. agent_id, 0, -1)
 if dry then return {queued, #waiting} end
 local moved = 0
-if to_back then moved = give_back(agent_id) end
+if to_back then moved = give_back(agent_id, false) end
 for _, id in ipairs(waiting) do redis.call('DEL', K.note .. id) end
 redis.call('DEL', K.agent .. agent_id, K.inbox .. agent_id, K.inflight .. agent_id, K.roles .. agent_id,
            K.notes .. agent_id, K.delivered_notes .. agent_id, K.output .. agent_id)
