@@ -53,12 +53,15 @@ def test_interrupt_lets_the_task_finish_and_holds_the_next_until_resume(town):
     out = town.tt("interrupt", "dev").out
     assert "pauses after its current task" in out
     assert town.agent("dev")["hold"] == "pause"
+    assert "pausing after its current task" in " ".join(town.tt("status").out.split())
+    assert "pausing after its current task" in town.tt("list").out
     open_gate(town)
     assert town.wait_task(first)["state"] == "completed"
     town.wait_agent("dev", ("paused",))
     # paused: no runner, and the next task waits in the inbox
     assert runner_pids(town, "dev") == []
     assert town.task(second)["state"] == "assigned" and town.agent("dev")["pending"] == 1
+    assert "Paused" in town.tt("list").out and "tt resume dev" in " ".join(town.tt("status").out.split())
     # a pause survives the town's stop and start
     town.tt("stop")
     third = town.assign("dev", "@echo third")  # (starts the town again)
