@@ -59,10 +59,10 @@ class AgentControl:
                 return agent, (f"{name} is paused already" if agent.state == AgentState.PAUSED.value
                                else f"{name} pauses after its current task already")
         elif current is Hold.KILL or (current is hold and agent.state == AgentState.STOPPED.value):
-            if to_backlog and not agent.to_backlog:
-                pass  # closed already, but its queue is to go to the backlog now: the supervisor does it
-            else:
-                return agent, f"{name} is closed already"
+            # closed (or being killed) already: only a --to-backlog not asked before is news
+            if not to_backlog or agent.to_backlog:
+                stopped = agent.state == AgentState.STOPPED.value
+                return agent, f"{name} is {'closed' if stopped else 'being killed'} already"
         fields = {"hold": (Hold.KILL if current is Hold.KILL else hold).value}
         if to_backlog:
             fields["to_backlog"] = "1"

@@ -312,3 +312,17 @@ def test_events_refuses_an_unknown_agent(town):
     town.tt("spawn", "dev")
     done = town.tt("events", "--agent", "nobody", check=False)
     assert done.returncode == 1 and "no agent named 'nobody'" in done.err
+
+
+def test_a_closed_agents_queue_goes_to_the_backlog_when_asked_later(town):
+    town.tt("spawn", "dev")
+    town.wait_agent("dev")
+    town.tt("close", "dev")
+    town.wait_agent("dev", ("stopped",))
+    assert "closed already" in town.tt("close", "dev").out
+    queued = town.assign("dev", "@echo waits for dev")  # a closed agent's inbox still takes work
+    assert town.task(queued)["state"] == "assigned"
+    town.tt("close", "dev", "--to-backlog")
+    task = town.wait_task(queued, ("pending",))
+    assert task["agent"] == "" and task["backlog"] == 1
+    wait_for(lambda: town.agent("dev")["to_backlog"] == 0, 10, "the give-back to be recorded")
