@@ -408,10 +408,11 @@ def restart(agent, town_path):
     """Clear a failed agent (or one waiting to restart) and start its runner again."""
     config = _config(town_path)
     town = _started_town(config)
-    before = town.agent(agent).state
+    held = town.agent(agent)
+    before = held.state
     found = town.restart_agent(agent)
-    if before in ("failed", "backoff", "stopped"):
-        click.echo(f"Restarting agent {found.name} (it was {before})")
+    if before in ("failed", "backoff", "stopped", "paused") or held.hold:
+        click.echo(f"Restarting agent {found.name} (it was {before}{', ' + held.hold + ' asked' if held.hold else ''})")
     else:
         click.echo(f"Agent {found.name} is {before}: nothing to restart")
 
@@ -482,6 +483,14 @@ def main() -> None:
             pass
     os._exit(code or 0)
 
+
+# More commands, in modules of their own that use the helpers above: run as `python -m`, this
+# module is __main__, and must also be the tinytown.cli.main they import (not a second copy).
+sys.modules.setdefault("tinytown.cli.main", sys.modules[__name__])
+from tinytown.cli.agent_commands import COMMANDS as _AGENT_COMMANDS  # noqa: E402
+
+for _command in _AGENT_COMMANDS:
+    cli.add_command(_command)
 
 if __name__ == "__main__":
     main()

@@ -15,8 +15,11 @@ STATE_COLOURS = {
     "starting": "cyan", "idle": "green", "working": "yellow", "stopping": "magenta", "stopped": "bright_black",
     "backoff": "bright_red", "failed": "red", "pending": "cyan", "assigned": "blue", "running": "yellow",
     "completed": "green", "cancelled": "bright_black", "unresponsive": "red",
-    "healthy": "green", "restarting": "bright_red",
+    "healthy": "green", "restarting": "bright_red", "paused": "bright_blue",
 }
+# What `tt interrupt/close/kill` asked, while the agent's runner is still on its way out.
+HOLD_NOTES = {"pause": "pausing after its current task", "close": "closing after its current task",
+              "kill": "being killed"}
 
 
 def agent_lines(agents, pending) -> None:
@@ -28,6 +31,10 @@ def agent_lines(agents, pending) -> None:
     for a in agents:
         state = click.style(a.state.capitalize(), fg=STATE_COLOURS.get(a.state))
         extra = f", {pending.get(a.id, 0)} pending" if pending.get(a.id) else ""
+        if a.hold and a.state not in ("paused", "stopped"):
+            extra += f", {HOLD_NOTES.get(a.hold, a.hold)}"
+        elif a.hold in ("close", "kill"):
+            extra += ", closed"
         click.echo(f"  {a.name} ({a.id}) - {state}  [{a.cli}{extra}]")
 
 
@@ -87,7 +94,7 @@ def status(data: dict) -> None:
     health: dict[str, int] = {}
     for a in agents:
         health[a["health"]] = health.get(a["health"], 0) + 1
-    order = ("healthy", "unresponsive", "restarting", "failed", "starting", "stopping", "stopped")
+    order = ("healthy", "unresponsive", "restarting", "failed", "starting", "stopping", "stopped", "paused")
     console.print(_counts("  agents: ", {h: health[h] for h in order if h in health}))
     # STATE is the agent's state, except that a stale heartbeat shows as unresponsive and backoff
     # as restarting: what a user needs to know first. NOTE says why and what happens next.
@@ -110,6 +117,12 @@ def _counts(label: str, counts: dict):
 def _note(a: dict) -> str:
     """Why an agent is not healthy, and what happens next."""
     health, reason = a["health"], a["reason"] or ""
+    if a.get("hold") and a["state"] not in ("paused", "stopped"):
+        return HOLD_NOTES.get(a["hold"], "")
+    if a.get("hold") in ("close", "kill"):
+        return f"closed; `tt restart {a['name']}` opens it again, `tt prune` removes it"
+    if a.get("hold") == "pause":
+        return f"`tt resume {a['name']}` lets it take tasks again"
     if health == "restarting":
         left = max(0.0, float(a["restart_at"]) - time.time()) if a.get("restart_at") else 0.0
         return f"restarting in {left:.0f}s (`tt restart {a['name']}`: now) after {reason}"

@@ -95,6 +95,7 @@ class Coordination:
             "dependents": k.dependents(""), "awaited": k.awaited, "backlog": k.backlog(""),
             "backlog_roles": k.backlog_roles, "roles": k.roles(""), "note": k.note(""), "notes": k.notes(""),
             "delivered_notes": k.delivered_notes(""), "cancel_requests": k.cancel_requests,
+            "output": k.output(""),
         }
         self.ctx = json.dumps({"keys": templates, "events_maxlen": events_maxlen,
                                "control": k.control}, separators=(",", ":"))
@@ -374,6 +375,20 @@ class Coordination:
             pipe.hget(self.keys.task(task_id), "agent_id")
         values = pipe.execute() if ids else []
         return [(t, a) for t, s, a in zip(ids, values[::2], values[1::2]) if s in UNFINISHED and a]
+
+    # --- agents leaving (supervisor/agent_control.py) -----------------------------------------
+    def give_back(self, agent_id: str, only_backlog: bool = False) -> int:
+        """An agent's queued tasks (its inbox, and its tasks waiting on dependencies) to the shared
+        backlog, keeping their place; how many. Only for an agent no runner works for.
+        only_backlog: only those it had taken from the backlog (an agent that failed)."""
+        return int(self._run("give_back", agent_id, "1" if only_backlog else "0"))
+
+    def remove_agent(self, agent_id: str, name: str, to_backlog: bool, check_only: bool = False) -> tuple[int, int]:
+        """`tt prune`: the agent and its keys leave the registry (its tasks stay), or a TinytownError
+        saying why not. (tasks given back, undelivered notes dropped); check_only: (tasks queued,
+        notes waiting) and nothing changes."""
+        moved, notes = self._run("prune", agent_id, name, "1" if to_backlog else "0", "1" if check_only else "0")
+        return int(moved), int(notes)
 
     # --- wait --------------------------------------------------------------------------------
     def wait(self, task_ids: list[str], timeout: float | None = None) -> dict[str, str]:

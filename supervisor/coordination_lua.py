@@ -366,6 +366,91 @@ end
 return {'ok', redis.call('HGETALL', key), agent_state, notes, upstream}
 """
 
+# An agent's queued work, given to the shared backlog (`tt close/kill/prune --to-backlog`): each
+# task waiting in its inbox, in order, and each of its tasks still waiting on dependencies. A task
+# given back is `pending` with no agent, in backlog:<its role> at its creation time (its place among
+# the others), and offered to a free matching agent at once. Its caller has made sure no runner
+# of the agent is alive. The pending ones are found by reading every task's state and agent (a
+# rare command: one step, so no task is created for the agent in between and missed).
+AGENT_QUEUE = r"""
+-- only_backlog: only the tasks that came from the backlog (for an agent that failed holding them).
+local function queued_work(agent_id, only_backlog)
+  local inbox, pending = {}, {}
+  for _, raw in ipairs(redis.call('LRANGE', K.inbox .. agent_id, 0, -1)) do
+    local ok, msg = pcall(cjson.decode, raw)
+    local task_id = ok and type(msg) == 'table' and msg.task_id or nil
+    if type(task_id) == 'string' and task_id ~= '' then
+      local t = redis.call('HMGET', K.task .. task_id, 'state', 'agent_id', 'backlog')
+      if t[1] == 'assigned' and t[2] == agent_id and (t[3] == '1' or not only_backlog) then
+        inbox[#inbox + 1] = {raw, task_id}
+      end
+    end
+  end
+  if only_backlog then return inbox, pending end  -- (a pending backlog task has no agent yet)
+  for _, task_id in ipairs(redis.call('ZRANGE', K.tasks, 0, -1)) do
+    local t = redis.call('HMGET', K.task .. task_id, 'state', 'agent_id')
+    if t[1] == 'pending' and t[2] == agent_id then pending[#pending + 1] = task_id end
+  end
+  return inbox, pending
+end
+
+local function give_back(agent_id, only_backlog)
+  local name = redis.call('HGET', K.agent .. agent_id, 'name') or ''
+  local inbox, pending = queued_work(agent_id, only_backlog)
+  for _, item in ipairs(inbox) do
+    redis.call('LREM', K.inbox .. agent_id, 1, item[1])
+    redis.call('HSET', K.task .. item[2], 'agent', '', 'agent_id', '', 'backlog', '1', 'state', 'pending')
+    event('task_returned', 'task', item[2], 'agent', name)
+    to_backlog(item[2])
+  end
+  for _, task_id in ipairs(pending) do  -- to the backlog once its dependencies complete
+    redis.call('HSET', K.task .. task_id, 'agent', '', 'agent_id', '', 'backlog', '1')
+    event('task_returned', 'task', task_id, 'agent', name)
+  end
+  redis.call('HDEL', K.agent .. agent_id, 'to_backlog')
+  return #inbox + #pending
+end
+"""
+
+# ARGV: ctx, agent id, "1" = only the tasks that came from the backlog. Reply: how many went back.
+GIVE_BACK = PRELUDE + AGENT_QUEUE + r"""
+return give_back(ARGV[2], ARGV[3] == '1')
+"""
+
+# ARGV: ctx, agent id, name, "1" = give its queued work to the backlog, "1" = only check.
+# `tt prune`: the agent leaves the registry with its keys (record, inbox, in-flight list, roles,
+# notes not yet delivered, output stream); its tasks stay. Refused (TTERR) while a runner may live
+# (state not stopped or failed), with a task in flight, or with queued work and no give-back.
+# Reply: {tasks given back, undelivered notes dropped}.
+PRUNE = PRELUDE + AGENT_QUEUE + r"""
+local agent_id, name, to_back, dry = ARGV[2], ARGV[3], ARGV[4] == '1', ARGV[5] == '1'
+if redis.call('HGET', K.agents, name) ~= agent_id then return fail('no agent named ' .. name) end
+local state = redis.call('HGET', K.agent .. agent_id, 'state') or ''
+if state ~= 'stopped' and state ~= 'failed' then
+  return fail(name .. ' is ' .. state .. ': only a stopped agent is pruned (`tt close ' .. name .. '` first)')
+end
+if redis.call('LLEN', K.inflight .. agent_id) > 0 then
+  return fail(name .. ' still has a task in flight: its runner died with it (`tt restart ' .. name ..
+              '` delivers it again)')
+end
+local inbox, pending = queued_work(agent_id, false)
+local queued = #inbox + #pending
+if queued > 0 and not to_back then
+  return fail(name .. ' has ' .. queued .. ' queued task(s): `--to-backlog` gives them to the backlog, ' ..
+              '`tt cancel` drops them, `tt restart ' .. name .. '` runs them')
+end
+local waiting = redis.call('LRANGE', K.notes .. agent_id, 0, -1)
+if dry then return {queued, #waiting} end
+local moved = 0
+if to_back then moved = give_back(agent_id, false) end
+for _, id in ipairs(waiting) do redis.call('DEL', K.note .. id) end
+redis.call('DEL', K.agent .. agent_id, K.inbox .. agent_id, K.inflight .. agent_id, K.roles .. agent_id,
+           K.notes .. agent_id, K.delivered_notes .. agent_id, K.output .. agent_id)
+redis.call('HDEL', K.agents, name)
+event('agent_pruned', 'agent', name, 'agent_id', agent_id, 'returned', moved, 'notes_dropped', #waiting)
+return {moved, #waiting}
+"""
+
 
 class Script:
     """A script's text and SHA1: EVALSHA outside transactions, EVAL inside them."""
@@ -378,4 +463,4 @@ class Script:
 
 SCRIPTS = {name: Script(name, text) for name, text in
            (("create", CREATE), ("release", RELEASE), ("recover", RECOVER), ("claim", CLAIM),
-            ("cancel", CANCEL), ("begin", BEGIN))}
+            ("cancel", CANCEL), ("begin", BEGIN), ("give_back", GIVE_BACK), ("prune", PRUNE))}

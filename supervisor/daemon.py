@@ -22,7 +22,8 @@ from .config import CONFIG_FILE, Config, ensure_runtime_dir, load
 from .control import ControlChannel
 from .errors import TinytownError
 from .agent_log import tail_text
-from .models import AgentState, InvalidTransition, StopMode
+from .agent_control import AgentControl
+from .models import Agent, AgentState, Hold, InvalidTransition, StopMode
 from .procutil import (adopted, become_subreaper, close_on_exec_all, describe_status, drain, exit_now,
                        kill_leftovers, kill_with_group, killpg, reap, reap_adopted, set_parent_death_signal,
                        set_process_name, signal_wakeup_pipe, wait_exit, wait_until)
@@ -51,6 +52,8 @@ class RunnerProc:
     pid: int
     started_at: float
     stop_requested: bool = False
+    hold: str = ""              # the models.Hold it was signalled for (`tt interrupt/close/kill`)
+    kill_at: float | None = None  # `tt kill`: past this (monotonic), the runner is SIGKILLed
 
 
 @dataclass
@@ -190,7 +193,7 @@ class Supervisor:
             # Woken by the config timer alone, with nothing else to do: one stat and back to sleep
             # (an idle town must cost next to nothing).
             if (not events and not again and self.stopping is None and not self.disk_full and not self.exited
-                    and not self._restart_due() and self._config_stamp() == self.config_stamp):
+                    and not self._restart_due() and not self._kill_due() and self._config_stamp() == self.config_stamp):
                 continue
             try:
                 if self.disk_full and self.town.persistence_error() is None:
@@ -198,6 +201,7 @@ class Supervisor:
                     self.say("Redis writes again")
                 self._reap()
                 if self.stopping is None:
+                    self._kill_overdue()
                     stop, reloads_asked = self.town.requests()
                     mode = self.signalled or stop
                     if mode is None:
@@ -238,11 +242,27 @@ class Supervisor:
                 wait = min(wait, self.stopping.mark_at - now)
             return max(0.0, wait)
         waits = [r.next_start for r in self.restarts.values() if r.next_start and not r.gave_up]
+        waits += [proc.kill_at for proc in self.procs.values() if proc.kill_at is not None]
         return max(0.0, min([*waits, now + CONFIG_CHECK_SECONDS]) - now)
 
     def _restart_due(self) -> bool:
         now = time.monotonic()
         return any(r.next_start and not r.gave_up and r.next_start <= now for r in self.restarts.values())
+
+    def _kill_due(self) -> bool:
+        now = time.monotonic()
+        return any(proc.kill_at is not None and proc.kill_at <= now for proc in self.procs.values())
+
+    def _kill_overdue(self) -> None:
+        """`tt kill` of a runner that did not exit in time (hung, stopped): SIGKILL it and its CLI's
+        group; its exit is then handled as a crash (its task back in the inbox)."""
+        now = time.monotonic()
+        for proc in list(self.procs.values()):
+            if proc.kill_at is not None and proc.kill_at <= now:
+                proc.kill_at = None
+                self.say(f"runner {proc.name} did not stop when killed; SIGKILL")
+                killpg(proc.pid, signal.SIGKILL)
+                self._kill_cli(proc.agent_id)
 
     def _redis_lost(self) -> None:
         """A connection to redis-server broke: if the server died, start it again (its append-only
@@ -332,6 +352,9 @@ class Supervisor:
                 self.say(f"agent {agent.name} not started: max_agents is {cap}")
         now = time.monotonic()
         for agent in allowed:
+            if agent.hold:  # `tt interrupt/close/kill`: its runner goes, and is not started again
+                self._hold(agent)
+                continue
             if agent.id in self.procs:
                 continue
             if len(self.procs) >= cap:  # one held back is still exiting: start this one when it has
@@ -349,6 +372,28 @@ class Supervisor:
                 self._start_runner(agent.id, agent.name)
             except (InvalidTransition, ValueError) as exc:  # a record edited by hand: not the whole town
                 self.say(f"agent {agent.name} not started: {exc}")
+
+    def _hold(self, agent: Agent) -> None:
+        """A held agent (agent_control.py): its runner is told to finish its task and exit (SIGHUP)
+        or to stop now (SIGUSR1, `tt kill`); with no runner left, it is recorded paused or stopped."""
+        proc = self.procs.get(agent.id)
+        if proc is not None:
+            if agent.hold == Hold.KILL.value and proc.hold != Hold.KILL.value:
+                self._signal_runner(proc, signal.SIGUSR1)
+                proc.kill_at = time.monotonic() + KILL_WAIT_SECONDS + 3.0  # (as a stop's deadline)
+            elif not proc.hold:
+                self._signal_runner(proc, signal.SIGHUP)
+            proc.hold = agent.hold
+            return
+        self.restarts.pop(agent.id, None)  # (a backoff timer of its own would only wake us)
+        if agent.state != Hold(agent.hold).final_state.value or agent.to_backlog:
+            try:
+                done = AgentControl(self.town).settle(agent)
+            except (InvalidTransition, ValueError) as exc:  # a record edited by hand: not the whole town
+                self.say(f"agent {agent.name} not settled: {exc}")
+                return
+            if done:
+                self.say(f"agent {agent.name}: {done}")
 
     def _start_runner(self, agent_id: str, name: str) -> None:
         self.town.set_agent_state(agent_id, AgentState.STARTING, pid="", cli_pid="", current_task="",
@@ -438,6 +483,19 @@ class Supervisor:
         # What it had claimed waits at the front of the inbox (a failed agent's work shows as
         # pending, not as running) for the next runner, which counts the attempt.
         self.town.put_back_inflight(proc.agent_id)
+        if self.stopping is None and (proc.hold or not proc.stop_requested):
+            try:
+                agent = self.town.agent_by_id(proc.agent_id)
+            except TinytownError:  # removed
+                agent = None
+            if agent is not None and agent.hold:  # paused, closed or killed: recorded, not restarted
+                self.say(f"runner {proc.name} stopped ({agent.hold})")
+                self._hold(agent)
+                return
+            if agent is not None and proc.hold:  # `tt resume` came while it finished its task
+                self.say(f"runner {proc.name} stopped; resumed: starting it again")
+                self._start_runner(proc.agent_id, proc.name)
+                return
         if proc.stop_requested or self.stopping is not None:
             if self.town.agent_exists(proc.agent_id):
                 self.town.set_agent_state(proc.agent_id, AgentState.STOPPED, pid="", cli_pid="")
@@ -527,7 +585,8 @@ class Supervisor:
     def _record_stop(self, report: StopReport, since: str) -> None:
         agents = self.town.agents()
         self.town.mark_stopped(*[agent.id for agent in agents  # those in backoff, or never started
-                                 if agent.state not in (AgentState.FAILED.value, AgentState.STOPPED.value)])
+                                 if agent.state not in (AgentState.FAILED.value, AgentState.STOPPED.value,
+                                                        AgentState.PAUSED.value)])
         report.requeued = [fields.get("task", "") for fields in self.town.events_since(since, "task_requeued")]
         report.pending = sum(self.town.pending_counts(agents).values())  # by id: the states are not read
         self.town.record_supervisor_stopped()

@@ -15,13 +15,29 @@ class AgentState(str, Enum):
     STOPPED = "stopped"
     BACKOFF = "backoff"
     FAILED = "failed"
+    PAUSED = "paused"      # `tt interrupt`: no runner, takes nothing, until `tt resume`
+
+
+class Hold(str, Enum):
+    """What a user asked of an agent's runner (the agent's `hold` field, kept until `tt resume` or
+    `tt restart`): the supervisor stops the runner and does not start it again while it is set."""
+
+    PAUSE = "pause"        # `tt interrupt`: the task in hand finishes, then `paused`
+    CLOSE = "close"        # `tt close`: the task in hand finishes, then `stopped` for good
+    KILL = "kill"          # `tt kill`: the task in hand goes back to the queue now, then `stopped`
+
+    @property
+    def final_state(self) -> "AgentState":
+        return AgentState.PAUSED if self is Hold.PAUSE else AgentState.STOPPED
 
 
 class StopMode(str, Enum):
-    """How a stop treats running tasks: let them finish within stop_grace, or put them back now."""
+    """How a stop treats a running task: let it finish within stop_grace, put it back now, or (one
+    agent's runner only: `tt interrupt`, `tt close`) let it finish however long it takes."""
 
     GRACEFUL = "graceful"
     NOW = "now"
+    FINISH = "finish"
 
 
 class TaskState(str, Enum):
@@ -38,18 +54,22 @@ class TaskState(str, Enum):
 
 
 A, T = AgentState, TaskState
+# -> paused: the supervisor records it once the runner of an agent `tt interrupt` held is gone
+# (it may have exited from any of the live states, or never been started again after a stop).
 AGENT_TRANSITIONS: dict[AgentState, frozenset[AgentState]] = {
-    A.STARTING: frozenset({A.IDLE, A.STOPPING, A.STOPPED, A.BACKOFF, A.FAILED}),
-    A.IDLE: frozenset({A.WORKING, A.STOPPING, A.STOPPED, A.BACKOFF, A.FAILED, A.STARTING}),
-    A.WORKING: frozenset({A.IDLE, A.STOPPING, A.STOPPED, A.BACKOFF, A.FAILED, A.STARTING}),
-    A.STOPPING: frozenset({A.STOPPED, A.BACKOFF, A.FAILED, A.STARTING}),
-    A.STOPPED: frozenset({A.STARTING}),
-    A.BACKOFF: frozenset({A.STARTING, A.STOPPED, A.FAILED}),
+    A.STARTING: frozenset({A.IDLE, A.STOPPING, A.STOPPED, A.BACKOFF, A.FAILED, A.PAUSED}),
+    A.IDLE: frozenset({A.WORKING, A.STOPPING, A.STOPPED, A.BACKOFF, A.FAILED, A.STARTING, A.PAUSED}),
+    A.WORKING: frozenset({A.IDLE, A.STOPPING, A.STOPPED, A.BACKOFF, A.FAILED, A.STARTING, A.PAUSED}),
+    A.STOPPING: frozenset({A.STOPPED, A.BACKOFF, A.FAILED, A.STARTING, A.PAUSED}),
+    A.STOPPED: frozenset({A.STARTING, A.PAUSED}),
+    A.BACKOFF: frozenset({A.STARTING, A.STOPPED, A.FAILED, A.PAUSED}),
     A.FAILED: frozenset({A.STARTING, A.STOPPED}),
+    A.PAUSED: frozenset({A.STARTING, A.STOPPED}),   # `tt resume`; `tt close`/`kill` of a paused agent
 }
 TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     T.PENDING: frozenset({T.ASSIGNED, T.CANCELLED}),
-    T.ASSIGNED: frozenset({T.RUNNING, T.FAILED, T.CANCELLED}),
+    # assigned -> pending: `tt close/kill/prune --to-backlog` gives a queued task to the backlog.
+    T.ASSIGNED: frozenset({T.RUNNING, T.FAILED, T.CANCELLED, T.PENDING}),
     # running -> assigned: a stop or a crash puts the task back in the inbox.
     T.RUNNING: frozenset({T.COMPLETED, T.FAILED, T.ASSIGNED, T.CANCELLED}),
     T.COMPLETED: frozenset(),
@@ -140,6 +160,8 @@ class Agent(_Hash):
     reason: str = ""                 # why it is failed/backoff: last exit status and output tail
     restart_at: float | None = None  # in backoff: when the supervisor starts it again
     warning: str = ""                # what it works on despite (its log cannot be written...)
+    hold: str = ""                   # a Hold's value: what `tt interrupt/close/kill` asked ("": none)
+    to_backlog: int = 0              # 1: once its runner is gone, its queued tasks go to the backlog
 
     def health(self, stale_after: float, at: float | None = None) -> str:
         """What `tt status` tells a user at a glance: healthy (idle or working with a fresh heartbeat),

@@ -5,6 +5,7 @@ interpreter costs ~150 ms). It blocks in BLMOVE (inbox -> in-flight), so a task 
 Redis hop, and a task whose runner dies stays in the in-flight list to be re-delivered.
 
 Signals from the supervisor: SIGTERM = finish the current task (within stop_grace) then exit;
+SIGHUP = finish the current task, however long it takes, then exit (`tt interrupt`, `tt close`);
 SIGUSR1 = stop now (also sent by the kernel if the supervisor dies): the CLI is killed and its
 task put back at the front of the inbox, unless it finished meanwhile (exit code 0): an outcome
 that exists is recorded, so no task runs twice. With nothing to finish (waiting on the inbox, or
@@ -110,6 +111,7 @@ class Runner:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl+C reaches the supervisor, which decides
         signal.signal(signal.SIGUSR1, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_stop)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake select via the wakeup fd
         # A write to a connection Redis or a viewer closed is an error to handle (EPIPE), not the
         # runner's death. (The CLI gets SIGPIPE back at its default: pty_session.)
@@ -119,7 +121,13 @@ class Runner:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
     def _on_stop(self, signum, _frame) -> None:
-        self.stop_mode = StopMode.NOW if signum == signal.SIGUSR1 else (self.stop_mode or StopMode.GRACEFUL)
+        # FINISH (SIGHUP) sets no deadline; a town's stop (SIGTERM) then brings stop_grace back.
+        if signum == signal.SIGUSR1:
+            self.stop_mode = StopMode.NOW
+        elif signum == signal.SIGTERM:
+            self.stop_mode = StopMode.GRACEFUL if self.stop_mode in (None, StopMode.FINISH) else self.stop_mode
+        else:
+            self.stop_mode = self.stop_mode or StopMode.FINISH
         if self.idle:
             attach = self.attach
             if attach is None or not attach.viewers:  # nothing to finish, nobody to tell: just go

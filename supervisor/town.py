@@ -31,10 +31,11 @@ redis.call('HSET', KEYS[1], 'state', ARGV[1], unpack(ARGV, 3))
 return old
 """
 # For each state, the states it may follow, as the script reads them: models.AGENT_TRANSITIONS
-# turned around ("" = no record yet, from which only `starting` is allowed).
+# turned around. A record that is not there (never made, or pruned: `tt prune`) is never written:
+# spawn makes an agent's record whole, and a state write racing with a prune must not bring back
+# a record with a state and nothing else.
 _ALLOWED_BEFORE = {
-    new: "," + ",".join(sorted({old.value for old, nexts in AGENT_TRANSITIONS.items() if new in nexts}
-                               | ({""} if new is AgentState.STARTING else set()))) + ","
+    new: "," + ",".join(sorted({old.value for old, nexts in AGENT_TRANSITIONS.items() if new in nexts})) + ","
     for new in AgentState
 }
 
@@ -94,7 +95,8 @@ class Town:
             if count >= self.config.max_agents:
                 raise TinytownError(
                     f"max_agents reached ({self.config.max_agents}); raise max_agents in "
-                    f"{self.config.root / 'tinytown.toml'} (agents are not removed: stopped ones count too)")
+                    f"{self.config.root / 'tinytown.toml'}, or remove agents: stopped ones count too "
+                    "(`tt close NAME`, then `tt prune`)")
             pipe.hset(index, name, agent.id)
             pipe.hset(self.keys.agent(agent.id), mapping=agent.to_hash())
             self._event(pipe, "agent_spawned", agent=name, agent_id=agent.id, cli=cli)
@@ -159,11 +161,15 @@ class Town:
         self.r.hset(self.keys.agent(agent_id), "heartbeat_at", f"{now():.6f}")
 
     def restart_agent(self, name: str) -> Agent:
-        """Clear a failed/backoff agent so the supervisor starts it again."""
+        """Clear a failed/backoff agent so the supervisor starts it again; also one `tt interrupt`,
+        `close` or `kill` held (agent_control.py): the hold goes, and its runner starts."""
         agent = self.agent(name)
-        fields = {"reason": ""}
-        if agent.state in (AgentState.FAILED.value, AgentState.BACKOFF.value, AgentState.STOPPED.value):
+        fields = {"reason": "", "hold": "", "to_backlog": ""}
+        if agent.state in (AgentState.FAILED.value, AgentState.BACKOFF.value, AgentState.STOPPED.value,
+                           AgentState.PAUSED.value):
             self.set_agent_state(agent.id, AgentState.STARTING, **fields)
+        elif agent.hold:
+            self.r.hset(self.keys.agent(agent.id), mapping={"hold": "", "to_backlog": ""})
         pipe = self.r.pipeline()
         self._event(pipe, "agent_restart_requested", agent=name)
         pipe.publish(self.keys.control, f"restart {agent.id}")

@@ -65,6 +65,10 @@ def test_on_a_real_redis_through_the_small_client(town):
         t.set_agent_state("loose", AgentState.WORKING)
     with pytest.raises(InvalidTransition, match="from no record to 'idle'"):
         t.set_agent_state("no-such-agent", AgentState.IDLE)
+    # not even `starting`: a supervisor starting an agent `tt prune` removed a moment ago must not
+    # bring back a record holding a state and nothing else
+    with pytest.raises(InvalidTransition, match="from no record to 'starting'"):
+        t.set_agent_state("no-such-agent", AgentState.STARTING)
     assert not t.agent_exists("no-such-agent")  # refused: nothing written
     # in a pipeline, the refused command fails alone, when the pipeline runs
     pipe = t.r.pipeline(transaction=False)

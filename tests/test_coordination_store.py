@@ -635,3 +635,60 @@ def test_caller_is_the_agent_of_this_town_else_the_user():
     assert caller("t", {"TT_AGENT": "dev", "TT_TOWN": "t"}) == "dev"
     assert caller("t", {"TT_AGENT": "dev", "TT_TOWN": "other"}) == "user"
     assert caller("t", {}) == "user"
+
+
+# --- agents leaving: give_back and remove_agent (supervisor/agent_control.py) -------------------
+
+def test_give_back_keeps_each_tasks_place_and_role(town, coord):
+    dev = spawn(town, "dev", idle=False)
+    spawn(town, "rev", idle=False, roles=["review"])
+    older = coord.backlog_add("older, for anyone").task.id
+    mine = town.assign("dev", "dev's own").id                   # assigned directly: any agent may take it
+    review = coord.backlog_add("review", role="review").task.id
+    assert coord.claim("dev", review) == review                 # from the backlog, with its role
+    newer = coord.backlog_add("newer, for anyone").task.id
+    later = coord.create_task("after dev's own", agent="dev", after=[mine]).task.id  # pending on `mine`
+    town.set_agent_state(dev, AgentState.STOPPED)
+    assert coord.give_back(dev) == 3
+    assert inbox_tasks(town, dev) == []
+    assert [t.id for t in coord.backlog()] == [older, mine, review, newer]  # by creation time
+    got = town.task(mine)
+    assert (got.state, got.agent, got.agent_id, got.backlog, got.role) == ("pending", "", "", 1, "")
+    assert town.task(review).role == "review"
+    waiting = town.task(later)
+    assert (waiting.state, waiting.agent, waiting.backlog) == ("pending", "", 1)
+    assert sorted(e["task"] for e in events(town, "task_returned")) == sorted([mine, review, later])
+    assert coord.give_back(dev) == 0                             # nothing left: idempotent
+
+
+def test_give_back_offers_at_once_and_only_backlog_work_on_request(town, coord):
+    dev = spawn(town, "dev", idle=False)
+    own = town.assign("dev", "dev's own").id
+    taken = coord.backlog_add("from the backlog").task.id
+    assert coord.claim("dev", taken) == taken
+    idle = spawn(town, "idle")
+    assert coord.give_back(dev, only_backlog=True) == 1
+    assert inbox_tasks(town, dev) == [own] and inbox_tasks(town, idle) == [taken]
+    assert town.task(taken).agent == "idle"
+
+
+def test_remove_agent_refuses_live_or_busy_agents_then_removes_every_key(town, coord):
+    dev = spawn(town, "dev")
+    with pytest.raises(TinytownError, match="dev is idle: only a stopped agent is pruned"):
+        coord.remove_agent(dev, "dev", False)
+    queued = town.assign("dev", "queued").id
+    town.set_agent_state(dev, AgentState.STOPPED)
+    with pytest.raises(TinytownError, match=r"dev has 1 queued task\(s\)"):
+        coord.remove_agent(dev, "dev", False)
+    coord.send("dev", "never read")
+    coord.set_roles("dev", ["x"])
+    town.r.xadd(town.keys.output(dev), {"task": queued, "data": "out"})
+    assert coord.remove_agent(dev, "dev", True, check_only=True) == (1, 1)
+    assert town.agent_id("dev") == dev                           # a check changes nothing
+    assert coord.remove_agent(dev, "dev", True) == (1, 1)
+    with pytest.raises(TinytownError, match="no agent named 'dev'"):
+        town.agent_id("dev")
+    left = [k for k in town.r.execute_command("KEYS", "*") if dev in k]
+    assert left == []
+    assert town.task(queued).state == "pending" and town.task(queued).backlog == 1
+    assert events(town, "agent_pruned")[0]["notes_dropped"] == "1"

@@ -9,7 +9,8 @@ from tinytown.supervisor.models import (AGENT_TRANSITIONS, Agent, AgentState, In
 
 
 def test_states_are_the_documented_ones():
-    assert [s.value for s in AgentState] == ["starting", "idle", "working", "stopping", "stopped", "backoff", "failed"]
+    assert [s.value for s in AgentState] == ["starting", "idle", "working", "stopping", "stopped", "backoff", "failed",
+                                              "paused"]
     assert [s.value for s in TaskState] == ["pending", "assigned", "running", "completed", "failed", "cancelled"]
     assert {s for s in TaskState if s.terminal} == {TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED}
     assert set(AGENT_TRANSITIONS) == set(AgentState)
@@ -19,6 +20,7 @@ def test_states_are_the_documented_ones():
     (None, AgentState.STARTING), ("starting", AgentState.IDLE), ("idle", AgentState.WORKING),
     ("working", AgentState.IDLE), ("working", AgentState.BACKOFF), ("backoff", AgentState.FAILED),
     ("failed", AgentState.STARTING), ("idle", AgentState.IDLE),
+    ("stopping", AgentState.PAUSED), ("paused", AgentState.STARTING), ("paused", AgentState.STOPPED),
 ])
 def test_allowed_agent_transitions(old, new):
     assert check_agent_transition(old, new) is new
@@ -26,7 +28,8 @@ def test_allowed_agent_transitions(old, new):
 
 @pytest.mark.parametrize("old,new", [
     (None, AgentState.IDLE), ("stopped", AgentState.WORKING), ("failed", AgentState.IDLE),
-    ("backoff", AgentState.WORKING),
+    ("backoff", AgentState.WORKING), ("paused", AgentState.IDLE), ("paused", AgentState.WORKING),
+    ("failed", AgentState.PAUSED),
 ])
 def test_refused_agent_transitions(old, new):
     with pytest.raises(InvalidTransition):
@@ -36,6 +39,7 @@ def test_refused_agent_transitions(old, new):
 def test_task_transitions():
     assert check_task_transition(None, TaskState.ASSIGNED) is TaskState.ASSIGNED
     assert check_task_transition("running", TaskState.ASSIGNED) is TaskState.ASSIGNED  # re-queued
+    assert check_task_transition("assigned", TaskState.PENDING) is TaskState.PENDING  # given to the backlog
     for terminal in ("completed", "failed", "cancelled"):
         with pytest.raises(InvalidTransition):
             check_task_transition(terminal, TaskState.RUNNING)
