@@ -140,6 +140,8 @@ class Agent(_Hash):
     reason: str = ""                 # why it is failed/backoff: last exit status and output tail
     restart_at: float | None = None  # in backoff: when the supervisor starts it again
     warning: str = ""                # what it works on despite (its log cannot be written...)
+    workspace: str = ""              # "worktree" (agents/NAME on `branch`) or "shared" ("": shared)
+    branch: str = ""                 # its worktree's branch (tt/NAME), fixed at spawn
 
     def health(self, stale_after: float, at: float | None = None) -> str:
         """What `tt status` tells a user at a glance: healthy (idle or working with a fresh heartbeat),
@@ -174,6 +176,26 @@ class Task(_Hash):
     created_by: str = ""             # the agent that created it (TT_AGENT), or "user"
     notes: str = ""                  # comma-separated ids of the notes delivered with it
     cancel_request: str = ""         # in flight: why its runner is to stop it (`tt cancel`)
+    # What it changed, in a worktree agent (supervisor/workspace.py): commits base..head on branch,
+    # files a JSON list of FileChange.to_json(); workspace_note: what git had to do besides.
+    base: str = ""
+    head: str = ""
+    branch: str = ""
+    files: str = ""
+    workspace_note: str = ""
+
+    def to_json(self) -> dict:
+        data = super().to_json()
+        data["files"] = self.changed_files()
+        return data
+
+    def changed_files(self) -> list[dict]:
+        """`files` parsed: [{"path", "added", "deleted"[, "old_path"]}] (workspace.FileChange.to_json)."""
+        try:
+            found = json.loads(self.files) if self.files else []
+        except ValueError:
+            return []
+        return found if isinstance(found, list) else []
 
 
 @dataclass

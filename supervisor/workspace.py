@@ -354,6 +354,12 @@ class Workspace:
                 return state
         return ""
 
+    def problem_line(self, state: str) -> str:
+        """`tt status`'s line for what problem() found."""
+        if state == "not-a-worktree":
+            return f"{self.label} is not a git worktree any more: move it away, then tt spawn {self.agent} makes it again"
+        return str(self._busy(state))
+
     def _busy(self, state: str) -> Busy:
         finish = next((how for _, s, how in IN_PROGRESS if s == state), "fix it by hand")
         finish = finish.format(gitdir=self.gitdir)
