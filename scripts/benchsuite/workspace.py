@@ -3,8 +3,7 @@
 task that first merges an upstream task's head (a real merge: both branches moved on).
 
 Shared mode does no git work at all, so its column is the task's own file writes: the row's
-figure is what worktrees add to a task. Not registered in suite.BENCHMARKS yet (the runner wiring
-comes first; see the workspaces design note); run it alone with
+figure is what worktrees add to a task. `./scripts/bench workspace` runs it in the suite; alone:
 
     PYTHONPATH=scripts .venv/bin/python -m benchsuite.workspace [--files 5000] [--tasks 40]
 """
