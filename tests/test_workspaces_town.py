@@ -202,3 +202,15 @@ def test_spawn_options_shared_and_from(git_town):
     missing = t.tt("spawn", "third", "--from", "no-such-ref", check=False)
     assert missing.returncode == 1 and "no-such-ref" in missing.err
     assert "third" not in [a["name"] for a in t.json("list")]  # a refused spawn registers nothing
+
+
+def test_tt_task_shows_file_names_cleaned_and_json_keeps_them(git_town):
+    t = git_town()
+    t.tt("spawn", "dev")
+    name = "evil\x1b]0;pwned\x07name.txt"
+    task_id = t.assign("dev", f"@write {name} x\n@write plain.txt y")
+    done = t.wait_task(task_id)
+    assert sorted(f["path"] for f in done["files"]) == sorted([name, "plain.txt"])
+    shown = t.tt("task", task_id).stdout
+    assert b"\x1b" not in shown and b"\x07" not in shown
+    assert b"+1 -0  plain.txt" in shown and b"name.txt" in shown
