@@ -119,7 +119,7 @@ def _note(a: dict) -> str:
         return f"{reason}; `tt restart {a['name']}` to try again"
     if health == "unresponsive":
         return f"{a['state']}, but no heartbeat for {_ago(a['heartbeat_at']).replace(' ago', '')}: the runner may be hung"
-    return "; ".join(text for text in (reason, a.get("warning") or "", a.get("workspace_problem") or "") if text)
+    return "; ".join(text for text in (reason, a.get("warning"), a.get("workspace_problem")) if text)
 
 
 def _table(headers, rows, state_col: int, console=None) -> None:

@@ -2,16 +2,20 @@
 
 The git work itself is supervisor/workspace.py; here only what a user types and reads. Paths and
 git's messages can hold anything a file name can: they are cleaned before they reach a terminal.
+Imported by every `tt` (main registers these commands): the rest is imported where it is used.
 """
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import click
 
 from tinytown.supervisor.errors import TinytownError
-from tinytown.supervisor.terminal_text import clean_text
+
+
+def clean_text(text: str) -> str:
+    from tinytown.supervisor.terminal_text import clean_text as clean
+    return clean(text)
 
 
 def prepare_workspace(config, town, name: str, from_ref: str | None, quiet: bool = False) -> dict:
@@ -95,6 +99,7 @@ def diff(ctx, ref, stat, town_path):
         argv = diff_argv(config.root, branch=_worktree_of(config, agent).branch, stat=stat)
     else:
         argv = diff_argv(config.root, base=task.base, head=task.head, stat=stat)
+    import subprocess
     sys.stdout.flush()
     try:
         code = subprocess.run(argv).returncode  # the user's terminal: git's colour and pager
