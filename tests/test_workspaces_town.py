@@ -214,3 +214,18 @@ def test_tt_task_shows_file_names_cleaned_and_json_keeps_them(git_town):
     shown = t.tt("task", task_id).stdout
     assert b"\x1b" not in shown and b"\x07" not in shown
     assert b"+1 -0  plain.txt" in shown and b"name.txt" in shown
+
+
+def test_a_stop_now_mid_task_commits_nothing_then_the_next_attempt_commits_what_it_left(git_town):
+    t = git_town()
+    t.tt("spawn", "dev")
+    task_id = t.assign("dev", "@write half.txt started\n@gate go")
+    wait_for(lambda: (t.root / "agents" / "dev" / "half.txt").exists(), 30, "the first attempt's file")
+    t.tt("stop", "--now")
+    assert git(t.root, "rev-parse", "tt/dev") == git(t.root, "rev-parse", "main")  # nothing committed by the stop
+    (t.record / "go").write_text("")
+    t.tt("restart", "dev")
+    done = t.wait_task(task_id)
+    assert done["state"] == "completed" and done["attempts"] == 1, done
+    assert subjects(t.root, "main..tt/dev") == [f"tt: interrupted {task_id}"]
+    assert t.recorded(task_id)[1].startswith(f"[Tinytown] An earlier run of task {task_id}".encode())
