@@ -189,21 +189,34 @@ def init(ctx, name, default_cli, max_agents, force, town_path):
 @click.argument("name")
 @click.option("--model", "--cli", "cli_name", metavar="PRESET", help="The agent CLI (default: default_cli).")
 @click.option("--task-timeout", type=click.FloatRange(min=0), help="Fail a task running longer than this (s).")
+@click.option("--shared", is_flag=True, help="Work in the town folder, not a git worktree of its own.")
+@click.option("--from", "from_ref", metavar="REF", help="Start its worktree's branch at REF (default: HEAD).")
 @json_option
 @town_option
-def spawn(name, cli_name, task_timeout, as_json, town_path):
-    """Register agent NAME; the supervisor starts its runner (and is started if needed)."""
+def spawn(name, cli_name, task_timeout, shared, from_ref, as_json, town_path):
+    """Register agent NAME; the supervisor starts its runner (and is started if needed). In a git
+    town its CLI works in agents/NAME, a worktree on branch tt/NAME."""
     from tinytown.supervisor.config import validate_name
     config = _config(town_path)
     validate_name("agent", name)
     config.cli(cli_name or config.default_cli)  # unknown preset: fail before starting anything
+    shared = shared or config.workspace.mode == "shared"
+    if shared and from_ref:
+        raise TinytownError('--from needs a worktree (not with --shared / [workspace] mode = "shared")')
     town = _started_town(config)
-    agent = town.spawn(name, cli_name or config.default_cli, task_timeout)
+    town.check_spawn(name)  # before a worktree is made for it
+    workspace = {"mode": "shared"} if shared else workspace_commands.prepare_workspace(
+        config, town, name, from_ref, quiet=as_json)
+    agent = town.spawn(name, cli_name or config.default_cli, task_timeout, workspace=workspace["mode"],
+                       branch=workspace.get("branch", ""))
     if as_json:
         from tinytown.supervisor.town import agent_json
-        _print_json(agent_json(agent, 0, config.supervisor.heartbeat_stale))
+        data = agent_json(agent, 0, config.supervisor.heartbeat_stale, config.root)
+        data.update(workspace_notes=workspace.get("notes", []), workspace_why=workspace.get("why", ""))
+        _print_json(data)
     else:
-        click.echo(f"Spawned agent {agent.name} ({agent.id}) using {agent.cli}")
+        where = f" in {workspace['label']} (branch {workspace['branch']})" if workspace["mode"] == "worktree" else ""
+        click.echo(f"Spawned agent {agent.name} ({agent.id}) using {agent.cli}{where}")
 
 
 @cli.command(name="list")
@@ -218,7 +231,8 @@ def list_agents(as_json, town_path):
     pending = town.pending_counts(agents)
     if as_json:
         from tinytown.supervisor.town import agent_json
-        _print_json([agent_json(a, pending.get(a.id, 0), config.supervisor.heartbeat_stale) for a in agents])
+        _print_json([agent_json(a, pending.get(a.id, 0), config.supervisor.heartbeat_stale, config.root)
+                     for a in agents])
     else:
         render.agent_lines(agents, pending)
 
@@ -463,6 +477,12 @@ def attach(agent, read_only, detach_keys, town_path):
     except ValueError as exc:
         raise TinytownError(f"--detach-keys: {exc}") from None
     sys.exit(attaching.attach(config, agent, keys, spec, read_only=read_only))
+
+
+from tinytown.cli import workspace_commands  # noqa: E402 - its commands, registered here
+
+cli.add_command(workspace_commands.diff)
+cli.add_command(workspace_commands.merge)
 
 
 def main() -> None:

@@ -35,6 +35,8 @@ def agent_lines(agents, pending) -> None:
             extra += f", {HOLD_NOTES.get(a.hold, a.hold)}"
         elif a.hold in ("close", "kill"):
             extra += ", closed"
+        if a.workspace == "worktree":
+            extra += f", agents/{a.name} on {a.branch}"
         click.echo(f"  {a.name} ({a.id}) - {state}  [{a.cli}{extra}]")
 
 
@@ -130,7 +132,7 @@ def _note(a: dict) -> str:
         return f"{reason}; `tt restart {a['name']}` to try again"
     if health == "unresponsive":
         return f"{a['state']}, but no heartbeat for {_ago(a['heartbeat_at']).replace(' ago', '')}: the runner may be hung"
-    return "; ".join(text for text in (reason, a.get("warning") or "") if text)
+    return "; ".join(text for text in (reason, a.get("warning"), a.get("workspace_problem")) if text)
 
 
 def _table(headers, rows, state_col: int, console=None) -> None:
@@ -167,6 +169,15 @@ def task(t) -> None:
                   markup=False)
     if t.reason:
         console.print(_line("  reason: ", _plain(t.reason)))
+    if t.head:
+        from tinytown.cli.workspace_commands import file_lines
+        files = t.changed_files()
+        console.print(_line(f"  commits: {t.base[:12]}..{t.head[:12]}", " on ", _plain(t.branch or "a detached HEAD"),
+                            f"  ({len(files)} file{'s' if len(files) != 1 else ''} changed)"))
+        for line in file_lines(files):
+            console.print(_line("  ", _plain(line)))
+        if t.workspace_note:
+            console.print(_line("  workspace: ", _plain(t.workspace_note)))
     console.rule("description")
     console.print(_plain(t.description))
     if t.output:

@@ -149,17 +149,20 @@ class AgentControl:
         coord = Coordination(self.town)
         coord.remove_agent(agent.id, agent.name, to_backlog, check_only=True)
         done = Pruned(agent.name)
-        done.workspace = self._prune_workspace(agent.name, delete_branches)
+        done.workspace = self._prune_workspace(agent, delete_branches)
         done.returned, done.notes_dropped = coord.remove_agent(agent.id, agent.name, to_backlog)
         return done
 
-    def _prune_workspace(self, name: str, delete_branch: bool) -> list[str]:
-        """agents/NAME and branch <prefix>NAME (supervisor/workspace.py): the folder goes once its
-        work is committed; the branch stays unless --delete-branches and all of it is merged. A town
-        that is not a git repository has neither."""
+    def _prune_workspace(self, agent, delete_branch: bool) -> list[str]:
+        """agents/NAME and its branch (supervisor/workspace.py; the branch the agent was spawned on,
+        else <branch_prefix>NAME): the folder goes once its work is committed; the branch stays
+        unless --delete-branches and all of it is merged. A town that is not a git repository has
+        neither."""
+        from .town import agent_workspace
         from .workspace import Repo, Unavailable, Workspace
         config = self.town.config
-        space = Workspace(config.root, name, config.workspace.branch_prefix)
+        space = agent_workspace(config.root, agent) or Workspace(config.root, agent.name,
+                                                                   config.workspace.branch_prefix)
         try:
             repo = Repo.find(config.root)
         except Unavailable:

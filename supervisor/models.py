@@ -162,6 +162,8 @@ class Agent(_Hash):
     warning: str = ""                # what it works on despite (its log cannot be written...)
     hold: str = ""                   # a Hold's value: what `tt interrupt/close/kill` asked ("": none)
     to_backlog: int = 0              # 1: once its runner is gone, its queued tasks go to the backlog
+    workspace: str = ""              # "worktree" (agents/NAME on `branch`) or "shared" ("": shared)
+    branch: str = ""                 # its worktree's branch (tt/NAME), fixed at spawn
 
     def health(self, stale_after: float, at: float | None = None) -> str:
         """What `tt status` tells a user at a glance: healthy (idle or working with a fresh heartbeat),
@@ -196,6 +198,26 @@ class Task(_Hash):
     created_by: str = ""             # the agent that created it (TT_AGENT), or "user"
     notes: str = ""                  # comma-separated ids of the notes delivered with it
     cancel_request: str = ""         # in flight: why its runner is to stop it (`tt cancel`)
+    # What it changed, in a worktree agent (supervisor/workspace.py): commits base..head on branch,
+    # files a JSON list of FileChange.to_json(); workspace_note: what git had to do besides.
+    base: str = ""
+    head: str = ""
+    branch: str = ""
+    files: str = ""
+    workspace_note: str = ""
+
+    def to_json(self) -> dict:
+        data = super().to_json()
+        data["files"] = self.changed_files()
+        return data
+
+    def changed_files(self) -> list[dict]:
+        """`files` parsed: [{"path", "added", "deleted"[, "old_path"]}] (workspace.FileChange.to_json)."""
+        try:
+            found = json.loads(self.files) if self.files else []
+        except ValueError:
+            return []
+        return found if isinstance(found, list) else []
 
 
 @dataclass

@@ -18,6 +18,7 @@ agent carries a warning (`tt status`) until a write succeeds again.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import select
 import signal
@@ -36,7 +37,8 @@ from .procutil import drain, exit_now, signal_wakeup_pipe
 from .pty_session import CliSession
 from .resp import RespConnectionError, Sender
 from .resp import connect as resp_connect
-from .town import OUTPUT_TAIL_BYTES, Claimed, Town
+from .town import OUTPUT_TAIL_BYTES, Claimed, Town, agent_workspace
+from .workspace import WorkspaceError
 
 STREAM_FLUSH_SECONDS = 0.02
 STREAM_FLUSH_BYTES = 64 * 1024
@@ -104,6 +106,8 @@ class Runner:
         self.unsent: list[bytes] = []
         self.unsent_bytes = 0
         self.stream: Sender | None = None         # for the output stream, on first output
+        self.workspace = None                     # the agent's worktree (workspace.Workspace), if it has one
+        self.workdir = config.root                # where its CLI runs: the worktree, or the town folder
 
     # --- signals -----------------------------------------------------------------------------
     def _install_signals(self) -> None:
@@ -146,6 +150,9 @@ class Runner:
         self.name = agent.name
         self.spec = self.config.cli(agent.cli)
         self.task_timeout = agent.task_timeout or self.config.supervisor.task_timeout or None
+        self.workspace = agent_workspace(self.config.root, agent)
+        if self.workspace is not None:
+            self.workdir = self.workspace.path
         self.log = AgentLog(self.config, self.name)
         self.prompt_dir.mkdir(mode=0o700, exist_ok=True)
         self.base_env = self._cli_env()
@@ -262,8 +269,22 @@ class Runner:
     def _run_task(self, claimed: Claimed, task_id: str, description: str, task=None, agent_state=None) -> None:
         env = dict(self.base_env)
         env["TT_TASK_ID"] = task_id
-        session = CliSession(self.spec, description.encode("utf-8", "surrogateescape"),
-                             self.prompt_dir / f"{task_id}.prompt", self.config.root, env)
+        prompt = description.encode("utf-8", "surrogateescape")
+        subject = task.description if task is not None else description  # the checkpoint commit's
+        base = ""
+        if self.workspace is not None:
+            # Before the CLI: what an interrupted run left is committed, the work this task runs
+            # after is merged in. A worktree that cannot be made ready fails the task, no CLI started.
+            try:
+                begun = self.workspace.begin(task_id, after=self.town.task_heads(_ids(task.after if task else "")))
+            except TinytownError as exc:  # Busy, MergeConflict, WorkspaceError
+                self._fail_before_cli(claimed, task_id, task, agent_state, str(exc))
+                return
+            for note in begun.notes:
+                self._note(note)
+            base = begun.base
+            prompt = _interrupted_line(begun) + prompt
+        session = CliSession(self.spec, prompt, self.prompt_dir / f"{task_id}.prompt", self.workdir, env)
         # The CLI starts first and the task is marked running (with the CLI's pid) right after,
         # in one transaction: the round trip is not between the task's arrival and its start. A
         # runner dying in between leaves the task `assigned` in flight, to be delivered again,
@@ -272,12 +293,12 @@ class Runner:
             session.start()
             session.start_reader()
         except (TinytownError, OSError, RuntimeError) as exc:  # (no fd or thread left for the reader)
-            self.town.start_task(self.agent_id, task_id, task=task, agent_state=agent_state)
-            self._note(f"task {task_id} failed: {exc}")
-            self.town.finish_task(self.agent_id, claimed, TaskState.FAILED, exit_code=None, reason=str(exc))
             session.close()
+            reason, work, _ = self._workspace_end(task_id, subject, TaskState.FAILED, str(exc))
+            self._fail_before_cli(claimed, task_id, task, agent_state, reason, base, work)
             return
-        self.town.start_task(self.agent_id, task_id, task=task, agent_state=agent_state, cli_pid=session.pid)
+        self.town.start_task(self.agent_id, task_id, task=task, agent_state=agent_state, cli_pid=session.pid,
+                             base=base)
         self._note(f"task {task_id} started")
         self.attach.task_started(task_id, session)
         try:
@@ -285,11 +306,42 @@ class Runner:
         finally:
             self.attach.task_ended()  # viewers' keystrokes stop before the pty closes
             session.close()
-        self._record(claimed, task_id, session, ending)
+        self._record(claimed, task_id, session, ending, subject)
 
-    def _record(self, claimed: Claimed, task_id: str, session: CliSession, ending: Ending) -> None:
+    def _fail_before_cli(self, claimed: Claimed, task_id: str, task, agent_state, reason: str, base: str = "",
+                         work: dict | None = None) -> None:
+        """A task whose CLI never started: failed, with why."""
+        self.town.start_task(self.agent_id, task_id, task=task, agent_state=agent_state, base=base)
+        self._note(f"task {task_id} failed: {reason}")
+        self.town.finish_task(self.agent_id, claimed, TaskState.FAILED, exit_code=None, reason=reason, work=work)
+
+    def _workspace_end(self, task_id: str, subject: str, state: TaskState, reason: str
+                       ) -> tuple[str, dict | None, bool]:
+        """After the CLI: its work committed on the agent's branch (failed tasks' too) and what the
+        task changed, as the task record's fields; the reason, with the worktree's problem added
+        (a CLI that left it mid-rebase fails its task: the third value says so). (reason, None,
+        False) in the shared folder."""
+        if self.workspace is None:
+            return reason, None, False
+        try:
+            ended = self.workspace.end(task_id, subject, failed=state is not TaskState.COMPLETED)
+        except WorkspaceError as exc:  # (agents/NAME deleted mid-task...): the marker stays for the next begin
+            self._note(f"task {task_id}: could not commit its work: {exc}")
+            return "; ".join(r for r in (reason, f"could not commit its work: {exc}") if r), None, False
+        notes = ended.notes[1:] if ended.problem else ended.notes
+        for note in ended.notes:
+            self._note(note)
+        if ended.problem:
+            reason = "; ".join(r for r in (reason, ended.notes[0]) if r)
+        work = {"base": ended.base, "head": ended.head, "branch": ended.branch or "",
+                "files": json.dumps([f.to_json() for f in ended.files]), "workspace_note": "; ".join(notes)}
+        return reason, work, bool(ended.problem)
+
+    def _record(self, claimed: Claimed, task_id: str, session: CliSession, ending: Ending, subject: str = "") -> None:
         """The task's outcome in Redis: finished (completed/failed), or back in the inbox."""
         if ending is Ending.STOPPED:
+            # (no checkpoint: the worktree's marker stays, and the next attempt's begin commits
+            # what this run left as `tt: interrupted <task>`)
             self._note(f"task {task_id} interrupted by stop; back in the inbox")
             self.town.requeue(self.agent_id, claimed, give_back_attempt=True)
             self.town.set_agent_state(self.agent_id, AgentState.STOPPING, current_task="", cli_pid="")
@@ -303,10 +355,13 @@ class Runner:
             code = session.exit_code
             state = TaskState.COMPLETED if code == 0 else TaskState.FAILED
             reason = "" if code == 0 else session.outcome()
+        reason, work, left_mid_operation = self._workspace_end(task_id, subject, state, reason)
+        if left_mid_operation:  # mid-rebase...: nothing was committed, a human finishes it
+            state = TaskState.FAILED
         self._note(f"task {task_id} {state.value}" + (f": {reason}" if reason else ""))
         after = AgentState.STOPPING if self.stop_mode else AgentState.IDLE
         self.town.finish_task(self.agent_id, claimed, state, exit_code=code, reason=reason, output=bytes(self.tail),
-                              agent_state=after)
+                              agent_state=after, work=work)
 
     def _pump(self, session: CliSession, task_id: str) -> Ending:
         """Copy the CLI's output to the log, attach, Redis and the task's tail until it exits, and
@@ -465,6 +520,20 @@ class Runner:
             self.town.set_agent_state(self.agent_id, AgentState.STOPPING, current_task="", cli_pid="")
         except Exception as exc:  # Redis may already be going down with the supervisor
             self._say(f"could not record stop: {exc}")
+
+
+def _ids(joined: str) -> list[str]:
+    """The task ids of a comma-separated field (Task.after)."""
+    return [part for part in joined.split(",") if part]
+
+
+def _interrupted_line(begun) -> bytes:
+    """What the next attempt's prompt says first when an interrupted run left work behind."""
+    if not begun.interrupted_task:
+        return b""
+    task, commit = begun.interrupted_task, begun.interrupted_commit[:12]
+    return (f"[Tinytown] An earlier run of task {task} was interrupted; the changes it had made are committed "
+            f"as {commit} (\"tt: interrupted {task}\") and are in your working tree.\n\n").encode()
 
 
 def _in_pieces(chunks: list[bytes], limit: int) -> list[bytes]:

@@ -81,22 +81,19 @@ class Town:
         self.r.publish(self.keys.control, "reconcile")
 
     # --- agents ----------------------------------------------------------------------------
-    def spawn(self, name: str, cli: str, task_timeout: float | None = None) -> Agent:
+    def spawn(self, name: str, cli: str, task_timeout: float | None = None, workspace: str = "shared",
+              branch: str = "") -> Agent:
+        """Register an agent. workspace: "worktree" (its CLI works in agents/NAME on `branch`, made
+        by the caller beforehand) or "shared" (in the town folder)."""
         validate_name("agent", name)
         self.config.cli(cli)  # unknown preset -> TinytownError before anything is written
         agent = Agent(id=new_id(), name=name, cli=cli, state=AgentState.STARTING.value,
-                      created_at=now(), updated_at=now(), task_timeout=task_timeout)
+                      created_at=now(), updated_at=now(), task_timeout=task_timeout, workspace=workspace,
+                      branch=branch)
         index = self.keys.agent_index
 
         def register(pipe):  # optimistic: two racing spawns cannot both pass the checks
-            taken, count = self.r.pipeline(transaction=False).hexists(index, name).hlen(index).execute()
-            if taken:
-                raise TinytownError(f"an agent named {name!r} already exists")
-            if count >= self.config.max_agents:
-                raise TinytownError(
-                    f"max_agents reached ({self.config.max_agents}); raise max_agents in "
-                    f"{self.config.root / 'tinytown.toml'}, or remove agents: stopped ones count too "
-                    "(`tt close NAME`, then `tt prune`)")
+            self.check_spawn(name)
             pipe.hset(index, name, agent.id)
             pipe.hset(self.keys.agent(agent.id), mapping=agent.to_hash())
             self._event(pipe, "agent_spawned", agent=name, agent_id=agent.id, cli=cli)
@@ -104,6 +101,19 @@ class Town:
 
         self.r.transaction(register, index)
         return agent
+
+    def check_spawn(self, name: str) -> None:
+        """Refuse a spawn that cannot be registered (name taken, max_agents reached): also asked
+        before a worktree is made for it, so a refused spawn leaves nothing behind."""
+        index = self.keys.agent_index
+        taken, count = self.r.pipeline(transaction=False).hexists(index, name).hlen(index).execute()
+        if taken:
+            raise TinytownError(f"an agent named {name!r} already exists")
+        if count >= self.config.max_agents:
+            raise TinytownError(
+                f"max_agents reached ({self.config.max_agents}); raise max_agents in "
+                f"{self.config.root / 'tinytown.toml'}, or remove agents: stopped ones count too "
+                "(`tt close NAME`, then `tt prune`)")
 
     def agent_id(self, name: str) -> str:
         agent_id = self.r.hget(self.keys.agent_index, name)
@@ -280,16 +290,18 @@ class Town:
         return (Task.from_hash(data) if data else None), agent_state
 
     def start_task(self, agent_id: str, task_id: str, cli_pid: int | None = None, task: Task | None = None,
-                   agent_state: str | None = None) -> Task:
+                   agent_state: str | None = None, base: str = "") -> Task:
         """Mark a claimed task running (one more attempt) and its agent working.
 
         task, agent_state: as the runner just read them (claimed_task), to skip reading them again.
+        base: the commit a worktree agent's task starts from.
         """
         task = task if task is not None else self.task(task_id)
         check_task_transition(task.state, TaskState.RUNNING)
         pipe = self.r.pipeline()
         pipe.hset(self.keys.task(task_id), mapping={"state": TaskState.RUNNING.value,
-                                                     "started_at": f"{now():.6f}", "reason": ""})
+                                                     "started_at": f"{now():.6f}", "reason": "",
+                                                     **({"base": base} if base else {})})
         pipe.hincrby(self.keys.task(task_id), "attempts", 1)
         # A task's start and end prove the runner alive, so a runner busy with back-to-back short
         # tasks never looks unresponsive.
@@ -300,11 +312,23 @@ class Town:
         task.state, task.attempts = TaskState.RUNNING.value, task.attempts + 1
         return task
 
+    def task_heads(self, task_ids: list[str]) -> list[str]:
+        """The `head` commits of these tasks, in order, skipping those without one (a shared
+        agent's, or gone): the work a dependent task starts by merging. One round trip."""
+        if not task_ids:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.hget(self.keys.task(task_id), "head")
+        return [head for head in pipe.execute() if head]
+
     def finish_task(self, agent_id: str, claimed: Claimed, state: TaskState, exit_code: int | None = None,
-                    reason: str = "", output: bytes = b"", agent_state: AgentState = AgentState.IDLE) -> None:
+                    reason: str = "", output: bytes = b"", agent_state: AgentState = AgentState.IDLE,
+                    work: dict[str, str] | None = None) -> None:
         """Write a task's outcome, drop it from in-flight and set the agent idle, in one transaction.
 
         agent_state: `stopping` when the task finished within a stop's grace period.
+        work: what a worktree agent's task changed (base, head, branch, files, workspace_note).
         """
         task_id = claimed.message.task_id
         reads = self.r.pipeline(transaction=False)
@@ -317,7 +341,7 @@ class Town:
             pipe.hset(self.keys.task(task_id), mapping={
                 "state": state.value, "exit_code": "" if exit_code is None else str(exit_code),
                 "finished_at": f"{now():.6f}", "reason": reason,
-                "output": output[-OUTPUT_TAIL_BYTES:].decode("utf-8", "replace"),
+                "output": output[-OUTPUT_TAIL_BYTES:].decode("utf-8", "replace"), **(work or {}),
             })
         pipe.lrem(self.keys.inflight(agent_id), 1, claimed.raw)
         self.set_agent_state(agent_id, agent_state, pipe=pipe, old=old_agent, current_task="", cli_pid="",
@@ -488,7 +512,8 @@ class Town:
                            "config_error": info.get("config_error", ""),
                            "disk_error": self.persistence_error() or ""},
             "max_agents": self.config.max_agents,
-            "agents": [agent_json(a, pending.get(a.id, 0), self.config.supervisor.heartbeat_stale) for a in agents],
+            "agents": [agent_json(a, pending.get(a.id, 0), self.config.supervisor.heartbeat_stale, self.config.root)
+                       for a in agents],
             "tasks": tasks,
         }
 
@@ -503,12 +528,30 @@ def _stop_mode(value: str | None) -> StopMode | None:
         return StopMode.GRACEFUL
 
 
-def agent_json(agent: Agent, pending: int, stale_after: float) -> dict:
+def agent_json(agent: Agent, pending: int, stale_after: float, root=None) -> dict:
+    """root: the town folder, to say where the agent works (`workdir`) and what its worktree was
+    left in the middle of (`workspace_problem`: a rebase... a few file checks, no git process)."""
     data = agent.to_json()
+    data["workspace"] = agent.workspace or "shared"
     data["pending"] = pending
     data["health"] = agent.health(stale_after)
     data["responsive"] = data["health"] != "unresponsive"
+    if root is not None:
+        workspace = agent_workspace(root, agent)
+        data["workdir"] = str(workspace.path if workspace else root)
+        problem = workspace.problem() if workspace else ""
+        data["workspace_problem"] = problem and workspace.problem_line(problem)
     return data
+
+
+def agent_workspace(root, agent: Agent):
+    """The agent's worktree (supervisor/workspace.py; opening it starts no process), or None when
+    its CLI works in the town folder."""
+    if agent.workspace != "worktree":
+        return None
+    from .workspace import Workspace
+    prefix = agent.branch[:-len(agent.name)] if agent.branch.endswith(agent.name) else "tt/"
+    return Workspace(root, agent.name, prefix)
 
 
 def host() -> str:

@@ -354,6 +354,13 @@ class Workspace:
                 return state
         return ""
 
+    def problem_line(self, state: str) -> str:
+        """`tt status`'s line for what problem() found."""
+        if state == "not-a-worktree":
+            return (f"{self.label} is not a git worktree any more: move it away (its next task makes it again "
+                    f"from branch {self.branch})")
+        return str(self._busy(state))
+
     def _busy(self, state: str) -> Busy:
         finish = next((how for _, s, how in IN_PROGRESS if s == state), "fix it by hand")
         finish = finish.format(gitdir=self.gitdir)
@@ -454,7 +461,8 @@ class Workspace:
             if start is None:
                 raise Unavailable("no-commit", f"the repository at {repo.toplevel} has no commit yet, so {self.agent} "
                                                "has no worktree and shares the town folder: commit something "
-                                               f"(git add -A && git commit -m 'first commit'), then tt spawn {self.agent} again")
+                                               "(git add -A && git commit -m 'first commit'): agents spawned "
+                                               "after that get a worktree each")
             if not from_ref and repo.head_branch() is None:
                 notes.append(f"the town folder's HEAD is detached: {self.branch} starts at {start[:12]}; "
                              "`tt merge` will need --into BRANCH")

@@ -21,7 +21,7 @@ from benchsuite.suite import BENCHMARKS  # noqa: E402
 
 ROWS = {"restart": ["restart"], "start_stop": ["start", "stop"], "dispatch": ["dispatch"],
         "throughput": ["tasks1", "tasks4"], "idle": ["memory", "cpu"], "list": ["list"], "assign": ["assign"], "pty": ["pty"],
-        "logs": ["logs"]}
+        "logs": ["logs"], "workspace": ["workspace_town", "workspace_worktree", "workspace_dependency"]}
 NO_PEER = {"tasks1", "logs"}
 
 

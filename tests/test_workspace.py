@@ -156,7 +156,8 @@ def test_towns_without_a_usable_repository(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     git(empty, "init", "-q")
-    with pytest.raises(Unavailable, match=r"no commit yet.*git commit -m 'first commit'\), then tt spawn dev again") as info:
+    with pytest.raises(Unavailable, match=r"no commit yet.*git commit -m 'first commit'\): agents spawned after "
+                                          "that get a worktree each") as info:
         Workspace(empty, "dev").ensure()
     assert info.value.kind == "no-commit"
     assert not (empty / "agents" / "dev").exists()

@@ -1,10 +1,10 @@
 """The git work a task adds when agents have worktrees (supervisor/workspace.py), on a repository of
 5 000 files: `begin` + `end` around a task that changes one file and adds one, and the same for a
-task that first merges an upstream task's head (a real merge: both branches moved on).
+task that first merges an upstream task's head (a real merge: both branches moved on); and end to
+end, a running town's task with a worktree against one in the shared folder (workspace_town).
 
 Shared mode does no git work at all, so its column is the task's own file writes: the row's
-figure is what worktrees add to a task. Not registered in suite.BENCHMARKS yet (the runner wiring
-comes first; see the workspaces design note); run it alone with
+figure is what worktrees add to a task. `./scripts/bench workspace` runs it in the suite; alone:
 
     PYTHONPATH=scripts .venv/bin/python -m benchsuite.workspace [--files 5000] [--tasks 40]
 """
@@ -82,11 +82,49 @@ def measure(files: int = 5000, tasks: int = 40) -> dict[str, list[float]]:
     return out
 
 
+def measure_town(files: int = 5000, tasks: int = 40) -> dict[str, list[float]]:
+    """End to end in a running town inside a git repository of `files` files: `tt assign` -> the
+    task finished (its event), for an agent with a worktree and one in the shared folder, tasks
+    alternated between them, one at a time. The CLI (`sh`) writes its prompt into one file."""
+    from .suite import _last_event, _wait_events
+    from .town import BenchTown
+    from tinytown.supervisor.config import load
+    out: dict[str, list[float]] = {"worktree": [], "shared": []}
+    with BenchTown(["sh", "-c", "cat > src/d0/f0.py"], name="benchws") as bt:
+        make_repo(bt.root, files)
+        bt.config = load(bt.root)
+        bt.start_background()
+        town = bt.town
+        workspace = Workspace(bt.root, "w")
+        workspace.ensure()
+        town.spawn("w", "bench", workspace="worktree", branch=workspace.branch)
+        town.spawn("s", "bench")
+        bt.wait_blocked(2)
+        for n in range(tasks):
+            for agent, kind in (("w", "worktree"), ("s", "shared")):
+                since = _last_event(town)
+                t0 = time.perf_counter()
+                task = town.assign(agent, f"VALUE = {n}\n")
+                _wait_events(town, since, {task.id}, 60)
+                out[kind].append((time.perf_counter() - t0) * 1000)
+                bt.wait_blocked(2, interval=0.001)
+    return out
+
+
 def workspace(size: dict, ctx) -> list[Row]:
-    """Git work per task with worktrees (begin + end, and with a merged dependency), 5 000 files."""
+    """Git work per task with worktrees (begin + end, and with a merged dependency), 5 000 files;
+    and a running town's tasks with a worktree against the shared folder."""
     files = size.get("workspace_files", 5000)
     samples = measure(files, size.get("workspace_tasks", 40))
     rows = []
+    town = measure_town(files, size.get("workspace_tasks", 40))
+    row = Row("workspace_town", f"task assigned -> finished, agent with a worktree, {files} files", "ms",
+              peer_name='the same, [workspace] mode = "shared"', target=f"p50 <= shared p50 + {TARGET_MS:g} ms",
+              latency=True)
+    row.tt, row.peer = town["worktree"], town["shared"]
+    added = statistics.median(town["worktree"]) - statistics.median(town["shared"])
+    row.note = f"a worktree adds {added:.1f} ms (p50) to a task's round trip"
+    rows.append(row.judge(absolute=lambda v: v - statistics.median(town["shared"]) <= TARGET_MS))
     for key, what in (("worktree", f"git work per task with worktrees (begin + end), {files} files"),
                       ("dependency", f"the same, merging an upstream task's head first, {files} files")):
         row = Row(f"workspace_{key}", what, "ms", peer_name="shared mode (no git)",

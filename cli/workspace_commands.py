@@ -1,0 +1,138 @@
+"""The agents' git worktrees on the command line: what `tt spawn` makes, `tt diff`, `tt merge`.
+
+The git work itself is supervisor/workspace.py; here only what a user types and reads. Paths and
+git's messages can hold anything a file name can: they are cleaned before they reach a terminal.
+Imported by every `tt` (main registers these commands): the rest is imported where it is used.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from tinytown.supervisor.errors import TinytownError
+
+
+def clean_text(text: str) -> str:
+    from tinytown.supervisor.terminal_text import clean_text as clean
+    return clean(text)
+
+
+def prepare_workspace(config, town, name: str, from_ref: str | None, quiet: bool = False) -> dict:
+    """`tt spawn` in a git town, before the agent is registered: agents/NAME made a worktree on its
+    branch. {"mode": "worktree", "branch", "label", "path", "notes"}, or {"mode": "shared", "why"}
+    when no worktree can be made here (said once: at the town's first spawn, or always when the
+    repository only lacks a first commit, which the user is expected to make). A WorkspaceError
+    (branch checked out elsewhere, agents/NAME not a worktree...) refuses the spawn."""
+    from tinytown.supervisor.workspace import Unavailable, Workspace
+    workspace = Workspace(config.root, name, config.workspace.branch_prefix)
+    try:
+        notes = workspace.ensure(from_ref)
+    except Unavailable as exc:
+        if from_ref:
+            raise TinytownError(f"--from {from_ref}: {exc}") from None
+        first = not town.r.hlen(town.keys.agent_index)
+        if not quiet and (first or exc.kind == "no-commit"):
+            click.echo(f"tt: {clean_text(str(exc))}", err=True)
+        return {"mode": "shared", "why": str(exc)}
+    if not quiet:
+        for note in notes:
+            click.echo(f"tt: {clean_text(note)}", err=True)
+    return {"mode": "worktree", "branch": workspace.branch, "label": workspace.label, "path": str(workspace.path),
+            "notes": notes}
+
+
+def file_lines(files: list[dict]) -> list[str]:
+    """A task's changed files as `tt task` shows them: `+A -D path`, `bin path`, `old -> new`."""
+    lines = []
+    for change in files:
+        counts = "bin" if change.get("added") is None else f"+{change['added']} -{change['deleted']}"
+        path = clean_text(str(change.get("path", "")))
+        if change.get("old_path"):
+            path = f"{clean_text(str(change['old_path']))} -> {path}"
+        lines.append(f"{counts:>12}  {path}")
+    return lines
+
+
+def _agent_or_task(town, ref: str):
+    """(agent, None) when `ref` names an agent, else (None, task): names first, as `tt logs` does."""
+    if town.r.hget(town.keys.agent_index, ref):
+        return town.agent(ref), None
+    return None, town.task(ref)
+
+
+def _worktree_of(config, agent):
+    from tinytown.supervisor.town import agent_workspace
+    workspace = agent_workspace(config.root, agent)
+    if workspace is None:
+        raise TinytownError(f"agent {agent.name} works in the shared town folder: it has no branch of its own "
+                            "(tt diff/merge TASK work on a worktree agent's task)")
+    return workspace
+
+
+def _town_option(func):
+    """--town PATH (also TT_TOWN_DIR), as main.town_option; declared here because main imports
+    this module to register its commands."""
+    return click.option("--town", "town_path", metavar="PATH", envvar="TT_TOWN_DIR",
+                        help="The town's folder (default: walk up from here to tinytown.toml).")(func)
+
+
+def _town_config(ctx, town_path):
+    from tinytown.cli.main import _config
+    return _config(town_path or (ctx.find_root().obj or {}).get("town"))
+
+
+@click.command(name="diff")
+@click.argument("ref", metavar="TASK|AGENT")
+@click.option("--stat", is_flag=True, help="Files and +/- counts only.")
+@_town_option
+@click.pass_context
+def diff(ctx, ref, stat, town_path):
+    """What a task changed (its base..head), or what an agent's branch adds to your HEAD; git's own
+    diff, colour and pager."""
+    from tinytown.cli.main import _running_town
+    from tinytown.supervisor.workspace import diff_argv
+    config = _town_config(ctx, town_path)
+    town = _running_town(config)
+    agent, task = _agent_or_task(town, ref)
+    if agent is not None:
+        argv = diff_argv(config.root, branch=_worktree_of(config, agent).branch, stat=stat)
+    else:
+        argv = diff_argv(config.root, base=task.base, head=task.head, stat=stat)
+    import subprocess
+    sys.stdout.flush()
+    try:
+        code = subprocess.run(argv).returncode  # the user's terminal: git's colour and pager
+    except FileNotFoundError:
+        raise TinytownError("git is not installed (or not on PATH)") from None
+    sys.exit(code)
+
+
+@click.command(name="merge")
+@click.argument("ref", metavar="AGENT|TASK")
+@click.option("--into", metavar="BRANCH", help="The branch to merge into (default: the town folder's).")
+@_town_option
+@click.pass_context
+def merge(ctx, ref, into, town_path):
+    """Bring an agent's branch (or a task's head) home into your branch: a fast-forward when it can,
+    refused with nothing changed when your tree has uncommitted changes or the merge conflicts."""
+    from tinytown.cli.main import _running_town
+    from tinytown.supervisor.workspace import merge_home
+    config = _town_config(ctx, town_path)
+    town = _running_town(config)
+    agent, task = _agent_or_task(town, ref)
+    if agent is not None:
+        source, label = _worktree_of(config, agent).ref, agent.name
+    else:
+        if not task.head:
+            raise TinytownError(f"task {task.id} has no recorded commits (it ran in the shared town folder, "
+                                "or has not ended)")
+        source, label = task.head, f"task {task.id[:8]}"
+    done = merge_home(config.root, source, into, label=label)
+    if done.how == "up to date":
+        click.echo(f"{label}: already in {clean_text(done.branch)}")
+    else:
+        click.echo(f"merged {label} into {clean_text(done.branch)} ({done.how}, {done.before[:7]}..{done.after[:7]})")
+    if agent is not None and agent.state == "working":
+        click.echo(f"{agent.name} is working: its running task's changes are not committed yet (they come "
+                   "with its next tt merge)")

@@ -1,0 +1,231 @@
+"""Agents' git worktrees in a running town (issue 10): real git, real supervisor, fake CLIs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+
+from conftest import TownHarness, wait_for
+
+USER = ("-c", "user.name=User", "-c", "user.email=user@example.invalid")
+
+
+def git(root, *args) -> str:
+    done = subprocess.run(["git", *USER, *args], cwd=root, capture_output=True, check=True)
+    return done.stdout.decode()
+
+
+@pytest.fixture
+def git_town(make_town):
+    """Factory: a town whose folder is a git repository with one commit on main (app.py and the
+    town's own tinytown.toml and .gitignore, as a user who commits everything has)."""
+
+    def make(name: str = "gittown", extra: str = "") -> TownHarness:
+        harness = make_town(name, extra, folder=name)
+        (harness.root / "app.py").write_text("print('hello')\n")
+        git(harness.root, "init", "-q", "-b", "main")
+        git(harness.root, "add", "-A")
+        git(harness.root, "commit", "-q", "-m", "first commit")
+        return harness
+
+    return make
+
+
+def dependent(t: TownHarness, agent: str, text: str, after: list[str]) -> str:
+    """A task that runs after others, made through the coordination store (as `tt assign --after` does)."""
+    from tinytown.supervisor.coordination import Coordination
+    return Coordination(t.town()).create_task(text, agent=agent, after=after).task.id
+
+
+def subjects(root, rev_range: str) -> list[str]:
+    return git(root, "log", "--format=%s", rev_range).splitlines()
+
+
+def test_tutorial_in_a_git_town_gives_a_branch_and_a_commit_per_task(git_town):
+    t = git_town()
+    root = t.root
+    spawned = t.tt("spawn", "dev", "--model", "claude")
+    assert "agents/dev" in spawned.out and "tt/dev" in spawned.out
+    assert "agents/.gitignore" in spawned.err  # said what it did to keep the worktrees out of git status
+    t.tt("spawn", "tester", "--model", "auggie")
+    t.tt("spawn", "reviewer", "--model", "codex")
+    listed = {a["name"]: a for a in t.json("list")}
+    assert listed["dev"]["workspace"] == "worktree" and listed["dev"]["branch"] == "tt/dev"
+    assert listed["dev"]["workdir"] == str(root / "agents" / "dev")
+
+    dev = t.assign("dev", "Create the endpoint\n@write api.py def create_user(): pass")
+    tester = t.assign("tester", "Write the tests\n@write tests/test_api.py def test_create(): pass")
+    for task_id in (dev, tester):
+        assert t.wait_task(task_id)["state"] == "completed"
+    reviewer = dependent(t, "reviewer", "Review the implementation and tests\n@ls", [dev, tester])
+    review = t.wait_task(reviewer)
+    assert review["state"] == "completed", review
+
+    # each agent's CLI ran in its worktree; the reviewer's held the other two agents' work
+    assert t.recorded(dev)[0]["cwd"] == str(root / "agents" / "dev")
+    assert t.recorded(reviewer)[0]["cwd"] == str(root / "agents" / "reviewer")
+    seen = (t.record / f"{reviewer}.ls").read_text().split()
+    assert {"api.py", "tests/test_api.py", "app.py"} <= set(seen)
+
+    # one commit per task on three branches, the town folder's branch untouched so far
+    dev_task, tester_task = t.task(dev), t.task(tester)
+    assert subjects(root, "main..tt/dev") == [f"tt: {dev} Create the endpoint"]
+    assert subjects(root, "main..tt/tester") == [f"tt: {tester} Write the tests"]
+    assert subjects(root, "tt/dev..tt/reviewer")[-1] == f"tt: {tester} Write the tests"
+    assert dev_task["files"] == [{"path": "api.py", "added": 1, "deleted": 0}]
+    assert dev_task["base"] == git(root, "rev-parse", "main").strip()
+    assert dev_task["head"] == git(root, "rev-parse", "tt/dev").strip()
+    assert review["files"] == [] and review["head"] == review["base"]  # merged work, nothing of its own
+    for upstream in (dev_task, tester_task):
+        git(root, "merge-base", "--is-ancestor", upstream["head"], review["base"])
+    assert "agents" not in git(root, "status", "--porcelain")  # worktrees out of the user's status
+
+    shown = t.tt("task", dev).out
+    assert f"{dev_task['base'][:12]}..{dev_task['head'][:12]}" in shown and "+1 -0" in shown and "api.py" in shown
+    stat = t.tt("diff", dev, "--stat").out
+    assert "api.py" in stat and "1 insertion" in stat
+    assert "tests/test_api.py" in t.tt("diff", "tester").out
+
+    # bringing work home
+    merged = t.tt("merge", "dev").out
+    assert merged.startswith("merged dev into main (fast-forward,")
+    assert (root / "api.py").read_text() == "def create_user(): pass\n"
+    assert t.tt("merge", "dev").out.strip() == "dev: already in main"
+    (root / "app.py").write_text("changed by hand\n")
+    refused = t.tt("merge", "tester", check=False)
+    assert refused.returncode == 1 and refused.err.count("\n") == 1 and "uncommitted changes" in refused.err
+    assert not (root / "tests").exists() and (root / "app.py").read_text() == "changed by hand\n"
+    git(root, "branch", "side", "main")  # a branch checked out nowhere: merged in the object store
+    into_side = t.tt("merge", tester[:8], "--into", "side").out
+    assert into_side.startswith(f"merged task {tester[:8]} into side (merge,")
+    assert git(root, "show", "side:tests/test_api.py") == "def test_create(): pass\n"
+    assert (root / "app.py").read_text() == "changed by hand\n"
+
+
+def test_a_conflicting_dependency_fails_the_task_before_its_cli_starts(git_town):
+    t = git_town()
+    for name in ("dev", "tester", "reviewer"):
+        t.tt("spawn", name)
+    dev = t.assign("dev", "@write app.py print('dev')")
+    tester = t.assign("tester", "@write app.py print('tester')")
+    for task_id in (dev, tester):
+        assert t.wait_task(task_id)["state"] == "completed"
+    worktree = t.root / "agents" / "reviewer"
+    before = git(worktree, "rev-parse", "HEAD")
+    reviewer = dependent(t, "reviewer", "review", [dev, tester])
+    failed = t.wait_task(reviewer)
+    assert failed["state"] == "failed" and "conflicts in app.py" in failed["reason"], failed
+    assert not (t.record / f"{reviewer}.json").exists()  # its CLI never started
+    assert git(worktree, "rev-parse", "HEAD") == before and git(worktree, "status", "--porcelain") == ""
+    assert (worktree / "app.py").read_text() == "print('hello')\n"
+    # and the agent goes on with its next task
+    after = t.assign("reviewer", "@echo next")
+    assert t.wait_task(after)["state"] == "completed"
+
+
+def test_a_crash_mid_task_leaves_work_the_next_attempt_commits_and_is_told_about(git_town):
+    t = git_town()
+    t.tt("spawn", "dev")
+    task_id = t.assign("dev", "Build it\n@write half.txt started\n@gate go")
+    wait_for(lambda: (t.root / "agents" / "dev" / "half.txt").exists(), 30, "the first attempt's file")
+    runner = t.agent("dev")["pid"]
+    os.kill(runner, signal.SIGKILL)  # the runner dies mid-task: its task is delivered again
+    wait_for(lambda: t.agent("dev")["pid"] not in (None, runner), 30, "a new runner")
+    (t.record / "go").write_text("")
+    done = t.wait_task(task_id)
+    assert done["state"] == "completed" and done["attempts"] == 2, done
+    prompt = t.recorded(task_id)[1]
+    # (the second attempt wrote the same file again: nothing new to commit after the interrupted run's)
+    interrupted = git(t.root, "log", "-1", "--format=%H %s", "tt/dev").split()
+    assert interrupted[1:] == ["tt:", "interrupted", task_id]
+    assert prompt.startswith(f"[Tinytown] An earlier run of task {task_id} was interrupted; the changes it had "
+                             f"made are committed as {interrupted[0][:12]}".encode())
+    assert prompt.endswith(b"Build it\n@write half.txt started\n@gate go")
+    assert "half.txt" in git(t.root, "show", "--name-only", "--format=", interrupted[0])
+    assert done["base"] == interrupted[0]
+
+
+def test_a_worktree_left_mid_rebase_fails_its_task_and_shows_in_status(git_town):
+    t = git_town()
+    t.tt("spawn", "dev")
+    task_id = t.assign("dev", "@write file.txt x\n@gate go")
+    gitdir = t.root / ".git" / "worktrees" / "dev"
+    wait_for(lambda: (t.record / f"{task_id}.json").exists(), 30, "the CLI to start")
+    (gitdir / "rebase-merge").mkdir()  # what a CLI's `git rebase` that stopped on a conflict leaves
+    (t.record / "go").write_text("")
+    failed = t.wait_task(task_id)
+    assert failed["state"] == "failed" and "agents/dev is mid rebase" in failed["reason"], failed
+    agent = next(a for a in t.json("status")["agents"] if a["name"] == "dev")
+    assert "mid rebase" in agent["workspace_problem"]
+    assert "mid rebase" in t.tt("status").out
+    blocked = t.assign("dev", "@echo next")
+    assert "mid rebase" in t.wait_task(blocked)["reason"]
+    assert not (t.record / f"{blocked}.json").exists()
+    (gitdir / "rebase-merge").rmdir()  # the human finished it
+    assert next(a for a in t.json("status")["agents"] if a["name"] == "dev")["workspace_problem"] == ""
+    again = t.assign("dev", "@echo again")
+    assert t.wait_task(again)["state"] == "completed"
+    assert "file.txt" in git(t.root, "show", "--name-only", "--format=", "tt/dev")  # committed, not lost
+
+
+def test_a_town_that_is_not_a_git_repository_shares_its_folder_and_says_so_once(town):
+    first = town.tt("spawn", "dev")
+    assert "not in a git work tree" in first.err and "agents share the town folder" in first.err
+    second = town.tt("spawn", "tester")
+    assert "git" not in second.err
+    assert town.agent("dev")["workspace"] == "shared" and town.agent("dev")["workdir"] == str(town.root)
+    task_id = town.assign("dev", "@write shared.txt here")
+    done = town.wait_task(task_id)
+    assert done["state"] == "completed" and done["head"] == "" and done["files"] == []
+    assert town.recorded(task_id)[0]["cwd"] == str(town.root) and (town.root / "shared.txt").exists()
+    refused = town.tt("diff", "dev", check=False)
+    assert refused.returncode == 1 and "shared town folder" in refused.err
+
+
+def test_spawn_options_shared_and_from(git_town):
+    t = git_town()
+    git(t.root, "branch", "base-here")
+    (t.root / "later.py").write_text("x\n")
+    git(t.root, "add", "later.py")
+    git(t.root, "commit", "-q", "-m", "later")
+    data = t.json("spawn", "dev", "--from", "base-here")
+    assert data["workspace"] == "worktree" and data["workspace_why"] == ""
+    assert git(t.root, "rev-parse", "tt/dev") == git(t.root, "rev-parse", "base-here")
+    assert not (t.root / "agents" / "dev" / "later.py").exists()
+    assert t.json("spawn", "helper", "--shared")["workspace"] == "shared"
+    assert not (t.root / "agents" / "helper").exists()
+    bad = t.tt("spawn", "other", "--shared", "--from", "main", check=False)
+    assert bad.returncode == 1 and "--from needs a worktree" in bad.err
+    missing = t.tt("spawn", "third", "--from", "no-such-ref", check=False)
+    assert missing.returncode == 1 and "no-such-ref" in missing.err
+    assert "third" not in [a["name"] for a in t.json("list")]  # a refused spawn registers nothing
+
+
+def test_tt_task_shows_file_names_cleaned_and_json_keeps_them(git_town):
+    t = git_town()
+    t.tt("spawn", "dev")
+    name = "evil\x1b]0;pwned\x07name.txt"
+    task_id = t.assign("dev", f"@write {name} x\n@write plain.txt y")
+    done = t.wait_task(task_id)
+    assert sorted(f["path"] for f in done["files"]) == sorted([name, "plain.txt"])
+    shown = t.tt("task", task_id).stdout
+    assert b"\x1b" not in shown and b"\x07" not in shown
+    assert b"+1 -0  plain.txt" in shown and b"name.txt" in shown
+
+
+def test_a_stop_now_mid_task_commits_nothing_then_the_next_attempt_commits_what_it_left(git_town):
+    t = git_town()
+    t.tt("spawn", "dev")
+    task_id = t.assign("dev", "@write half.txt started\n@gate go")
+    wait_for(lambda: (t.root / "agents" / "dev" / "half.txt").exists(), 30, "the first attempt's file")
+    t.tt("stop", "--now")
+    assert git(t.root, "rev-parse", "tt/dev") == git(t.root, "rev-parse", "main")  # nothing committed by the stop
+    (t.record / "go").write_text("")
+    t.tt("restart", "dev")
+    done = t.wait_task(task_id)
+    assert done["state"] == "completed" and done["attempts"] == 1, done
+    assert subjects(t.root, "main..tt/dev") == [f"tt: interrupted {task_id}"]
+    assert t.recorded(task_id)[1].startswith(f"[Tinytown] An earlier run of task {task_id}".encode())
