@@ -133,3 +133,19 @@ def test_a_running_tasks_output_so_far(town):
     data = town.wait_task(task_id)
     assert "all done" in data["output"] and "output_so_far" not in data
     assert "output so far" not in town.tt("task", task_id).out
+
+
+def test_a_stopped_tcp_town_is_read_the_same_way(town, private_tmp):
+    """use_socket = false: a Redis that answers on the port is read as before; none, and the
+    recorded state here is read like a socket town's."""
+    from test_hardening import free_port
+    port = free_port()
+    path = town.root / "tinytown.toml"
+    path.write_text(path.read_text().replace('use_socket = true\nsocket_path = "redis.sock"',
+                                             f'use_socket = false\nport = {port}'))
+    done, failed = stopped_town_with_tasks(town)
+    assert {t["id"]: t["state"] for t in town.json("tasks")} == {done: "completed", failed: "failed"}
+    status = town.json("status")
+    assert status["running"] is False and status["redis"] == f"127.0.0.1:{port}"
+    assert "it went wrong" in town.tt("logs", "--task", failed).out
+    nothing_left(town, private_tmp)
