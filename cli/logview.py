@@ -143,12 +143,29 @@ def show(config: Config, names: list[str], *, lines: int | None, follow: bool, t
     if lines is None:
         lines = None if (since or task) else 100
     client = _redis(config)
+    local = _local_names(config)
+    snapshot = None
+    if client is None and (task or from_redis or since_at is not None or not local):
+        from tinytown.supervisor.snapshot import open_snapshot
+        snapshot = open_snapshot(config)  # a stopped town: its output as Redis last recorded it
+        if snapshot is not None:
+            config, client = snapshot.config, snapshot.client(decode=False)
+            click.echo(f"tt logs: town {config.name!r} is stopped: its output as last recorded"
+                       + (" (nothing more to follow)" if follow else ""), err=True)
+            follow = False
+    try:
+        _show(config, client, names, local, lines, follow, task, since_at, raw, colour, from_redis, out)
+    finally:
+        if snapshot is not None:
+            snapshot.close()
+
+
+def _show(config, client, names, local, lines, follow, task, since_at, raw, colour, from_redis, out) -> None:
     if task:
         if client is None:
             raise _cannot_reach(config)
         return _show_task(config, client, task, lines, since_at, follow, raw, out)
     registry = _registry(config, client) if client is not None else {}
-    local = _local_names(config)
     all_agents = not names
     if all_agents:
         names = sorted(set(registry) | set(local))
@@ -259,6 +276,24 @@ def _show_task(config, client, task_ref, lines, since_at, follow, raw, out) -> N
         printer.feed(name, chunk)
     printer.flush_partial(force=True)
     out.flush()
+
+
+def task_output_so_far(config: Config, task) -> str:
+    """A running task's output until now (its last 64 KiB, whole lines), from its agent's stream:
+    the task itself keeps its output only once it ends."""
+    from tinytown.supervisor.keys import Keys
+    from tinytown.supervisor.resp import connect
+    from tinytown.supervisor.town import OUTPUT_TAIL_BYTES
+    client = connect(config, decode=False)
+    try:
+        stream = OutputStream(client, Keys(config.name), {task.agent: task.agent_id}, task=task.id)
+        data = b"".join(d for _, d in stream.history(None))
+    finally:
+        client.close()
+    if len(data) > OUTPUT_TAIL_BYTES:
+        data = data[-OUTPUT_TAIL_BYTES:]
+        data = data[data.find(b"\n") + 1:]
+    return data.decode("utf-8", "surrogateescape")
 
 
 def colour_wanted(no_color: bool) -> bool:

@@ -92,12 +92,34 @@ def _town(config):
     return Town(config)
 
 
-def _running_town(config):
-    """A Town for reading: says clearly when the town is not running instead of a socket error."""
-    from tinytown.supervisor.lifecycle import running_pid
-    if not running_pid(config) and config.use_socket:
+def _running_town(config, as_json: bool = False):
+    """A Town for reading: the running town, else a stopped town's records as last written (said
+    on stderr), else one clear line instead of a socket error."""
+    town, running = _town_or_snapshot(config)
+    if town is None:
         raise TinytownError(f"town {config.name!r} is not running (start it with `tt start`, or `tt spawn`)")
-    return _reading_town(config)
+    if not running and not as_json:
+        click.echo(f"tt: town {config.name!r} is stopped: showing what it last recorded", err=True)
+    return town
+
+
+def _town_or_snapshot(config):
+    """(Town, True) for a running town; (Town on a read-only snapshot, False) for a stopped one
+    whose records are here (closed when the command ends); (None, False) when neither."""
+    from tinytown.supervisor.lifecycle import running_pid
+    if running_pid(config):
+        return _reading_town(config), True
+    if config.use_socket or not _town(config).ping():  # TCP: a reachable Redis is read as before
+        from tinytown.supervisor.snapshot import open_snapshot
+        snapshot = open_snapshot(config)
+        if snapshot is not None:
+            click.get_current_context().with_resource(snapshot)
+            return _town(snapshot.config), False
+        if running_pid(config):  # it started while we looked: it wins
+            return _reading_town(config), True
+        if config.use_socket:
+            return None, False
+    return _reading_town(config), True
 
 
 def _reading_town(config):
@@ -226,7 +248,7 @@ def list_agents(as_json, town_path):
     """The town's agents with id and state."""
     from tinytown.cli import render
     config = _config(town_path)
-    town = _running_town(config)
+    town = _running_town(config, as_json)
     agents = town.agents()
     pending = town.pending_counts(agents)
     if as_json:
@@ -310,17 +332,20 @@ def _read_input(path: str) -> bytes:
 @town_option
 def status(as_json, town_path):
     """The town, its agents and their states, and pending work."""
-    from tinytown.supervisor.lifecycle import running_pid
     config = _config(town_path)
-    if not running_pid(config) and config.use_socket:
+    town, running = _town_or_snapshot(config)
+    if town is None:
         data = {"town": config.name, "root": str(config.root), "running": False, "agents": [], "tasks": {}}
         if as_json:
             _print_json(data)
         else:
             click.echo(f"Town {config.name}: not running (start it with `tt start`)")
         return
-    data = _reading_town(config).status()
-    data["running"] = True
+    data = town.status()
+    data["running"] = running
+    if not running:  # as last recorded, but not the snapshot's own address, nor a pid long gone
+        data["redis"] = str(config.redis_socket) if config.use_socket else f"{config.redis_host}:{config.redis_port}"
+        data["supervisor"].update(state="stopped", pid=None, disk_error="")
     if as_json:
         _print_json(data)
     else:
@@ -337,7 +362,7 @@ def status(as_json, town_path):
 def tasks(agent, state, limit, as_json, town_path):
     """The town's tasks, oldest first."""
     config = _config(town_path)
-    found = _running_town(config).tasks(agent=agent, state=state, limit=limit)
+    found = _running_town(config, as_json).tasks(agent=agent, state=state, limit=limit)
     if as_json:
         _print_json([t.to_json() for t in found])
     else:
@@ -353,14 +378,19 @@ def tasks(agent, state, limit, as_json, town_path):
 def task(task_id, raw, as_json, town_path):
     """One task in full (TASK_ID may be a unique prefix)."""
     config = _config(town_path)
-    found = _running_town(config).task(task_id)
+    town = _running_town(config, as_json)
+    found = town.task(task_id)
+    so_far = found.state == "running" and not found.output
+    if so_far:  # the task keeps its output once it ends; until then the agent's stream has it
+        from tinytown.cli.logview import task_output_so_far
+        found.output = task_output_so_far(town.config, found)
     from tinytown.cli import render
     if as_json:
-        _print_json(found.to_json())
+        _print_json({**found.to_json(), **({"output_so_far": True} if so_far else {})})
     elif raw:
-        render.task_raw(found, sys.stdout.buffer)
+        render.task_raw(found, sys.stdout.buffer, so_far=so_far)
     else:
-        render.task(found)
+        render.task(found, so_far=so_far)
 
 
 @cli.command()

@@ -79,6 +79,9 @@ def status(data: dict) -> None:
     console = _console()
     sup = data["supervisor"]
     console.print(_line((f"Town {data['town']}", "bold"), f"  {data['root']}"))
+    if data.get("running") is False:
+        console.print(_line("  ", ("stopped", "bold"), ": not running; below is what it last recorded "
+                            "(`tt start` runs it)"))
     console.print(_line("  supervisor: ", _state(sup.get("state") or "unknown"),
                         f" (pid {sup.get('pid') or '-'}{', host ' + sup['host'] if sup.get('host') else ''})"
                         f"   redis: {data['redis']}"))
@@ -161,7 +164,7 @@ def tasks(found) -> None:
     _table(("ID", "AGENT", "STATE", "EXIT", "TRIES", "CREATED", "DESCRIPTION"), rows, state_col=2)
 
 
-def task(t) -> None:
+def task(t, so_far: bool = False) -> None:
     console = _console()
     console.print(_line((f"Task {t.id}", "bold"), f"  agent {t.agent}  ", _state(t.state),
                         (f"  exit {t.exit_code}" if t.exit_code is not None else "") + f"  attempts {t.attempts}"))
@@ -181,13 +184,14 @@ def task(t) -> None:
     console.rule("description")
     console.print(_plain(t.description))
     if t.output:
-        console.rule("output (last 64 KiB)")
+        console.rule("output so far (running; last 64 KiB)" if so_far else "output (last 64 KiB)")
         console.print(_plain(t.output))
 
 
-def task_raw(t, out) -> None:
+def task_raw(t, out, so_far: bool = False) -> None:
     """`tt task ID --raw`: the description and output bytes exactly as they were written."""
     out.write(t.description.encode("utf-8", "surrogateescape"))
     if t.output:
-        out.write(b"\n--- output (last 64 KiB) ---\n" + t.output.encode("utf-8", "surrogateescape"))
+        label = b"output so far (running; last 64 KiB)" if so_far else b"output (last 64 KiB)"
+        out.write(b"\n--- " + label + b" ---\n" + t.output.encode("utf-8", "surrogateescape"))
     out.flush()

@@ -59,6 +59,26 @@ def ensure_password(path: Path) -> str:
     return password
 
 
+def wait_answering(proc: subprocess.Popen, config: Config, timeout: float) -> bool:
+    """Until the redis-server `proc` answers PING on config's address (False: it did not in time),
+    or has exited. A server still loading its append-only file answers LOADING: not yet."""
+    from .resp import connect
+    client = connect(config, timeout=1)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            return True
+        try:
+            return bool(client.ping())
+        except Exception:
+            return False
+
+    try:
+        return wait_until(ready, timeout, interval=0.001, max_interval=0.02)
+    finally:
+        client.close()
+
+
 class RedisServer:
     """One redis-server process owned by the supervisor (its own process group, dies with it)."""
 
@@ -149,19 +169,7 @@ class RedisServer:
                 self.proc.stdin.close()
             except OSError:  # it exited at once: said below
                 pass
-        from .resp import connect
-        client = connect(self.config, timeout=1)
-
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                return True
-            try:
-                return bool(client.ping())
-            except Exception:
-                return False
-
-        wait_until(ready, timeout, interval=0.001, max_interval=0.02)
-        client.close()
+        wait_answering(self.proc, self.config, timeout)
         if self.proc.poll() is not None:
             err = (self.proc.stderr.read() or b"").decode(errors="replace").strip().splitlines()
             log = self.config.redis_log

@@ -1,0 +1,151 @@
+"""Reading a stopped town from its recorded state (supervisor/snapshot.py), and a running task's
+output so far: the commands read, say so, leave nothing running and change nothing in .tt/."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import town_processes, wait_for
+
+
+@pytest.fixture
+def private_tmp(town):
+    """A short TMPDIR of the test's own for the `tt` commands: where a reader's folder would be."""
+    folder = Path(tempfile.mkdtemp(prefix="ttst-", dir="/tmp"))
+    town.env["TMPDIR"] = str(folder)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def files_of(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folder` with its size and mtime."""
+    found = {}
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_socket():
+            st = path.stat()
+            found[str(path.relative_to(folder))] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+def nothing_left(town, tmp: Path) -> None:
+    assert town_processes(town.root) == []
+    readers = [p for p in psutil.process_iter(["cmdline"]) if str(tmp) in " ".join(p.info["cmdline"] or [])]
+    assert readers == []
+    assert list(tmp.iterdir()) == []
+
+
+def stopped_town_with_tasks(town) -> tuple[str, str]:
+    town.tt("spawn", "dev")
+    done = town.assign("dev", "@echo recorded output line\nfirst task")
+    failed = town.assign("dev", "@echo it went wrong\n@exit 3")
+    town.wait_task(done)
+    town.wait_task(failed)
+    town.tt("stop")
+    return done, failed
+
+
+def test_a_stopped_towns_records_are_read_and_nothing_changes(town, private_tmp):
+    done, failed = stopped_town_with_tasks(town)
+    runtime = town.root / ".tt"
+    assert any(p.name.startswith("appendonly") for p in (runtime / "redis").iterdir())
+    before = files_of(runtime)
+
+    listed = town.tt("tasks")
+    assert "stopped" in listed.err and done[:8] in listed.out and failed[:8] in listed.out
+    assert {t["id"]: t["state"] for t in town.json("tasks")} == {done: "completed", failed: "failed"}
+    task = town.task(done)
+    assert task["state"] == "completed" and "recorded output line" in task["output"]
+    assert "recorded output line" in town.tt("task", done[:8]).out
+
+    logs = town.tt("logs", "--task", failed)
+    assert "it went wrong" in logs.out and "stopped" in logs.err
+    assert "recorded output line" in town.tt("logs", "--redis", "dev").out
+    assert "it went wrong" in town.tt("logs", "--since", "1h", "dev").out
+
+    status = town.json("status")
+    assert status["running"] is False and status["supervisor"]["state"] == "stopped"
+    assert [(a["name"], a["state"]) for a in status["agents"]] == [("dev", "stopped")]
+    assert status["tasks"]["completed"] == 1 and status["tasks"]["failed"] == 1
+    text = town.tt("status").out
+    assert "stopped" in text and "not running" in text and "dev" in text
+
+    assert files_of(runtime) == before
+    nothing_left(town, private_tmp)
+
+
+def test_logs_follow_on_a_stopped_towns_stream_ends(town, private_tmp):
+    done, _ = stopped_town_with_tasks(town)
+    followed = town.tt("logs", "-f", "--task", done, timeout=30)
+    assert "recorded output line" in followed.out and "nothing more to follow" in followed.err
+    nothing_left(town, private_tmp)
+
+
+def test_the_town_starts_again_after_being_read(town, private_tmp):
+    done, failed = stopped_town_with_tasks(town)
+    town.json("tasks")
+    town.json("status")
+    town.tt("restart", "dev")  # a writing command starts the town on its recorded state
+    assert town.json("status")["running"] is True
+    assert town.task(done)["state"] == "completed" and town.task(failed)["state"] == "failed"
+    again = town.assign("dev", "@echo after the restart")
+    assert "after the restart" in town.wait_task(again)["output"]
+    assert town.tt("tasks").err == ""  # running: no note
+
+
+def test_a_reader_never_runs_while_a_supervisor_holds_the_lock(town, private_tmp):
+    """A supervisor starting meanwhile wins: with the town's lock held, no copy is made or read."""
+    from tinytown.supervisor import lock
+    from tinytown.supervisor.snapshot import Snapshot
+    stopped_town_with_tasks(town)
+    held = lock.acquire(town.root / ".tt")
+    try:
+        reader = Snapshot(town.config())
+        assert reader.open() is False and reader.folder is None and reader.proc is None
+    finally:
+        lock.release(held)
+    nothing_left(town, private_tmp)
+
+
+def test_a_record_that_cannot_be_read_is_one_line_and_nothing_left(town, private_tmp):
+    stopped_town_with_tasks(town)
+    aof = town.root / ".tt" / "redis" / "appendonly.aof"
+    aof.write_bytes(b"*3\r\n$3\r\nSET\r\nnot a command at all\r\n" * 3)
+    proc = town.tt("tasks", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.err
+    assert proc.err.strip().startswith("tt: error: cannot read the stopped town's recorded state")
+    nothing_left(town, private_tmp)
+
+
+def test_a_running_tasks_output_so_far(town):
+    town.tt("spawn", "dev")
+    task_id = town.assign("dev", "@echo halfway there\n@gate finish-it\n@echo all done")
+    wait_for(lambda: "halfway there" in town.task(task_id)["output"], 20, "the output so far")
+    data = town.task(task_id)
+    assert data["state"] == "running" and data["output_so_far"] is True and "all done" not in data["output"]
+    shown = town.tt("task", task_id).out
+    assert "output so far" in shown and "halfway there" in shown
+    assert "halfway there" in town.tt("task", task_id, "--raw").out
+    (town.record / "finish-it").touch()
+    data = town.wait_task(task_id)
+    assert "all done" in data["output"] and "output_so_far" not in data
+    assert "output so far" not in town.tt("task", task_id).out
+
+
+def test_a_stopped_tcp_town_is_read_the_same_way(town, private_tmp):
+    """use_socket = false: a Redis that answers on the port is read as before; none, and the
+    recorded state here is read like a socket town's."""
+    from test_hardening import free_port
+    port = free_port()
+    path = town.root / "tinytown.toml"
+    path.write_text(path.read_text().replace('use_socket = true\nsocket_path = "redis.sock"',
+                                             f'use_socket = false\nport = {port}'))
+    done, failed = stopped_town_with_tasks(town)
+    assert {t["id"]: t["state"] for t in town.json("tasks")} == {done: "completed", failed: "failed"}
+    status = town.json("status")
+    assert status["running"] is False and status["redis"] == f"127.0.0.1:{port}"
+    assert "it went wrong" in town.tt("logs", "--task", failed).out
+    nothing_left(town, private_tmp)
