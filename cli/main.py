@@ -257,13 +257,12 @@ def list_agents(as_json, town_path):
     town = _running_town(config, as_json)
     agents = town.agents()
     pending = town.pending_counts(agents)
-    roles = town.coordination.roles([a.id for a in agents]) if agents else {}
     if as_json:
         from tinytown.supervisor.town import agent_json
-        _print_json([{**agent_json(a, pending.get(a.id, 0), config.supervisor.heartbeat_stale, config.root),
-                      "roles": roles.get(a.id, [])} for a in agents])
+        _print_json([agent_json(a, pending.get(a.id, 0), config.supervisor.heartbeat_stale, config.root)
+                     for a in agents])
     else:
-        render.agent_lines(agents, pending, roles)
+        render.agent_lines(agents, pending)
 
 
 @cli.command()

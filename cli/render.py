@@ -22,7 +22,7 @@ HOLD_NOTES = {"pause": "pausing after its current task", "close": "closing after
               "kill": "being killed"}
 
 
-def agent_lines(agents, pending, roles=None) -> None:
+def agent_lines(agents, pending) -> None:
     """The tutorial's format: `  dev (550e8400-...) - Idle`; plain click, no rich import, so it is quick."""
     if not agents:
         click.echo("No agents (add one with `tt spawn NAME`)")
@@ -37,8 +37,6 @@ def agent_lines(agents, pending, roles=None) -> None:
             extra += ", closed"
         if a.workspace == "worktree":
             extra += f", agents/{a.name} on {a.branch}"
-        if (roles or {}).get(a.id):
-            extra += f", roles {' '.join(sorted(roles[a.id]))}"
         click.echo(f"  {a.name} ({a.id}) - {state}  [{a.cli}{extra}]")
 
 

@@ -59,7 +59,6 @@ def test_a_failed_dependency_cancels_the_chain_and_an_unknown_ref_creates_nothin
 def test_backlog_roles_notes_and_an_agent_using_tt_from_inside(town):
     town.tt("spawn", "dev", "--role", "code")
     town.tt("spawn", "writer", "--role", "docs")
-    assert "roles docs" in town.tt("list").out and town.agent("dev")["roles"] == ["code"]
     docs = town.json("backlog", "add", "@echo documented", "--role", "docs")
     wait_for(lambda: town.task(docs["id"])["state"] == "completed", 30, "the docs task")
     assert town.task(docs["id"])["agent"] == "writer"
