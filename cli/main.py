@@ -213,11 +213,9 @@ def init(ctx, name, default_cli, max_agents, force, town_path):
 @click.option("--task-timeout", type=click.FloatRange(min=0), help="Fail a task running longer than this (s).")
 @click.option("--shared", is_flag=True, help="Work in the town folder, not a git worktree of its own.")
 @click.option("--from", "from_ref", metavar="REF", help="Start its worktree's branch at REF (default: HEAD).")
-@click.option("--role", "roles", multiple=True, metavar="ROLE",
-              help="It takes backlog work for this role (repeatable); any agent takes work with no role.")
 @json_option
 @town_option
-def spawn(name, cli_name, task_timeout, shared, from_ref, roles, as_json, town_path):
+def spawn(name, cli_name, task_timeout, shared, from_ref, as_json, town_path):
     """Register agent NAME; the supervisor starts its runner (and is started if needed). In a git
     town its CLI works in agents/NAME, a worktree on branch tt/NAME."""
     from tinytown.supervisor.config import validate_name
@@ -231,12 +229,8 @@ def spawn(name, cli_name, task_timeout, shared, from_ref, roles, as_json, town_p
     town.check_spawn(name)  # before a worktree is made for it
     workspace = {"mode": "shared"} if shared else workspace_commands.prepare_workspace(
         config, town, name, from_ref, quiet=as_json)
-    for role in roles:
-        validate_name("role", role)
     agent = town.spawn(name, cli_name or config.default_cli, task_timeout, workspace=workspace["mode"],
                        branch=workspace.get("branch", ""))
-    if roles:  # (before its runner is up and idle: its first backlog claim sees them)
-        town.coordination.set_roles(name, roles)
     if as_json:
         from tinytown.supervisor.town import agent_json
         data = agent_json(agent, 0, config.supervisor.heartbeat_stale, config.root)
@@ -273,19 +267,13 @@ def list_agents(as_json, town_path):
 @click.option("--each", "each_file", metavar="FILE", type=click.Path(dir_okay=False, allow_dash=True),
               help="One task per line of FILE ('-' for stdin), all written at once; prints one id per line.")
 @click.option("--null", "-0", "null", is_flag=True, help="With --each: records end with NUL, not newline.")
-@click.option("--after", "after", multiple=True, metavar="REF", shell_complete=complete_task,
-              help="Start only once this task (id or unique prefix; or an agent name: every task of "
-                   "it not yet finished) has completed. Repeatable, or comma-separated.")
-@click.option("--no-context", is_flag=True, help="Do not append the --after tasks' outcome and output to the prompt.")
 @json_option
 @town_option
-def assign(agent, description, from_file, each_file, null, after, no_context, as_json, town_path):
+def assign(agent, description, from_file, each_file, null, as_json, town_path):
     """Give AGENT a task (DESCRIPTION, or --file, or '-' for stdin), or many (--each)."""
     if each_file:
         if description is not None or from_file:
             raise TinytownError("--each reads every task from its file: give no task text and no --file")
-        if after or no_context:
-            raise TinytownError("--after and --no-context go with one task, not --each")
         return _assign_each(agent, each_file, null, as_json, town_path)
     if null:
         raise TinytownError("--null goes with --each")
@@ -299,28 +287,11 @@ def assign(agent, description, from_file, each_file, null, after, no_context, as
         raise TinytownError("no task text: tt assign AGENT \"what to do\" (or --file PATH)")
     config = _config(town_path)
     town = _started_town(config)
-    from tinytown.supervisor.coordination import caller
-    created_by = caller(config.name)
-    if not after and not no_context and created_by == "user":
-        task = town.assign(agent, description)  # the plain path: one MULTI, no script
-    else:
-        town.check_prompts(agent, [description])
-        task = town.coordination.create_task(description, agent=agent, after=after, context=not no_context,
-                                             created_by=created_by).task
+    task = town.assign(agent, description)
     if as_json:
-        _print_json(_tasks_json(town, [task])[0])
-    elif task.state == "pending":
-        click.echo(f"Assigned task {task.id} to {agent}; it waits on {task.deps_left} task(s)")
+        _print_json(task.to_json())
     else:
         click.echo(f"Assigned task {task.id} to {agent}")
-    if task.state == "cancelled":  # a dependency had already failed: the task ends at once
-        raise TinytownError(f"task {task.id} cancelled at once: {task.reason}")
-
-
-def _tasks_json(town, found) -> list[dict]:
-    """Tasks for --json: their fields, with `after` and `blocked_by` as lists of ids."""
-    deps = town.coordination.dependency_json(found)
-    return [{**t.to_json(), **deps[t.id]} for t in found]
 
 
 def _assign_each(agent, path, null, as_json, town_path):
@@ -391,13 +362,12 @@ def status(as_json, town_path):
 def tasks(agent, state, limit, as_json, town_path):
     """The town's tasks, oldest first."""
     config = _config(town_path)
-    town = _running_town(config, as_json)
-    found = town.tasks(agent=agent, state=state, limit=limit)
+    found = _running_town(config, as_json).tasks(agent=agent, state=state, limit=limit)
     if as_json:
-        _print_json(_tasks_json(town, found))
+        _print_json([t.to_json() for t in found])
     else:
         from tinytown.cli import render
-        render.tasks(found, town.coordination.blocked_by(found))
+        render.tasks(found)
 
 
 @cli.command()
@@ -416,11 +386,11 @@ def task(task_id, raw, as_json, town_path):
         found.output = task_output_so_far(town.config, found)
     from tinytown.cli import render
     if as_json:
-        _print_json({**_tasks_json(town, [found])[0], **({"output_so_far": True} if so_far else {})})
+        _print_json({**found.to_json(), **({"output_so_far": True} if so_far else {})})
     elif raw:
         render.task_raw(found, sys.stdout.buffer, so_far=so_far)
     else:
-        render.task(found, town.coordination.blocked_by([found])[found.id], so_far=so_far)
+        render.task(found, so_far=so_far)
 
 
 @cli.command()
@@ -568,9 +538,8 @@ def main() -> None:
 # module is __main__, and must also be the tinytown.cli.main they import (not a second copy).
 sys.modules.setdefault("tinytown.cli.main", sys.modules[__name__])
 from tinytown.cli.agent_commands import COMMANDS as _AGENT_COMMANDS  # noqa: E402
-from tinytown.cli.coordination_commands import COMMANDS as _COORDINATION_COMMANDS  # noqa: E402
 
-for _command in (*_AGENT_COMMANDS, *_COORDINATION_COMMANDS):
+for _command in _AGENT_COMMANDS:
     cli.add_command(_command)
 
 if __name__ == "__main__":

@@ -153,34 +153,18 @@ def _table(headers, rows, state_col: int, console=None) -> None:
     (console or _console()).print(table)
 
 
-def _waits_on(blocked: list[str]) -> str:
-    return "waits on " + ", ".join(b[:8] for b in blocked) if blocked else ""
-
-
-def tasks(found, blocked: dict[str, list[str]] | None = None) -> None:
-    """blocked: task id -> the ids it runs after that have not completed (a pending task says so)."""
+def tasks(found) -> None:
     if not found:
         click.echo("No tasks")
         return
-    blocked = blocked or {}
-
-    def before_text(t) -> str:
-        # a task that waits for a failed agent (Town._explain_waiting) or on other tasks says so first
-        if t.state == "assigned" and t.reason:
-            return t.reason + " | "
-        if t.state == "pending" and blocked.get(t.id):
-            return _waits_on(blocked[t.id]) + " | "
-        return ""
-
-    rows = [(t.id[:8], t.agent or "(backlog)", t.state, "" if t.exit_code is None else str(t.exit_code),
-             str(t.attempts), _ago(t.created_at), before_text(t) + (t.description.strip().splitlines() or [""])[0][:80])
-            for t in found]
+    # a task that waits for a failed agent says so before its text (Town._explain_waiting)
+    rows = [(t.id[:8], t.agent, t.state, "" if t.exit_code is None else str(t.exit_code), str(t.attempts),
+             _ago(t.created_at), (t.reason + " | " if t.state == "assigned" and t.reason else "")
+             + (t.description.strip().splitlines() or [""])[0][:80]) for t in found]
     _table(("ID", "AGENT", "STATE", "EXIT", "TRIES", "CREATED", "DESCRIPTION"), rows, state_col=2)
 
 
-def task(t, blocked: list[str] = (), so_far: bool = False) -> None:
-    """blocked: the ids of the tasks it runs after that have not completed; so_far: the output is
-    a running task's, read from its agent's stream."""
+def task(t, so_far: bool = False) -> None:
     console = _console()
     console.print(_line((f"Task {t.id}", "bold"), f"  agent {t.agent}  ", _state(t.state),
                         (f"  exit {t.exit_code}" if t.exit_code is not None else "") + f"  attempts {t.attempts}"))
@@ -188,11 +172,6 @@ def task(t, blocked: list[str] = (), so_far: bool = False) -> None:
                   markup=False)
     if t.reason:
         console.print(_line("  reason: ", _plain(t.reason)))
-    if t.after:
-        console.print(_line(f"  after: {', '.join(t.after.split(','))}",
-                            f"  ({_waits_on(list(blocked))})" if blocked and t.state == "pending" else ""))
-    if t.created_by and t.created_by != "user":
-        console.print(_line("  created by: ", _plain(t.created_by)))
     if t.head:
         from tinytown.cli.workspace_commands import file_lines
         files = t.changed_files()

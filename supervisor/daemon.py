@@ -347,20 +347,7 @@ class Supervisor:
         return "; ".join(parts) or "no change"
 
     # --- reconcile ---------------------------------------------------------------------------
-    def _relay_cancels(self) -> None:
-        """`tt cancel` of a task in flight: its runner is told (SIGUSR2) and stops the CLI itself.
-        The request stays in Redis until the task's outcome is written, so a signal lost to a
-        runner's restart is sent again at the next pass (and a new runner's begin sees it)."""
-        for _task_id, agent_id in self.town.coordination.cancel_requests():
-            proc = self.procs.get(agent_id)
-            if proc is not None:
-                try:
-                    os.kill(proc.pid, signal.SIGUSR2)
-                except ProcessLookupError:
-                    pass
-
     def _reconcile(self) -> None:
-        self._relay_cancels()
         agents = self.town.agents()
         cap = self.config.max_agents
         allowed = agents[:cap]

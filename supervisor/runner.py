@@ -62,7 +62,6 @@ class Ending(Enum):
     EXITED = "exited"        # its exit status is the outcome (also when it exited 0 as it was killed)
     TIMED_OUT = "timed out"  # killed at the task timeout
     STOPPED = "stopped"      # killed by a stop before it finished: back in the inbox
-    CANCELLED = "cancelled"  # killed by `tt cancel`: recorded cancelled, its output kept
 
 
 @dataclass
@@ -105,8 +104,6 @@ class Runner:
         self.warning = ""                         # the agent's warning as last written (the log's state)
         # Per task: the output's last OUTPUT_TAIL_BYTES, and what the Redis stream has not had yet.
         self.tail = bytearray()
-        self.cancel_asked = False                 # SIGUSR2 came: `tt cancel` may name the running task
-        self.cancel_reason = ""                   # why the running task is being cancelled
         self.unsent: list[bytes] = []
         self.unsent_bytes = 0
         self.stream: Sender | None = None         # for the output stream, on first output
@@ -120,8 +117,6 @@ class Runner:
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl+C reaches the supervisor, which decides
         signal.signal(signal.SIGUSR1, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_stop)
-        # `tt cancel` of the running task: the supervisor relays it (the wakeup pipe wakes the pump)
-        signal.signal(signal.SIGUSR2, self._on_cancel)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake select via the wakeup fd
         # A write to a connection Redis or a viewer closed is an error to handle (EPIPE), not the
         # runner's death. (The CLI gets SIGPIPE back at its default: pty_session.)
@@ -129,9 +124,6 @@ class Runner:
         # Past a file-size limit (RLIMIT_FSIZE) a log write fails with EFBIG, which the log
         # survives; the signal's default would end the runner.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-
-    def _on_cancel(self, _signum, _frame) -> None:
-        self.cancel_asked = True  # the pump reads the task's cancel request (an idle runner has none)
 
     def _on_stop(self, signum, _frame) -> None:
         # FINISH (SIGHUP) sets no deadline; a town's stop (SIGTERM) then brings stop_grace back.
@@ -370,9 +362,6 @@ class Runner:
         if ending is Ending.TIMED_OUT:
             reason = f"timed out after {self.task_timeout:g}s"
             state, code = TaskState.FAILED, None
-        elif ending is Ending.CANCELLED:
-            reason, state = self.cancel_reason, TaskState.CANCELLED
-            code = -session.signal if session.signal else session.exit_code
         elif session.signal:
             reason, state, code = session.outcome(), TaskState.FAILED, -session.signal
         else:
@@ -398,8 +387,6 @@ class Runner:
         killed_for: Ending | None = None  # why the runner killed the CLI, if it did
         exited = eof = False
         while True:
-            if self.cancel_asked and not exited and killed_for is None:
-                killed_for = self._cancel(session, clock, now, task_id)
             if not exited:
                 killed_for = self._enforce(session, clock, now, killed_for)
             watch = [self.wake_r] if eof or now < clock.batch_at else [reader.notify_r, self.wake_r]
@@ -440,18 +427,6 @@ class Runner:
                 if killed_for is None or (session.signal is None and session.exit_code == 0):
                     return Ending.EXITED  # exit 0 as it was being killed: it finished
                 return killed_for
-
-    def _cancel(self, session: CliSession, clock: PumpClock, now: float, task_id: str) -> Ending | None:
-        """`tt cancel` asked for a running task (SIGUSR2 from the supervisor): if it is this one,
-        SIGTERM to the CLI's group, SIGKILL after stop_grace; Ending.CANCELLED (None: not ours)."""
-        self.cancel_asked = False
-        self.cancel_reason = self.town.coordination.cancel_request(task_id)
-        if not self.cancel_reason or session.poll():  # another task's, or it has exited already
-            return None
-        self._note(f"task {task_id} is being cancelled: {self.cancel_reason}")
-        session.kill_group(signal.SIGTERM)
-        clock.kill_at = now + self.config.supervisor.stop_grace
-        return Ending.CANCELLED
 
     def _enforce(self, session: CliSession, clock: PumpClock, now: float, killed_for: Ending | None) -> Ending | None:
         """A stop's grace and the task's timeout: SIGTERM to the CLI's group when one runs out,

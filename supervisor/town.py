@@ -211,10 +211,6 @@ class Town:
         pipe.execute()
         return tasks
 
-    def check_prompts(self, name: str, descriptions: list[str]) -> None:
-        """As _check_prompts, for an agent by name."""
-        self._check_prompts(self.agent_id(name), descriptions)
-
     def _check_prompts(self, agent_id: str, descriptions: list[str]) -> None:
         """Refuse, before anything is written, a text the agent's CLI cannot be handed intact (one
         that starts with '-' for a CLI that takes its prompt as an argument, or is too long for one)."""

@@ -11,6 +11,7 @@ import os
 import signal
 import struct
 import sys
+import termios
 from pathlib import Path
 
 import pexpect
