@@ -180,15 +180,6 @@ def _branch_prefix_ok(prefix: str) -> bool:
 
 
 @dataclass(frozen=True)
-class TasksPolicy:
-    """What a task's prompt gets around the user's text ([tasks] in tinytown.toml; prompt_blocks.py)."""
-
-    context_bytes: int = setting(
-        4096, "a task run --after others gets the end of each one's output, this many bytes (0: none)",
-        table="tasks", low=0, high=1 << 20)
-
-
-@dataclass(frozen=True)
 class WorkspacePolicy:
     """Where each agent's CLI works ([workspace] in tinytown.toml; supervisor/workspace.py)."""
 
@@ -250,7 +241,6 @@ class Config:
     clis: dict[str, CliSpec] = field(default_factory=dict)       # [agent_clis.NAME]
     supervisor: SupervisorPolicy = field(default_factory=SupervisorPolicy)
     logs: LogPolicy = field(default_factory=LogPolicy)
-    tasks: TasksPolicy = field(default_factory=TasksPolicy)
     workspace: WorkspacePolicy = field(default_factory=WorkspacePolicy)
 
     @property
@@ -382,8 +372,7 @@ def load(root: str | Path | None = None) -> Config:
 
 # The tables of tinytown.toml and the dataclass whose settings each holds (Config's own keys
 # sit at the top level, in [redis] and in [attach]); [agent_clis.NAME] is read by _read_clis.
-POLICY_TABLES = {"supervisor": SupervisorPolicy, "logs": LogPolicy, "tasks": TasksPolicy,
-                 "workspace": WorkspacePolicy}
+POLICY_TABLES = {"supervisor": SupervisorPolicy, "logs": LogPolicy, "workspace": WorkspacePolicy}
 CLI_KEYS = ("command", "prompt", "env")
 
 

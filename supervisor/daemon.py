@@ -28,7 +28,7 @@ from .procutil import (adopted, become_subreaper, close_on_exec_all, describe_st
                        kill_leftovers, kill_with_group, killpg, reap, reap_adopted, set_parent_death_signal,
                        set_process_name, signal_wakeup_pipe, wait_exit, wait_until)
 from .redis_server import RedisServer
-from .resp import ReplyError, RespConnectionError, RespError
+from .resp import RespConnectionError, RespError
 from .resp import connect as resp_connect
 from .runner import KILL_WAIT_SECONDS, run_forked
 from .restart_policy import GiveUp, RestartRecord
@@ -139,7 +139,6 @@ class Supervisor:
             self.selector.register(self.control, selectors.EVENT_READ)
             where = self.config.redis_socket if self.config.use_socket else f"port {self.config.redis_port}"
             self.say(f"town {self.config.name}: supervisor pid {os.getpid()}, redis-server pid {self.redis.pid} on {where}")
-            self._recover_coordination()
             self._retrying(self._reconcile)
             self._notify_ready(f"ok {os.getpid()}")
             report = self._loop()
@@ -153,18 +152,6 @@ class Supervisor:
             self.redis.stop()
             if self.lock_fd is not None:
                 lock.release(self.lock_fd)
-
-    def _recover_coordination(self) -> None:
-        """Before any runner starts: finish what a crash cut between a task's outcome and its
-        dependents' release, and hand idle agents backlog work (both idempotent; the store keeps
-        the short list of tasks someone still waits on, so nothing is scanned)."""
-        try:
-            released, cancelled, claimed = self._retrying(self.town.coordination.recover)
-        except ReplyError as exc:  # a full disk (MISCONF): the next start does it
-            self.say(f"could not release waiting tasks yet: {exc}")
-            return
-        if released or cancelled or claimed:
-            self.say(f"recovered: {released} task(s) released, {cancelled} cancelled, {claimed} claimed")
 
     def _notify_ready(self, line: str) -> None:
         if self.ready_fd is not None:

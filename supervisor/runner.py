@@ -34,7 +34,6 @@ from .agent_log import AgentLog, keep_tail, tail_bytes
 from .attach_server import REPLAY_BYTES, AttachServer
 from .models import AgentState, StopMode, TaskState
 from .procutil import drain, exit_now, signal_wakeup_pipe
-from .prompt_blocks import compose
 from .pty_session import CliSession
 from .resp import RespConnectionError, Sender
 from .resp import connect as resp_connect
@@ -253,17 +252,9 @@ class Runner:
         if message.type != "TaskAssign":
             self.town.drop_message(self.agent_id, claimed)
             return
-        # One atomic step: the task, the agent's state, the notes left for the agent (moved into
-        # the task's record now, so a runner dying after this re-delivers them with the task) and
-        # what the tasks it ran after produced.
-        begun = self.town.coordination.begin(self.agent_id, message.task_id)
-        task, agent_state = begun.task, begun.agent_state
-        if begun.status in ("gone", "finished"):  # removed, cancelled while waiting, or finished
+        task, agent_state = self.town.claimed_task(self.agent_id, message.task_id)
+        if task is None or TaskState(task.state).terminal:  # gone, cancelled while waiting, or finished
             self.town.drop_message(self.agent_id, claimed)
-            return
-        if begun.status == "cancel":  # cancelled while claimed: no CLI
-            self._note(f"task {task.id} cancelled before it started")
-            self.town.finish_task(self.agent_id, claimed, TaskState.CANCELLED, reason=task.cancel_request)
             return
         # A stop gives its attempt back, so on an unfinished task `attempts` counts the runs whose
         # runner died under them: enough of those and the task is the likely cause.
@@ -273,16 +264,12 @@ class Runner:
             self.town.finish_task(self.agent_id, claimed, TaskState.FAILED, reason=reason,
                                   output=task.output.encode("utf-8", "surrogateescape"))
             return
-        prompt = compose(task.description, begun.notes, begun.upstream, self.config.tasks.context_bytes)
-        self._run_task(claimed, task.id, task.description, task, agent_state, prompt)
+        self._run_task(claimed, task.id, task.description, task, agent_state)
 
-    def _run_task(self, claimed: Claimed, task_id: str, description: str, task=None, agent_state=None,
-                  prompt: bytes | None = None) -> None:
-        """prompt: what the CLI is handed (the notes, the user's text byte for byte, the upstream
-        context: prompt_blocks.compose); the description's bytes when None."""
+    def _run_task(self, claimed: Claimed, task_id: str, description: str, task=None, agent_state=None) -> None:
         env = dict(self.base_env)
         env["TT_TASK_ID"] = task_id
-        prompt = description.encode("utf-8", "surrogateescape") if prompt is None else prompt
+        prompt = description.encode("utf-8", "surrogateescape")
         subject = task.description if task is not None else description  # the checkpoint commit's
         base = ""
         if self.workspace is not None:

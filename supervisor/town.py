@@ -64,7 +64,6 @@ class Town:
         self.config = config
         self.keys = Keys(config.name)
         self.r = client if client is not None else connect(config)
-        self._coordination = None
 
     # --- helpers ---------------------------------------------------------------------------
     def ping(self) -> bool:
@@ -282,11 +281,19 @@ class Town:
     def inflight(self, agent_id: str) -> list[Claimed]:
         return [Claimed(raw, Message.decode(raw)) for raw in self.r.lrange(self.keys.inflight(agent_id), 0, -1)]
 
+    def claimed_task(self, agent_id: str, task_id: str) -> tuple[Task | None, str | None]:
+        """A claimed message's task (None if it is gone) and the agent's state, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(self.keys.task(task_id))
+        pipe.hget(self.keys.agent(agent_id), "state")
+        data, agent_state = pipe.execute()
+        return (Task.from_hash(data) if data else None), agent_state
+
     def start_task(self, agent_id: str, task_id: str, cli_pid: int | None = None, task: Task | None = None,
                    agent_state: str | None = None, base: str = "") -> Task:
         """Mark a claimed task running (one more attempt) and its agent working.
 
-        task, agent_state: as the runner just read them (Coordination.begin), to skip reading them again.
+        task, agent_state: as the runner just read them (claimed_task), to skip reading them again.
         base: the commit a worktree agent's task starts from.
         """
         task = task if task is not None else self.task(task_id)
@@ -340,21 +347,7 @@ class Town:
         self.set_agent_state(agent_id, agent_state, pipe=pipe, old=old_agent, current_task="", cli_pid="",
                              heartbeat_at=f"{now():.6f}")
         self._event(pipe, f"task_{state.value}", task=task_id, exit_code=exit_code, reason=reason)
-        # In the same transaction as the outcome: its dependents are released (or cancelled, down
-        # the chain), and an agent going idle takes backlog work it may. A crash cannot fall
-        # between the two; the release is idempotent and re-run at supervisor start anyway.
-        self.coordination.queue_release(pipe, task_id)
-        if agent_state is AgentState.IDLE:
-            self.coordination.queue_claim(pipe, agent_id)
         pipe.execute()
-
-    @property
-    def coordination(self):
-        """Dependencies, backlog, notes and cancel on this town's Redis (supervisor/coordination.py)."""
-        if self._coordination is None:
-            from .coordination import Coordination  # (it imports this module)
-            self._coordination = Coordination(self)
-        return self._coordination
 
     def drop_message(self, agent_id: str, claimed: Claimed) -> None:
         """Discard an in-flight message that names no live task (cancelled or unknown)."""

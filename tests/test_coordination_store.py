@@ -191,9 +191,8 @@ def test_release_is_idempotent_and_waits_for_the_outcome(town, coord):
     assert state(town, b) == "pending"
     claimed, _ = take(town, coord, dev)
     town.start_task(dev, a)
-    # The outcome written without the release (an older version's finish, or a write by hand).
-    town.r.hset(town.keys.task(a), mapping={"state": "completed", "exit_code": "0", "finished_at": f"{time.time():.6f}"})
-    town.r.lrem(town.keys.inflight(dev), 1, claimed.raw)
+    # The outcome written without the release (the old finish_task, or a crash in between).
+    town.finish_task(dev, claimed, TaskState.COMPLETED, exit_code=0)
     assert state(town, b) == "pending"
     assert coord.release(a) == (1, 0)
     assert coord.release(a) == (0, 0)
@@ -222,11 +221,10 @@ def test_recover_releases_what_a_crash_left_and_only_reads_awaited_tasks(town, c
     c = coord.create_task("c", agent="dev", after=[fails]).task.id
     running = coord.create_task("still running", agent="dev").task.id
     d = coord.create_task("d", agent="dev", after=[running]).task.id
-    for outcome in (TaskState.COMPLETED, TaskState.FAILED):  # outcomes a crash kept from their release
+    for outcome in (TaskState.COMPLETED, TaskState.FAILED):
         claimed, _ = take(town, coord, dev)
         town.start_task(dev, claimed.message.task_id)
-        town.r.hset(town.keys.task(claimed.message.task_id), "state", outcome.value)
-        town.r.lrem(town.keys.inflight(dev), 1, claimed.raw)
+        town.finish_task(dev, claimed, outcome)
     assert sorted(town.r.execute_command("SMEMBERS", town.keys.awaited)) == sorted([a, fails, running])
     assert coord.recover() == (1, 1, 0)
     assert (state(town, b), state(town, c), state(town, d)) == ("assigned", "cancelled", "pending")
@@ -694,20 +692,3 @@ def test_remove_agent_refuses_live_or_busy_agents_then_removes_every_key(town, c
     assert left == []
     assert town.task(queued).state == "pending" and town.task(queued).backlog == 1
     assert events(town, "agent_pruned")[0]["notes_dropped"] == "1"
-
-
-def test_finish_task_releases_dependents_in_the_same_transaction(town, coord):
-    """The finishing path itself releases: no separate step a crash could fall between."""
-    dev = spawn(town, "dev")
-    a = coord.create_task("a", agent="dev").task.id
-    b = coord.create_task("b", agent="dev", after=[a]).task.id
-    c = coord.create_task("c", agent="dev", after=[b]).task.id
-    claimed, _ = take(town, coord, dev)
-    town.start_task(dev, a)
-    town.finish_task(dev, claimed, TaskState.COMPLETED, exit_code=0)
-    assert (state(town, b), inbox_tasks(town, dev)) == ("assigned", [b])
-    claimed, _ = take(town, coord, dev)
-    town.start_task(dev, b)
-    town.finish_task(dev, claimed, TaskState.FAILED, exit_code=1, reason="exit code 1")
-    assert state(town, c) == "cancelled" and town.task(c).reason == f"dependency {b} (dev) failed"
-    assert coord.recover() == (0, 0, 0)  # nothing left for a supervisor start to do
