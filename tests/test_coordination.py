@@ -53,6 +53,12 @@ def test_no_context_and_a_finished_dependency(town):
     town.wait_task(second)
     assert town.recorded(second)[1] == b"plain text"
     assert town.task(second)["blocked_by"] == []
+    gate = town.assign("dev", "@gate each")
+    many = town.tt("assign", "dev", "--each", "-", "--after", gate, input="one\ntwo\n").out.split()
+    assert len(many) == 2 and all(town.task(i)["state"] == "pending" for i in many)
+    (town.record / "each").touch()
+    assert all(town.wait_task(i)["state"] == "completed" for i in many)
+    assert all(town.task(i)["after"] == [gate] for i in many)
 
 
 def test_a_failure_cascades_and_wait_says_so(town):
