@@ -213,15 +213,18 @@ def init(ctx, name, default_cli, max_agents, force, town_path):
 @click.option("--task-timeout", type=click.FloatRange(min=0), help="Fail a task running longer than this (s).")
 @click.option("--shared", is_flag=True, help="Work in the town folder, not a git worktree of its own.")
 @click.option("--from", "from_ref", metavar="REF", help="Start its worktree's branch at REF (default: HEAD).")
+@click.option("--role", "roles", multiple=True, metavar="ROLE", help="Backlog work it may take (repeatable).")
 @json_option
 @town_option
-def spawn(name, cli_name, task_timeout, shared, from_ref, as_json, town_path):
+def spawn(name, cli_name, task_timeout, shared, from_ref, roles, as_json, town_path):
     """Register agent NAME; the supervisor starts its runner (and is started if needed). In a git
     town its CLI works in agents/NAME, a worktree on branch tt/NAME."""
     from tinytown.supervisor.config import validate_name
     config = _config(town_path)
     validate_name("agent", name)
     config.cli(cli_name or config.default_cli)  # unknown preset: fail before starting anything
+    for role in roles:
+        validate_name("role", role)
     shared = shared or config.workspace.mode == "shared"
     if shared and from_ref:
         raise TinytownError('--from needs a worktree (not with --shared / [workspace] mode = "shared")')
@@ -231,10 +234,13 @@ def spawn(name, cli_name, task_timeout, shared, from_ref, as_json, town_path):
         config, town, name, from_ref, quiet=as_json)
     agent = town.spawn(name, cli_name or config.default_cli, task_timeout, workspace=workspace["mode"],
                        branch=workspace.get("branch", ""))
+    if roles:
+        roles = town.coordination.set_roles(name, roles)
     if as_json:
         from tinytown.supervisor.town import agent_json
         data = agent_json(agent, 0, config.supervisor.heartbeat_stale, config.root)
-        data.update(workspace_notes=workspace.get("notes", []), workspace_why=workspace.get("why", ""))
+        data.update(workspace_notes=workspace.get("notes", []), workspace_why=workspace.get("why", ""),
+                    roles=sorted(roles))
         _print_json(data)
     else:
         where = f" in {workspace['label']} (branch {workspace['branch']})" if workspace["mode"] == "worktree" else ""
@@ -251,12 +257,14 @@ def list_agents(as_json, town_path):
     town = _running_town(config, as_json)
     agents = town.agents()
     pending = town.pending_counts(agents)
+    roles = town.coordination.roles([a.id for a in agents])
     if as_json:
         from tinytown.supervisor.town import agent_json
-        _print_json([agent_json(a, pending.get(a.id, 0), config.supervisor.heartbeat_stale, config.root)
+        _print_json([{**agent_json(a, pending.get(a.id, 0), config.supervisor.heartbeat_stale, config.root),
+                      "roles": roles[a.id]}
                      for a in agents])
     else:
-        render.agent_lines(agents, pending)
+        render.agent_lines(agents, pending, roles)
 
 
 @cli.command()
@@ -267,34 +275,25 @@ def list_agents(as_json, town_path):
 @click.option("--each", "each_file", metavar="FILE", type=click.Path(dir_okay=False, allow_dash=True),
               help="One task per line of FILE ('-' for stdin), all written at once; prints one id per line.")
 @click.option("--null", "-0", "null", is_flag=True, help="With --each: records end with NUL, not newline.")
+@click.option("--after", "after", multiple=True, metavar="REF",
+              help="Start only once these tasks completed: task ids/prefixes or agent names (repeatable, a,b).")
+@click.option("--no-context", is_flag=True, help="Do not append the --after tasks' outcomes to the prompt.")
 @json_option
 @town_option
-def assign(agent, description, from_file, each_file, null, as_json, town_path):
+def assign(agent, description, from_file, each_file, null, after, no_context, as_json, town_path):
     """Give AGENT a task (DESCRIPTION, or --file, or '-' for stdin), or many (--each)."""
     if each_file:
         if description is not None or from_file:
             raise TinytownError("--each reads every task from its file: give no task text and no --file")
-        return _assign_each(agent, each_file, null, as_json, town_path)
+        return _assign_each(agent, each_file, null, as_json, town_path, after, no_context)
     if null:
         raise TinytownError("--null goes with --each")
-    if description == "-" and not from_file:
-        description, from_file = None, "-"
-    if from_file:
-        if description is not None:
-            raise TinytownError("give the task text either as an argument or with --file, not both")
-        description = _read_input(from_file).decode("utf-8", "surrogateescape")
-    if description is None:
-        raise TinytownError("no task text: tt assign AGENT \"what to do\" (or --file PATH)")
-    config = _config(town_path)
-    town = _started_town(config)
-    task = town.assign(agent, description)
-    if as_json:
-        _print_json(task.to_json())
-    else:
-        click.echo(f"Assigned task {task.id} to {agent}")
+    from tinytown.cli.coordination_commands import create_tasks, text_argument
+    description = text_argument(description, from_file, "tt assign AGENT \"what to do\"")
+    create_tasks(_config(town_path), agent, [description], after, no_context, as_json, single=True)
 
 
-def _assign_each(agent, path, null, as_json, town_path):
+def _assign_each(agent, path, null, as_json, town_path, after=(), no_context=False):
     """`tt assign AGENT --each FILE`: a task per record, in one transaction (all or none)."""
     raw = _read_input(path)
     if null:
@@ -307,6 +306,9 @@ def _assign_each(agent, path, null, as_json, town_path):
         raise TinytownError(f"no tasks in {where} (one per {'NUL-ended record' if null else 'line'}; "
                             "empty ones are skipped)")
     config = _config(town_path)
+    if after or no_context:
+        from tinytown.cli.coordination_commands import create_tasks
+        return create_tasks(config, agent, texts, after, no_context, as_json, single=False)
     tasks = _started_town(config).assign_many(agent, texts)
     if as_json:
         _print_json([t.to_json() for t in tasks])
@@ -362,9 +364,11 @@ def status(as_json, town_path):
 def tasks(agent, state, limit, as_json, town_path):
     """The town's tasks, oldest first."""
     config = _config(town_path)
-    found = _running_town(config, as_json).tasks(agent=agent, state=state, limit=limit)
+    town = _running_town(config, as_json)
+    found = town.tasks(agent=agent, state=state, limit=limit)
     if as_json:
-        _print_json([t.to_json() for t in found])
+        from tinytown.cli.coordination_commands import tasks_json
+        _print_json(tasks_json(town, found))
     else:
         from tinytown.cli import render
         render.tasks(found)
@@ -386,7 +390,8 @@ def task(task_id, raw, as_json, town_path):
         found.output = task_output_so_far(town.config, found)
     from tinytown.cli import render
     if as_json:
-        _print_json({**found.to_json(), **({"output_so_far": True} if so_far else {})})
+        from tinytown.cli.coordination_commands import tasks_json
+        _print_json({**tasks_json(town, [found])[0], **({"output_so_far": True} if so_far else {})})
     elif raw:
         render.task_raw(found, sys.stdout.buffer, so_far=so_far)
     else:
@@ -515,6 +520,7 @@ cli.add_command(workspace_commands.diff)
 cli.add_command(workspace_commands.merge)
 
 
+
 def main() -> None:
     try:
         cli(prog_name="tt")
@@ -537,10 +543,12 @@ def main() -> None:
 # More commands, in modules of their own that use the helpers above: run as `python -m`, this
 # module is __main__, and must also be the tinytown.cli.main they import (not a second copy).
 sys.modules.setdefault("tinytown.cli.main", sys.modules[__name__])
+from tinytown.cli import coordination_commands  # noqa: E402
 from tinytown.cli.agent_commands import COMMANDS as _AGENT_COMMANDS  # noqa: E402
 
 for _command in _AGENT_COMMANDS:
     cli.add_command(_command)
+coordination_commands.register(cli)
 
 if __name__ == "__main__":
     main()

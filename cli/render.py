@@ -22,7 +22,7 @@ HOLD_NOTES = {"pause": "pausing after its current task", "close": "closing after
               "kill": "being killed"}
 
 
-def agent_lines(agents, pending) -> None:
+def agent_lines(agents, pending, roles=None) -> None:
     """The tutorial's format: `  dev (550e8400-...) - Idle`; plain click, no rich import, so it is quick."""
     if not agents:
         click.echo("No agents (add one with `tt spawn NAME`)")
@@ -37,6 +37,8 @@ def agent_lines(agents, pending) -> None:
             extra += ", closed"
         if a.workspace == "worktree":
             extra += f", agents/{a.name} on {a.branch}"
+        held = (roles or {}).get(a.id)
+        extra += f", roles {','.join(held)}" if held else ""
         click.echo(f"  {a.name} ({a.id}) - {state}  [{a.cli}{extra}]")
 
 
@@ -105,10 +107,14 @@ def status(data: dict) -> None:
     # as restarting: what a user needs to know first. NOTE says why and what happens next.
     rows = [(a["name"], a["state"] if a["health"] == "healthy" else a["health"], a["cli"], str(a["pid"] or "-"),
              (a["current_task"] or "-")[:8], str(a["pending"]), str(a["restarts"]), _ago(a["heartbeat_at"]),
-             _note(a)) for a in agents]
+             "; ".join(t for t in (_note(a), "roles " + ",".join(a["roles"]) if a.get("roles") else "") if t))
+            for a in agents]
     _table(("AGENT", "STATE", "CLI", "PID", "TASK", "PENDING", "RESTARTS", "HEARTBEAT", "NOTE"), rows,
            state_col=1, console=console)
     console.print(f"  {len(agents)}/{data['max_agents']} agents", markup=False)
+    for role in data.get("unserved_roles", []):
+        console.print(_line("  backlog: ", ("work for role ", "yellow"), _plain(role),
+                            (": nobody can take it (tt spawn NAME --role " , "yellow"), _plain(role), (")", "yellow")))
 
 
 def _counts(label: str, counts: dict):
@@ -159,7 +165,7 @@ def tasks(found) -> None:
         return
     # a task that waits for a failed agent says so before its text (Town._explain_waiting)
     rows = [(t.id[:8], t.agent, t.state, "" if t.exit_code is None else str(t.exit_code), str(t.attempts),
-             _ago(t.created_at), (t.reason + " | " if t.state == "assigned" and t.reason else "")
+             _ago(t.created_at), (t.reason + " | " if t.state in ("assigned", "pending") and t.reason else "")
              + (t.description.strip().splitlines() or [""])[0][:80]) for t in found]
     _table(("ID", "AGENT", "STATE", "EXIT", "TRIES", "CREATED", "DESCRIPTION"), rows, state_col=2)
 
@@ -172,6 +178,10 @@ def task(t, so_far: bool = False) -> None:
                   markup=False)
     if t.reason:
         console.print(_line("  reason: ", _plain(t.reason)))
+    if t.after:
+        console.print(_line("  after: ", _plain(t.after.replace(",", ", "))))
+    if t.created_by and t.created_by != "user":
+        console.print(_line("  created by: ", _plain(t.created_by)))
     if t.head:
         from tinytown.cli.workspace_commands import file_lines
         files = t.changed_files()

@@ -125,6 +125,7 @@ def setting(default, doc: str, *, table: str, key: str | None = None, kind: type
 
 
 DAY = 86400.0
+OUTPUT_TAIL_BYTES = 64 * 1024   # a task keeps this much of its output (town.py); context can show no more
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,15 @@ class WorkspacePolicy:
                                  why="cannot start a git branch name (letters, digits, '_', '.', '-', '/')")
 
 
+@dataclass(frozen=True)
+class TasksPolicy:
+    """What Tinytown adds to a task's prompt ([tasks] in tinytown.toml; supervisor/prompt_blocks.py)."""
+
+    context_bytes: int = setting(
+        4096, "a task run --after others gets the end of each one's output, this many bytes; 0 = none",
+        table="tasks", low=0, high=OUTPUT_TAIL_BYTES)
+
+
 DEFAULT_DETACH_KEYS = "ctrl-]"
 
 
@@ -242,6 +252,7 @@ class Config:
     supervisor: SupervisorPolicy = field(default_factory=SupervisorPolicy)
     logs: LogPolicy = field(default_factory=LogPolicy)
     workspace: WorkspacePolicy = field(default_factory=WorkspacePolicy)
+    tasks: TasksPolicy = field(default_factory=TasksPolicy)
 
     @property
     def runtime_dir(self) -> Path:
@@ -372,7 +383,8 @@ def load(root: str | Path | None = None) -> Config:
 
 # The tables of tinytown.toml and the dataclass whose settings each holds (Config's own keys
 # sit at the top level, in [redis] and in [attach]); [agent_clis.NAME] is read by _read_clis.
-POLICY_TABLES = {"supervisor": SupervisorPolicy, "logs": LogPolicy, "workspace": WorkspacePolicy}
+POLICY_TABLES = {"supervisor": SupervisorPolicy, "logs": LogPolicy, "workspace": WorkspacePolicy,
+                 "tasks": TasksPolicy}
 CLI_KEYS = ("command", "prompt", "env")
 
 

@@ -2,8 +2,7 @@
 
 The steps that must be atomic run as the Lua scripts of supervisor/coordination_lua.py; this module
 resolves what a user typed (task ids, prefixes, agent names) into ids first, checks what can be
-checked, and turns replies into models. Everything here works on any client Town works on
-(resp.RespClient or redis-py), and the two calls meant for the finishing path (`queue_release`,
+checked, and turns replies into models. The two calls meant for the finishing path (`queue_release`,
 `queue_claim`) add a script to a MULTI/EXEC pipeline the caller executes with its own writes.
 
 The scripts' contracts are in coordination_lua.py; the keys in keys.py.
@@ -16,8 +15,9 @@ import time
 from dataclasses import dataclass, field
 
 from .config import validate_name
-from .coordination_lua import SCRIPTS, Script
+from .coordination_lua import SCRIPTS
 from .errors import TinytownError
+from .resp import ReplyError
 from .models import Note, Task, TaskState, new_id, now
 from .town import EVENTS_MAXLEN
 
@@ -102,25 +102,17 @@ class Coordination:
 
     # --- running the scripts ---------------------------------------------------------------
     def _run(self, name: str, *args):
-        """EVALSHA (the script text only when Redis does not have it yet); TTERR replies raise
-        TinytownError with their text."""
-        script: Script = SCRIPTS[name]
+        """Run a script (resp.Script: EVALSHA, the text only when Redis does not have it yet);
+        TTERR replies raise TinytownError with their text."""
         try:
-            try:
-                return self.r.execute_command("EVALSHA", script.sha, 1, self.keys.task_index, self.ctx, *args)
-            except Exception as exc:  # noqa: BLE001 - resp.RespError and redis-py's NoScriptError alike
-                if "NOSCRIPT" not in str(exc) and "No matching script" not in str(exc):
-                    raise
-            return self.r.execute_command("EVAL", script.text, 1, self.keys.task_index, self.ctx, *args)
-        except TinytownError:
-            raise
-        except Exception as exc:  # noqa: BLE001
+            return SCRIPTS[name](self.r, (self.keys.task_index,), (self.ctx, *args))
+        except ReplyError as exc:
             raise _user_error(exc) from None
 
     def _queue(self, pipe, name: str, *args) -> None:
-        """Add a script to `pipe` (a MULTI/EXEC the caller executes): EVAL, never EVALSHA, as a
-        NOSCRIPT inside EXEC would not undo the transaction's other writes."""
-        _command(pipe, "EVAL", SCRIPTS[name].text, 1, self.keys.task_index, self.ctx, *args)
+        """Add a script to `pipe` (a MULTI/EXEC the caller executes): resp.Script sends it whole
+        there, as a NOSCRIPT inside EXEC would not undo the transaction's other writes."""
+        SCRIPTS[name](pipe, (self.keys.task_index,), (self.ctx, *args))
 
     # --- references ------------------------------------------------------------------------
     def resolve_task(self, ref: str) -> str:
@@ -134,7 +126,7 @@ class Coordination:
             return matches[0]
         raise TinytownError(f"task id {ref!r} is ambiguous" if matches else f"no task {ref!r}")
 
-    def resolve_refs(self, refs) -> list[str]:
+    def resolve_refs(self, refs, what: str = "--after") -> list[str]:
         """Dependency ids from `--after` references, in order, each once.
 
         A reference naming an agent means every task of that agent not finished yet (none: nothing
@@ -156,7 +148,7 @@ class Coordination:
                 ids.append(self.resolve_task(ref))
             except TinytownError as exc:
                 if str(exc).startswith("no task"):
-                    raise TinytownError(f"--after {ref!r}: no task or agent of that name in town "
+                    raise TinytownError(f"{what} {ref!r}: no task or agent of that name in town "
                                         f"{self.town.config.name!r}") from None
                 raise
         return list(dict.fromkeys(ids))
@@ -195,6 +187,8 @@ class Coordination:
             validate_name("role", role)
         deps = self.resolve_refs(after)
         agent_id = self.town.agent_id(agent) if agent is not None else ""
+        if agent_id:
+            self.town.check_prompts(agent_id, [description])
         task = Task(id=new_id(), agent=agent or "", agent_id=agent_id, description=description,
                     state=TaskState.PENDING.value, created_at=now(), after=",".join(deps),
                     backlog=0 if agent is not None else 1, role=role or "", no_context=0 if context else 1,
@@ -278,9 +272,9 @@ class Coordination:
             validate_name("role", role)
         agent_id = self.town.agent_id(agent)
         pipe = self.r.pipeline()
-        _command(pipe, "DEL", self.keys.roles(agent_id))
+        pipe.execute_command("DEL", self.keys.roles(agent_id))
         if roles:
-            _command(pipe, "SADD", self.keys.roles(agent_id), *roles)
+            pipe.execute_command("SADD", self.keys.roles(agent_id), *roles)
         self.queue_claim(pipe, agent_id)
         pipe.execute()
         return roles
@@ -289,7 +283,7 @@ class Coordination:
         """Agent id -> its roles, sorted (one round trip for all)."""
         pipe = self.r.pipeline(transaction=False)
         for agent_id in agent_ids:
-            _command(pipe, "SMEMBERS", self.keys.roles(agent_id))
+            pipe.execute_command("SMEMBERS", self.keys.roles(agent_id))
         return {a: sorted(r or []) for a, r in zip(agent_ids, pipe.execute())} if agent_ids else {}
 
     def backlog(self) -> list[Task]:
@@ -298,7 +292,7 @@ class Coordination:
         roles = self.r.execute_command("SMEMBERS", self.keys.backlog_roles) or []
         pipe = self.r.pipeline(transaction=False)
         for role in roles:
-            _command(pipe, "ZRANGE", self.keys.backlog(role), 0, -1, "WITHSCORES")
+            pipe.execute_command("ZRANGE", self.keys.backlog(role), 0, -1, "WITHSCORES")
         scored = []
         for flat in pipe.execute() if roles else []:
             scored += [(float(score), task_id) for task_id, score in zip(flat[::2], flat[1::2])]
@@ -396,7 +390,7 @@ class Coordination:
         `timeout` are missing). No polling: XREAD BLOCK on the town's events wakes it when
         something happens, and then the states are read again (one round trip), so a trimmed
         stream or an outcome written without its event loses nothing. The client must allow a
-        reply to take as long as the block (resp: long_lived; redis-py: no socket_timeout)."""
+        reply to take as long as the block (resp.connect(long_lived=True))."""
         ids = list(dict.fromkeys(task_ids))
         last = self.r.execute_command("XREVRANGE", self.keys.events, "+", "-", "COUNT", 1)
         last = last[0][0] if last else "0-0"  # read before the states: a later finish is after it
@@ -426,16 +420,6 @@ class Coordination:
     def cancel_request(self, task_id: str) -> str:
         """Why a running task is to be stopped ("" if it is not): what a runner reads when told."""
         return self.r.hget(self.keys.task(task_id), "cancel_request") or ""
-
-
-def _command(pipe, *args) -> None:
-    """Queue any command on a pipeline: redis-py's have execute_command, resp.Pipeline queues
-    through _call (phase 2: give it execute_command and drop this)."""
-    queue = getattr(pipe, "execute_command", None)
-    if queue is not None:
-        queue(*args)
-    else:
-        pipe._call(args)
 
 
 def _user_error(exc: Exception) -> Exception:

@@ -19,7 +19,8 @@ Contract shared by every script:
 """
 from __future__ import annotations
 
-import hashlib
+from .resp import Script
+
 
 PRELUDE = r"""
 local ctx = cjson.decode(ARGV[1])
@@ -452,15 +453,8 @@ return {moved, #waiting}
 """
 
 
-class Script:
-    """A script's text and SHA1: EVALSHA outside transactions, EVAL inside them."""
-
-    def __init__(self, name: str, text: str):
-        self.name = name
-        self.text = text
-        self.sha = hashlib.sha1(text.encode()).hexdigest()
-
-
-SCRIPTS = {name: Script(name, text) for name, text in
+# Each a resp.Script: EVALSHA outside transactions (EVAL when Redis does not have it yet), EVAL
+# inside them (a NOSCRIPT inside EXEC would not undo the transaction's other writes).
+SCRIPTS = {name: Script(text) for name, text in
            (("create", CREATE), ("release", RELEASE), ("recover", RECOVER), ("claim", CLAIM),
             ("cancel", CANCEL), ("begin", BEGIN), ("give_back", GIVE_BACK), ("prune", PRUNE))}

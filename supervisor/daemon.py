@@ -132,6 +132,7 @@ class Supervisor:
             self._retrying(lambda: self.town.record_supervisor_started(os.getpid()))
             _, self.reloads_done = self.town.requests()
             self._retrying(lambda: self.town.record_config("", "", self.reloads_done))
+            self._retrying(self._recover_coordination)  # before any runner: nothing races it
             self.control = ControlChannel(self.config, self.town.keys.control)
             self.control.connect()
             self.selector = selectors.DefaultSelector()
@@ -168,6 +169,10 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the terminal closing is not a stop
+        # Cancel relays go to runners (SIGUSR2); a runner forked a moment ago still has this
+        # handler, not the default (which would end it): the signal is lost, and its `begin`
+        # finds the cancel request on the task anyway.
+        signal.signal(signal.SIGUSR2, lambda *_: None)
 
     def _on_stop_signal(self, *_):
         # SIGTERM/SIGINT = `tt stop`; a second one while stopping = `tt stop --now`
@@ -334,7 +339,27 @@ class Supervisor:
         return "; ".join(parts) or "no change"
 
     # --- reconcile ---------------------------------------------------------------------------
+    def _recover_coordination(self) -> None:
+        """Dependents of tasks that finished without their release (a crash in between, or an
+        outcome written by hand) are released or cancelled, and free agents take backlog work."""
+        released, cancelled, claimed = self.town.coordination.recover()
+        if released or cancelled or claimed:
+            self.say(f"recovered: {released} task(s) released, {cancelled} cancelled, {claimed} claimed from the backlog")
+
+    def _relay_cancels(self) -> None:
+        """`tt cancel` of a task in flight: its runner is told (SIGUSR2) to stop the CLI. The
+        request stays on the task until its outcome is written, so a missed nudge or a restart of
+        the supervisor only delays this; a duplicate signal is harmless (the runner re-reads it)."""
+        for _task_id, agent_id in self.town.coordination.cancel_requests():
+            proc = self.procs.get(agent_id)
+            if proc is not None:
+                try:
+                    os.kill(proc.pid, signal.SIGUSR2)
+                except ProcessLookupError:
+                    pass
+
     def _reconcile(self) -> None:
+        self._relay_cancels()
         agents = self.town.agents()
         cap = self.config.max_agents
         allowed = agents[:cap]

@@ -9,7 +9,13 @@ SIGHUP = finish the current task, however long it takes, then exit (`tt interrup
 SIGUSR1 = stop now (also sent by the kernel if the supervisor dies): the CLI is killed and its
 task put back at the front of the inbox, unless it finished meanwhile (exit code 0): an outcome
 that exists is recorded, so no task runs twice. With nothing to finish (waiting on the inbox, or
-for a Redis that went away) a stop is answered at once.
+for a Redis that went away) a stop is answered at once. SIGUSR2 = `tt cancel` asked for the
+running task (the reason is on the task's record, `cancel_request`): its CLI's group is stopped
+(SIGTERM, SIGKILL after stop_grace) and the task recorded cancelled, output kept.
+
+Between claiming a task and starting its CLI the runner `begin`s it (supervisor/coordination.py):
+the notes left for the agent move into the task's record, and the prompt is composed from them, the
+user's text and the dependencies' outputs (supervisor/prompt_blocks.py).
 
 Output goes to the log, the attach viewers, the task's tail and a Redis stream. A log that cannot
 be written (a full disk, a file-size limit, a rotation that fails) costs the log, not the task: the
@@ -34,6 +40,7 @@ from .agent_log import AgentLog, keep_tail, tail_bytes
 from .attach_server import REPLAY_BYTES, AttachServer
 from .models import AgentState, StopMode, TaskState
 from .procutil import drain, exit_now, signal_wakeup_pipe
+from .prompt_blocks import compose
 from .pty_session import CliSession
 from .resp import RespConnectionError, Sender
 from .resp import connect as resp_connect
@@ -61,6 +68,7 @@ class Ending(Enum):
     EXITED = "exited"        # its exit status is the outcome (also when it exited 0 as it was killed)
     TIMED_OUT = "timed out"  # killed at the task timeout
     STOPPED = "stopped"      # killed by a stop before it finished: back in the inbox
+    CANCELLED = "cancelled"  # killed by `tt cancel`: recorded cancelled, output kept
 
 
 @dataclass
@@ -90,6 +98,8 @@ class Runner:
         self.agent_id = agent_id
         self.stop_mode: StopMode | None = None
         self.idle = True                          # nothing to finish: a stop signal may end the wait
+        self.cancel_asked = False                 # SIGUSR2 came: read the running task's cancel_request
+        self.cancel_reason = ""                   # the running task is being cancelled, for this reason
         self.wake_r = self.wake_w = -1
         # Filled in by run(), from the agent's record once Redis answers:
         self.town: Town | None = None
@@ -116,6 +126,7 @@ class Runner:
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl+C reaches the supervisor, which decides
         signal.signal(signal.SIGUSR1, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_stop)
+        signal.signal(signal.SIGUSR2, self._on_cancel)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake select via the wakeup fd
         # A write to a connection Redis or a viewer closed is an error to handle (EPIPE), not the
         # runner's death. (The CLI gets SIGPIPE back at its default: pty_session.)
@@ -140,6 +151,12 @@ class Runner:
                 exit_now(0)  # (what run() does on _StopNow, without unwinding a Redis read)
             raise _StopNow()
 
+    def _on_cancel(self, _signum, _frame) -> None:
+        """The supervisor relays a `tt cancel` of a task in flight. Only a flag: the pump acts on
+        it (the wakeup pipe wakes it); idle, or between claim and start, it waits for the pump's
+        first turn, which reads the task's record (so a duplicate or a stale signal does nothing)."""
+        self.cancel_asked = True
+
     # --- main loop ---------------------------------------------------------------------------
     def run(self) -> int:
         self._install_signals()
@@ -161,9 +178,8 @@ class Runner:
         try:
             self.idle = False  # from here a stop signal only sets stop_mode; the loop checks it
             self.warning = self.log.problem
-            self.town.set_agent_state(self.agent_id, AgentState.IDLE, pid=os.getpid(), current_task="",
-                                      cli_pid="", reason="", restart_at="", heartbeat_at=f"{time.time():.6f}",
-                                      warning=self.warning)
+            self.town.become_idle(self.agent_id, pid=os.getpid(), current_task="", cli_pid="", reason="",
+                                  restart_at="", heartbeat_at=f"{time.time():.6f}", warning=self.warning)
             self._recover_inflight()
             while self.stop_mode is None:
                 self.idle = True
@@ -252,9 +268,16 @@ class Runner:
         if message.type != "TaskAssign":
             self.town.drop_message(self.agent_id, claimed)
             return
-        task, agent_state = self.town.claimed_task(self.agent_id, message.task_id)
-        if task is None or TaskState(task.state).terminal:  # gone, cancelled while waiting, or finished
+        begun = self.town.coordination.begin(self.agent_id, message.task_id)
+        if begun.status in ("gone", "finished"):  # gone, cancelled while waiting, or finished
             self.town.drop_message(self.agent_id, claimed)
+            return
+        task = begun.task
+        after = AgentState.STOPPING if self.stop_mode else AgentState.IDLE
+        if begun.status == "cancel":  # cancelled while claimed: no CLI, no attempt
+            self._note(f"task {task.id} cancelled: {task.cancel_request}")
+            self.town.finish_task(self.agent_id, claimed, TaskState.CANCELLED, reason=task.cancel_request,
+                                  output=task.output.encode("utf-8", "surrogateescape"), agent_state=after)
             return
         # A stop gives its attempt back, so on an unfinished task `attempts` counts the runs whose
         # runner died under them: enough of those and the task is the likely cause.
@@ -264,13 +287,15 @@ class Runner:
             self.town.finish_task(self.agent_id, claimed, TaskState.FAILED, reason=reason,
                                   output=task.output.encode("utf-8", "surrogateescape"))
             return
-        self._run_task(claimed, task.id, task.description, task, agent_state)
+        # The user's text byte for byte, with the notes before it and the dependencies' outcomes
+        # after it (README, "What Tinytown adds to a prompt").
+        prompt = compose(task.description, begun.notes, begun.upstream, self.config.tasks.context_bytes)
+        self._run_task(claimed, task.id, prompt, task, begun.agent_state)
 
-    def _run_task(self, claimed: Claimed, task_id: str, description: str, task=None, agent_state=None) -> None:
+    def _run_task(self, claimed: Claimed, task_id: str, prompt: bytes, task=None, agent_state=None) -> None:
         env = dict(self.base_env)
         env["TT_TASK_ID"] = task_id
-        prompt = description.encode("utf-8", "surrogateescape")
-        subject = task.description if task is not None else description  # the checkpoint commit's
+        subject = task.description if task is not None else ""  # the checkpoint commit's
         base = ""
         if self.workspace is not None:
             # Before the CLI: what an interrupted run left is committed, the work this task runs
@@ -349,6 +374,9 @@ class Runner:
         if ending is Ending.TIMED_OUT:
             reason = f"timed out after {self.task_timeout:g}s"
             state, code = TaskState.FAILED, None
+        elif ending is Ending.CANCELLED:
+            reason, state = self.cancel_reason, TaskState.CANCELLED
+            code = -session.signal if session.signal else session.exit_code
         elif session.signal:
             reason, state, code = session.outcome(), TaskState.FAILED, -session.signal
         else:
@@ -372,8 +400,12 @@ class Runner:
         heartbeat = self.config.supervisor.heartbeat_interval
         clock = PumpClock(next_beat=now + heartbeat, timeout_at=now + self.task_timeout if self.task_timeout else None)
         killed_for: Ending | None = None  # why the runner killed the CLI, if it did
+        self.cancel_reason = ""
         exited = eof = False
         while True:
+            if self.cancel_asked and not exited:
+                self.cancel_asked = False
+                self.cancel_reason = self.town.coordination.cancel_request(task_id)
             if not exited:
                 killed_for = self._enforce(session, clock, now, killed_for)
             watch = [self.wake_r] if eof or now < clock.batch_at else [reader.notify_r, self.wake_r]
@@ -416,8 +448,9 @@ class Runner:
                 return killed_for
 
     def _enforce(self, session: CliSession, clock: PumpClock, now: float, killed_for: Ending | None) -> Ending | None:
-        """A stop's grace and the task's timeout: SIGTERM to the CLI's group when one runs out,
-        SIGKILL after KILL_WAIT_SECONDS; why the CLI is being killed (None: it is not)."""
+        """A stop's grace, the task's timeout and a cancel: SIGTERM to the CLI's group when one
+        runs out (or comes), SIGKILL after KILL_WAIT_SECONDS (a cancel: stop_grace); why the CLI
+        is being killed (None: it is not)."""
         if self.stop_mode is StopMode.GRACEFUL and clock.grace_at is None:
             clock.grace_at = now + self.config.supervisor.stop_grace
             self.town.set_agent_state(self.agent_id, AgentState.STOPPING)  # `tt status` shows the wait
@@ -428,12 +461,16 @@ class Runner:
                 why = Ending.STOPPED
             elif clock.timeout_at is not None and now >= clock.timeout_at:
                 why = Ending.TIMED_OUT
+            elif self.cancel_reason:
+                why = Ending.CANCELLED
             else:
                 return None
             if session.poll():  # it has exited already: its status is the outcome, nothing to kill
                 return None
             session.kill_group(signal.SIGTERM)
-            clock.kill_at = now + KILL_WAIT_SECONDS
+            # A cancelled CLI gets a stop's grace to wind down (its output is kept).
+            wait = self.config.supervisor.stop_grace if why is Ending.CANCELLED else KILL_WAIT_SECONDS
+            clock.kill_at = now + wait
             return why
         if now >= clock.kill_at:
             session.kill_group(signal.SIGKILL)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
-from .config import PRESETS, Config, validate_name
+from .config import OUTPUT_TAIL_BYTES, PRESETS, Config, validate_name
 from .errors import TinytownError
 from .keys import Keys
 from .models import (AGENT_TRANSITIONS, Agent, AgentState, InvalidTransition, Message, StopMode, Task,
@@ -16,7 +16,6 @@ from .models import (AGENT_TRANSITIONS, Agent, AgentState, InvalidTransition, Me
 from .resp import RespClient, RespError, connect
 
 
-OUTPUT_TAIL_BYTES = 64 * 1024
 EVENTS_MAXLEN = 5000
 
 # KEYS[1]: an agent's hash; ARGV: the new state, the states it may follow (",a,b,": see
@@ -64,6 +63,16 @@ class Town:
         self.config = config
         self.keys = Keys(config.name)
         self.r = client if client is not None else connect(config)
+        self._coordination = None
+
+    @property
+    def coordination(self):
+        """The town's coordination store (supervisor/coordination.py: dependencies, backlog, notes,
+        cancel), made on first use: it imports this module, so not at import time."""
+        if self._coordination is None:
+            from .coordination import Coordination
+            self._coordination = Coordination(self)
+        return self._coordination
 
     # --- helpers ---------------------------------------------------------------------------
     def ping(self) -> bool:
@@ -167,6 +176,18 @@ class Town:
         except Exception as exc:  # noqa: BLE001 - redis-py's ResponseError or resp.py's RespError
             raise _transition_error(exc) from None
 
+    def become_idle(self, agent_id: str, **fields) -> None:
+        """A runner starting: the agent `idle` and, in the same transaction, the oldest backlog
+        task it may take (if its inbox and in-flight list are empty), so no free agent sits beside
+        matching backlog work."""
+        pipe = self.r.pipeline()
+        self.set_agent_state(agent_id, AgentState.IDLE, pipe=pipe, **fields)
+        self.coordination.queue_claim(pipe, agent_id)
+        try:
+            pipe.execute()
+        except RespError as exc:
+            raise _transition_error(exc) from None
+
     def heartbeat(self, agent_id: str) -> None:
         self.r.hset(self.keys.agent(agent_id), "heartbeat_at", f"{now():.6f}")
 
@@ -196,7 +217,7 @@ class Town:
         if not descriptions or any(not d.strip() for d in descriptions):
             raise TinytownError("the task description is empty")
         agent_id = self.agent_id(name)
-        self._check_prompts(agent_id, descriptions)
+        self.check_prompts(agent_id, descriptions)
         pipe = self.r.pipeline()
         tasks = []
         for description in descriptions:
@@ -210,7 +231,7 @@ class Town:
         pipe.execute()
         return tasks
 
-    def _check_prompts(self, agent_id: str, descriptions: list[str]) -> None:
+    def check_prompts(self, agent_id: str, descriptions: list[str]) -> None:
         """Refuse, before anything is written, a text the agent's CLI cannot be handed intact (one
         that starts with '-' for a CLI that takes its prompt as an argument, or is too long for one)."""
         cli = self.r.hget(self.keys.agent(agent_id), "cli")
@@ -241,6 +262,7 @@ class Town:
     def _explain_waiting(self, tasks: list[Task]) -> list[Task]:
         """A task waiting for an agent that gave up says so in its reason: "waiting: agent d
         failed: …" (read, not stored: it holds exactly while the agent is failed)."""
+        self._explain_pending(tasks)
         waiting = [t for t in tasks if t.state == TaskState.ASSIGNED.value and not t.reason]
         if not waiting:
             return tasks
@@ -256,6 +278,19 @@ class Town:
             if task.agent_id in failed:
                 task.reason = f"waiting: agent {task.agent} failed: {failed[task.agent_id] or 'no reason recorded'}"
         return tasks
+
+    def _explain_pending(self, tasks: list[Task]) -> None:
+        """A pending task says what it waits for: "waits on <ids>" (its dependencies not completed
+        yet), or "in the backlog" (read, not stored)."""
+        pending = [t for t in tasks if t.state == TaskState.PENDING.value and not t.reason]
+        if not pending:
+            return
+        blocked = self.coordination.blocked_by(pending)
+        for task in pending:
+            if blocked[task.id]:
+                task.reason = "waits on " + ", ".join(i[:8] for i in blocked[task.id])
+            elif task.backlog:
+                task.reason = f"in the backlog (role {task.role})" if task.role else "in the backlog (any agent)"
 
     def task_counts(self) -> dict[str, int]:
         counts = {s.value: 0 for s in TaskState}
@@ -281,19 +316,11 @@ class Town:
     def inflight(self, agent_id: str) -> list[Claimed]:
         return [Claimed(raw, Message.decode(raw)) for raw in self.r.lrange(self.keys.inflight(agent_id), 0, -1)]
 
-    def claimed_task(self, agent_id: str, task_id: str) -> tuple[Task | None, str | None]:
-        """A claimed message's task (None if it is gone) and the agent's state, in one round trip."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hgetall(self.keys.task(task_id))
-        pipe.hget(self.keys.agent(agent_id), "state")
-        data, agent_state = pipe.execute()
-        return (Task.from_hash(data) if data else None), agent_state
-
     def start_task(self, agent_id: str, task_id: str, cli_pid: int | None = None, task: Task | None = None,
                    agent_state: str | None = None, base: str = "") -> Task:
         """Mark a claimed task running (one more attempt) and its agent working.
 
-        task, agent_state: as the runner just read them (claimed_task), to skip reading them again.
+        task, agent_state: as the runner just read them (Coordination.begin), to skip reading them again.
         base: the commit a worktree agent's task starts from.
         """
         task = task if task is not None else self.task(task_id)
@@ -325,7 +352,8 @@ class Town:
     def finish_task(self, agent_id: str, claimed: Claimed, state: TaskState, exit_code: int | None = None,
                     reason: str = "", output: bytes = b"", agent_state: AgentState = AgentState.IDLE,
                     work: dict[str, str] | None = None) -> None:
-        """Write a task's outcome, drop it from in-flight and set the agent idle, in one transaction.
+        """Write a task's outcome, drop it from in-flight, set the agent idle, release the task's
+        dependents and let the agent take backlog work, in one transaction.
 
         agent_state: `stopping` when the task finished within a stop's grace period.
         work: what a worktree agent's task changed (base, head, branch, files, workspace_note).
@@ -347,6 +375,11 @@ class Town:
         self.set_agent_state(agent_id, agent_state, pipe=pipe, old=old_agent, current_task="", cli_pid="",
                              heartbeat_at=f"{now():.6f}")
         self._event(pipe, f"task_{state.value}", task=task_id, exit_code=exit_code, reason=reason)
+        # In the same transaction as the outcome, so no crash can separate them: its dependents
+        # are released (or cancelled), and an agent going idle takes backlog work it may.
+        self.coordination.queue_release(pipe, task_id)
+        if agent_state is AgentState.IDLE:
+            self.coordination.queue_claim(pipe, agent_id)
         pipe.execute()
 
     def drop_message(self, agent_id: str, claimed: Claimed) -> None:
@@ -502,6 +535,12 @@ class Town:
         info = self.supervisor_info()
         tasks = self.task_counts()
         tasks["blocked"] = sum(pending.get(a.id, 0) for a in agents if a.state == AgentState.FAILED.value)
+        roles = self.coordination.roles([a.id for a in agents])
+        agent_data = []
+        for a in agents:
+            data = agent_json(a, pending.get(a.id, 0), self.config.supervisor.heartbeat_stale, self.config.root)
+            data["roles"] = roles.get(a.id, [])
+            agent_data.append(data)
         return {
             "town": self.config.name,
             "root": str(self.config.root),
@@ -512,9 +551,10 @@ class Town:
                            "config_error": info.get("config_error", ""),
                            "disk_error": self.persistence_error() or ""},
             "max_agents": self.config.max_agents,
-            "agents": [agent_json(a, pending.get(a.id, 0), self.config.supervisor.heartbeat_stale, self.config.root)
-                       for a in agents],
+            "agents": agent_data,
             "tasks": tasks,
+            # backlog work whose role no agent has: it waits until one is spawned with it
+            "unserved_roles": self.coordination.unserved_roles(),
         }
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tinytown.supervisor.config import (MAX_UNIX_SOCKET_PATH, PRESETS, CliSpec, LogPolicy, SupervisorPolicy,
-                                       WorkspacePolicy, documented_config, find_town, init_town, load, short_socket_path)
+                                       TasksPolicy, WorkspacePolicy, documented_config, find_town, init_town, load, short_socket_path)
 from tinytown.supervisor.errors import TinytownError
 
 
@@ -141,12 +141,12 @@ def test_the_init_template_holds_every_default(tmp_path):
     config = init_town(tmp_path, "t", default_cli="codex", max_agents=7)
     text = (tmp_path / "tinytown.toml").read_text()
     assert text.count("# [supervisor]") == 1 and "heartbeat_stale = 10.0" in text
-    setting = re.compile(r"# ((?!command|env)\w+ = |\[(supervisor|logs|workspace|attach)\])")  # (not the mybot example)
+    setting = re.compile(r"# ((?!command|env)\w+ = |\[(supervisor|logs|workspace|tasks|attach)\])")  # (not the mybot example)
     uncommented = "\n".join(line[2:] if setting.match(line) else line for line in text.splitlines())
     (tmp_path / "tinytown.toml").write_text(uncommented)
     everything = load(tmp_path)
     assert everything.supervisor == SupervisorPolicy() and everything.logs == LogPolicy()
-    assert everything.workspace == WorkspacePolicy()
+    assert everything.workspace == WorkspacePolicy() and everything.tasks == TasksPolicy()
     assert (everything.default_cli, everything.max_agents) == ("codex", 7) == (config.default_cli, config.max_agents)
     assert everything.detach_keys == config.detach_keys and everything.redis_port == config.redis_port
     assert everything.redis_server == "/usr/bin/redis-server"  # the example for a key without default

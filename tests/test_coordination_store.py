@@ -83,17 +83,21 @@ def take(town, coord, agent_id: str):
 
 
 def finish(town, coord, agent_id: str, claimed: Claimed, state: TaskState, output: str = "") -> None:
-    """What finish_task becomes in phase 2: outcome, in-flight gone, agent idle, the release and the
-    agent's backlog claim, in one MULTI/EXEC."""
-    task_id = claimed.message.task_id
+    """Town.finish_task: outcome, in-flight gone, agent idle, the release and the agent's backlog
+    claim, in one MULTI/EXEC (started first if it was not)."""
+    if state_of(town, claimed.message.task_id) == TaskState.ASSIGNED.value:
+        town.start_task(agent_id, claimed.message.task_id)
+    town.finish_task(agent_id, claimed, state, exit_code=0 if state is TaskState.COMPLETED else 1,
+                     output=output.encode())
+
+
+def outcome_without_release(town, agent_id: str, claimed: Claimed, state: TaskState) -> None:
+    """An outcome written without its release (a crash in between, or a hand edit)."""
     pipe = town.r.pipeline()
-    pipe.hset(town.keys.task(task_id), mapping={"state": state.value, "finished_at": f"{time.time():.6f}",
-                                                "exit_code": "0" if state is TaskState.COMPLETED else "1",
-                                                "output": output})
+    pipe.hset(town.keys.task(claimed.message.task_id), mapping={"state": state.value,
+                                                                 "finished_at": f"{time.time():.6f}"})
     pipe.lrem(town.keys.inflight(agent_id), 1, claimed.raw)
     pipe.hset(town.keys.agent(agent_id), mapping={"state": "idle", "current_task": ""})
-    coord.queue_release(pipe, task_id)
-    coord.queue_claim(pipe, agent_id)
     pipe.execute()
 
 
@@ -104,6 +108,10 @@ def run_one(town, coord, agent_id: str, state=TaskState.COMPLETED, output: str =
     town.start_task(agent_id, claimed.message.task_id, task=begun.task, agent_state=begun.agent_state)
     finish(town, coord, agent_id, claimed, state, output)
     return claimed.message.task_id
+
+
+def state_of(town, task_id: str) -> str:
+    return town.r.hget(town.keys.task(task_id), "state")
 
 
 def state(town, task_id: str) -> str:
@@ -191,8 +199,7 @@ def test_release_is_idempotent_and_waits_for_the_outcome(town, coord):
     assert state(town, b) == "pending"
     claimed, _ = take(town, coord, dev)
     town.start_task(dev, a)
-    # The outcome written without the release (the old finish_task, or a crash in between).
-    town.finish_task(dev, claimed, TaskState.COMPLETED, exit_code=0)
+    outcome_without_release(town, dev, claimed, TaskState.COMPLETED)
     assert state(town, b) == "pending"
     assert coord.release(a) == (1, 0)
     assert coord.release(a) == (0, 0)
@@ -224,7 +231,7 @@ def test_recover_releases_what_a_crash_left_and_only_reads_awaited_tasks(town, c
     for outcome in (TaskState.COMPLETED, TaskState.FAILED):
         claimed, _ = take(town, coord, dev)
         town.start_task(dev, claimed.message.task_id)
-        town.finish_task(dev, claimed, outcome)
+        outcome_without_release(town, dev, claimed, outcome)
     assert sorted(town.r.execute_command("SMEMBERS", town.keys.awaited)) == sorted([a, fails, running])
     assert coord.recover() == (1, 1, 0)
     assert (state(town, b), state(town, c), state(town, d)) == ("assigned", "cancelled", "pending")
@@ -315,7 +322,7 @@ def test_ten_thousand_dependents(town, coord, capsys):
     spawn(town, "rev", idle=False)
     n = 10_000
     root = coord.create_task("root", agent="dev").task.id
-    create = town.r.execute_command("SCRIPT", "LOAD", SCRIPTS["create"].text)
+    create = town.r.execute_command("SCRIPT", "LOAD", SCRIPTS["create"].source)
 
     def queue_create(pipe, *args):  # EVALSHA: 10 000 copies of the script text would be 100 MB
         pipe._call(("EVALSHA", create, 1, town.keys.task_index, coord.ctx, *args))

@@ -11,7 +11,6 @@ import os
 import signal
 import struct
 import sys
-import termios
 from pathlib import Path
 
 import pexpect

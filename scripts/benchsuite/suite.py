@@ -123,12 +123,7 @@ def dispatch(size: dict, ctx: Context) -> list[Row]:
               target="p50 <= 5 ms and <= 1/2 of RQ", latency=True)
     with BenchTown(["/bin/true"]) as bt:
         fifo = bt.tmp / "marks"
-        os.mkfifo(fifo)
-        # the CLI copies its stdin (the prompt: a token) into the FIFO the moment it runs
-        with (bt.root / "tinytown.toml").open("a") as fh:
-            fh.write(f'\n[agent_clis.tee]\ncommand = ["tee", "-a", "{fifo}"]\nprompt = "stdin"\n')
-        from tinytown.supervisor.config import load
-        bt.config = load(bt.root)
+        _fifo_town(bt, fifo)  # the CLI copies its stdin (the prompt: a token) into the FIFO the moment it runs
         bt.start_background()
         bt.town.spawn("d", "tee")
         bt.wait_blocked(1)
@@ -138,15 +133,9 @@ def dispatch(size: dict, ctx: Context) -> list[Row]:
             for i in range(size["dispatch_samples"]):
                 since = _last_event(town)
                 token = f"{i}-{time.monotonic_ns()}\n"
-                t0 = time.monotonic()
+                t0 = time.time()
                 task = town.assign("d", token)
-                got = b""
-                while not got.endswith(b"\n"):
-                    ready, _, _ = select.select([fd], [], [], 30)
-                    if not ready:
-                        raise TimeoutError("the CLI did not start within 30 s")
-                    got += os.read(fd, 4096)
-                row.tt.append((time.monotonic() - t0) * 1000)
+                row.tt.append((_read_token(fd) - t0) * 1000)
                 _wait_events(town, since, {task.id}, 30)
                 bt.wait_blocked(1, interval=0.001)
                 time.sleep(0.02)
@@ -158,6 +147,100 @@ def dispatch(size: dict, ctx: Context) -> list[Row]:
     else:
         row.note = _peer_note(ctx)
     return [row.judge(absolute=lambda v: v <= 5, max_ratio=0.5)]
+
+
+# --- work that flows between agents: a dependency's release, the backlog -------------------------
+
+def _fifo_town(bt: BenchTown, fifo: Path, gate: Path | None = None) -> None:
+    """Add the `tee` preset (the CLI copies its prompt, a token, into `fifo` the moment it runs) and,
+    with `gate`, the `gated` one (the CLI waits for a line from `gate`, then exits 0)."""
+    os.mkfifo(fifo)
+    with (bt.root / "tinytown.toml").open("a") as fh:
+        fh.write(f'\n[agent_clis.tee]\ncommand = ["tee", "-a", "{fifo}"]\nprompt = "stdin"\n')
+        if gate is not None:
+            os.mkfifo(gate)
+            fh.write(f'\n[agent_clis.gated]\ncommand = ["head", "-n", "1", "{gate}"]\nprompt = "stdin"\n')
+    from tinytown.supervisor.config import load
+    bt.config = load(bt.root)
+
+
+def _read_token(fd: int) -> float:
+    """Block until a whole line came through the FIFO; time.time() then."""
+    got = b""
+    while not got.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], 30)
+        if not ready:
+            raise TimeoutError("the CLI did not start within 30 s")
+        got += os.read(fd, 4096)
+    return time.time()
+
+
+def release(size: dict, ctx: Context) -> list[Row]:
+    """A dependency finished -> its dependent's CLI running, vs RQ depends_on (A's ended_at -> B running)."""
+    row = Row("release", "release: dependency finished -> dependent's CLI running", "ms",
+              peer_name="RQ depends_on", target="p50 <= 10 ms", latency=True)
+    with BenchTown(["/bin/true"]) as bt:
+        fifo, gate = bt.tmp / "marks", bt.tmp / "gate"
+        _fifo_town(bt, fifo, gate)
+        bt.start_background()
+        bt.town.spawn("u", "gated")
+        bt.town.spawn("d", "tee")
+        bt.wait_blocked(2)
+        fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+        gate_fd = os.open(gate, os.O_RDWR | os.O_NONBLOCK)
+        town, coord = bt.town, bt.town.coordination
+        try:
+            for i in range(size["dispatch_samples"]):
+                since = _last_event(town)
+                first = town.assign("u", "first")
+                second = coord.create_task(f"{i}-{time.monotonic_ns()}\n", agent="d", after=[first.id]).task
+                os.write(gate_fd, b"go\n")  # u's CLI exits 0: its runner records it and releases `second`
+                t1 = _read_token(fd)
+                finished = [f for f in town.events_since(since, "task_completed") if f.get("task") == first.id]
+                row.tt.append((t1 - float(finished[0]["at"])) * 1000)
+                _wait_events(town, since, {first.id, second.id}, 30)
+                bt.wait_blocked(2, interval=0.001)
+                time.sleep(0.02)
+        finally:
+            os.close(fd)
+            os.close(gate_fd)
+    if ctx.peers_ok:
+        row.peer = peers.run_rq("release", ctx.redis_binary, samples=size["dispatch_samples"])["samples_ms"]
+    else:
+        row.note = _peer_note(ctx)
+    return [row.judge(absolute=lambda v: v <= 10)]
+
+
+def backlog(size: dict, ctx: Context) -> list[Row]:
+    """`backlog add` -> an idle agent with the role has its CLI running, vs RQ enqueue -> job start."""
+    row = Row("backlog", "backlog: task added -> idle agent's CLI running", "ms", peer_name="RQ Worker (forking)",
+              target="p50 <= 10 ms", latency=True)
+    with BenchTown(["/bin/true"]) as bt:
+        fifo = bt.tmp / "marks"
+        _fifo_town(bt, fifo)
+        bt.start_background()
+        bt.town.spawn("d", "tee")
+        bt.town.coordination.set_roles("d", ["r"])
+        bt.wait_blocked(1)
+        fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+        town, coord = bt.town, bt.town.coordination
+        try:
+            for i in range(size["dispatch_samples"]):
+                since = _last_event(town)
+                token = f"{i}-{time.monotonic_ns()}\n"
+                t0 = time.time()
+                task = coord.backlog_add(token, role="r").task
+                row.tt.append((_read_token(fd) - t0) * 1000)
+                _wait_events(town, since, {task.id}, 30)
+                bt.wait_blocked(1, interval=0.001)
+                time.sleep(0.02)
+        finally:
+            os.close(fd)
+    if ctx.peers_ok:
+        row.peer = peers.run_rq("dispatch", ctx.redis_binary, samples=size["dispatch_samples"])["samples_ms"]
+    else:
+        row.note = _peer_note(ctx)
+    return [row.judge(absolute=lambda v: v <= 10)]
 
 
 def _last_event(town) -> str:
@@ -464,6 +547,8 @@ BENCHMARKS = {
     "restart": restart,
     "start_stop": start_stop,
     "dispatch": dispatch,
+    "release": release,
+    "backlog": backlog,
     "throughput": throughput,
     "idle": idle,
     "list": tt_list,

@@ -14,3 +14,9 @@ def mark(path: str, token: str) -> None:
 def noop() -> None:
     """A trivial job, the counterpart of /bin/true as an agent's CLI."""
     return None
+
+
+def gate(path: str) -> None:
+    """Wait for the benchmark to let this job finish: one line from its FIFO."""
+    with open(path, "rb") as fh:
+        fh.readline()

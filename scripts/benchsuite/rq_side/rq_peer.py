@@ -4,6 +4,9 @@
       one forking rq Worker; enqueue -> the job function running in the work horse, N times (ms)
   rq_peer.py throughput --redis-server BIN --dir D --jobs N --workers W --reps R
       W forking Workers; N trivial jobs enqueued, until all finished (jobs/s), R times
+  rq_peer.py release    --redis-server BIN --dir D --samples N
+      one forking rq Worker; job A (held on a gate) and job B enqueued with depends_on=A; A's
+      ended_at -> B running in the work horse, N times (ms)
   rq_peer.py worker SOCKET QUEUE   (internal: one worker process)
 
 It starts its own redis-server (the same binary as the town's) on a unix socket in D, and prints
@@ -102,6 +105,42 @@ def dispatch(args) -> dict:
     return {"samples_ms": samples}
 
 
+def release(args) -> dict:
+    redis_proc, sock, r = start_redis(args.redis_server, args.dir)
+    procs = start_workers(sock, "bench", 1, r)
+    fifo, gate = os.path.join(args.dir, "marks"), os.path.join(args.dir, "gate")
+    os.mkfifo(fifo)
+    os.mkfifo(gate)
+    fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    gate_fd = os.open(gate, os.O_RDWR | os.O_NONBLOCK)
+    q = Queue("bench", connection=r)
+    samples = []
+    try:
+        for i in range(args.samples):
+            first = q.enqueue(rq_jobs.gate, gate)
+            second = q.enqueue(rq_jobs.mark, fifo, f"{i}\n", depends_on=first)
+            os.write(gate_fd, b"go\n")
+            got = b""
+            while not got.endswith(b"\n"):
+                ready, _, _ = select.select([fd], [], [], 30)
+                if not ready:
+                    raise RuntimeError("rq dependent job did not start within 30 s")
+                got += os.read(fd, 4096)
+            t1 = time.time()
+            first.refresh()
+            ended = first.ended_at.replace(tzinfo=first.ended_at.tzinfo or __import__("datetime").timezone.utc)
+            samples.append((t1 - ended.timestamp()) * 1000)
+            deadline = time.monotonic() + 30
+            while second.get_status(refresh=True) not in ("finished", "failed"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("rq job did not finish")
+                time.sleep(0.002)
+            time.sleep(0.02)
+    finally:
+        stop(procs, redis_proc)
+    return {"samples_ms": samples}
+
+
 def throughput(args) -> dict:
     redis_proc, sock, r = start_redis(args.redis_server, args.dir)
     procs = start_workers(sock, "bench", args.workers, r)
@@ -137,7 +176,7 @@ def main() -> None:
         worker(sys.argv[2], sys.argv[3])
         return
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=("dispatch", "throughput"))
+    p.add_argument("mode", choices=("dispatch", "release", "throughput"))
     p.add_argument("--redis-server", required=True)
     p.add_argument("--dir", required=True)
     p.add_argument("--samples", type=int, default=30)
@@ -145,7 +184,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
-    result = dispatch(args) if args.mode == "dispatch" else throughput(args)
+    result = {"dispatch": dispatch, "release": release, "throughput": throughput}[args.mode](args)
     import rq
     result["rq"] = rq.__version__
     print(json.dumps(result))

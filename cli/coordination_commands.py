@@ -1,0 +1,256 @@
+"""`tt` commands for work that flows between agents: dependencies (`assign --after`), the shared
+backlog, notes (`send`, `inbox`), `cancel` and `wait`. Each is a thin call into
+supervisor/coordination.py; the who (`created_by`, a note's `from`) is the calling agent when an
+agent's CLI runs `tt` (its runner sets TT_AGENT and TT_TOWN), else "user".
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from tinytown.cli.main import (_config, _print_json, _read_input, _running_town, _started_town, complete_agent,
+                               complete_task, json_option, town_option)
+from tinytown.supervisor.errors import TinytownError
+
+
+def _caller(config) -> str:
+    from tinytown.supervisor.coordination import caller
+    return caller(config.name)
+
+
+def tasks_json(town, tasks) -> list[dict]:
+    """Tasks as --json shows them: `after` and `blocked_by` as lists of ids (one round trip)."""
+    deps = town.coordination.dependency_json(tasks)
+    return [{**t.to_json(), **deps[t.id]} for t in tasks]
+
+
+def create_tasks(config, agent, texts, after, no_context, as_json, single: bool) -> None:
+    """`tt assign` (and --each) through the coordination store: the references are resolved before
+    anything is written. A task cancelled at once (a dependency already failed) is printed, then
+    said on stderr, and the exit status is 1."""
+    town = _started_town(config)
+    coord = town.coordination
+    deps = coord.resolve_refs(after)  # once for all of them, before any is written
+    by = _caller(config)
+    made = [coord.create_task(text, agent=agent, after=deps, context=not no_context, created_by=by).task
+            for text in texts]
+    _report(town, made, as_json, f"to {agent}" if single else None)
+
+
+def _report(town, made, as_json, to: str | None) -> None:
+    if as_json:
+        data = tasks_json(town, made)
+        _print_json(data[0] if to is not None and len(data) == 1 else data)
+    for task in made:
+        if not as_json:
+            if to is None:
+                click.echo(task.id)
+            elif task.state == "pending" and task.deps_left:
+                n = task.deps_left
+                click.echo(f"Assigned task {task.id} {to} (waits on {n} task{'s' if n != 1 else ''})")
+            elif task.state == "pending":
+                click.echo(f"Queued task {task.id} {to}")
+            elif task.state != "cancelled":
+                click.echo(f"Assigned task {task.id} {to}")
+            else:
+                click.echo(task.id)
+    cancelled = [t for t in made if t.state == "cancelled"]
+    for task in cancelled:
+        click.echo(f"tt: error: task {task.id} cancelled at once: {task.reason}", err=True)
+    if cancelled:
+        sys.exit(1)
+
+
+# --- backlog ------------------------------------------------------------------------------------
+@click.group(invoke_without_command=True)
+@json_option
+@town_option
+@click.pass_context
+def backlog(ctx, as_json, town_path):
+    """Work for whichever matching agent is idle first: list it (or `add`, `remove`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    config = _config(town_path)
+    town = _running_town(config)
+    found = town.coordination.backlog()
+    if as_json:
+        _print_json(tasks_json(town, found))
+    elif not found:
+        click.echo("The backlog is empty")
+    else:
+        from tinytown.cli import render
+        for task in found:
+            task.agent = f"[{task.role or 'any'}]"
+        render.tasks(found)
+
+
+@backlog.command(name="add")
+@click.argument("description", required=False)
+@click.option("--role", metavar="ROLE", help="Only an agent with this role takes it (default: any agent).")
+@click.option("--after", "after", multiple=True, metavar="REF", help="Only once these completed (as tt assign).")
+@click.option("--file", "-f", "from_file", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Read the task text from a file ('-' for stdin).")
+@click.option("--no-context", is_flag=True, help="Do not append the --after tasks' outcomes to the prompt.")
+@json_option
+@town_option
+def backlog_add(description, role, after, from_file, no_context, as_json, town_path):
+    """Queue a task for whichever agent (with ROLE) is idle first."""
+    description = text_argument(description, from_file, "tt backlog add \"what to do\"")
+    config = _config(town_path)
+    town = _started_town(config)
+    created = town.coordination.backlog_add(description, role=role, after=after, context=not no_context,
+                                            created_by=_caller(config))
+    task = created.task
+    where = (f"taken by {created.taken_by}" if created.taken_by else
+             "waits on its dependencies" if task.state == "pending" and task.deps_left else
+             f"waits for an agent with role {role}" if role else "waits for an idle agent")
+    if task.state == "cancelled":
+        return _report(town, [task], as_json, "to the backlog")
+    if as_json:
+        _print_json(tasks_json(town, [task])[0])
+    else:
+        click.echo(f"Backlog task {task.id}: {where}")
+
+
+@backlog.command(name="remove")
+@click.argument("task_id", shell_complete=complete_task)
+@town_option
+def backlog_remove(task_id, town_path):
+    """Drop a backlog task no agent has taken yet (it becomes cancelled, with its dependents)."""
+    config = _config(town_path)
+    coord = _running_town(config).coordination
+    task_id = coord.resolve_task(task_id)
+    cascaded = coord.backlog_remove(task_id, by=_caller(config))
+    click.echo(f"Removed task {task_id} from the backlog" + (f" ({cascaded} dependents cancelled)" if cascaded else ""))
+
+
+# --- notes --------------------------------------------------------------------------------------
+@click.command()
+@click.argument("agent", shell_complete=complete_agent)
+@click.argument("text", required=False)
+@click.option("--urgent", is_flag=True, help="Put it first among the notes delivered with the next task.")
+@click.option("--task", "as_task", is_flag=True, help="TEXT is a task for AGENT (an assign recording the sender).")
+@click.option("--file", "-f", "from_file", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Read the text from a file ('-' for stdin).")
+@json_option
+@town_option
+def send(agent, text, urgent, as_task, from_file, as_json, town_path):
+    """Leave a note for AGENT, delivered with its next task (or, with --task, give it a task)."""
+    text = text_argument(text, from_file, "tt send AGENT \"text\"", what="text")
+    config = _config(town_path)
+    town = _started_town(config)
+    sender = _caller(config)
+    if as_task:
+        if urgent:
+            raise TinytownError("--urgent is for notes; a task waits its turn in the inbox")
+        task = town.coordination.create_task(text, agent=agent, created_by=sender).task
+        return _report(town, [task], as_json, f"to {agent}")
+    note = town.coordination.send(agent, text, urgent=urgent, sender=sender)
+    if as_json:
+        _print_json(note.to_json())
+    else:
+        click.echo(f"Note {note.id} for {agent}: delivered with its next task")
+
+
+@click.command()
+@click.argument("agent", required=False, shell_complete=complete_agent)
+@click.option("--all", "show_all", is_flag=True, help="Also the notes already delivered.")
+@json_option
+@town_option
+def inbox(agent, show_all, as_json, town_path):
+    """Notes waiting for AGENT's next task (every agent's without AGENT)."""
+    config = _config(town_path)
+    town = _running_town(config)
+    names = [agent] if agent else [a.name for a in town.agents()]
+    notes = [n for name in names for n in town.coordination.inbox(name, delivered=show_all)]
+    if as_json:
+        _print_json([n.to_json() for n in notes])
+        return
+    if not notes:
+        click.echo("No notes waiting" if not show_all else "No notes")
+        return
+    from tinytown.supervisor.terminal_text import clean_text
+    for n in notes:
+        state = f"delivered with task {n.task[:8]}" if n.delivered_at else "waiting"
+        click.echo(f"{n.id[:8]}  to {n.to}  from {clean_text(n.sender)}{'  URGENT' if n.urgent else ''}  ({state})")
+        for line in clean_text(n.text).splitlines() or [""]:
+            click.echo(f"    {line}")
+
+
+# --- cancel and wait ----------------------------------------------------------------------------
+@click.command()
+@click.argument("task_ids", nargs=-1, required=True, shell_complete=complete_task)
+@town_option
+def cancel(task_ids, town_path):
+    """Cancel tasks: waiting ones at once (with their dependents), running ones by stopping the CLI."""
+    config = _config(town_path)
+    coord = _running_town(config).coordination
+    by = _caller(config)
+    failed = False
+    for ref in task_ids:
+        try:
+            task_id = coord.resolve_task(ref)
+            outcome, cascaded = coord.cancel(task_id, by=by)
+        except TinytownError as exc:
+            click.echo(f"tt: error: {exc}", err=True)
+            failed = True
+            continue
+        if outcome == "cancelled":
+            click.echo(f"Cancelled task {task_id}" + (f" and {cascaded} dependents" if cascaded else ""))
+        else:
+            click.echo(f"Cancel requested for task {task_id}: its agent stops the CLI (output kept)")
+    if failed:
+        sys.exit(1)
+
+
+@click.command()
+@click.argument("refs", nargs=-1, required=True, shell_complete=complete_task)
+@click.option("--timeout", type=click.FloatRange(min=0), metavar="S", help="Give up after S seconds (exit 2).")
+@json_option
+@town_option
+def wait(refs, timeout, as_json, town_path):
+    """Until every task named (an agent: its unfinished tasks) is finished; exit 0 if all completed,
+    1 if any failed or was cancelled, 2 on timeout."""
+    from tinytown.supervisor.resp import connect
+    from tinytown.supervisor.town import Town
+    config = _config(town_path)
+    _running_town(config)
+    town = Town(config, connect(config, long_lived=True))  # a reply may take as long as the wait
+    coord = town.coordination
+    ids = coord.resolve_refs(refs, what="tt wait")
+    if not ids:
+        raise TinytownError("nothing to wait for: " + ", ".join(refs) + " has no unfinished task")
+    done = coord.wait(ids, timeout)
+    tasks = {t.id: t for t in (town.task(i) for i in ids)}
+    if as_json:
+        _print_json([{"id": i, "state": done.get(i, tasks[i].state), "finished": i in done,
+                      "reason": tasks[i].reason} for i in ids])
+    else:
+        from tinytown.supervisor.terminal_text import clean_text
+        for i in ids:
+            t = tasks[i]
+            state = done.get(i) or f"{t.state} (still, at the timeout)"
+            click.echo(f"{i}  {t.agent or '-'}  {state}" + (f": {clean_text(t.reason)}" if t.reason and i in done else ""))
+    if len(done) < len(ids):
+        sys.exit(2)
+    if any(state != "completed" for state in done.values()):
+        sys.exit(1)
+
+
+def text_argument(text, from_file, usage: str, what: str = "task text") -> str:
+    """The text given as an argument, or read from --file ('-' for stdin; also a '-' argument)."""
+    if text == "-" and not from_file:
+        text, from_file = None, "-"
+    if from_file:
+        if text is not None:
+            raise TinytownError("give the text either as an argument or with --file, not both")
+        text = _read_input(from_file).decode("utf-8", "surrogateescape")
+    if text is None:
+        raise TinytownError(f"no {what}: {usage} (or --file PATH)")
+    return text
+
+
+def register(group: click.Group) -> None:
+    for command in (backlog, send, inbox, cancel, wait):
+        group.add_command(command)
