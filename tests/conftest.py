@@ -189,8 +189,22 @@ class BareRedis:
              "--unixsocketperm", "700", "--save", "", "--appendonly", "no", "--daemonize", "no",
              "--dir", str(folder), *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: os.path.exists(self.path) or self.proc.poll() is not None, 20, "redis-server's socket")
+        # Until it answers: the socket file appears at bind(), a moment before listen() (a
+        # connection in between is refused).
+        wait_for(lambda: self._answers() or self.proc.poll() is not None, 20, "redis-server to answer")
         assert self.proc.poll() is None, "redis-server exited at start"
+
+    def _answers(self) -> bool:
+        from tinytown.supervisor.resp import ReplyError, RespClient, RespError
+        client = RespClient(path=self.path, timeout=1)
+        try:
+            return client.ping()
+        except ReplyError:  # (NOAUTH: it answers, it wants a password)
+            return True
+        except (RespError, OSError):
+            return False
+        finally:
+            client.close()
 
     def client(self, **kwargs):
         from tinytown.supervisor.resp import RespClient
