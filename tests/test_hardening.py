@@ -201,10 +201,12 @@ def test_a_full_disk_under_the_town_keeps_the_supervisor_up_and_says_so(make_tow
 NEIGHBOUR_UID = 4242  # no such user needs to exist: a socket is owned by the uid that made it
 
 
-def listen_as_neighbour(make_socket):
-    """A listener made by another uid (a forked child that drops to NEIGHBOUR_UID first, so no
+def listen_as_neighbour(make_socket, bind_as_root: bool = False):
+    """A listener served by another uid (a forked child that drops to NEIGHBOUR_UID, so no
     interpreter has to be runnable by that user); it records every byte a client sends it and
-    answers each command +OK. Returns (pid, address, read the bytes received so far)."""
+    answers each command +OK. make_socket() gives (socket, address), bound, not listening: a TCP
+    socket belongs to the uid that made it, a unix one to the uid that calls listen() (so it can be
+    bound as root in a private folder). Returns (pid, address, read the bytes received so far)."""
     import socket
     import tempfile
     received = Path(tempfile.mkdtemp()) / "received"
@@ -214,10 +216,14 @@ def listen_as_neighbour(make_socket):
     if pid == 0:  # pragma: no cover - the child
         try:
             out = open(received, "ab", buffering=0)  # opened before the uid drops
+            if bind_as_root:
+                listener, address = make_socket()
             os.setgroups([])
             os.setgid(NEIGHBOUR_UID)
             os.setuid(NEIGHBOUR_UID)
-            listener, address = make_socket()
+            if not bind_as_root:
+                listener, address = make_socket()
+            listener.listen(8)
             os.write(ready_w, repr(address).encode())
             while True:
                 conn, _ = listener.accept()
@@ -259,7 +265,6 @@ def test_a_port_another_user_holds_gets_neither_the_password_nor_a_prompt(make_t
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", port))
-        listener.listen(8)
         return listener, port
 
     town = make_town()
@@ -283,3 +288,29 @@ def test_a_port_another_user_holds_gets_neither_the_password_nor_a_prompt(make_t
     finally:
         stop_neighbour(pid)
     assert town_processes(town.root) == []
+
+
+@needs_root
+def test_tt_attach_talks_only_to_a_runner_of_its_own_user(make_town):
+    """An attach socket another user serves (one in a /tmp/tt-<uid> they made first, for a long
+    town path) would get your keystrokes and write what it likes to your terminal."""
+    import socket
+    town = make_town()
+    path = town.town().config.attach_socket("dev")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def make_socket():
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        return listener, str(path)
+
+    import stat
+    pid, _, received = listen_as_neighbour(make_socket, bind_as_root=True)
+    try:
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+        proc = town.tt("attach", "dev", "--read-only", check=False)
+        assert proc.returncode == 1 and proc.err.count("\n") == 1 and "Traceback" not in proc.err
+        assert "another user" in proc.err, proc.err
+        assert received() == b""
+    finally:
+        stop_neighbour(pid)
