@@ -314,3 +314,23 @@ def test_tt_attach_talks_only_to_a_runner_of_its_own_user(make_town):
         assert received() == b""
     finally:
         stop_neighbour(pid)
+
+
+@needs_root
+def test_the_supervisor_leaves_another_users_processes_alone(make_town):
+    """A neighbour's process that names the town and a task in its environment was taken for a
+    CLI left by a killed supervisor: the root supervisor stopped it and killed it, and the process
+    groups of its children."""
+    import subprocess
+    town = make_town()
+    env = {"PATH": "/usr/bin:/bin", "TT_TOWN_DIR": str(town.root), "TT_TASK_ID": "x", "TT_AGENT_ID": "x"}
+    neighbour = subprocess.Popen(["sleep", "300"], env=env, user=NEIGHBOUR_UID, group=NEIGHBOUR_UID,
+                                 extra_groups=[])
+    try:
+        town.tt("spawn", "dev")
+        assert neighbour.poll() is None
+        town.tt("stop")
+        assert neighbour.poll() is None
+    finally:
+        neighbour.kill()
+        neighbour.wait()
