@@ -57,12 +57,26 @@ def attach(config: Config, name: str, keys: bytes, keys_spec: str, read_only: bo
     except PermissionError:
         sock.close()
         raise TinytownError(f"permission denied on {config.attach_socket(name)} (only its owner can attach)") from None
+    _refuse_another_users_runner(sock, config.attach_socket(name))
     interactive = os.isatty(stdin)
     if not read_only and not interactive:
         sock.close()
         raise TinytownError("tt attach needs a terminal for input (use --read-only to watch from a script)")
     view = _Terminal(sock, name, keys, read_only, interactive, stdin, stdout)
     return view.run(describe_keys(keys_spec))
+
+
+def _refuse_another_users_runner(sock: socket.socket, path) -> None:
+    """A socket served by another user is not a runner of this town (one in a /tmp/tt-<uid> a
+    neighbour made first, for a long town path): it would get your keystrokes and write what it
+    likes to your terminal. The runner checks the viewer the same way."""
+    import struct
+    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          struct.calcsize("3i")))
+    if uid != os.getuid():
+        sock.close()
+        raise TinytownError(f"{path} is served by another user (uid {uid}), not by this town's runner: "
+                            "nothing was sent to it")
 
 
 def _not_running(config: Config, name: str) -> str:

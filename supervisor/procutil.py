@@ -197,12 +197,16 @@ def kill_leftovers(log_dir, town_dir, timeout: float = 5.0) -> list[int]:
     """
     prefix = os.path.join(os.fspath(log_dir), "")
     town_marker = b"\0TT_TOWN_DIR=" + os.fsencode(os.fspath(town_dir)) + b"\0"
-    me = os.getpid()
+    me, uid = os.getpid(), os.getuid()
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == me:
             continue
         try:
+            # Only ours: anyone can put the town's folder in their own process's environment, and
+            # a root supervisor would otherwise stop and kill it, and its children's groups.
+            if os.stat(f"/proc/{entry}").st_uid != uid:
+                continue
             if os.readlink(f"/proc/{entry}/fd/1").startswith(prefix):
                 found.append(int(entry))
                 continue

@@ -14,6 +14,7 @@ from supervisor/keys.py: this module knows commands, not keys.
 """
 from __future__ import annotations
 
+import os
 import select
 import socket
 import time
@@ -44,6 +45,10 @@ class WatchError(RespError):
 
 class RespConnectionError(RespError, ConnectionError):
     """Redis cannot be reached, or the connection broke: a command may or may not have run."""
+
+
+class NotOurServer(RespConnectionError):
+    """What listens where the town's Redis should is another user's: nothing is sent to it."""
 
 
 class NotAnswering(RespConnectionError):
@@ -229,6 +234,42 @@ class _Commands:
 
 
 # --- one connection ---------------------------------------------------------------------------
+def _refuse_another_users_server(sock: socket.socket, where: str) -> None:
+    """Close `sock` and raise NotOurServer if the end it reached is on this machine and belongs to
+    another user. Anyone can bind the town's TCP port while the town is stopped (or before its
+    redis-server does): that server would get the password first (AUTH goes out with the
+    connection), and with it the running town. The server's end of this very connection is found
+    in /proc/net/tcp by its address pair; its uid is the listener's. Not found: a Redis on another
+    host, which only the password guards."""
+    import struct
+    family = sock.family
+    server, client = sock.getpeername()[:2], sock.getsockname()[:2]
+
+    def hexaddr(host: str, port: int) -> str:  # as the kernel prints them: words in host order
+        if family == socket.AF_INET:
+            words = struct.unpack("=I", socket.inet_aton(host))
+        else:
+            words = struct.unpack("=4I", socket.inet_pton(socket.AF_INET6, host))
+        return "".join("%08X" % w for w in words) + ":%04X" % port
+
+    wanted = (hexaddr(*server), hexaddr(*client))
+    uid = None
+    try:
+        with open("/proc/net/tcp" if family == socket.AF_INET else "/proc/net/tcp6") as table:
+            next(table)
+            for line in table:
+                fields = line.split()
+                if (fields[1], fields[2]) == wanted:
+                    uid = int(fields[7])
+                    break
+    except (OSError, StopIteration, ValueError, IndexError):  # pragma: no cover - no procfs
+        return
+    if uid is not None and uid != os.geteuid():
+        sock.close()
+        raise NotOurServer(f"{where} is served by another user (uid {uid}), not by this town: "
+                           "nothing was sent to it (choose another [redis] port)")
+
+
 class RespClient(_Commands):
     """One connection, opened on first use and again when found closed; every call is one round trip.
 
@@ -270,6 +311,7 @@ class RespClient(_Commands):
                         raise
                 else:
                     sock = socket.create_connection((self.host, self.port), self.timeout)
+                    _refuse_another_users_server(sock, self.where)
                 break
             except OSError as exc:
                 if time.monotonic() + pause > deadline:

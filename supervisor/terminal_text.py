@@ -13,6 +13,10 @@ import re
 # CSI, OSC (ended by BEL or ST), other string controls, and two-byte escapes.
 ESCAPES = re.compile(rb"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[PX^_][^\x1b]*(?:\x1b\\)?|[ -/]*[0-~])")
 CONTROLS = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
+# C1 controls once decoded: terminals that read UTF-8 C1 (xterm, VTE) act on them (U+009B alone
+# is a CSI, U+009D an OSC). Removed from the text, not the bytes, where a removal could join the
+# bytes around it into a new one.
+C1_CONTROLS = re.compile(r"[\x80-\x9f]")
 # The same for text, where C1 controls (U+0080-U+009F, e.g. U+009B, a one-character CSI) go too.
 TEXT_ESCAPES = re.compile(ESCAPES.pattern.decode("latin-1"))
 TEXT_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -24,7 +28,10 @@ def clean_line(line: bytes) -> bytes:
     line = ESCAPES.sub(b"", line).rstrip(b"\r")
     if b"\r" in line:
         line = line.rsplit(b"\r", 1)[1]
-    return CONTROLS.sub(b"", line).decode("utf-8", "replace").encode("utf-8")
+    text = CONTROLS.sub(b"", line).decode("utf-8", "replace")
+    if not text.isascii():  # (most lines are: no second pass for them)
+        text = C1_CONTROLS.sub("", text)
+    return text.encode("utf-8")
 
 
 def clean_text(text: str) -> str:

@@ -195,3 +195,142 @@ def test_a_full_disk_under_the_town_keeps_the_supervisor_up_and_says_so(make_tow
     finally:
         town.cleanup()
         subprocess.run(["umount", "-l", str(runtime)], check=False)
+
+
+# --- a second look as another local user -----------------------------------------------------------
+NEIGHBOUR_UID = 4242  # no such user needs to exist: a socket is owned by the uid that made it
+
+
+def listen_as_neighbour(make_socket, bind_as_root: bool = False):
+    """A listener served by another uid (a forked child that drops to NEIGHBOUR_UID, so no
+    interpreter has to be runnable by that user); it records every byte a client sends it and
+    answers each command +OK. make_socket() gives (socket, address), bound, not listening: a TCP
+    socket belongs to the uid that made it, a unix one to the uid that calls listen() (so it can be
+    bound as root in a private folder). Returns (pid, address, read the bytes received so far)."""
+    import socket
+    import tempfile
+    received = Path(tempfile.mkdtemp()) / "received"
+    received.touch()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            out = open(received, "ab", buffering=0)  # opened before the uid drops
+            if bind_as_root:
+                listener, address = make_socket()
+            os.setgroups([])
+            os.setgid(NEIGHBOUR_UID)
+            os.setuid(NEIGHBOUR_UID)
+            if not bind_as_root:
+                listener, address = make_socket()
+            listener.listen(8)
+            os.write(ready_w, repr(address).encode())
+            while True:
+                conn, _ = listener.accept()
+                conn.settimeout(2)
+                try:
+                    while data := conn.recv(65536):
+                        out.write(data)
+                        conn.sendall(b"+OK\r\n" * max(data.count(b"*"), 1))
+                except OSError:
+                    pass
+                conn.close()
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    import ast
+    address = ast.literal_eval(os.read(ready_r, 4096).decode())
+    os.close(ready_r)
+    return pid, address, received.read_bytes
+
+
+def stop_neighbour(pid: int) -> None:
+    import signal
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to listen as another uid")
+
+
+@needs_root
+def test_a_port_another_user_holds_gets_neither_the_password_nor_a_prompt(make_town):
+    """With TCP, a neighbour who binds the town's port first (the town stopped, or not yet up) must
+    not be taken for the town's Redis: it would get the password, and with it the running town
+    (every prompt, and tasks pushed to agents that run as you)."""
+    import socket
+    port = free_port()
+
+    def make_socket():
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        return listener, port
+
+    town = make_town()
+    path = town.root / "tinytown.toml"
+    path.write_text(path.read_text().replace('use_socket = true\nsocket_path = "redis.sock"',
+                                             f'use_socket = false\nport = {port}'))
+    secret_file = town.root / ".tt" / "redis.password"
+    fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT, 0o600)  # as an earlier start left it
+    os.write(fd, b"the-towns-password-0123456789abcdef\n")
+    os.close(fd)
+    pid, _, received = listen_as_neighbour(make_socket)
+    try:
+        proc = town.tt("tasks", check=False)  # reads from whatever serves the port
+        assert proc.returncode == 1 and proc.err.count("\n") == 1
+        assert f"127.0.0.1:{port} is served by another user" in proc.err
+        # starts a supervisor, whose redis-server cannot listen; its wait for Redis sends nothing either
+        proc = town.tt("assign", "dev", "a secret prompt", check=False)
+        assert proc.returncode == 1 and proc.err.count("\n") == 1 and "Traceback" not in proc.err
+        assert b"the-towns-password" not in received() and b"secret prompt" not in received()
+        assert b"AUTH" not in received()
+    finally:
+        stop_neighbour(pid)
+    assert town_processes(town.root) == []
+
+
+@needs_root
+def test_tt_attach_talks_only_to_a_runner_of_its_own_user(make_town):
+    """An attach socket another user serves (one in a /tmp/tt-<uid> they made first, for a long
+    town path) would get your keystrokes and write what it likes to your terminal."""
+    import socket
+    town = make_town()
+    path = town.town().config.attach_socket("dev")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def make_socket():
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        return listener, str(path)
+
+    import stat
+    pid, _, received = listen_as_neighbour(make_socket, bind_as_root=True)
+    try:
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+        proc = town.tt("attach", "dev", "--read-only", check=False)
+        assert proc.returncode == 1 and proc.err.count("\n") == 1 and "Traceback" not in proc.err
+        assert "another user" in proc.err, proc.err
+        assert received() == b""
+    finally:
+        stop_neighbour(pid)
+
+
+@needs_root
+def test_the_supervisor_leaves_another_users_processes_alone(make_town):
+    """A neighbour's process that names the town and a task in its environment was taken for a
+    CLI left by a killed supervisor: the root supervisor stopped it and killed it, and the process
+    groups of its children."""
+    import subprocess
+    town = make_town()
+    env = {"PATH": "/usr/bin:/bin", "TT_TOWN_DIR": str(town.root), "TT_TASK_ID": "x", "TT_AGENT_ID": "x"}
+    neighbour = subprocess.Popen(["sleep", "300"], env=env, user=NEIGHBOUR_UID, group=NEIGHBOUR_UID,
+                                 extra_groups=[])
+    try:
+        town.tt("spawn", "dev")
+        assert neighbour.poll() is None
+        town.tt("stop")
+        assert neighbour.poll() is None
+    finally:
+        neighbour.kill()
+        neighbour.wait()

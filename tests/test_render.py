@@ -39,3 +39,15 @@ def test_tasks_refuses_a_negative_count_and_assign_names_a_missing_file(town):
     one_error_line(town.tt("assign", "dev", "--file", "/nonexistent/prompt.md", check=False),
                    "no such file: /nonexistent/prompt.md")
     assert town.json("tasks") == []
+
+
+def test_tt_logs_removes_c1_controls_an_agent_wrote_in_utf8(town):
+    """U+009B is a whole CSI to a terminal that reads UTF-8 C1 controls (xterm, VTE): `tt logs`
+    removed ESC sequences but let the one-character ones (CSI, OSC U+009D, ST U+009C) through."""
+    assert clean_line("a \x9b2J b \x9d0;title\x9c c \x85".encode()) == b"a 2J b 0;title c "
+    assert clean_line(b"\xc2\xc2\x9b\x9b2J") == "\ufffd\ufffd2J".encode()  # no new one made of the rest
+    town.tt("spawn", "dev")
+    town.wait_task(town.assign("dev", "@echo before \x9b31m red \x9d0;pwned title\x9c after"))
+    shown = town.tt("logs", "dev")
+    assert "before 31m red 0;pwned title after" in shown.out
+    assert not [ch for ch in shown.out if "\x80" <= ch <= "\x9f"]
