@@ -370,6 +370,7 @@ def load(root: str | Path | None = None) -> Config:
     """Find and load the town's config, or raise TinytownError naming file and line."""
     folder = find_town(root)
     path = folder / CONFIG_FILE
+    _refuse_if_others_can_change(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -464,6 +465,26 @@ def _read_table(source: _Source, table: str, data: dict, cls, skip=()) -> dict:
             is_table = isinstance(value, dict)
             source.unknown(table, key, set(skip) if is_table and skip else set(by_key) | set(skip), is_table)
     return {f.name: _checked(source, table, f, data[_key(f)]) for f in found if _key(f) in data}
+
+
+def _refuse_if_others_can_change(path: Path) -> None:
+    """tinytown.toml says which commands the town runs (and, with [redis] server, which binary):
+    one that another user owns or can write, or that sits in a folder anyone can write to without
+    the sticky bit, would let a neighbour run commands as you. Refused in one line."""
+    import stat
+    try:
+        st, folder = os.stat(path), os.stat(path.parent)
+    except OSError as exc:
+        raise TinytownError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if st.st_uid != os.getuid():
+        raise TinytownError(f"{path} belongs to another user (uid {st.st_uid}): its commands would run as you; "
+                            "make your own copy of the town")
+    if st.st_mode & stat.S_IWOTH:
+        raise TinytownError(f"{path} is writable by every user (mode {stat.S_IMODE(st.st_mode):o}): anyone could "
+                            f"make the town run their commands; chmod o-w {path}")
+    if folder.st_mode & stat.S_IWOTH and not folder.st_mode & stat.S_ISVTX:
+        raise TinytownError(f"{path.parent} is writable by every user: anyone could replace tinytown.toml; "
+                            f"chmod o-w {path.parent}")
 
 
 def _from_dict(data: dict, root: Path, path: Path, text: str) -> Config:
@@ -626,9 +647,13 @@ def init_town(folder: Path, name: str | None, default_cli: str = "claude", max_a
         raise TinytownError(f"unknown CLI {default_cli!r} (known: {', '.join(sorted(PRESETS))})")
     if max_agents < 1:
         raise TinytownError("max_agents must be at least 1")
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(config_template(name, default_cli, max_agents))
-    (folder / "agents").mkdir(exist_ok=True)
+    folder.mkdir(mode=0o755, parents=True, exist_ok=True)
+    # Never writable by others, whatever the umask: its commands run as you (see load).
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        os.fchmod(fd, os.fstat(fd).st_mode & 0o755)
+        fh.write(config_template(name, default_cli, max_agents))
+    (folder / "agents").mkdir(mode=0o755, exist_ok=True)
     ensure_runtime_dir(folder / RUNTIME_DIR)
     gitignore = folder / ".gitignore"
     existing = gitignore.read_text() if gitignore.exists() else ""

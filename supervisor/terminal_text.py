@@ -16,10 +16,12 @@ CONTROLS = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
 # C1 controls once decoded: terminals that read UTF-8 C1 (xterm, VTE) act on them (U+009B alone
 # is a CSI, U+009D an OSC). Removed from the text, not the bytes, where a removal could join the
 # bytes around it into a new one.
-C1_CONTROLS = re.compile(r"[\x80-\x9f]")
+# Bidirectional overrides and isolates (U+202A-202E, U+2066-2069) go with them: they make a line
+# read backwards, so shown text would not say what it holds.
+C1_CONTROLS = re.compile("[\x80-\x9f\u202a-\u202e\u2066-\u2069]")
 # The same for text, where C1 controls (U+0080-U+009F, e.g. U+009B, a one-character CSI) go too.
 TEXT_ESCAPES = re.compile(ESCAPES.pattern.decode("latin-1"))
-TEXT_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+TEXT_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def clean_line(line: bytes) -> bytes:

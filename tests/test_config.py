@@ -167,3 +167,30 @@ def test_a_prompt_that_starts_with_a_dash_is_never_an_option():
             spec.check_prompt("-rf /")
         assert spec.argv("x -y", "/f")[-1] == "x -y"
     CliSpec("stdin", ("agent",), "stdin").check_prompt("--version")  # stdin and file prompts are data
+
+
+def test_a_config_others_can_change_is_refused(tmp_path):
+    """tinytown.toml decides which commands run as you: tt init never makes it writable by others,
+    and a town whose file (or folder) anyone can write is refused in one line."""
+    old = os.umask(0)
+    try:
+        init_town(tmp_path / "town", "t")
+    finally:
+        os.umask(old)
+    path = tmp_path / "town" / "tinytown.toml"
+    assert path.stat().st_mode & 0o777 == 0o644 and (tmp_path / "town" / "agents").stat().st_mode & 0o777 == 0o755
+    assert load(tmp_path / "town").name == "t"
+    path.chmod(0o666)
+    with pytest.raises(TinytownError, match="writable by every user .*chmod o-w"):
+        load(tmp_path / "town")
+    path.chmod(0o644)
+    (tmp_path / "town").chmod(0o777)
+    with pytest.raises(TinytownError, match="anyone could replace tinytown.toml"):
+        load(tmp_path / "town")
+    (tmp_path / "town").chmod(0o1777)  # sticky, as /tmp: only the owner may replace the file
+    assert load(tmp_path / "town").name == "t"
+    (tmp_path / "town").chmod(0o755)
+    if os.getuid() == 0:  # root can hand the file to another user
+        os.chown(path, 65534, 65534)
+        with pytest.raises(TinytownError, match="belongs to another user"):
+            load(tmp_path / "town")

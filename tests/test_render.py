@@ -12,6 +12,8 @@ def test_clean_text_removes_escapes_and_controls_and_keeps_lines():
     assert clean_text("\x9b2J csi \x85 nel \x00 nul") == "2J csi  nel  nul"  # C1 controls too
     assert clean_text("[/] [bold]x[/bold]") == "[/] [bold]x[/bold]"          # markup is only text
     assert clean_text("bytes \udcff kept") == "bytes ? kept"                   # undecodable bytes
+    assert clean_text("evil\u202etxt.exe\u2066x\u2069") == "eviltxt.exex"   # no text read backwards
+    assert clean_line("a\u202eb".encode()) == b"ab"
     assert clean_line(b"\x1b[1mbold\x1b[0m\r") == b"bold"  # (a line comes without its newline)
 
 
