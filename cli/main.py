@@ -147,7 +147,9 @@ def _completion_town(ctx):
     root = ctx.params.get("town_path") or (ctx.find_root().params or {}).get("town")
     try:
         config = load(root)
-        if config.use_socket and not config.redis_socket.exists():
+        from tinytown.supervisor.lifecycle import running_pid
+        # no supervisor holds the town's lock: whatever answers on the socket is not its Redis
+        if config.use_socket and (not config.redis_socket.exists() or not running_pid(config)):
             return None, None
         return connect(config, timeout=0.5), Keys(config.name)
     except Exception:  # noqa: BLE001 - a completion never prints an error into the user's line
