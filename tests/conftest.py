@@ -190,9 +190,13 @@ class BareRedis:
              "--dir", str(folder), *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # Until it answers: the socket file appears at bind(), a moment before listen() (a
-        # connection in between is refused).
-        wait_for(lambda: self._answers() or self.proc.poll() is not None, 20, "redis-server to answer")
-        assert self.proc.poll() is None, "redis-server exited at start"
+        # connection in between is refused). One that never does is not left running.
+        try:
+            wait_for(lambda: self._answers() or self.proc.poll() is not None, 20, "redis-server to answer")
+            assert self.proc.poll() is None, "redis-server exited at start"
+        except BaseException:
+            self.stop()
+            raise
 
     def _answers(self) -> bool:
         from tinytown.supervisor.resp import ReplyError, RespClient, RespError
