@@ -149,20 +149,16 @@ def events(follow, agent, count, as_json, town_path):
     show = _json_line if as_json else _event_line
     for event in stream.last_events(count):
         show(event)
-    lost = False
+    from tinytown.cli.logview import RedisLink
+    link = RedisLink("tt events")
     try:
         while follow:
             try:
                 batch = stream.follow(FOLLOW_BLOCK_MS)
             except (RespConnectionError, OSError):  # Redis restarting: the stream is in its file
-                if not lost:
-                    click.echo("tt events: lost the town's Redis; retrying", err=True)
-                lost = True
-                time.sleep(0.5)
+                link.lost()
                 continue
-            if lost:
-                click.echo("tt events: reconnected", err=True)
-                lost = False
+            link.back()
             for event in batch:
                 show(event)
     except KeyboardInterrupt:  # the way out of --follow, not an error

@@ -227,7 +227,7 @@ def _from_stream(config, client, registry, names, all_agents, printer, lines, si
         printer.feed(name, data)
     printer.out.flush()
     rescan = time.monotonic() + RESCAN_SECONDS
-    lost = False
+    link = RedisLink("tt logs")
     while follow:
         wait = printer.next_partial()
         try:
@@ -239,14 +239,9 @@ def _from_stream(config, client, registry, names, all_agents, printer, lines, si
                         stream.add(name, agent_id)
                         printer.add(name)
         except (RespConnectionError, OSError):  # (Redis restarting, or loading its data again)
-            if not lost:
-                click.echo("tt logs: lost the town's Redis; retrying", err=True)
-            lost = True
-            time.sleep(0.5)
+            link.lost()
             continue
-        if lost:
-            click.echo("tt logs: reconnected", err=True)
-            lost = False
+        link.back()
         for name, data in batch:
             printer.feed(name, data)
         printer.flush_partial()
@@ -294,6 +289,26 @@ def task_output_so_far(config: Config, task) -> str:
         data = data[-OUTPUT_TAIL_BYTES:]
         data = data[data.find(b"\n") + 1:]
     return data.decode("utf-8", "surrogateescape")
+
+
+class RedisLink:
+    """A follower's word on its connection: once when the town's Redis goes away (it then waits
+    a moment before trying again), once when it is back; `tt logs -f` and `tt events -f` share it."""
+
+    def __init__(self, command: str):
+        self.command = command
+        self.down = False
+
+    def lost(self) -> None:
+        if not self.down:
+            click.echo(f"{self.command}: lost the town's Redis; retrying", err=True)
+        self.down = True
+        time.sleep(0.5)  # (the pace of the retries, not a synchronisation)
+
+    def back(self) -> None:
+        if self.down:
+            click.echo(f"{self.command}: reconnected", err=True)
+            self.down = False
 
 
 def colour_wanted(no_color: bool) -> bool:
