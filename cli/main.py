@@ -216,9 +216,10 @@ def init(ctx, name, default_cli, max_agents, force, town_path):
 @click.option("--shared", is_flag=True, help="Work in the town folder, not a git worktree of its own.")
 @click.option("--from", "from_ref", metavar="REF", help="Start its worktree's branch at REF (default: HEAD).")
 @click.option("--role", "roles", multiple=True, metavar="ROLE", help="Backlog work it may take (repeatable).")
+@click.option("--host", "pin", metavar="HOST", help="Run it on this host only (default: the live host with most room).")
 @json_option
 @town_option
-def spawn(name, cli_name, task_timeout, shared, from_ref, roles, as_json, town_path):
+def spawn(name, cli_name, task_timeout, shared, from_ref, roles, pin, as_json, town_path):
     """Register agent NAME; the supervisor starts its runner (and is started if needed). In a git
     town its CLI works in agents/NAME, a worktree on branch tt/NAME."""
     from tinytown.supervisor.config import validate_name
@@ -227,15 +228,17 @@ def spawn(name, cli_name, task_timeout, shared, from_ref, roles, as_json, town_p
     config.cli(cli_name or config.default_cli)  # unknown preset: fail before starting anything
     for role in roles:
         validate_name("role", role)
+    if pin:
+        validate_name("host", pin)
     shared = shared or config.workspace.mode == "shared"
     if shared and from_ref:
         raise TinytownError('--from needs a worktree (not with --shared / [workspace] mode = "shared")')
     town = _started_town(config)
-    town.check_spawn(name)  # before a worktree is made for it
+    town.check_spawn(name, pin or "")  # before a worktree is made for it
     workspace = {"mode": "shared"} if shared else workspace_commands.prepare_workspace(
         config, town, name, from_ref, quiet=as_json)
     agent = town.spawn(name, cli_name or config.default_cli, task_timeout, workspace=workspace["mode"],
-                       branch=workspace.get("branch", ""))
+                       branch=workspace.get("branch", ""), host=pin or "")
     if roles:
         roles = town.coordination.set_roles(name, roles)
     if as_json:
@@ -246,7 +249,8 @@ def spawn(name, cli_name, task_timeout, shared, from_ref, roles, as_json, town_p
         _print_json(data)
     else:
         where = f" in {workspace['label']} (branch {workspace['branch']})" if workspace["mode"] == "worktree" else ""
-        click.echo(f"Spawned agent {agent.name} ({agent.id}) using {agent.cli}{where}")
+        on = f" on host {agent.host}" if pin or len(town.hosts.listing()) > 1 else ""
+        click.echo(f"Spawned agent {agent.name} ({agent.id}) using {agent.cli}{where}{on}")
 
 
 @cli.command(name="list")
@@ -260,13 +264,15 @@ def list_agents(as_json, town_path):
     agents = town.agents()
     pending = town.pending_counts(agents)
     roles = town.coordination.roles([a.id for a in agents])
+    host_states = town.hosts.states()
     if as_json:
         from tinytown.supervisor.town import agent_json
-        _print_json([{**agent_json(a, pending.get(a.id, 0), config.supervisor.heartbeat_stale, config.root),
+        _print_json([{**agent_json(a, pending.get(a.id, 0), config.supervisor.heartbeat_stale, config.root,
+                                   host_states),
                       "roles": roles[a.id]}
                      for a in agents])
     else:
-        render.agent_lines(agents, pending, roles)
+        render.agent_lines(agents, pending, roles, host_states)
 
 
 @cli.command()
@@ -401,13 +407,14 @@ def task(task_id, raw, as_json, town_path):
 
 
 @cli.command()
+@click.option("--host", metavar="NAME", help="This machine's name in the town (default: [cluster] host, else its hostname).")
 @town_option
-def start(town_path):
+def start(host, town_path):
     """Run the supervisor in the foreground (Ctrl+C stops the town gracefully)."""
     from tinytown.supervisor.daemon import Supervisor
     from tinytown.supervisor.procutil import exit_now
     config = _config(town_path)
-    exit_now(Supervisor(config, say=lambda text: click.echo(f"tt: {text}")).serve())
+    exit_now(Supervisor(config, say=lambda text: click.echo(f"tt: {text}"), host=config.host_name(host)).serve())
 
 
 @cli.command()

@@ -15,22 +15,28 @@ STATE_COLOURS = {
     "starting": "cyan", "idle": "green", "working": "yellow", "stopping": "magenta", "stopped": "bright_black",
     "backoff": "bright_red", "failed": "red", "pending": "cyan", "assigned": "blue", "running": "yellow",
     "completed": "green", "cancelled": "bright_black", "unresponsive": "red",
-    "healthy": "green", "restarting": "bright_red", "paused": "bright_blue",
+    "healthy": "green", "restarting": "bright_red", "paused": "bright_blue", "lost": "red", "live": "green",
+    "lapsed": "bright_red",
 }
 # What `tt interrupt/close/kill` asked, while the agent's runner is still on its way out.
 HOLD_NOTES = {"pause": "pausing after its current task", "close": "closing after its current task",
               "kill": "being killed"}
 
 
-def agent_lines(agents, pending, roles=None) -> None:
-    """The tutorial's format: `  dev (550e8400-...) - Idle`; plain click, no rich import, so it is quick."""
+def agent_lines(agents, pending, roles=None, host_states=None) -> None:
+    """The tutorial's format: `  dev (550e8400-...) - Idle`; plain click, no rich import, so it is quick.
+    With more than one host, each agent's host (and `Lost` for one waiting on a lost host)."""
     if not agents:
         click.echo("No agents (add one with `tt spawn NAME`)")
         return
     click.echo("Agents:")
+    host_states = host_states or {}
+    many_hosts = len(host_states) > 1
     for a in agents:
-        state = click.style(a.state.capitalize(), fg=STATE_COLOURS.get(a.state))
-        extra = f", {pending.get(a.id, 0)} pending" if pending.get(a.id) else ""
+        shown = "lost" if host_states.get(a.host) == "lost" else a.state
+        state = click.style(shown.capitalize(), fg=STATE_COLOURS.get(shown))
+        extra = f", host {a.host}" + (" (pinned)" if a.pinned else "") if many_hosts or a.pinned else ""
+        extra += f", {pending.get(a.id, 0)} pending" if pending.get(a.id) else ""
         if a.hold and a.state not in ("paused", "stopped"):
             extra += f", {HOLD_NOTES.get(a.hold, a.hold)}"
         elif a.hold in ("close", "kill"):
@@ -112,6 +118,11 @@ def status(data: dict) -> None:
     _table(("AGENT", "STATE", "CLI", "PID", "TASK", "PENDING", "RESTARTS", "HEARTBEAT", "NOTE"), rows,
            state_col=1, console=console)
     console.print(f"  {len(agents)}/{data['max_agents']} agents", markup=False)
+    hosts = data.get("hosts") or []
+    if len(hosts) > 1:
+        _table(("HOST", "STATE", "AGENTS", "CAPACITY", "PID", "RENEWED"),
+               [(h["name"], h["state"], ",".join(h["agents"]) or "-", f"{len(h['agents'])}/{h['max_agents']}",
+                 str(h["pid"] or "-"), _ago(h["renewed_at"])) for h in hosts], state_col=1, console=console)
     for role in data.get("unserved_roles", []):
         console.print(_line("  backlog: ", ("work for role ", "yellow"), _plain(role),
                             (": nobody can take it (tt spawn NAME --role " , "yellow"), _plain(role), (")", "yellow")))

@@ -202,6 +202,29 @@ class TasksPolicy:
         table="tasks", low=0, high=OUTPUT_TAIL_BYTES)
 
 
+@dataclass(frozen=True)
+class ClusterPolicy:
+    """One town on several machines ([cluster] in tinytown.toml; supervisor/hosts.py): each host's
+    supervisor holds a lease in the shared Redis; a host whose lease lapses is declared lost."""
+
+    host: str = setting("", 'this machine\'s name in the town; "" = its hostname (`tt start --host NAME` overrides)',
+                        table="cluster", check=lambda v: not v or bool(NAME_RE.match(v)),
+                        why="must be letters, digits, '-', '_' or '.', starting with a letter or digit")
+    lease_renew: float = setting(1.0, "how often a host's supervisor renews its lease", table="cluster",
+                                 low=0.05, high=3600.0)
+    lease_ttl: float = setting(
+        5.0, "a host not heard from this long is lost: its unpinned agents move, their tasks re-queued",
+        table="cluster", low=0.2, high=DAY, check=None)
+
+
+@dataclass(frozen=True)
+class HostPolicy:
+    """One host's own settings ([hosts.NAME] in tinytown.toml)."""
+
+    max_agents: int | None = setting(None, "agents this host runs at most (else the town's max_agents)",
+                                     table="hosts.NAME", kind=int, low=1, high=10000, example="4")
+
+
 DEFAULT_DETACH_KEYS = "ctrl-]"
 
 
@@ -253,6 +276,22 @@ class Config:
     logs: LogPolicy = field(default_factory=LogPolicy)
     workspace: WorkspacePolicy = field(default_factory=WorkspacePolicy)
     tasks: TasksPolicy = field(default_factory=TasksPolicy)
+    cluster: ClusterPolicy = field(default_factory=ClusterPolicy)
+    hosts: dict[str, HostPolicy] = field(default_factory=dict)   # [hosts.NAME]
+
+    def host_name(self, override: str | None = None) -> str:
+        """This machine's name in the town: `tt start --host`, else [cluster] host, else its hostname."""
+        if override:
+            return validate_name("host", override)
+        if self.cluster.host:
+            return self.cluster.host
+        import socket
+        return socket.gethostname().split(".")[0] or "localhost"
+
+    def host_capacity(self, host: str) -> int:
+        """How many agents `host` runs at most: [hosts.NAME] max_agents, else max_agents."""
+        own = self.hosts.get(host)
+        return own.max_agents if own is not None and own.max_agents is not None else self.max_agents
 
     @property
     def runtime_dir(self) -> Path:
@@ -385,7 +424,7 @@ def load(root: str | Path | None = None) -> Config:
 # The tables of tinytown.toml and the dataclass whose settings each holds (Config's own keys
 # sit at the top level, in [redis] and in [attach]); [agent_clis.NAME] is read by _read_clis.
 POLICY_TABLES = {"supervisor": SupervisorPolicy, "logs": LogPolicy, "workspace": WorkspacePolicy,
-                 "tasks": TasksPolicy}
+                 "tasks": TasksPolicy, "cluster": ClusterPolicy}
 CLI_KEYS = ("command", "prompt", "env")
 
 
@@ -489,7 +528,7 @@ def _refuse_if_others_can_change(path: Path) -> None:
 
 def _from_dict(data: dict, root: Path, path: Path, text: str) -> Config:
     source = _Source(path, text)
-    tables = {"redis", "attach", "agent_clis", *POLICY_TABLES}
+    tables = {"redis", "attach", "agent_clis", "hosts", *POLICY_TABLES}
     for table in tables:
         if table in data and not isinstance(data[table], dict):
             source.fail("", table, f"must be a table ([{table}]), got {type(data[table]).__name__}")
@@ -505,10 +544,31 @@ def _from_dict(data: dict, root: Path, path: Path, text: str) -> Config:
     for table, cls in POLICY_TABLES.items():
         values[table] = cls(**_read_table(source, table, data.get(table, {}), cls))
     values["clis"] = _read_clis(source, data.get("agent_clis", {}))
+    values["hosts"] = _read_hosts(source, data.get("hosts", {}))
     config = Config(root=root, **values)
+    if config.cluster.lease_ttl <= config.cluster.lease_renew:
+        source.fail("cluster", "lease_ttl", f"must be longer than lease_renew ({config.cluster.lease_renew:g})")
     if config.default_cli not in PRESETS and config.default_cli not in config.clis:
         source.fail("", "default_cli", f"unknown CLI {config.default_cli!r}")
     return config
+
+
+def _read_hosts(source: _Source, tables: dict) -> dict[str, HostPolicy]:
+    """[hosts.NAME] tables: each host's own settings, checked like any other table."""
+    hosts: dict[str, HostPolicy] = {}
+    for host, table in tables.items():
+        if not isinstance(table, dict):
+            source.fail("hosts", host, "each [hosts.NAME] must be a table (e.g. max_agents = 4)")
+        if not NAME_RE.match(host):
+            source.fail(f"hosts.{host}", None, "a host name is letters, digits, '-', '_' or '.'")
+        found = {f for f in settings(HostPolicy)}
+        by_key = {_key(f): f for f in found}
+        for key in table:
+            if key not in by_key:
+                source.unknown(f"hosts.{host}", key, set(by_key))
+        hosts[host] = HostPolicy(**{f.name: _checked(source, f"hosts.{host}", f, table[_key(f)])
+                                    for f in found if _key(f) in table})
+    return hosts
 
 
 def _read_clis(source: _Source, tables: dict) -> dict[str, CliSpec]:
@@ -577,6 +637,8 @@ TUTORIAL_KEYS = ("name", "default_cli", "max_agents", "use_socket", "socket_path
 CUSTOM_CLI_EXAMPLE = ('[agent_clis.mybot]', 'your own CLI; prompt = "stdin" (default), "arg" or "file"',
                       ('command = "mybot --non-interactive"', 'env = { MYBOT_MODE = "fast" }'))
 COMMENT_COLUMN = 28
+HOSTS_TABLE = "hosts.NAME"
+HOSTS_DOC = "one host's own settings, NAME as in `tt status`"
 
 
 def _toml(value) -> str:
@@ -594,7 +656,7 @@ def _commented(line: str, doc: str) -> str:
 def _table_lines(table: str, values: dict, with_docs: bool, hide=()) -> list[str]:
     """`key = value  # doc` for every setting in [table]; keys in `hide` or without a value commented out."""
     lines = []
-    for cls in (Config, *POLICY_TABLES.values()):
+    for cls in (Config, *POLICY_TABLES.values(), HostPolicy):
         for f in settings(cls):
             if f.metadata["table"] != table:
                 continue
@@ -615,6 +677,7 @@ def documented_config(name: str = "feature-builder") -> str:
         header = f"[{table}]"
         out.append(_commented(header, "all optional; defaults shown") if table in POLICY_TABLES else header)
         out += _table_lines(table, {}, True) + [""]
+    out += [_commented(f"[{HOSTS_TABLE}]", HOSTS_DOC)] + _table_lines(HOSTS_TABLE, {}, True) + [""]
     header, doc, body = CUSTOM_CLI_EXAMPLE
     return "\n".join(out + [_commented(header, doc), *body]) + "\n"
 
@@ -629,7 +692,11 @@ def config_template(name: str, default_cli: str, max_agents: int) -> str:
     out += [line for line in _table_lines("redis", {}, True, hide=hidden) if line.startswith("# ")]
     out += ["", "# Optional: the defaults, commented out. Uncomment a line to change it."]
     for table in (*POLICY_TABLES, "attach"):
-        out += ["", f"# [{table}]"] + _table_lines(table, {}, True, hide=hidden)
+        if table != "cluster":
+            out += ["", f"# [{table}]"] + _table_lines(table, {}, True, hide=hidden)
+    # A town on several machines: pointed at, not spelled out (the README's "Beyond one machine").
+    out += ["", "# A town on several machines: [cluster] (host, lease_renew, lease_ttl) and "
+            f"[{HOSTS_TABLE}] (max_agents), see the README"]
     header, doc, body = CUSTOM_CLI_EXAMPLE
     out += ["", f"# {doc[0].upper()}{doc[1:]}:", "# " + header, *("# " + line for line in body)]
     return "\n".join(out) + "\n"

@@ -30,6 +30,7 @@ from .procutil import (adopted, become_subreaper, close_on_exec_all, describe_st
 from .redis_server import RedisServer
 from .resp import RespConnectionError, RespError
 from .resp import connect as resp_connect
+from .hosts import FENCED_EXIT
 from .runner import KILL_WAIT_SECONDS, run_forked
 from .restart_policy import GiveUp, RestartRecord
 from .town import Town
@@ -42,7 +43,7 @@ CONFIG_CHECK_SECONDS = 1.0
 RESTART_ONLY = {"name": "name", "use_socket": "[redis] use_socket", "socket_path": "[redis] socket_path",
                 "redis_host": "[redis] host", "redis_port": "[redis] port", "redis_server": "[redis] server"}
 LIVE_NAMES = {"clis": "[agent_clis]", "supervisor": "[supervisor]", "logs": "[logs]",
-              "detach_keys": "[attach] detach_keys"}
+              "detach_keys": "[attach] detach_keys", "cluster": "[cluster]", "hosts": "[hosts]"}
 
 
 @dataclass
@@ -54,6 +55,7 @@ class RunnerProc:
     stop_requested: bool = False
     hold: str = ""              # the models.Hold it was signalled for (`tt interrupt/close/kill`)
     kill_at: float | None = None  # `tt kill`: past this (monotonic), the runner is SIGKILLed
+    fenced: bool = False        # its agent was placed again (this host declared lost): it writes nothing
 
 
 @dataclass
@@ -77,8 +79,11 @@ class Stopping:
 
 
 class Supervisor:
-    def __init__(self, config: Config, say=None, ready_fd: int | None = None):
+    def __init__(self, config: Config, say=None, ready_fd: int | None = None, host: str | None = None):
         self.config = config
+        self.host = config.host_name(host)        # this machine's name in the town (supervisor/hosts.py)
+        self.lease_at = 0.0                       # monotonic: when the lease is renewed next
+        self.reaper = ""                          # the host that handles lost hosts, as last seen
         self.policy = config.supervisor
         self._say = say or (lambda text: print(text, flush=True))
         self.ready_fd = ready_fd
@@ -130,6 +135,7 @@ class Supervisor:
             self.redis.start()
             self.town = Town(self.config, resp_connect(self.config, long_lived=True))  # (not redis-py: see resp.py)
             self._retrying(lambda: self.town.record_supervisor_started(os.getpid()))
+            self._retrying(self._join)  # before any runner: agents are run where they are placed
             _, self.reloads_done = self.town.requests()
             self._retrying(lambda: self.town.record_config("", "", self.reloads_done))
             self._retrying(self._recover_coordination)  # before any runner: nothing races it
@@ -139,7 +145,8 @@ class Supervisor:
             self.selector.register(self.wake_r, selectors.EVENT_READ)
             self.selector.register(self.control, selectors.EVENT_READ)
             where = self.config.redis_socket if self.config.use_socket else f"port {self.config.redis_port}"
-            self.say(f"town {self.config.name}: supervisor pid {os.getpid()}, redis-server pid {self.redis.pid} on {where}")
+            self.say(f"town {self.config.name}: supervisor pid {os.getpid()} on host {self.host}, "
+                     f"redis-server pid {self.redis.pid} on {where}")
             self._retrying(self._reconcile)
             self._notify_ready(f"ok {os.getpid()}")
             report = self._loop()
@@ -198,13 +205,16 @@ class Supervisor:
             # Woken by the config timer alone, with nothing else to do: one stat and back to sleep
             # (an idle town must cost next to nothing).
             if (not events and not again and self.stopping is None and not self.disk_full and not self.exited
-                    and not self._restart_due() and not self._kill_due() and self._config_stamp() == self.config_stamp):
+                    and not self._restart_due() and not self._kill_due() and not self._lease_due()
+                    and self._config_stamp() == self.config_stamp):
                 continue
             try:
                 if self.disk_full and self.town.persistence_error() is None:
                     self.disk_full = False
                     self.say("Redis writes again")
                 self._reap()
+                if self._lease_due():  # stopping too: a long graceful stop must not look like a loss
+                    self._renew_lease()
                 if self.stopping is None:
                     self._kill_overdue()
                     stop, reloads_asked = self.town.requests()
@@ -245,14 +255,18 @@ class Supervisor:
             wait = self.stopping.deadline - now
             if self.stopping.unmarked:
                 wait = min(wait, self.stopping.mark_at - now)
-            return max(0.0, wait)
+            return max(0.0, min(wait, self.lease_at - now))
         waits = [r.next_start for r in self.restarts.values() if r.next_start and not r.gave_up]
+        waits.append(self.lease_at)
         waits += [proc.kill_at for proc in self.procs.values() if proc.kill_at is not None]
         return max(0.0, min([*waits, now + CONFIG_CHECK_SECONDS]) - now)
 
     def _restart_due(self) -> bool:
         now = time.monotonic()
         return any(r.next_start and not r.gave_up and r.next_start <= now for r in self.restarts.values())
+
+    def _lease_due(self) -> bool:
+        return time.monotonic() >= self.lease_at
 
     def _kill_due(self) -> bool:
         now = time.monotonic()
@@ -317,6 +331,7 @@ class Supervisor:
         else:
             self.say(f"tinytown.toml read again: {note}")
         self.reloads_done = max(self.reloads_done, reloads_asked)
+        self._tick()  # this host's max_agents, as spawns read it, before `tt reload` hears back
         self.town.record_config(error, note, self.reloads_done)
 
     def _apply_config(self, new: Config) -> str:
@@ -337,6 +352,46 @@ class Supervisor:
             parts.append("needs a restart of the town (`tt stop`, then `tt start`): "
                          + ", ".join(RESTART_ONLY[name] for name in kept))
         return "; ".join(parts) or "no change"
+
+    # --- this host's lease (supervisor/hosts.py) -------------------------------------------------
+    def _join(self) -> None:
+        """The first renewal, at start; agents registered before hosts existed are placed here."""
+        tick = self._tick()
+        if tick.returned:
+            self.say(f"host {self.host} was declared lost while its supervisor was away; "
+                     "its unpinned agents run elsewhere now")
+        adopted_count = self.town.hosts.adopt_unplaced(self.host)
+        if adopted_count:
+            self.say(f"{adopted_count} agent(s) from before hosts existed placed on host {self.host}")
+
+    def _tick(self):
+        cluster = self.config.cluster
+        self.lease_at = time.monotonic() + cluster.lease_renew
+        tick = self.town.hosts.tick(self.host, self.config.host_capacity(self.host), os.getpid(), cluster.lease_ttl)
+        if tick.reaper != self.reaper:
+            if tick.reaper == self.host:
+                self.say(f"host {self.host} handles lost hosts now (elected through Redis)")
+            self.reaper = tick.reaper
+        if tick.moved:
+            self.say(f"moved from lost hosts: {', '.join(tick.moved)}")
+        return tick
+
+    def _renew_lease(self) -> None:
+        """Renew the lease. If this host was declared lost meanwhile (it was paused, or cut off,
+        longer than lease_ttl), every runner it has is fenced: killed, writing nothing; the
+        agents that wait for this host (pinned) get new runners at the next reconcile."""
+        if self._tick().returned:
+            self.say(f"host {self.host} was declared lost (no renewal for [cluster] lease_ttl = "
+                     f"{self.config.cluster.lease_ttl:g}s); its runners are stopped, their tasks run elsewhere")
+            for proc in self.procs.values():
+                self._fence(proc)
+
+    def _fence(self, proc: RunnerProc) -> None:
+        """A runner whose agent was placed again: SIGKILL (its group; its CLI has a session of its
+        own, hung up with the pty, and killed as an orphan when reaped), no record written."""
+        if not proc.fenced:
+            proc.fenced = True
+            killpg(proc.pid, signal.SIGKILL)
 
     # --- reconcile ---------------------------------------------------------------------------
     def _recover_coordination(self) -> None:
@@ -360,8 +415,15 @@ class Supervisor:
 
     def _reconcile(self) -> None:
         self._relay_cancels()
-        agents = self.town.agents()
-        cap = self.config.max_agents
+        everywhere = self.town.agents()
+        if any(not a.host for a in everywhere):  # written without a host (by hand, or an old `tt`)
+            self.town.hosts.adopt_unplaced(self.host)  # (one script: one supervisor gets each)
+            everywhere = self.town.agents()
+        agents = [a for a in everywhere if a.host == self.host]  # only those placed on this host
+        for proc in list(self.procs.values()):
+            if not any(a.id == proc.agent_id for a in agents) and any(a.id == proc.agent_id for a in everywhere):
+                self._fence(proc)  # moved elsewhere while this host was lost
+        cap = self.config.host_capacity(self.host)
         allowed = agents[:cap]
         allowed_ids = {a.id for a in allowed}
         for agent_id, proc in self.procs.items():
@@ -452,7 +514,7 @@ class Supervisor:
                 os.close(null_fd)
             except BaseException:
                 os._exit(70)
-            run_forked(self.config, agent_id, log_path)
+            run_forked(self.config, agent_id, log_path, self.host)
             os._exit(70)  # not reached
         try:
             os.setpgid(pid, pid)
@@ -488,8 +550,10 @@ class Supervisor:
 
     def _kill_cli(self, agent_id: str) -> None:
         """SIGKILL the process group of the CLI the agent's record names (it leads a session of its
-        own, so a runner's group does not hold it)."""
-        killpg(self.town.cli_pid(agent_id), signal.SIGKILL)
+        own, so a runner's group does not hold it), if the agent is still on this host: a pid
+        recorded on another machine names nothing here."""
+        if self.town.r.hget(self.town.keys.agent(agent_id), "host") in (self.host, None, ""):
+            killpg(self.town.cli_pid(agent_id), signal.SIGKILL)
 
     def _own_children(self) -> set[int]:
         """The runners and redis-server: every other child is an orphan adopted as subreaper."""
@@ -499,6 +563,13 @@ class Supervisor:
         return known
 
     def _runner_exited(self, proc: RunnerProc, status: int) -> None:
+        if proc.fenced or (os.WIFEXITED(status) and os.WEXITSTATUS(status) == FENCED_EXIT):
+            # Its agent is placed again (elsewhere, or here with a new epoch): whatever it left is
+            # the new placement's; only its CLI, ours as subreaper, is killed here.
+            kill_with_group(adopted(self._own_children(), agent_ids={proc.agent_id}), signal.SIGKILL)
+            self.restarts.pop(proc.agent_id, None)
+            self.say(f"runner {proc.name} fenced: its agent was placed again after this host was declared lost")
+            return
         self._kill_cli(proc.agent_id)  # the runner died mid-task: its CLI's whole group goes too
         # and a CLI it started but had not yet recorded, now ours as subreaper (what earlier tasks
         # left running, a gpg-agent or an ssh master, is not this task's: it stays)
@@ -608,12 +679,13 @@ class Supervisor:
         return report
 
     def _record_stop(self, report: StopReport, since: str) -> None:
-        agents = self.town.agents()
+        agents = [a for a in self.town.agents() if a.host in (self.host, "")]  # other hosts' run on
         self.town.mark_stopped(*[agent.id for agent in agents  # those in backoff, or never started
                                  if agent.state not in (AgentState.FAILED.value, AgentState.STOPPED.value,
                                                         AgentState.PAUSED.value)])
         report.requeued = [fields.get("task", "") for fields in self.town.events_since(since, "task_requeued")]
         report.pending = sum(self.town.pending_counts(agents).values())  # by id: the states are not read
+        self.town.hosts.release(self.host)  # stopped, not lost: its agents wait for it
         self.town.record_supervisor_stopped()
 
     def _refused(self, exc: RespError) -> None:
@@ -728,10 +800,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tt-supervisor")
     parser.add_argument("root")
     parser.add_argument("--ready-fd", type=int)
+    parser.add_argument("--host")
     args = parser.parse_args(argv)
     try:
         config = load(args.root)
-        return Supervisor(config, ready_fd=args.ready_fd).serve()
+        return Supervisor(config, ready_fd=args.ready_fd, host=args.host).serve()
     except TinytownError as exc:
         print(f"tt supervisor: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -101,3 +101,21 @@ class Keys:
     def cancel_requests(self) -> str:
         """Set of the ids of in-flight tasks whose cancel waits for their runner to stop the CLI."""
         return self.prefix + "cancel-requests"
+
+    # --- hosts: one supervisor per machine (supervisor/hosts.py) ---------------------------
+    # Built by the Lua scripts as `template + name`, like the coordination keys above.
+    @property
+    def hosts(self) -> str:
+        """Set of the names of every host that ever ran a supervisor for this town."""
+        return self.prefix + "hosts"
+
+    def host(self, name: str) -> str:
+        """Hash of one host: state (live, lost, stopped), lease_until (ms, Redis's clock),
+        renewed_at, max_agents, pid, since."""
+        return f"{self.prefix}host:{name}"
+
+    @property
+    def reaper(self) -> str:
+        """String holding the name of the host elected to handle lost hosts; it lapses (PX) with
+        its holder's lease, so a survivor takes it over."""
+        return self.prefix + "reaper"

@@ -164,6 +164,12 @@ class Agent(_Hash):
     to_backlog: int = 0              # 1: once its runner is gone, its queued tasks go to the backlog
     workspace: str = ""              # "worktree" (agents/NAME on `branch`) or "shared" ("": shared)
     branch: str = ""                 # its worktree's branch (tt/NAME), fixed at spawn
+    # Where it runs (supervisor/hosts.py): the host whose supervisor runs its runner, whether
+    # `tt spawn --host` pinned it there, and its placement's number: a runner started for an
+    # older epoch writes nothing more (fencing a host that comes back after being declared lost).
+    host: str = ""
+    pinned: int = 0
+    epoch: int = 0
 
     def health(self, stale_after: float, at: float | None = None) -> str:
         """What `tt status` tells a user at a glance: healthy (idle or working with a fresh heartbeat),

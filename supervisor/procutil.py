@@ -41,10 +41,10 @@ def become_subreaper() -> None:
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
-def adopted(known: set[int], task_ids: set[str] | None = None) -> list[int]:
+def adopted(known: set[int], task_ids: set[str] | None = None, agent_ids: set[str] | None = None) -> list[int]:
     """This process's children that it did not start (`known`): orphans it adopted as subreaper
     that a runner started (TT_AGENT_ID in their environment) for one of `task_ids` (TT_TASK_ID),
-    or for any task if None."""
+    or for any task if None; only those of `agent_ids` if given."""
     me = os.getpid()
     try:
         with open(f"/proc/{me}/task/{me}/children", "rb") as fh:
@@ -61,6 +61,8 @@ def adopted(known: set[int], task_ids: set[str] | None = None) -> list[int]:
         except OSError:  # exited meanwhile
             continue
         if b"\0TT_AGENT_ID=" not in environ:
+            continue
+        if agent_ids is not None and not any(b"\0TT_AGENT_ID=%s\0" % a.encode() in environ for a in agent_ids):
             continue
         if task_ids is None or any(b"\0TT_TASK_ID=%s\0" % t.encode() in environ for t in task_ids):
             found.append(pid)

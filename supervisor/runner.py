@@ -36,6 +36,7 @@ from pathlib import Path
 
 from .config import Config
 from .errors import TinytownError
+from .hosts import FENCED_EXIT, Fenced, fencing
 from .agent_log import AgentLog, keep_tail, tail_bytes
 from .attach_server import REPLAY_BYTES, AttachServer
 from .models import AgentState, StopMode, TaskState
@@ -93,9 +94,10 @@ class PumpClock:
 
 
 class Runner:
-    def __init__(self, config: Config, agent_id: str):
+    def __init__(self, config: Config, agent_id: str, host: str | None = None):
         self.config = config
         self.agent_id = agent_id
+        self.host = host or config.host_name()    # the host whose supervisor started it
         self.stop_mode: StopMode | None = None
         self.idle = True                          # nothing to finish: a stop signal may end the wait
         self.cancel_asked = False                 # SIGUSR2 came: read the running task's cancel_request
@@ -164,6 +166,11 @@ class Runner:
         # redis-server again after it died.
         self.town = Town(self.config, resp_connect(self.config, long_lived=True, retry_for=30.0))
         agent = self.town.agent_by_id(self.agent_id)
+        if agent.host and agent.host != self.host:  # moved while this runner was being started
+            self._say(f"agent {agent.name} is now on host {agent.host}; this runner exits")
+            return FENCED_EXIT
+        if fencing(self.config):  # from here its writes hold only while the agent stays placed here
+            self.town.fence = (self.host, str(agent.epoch or 0))
         self.name = agent.name
         self.spec = self.config.cli(agent.cli)
         self.task_timeout = agent.task_timeout or self.config.supervisor.task_timeout or None
@@ -175,6 +182,9 @@ class Runner:
         self.base_env = self._cli_env()
         self.attach = self._serve_attach()
         heartbeat = self.config.supervisor.heartbeat_interval
+        # A wait on the inbox ends on Redis's side well within a lease: a host paused that long is
+        # then no longer waiting there when the reaper puts its tasks back (hosts.py).
+        claim_wait = min(heartbeat, self.config.cluster.lease_ttl / 2)
         try:
             self.idle = False  # from here a stop signal only sets stop_mode; the loop checks it
             self.warning = self.log.problem
@@ -189,7 +199,7 @@ class Runner:
                 # away are cut short by a stop too (a message moved as the connection broke stays
                 # in flight, for the next runner).
                 try:
-                    claimed = self.town.claim(self.agent_id, heartbeat)
+                    claimed = self.town.claim(self.agent_id, claim_wait)
                     if claimed is None:
                         self.town.heartbeat(self.agent_id)
                 except RespConnectionError:
@@ -206,6 +216,12 @@ class Runner:
                 if self.stop_mode is not None:  # claimed as the stop came: _exit_cleanly puts it back
                     break
                 self._handle(claimed)
+        except Fenced as exc:
+            # Its host was declared lost while it was paused (or cut off), and the agent placed
+            # again: the CLI is gone (session.close), and nothing more is written from here.
+            self._note(f"fenced: {exc}")
+            self.attach.close()
+            return FENCED_EXIT
         except _StopNow:
             # Stopped while waiting on the inbox (or for Redis), so nothing to finish or record here. The read
             # the signal interrupted took this runner's Redis connection down, and 50 runners
@@ -268,6 +284,11 @@ class Runner:
         if message.type != "TaskAssign":
             self.town.drop_message(self.agent_id, claimed)
             return
+        try:
+            self.town.check_fence(self.agent_id)  # before anything of the task is written or run
+        except Fenced:
+            self.town.unclaim(self.agent_id, claimed)
+            raise
         begun = self.town.coordination.begin(self.agent_id, message.task_id)
         if begun.status in ("gone", "finished"):  # gone, cancelled while waiting, or finished
             self.town.drop_message(self.agent_id, claimed)
@@ -368,6 +389,7 @@ class Runner:
             # (no checkpoint: the worktree's marker stays, and the next attempt's begin commits
             # what this run left as `tt: interrupted <task>`)
             self._note(f"task {task_id} interrupted by stop; back in the inbox")
+            self.town.check_fence(self.agent_id)
             self.town.requeue(self.agent_id, claimed, give_back_attempt=True)
             self.town.set_agent_state(self.agent_id, AgentState.STOPPING, current_task="", cli_pid="")
             return
@@ -591,7 +613,7 @@ def _in_pieces(chunks: list[bytes], limit: int) -> list[bytes]:
     return pieces
 
 
-def run_forked(config: Config, agent_id: str, log_path: Path) -> None:
+def run_forked(config: Config, agent_id: str, log_path: Path, host: str | None = None) -> None:
     """Entry point in the forked child: never returns into the supervisor's code."""
     code = 1
     # Everything inherited from the supervisor lives as long as the runner: out of the collector's
@@ -599,7 +621,7 @@ def run_forked(config: Config, agent_id: str, log_path: Path) -> None:
     # a task) nor writes to their pages (which would unshare them from the supervisor's).
     gc.freeze()
     try:
-        code = Runner(config, agent_id).run()
+        code = Runner(config, agent_id, host).run()
     except BaseException as exc:  # noqa: BLE001 - the runner's last word goes to the agent log
         import traceback
         traceback.print_exc()

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 
 from .config import OUTPUT_TAIL_BYTES, PRESETS, Config, validate_name
 from .errors import TinytownError
+from .hosts import SCRIPTS as HOST_SCRIPTS
+from .hosts import Fenced, Hosts
 from .keys import Keys
 from .models import (AGENT_TRANSITIONS, Agent, AgentState, InvalidTransition, Message, StopMode, Task,
                      TaskState, check_agent_transition, check_task_transition, new_id, now)
-from .resp import RespClient, RespError, connect
+from .resp import RespClient, RespError, WatchError, connect
 
 
 EVENTS_MAXLEN = 5000
@@ -64,6 +66,17 @@ class Town:
         self.keys = Keys(config.name)
         self.r = client if client is not None else connect(config)
         self._coordination = None
+        self._hosts = None
+        # A runner's placement, (host, epoch) as strings: set, its heartbeat and its outcome are
+        # refused once the agent was placed again (supervisor/hosts.py), raising hosts.Fenced.
+        self.fence: tuple[str, str] | None = None
+
+    @property
+    def hosts(self) -> Hosts:
+        """The town's hosts: leases, placement, host loss (supervisor/hosts.py)."""
+        if self._hosts is None:
+            self._hosts = Hosts(self, EVENTS_MAXLEN)
+        return self._hosts
 
     @property
     def coordination(self):
@@ -91,38 +104,31 @@ class Town:
 
     # --- agents ----------------------------------------------------------------------------
     def spawn(self, name: str, cli: str, task_timeout: float | None = None, workspace: str = "shared",
-              branch: str = "") -> Agent:
-        """Register an agent. workspace: "worktree" (its CLI works in agents/NAME on `branch`, made
-        by the caller beforehand) or "shared" (in the town folder)."""
+              branch: str = "", host: str = "") -> Agent:
+        """Register an agent, placed on `host` (pinned there) or on the live host with the most
+        free room, in one script (supervisor/hosts.py): racing spawns never exceed a host's
+        max_agents. workspace: "worktree" (its CLI works in agents/NAME on `branch`, made by the
+        caller beforehand) or "shared" (in the town folder)."""
         validate_name("agent", name)
+        if host:
+            validate_name("host", host)
         self.config.cli(cli)  # unknown preset -> TinytownError before anything is written
         agent = Agent(id=new_id(), name=name, cli=cli, state=AgentState.STARTING.value,
                       created_at=now(), updated_at=now(), task_timeout=task_timeout, workspace=workspace,
                       branch=branch)
-        index = self.keys.agent_index
-
-        def register(pipe):  # optimistic: two racing spawns cannot both pass the checks
-            self.check_spawn(name)
-            pipe.hset(index, name, agent.id)
-            pipe.hset(self.keys.agent(agent.id), mapping=agent.to_hash())
-            self._event(pipe, "agent_spawned", agent=name, agent_id=agent.id, cli=cli)
-            pipe.publish(self.keys.control, "reconcile")
-
-        self.r.transaction(register, index)
+        agent.host = self._place(agent, host, agent.to_hash())
+        agent.pinned, agent.epoch = int(bool(host)), 1
         return agent
 
-    def check_spawn(self, name: str) -> None:
-        """Refuse a spawn that cannot be registered (name taken, max_agents reached): also asked
-        before a worktree is made for it, so a refused spawn leaves nothing behind."""
-        index = self.keys.agent_index
-        taken, count = self.r.pipeline(transaction=False).hexists(index, name).hlen(index).execute()
-        if taken:
-            raise TinytownError(f"an agent named {name!r} already exists")
-        if count >= self.config.max_agents:
-            raise TinytownError(
-                f"max_agents reached ({self.config.max_agents}); raise max_agents in "
-                f"{self.config.root / 'tinytown.toml'}, or remove agents: stopped ones count too "
-                "(`tt close NAME`, then `tt prune`)")
+    def check_spawn(self, name: str, host: str = "") -> None:
+        """Refuse a spawn that cannot be registered (name taken, max_agents reached, no such
+        host): also asked before a worktree is made for it, so a refused spawn leaves nothing behind."""
+        self._place(Agent(id="", name=name, cli=""), host, {}, dry=True)
+
+    def _place(self, agent: Agent, pin: str, fields: dict, dry: bool = False) -> str:
+        here = self.config.host_name()
+        return self.hosts.place(agent.name, agent.id, pin, here, self.config.host_capacity(here), agent.cli,
+                                fields, dry=dry)
 
     def agent_id(self, name: str) -> str:
         agent_id = self.r.hget(self.keys.agent_index, name)
@@ -189,7 +195,33 @@ class Town:
             raise _transition_error(exc) from None
 
     def heartbeat(self, agent_id: str) -> None:
-        self.r.hset(self.keys.agent(agent_id), "heartbeat_at", f"{now():.6f}")
+        """The runner is alive. With a fence (a runner's placement), only while it holds: Fenced if
+        the agent was placed again meanwhile (its host declared lost)."""
+        if self.fence is None:
+            self.r.hset(self.keys.agent(agent_id), "heartbeat_at", f"{now():.6f}")
+            return
+        if HOST_SCRIPTS["heartbeat"](self.r, (self.keys.agent(agent_id),), (*self.fence, f"{now():.6f}")) == 0:
+            raise Fenced(self._fenced_why(agent_id))
+
+    def check_fence(self, agent_id: str) -> None:
+        """Fenced if this runner's placement is stale (before a CLI starts)."""
+        if self.fence is None:
+            return
+        host, epoch = self.r.execute_command("HMGET", self.keys.agent(agent_id), "host", "epoch")
+        if host is not None and (host, epoch) != self.fence:
+            raise Fenced(self._fenced_why(agent_id, host, epoch))
+
+    def _fenced_why(self, agent_id: str, host: str | None = None, epoch: str | None = None) -> str:
+        if host is None:
+            host, epoch = self.r.execute_command("HMGET", self.keys.agent(agent_id), "host", "epoch")
+        return (f"this runner's placement (host {self.fence[0]}, epoch {self.fence[1]}) is stale: the agent "
+                f"is now on host {host} (epoch {epoch}); nothing more is written from here")
+
+    def unclaim(self, agent_id: str, claimed: "Claimed") -> bool:
+        """A message a fenced runner claimed: back to the front of the inbox (unless the host's
+        loss already put it back), no attempt counted, nothing else written."""
+        return bool(HOST_SCRIPTS["unclaim"](self.r, (self.keys.inflight(agent_id), self.keys.inbox(agent_id)),
+                                           (claimed.raw,)))
 
     def restart_agent(self, name: str) -> Agent:
         """Clear a failed/backoff agent so the supervisor starts it again; also one `tt interrupt`,
@@ -359,10 +391,35 @@ class Town:
         work: what a worktree agent's task changed (base, head, branch, files, workspace_note).
         """
         task_id = claimed.message.task_id
-        reads = self.r.pipeline(transaction=False)
-        reads.hget(self.keys.task(task_id), "state")
-        reads.hget(self.keys.agent(agent_id), "state")
-        old, old_agent = reads.execute()
+        for _ in range(100):
+            reads = self.r.pipeline(transaction=False)
+            if self.fence is not None:  # refused if the agent was placed again: watched, checked, written
+                reads.execute_command("WATCH", self.keys.agent(agent_id))
+            reads.hget(self.keys.task(task_id), "state")
+            reads.hget(self.keys.agent(agent_id), "state")
+            if self.fence is not None:
+                reads.execute_command("HMGET", self.keys.agent(agent_id), "host", "epoch")
+            found = reads.execute()
+            if self.fence is not None:
+                _, old, old_agent, (host, epoch) = found
+                if host is not None and (host, epoch) != self.fence:
+                    self.r.execute_command("UNWATCH")
+                    raise Fenced(self._fenced_why(agent_id, host, epoch))
+            else:
+                old, old_agent = found
+            try:
+                return self._finish(agent_id, task_id, claimed, old, old_agent, state, exit_code, reason, output,
+                                    agent_state, work)
+            except WatchError:
+                continue  # the agent's record changed in between (a hold, a pid): read it again
+            except BaseException:
+                if self.fence is not None and self.r.sock is not None:  # the watch must not outlive this
+                    self.r.execute_command("UNWATCH")
+                raise
+        raise TinytownError(f"could not record task {task_id}: the agent's record kept changing")
+
+    def _finish(self, agent_id: str, task_id: str, claimed: Claimed, old, old_agent, state: TaskState, exit_code,
+                reason, output, agent_state, work) -> None:
         pipe = self.r.pipeline()
         if old is not None:
             check_task_transition(old, state)
@@ -536,11 +593,16 @@ class Town:
         tasks = self.task_counts()
         tasks["blocked"] = sum(pending.get(a.id, 0) for a in agents if a.state == AgentState.FAILED.value)
         roles = self.coordination.roles([a.id for a in agents])
+        hosts = self.hosts.listing()
+        host_states = {h["name"]: h["state"] for h in hosts}
         agent_data = []
         for a in agents:
-            data = agent_json(a, pending.get(a.id, 0), self.config.supervisor.heartbeat_stale, self.config.root)
+            data = agent_json(a, pending.get(a.id, 0), self.config.supervisor.heartbeat_stale, self.config.root,
+                              host_states)
             data["roles"] = roles.get(a.id, [])
             agent_data.append(data)
+        for h in hosts:
+            h["agents"] = [a.name for a in agents if a.host == h["name"]]
         return {
             "town": self.config.name,
             "root": str(self.config.root),
@@ -552,6 +614,7 @@ class Town:
                            "disk_error": self.persistence_error() or ""},
             "max_agents": self.config.max_agents,
             "agents": agent_data,
+            "hosts": hosts,
             "tasks": tasks,
             # backlog work whose role no agent has: it waits until one is spawned with it
             "unserved_roles": self.coordination.unserved_roles(),
@@ -568,13 +631,16 @@ def _stop_mode(value: str | None) -> StopMode | None:
         return StopMode.GRACEFUL
 
 
-def agent_json(agent: Agent, pending: int, stale_after: float, root=None) -> dict:
+def agent_json(agent: Agent, pending: int, stale_after: float, root=None, host_states: dict | None = None) -> dict:
     """root: the town folder, to say where the agent works (`workdir`) and what its worktree was
-    left in the middle of (`workspace_problem`: a rebase... a few file checks, no git process)."""
+    left in the middle of (`workspace_problem`: a rebase... a few file checks, no git process).
+    host_states: each host's state (Hosts.states): an agent waiting on a lost host is `lost`."""
     data = agent.to_json()
     data["workspace"] = agent.workspace or "shared"
     data["pending"] = pending
     data["health"] = agent.health(stale_after)
+    if host_states and host_states.get(agent.host) == "lost":
+        data["health"] = "lost"
     data["responsive"] = data["health"] != "unresponsive"
     if root is not None:
         workspace = agent_workspace(root, agent)

@@ -1,0 +1,221 @@
+"""Many hosts in one town (supervisor/hosts.py): leases, placement, the election, host loss and
+the epochs that fence a host that comes back. Store logic on a bare redis-server first; the
+supervisors themselves, sharing one Redis, further down."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tinytown.supervisor.config import init_town
+from tinytown.supervisor.errors import TinytownError
+from tinytown.supervisor.hosts import Fenced
+from tinytown.supervisor.models import AgentState, TaskState
+from tinytown.supervisor.town import Town
+
+TTL = 0.3  # seconds: a lease that lapses within a test
+
+
+@pytest.fixture
+def redis(bare_redis):
+    return bare_redis()
+
+
+@pytest.fixture
+def make(tmp_path, redis):
+    """Town(s) on one bare Redis, as the `tt` commands, supervisors and runners of several hosts."""
+    config = init_town(tmp_path / "town", "unit", max_agents=3)
+
+    def make_town() -> Town:
+        return Town(config, redis.client())
+
+    return make_town
+
+
+def lapse(town: Town, host: str) -> None:
+    """`host`'s lease ends now, as if its supervisor stopped renewing it lease_ttl ago."""
+    town.r.hset(town.keys.host(host), "lease_until", 0)
+
+
+def test_spawn_places_on_the_live_host_with_most_room(make):
+    town = make()
+    town.hosts.tick("a", 2, 1, 5.0)
+    town.hosts.tick("b", 3, 2, 5.0)
+    placed = [town.spawn(name, "claude").host for name in ("p", "q", "r", "s", "t")]
+    # b has the most room first; ties go to the first name
+    assert placed == ["b", "a", "b", "a", "b"]
+    with pytest.raises(TinytownError, match=r"max_agents reached \(5\)"):
+        town.spawn("u", "claude")
+    assert town.agent("p").epoch == 1 and town.agent("p").pinned == 0
+
+
+def test_a_pinned_spawn_goes_there_or_says_why_not(make):
+    town = make()
+    town.hosts.tick("a", 1, 1, 5.0)
+    town.hosts.tick("b", 1, 2, 5.0)
+    assert town.spawn("p", "claude", host="b").host == "b" and town.agent("p").pinned == 1
+    with pytest.raises(TinytownError, match="host 'b' is full"):
+        town.spawn("q", "claude", host="b")
+    with pytest.raises(TinytownError, match=r"no host named 'zz' \(hosts: a, b"):
+        town.spawn("q", "claude", host="zz")
+    lapse(town, "a")
+    with pytest.raises(TinytownError, match="host 'a' is lost"):
+        town.spawn("q", "claude", host="a")
+    assert [a.name for a in town.agents()] == ["p"]  # nothing registered by a refusal
+
+
+def test_racing_spawns_never_exceed_a_hosts_capacity(make):
+    make().hosts.tick("a", 3, 1, 5.0)
+    errors, done = [], []
+
+    def spawn(i):
+        try:
+            done.append(make().spawn(f"agent{i}", "claude").host)
+        except TinytownError as exc:
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=spawn, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert done == ["a"] * 3 and len(errors) == 9 and all("max_agents reached (3)" in e for e in errors)
+
+
+def test_one_reaper_is_elected_and_a_survivor_takes_over(make):
+    a, b = make(), make()
+    assert a.hosts.tick("a", 3, 1, TTL).reaper == "a"
+    assert b.hosts.tick("b", 3, 2, TTL).reaper == "a"  # held: b does not handle losses
+    a.r.delete(a.keys.reaper)  # a's key lapsed with its lease (PX)
+    assert b.hosts.tick("b", 3, 2, TTL).reaper == "b"
+    assert a.hosts.tick("a", 3, 1, TTL).reaper == "b"
+
+
+def running_task(town: Town, agent, text: str = "work"):
+    """A task `agent`'s runner claimed and started (one attempt counted)."""
+    task = town.assign(agent.name, text)
+    claimed = town.claim(agent.id, 0.01)
+    town.set_agent_state(agent.id, AgentState.IDLE)
+    town.start_task(agent.id, task.id)
+    return task, claimed
+
+
+def test_a_lost_host_s_agents_move_and_their_task_goes_back_to_the_front(make):
+    town = make()
+    town.hosts.tick("a", 3, 1, 5.0)
+    town.hosts.tick("b", 3, 2, 5.0)
+    dev = town.spawn("dev", "claude", host="b")  # pinned: waits for b
+    assert town.spawn("free", "claude").host == "a"  # the most room
+    loose = town.spawn("loose", "claude")
+    town.r.hset(town.keys.agent(loose.id), "host", "b")  # (as if placed on b: unpinned, it moves)
+    first, _ = running_task(town, dev)
+    queued = town.assign("dev", "next")
+    moving, _ = running_task(town, town.agent_by_id(loose.id))
+    town.hosts.tick("a", 3, 1, 5.0)  # a holds the reaper role
+    lapse(town, "b")
+    tick = town.hosts.tick("a", 3, 1, 5.0)
+    assert tick.moved == ["loose"]
+    assert town.hosts.states() == {"a": "live", "b": "lost"}
+    # the pinned agent waits on b, its running task back at the front, the attempt counted
+    after = town.agent("dev")
+    assert (after.host, after.epoch) == ("b", 2)
+    assert [c.message.task_id for c in town.inflight(dev.id)] == []
+    inbox = [m for m in town.r.lrange(town.keys.inbox(dev.id), 0, -1)]
+    assert [m.split('"task_id":"')[1][:36] for m in inbox] == [first.id, queued.id]
+    assert town.task(first.id).state == "assigned" and town.task(first.id).attempts == 1
+    # the unpinned one moved to a, with a new epoch; its task waits there
+    moved = town.agent("loose")
+    assert (moved.host, moved.epoch) == ("a", 3)
+    assert town.task(moving.id).state == "assigned" and town.pending_counts([moved]) == {moved.id: 1}
+    status = town.status()
+    assert next(a for a in status["agents"] if a["name"] == "dev")["health"] == "lost"
+    assert {h["name"]: h["agents"] for h in status["hosts"]} == {"a": ["free", "loose"], "b": ["dev"]}
+    # a second sweep does nothing more
+    assert town.hosts.tick("a", 3, 1, 5.0).moved == [] and town.agent("dev").epoch == 2
+
+
+def test_a_host_comes_back_learns_it_was_lost(make):
+    town = make()
+    town.hosts.tick("a", 3, 1, 5.0)
+    town.hosts.tick("b", 3, 2, 5.0)
+    lapse(town, "b")
+    town.hosts.tick("a", 3, 1, 5.0)
+    back = town.hosts.tick("b", 3, 2, 5.0)
+    assert back.returned and town.hosts.states()["b"] == "live"
+    assert not town.hosts.tick("b", 3, 2, 5.0).returned
+    kinds = [f["type"] for _, f in town.r.xrange(town.keys.events)]
+    assert kinds.count("host_lost") == 1 and kinds.count("host_returned") == 1
+
+
+def test_a_stale_runner_writes_nothing(make):
+    """A runner of host b, paused while b was declared lost: its heartbeat, its outcome and its
+    claim are refused; the attempt the new owner runs is the one recorded."""
+    town = make()
+    town.hosts.tick("a", 3, 1, 5.0)
+    town.hosts.tick("b", 3, 2, 5.0)
+    dev = town.spawn("dev", "claude", host="b")
+    old = make()
+    old.fence = ("b", "1")
+    task, claimed = running_task(old, dev)
+    old.heartbeat(dev.id)  # holds
+    lapse(town, "b")
+    town.hosts.tick("a", 3, 1, 5.0)
+    town.r.hset(town.keys.agent(dev.id), "host", "a")  # (as if it had been unpinned and moved)
+    with pytest.raises(Fenced, match="stale"):
+        old.heartbeat(dev.id)
+    with pytest.raises(Fenced):
+        old.finish_task(dev.id, claimed, TaskState.COMPLETED, exit_code=0, output=b"old")
+    with pytest.raises(Fenced):
+        old.check_fence(dev.id)
+    assert not old.unclaim(dev.id, claimed)  # already back in the inbox: not pushed twice
+    assert town.pending_counts([dev]) == {dev.id: 1}
+    # the new owner runs it: its outcome is the one recorded
+    new = make()
+    new.fence = ("a", town.r.hget(town.keys.agent(dev.id), "epoch"))
+    again = new.claim(dev.id, 0.01)
+    new.check_fence(dev.id)
+    new.set_agent_state(dev.id, AgentState.IDLE)
+    new.start_task(dev.id, task.id)
+    new.finish_task(dev.id, again, TaskState.COMPLETED, exit_code=0, output=b"new")
+    done = town.task(task.id)
+    assert (done.state, done.output, done.attempts) == ("completed", "new", 2)
+
+
+def test_a_finish_retries_when_the_record_changes_under_it(make, monkeypatch):
+    """The outcome's check is WATCHed: a write to the agent's record between the check and the
+    transaction makes it check again (here: a move, so it is refused)."""
+    town = make()
+    town.hosts.tick("a", 3, 1, 5.0)
+    dev = town.spawn("dev", "claude")
+    runner = make()
+    runner.fence = ("a", "1")
+    _, claimed = running_task(runner, dev)
+    real = runner._finish
+
+    def moved_meanwhile(*args, **kwargs):
+        town.r.hincrby(town.keys.agent(dev.id), "epoch", 1)
+        monkeypatch.setattr(runner, "_finish", real)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_finish", moved_meanwhile)
+    with pytest.raises(Fenced):
+        runner.finish_task(dev.id, claimed, TaskState.COMPLETED, exit_code=0)
+    assert town.task(claimed.message.task_id).state == "running"
+
+
+def test_a_clean_stop_is_not_a_loss(make):
+    town = make()
+    town.hosts.tick("a", 3, 1, 5.0)
+    town.hosts.tick("b", 3, 2, 5.0)
+    dev = town.spawn("dev", "claude", host="b")
+    town.hosts.release("b")
+    town.hosts.tick("a", 3, 1, 5.0)
+    assert town.hosts.states()["b"] == "stopped" and town.agent("dev").epoch == 1 == dev.epoch
+
+
+def test_agents_from_before_hosts_are_placed_on_the_first_supervisor(make):
+    town = make()
+    dev = town.spawn("dev", "claude")
+    town.r.execute_command("HDEL", town.keys.agent(dev.id), "host", "pinned", "epoch")
+    assert town.hosts.adopt_unplaced("a") == 1
+    assert (town.agent("dev").host, town.agent("dev").epoch) == ("a", 1)
