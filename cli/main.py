@@ -43,6 +43,8 @@ def _explain(exc: Exception, config=None) -> str:
         if isinstance(exc, resp.PasswordRefused):
             return str(exc)
         if isinstance(exc, resp.RespConnectionError):
+            if config is not None and config.redis_url:  # not ours to start: the reason is all there is
+                return f"cannot reach the town's Redis: {exc}"
             return f"cannot reach the town's Redis: {exc} (is the town running? `tt start`)"
         return f"Redis error: {exc}"
     return f"{type(exc).__name__}: {exc}"
@@ -354,7 +356,7 @@ def status(as_json, town_path):
     data = town.status()
     data["running"] = running
     if not running:  # as last recorded, but not the snapshot's own address, nor a pid long gone
-        data["redis"] = str(config.redis_socket) if config.use_socket else f"{config.redis_host}:{config.redis_port}"
+        data["redis"] = config.redis_where
         data["supervisor"].update(state="stopped", pid=None, disk_error="")
     if as_json:
         _print_json(data)

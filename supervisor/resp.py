@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import sys
 import time
 
 import hiredis
@@ -59,8 +60,25 @@ class Loading(RespConnectionError):
     """Redis is up but still loading its data (just restarted): ask again in a moment."""
 
 
+class TlsRefused(RespConnectionError):
+    """The TLS handshake failed: a certificate not trusted, not for this host, or no TLS there."""
+
+
+class Redirected(ReplyError):
+    """A Redis Cluster node does not serve the town's slot: MOVED (for good) or ASK (mid-migration)."""
+
+    @property
+    def target(self) -> tuple[str, int]:
+        host, _, port = str(self).split(" ")[2].rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @property
+    def moved(self) -> bool:
+        return str(self).startswith("MOVED")
+
+
 _REPLY_ERRORS = {"NOSCRIPT": NoScriptError, "NOAUTH": PasswordRefused, "WRONGPASS": PasswordRefused,
-                 "LOADING": Loading}
+                 "LOADING": Loading, "MOVED": Redirected, "ASK": Redirected}
 
 
 def _reply_error(message: str) -> RespError:
@@ -91,7 +109,8 @@ def pack(args) -> bytes:
 
 def connect(config, timeout: float = 5.0, long_lived: bool = False, retry_for: float = 0.0,
             decode: bool = True) -> "RespClient":
-    """A client for the town's Redis (its unix socket, or host and port, with its password).
+    """A client for the town's Redis: its own (unix socket, or host and port, with its password)
+    or the one [redis] url names (TLS, a db, a Redis Cluster node serving the town's slot).
 
     timeout: for connecting, and for each reply of a `tt` command: a Redis that does not answer
     within it raises NotAnswering. long_lived: for the supervisor and the runners: no time limit on
@@ -99,10 +118,44 @@ def connect(config, timeout: float = 5.0, long_lived: bool = False, retry_for: f
     retry_for: keep trying to connect for that long (a runner riding out a redis-server restart).
     decode=False: replies as bytes (agents' output).
     """
-    where = {"path": str(config.redis_socket)} if config.use_socket else \
-        {"host": config.redis_host, "port": config.redis_port}
+    remote = config.remote
+    if remote is None:
+        where = {"path": str(config.redis_socket)} if config.use_socket else \
+            {"host": config.redis_host, "port": config.redis_port}
+    else:
+        from .keys import Keys
+        where = {"path": remote.path, "host": remote.host, "port": remote.port, "db": remote.db,
+                 "username": remote.username, "route_key": Keys(config.name).supervisor,
+                 "tls": tls_context(config.tls_file(config.tls_ca_cert), config.tls_file(config.tls_cert),
+                                    config.tls_file(config.tls_key)) if remote.tls else None}
     return RespClient(**where, timeout=timeout, read_timeout=None if long_lived else timeout,
                       retry_for=retry_for, password=config.redis_password, decode=decode)
+
+
+_TLS_CONTEXTS: dict = {}
+
+
+def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None):
+    """An ssl context that verifies the server (its certificate and host name) against `ca_file`,
+    else the system's CAs; with a client certificate if given. Made once per process."""
+    made = _TLS_CONTEXTS.get((ca_file, cert_file, key_file))
+    if made is not None:
+        return made
+    import ssl  # here: only a town on a rediss:// url pays for it
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+        if cert_file:
+            context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsRefused(f"cannot load the TLS files in [redis]: {getattr(exc, 'strerror', None) or exc}"
+                         + (f" ({exc.filename})" if getattr(exc, "filename", None) else "")) from None
+    _TLS_CONTEXTS[(ca_file, cert_file, key_file)] = context
+    return context
+
+
+# Which Redis Cluster node serves a slot, as learnt by this process: (seed host, port, route key) ->
+# (host, port). A runner, forked from the supervisor, starts out knowing it.
+_NODES: dict = {}
 
 
 # --- reply shapes (as redis-py gives them, so call sites read naturally) ------------------------
@@ -270,6 +323,15 @@ def _refuse_another_users_server(sock: socket.socket, where: str) -> None:
                            "nothing was sent to it (choose another [redis] port)")
 
 
+MAX_REDIRECTS = 5
+
+
+def _tls_wants_more(exc: OSError) -> bool:
+    """A non-blocking TLS read that found no whole record: nothing to read yet, not an error."""
+    ssl = sys.modules.get("ssl")
+    return ssl is not None and isinstance(exc, ssl.SSLWantReadError)
+
+
 class RespClient(_Commands):
     """One connection, opened on first use and again when found closed; every call is one round trip.
 
@@ -277,26 +339,67 @@ class RespClient(_Commands):
     command is sent on it, and replaced. One that breaks during a command raises
     RespConnectionError: the command may or may not have been carried out, which only the caller
     can judge. A reply that does not come within read_timeout raises NotAnswering.
+
+    On a Redis Cluster (route_key given: a key in the town's one hash slot) a new connection asks
+    for that key once per process, and moves to the node a MOVED reply names; a MOVED later (the
+    slot moved) is followed the same way and the commands sent again, which is safe because a
+    node that answers MOVED carried out none of them.
     """
 
     _UNSET = object()
 
     def __init__(self, path: str | None = None, host: str = "127.0.0.1", port: int = 6379, timeout: float = 5.0,
-                 read_timeout=_UNSET, retry_for: float = 0.0, password: str | None = None, decode: bool = True):
+                 read_timeout=_UNSET, retry_for: float = 0.0, password: str | None = None, decode: bool = True,
+                 db: int = 0, username: str | None = None, tls=None, route_key: str | None = None):
         self.path, self.host, self.port, self.timeout = path, host, port, timeout
         self.read_timeout = timeout if read_timeout is RespClient._UNSET else read_timeout
         self.retry_for = retry_for
-        self.password = password
+        self.password, self.username, self.db = password, username, db
+        self.tls, self.route_key = tls, route_key
         self.decode = decode
         self.sock: socket.socket | None = None
         self.reader: hiredis.Reader | None = None
-        self.auth_unread = False   # AUTH went out with the connection; its reply comes first
+        # AUTH and SELECT went out with the connection; their replies come first ("auth", "select")
+        self.setup_unread: list[str] = []
+        self.watching = False      # inside transaction(): a redirect must not lose the WATCH
+        self.seed = (host, port)
+        node = _NODES.get((host, port, route_key)) if route_key and not path else None
+        if node:
+            self.host, self.port = node
+        self.probed = path is not None or route_key is None or node is not None
 
     @property
     def where(self) -> str:
         return self.path or f"{self.host}:{self.port}"
 
     def _connect(self) -> None:
+        for _ in range(MAX_REDIRECTS):
+            self._open()
+            if self.probed:
+                return
+            try:
+                self._send(pack(("EXISTS", self.route_key)))
+                reply = self._read()
+            except RespError:
+                raise
+            except BaseException as exc:
+                raise self._broken(exc) from None
+            if not isinstance(reply, Redirected):
+                if isinstance(reply, RespError):
+                    self.close()
+                    raise reply
+                _NODES[(*self.seed, self.route_key)] = (self.host, self.port)
+                self.probed = True
+                return
+            self.close()
+            if reply.moved:
+                self.host, self.port = reply.target
+            else:
+                time.sleep(0.05)  # ASK: the slot is moving key by key; its new node answers MOVED soon
+        raise RespConnectionError(f"Redis Cluster at {self.seed[0]}:{self.seed[1]} kept redirecting the town's "
+                                  "keys: its slot is moving; try again")
+
+    def _open(self) -> None:
         deadline = time.monotonic() + self.retry_for
         pause = 0.01
         while True:
@@ -312,7 +415,11 @@ class RespClient(_Commands):
                 else:
                     sock = socket.create_connection((self.host, self.port), self.timeout)
                     _refuse_another_users_server(sock, self.where)
+                if self.tls is not None:
+                    sock = self._tls_handshake(sock)
                 break
+            except TlsRefused:
+                raise
             except OSError as exc:
                 if time.monotonic() + pause > deadline:
                     raise RespConnectionError(f"cannot connect to Redis at {self.where}: "
@@ -321,25 +428,63 @@ class RespClient(_Commands):
                 pause = min(pause * 2, 0.5)
         sock.settimeout(self.read_timeout)
         self.sock, self.reader = sock, _reader(self.decode)
+        # Sent now, their replies read before the first command's: no round trip of their own.
+        setup = []
         if self.password is not None:
-            # Sent now, its reply read before the first command's: no round trip of its own.
-            self.auth_unread = True
-            self._send(pack(("AUTH", self.password)))
+            setup.append(("AUTH", self.username, self.password) if self.username else ("AUTH", self.password))
+            self.setup_unread.append("auth")
+        if self.db:
+            setup.append(("SELECT", self.db))
+            self.setup_unread.append("select")
+        if setup:
+            self._send(b"".join(pack(c) for c in setup))
+
+    def _tls_handshake(self, sock: socket.socket):
+        """`sock` wrapped in TLS, the server's certificate checked; TlsRefused in one line if not."""
+        import ssl
+        try:
+            return self.tls.wrap_socket(sock, server_hostname=self.host)
+        except ssl.SSLCertVerificationError as exc:
+            sock.close()
+            raise TlsRefused(f"TLS with Redis at {self.where} refused: its certificate is not trusted "
+                             f"({exc.verify_message}); [redis] tls_ca_cert names the CA that signed it") from None
+        except ssl.SSLError as exc:
+            sock.close()
+            reason = exc.reason or str(exc)
+            hint = " (is it serving TLS?)" if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE") else ""
+            raise TlsRefused(f"TLS with Redis at {self.where} failed: {reason.lower().replace('_', ' ')}{hint}") from None
+        except OSError as exc:
+            sock.close()
+            raise TlsRefused(f"TLS with Redis at {self.where} failed: {exc.strerror or exc or 'no answer'}") from None
 
     def _usable(self) -> bool:
         """False if Redis closed this idle connection (or sent what nobody asked for)."""
-        if self.auth_unread:
+        if self.setup_unread:
             return True  # AUTH's reply may be waiting: it was asked for
         try:
-            return not select.select([self.sock], [], [], 0)[0]
+            if not select.select([self.sock], [], [], 0)[0]:
+                return True
         except (OSError, ValueError):
             return False
+        if self.tls is None:
+            return False
+        # With TLS, what arrived may be TLS's own (a session ticket), not data.
+        try:
+            self.sock.setblocking(False)
+            try:
+                self.sock.recv(1)
+            finally:
+                self.sock.settimeout(self.read_timeout)
+        except OSError as exc:
+            return _tls_wants_more(exc)
+        return False
 
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close()
             self.sock = self.reader = None
-            self.auth_unread = False
+            self.setup_unread = []
+        self.watching = False
 
     def _ensure(self, idle: bool = True) -> None:
         """A connection to send on: a new one if there is none, or if Redis closed this one while
@@ -370,13 +515,17 @@ class RespClient(_Commands):
     def _read(self, block: bool = True):
         """The next reply (an error reply as a RespError instance, not raised); _MORE if not `block`
         and no whole reply has arrived."""
-        if self.auth_unread:
+        while self.setup_unread:
             reply = self._next(block)
             if reply is _MORE:
                 return _MORE
-            self.auth_unread = False
+            kind = self.setup_unread.pop(0)
             if isinstance(reply, RespError):
                 self.close()
+                if kind == "select":
+                    raise ReplyError(f"Redis at {self.where} refused db {self.db} ({reply})")
+                if "without any password configured" in str(reply):
+                    raise PasswordRefused(f"Redis at {self.where} has no password set, but the town gives one")
                 raise PasswordRefused("the town's Redis refused the password")
         return self._next(block)
 
@@ -391,6 +540,31 @@ class RespClient(_Commands):
         return reply
 
     def _roundtrip(self, commands, replies: int, wait: float | None = None) -> list:
+        """Send, and read the replies (on a Redis Cluster, from the node serving the town's slot)."""
+        for _ in range(MAX_REDIRECTS):
+            out = self._exchange(commands, replies, wait)
+            redirect = next((r for r in out if isinstance(r, Redirected)), None)
+            if redirect is None or self.route_key is None:
+                return out
+            self._follow(redirect)
+        raise RespConnectionError(f"Redis Cluster at {self.seed[0]}:{self.seed[1]} kept redirecting the town's "
+                                  "keys: its slot is moving; try again")
+
+    def _follow(self, redirect: Redirected) -> None:
+        """Go where a Redis Cluster node said the town's slot is (MOVED), or wait a moment for a
+        slot being migrated (ASK). A transaction's WATCH stays behind on the old connection: the
+        transaction is tried again from the start (WatchError)."""
+        watching = self.watching
+        self.close()
+        if redirect.moved:
+            self.host, self.port = redirect.target
+            _NODES[(*self.seed, self.route_key)] = redirect.target
+        else:
+            time.sleep(0.05)
+        if watching:
+            raise WatchError("the town's slot moved to another node: the transaction starts again there")
+
+    def _exchange(self, commands, replies: int, wait: float | None = None) -> list:
         """Send, and read the replies; `wait`: seconds the first reply may take beyond the
         read timeout (a blocking command's own wait; float('inf'): no limit)."""
         self._ensure()
@@ -422,7 +596,11 @@ class RespClient(_Commands):
         changed in between; else all of it again. body's return value is returned; an exception
         in body (a check that failed) writes nothing."""
         for _ in range(attempts):
-            self._call(("WATCH", *watch))
+            try:
+                self._call(("WATCH", *watch))
+            except WatchError:
+                continue
+            self.watching = True
             pipe = Pipeline(self, transaction=True)
             try:
                 result = body(pipe)
@@ -434,12 +612,15 @@ class RespClient(_Commands):
             except WatchError:
                 continue
             except BaseException:
+                self.watching = False
                 if self.sock is not None:  # still connected: drop the watch for the next command
                     try:
                         self._call(("UNWATCH",))
                     except RespError:
                         pass
                 raise
+            finally:
+                self.watching = False
         raise WatchError(f"gave up after {attempts} attempts: {', '.join(watch)} kept changing")
 
     def blmove(self, source, destination, timeout, src="LEFT", dest="RIGHT"):
@@ -526,6 +707,8 @@ class Subscription:
             except BlockingIOError:
                 break
             except OSError as exc:
+                if _tls_wants_more(exc):
+                    break
                 raise client._broken(exc) from None
             if not data:
                 client.close()

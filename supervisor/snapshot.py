@@ -111,7 +111,7 @@ class Snapshot:
     def _start(self, data: Path) -> None:
         from .redis_server import find_binary, wait_answering
         socket = self.folder / "redis.sock"
-        self.config = dataclasses.replace(self.town, use_socket=True, socket_path=str(socket))
+        self.config = dataclasses.replace(self.town, use_socket=True, socket_path=str(socket), redis_url=None)
         parent = os.getpid()
         self.proc = subprocess.Popen(
             [find_binary(self.town), "--daemonize", "no", "--port", "0", "--unixsocket", str(socket),

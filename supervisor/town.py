@@ -606,8 +606,7 @@ class Town:
         return {
             "town": self.config.name,
             "root": str(self.config.root),
-            "redis": str(self.config.redis_socket) if self.config.use_socket else
-            f"{self.config.redis_host}:{self.config.redis_port}",
+            "redis": self.config.redis_where,
             "supervisor": {"pid": int(info["pid"]) if info.get("pid") else None,
                            "host": info.get("host", ""), "state": info.get("state", ""),
                            "config_error": info.get("config_error", ""),

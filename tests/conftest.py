@@ -233,3 +233,251 @@ def bare_redis(tmp_path):
     yield start
     for server in started:
         server.stop()
+
+
+# --- Redis elsewhere: a password-protected TCP server, a TLS proxy in front of it, a Redis Cluster ----
+# (reused by the multi-host tests: several supervisors, each with its own copy of a town folder,
+# sharing one of these through [redis] url)
+def free_port(pairs_with_bus: bool = False) -> int:
+    """A TCP port on 127.0.0.1 nobody listens on (with pairs_with_bus: port + 10000 too, a Redis
+    Cluster node's bus port)."""
+    import socket
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if not pairs_with_bus:
+            return port
+        if port + 10000 < 65536:
+            with socket.socket() as bus:
+                try:
+                    bus.bind(("127.0.0.1", port + 10000))
+                    return port
+                except OSError:
+                    continue
+    raise RuntimeError("no free port pair")
+
+
+class PasswordRedis:
+    """A redis-server on 127.0.0.1:PORT requiring a password, as a team's shared Redis would be
+    (its options on stdin: the password stays off the command line). `url` is what goes into
+    [redis] url; `stop()`/`start()` take it away and bring it back (its data kept in memory only
+    while it runs, unless appendonly)."""
+
+    def __init__(self, folder: Path, password: str = "s3cret-pw", extra: str = ""):
+        self.folder, self.password, self.extra = folder, password, extra
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.port = free_port(pairs_with_bus="cluster-enabled yes" in extra)
+        self.proc = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        from urllib.parse import quote
+        return f"redis://:{quote(self.password, safe='')}@127.0.0.1:{self.port}"
+
+    def settings(self) -> str:
+        return (f"port {self.port}\nbind 127.0.0.1\nrequirepass {self.password}\nmasterauth {self.password}\n"
+                f"save \"\"\nappendonly yes\ndir {self.folder}\nlogfile {self.folder / 'redis.log'}\n{self.extra}")
+
+    def start(self) -> None:
+        from tinytown.supervisor.config import Config
+        from tinytown.supervisor.redis_server import find_binary
+        self.proc = subprocess.Popen([find_binary(Config(root=self.folder, name="shared")), "-"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     cwd=str(self.folder))
+        self.proc.stdin.write(self.settings().encode())
+        self.proc.stdin.close()
+        try:
+            wait_for(lambda: self._answers() or self.proc.poll() is not None, 20, "redis-server to answer")
+            assert self.proc.poll() is None, "redis-server exited at start: " + (self.folder / "redis.log").read_text()[-500:]
+        except BaseException:
+            self.stop()
+            raise
+
+    def _answers(self) -> bool:
+        from tinytown.supervisor.resp import RespError
+        try:
+            with_client = self.client(timeout=1)
+            try:
+                return with_client.ping()
+            finally:
+                with_client.close()
+        except (RespError, OSError):
+            return False
+
+    def client(self, **kwargs):
+        from tinytown.supervisor.resp import RespClient
+        return RespClient(host="127.0.0.1", port=self.port, password=self.password, **kwargs)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait()
+
+
+@pytest.fixture
+def remote_redis(tmp_path):
+    """A password-protected redis-server on 127.0.0.1 (PasswordRedis): .url, .password, .port, .client()."""
+    server = PasswordRedis(tmp_path / "shared-redis")
+    yield server
+    server.stop()
+
+
+def make_certificates(folder: Path, hosts=("localhost", "127.0.0.1"), name: str = "ca") -> dict:
+    """A CA and a server certificate it signs for `hosts`, made by openssl into `folder`:
+    {"ca": path, "cert": path, "key": path} (PEM)."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ca, ca_key = folder / f"{name}.pem", folder / f"{name}.key"
+    cert, key, csr = folder / f"{name}-server.pem", folder / f"{name}-server.key", folder / f"{name}-server.csr"
+    ext = folder / f"{name}-ext.cnf"
+    alt = ",".join(f"IP:{h}" if h.replace(".", "").isdigit() else f"DNS:{h}" for h in hosts)
+    ext.write_text(f"subjectAltName={alt}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+                   "extendedKeyUsage=serverAuth\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n")
+
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca), "-days", "2",
+        "-subj", f"/CN=tinytown test {name}")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={hosts[0]}")
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial", "-out", str(cert),
+        "-days", "2", "-extfile", str(ext))
+    return {"ca": ca, "cert": cert, "key": key}
+
+
+class TlsProxy:
+    """TLS in front of a plain TCP server, as stunnel (or a managed Redis's TLS endpoint) does:
+    listens on 127.0.0.1:port, completes the TLS handshake with `cert`/`key`, and copies bytes
+    both ways to `upstream`. Threads: one to accept, two per connection."""
+
+    def __init__(self, upstream_port: int, cert: Path, key: Path):
+        import socket
+        import ssl
+        import threading
+        self.upstream_port = upstream_port
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(str(cert), str(key))
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.closed = False
+        self.conns: list = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        import socket
+        import ssl
+        import threading
+        while not self.closed:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                raw.settimeout(10)
+                tls = self.context.wrap_socket(raw, server_side=True)
+                tls.settimeout(None)
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except (OSError, ssl.SSLError):
+                raw.close()
+                continue
+            self.conns += [tls, upstream]
+            threading.Thread(target=self._pump, args=(tls, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, tls), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst) -> None:
+        import socket
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+        for sock in self.conns:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def tls_redis(tmp_path, remote_redis):
+    """remote_redis behind a TLS proxy with certificates made for the test: .url (rediss://, the
+    password in it), .ca (the CA's PEM for [redis] tls_ca_cert), .redis (the PasswordRedis), .proxy."""
+    certs = make_certificates(tmp_path / "certs")
+    proxy = TlsProxy(remote_redis.port, certs["cert"], certs["key"])
+    from types import SimpleNamespace
+    from urllib.parse import quote
+    yield SimpleNamespace(url=f"rediss://:{quote(remote_redis.password, safe='')}@localhost:{proxy.port}",
+                          ca=certs["ca"], certs=certs, redis=remote_redis, proxy=proxy, port=proxy.port)
+    proxy.close()
+
+
+class LocalCluster:
+    """A Redis Cluster of `masters` password-protected redis-server nodes on 127.0.0.1, slots spread
+    evenly, made with our own client (CLUSTER ADDSLOTS / MEET): .url names the first node."""
+
+    def __init__(self, folder: Path, masters: int = 3, password: str = "cluster-pw"):
+        self.password = password
+        self.nodes: list[PasswordRedis] = []
+        try:
+            for i in range(masters):
+                sub = folder / f"node{i}"
+                sub.mkdir(mode=0o700, parents=True, exist_ok=True)
+                self.nodes.append(PasswordRedis(sub, password, extra=(
+                    f"cluster-enabled yes\ncluster-config-file {sub / 'nodes.conf'}\ncluster-node-timeout 5000\n")))
+            per = 16384 // masters
+            for i, node in enumerate(self.nodes):
+                high = 16383 if i == masters - 1 else (i + 1) * per - 1
+                node.client().execute_command("CLUSTER", "ADDSLOTS", *range(i * per, high + 1))
+            for node in self.nodes[1:]:
+                self.nodes[0].client().execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
+            wait_for(self._ok, 30, "the cluster to agree (cluster_state:ok on every node)")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _ok(self) -> bool:
+        for node in self.nodes:
+            info = node.client().execute_command("CLUSTER", "INFO")
+            if "cluster_state:ok" not in info or f"cluster_known_nodes:{len(self.nodes)}" not in info:
+                return False
+        return True
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def node_for(self, key: str) -> PasswordRedis:
+        """The node that serves `key`'s slot."""
+        slot = self.nodes[0].client().execute_command("CLUSTER", "KEYSLOT", key)
+        per = 16384 // len(self.nodes)
+        return self.nodes[min(slot // per, len(self.nodes) - 1)]
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path):
+    """A 3-master LocalCluster (password on every node): .url, .nodes, .node_for(key)."""
+    cluster = LocalCluster(tmp_path / "cluster")
+    yield cluster
+    cluster.stop()

@@ -67,9 +67,9 @@ def test_message_encoding():
 
 def test_keys_are_town_scoped():
     k = Keys("ft")
-    assert k.agent("a1") == "tt:ft:agent:a1"
-    assert k.task("t1") == "tt:ft:task:t1"
-    assert k.inbox("a1") == "tt:ft:inbox:a1"
+    assert k.agent("a1") == "tt:{ft}:agent:a1"
+    assert k.task("t1") == "tt:{ft}:task:t1"
+    assert k.inbox("a1") == "tt:{ft}:inbox:a1"
     assert len({k.agent_index, k.task_index, k.inflight("a1"), k.output("a1"), k.events, k.supervisor,
                 k.control}) == 7
-    assert all(key.startswith("tt:ft:") for key in (k.agent_index, k.events, k.control))
+    assert all(key.startswith("tt:{ft}:") for key in (k.agent_index, k.events, k.control))

@@ -181,13 +181,13 @@ def test_password(bare_redis):
     with pytest.raises(resp.PasswordRefused):
         server.client().ping()
     # connect(config) sends the config's password; so does a subscription, and a Sender
-    config = SimpleNamespace(use_socket=True, redis_socket=server.path, redis_password="s3cret")
+    config = SimpleNamespace(use_socket=True, redis_socket=server.path, redis_password="s3cret", remote=None)
     assert resp.connect(config).hget("h", "a") == "1"
     sender = resp.Sender(resp.connect(config))
     sender.send("RPUSH", "l", "x")
     sender.flush()
     assert sender.errors == [] and resp.connect(config).llen("l") == 1
-    wrong = SimpleNamespace(use_socket=True, redis_socket=server.path, redis_password="nope")
+    wrong = SimpleNamespace(use_socket=True, redis_socket=server.path, redis_password="nope", remote=None)
     with pytest.raises(resp.PasswordRefused):
         resp.connect(wrong).ping()
 

@@ -1,0 +1,182 @@
+"""A town on a Redis it does not run ([redis] url): a password-protected server on 127.0.0.1, the
+same behind TLS, and a 3-master Redis Cluster, all real redis-server processes (the bundled one)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+from conftest import town_processes, wait_for
+
+from tinytown.supervisor.keys import Keys
+
+
+def point_at(town, url: str | None = None, *lines: str, private: bool = True) -> None:
+    """Put `url = ...` (and `lines`) in the town's [redis] table; chmod 600 (the url holds a password)."""
+    path = town.root / "tinytown.toml"
+    extra = "".join(f"\n{line}" for line in ((f"url = {json.dumps(url)}",) if url else ()) + lines)
+    path.write_text(path.read_text().replace('socket_path = "redis.sock"', 'socket_path = "redis.sock"' + extra, 1))
+    if private:
+        path.chmod(0o600)
+
+
+def everything_stored(client) -> str:
+    """Every key and value in a Redis, as one text (to look for what must not be there)."""
+    out = []
+    cursor = "0"
+    while True:
+        cursor, keys = client.execute_command("SCAN", cursor, "COUNT", 1000)
+        for key in keys:
+            kind = client.execute_command("TYPE", key)
+            value = {"string": ("GET", key), "hash": ("HGETALL", key), "list": ("LRANGE", key, 0, -1),
+                     "set": ("SMEMBERS", key), "zset": ("ZRANGE", key, 0, -1),
+                     "stream": ("XRANGE", key, "-", "+")}[kind]
+            out.append(f"{key} {client.execute_command(*value)!r}")
+        if cursor == "0":
+            return "\n".join(out)
+
+
+def no_redis_server_of_the_town(town) -> bool:
+    return not any("redis-server" in " ".join(p.cmdline()) for p in town_processes(town.root)) and \
+        not (town.root / ".tt" / "redis").exists()
+
+
+def run_a_small_town(town, where) -> None:
+    """Two agents, a task --after another, `tt logs`, status: all through the Redis at `where`
+    (a client to it), and none of the town's processes left after `tt stop`."""
+    town.tt("spawn", "dev")
+    town.tt("spawn", "tester")
+    town.wait_agent("dev")
+    town.wait_agent("tester")
+    assert no_redis_server_of_the_town(town)
+    first = town.assign("dev", "@echo feature implemented")
+    second = town.json("assign", "tester", "@echo tests written", "--after", first)["id"]
+    assert town.wait_task(first)["state"] == "completed"
+    done = town.wait_task(second)
+    assert done["state"] == "completed" and done["attempts"] == 1
+    assert "feature implemented" in town.recorded(second)[1].decode()  # the context of the task before
+    assert "tests written" in town.tt("logs", "tester").out
+    status = town.json("status")
+    assert status["tasks"]["completed"] == 2 and {a["name"] for a in status["agents"]} == {"dev", "tester"}
+    # every key of the town is in its Redis Cluster hash slot
+    keys = where.execute_command("KEYS", "*")
+    assert keys and all(k.startswith("tt:{testtown}:") for k in keys), keys
+    town.tt("stop")
+    wait_for(lambda: not town_processes(town.root), 20, "the town's processes to exit")
+    assert where.ping()  # not ours: still running
+
+
+def test_a_town_on_a_password_protected_redis(make_town, remote_redis):
+    town = make_town()
+    point_at(town, remote_redis.url)
+    run_a_small_town(town, remote_redis.client())
+    status = town.json("status")
+    assert status["redis"] == f"redis://127.0.0.1:{remote_redis.port}"
+    assert status["running"] is False or status["supervisor"]["state"] == "stopped"
+    # the password is nowhere the town writes: Redis, its logs, status, events
+    password = remote_redis.password
+    assert password not in everything_stored(remote_redis.client())
+    for path in (town.root / ".tt").rglob("*"):
+        if path.is_file():
+            assert password.encode() not in path.read_bytes(), path
+    assert password not in town.tt("status").out + town.tt("events").out
+
+
+def test_the_password_from_an_environment_variable(make_town, remote_redis):
+    town = make_town()
+    point_at(town, f"redis://127.0.0.1:{remote_redis.port}/3", 'password_env = "TT_TEST_REDIS_PW"', private=False)
+    town.env["TT_TEST_REDIS_PW"] = remote_redis.password
+    town.tt("spawn", "dev")
+    task = town.assign("dev", "@echo on db 3")
+    assert town.wait_task(task)["state"] == "completed"
+    client = remote_redis.client(db=3)
+    assert client.exists(Keys("testtown").supervisor) and not remote_redis.client().exists(Keys("testtown").supervisor)
+    assert remote_redis.password not in everything_stored(client)
+    del town.env["TT_TEST_REDIS_PW"]
+    out = town.tt("status", check=False)
+    assert out.returncode == 1 and out.err == ("tt: error: the town's Redis password: environment variable "
+                                               "TT_TEST_REDIS_PW ([redis] password_env) is not set\n")
+
+
+@pytest.mark.parametrize("url, lines, message", [
+    ("redis://127.0.0.1:6379", (), "no password (in the url, or password_env"),
+    ("http://x:y@127.0.0.1", (), "must start with redis://, rediss:// (TLS) or unix://"),
+    ("redis://:pw@127.0.0.1:99999", (), "bad port"),
+    ("redis://:pw@127.0.0.1:6379/x", (), "the db after the host must be a number"),
+    ("redis://:pw@127.0.0.1", ('password_env = "X"',), "password_env: the url holds a password already"),
+    ("redis://:pw@127.0.0.1", ('tls_ca_cert = "ca.pem"',), "tls_ca_cert: goes with a rediss:// url"),
+    (None, ('password_env = "X"',), "password_env: goes with [redis] url"),
+])
+def test_a_url_that_cannot_work_is_one_line_without_the_password(make_town, url, lines, message):
+    town = make_town()
+    point_at(town, url, *lines)
+    out = town.tt("status", check=False)
+    assert out.returncode == 1 and out.err.startswith("tt: error: ") and out.err.count("\n") == 1, out.err
+    assert message in out.err and ":pw@" not in out.err and "Traceback" not in out.err, out.err
+
+
+def test_a_password_in_a_file_others_can_read_is_refused(make_town, remote_redis):
+    town = make_town()
+    point_at(town, remote_redis.url, private=False)
+    (town.root / "tinytown.toml").chmod(0o644)
+    out = town.tt("status", check=False)
+    assert out.returncode == 1 and "holds a password, and others can read tinytown.toml: chmod 600" in out.err
+    assert remote_redis.password not in out.err
+
+
+def test_refused_and_bad_password_are_one_line(make_town, remote_redis):
+    town = make_town()
+    point_at(town, remote_redis.url.replace(remote_redis.password, "wrong-one"))
+    for args in (("status",), ("start",), ("spawn", "dev")):
+        out = town.tt(*args, check=False)
+        assert out.returncode == 1 and out.err.count("\n") == 1 and "Traceback" not in out.err, (args, out.err)
+        assert "refused the password" in out.err and "wrong-one" not in out.err, (args, out.err)
+    remote_redis.stop()
+    point_at(town, None)
+    for args in (("status",), ("start",)):
+        out = town.tt(*args, check=False, timeout=60)
+        assert out.returncode == 1 and out.err.count("\n") == 1 and "Traceback" not in out.err, (args, out.err)
+        assert f"cannot connect to Redis at 127.0.0.1:{remote_redis.port}: Connection refused" in out.err, out.err
+    assert not town_processes(town.root)
+
+
+def test_a_town_from_before_the_hash_tag_keeps_its_data(make_town):
+    """An append-only file written with `tt:<town>:` keys: the embedded Redis renames them at start."""
+    town = make_town()
+    town.tt("spawn", "dev")
+    task = town.assign("dev", "@echo before")
+    town.wait_task(task)
+    town.tt("stop")
+    config = town.config()
+    from tinytown.supervisor.redis_server import RedisServer
+    from tinytown.supervisor.resp import connect
+    server = RedisServer(config)
+    server._start(10)  # (no rename): left as an older version wrote it, every key under the old prefix
+    try:
+        client = connect(config)
+        new = Keys("testtown").prefix
+        for key in client.execute_command("KEYS", new + "*"):
+            client.execute_command("RENAME", key, "tt:testtown:" + key[len(new):])
+        assert not client.execute_command("KEYS", new + "*")
+        client.close()
+    finally:
+        server.stop()
+    town.tt("spawn", "tester")  # starts the supervisor: the keys come back under the new prefix
+    assert town.task(task)["state"] == "completed"
+    assert {a["name"] for a in town.json("list")} == {"dev", "tester"}
+
+
+def test_every_key_and_channel_is_in_the_towns_slot():
+    """Keys are only ever made in keys.py; each one carries the town's hash tag."""
+    keys = Keys("ft")
+    names = [name for name in dir(Keys) if not name.startswith("_")]
+    assert len(names) > 15
+    for name in names:
+        value = getattr(keys, name)
+        made = value("x") if callable(value) else value
+        assert made.startswith("tt:{ft}:"), (name, made)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = subprocess.run(["grep", "-rnE", r"[\"']tt:[^ ]", "supervisor", "cli"], cwd=here,
+                           capture_output=True, text=True).stdout
+    assert [line for line in found.splitlines() if "keys.py" not in line] == [], found
