@@ -219,3 +219,188 @@ def test_agents_from_before_hosts_are_placed_on_the_first_supervisor(make):
     town.r.execute_command("HDEL", town.keys.agent(dev.id), "host", "pinned", "epoch")
     assert town.hosts.adopt_unplaced("a") == 1
     assert (town.agent("dev").host, town.agent("dev").epoch) == ("a", 1)
+
+
+# --- supervisors on several "hosts", sharing one password-protected Redis -----------------------
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import psutil  # noqa: E402
+from conftest import FAST_POLICY, wait_for  # noqa: E402
+from test_remote_redis import point_at  # noqa: E402
+
+# Small leases, so a loss is seen within a test: lost 1 s after the last renewal.
+CLUSTER = FAST_POLICY.replace("heartbeat_interval = 0.5", "heartbeat_interval = 0.2") + """
+[cluster]
+lease_renew = 0.2
+lease_ttl = 1.0
+"""
+
+
+class Host:
+    """One machine of the town: its own copy of the town folder (tinytown.toml pointing at the
+    shared Redis) and its supervisor, `tt start --host NAME` in the foreground."""
+
+    def __init__(self, harness, name: str, record):
+        self.harness, self.name, self.root = harness, name, harness.root
+        harness.record = record  # one gate and record folder for every host's CLIs
+        harness.env["FAKE_AGENT_RECORD"] = str(record)
+        self.proc = None
+        self.town = harness.town()
+
+    def tt(self, *args, **kwargs):
+        return self.harness.tt(*args, **kwargs)
+
+    def assign(self, agent: str, text: str) -> str:
+        return self.harness.assign(agent, text)
+
+    def start(self) -> "Host":
+        log = open(self.root / "supervisor-out.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "tinytown.cli.main", "start", "--host", self.name],
+                                     cwd=self.root, env=self.harness.env, stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        wait_for(lambda: self.town.hosts.states().get(self.name) == "live" and self.harness.supervisor_pid(),
+                 30, f"host {self.name}'s supervisor to hold its lease")
+        return self
+
+    def tree(self) -> list[psutil.Process]:
+        """The supervisor and everything under it (runners, CLIs): the machine's processes."""
+        try:
+            top = psutil.Process(self.proc.pid)
+            return [top, *top.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def signal_all(self, sig: int) -> None:
+        for proc in self.tree():
+            try:
+                proc.send_signal(sig)
+            except psutil.Error:
+                pass
+
+    def kill(self) -> None:
+        """The machine dies: every process of it at once."""
+        self.signal_all(signal.SIGSTOP)  # (none of them acts while the others are being killed)
+        self.signal_all(signal.SIGKILL)
+        self.proc.wait()
+
+    def clis(self) -> list[psutil.Process]:
+        """The model CLIs running on this host (fake agents: TT_TASK_ID in their environment)."""
+        found = []
+        for proc in self.tree():
+            try:
+                if "TT_TASK_ID" in proc.environ() and proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+            except psutil.Error:
+                pass
+        return found
+
+
+@pytest.fixture
+def hosts(make_town, remote_redis, tmp_path):
+    """Factory: Host(name) sharing remote_redis; each stopped (and its processes gone) afterwards."""
+    record = tmp_path / "record"
+    record.mkdir()
+    made = []
+
+    def make(name: str) -> Host:
+        harness = make_town(policy=CLUSTER, folder=f"host-{name}")
+        point_at(harness, remote_redis.url)
+        host = Host(harness, name, record)
+        made.append(host)
+        return host
+
+    yield make
+    for host in made:
+        if host.proc is not None and host.proc.poll() is None:
+            host.signal_all(signal.SIGCONT)
+            host.proc.send_signal(signal.SIGTERM)
+    for host in made:
+        if host.proc is not None:
+            try:
+                host.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                host.signal_all(signal.SIGKILL)
+                host.proc.wait()
+
+
+def task_events(town: Town, task_id: str) -> list[str]:
+    return [f["type"] for _, f in town.r.xrange(town.keys.events) if f.get("task") == task_id]
+
+
+def test_a_killed_host_s_task_runs_again_on_another_host(hosts):
+    a = hosts("a").start()
+    a.tt("spawn", "w", "--shared")
+    b = hosts("b").start()
+    assert a.town.agent("w").host == "a"
+    task = a.assign("w", "@gate open\n@echo done")
+    wait_for(lambda: a.town.task(task).state == "running" and a.clis(), 30, "the task to run on a")
+
+    a.kill()
+    lost_at = time.monotonic()
+    wait_for(lambda: a.town.agent("w").host == "b" and a.town.task(task).attempts == 2
+             and a.town.task(task).state == "running" and b.clis(), 30, "the task to run again on b")
+    print(f"host a killed -> task running again on b after {time.monotonic() - lost_at:.2f}s (lease_ttl 1 s)")
+    (b.harness.record / "open").touch()
+    done = b.harness.wait_task(task)
+    assert (done["state"], done["attempts"]) == ("completed", 2) and "done" in done["output"]
+    status = b.harness.json("status")
+    assert {h["name"]: h["state"] for h in status["hosts"]} == {"a": "lost", "b": "live"}
+    assert task_events(b.town, task).count("task_requeued") == 1
+    assert not a.tree()  # nothing of the dead host left
+
+
+def test_a_paused_host_does_not_finish_work_it_no_longer_owns(hosts):
+    """SIGSTOP a host past lease_ttl: its task runs again on another host; opened meanwhile, the
+    gate lets both CLIs finish, but only the new owner's outcome is recorded; the paused host's
+    runner, back, writes nothing and leaves nothing running."""
+    a = hosts("a").start()
+    a.tt("spawn", "w", "--shared")
+    b = hosts("b").start()
+    task = a.assign("w", "@gate open\n@echo finished")
+    wait_for(lambda: a.town.task(task).state == "running" and a.clis(), 30, "the task to run on a")
+    a.signal_all(signal.SIGSTOP)
+    wait_for(lambda: a.town.agent("w").host == "b" and a.town.task(task).attempts == 2 and b.clis(), 30,
+             "the task to run again on b")
+    (b.harness.record / "open").touch()
+    done = b.harness.wait_task(task)
+    assert (done["state"], done["attempts"]) == ("completed", 2)
+
+    a.signal_all(signal.SIGCONT)  # a's CLI finds the gate open and exits 0: its outcome is refused
+    # the runner finds itself fenced (its heartbeat, its outcome), or its supervisor, renewing its
+    # lease, finds the host was declared lost and kills it first: either way it writes nothing
+    logs = [a.root / ".tt" / "logs" / "w.log", a.root / "supervisor-out.log"]
+    wait_for(lambda: any("fenced" in log.read_text(errors="replace") for log in logs), 30,
+             "a's runner to be fenced")
+    wait_for(lambda: not a.clis() and len(a.tree()) == 1, 30, "a's runner and CLI to be gone")
+    wait_for(lambda: a.town.hosts.states().get("a") == "live", 30, "a to renew its lease again")
+    events = task_events(a.town, task)
+    assert events.count("task_completed") == 1 and events[-1] == "task_completed", events
+    assert a.town.task(task).attempts == 2
+    # a took nothing back: the agent stays on b, and its next task runs there
+    assert a.town.agent("w").host == "b"
+    after = a.assign("w", "@echo next")
+    assert b.harness.wait_task(after)["state"] == "completed"
+    recorded = b.harness.recorded(after)[0]
+    assert recorded["env"]["TT_TOWN_DIR"] == str(b.root)
+
+
+def test_a_pinned_agent_waits_for_its_host(hosts):
+    a = hosts("a").start()
+    b = hosts("b").start()
+    a.tt("spawn", "p", "--shared", "--host", "a")
+    task = b.assign("p", "@gate open\n@echo pinned")
+    wait_for(lambda: a.clis(), 30, "the task to run on a")
+    a.kill()
+    wait_for(lambda: a.town.hosts.states().get("a") == "lost", 30, "a to be declared lost")
+    agent = next(x for x in b.harness.json("list") if x["name"] == "p")
+    assert (agent["host"], agent["health"]) == ("a", "lost") and "Lost" in b.tt("list").out
+    assert a.town.task(task).state == "assigned" and not b.clis()
+    a.start()  # the host returns: its agent's task runs there, the attempt counted
+    (a.harness.record / "open").touch()
+    done = a.harness.wait_task(task)
+    assert (done["state"], done["attempts"]) == ("completed", 2)
