@@ -424,9 +424,10 @@ class Supervisor:
             self.town.hosts.adopt_unplaced(self.host)  # (one script: one supervisor gets each)
             everywhere = self.town.agents()
         agents = [a for a in everywhere if a.host == self.host]  # only those placed on this host
+        elsewhere = {a.id for a in everywhere if a.host != self.host}
         for proc in list(self.procs.values()):
-            if not any(a.id == proc.agent_id for a in agents) and any(a.id == proc.agent_id for a in everywhere):
-                self._fence(proc)  # moved elsewhere while this host was lost
+            if proc.agent_id in elsewhere:
+                self._fence(proc)  # moved while this host was lost
         cap = self.config.host_capacity(self.host)
         allowed = agents[:cap]
         allowed_ids = {a.id for a in allowed}

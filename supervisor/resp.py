@@ -206,6 +206,9 @@ class _Commands:
     def delete(self, *names):
         return self._call(("DEL", *names), _int)
 
+    def get(self, name):
+        return self._call(("GET", name))
+
     def hget(self, name, key):
         return self._call(("HGET", name, key))
 

@@ -22,8 +22,9 @@ from benchsuite.suite import BENCHMARKS  # noqa: E402
 ROWS = {"restart": ["restart"], "start_stop": ["start", "stop"], "dispatch": ["dispatch"],
         "release": ["release"], "backlog": ["backlog"],
         "throughput": ["tasks1", "tasks4"], "idle": ["memory", "cpu"], "list": ["list"], "assign": ["assign"], "pty": ["pty"],
-        "logs": ["logs"], "workspace": ["workspace_town", "workspace_worktree", "workspace_dependency"]}
-NO_PEER = {"tasks1", "logs"}
+        "logs": ["logs"], "workspace": ["workspace_town", "workspace_worktree", "workspace_dependency"],
+        "hostloss": ["hostloss"]}
+NO_PEER = {"tasks1", "logs", "hostloss"}
 
 
 def run_bench(tmp_path, *args, timeout=240):

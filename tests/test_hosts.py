@@ -221,6 +221,31 @@ def test_agents_from_before_hosts_are_placed_on_the_first_supervisor(make):
     assert (town.agent("dev").host, town.agent("dev").epoch) == ("a", 1)
 
 
+def test_cluster_and_hosts_settings(tmp_path):
+    from tinytown.supervisor.config import load
+    config = init_town(tmp_path, "t", max_agents=5)
+    path = tmp_path / "tinytown.toml"
+    base = path.read_text()
+    path.write_text(base + '\n[cluster]\nhost = "build1"\nlease_ttl = 3\n[hosts.build2]\nmax_agents = 2\n')
+    config = load(tmp_path)
+    assert (config.host_name(), config.host_name("x"), config.cluster.lease_ttl) == ("build1", "x", 3.0)
+    assert (config.host_capacity("build1"), config.host_capacity("build2")) == (5, 2)
+    for extra, why in (('[hosts.b]\nmax_agents = 0\n', r"tinytown.toml:\d+: max_agents: must be positive"),
+                       ('[hosts.b]\nmax_agent = 2\n', r"max_agent: unknown key in \[hosts.b\]"),
+                       ('[cluster]\nlease_ttl = 1\nlease_renew = 2\n', r"lease_ttl: must be longer than lease_renew"),
+                       ('[cluster]\nhost = "a b"\n', r"host: must be letters")):
+        path.write_text(base + "\n" + extra)
+        with pytest.raises(TinytownError, match=why):
+            load(tmp_path)
+    with pytest.raises(TinytownError, match="invalid host name"):
+        config.host_name("no/slash")
+
+
+def test_tt_start_refuses_a_bad_host_name_in_one_line(town):
+    out = town.tt("start", "--host", "no/slash", check=False)
+    assert out.returncode != 0 and out.err.count("\n") == 1 and "invalid host name" in out.err
+
+
 # --- supervisors on several "hosts", sharing one password-protected Redis -----------------------
 import os  # noqa: E402
 import signal  # noqa: E402
@@ -404,3 +429,79 @@ def test_a_pinned_agent_waits_for_its_host(hosts):
     (a.harness.record / "open").touch()
     done = a.harness.wait_task(task)
     assert (done["state"], done["attempts"]) == ("completed", 2)
+
+
+# --- chaos: 4 agents on 3 hosts; one host killed, another paused past its lease ----------------
+# The suite runs a short one; ./scripts/chaos-hosts [TASKS] a longer one.
+CHAOS_TASKS = int(os.environ.get("HOSTS_CHAOS_TASKS", "120"))
+# Each run of a CLI, logged before it starts: "<task> <host folder> <time>" (never through a shell).
+RUN_LOGGER = """import os, sys, time
+line = "%s %s %.6f\\n" % (os.environ["TT_TASK_ID"], os.environ["TT_TOWN_DIR"], time.time())
+fd = os.open(os.path.join(os.environ["FAKE_AGENT_RECORD"], "runs.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+os.write(fd, line.encode())
+os.close(fd)
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+def test_chaos_hosts_killed_and_paused_lose_nothing_and_run_nothing_twice(hosts, tmp_path):
+    from conftest import FAKE_BIN, town_processes
+    logger = tmp_path / "run_logger.py"
+    logger.write_text(RUN_LOGGER)
+    cli = f'\n[agent_clis.logged]\ncommand = [{json_str(sys.executable)}, {json_str(logger)}, {json_str(FAKE_BIN / "claude")}]\n'
+    made = [hosts(name) for name in ("a", "b", "c")]
+    for host in made:
+        host.harness.append_config(cli)
+        host.start()
+    a, b, c = made
+    names = [f"agent{i}" for i in range(4)]
+    for name in names:
+        a.tt("spawn", name, "--shared", "--model", "logged")
+    placed = {name: a.town.agent(name).host for name in names}
+    assert sorted(placed.values()) == ["a", "a", "b", "c"], placed  # the most room first, ties by name
+    tasks = []
+    for i in range(CHAOS_TASKS):
+        tasks.append(a.assign(names[i % 4], f"@sleep 0.0{i % 5}\n@echo task {i}"))
+
+    def finished() -> int:
+        return a.town.task_counts()["completed"] + a.town.task_counts()["failed"]
+
+    wait_for(lambda: finished() >= CHAOS_TASKS // 4, 120, "a quarter of the tasks to finish")
+    a.kill()
+    killed_at = time.monotonic()
+    wait_for(lambda: finished() >= CHAOS_TASKS // 2 and a.town.hosts.states()["a"] == "lost", 120,
+             "half of the tasks to finish, a lost")
+    b.signal_all(signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    wait_for(lambda: a.town.hosts.states()["b"] == "lost" and time.monotonic() - stopped_at >= 2.0, 60,
+             "b to be lost, and paused for twice lease_ttl")
+    b.signal_all(signal.SIGCONT)
+    wait_for(lambda: finished() == CHAOS_TASKS, 300, "every task to finish")
+    print(f"chaos: {CHAOS_TASKS} tasks; a killed, then b paused {time.monotonic() - stopped_at:.1f}s "
+          f"({time.monotonic() - killed_at:.1f}s after the kill)")
+
+    town = c.town
+    records = {t: town.task(t) for t in tasks}
+    for task in records.values():  # completed, or failed with a reason
+        assert task.state == "completed" or (task.state == "failed" and task.reason), task
+    # no CLI ran for a task after its outcome was recorded (by whichever host)
+    runs = [line.split() for line in (c.harness.record / "runs.log").read_text().splitlines()]
+    for task_id, _where, at in runs:
+        assert float(at) < records[task_id].finished_at, (task_id, _where)
+    # none recorded twice (the events stream holds them all at this size)
+    finishes = [f.get("task") for _, f in town.r.xrange(town.keys.events) if f["type"] in ("task_completed", "task_failed")]
+    if CHAOS_TASKS <= 500:
+        assert sorted(finishes) == sorted(tasks)
+    assert {town.agent(n).host for n in names} == {"c"}  # a and b were lost: all moved to c
+    for host in made:
+        host.signal_all(signal.SIGCONT)
+        if host.proc.poll() is None:
+            host.proc.send_signal(signal.SIGTERM)
+    for host in made:
+        host.proc.wait(60)
+        wait_for(lambda: not town_processes(host.root), 20, f"host {host.name}'s processes to exit")
+
+
+def json_str(value) -> str:
+    import json
+    return json.dumps(str(value))
