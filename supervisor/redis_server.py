@@ -189,7 +189,7 @@ class RedisServer:
         try:
             client.ping()
         except (PasswordRefused, TlsRefused) as exc:
-            raise TinytownError(f"the town's Redis at {self.config.redis_where}: {exc}") from None
+            raise TinytownError(str(exc)) from None
         except RespConnectionError:
             raise
         except ReplyError as exc:

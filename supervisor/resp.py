@@ -142,13 +142,15 @@ def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None
     if made is not None:
         return made
     import ssl  # here: only a town on a rediss:// url pays for it
+    loading = ca_file
     try:
         context = ssl.create_default_context(cafile=ca_file)
         if cert_file:
+            loading = f"{cert_file}{', ' + key_file if key_file else ''}"
             context.load_cert_chain(cert_file, key_file)
     except (OSError, ssl.SSLError) as exc:
-        raise TlsRefused(f"cannot load the TLS files in [redis]: {getattr(exc, 'strerror', None) or exc}"
-                         + (f" ({exc.filename})" if getattr(exc, "filename", None) else "")) from None
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+        raise TlsRefused(f"cannot load [redis] TLS file {loading}: {reason}") from None
     _TLS_CONTEXTS[(ca_file, cert_file, key_file)] = context
     return context
 
@@ -451,6 +453,10 @@ class RespClient(_Commands):
             sock.close()
             raise TlsRefused(f"TLS with Redis at {self.where} refused: its certificate is not trusted "
                              f"({exc.verify_message}); [redis] tls_ca_cert names the CA that signed it") from None
+        except TimeoutError:
+            sock.close()
+            raise TlsRefused(f"TLS with Redis at {self.where} failed: no handshake within {self.timeout:g} s "
+                             "(is it serving TLS?)") from None
         except ssl.SSLError as exc:
             sock.close()
             reason = exc.reason or str(exc)

@@ -436,6 +436,7 @@ class LocalCluster:
     def __init__(self, folder: Path, masters: int = 3, password: str = "cluster-pw"):
         self.password = password
         self.nodes: list[PasswordRedis] = []
+        self.owners: dict[int, PasswordRedis] = {}  # slots moved by move_slot
         try:
             for i in range(masters):
                 sub = folder / f"node{i}"
@@ -467,8 +468,28 @@ class LocalCluster:
     def node_for(self, key: str) -> PasswordRedis:
         """The node that serves `key`'s slot."""
         slot = self.nodes[0].client().execute_command("CLUSTER", "KEYSLOT", key)
+        if slot in self.owners:
+            return self.owners[slot]
         per = 16384 // len(self.nodes)
         return self.nodes[min(slot // per, len(self.nodes) - 1)]
+
+    def move_slot(self, key: str, to: PasswordRedis) -> int:
+        """Move `key`'s slot, with its keys, to node `to` (as redis-cli --cluster reshard does):
+        the number of keys moved. Clients then get MOVED."""
+        source = self.node_for(key)
+        slot = source.client().execute_command("CLUSTER", "KEYSLOT", key)
+        ids = {node.port: node.client().execute_command("CLUSTER", "MYID") for node in self.nodes}
+        to.client().execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source.port])
+        source.client().execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[to.port])
+        moved = 0
+        while keys := source.client().execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000):
+            source.client().execute_command("MIGRATE", "127.0.0.1", to.port, "", 0, 5000, "AUTH", self.password,
+                                            "KEYS", *keys)
+            moved += len(keys)
+        for node in (to, source, *self.nodes):
+            node.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[to.port])
+        self.owners[slot] = to
+        return moved
 
     def stop(self) -> None:
         for node in self.nodes:

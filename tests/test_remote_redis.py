@@ -180,3 +180,110 @@ def test_every_key_and_channel_is_in_the_towns_slot():
     found = subprocess.run(["grep", "-rnE", r"[\"']tt:[^ ]", "supervisor", "cli"], cwd=here,
                            capture_output=True, text=True).stdout
     assert [line for line in found.splitlines() if "keys.py" not in line] == [], found
+
+
+# --- TLS ----------------------------------------------------------------------------------------
+def test_a_town_on_redis_behind_tls(make_town, tls_redis):
+    town = make_town()
+    point_at(town, tls_redis.url, f'tls_ca_cert = "{tls_redis.ca}"')
+    run_a_small_town(town, tls_redis.redis.client())
+    assert town.json("status")["redis"] == f"rediss://localhost:{tls_redis.port}"
+
+
+def test_tls_failures_are_one_line(make_town, tls_redis, tmp_path):
+    from conftest import make_certificates
+    other = make_certificates(tmp_path / "other-ca", name="other")
+    town = make_town()
+    cases = [
+        # a CA that did not sign the server's certificate
+        ((tls_redis.url, f'tls_ca_cert = "{other["ca"]}"'),
+         f"TLS with Redis at localhost:{tls_redis.port} refused: its certificate is not trusted ("),
+        # no CA given: the system's do not know the test's
+        ((tls_redis.url,), "its certificate is not trusted ("),
+        # rediss:// to a Redis that does not speak TLS
+        ((f"rediss://:{tls_redis.redis.password}@127.0.0.1:{tls_redis.redis.port}", f'tls_ca_cert = "{tls_redis.ca}"'),
+         f"TLS with Redis at 127.0.0.1:{tls_redis.redis.port} failed: no handshake within 5 s (is it serving TLS?)"),
+        # a CA file that is not there
+        ((tls_redis.url, 'tls_ca_cert = "missing-ca.pem"'),
+         f"cannot load [redis] TLS file {town.root / 'missing-ca.pem'}: No such file or directory"),
+    ]
+    path = town.root / "tinytown.toml"
+    original = path.read_text()
+    for (url, *lines), message in cases:
+        path.write_text(original)
+        point_at(town, url, *lines)
+        for args in (("status",), ("start",)):
+            out = town.tt(*args, check=False)
+            assert out.returncode == 1 and out.err.count("\n") == 1 and "Traceback" not in out.err, (args, out.err)
+            assert message in out.err and tls_redis.redis.password not in out.err, (args, out.err)
+    assert not town_processes(town.root)
+
+
+# --- Redis Cluster ----------------------------------------------------------------------------------
+def test_a_town_on_a_redis_cluster(make_town, redis_cluster):
+    """The url names a node that does not serve the town's slot: every client finds the one that
+    does; then the slot moves to a third node under the running town, which follows it."""
+    town = make_town()
+    owner = redis_cluster.node_for(Keys("testtown").supervisor)
+    seed, third = [node for node in redis_cluster.nodes if node is not owner]
+    point_at(town, seed.url)
+    town.tt("spawn", "dev")
+    town.tt("spawn", "tester")
+    town.wait_agent("dev")
+    town.wait_agent("tester")
+    assert no_redis_server_of_the_town(town)
+    first = town.assign("dev", "@echo feature implemented")
+    second = town.json("assign", "tester", "@echo tests written", "--after", first)["id"]
+    assert town.wait_task(second)["state"] == "completed"
+    assert "feature implemented" in town.recorded(second)[1].decode()
+    assert "tests written" in town.tt("logs", "tester").out
+    keys = owner.client().execute_command("KEYS", "*")
+    assert keys and all(k.startswith("tt:{testtown}:") for k in keys)
+    assert not seed.client().execute_command("KEYS", "*") and not third.client().execute_command("KEYS", "*")
+
+    assert redis_cluster.move_slot(Keys("testtown").supervisor, third) == len(keys)
+    # the supervisor, the runners (blocked on their inbox on the old node) and new commands follow
+    third_task = town.json("assign", "dev", "@echo after the move", "--after", second)["id"]
+    fourth = town.assign("tester", "@echo on the new node")
+    assert town.wait_task(third_task)["state"] == "completed" and town.wait_task(fourth)["state"] == "completed"
+    assert "after the move" in town.tt("logs", "dev").out
+    assert town.json("status")["tasks"]["completed"] == 4
+    assert not owner.client().execute_command("KEYS", "*")
+    town.tt("stop")
+    wait_for(lambda: not town_processes(town.root), 20, "the town's processes to exit")
+
+
+def test_a_transaction_follows_a_moved_slot(redis_cluster):
+    """The client: WATCH/MULTI/EXEC and scripts on the node serving the slot, again after it moved."""
+    from tinytown.supervisor.resp import RespClient, Script
+    key = "tt:{t}:counter"
+    owner = redis_cluster.node_for(key)
+    seed = next(node for node in redis_cluster.nodes if node is not owner)
+    client = RespClient(host="127.0.0.1", port=seed.port, password=redis_cluster.password, route_key=key)
+
+    def bump(pipe):
+        value = int(client.execute_command("GET", key) or 0)
+        pipe.execute_command("SET", key, value + 1)
+        return value + 1
+
+    assert client.transaction(bump, key) == 1 and client.port == owner.port
+    script = Script("return redis.call('INCR', KEYS[1])")
+    assert script(client, [key]) == 2
+    other = next(node for node in redis_cluster.nodes if node is not owner and node is not seed)
+    redis_cluster.move_slot(key, other)
+    assert client.transaction(bump, key) == 3 and client.port == other.port
+    assert script(client, [key]) == 4 and other.client().execute_command("GET", key) == "4"
+    # a new client in this process goes straight to the node it learnt
+    assert RespClient(host="127.0.0.1", port=seed.port, password=redis_cluster.password, route_key=key).port == other.port
+
+
+def test_a_unix_socket_url_needs_no_password(make_town, bare_redis):
+    server = bare_redis()
+    town = make_town()
+    point_at(town, f"unix://{server.path}?db=2", private=False)
+    town.tt("spawn", "dev")
+    task = town.assign("dev", "@echo over a socket")
+    assert town.wait_task(task)["state"] == "completed"
+    assert server.client(db=2).exists(Keys("testtown").task(task))
+    assert town.json("status")["redis"] == f"unix://{server.path}?db=2"
+    assert no_redis_server_of_the_town(town)
