@@ -325,16 +325,14 @@ class Host:
         return found
 
 
-@pytest.fixture
-def hosts(make_town, remote_redis, tmp_path):
-    """Factory: Host(name) sharing remote_redis; each stopped (and its processes gone) afterwards."""
-    record = tmp_path / "record"
+def _hosts(make_town, url: str, record):
+    """Factory of Hosts sharing the Redis at `url`; each stopped (its processes gone) afterwards."""
     record.mkdir()
     made = []
 
     def make(name: str) -> Host:
         harness = make_town(policy=CLUSTER, folder=f"host-{name}")
-        point_at(harness, remote_redis.url)
+        point_at(harness, url)
         host = Host(harness, name, record)
         made.append(host)
         return host
@@ -351,6 +349,18 @@ def hosts(make_town, remote_redis, tmp_path):
             except subprocess.TimeoutExpired:
                 host.signal_all(signal.SIGKILL)
                 host.proc.wait()
+
+
+@pytest.fixture
+def hosts(make_town, remote_redis, tmp_path):
+    """Factory: Host(name), all sharing one password-protected redis-server."""
+    yield from _hosts(make_town, remote_redis.url, tmp_path / "record")
+
+
+@pytest.fixture
+def cluster_hosts(make_town, redis_cluster, tmp_path):
+    """Factory: Host(name), all sharing a 3-master Redis Cluster (the url names one node)."""
+    yield from _hosts(make_town, redis_cluster.url, tmp_path / "record")
 
 
 def task_events(town: Town, task_id: str) -> list[str]:
@@ -377,6 +387,19 @@ def test_a_killed_host_s_task_runs_again_on_another_host(hosts):
     assert {h["name"]: h["state"] for h in status["hosts"]} == {"a": "lost", "b": "live"}
     assert task_events(b.town, task).count("task_requeued") == 1
     assert not a.tree()  # nothing of the dead host left
+
+
+def test_host_loss_on_a_redis_cluster(cluster_hosts):
+    """The leases, the election and the loss's one script work where a town's keys share a slot."""
+    a = cluster_hosts("a").start()
+    a.tt("spawn", "w", "--shared")
+    b = cluster_hosts("b").start()
+    task = a.assign("w", "@gate open\n@echo moved")
+    wait_for(lambda: a.town.task(task).state == "running" and a.clis(), 30, "the task to run on a")
+    a.kill()
+    wait_for(lambda: a.town.agent("w").host == "b" and b.clis(), 30, "the task to run again on b")
+    (b.harness.record / "open").touch()
+    assert b.harness.wait_task(task)["attempts"] == 2
 
 
 def test_a_paused_host_does_not_finish_work_it_no_longer_owns(hosts):
