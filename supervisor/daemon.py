@@ -136,7 +136,7 @@ class Supervisor:
                 self.say(f"killed {len(leftover)} process(es) left by the previous supervisor")
             self.redis.start()
             self.town = Town(self.config, resp_connect(self.config, long_lived=True))  # (not redis-py: see resp.py)
-            self._retrying(lambda: self.town.record_supervisor_started(os.getpid()))
+            self._retrying(lambda: self.town.record_supervisor_started(os.getpid(), self.host))
             self._retrying(self._join)  # before any runner: agents are run where they are placed
             _, self.reloads_done = self.town.requests()
             self._retrying(lambda: self.town.record_config("", "", self.reloads_done))

@@ -343,8 +343,12 @@ class Runner:
             reason, work, _ = self._workspace_end(task_id, subject, TaskState.FAILED, str(exc))
             self._fail_before_cli(claimed, task_id, task, agent_state, reason, base, work)
             return
-        self.town.start_task(self.agent_id, task_id, task=task, agent_state=agent_state, cli_pid=session.pid,
-                             base=base)
+        try:
+            self.town.start_task(self.agent_id, task_id, task=task, agent_state=agent_state, cli_pid=session.pid,
+                                 base=base)
+        except Fenced:  # placed again while the CLI was starting: it goes, nothing recorded
+            session.close()
+            raise
         self._note(f"task {task_id} started")
         self.attach.task_started(task_id, session)
         try:

@@ -203,13 +203,24 @@ class Town:
         if HOST_SCRIPTS["heartbeat"](self.r, (self.keys.agent(agent_id),), (*self.fence, f"{now():.6f}")) == 0:
             raise Fenced(self._fenced_why(agent_id))
 
-    def check_fence(self, agent_id: str) -> None:
-        """Fenced if this runner's placement is stale (before a CLI starts)."""
+    def check_fence(self, agent_id: str, watch: bool = False) -> None:
+        """Fenced if this runner's placement is stale (before a CLI starts). watch: the agent's
+        record stays WATCHed, for the MULTI/EXEC the caller runs next (in the same round trip)."""
         if self.fence is None:
             return
-        host, epoch = self.r.execute_command("HMGET", self.keys.agent(agent_id), "host", "epoch")
+        reads = self.r.pipeline(transaction=False)
+        if watch:
+            reads.execute_command("WATCH", self.keys.agent(agent_id))
+        reads.execute_command("HMGET", self.keys.agent(agent_id), "host", "epoch")
+        host, epoch = reads.execute()[-1]
         if host is not None and (host, epoch) != self.fence:
+            if watch:
+                self._unwatch()
             raise Fenced(self._fenced_why(agent_id, host, epoch))
+
+    def _unwatch(self) -> None:
+        if self.r.sock is not None:  # still connected: the watch must not outlive its transaction
+            self.r.execute_command("UNWATCH")
 
     def _fenced_why(self, agent_id: str, host: str | None = None, epoch: str | None = None) -> str:
         if host is None:
@@ -357,6 +368,26 @@ class Town:
         """
         task = task if task is not None else self.task(task_id)
         check_task_transition(task.state, TaskState.RUNNING)
+        if self.fence is None:
+            self._start(agent_id, task, cli_pid, agent_state, base)
+        else:  # a runner whose agent was placed again must not mark it working with its CLI's pid
+            for _ in range(100):
+                self.check_fence(agent_id, watch=True)
+                try:
+                    self._start(agent_id, task, cli_pid, agent_state, base)
+                    break
+                except WatchError:
+                    continue  # the agent's record changed in between: check again
+                except BaseException:
+                    self._unwatch()
+                    raise
+            else:
+                raise TinytownError(f"could not start task {task.id}: the agent's record kept changing")
+        task.state, task.attempts = TaskState.RUNNING.value, task.attempts + 1
+        return task
+
+    def _start(self, agent_id: str, task: Task, cli_pid: int | None, agent_state: str | None, base: str) -> None:
+        task_id = task.id
         pipe = self.r.pipeline()
         pipe.hset(self.keys.task(task_id), mapping={"state": TaskState.RUNNING.value,
                                                      "started_at": f"{now():.6f}", "reason": "",
@@ -368,8 +399,6 @@ class Town:
                              heartbeat_at=f"{now():.6f}", **({"cli_pid": cli_pid} if cli_pid else {}))
         self._event(pipe, "task_started", task=task_id, agent=task.agent)
         pipe.execute()
-        task.state, task.attempts = TaskState.RUNNING.value, task.attempts + 1
-        return task
 
     def task_heads(self, task_ids: list[str]) -> list[str]:
         """The `head` commits of these tasks, in order, skipping those without one (a shared
@@ -403,7 +432,7 @@ class Town:
             if self.fence is not None:
                 _, old, old_agent, (host, epoch) = found
                 if host is not None and (host, epoch) != self.fence:
-                    self.r.execute_command("UNWATCH")
+                    self._unwatch()
                     raise Fenced(self._fenced_why(agent_id, host, epoch))
             else:
                 old, old_agent = found
@@ -413,8 +442,8 @@ class Town:
             except WatchError:
                 continue  # the agent's record changed in between (a hold, a pid): read it again
             except BaseException:
-                if self.fence is not None and self.r.sock is not None:  # the watch must not outlive this
-                    self.r.execute_command("UNWATCH")
+                if self.fence is not None:
+                    self._unwatch()
                 raise
         raise TinytownError(f"could not record task {task_id}: the agent's record kept changing")
 
@@ -474,9 +503,9 @@ class Town:
     def supervisor_info(self) -> dict:
         return self.r.hgetall(self.keys.supervisor)
 
-    def record_supervisor_started(self, pid: int) -> None:
+    def record_supervisor_started(self, pid: int, host_name: str | None = None) -> None:
         self.r.hset(self.keys.supervisor, mapping={
-            "pid": pid, "host": host(), "state": "running", "started_at": f"{now():.6f}", "stop": "",
+            "pid": pid, "host": host_name or host(), "state": "running", "started_at": f"{now():.6f}", "stop": "",
             "root": str(self.config.root)})
 
     def set_supervisor_state(self, state: str) -> None:

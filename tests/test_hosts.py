@@ -167,6 +167,9 @@ def test_a_stale_runner_writes_nothing(make):
         old.finish_task(dev.id, claimed, TaskState.COMPLETED, exit_code=0, output=b"old")
     with pytest.raises(Fenced):
         old.check_fence(dev.id)
+    with pytest.raises(Fenced):  # a CLI it started as the loss was declared: not marked running
+        old.start_task(dev.id, task.id, cli_pid=12345)
+    assert (town.task(task.id).state, town.task(task.id).attempts, town.agent("dev").cli_pid) == ("assigned", 1, None)
     assert not old.unclaim(dev.id, claimed)  # already back in the inbox: not pushed twice
     assert town.pending_counts([dev]) == {dev.id: 1}
     # the new owner runs it: its outcome is the one recorded
