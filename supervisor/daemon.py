@@ -148,7 +148,7 @@ class Supervisor:
             self.selector.register(self.control, selectors.EVENT_READ)
             if self.redis.embedded:
                 where = self.config.redis_socket if self.config.use_socket else f"port {self.config.redis_port}"
-                self.say(f"town {self.config.name}: supervisor pid {os.getpid()} on host {self.host}, redis-server pid {self.redis.pid} on {where}")
+                self.say(f"town {self.config.name}: supervisor pid {os.getpid()}, redis-server pid {self.redis.pid} on {where}")
             else:
                 self.say(f"town {self.config.name}: supervisor pid {os.getpid()} on host {self.host}, Redis at {self.config.redis_where}")
             self._retrying(self._reconcile)
@@ -373,8 +373,8 @@ class Supervisor:
         self.lease_at = time.monotonic() + cluster.lease_renew
         tick = self.town.hosts.tick(self.host, self.config.host_capacity(self.host), os.getpid(), cluster.lease_ttl)
         if tick.reaper != self.reaper:
-            if tick.reaper == self.host:
-                self.say(f"host {self.host} handles lost hosts now (elected through Redis)")
+            if tick.reaper == self.host and self.reaper:  # (a takeover; not a first start)
+                self.say(f"host {self.host} handles lost hosts now, after host {self.reaper} (elected through Redis)")
             self.reaper = tick.reaper
         if tick.moved:
             self.say(f"moved from lost hosts: {', '.join(tick.moved)}")
