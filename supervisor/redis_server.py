@@ -182,20 +182,27 @@ class RedisServer:
         rename_old_keys(self.config)
 
     def _reach(self, timeout: float) -> None:
-        """[redis] url: wait until its Redis answers (a network blip, a failover) or raise the
-        reason in one line: refused, a bad password and TLS failures are not waited out."""
+        """[redis] url: wait until its Redis answers (a restart, a failover, a network blip) or
+        raise the reason in one line; a bad password or a TLS failure is not waited out."""
+        import time
+
         from .resp import PasswordRefused, ReplyError, RespConnectionError, TlsRefused, connect
-        client = connect(self.config, timeout=min(timeout, 5.0), retry_for=timeout)
-        try:
-            client.ping()
-        except (PasswordRefused, TlsRefused) as exc:
-            raise TinytownError(str(exc)) from None
-        except RespConnectionError:
-            raise
-        except ReplyError as exc:
-            raise TinytownError(f"the town's Redis at {self.config.redis_where} refused us: {exc}") from None
-        finally:
-            client.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            client = connect(self.config, timeout=min(timeout, 5.0), retry_for=max(0.0, deadline - time.monotonic()))
+            try:
+                client.ping()
+                return
+            except (PasswordRefused, TlsRefused) as exc:
+                raise TinytownError(str(exc)) from None
+            except RespConnectionError:  # (Loading: up, reading its data)
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
+            except ReplyError as exc:
+                raise TinytownError(f"the town's Redis at {self.config.redis_where} refused us: {exc}") from None
+            finally:
+                client.close()
 
     def _start(self, timeout: float) -> None:
         binary = find_binary(self.config)

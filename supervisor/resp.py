@@ -325,7 +325,8 @@ def _refuse_another_users_server(sock: socket.socket, where: str) -> None:
                            "nothing was sent to it (choose another [redis] port)")
 
 
-MAX_REDIRECTS = 5
+# MOVED is followed at once; ASK (the slot moving key by key) is waited out 0.05 s a time: ~1 s in all.
+MAX_REDIRECTS = 20
 
 
 def _tls_wants_more(exc: OSError) -> bool:
@@ -549,8 +550,10 @@ class RespClient(_Commands):
         """Send, and read the replies (on a Redis Cluster, from the node serving the town's slot)."""
         for _ in range(MAX_REDIRECTS):
             out = self._exchange(commands, replies, wait)
+            if self.route_key is None:
+                return out  # the town's own Redis: never a cluster
             redirect = next((r for r in out if isinstance(r, Redirected)), None)
-            if redirect is None or self.route_key is None:
+            if redirect is None:
                 return out
             self._follow(redirect)
         raise RespConnectionError(f"Redis Cluster at {self.seed[0]}:{self.seed[1]} kept redirecting the town's "

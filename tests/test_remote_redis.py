@@ -2,23 +2,13 @@
 same behind TLS, and a 3-master Redis Cluster, all real redis-server processes (the bundled one)."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 
 import pytest
-from conftest import town_processes, wait_for
+from conftest import point_at, town_processes, wait_for
 
 from tinytown.supervisor.keys import Keys
-
-
-def point_at(town, url: str | None = None, *lines: str, private: bool = True) -> None:
-    """Put `url = ...` (and `lines`) in the town's [redis] table; chmod 600 (the url holds a password)."""
-    path = town.root / "tinytown.toml"
-    extra = "".join(f"\n{line}" for line in ((f"url = {json.dumps(url)}",) if url else ()) + lines)
-    path.write_text(path.read_text().replace('socket_path = "redis.sock"', 'socket_path = "redis.sock"' + extra, 1))
-    if private:
-        path.chmod(0o600)
 
 
 def everything_stored(client) -> str:
@@ -287,3 +277,21 @@ def test_a_unix_socket_url_needs_no_password(make_town, bare_redis):
     assert server.client(db=2).exists(Keys("testtown").task(task))
     assert town.json("status")["redis"] == f"unix://{server.path}?db=2"
     assert no_redis_server_of_the_town(town)
+
+
+def test_the_town_rides_out_a_restart_of_its_redis(make_town, remote_redis):
+    """The url's Redis goes away and comes back (a restart, a failover): the supervisor and the
+    runners reconnect, and work goes on; the supervisor starts no redis-server of its own."""
+    town = make_town()
+    point_at(town, remote_redis.url)
+    town.tt("spawn", "dev")
+    first = town.assign("dev", "@echo before")
+    assert town.wait_task(first)["state"] == "completed"
+    supervisor = town.supervisor_pid()
+    remote_redis.proc.terminate()  # SIGTERM: it writes its append-only file and exits
+    remote_redis.proc.wait()
+    remote_redis.start()
+    second = town.assign("dev", "@echo after the restart")
+    assert town.wait_task(second)["state"] == "completed"
+    assert town.json("status")["supervisor"]["state"] == "running" and no_redis_server_of_the_town(town)
+    assert town.supervisor_pid() == supervisor  # the same one, reconnected
