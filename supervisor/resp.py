@@ -376,8 +376,22 @@ class RespClient(_Commands):
         return self.path or f"{self.host}:{self.port}"
 
     def _connect(self) -> None:
+        fell_back = False
         for _ in range(MAX_REDIRECTS):
-            self._open()
+            learnt = self.path is None and self.route_key is not None and (self.host, self.port) != self.seed
+            try:
+                self._open(0.0 if learnt and not fell_back else self.retry_for)
+            except TlsRefused:
+                raise
+            except RespConnectionError:
+                if not learnt or fell_back:
+                    raise
+                # The node learnt earlier is gone (a failover): ask the url's node where the slot is now.
+                fell_back = True
+                _NODES.pop((*self.seed, self.route_key), None)
+                self.host, self.port = self.seed
+                self.probed = False
+                continue
             if self.probed:
                 return
             try:
@@ -402,8 +416,8 @@ class RespClient(_Commands):
         raise RespConnectionError(f"Redis Cluster at {self.seed[0]}:{self.seed[1]} kept redirecting the town's "
                                   "keys: its slot is moving; try again")
 
-    def _open(self) -> None:
-        deadline = time.monotonic() + self.retry_for
+    def _open(self, retry_for: float) -> None:
+        deadline = time.monotonic() + retry_for
         pause = 0.01
         while True:
             try:

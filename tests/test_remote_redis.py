@@ -295,3 +295,22 @@ def test_the_town_rides_out_a_restart_of_its_redis(make_town, remote_redis):
     assert town.wait_task(second)["state"] == "completed"
     assert town.json("status")["supervisor"]["state"] == "running" and no_redis_server_of_the_town(town)
     assert town.supervisor_pid() == supervisor  # the same one, reconnected
+
+
+def test_a_node_gone_after_its_slot_moved_sends_the_client_back_to_the_url(redis_cluster):
+    """A failover: the node a process learnt serves the slot no more and is gone; a new connection
+    asks the url's node again instead of knocking on the dead one."""
+    from tinytown.supervisor.resp import RespClient
+    key = "tt:{gone}:x"
+    owner = redis_cluster.node_for(key)
+    seed, third = [node for node in redis_cluster.nodes if node is not owner]
+    redis_cluster.move_slot(key, third)
+    client = RespClient(host="127.0.0.1", port=seed.port, password=redis_cluster.password, route_key=key, retry_for=30)
+    client.execute_command("SET", key, "v")
+    assert client.port == third.port
+    redis_cluster.move_slot(key, owner)
+    third.stop()
+    wait_for(lambda: "cluster_state:ok" in owner.client().execute_command("CLUSTER", "INFO"), 30, "a cluster still up")
+    again = RespClient(host="127.0.0.1", port=seed.port, password=redis_cluster.password, route_key=key, retry_for=30)
+    assert again.port == third.port  # what this process learnt
+    assert again.execute_command("GET", key) == "v" and again.port == owner.port
