@@ -42,13 +42,21 @@ def run_a_small_town(town, where) -> None:
     assert no_redis_server_of_the_town(town)
     first = town.assign("dev", "@echo feature implemented")
     second = town.json("assign", "tester", "@echo tests written", "--after", first)["id"]
+    held = town.assign("dev", "@gate go\n@echo held")
+    never = town.json("assign", "tester", "@echo never", "--after", held)["id"]
+    town.tt("cancel", never)
+    (town.record / "go").touch()
+    town.tt("wait", second, timeout=60)  # a blocking read through the same Redis
     assert town.wait_task(first)["state"] == "completed"
     done = town.wait_task(second)
     assert done["state"] == "completed" and done["attempts"] == 1
     assert "feature implemented" in town.recorded(second)[1].decode()  # the context of the task before
     assert "tests written" in town.tt("logs", "tester").out
     status = town.json("status")
-    assert status["tasks"]["completed"] == 2 and {a["name"] for a in status["agents"]} == {"dev", "tester"}
+    assert town.wait_task(held)["state"] == "completed"
+    assert town.json("status")["tasks"]["completed"] == 3 and {a["name"] for a in status["agents"]} == {"dev", "tester"}
+    assert town.task(never)["state"] == "cancelled" and never[:8] in town.tt("tasks").out
+    assert "spawned" in town.tt("events").out
     # every key of the town is in its Redis Cluster hash slot
     keys = where.execute_command("KEYS", "*")
     assert keys and all(k.startswith("tt:{testtown}:") for k in keys), keys
