@@ -163,6 +163,8 @@ def test_a_town_from_before_the_hash_tag_keeps_its_data(make_town):
     town.tt("spawn", "tester")  # starts the supervisor: the keys come back under the new prefix
     assert town.task(task)["state"] == "completed"
     assert {a["name"] for a in town.json("list")} == {"dev", "tester"}
+    from tinytown.supervisor.redis_server import rename_old_keys
+    assert not connect(config).execute_command("KEYS", "tt:testtown:*") and rename_old_keys(config) == 0
 
 
 def test_every_key_and_channel_is_in_the_towns_slot():
