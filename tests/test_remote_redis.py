@@ -324,3 +324,21 @@ def test_a_node_gone_after_its_slot_moved_sends_the_client_back_to_the_url(redis
     again = RespClient(host="127.0.0.1", port=seed.port, password=redis_cluster.password, route_key=key, retry_for=30)
     assert again.port == third.port  # what this process learnt
     assert again.execute_command("GET", key) == "v" and again.port == owner.port
+
+
+def test_urls_taken_apart(tmp_path):
+    from tinytown.supervisor.config import init_town, load, parse_redis_url
+    url = parse_redis_url("rediss://ops:p%40ss%3Aw%2Frd@[::1]:6380/2")
+    assert (url.scheme, url.host, url.port, url.db, url.username, url.password, url.tls) == \
+        ("rediss", "::1", 6380, 2, "ops", "p@ss:w/rd", True)
+    assert url.shown == "rediss://[::1]:6380/2" and "p@ss" not in repr(url)
+    assert parse_redis_url("redis://:pw@redis.example").port == 6379
+    sock = parse_redis_url("unix:///run/redis/redis.sock?db=4")
+    assert (sock.path, sock.db, sock.password) == ("/run/redis/redis.sock", 4, None)
+    init_town(tmp_path, "t")
+    path = tmp_path / "tinytown.toml"
+    path.write_text(path.read_text().replace("[redis]", '[redis]\nurl = "redis://:hunter2@10.0.0.5:7000"', 1))
+    path.chmod(0o600)
+    config = load(tmp_path)
+    assert config.redis_password == "hunter2" and config.redis_where == "redis://10.0.0.5:7000"
+    assert "hunter2" not in repr(config) and not config.use_socket
