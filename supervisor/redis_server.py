@@ -81,16 +81,23 @@ def wait_answering(proc: subprocess.Popen, config: Config, timeout: float) -> bo
 
 def rename_old_keys(config: Config) -> int:
     """A town whose append-only file was written before its keys shared one Redis Cluster hash
-    slot (`tt:<town>:` then, `tt:{<town>}:` now): its keys, renamed once. Cheap: one SCAN that finds
-    nothing on every later start. The number of keys renamed."""
+    slot (`tt:<town>:` then, `tt:{<town>}:` now): its keys, renamed once. Every town that ever
+    started has a supervisor record, renamed last: while the old one is there, the rename is not
+    done (a crash half-way resumes it); once it is gone, a start costs one EXISTS. The number of
+    keys renamed."""
     from .keys import Keys, legacy_prefix
     from .resp import connect
+    keys = Keys(config.name)
+    old, new = legacy_prefix(config.name), keys.prefix
+    marker = old + keys.supervisor[len(new):]
     client = connect(config)
-    old, new = legacy_prefix(config.name), Keys(config.name).prefix
     renamed, cursor = 0, "0"
     try:
+        if not client.exists(marker):
+            return 0
         while True:
             cursor, found = client.execute_command("SCAN", cursor, "MATCH", old + "*", "COUNT", 1000)
+            found = [key for key in found if key != marker]
             if found:
                 pipe = client.pipeline(transaction=False)
                 for key in found:
@@ -98,7 +105,8 @@ def rename_old_keys(config: Config) -> int:
                 pipe.execute()
                 renamed += len(found)
             if cursor == "0":
-                return renamed
+                client.execute_command("RENAME", marker, keys.supervisor)
+                return renamed + 1
     finally:
         client.close()
 
@@ -182,20 +190,27 @@ class RedisServer:
         rename_old_keys(self.config)
 
     def _reach(self, timeout: float) -> None:
-        """[redis] url: wait until its Redis answers (a network blip, a failover) or raise the
-        reason in one line: refused, a bad password and TLS failures are not waited out."""
+        """[redis] url: wait until its Redis answers (a restart, a failover, a network blip) or
+        raise the reason in one line; a bad password or a TLS failure is not waited out."""
+        import time
+
         from .resp import PasswordRefused, ReplyError, RespConnectionError, TlsRefused, connect
-        client = connect(self.config, timeout=min(timeout, 5.0), retry_for=timeout)
-        try:
-            client.ping()
-        except (PasswordRefused, TlsRefused) as exc:
-            raise TinytownError(str(exc)) from None
-        except RespConnectionError:
-            raise
-        except ReplyError as exc:
-            raise TinytownError(f"the town's Redis at {self.config.redis_where} refused us: {exc}") from None
-        finally:
-            client.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            client = connect(self.config, timeout=min(timeout, 5.0), retry_for=max(0.0, deadline - time.monotonic()))
+            try:
+                client.ping()
+                return
+            except (PasswordRefused, TlsRefused) as exc:
+                raise TinytownError(str(exc)) from None
+            except RespConnectionError:  # (Loading: up, reading its data)
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
+            except ReplyError as exc:
+                raise TinytownError(f"the town's Redis at {self.config.redis_where} refused us: {exc}") from None
+            finally:
+                client.close()
 
     def _start(self, timeout: float) -> None:
         binary = find_binary(self.config)

@@ -328,7 +328,8 @@ def _refuse_another_users_server(sock: socket.socket, where: str) -> None:
                            "nothing was sent to it (choose another [redis] port)")
 
 
-MAX_REDIRECTS = 5
+# MOVED is followed at once; ASK (the slot moving key by key) is waited out 0.05 s a time: ~1 s in all.
+MAX_REDIRECTS = 20
 
 
 def _tls_wants_more(exc: OSError) -> bool:
@@ -378,8 +379,22 @@ class RespClient(_Commands):
         return self.path or f"{self.host}:{self.port}"
 
     def _connect(self) -> None:
+        fell_back = False
         for _ in range(MAX_REDIRECTS):
-            self._open()
+            learnt = self.path is None and self.route_key is not None and (self.host, self.port) != self.seed
+            try:
+                self._open(0.0 if learnt and not fell_back else self.retry_for)
+            except TlsRefused:
+                raise
+            except RespConnectionError:
+                if not learnt or fell_back:
+                    raise
+                # The node learnt earlier is gone (a failover): ask the url's node where the slot is now.
+                fell_back = True
+                _NODES.pop((*self.seed, self.route_key), None)
+                self.host, self.port = self.seed
+                self.probed = False
+                continue
             if self.probed:
                 return
             try:
@@ -404,8 +419,8 @@ class RespClient(_Commands):
         raise RespConnectionError(f"Redis Cluster at {self.seed[0]}:{self.seed[1]} kept redirecting the town's "
                                   "keys: its slot is moving; try again")
 
-    def _open(self) -> None:
-        deadline = time.monotonic() + self.retry_for
+    def _open(self, retry_for: float) -> None:
+        deadline = time.monotonic() + retry_for
         pause = 0.01
         while True:
             try:
@@ -552,8 +567,10 @@ class RespClient(_Commands):
         """Send, and read the replies (on a Redis Cluster, from the node serving the town's slot)."""
         for _ in range(MAX_REDIRECTS):
             out = self._exchange(commands, replies, wait)
+            if self.route_key is None:
+                return out  # the town's own Redis: never a cluster
             redirect = next((r for r in out if isinstance(r, Redirected)), None)
-            if redirect is None or self.route_key is None:
+            if redirect is None:
                 return out
             self._follow(redirect)
         raise RespConnectionError(f"Redis Cluster at {self.seed[0]}:{self.seed[1]} kept redirecting the town's "

@@ -238,6 +238,16 @@ def bare_redis(tmp_path):
 # --- Redis elsewhere: a password-protected TCP server, a TLS proxy in front of it, a Redis Cluster ----
 # (reused by the multi-host tests: several supervisors, each with its own copy of a town folder,
 # sharing one of these through [redis] url)
+def point_at(town: TownHarness, url: str | None = None, *lines: str, private: bool = True) -> None:
+    """Put `url = ...` (and more `lines`, e.g. 'tls_ca_cert = "..."') in the town's [redis] table;
+    chmod 600 unless not `private` (a url holding a password is refused in a file others can read)."""
+    path = town.root / "tinytown.toml"
+    extra = "".join(f"\n{line}" for line in ((f"url = {json.dumps(url)}",) if url else ()) + lines)
+    path.write_text(path.read_text().replace('socket_path = "redis.sock"', 'socket_path = "redis.sock"' + extra, 1))
+    if private:
+        path.chmod(0o600)
+
+
 def free_port(pairs_with_bus: bool = False) -> int:
     """A TCP port on 127.0.0.1 nobody listens on (with pairs_with_bus: port + 10000 too, a Redis
     Cluster node's bus port)."""

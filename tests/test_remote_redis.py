@@ -2,23 +2,13 @@
 same behind TLS, and a 3-master Redis Cluster, all real redis-server processes (the bundled one)."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 
 import pytest
-from conftest import town_processes, wait_for
+from conftest import point_at, town_processes, wait_for
 
 from tinytown.supervisor.keys import Keys
-
-
-def point_at(town, url: str | None = None, *lines: str, private: bool = True) -> None:
-    """Put `url = ...` (and `lines`) in the town's [redis] table; chmod 600 (the url holds a password)."""
-    path = town.root / "tinytown.toml"
-    extra = "".join(f"\n{line}" for line in ((f"url = {json.dumps(url)}",) if url else ()) + lines)
-    path.write_text(path.read_text().replace('socket_path = "redis.sock"', 'socket_path = "redis.sock"' + extra, 1))
-    if private:
-        path.chmod(0o600)
 
 
 def everything_stored(client) -> str:
@@ -52,13 +42,21 @@ def run_a_small_town(town, where) -> None:
     assert no_redis_server_of_the_town(town)
     first = town.assign("dev", "@echo feature implemented")
     second = town.json("assign", "tester", "@echo tests written", "--after", first)["id"]
+    held = town.assign("dev", "@gate go\n@echo held")
+    never = town.json("assign", "tester", "@echo never", "--after", held)["id"]
+    town.tt("cancel", never)
+    (town.record / "go").touch()
+    town.tt("wait", second, timeout=60)  # a blocking read through the same Redis
     assert town.wait_task(first)["state"] == "completed"
     done = town.wait_task(second)
     assert done["state"] == "completed" and done["attempts"] == 1
     assert "feature implemented" in town.recorded(second)[1].decode()  # the context of the task before
     assert "tests written" in town.tt("logs", "tester").out
     status = town.json("status")
-    assert status["tasks"]["completed"] == 2 and {a["name"] for a in status["agents"]} == {"dev", "tester"}
+    assert town.wait_task(held)["state"] == "completed"
+    assert town.json("status")["tasks"]["completed"] == 3 and {a["name"] for a in status["agents"]} == {"dev", "tester"}
+    assert town.task(never)["state"] == "cancelled" and never[:8] in town.tt("tasks").out
+    assert "spawned" in town.tt("events").out
     # every key of the town is in its Redis Cluster hash slot
     keys = where.execute_command("KEYS", "*")
     assert keys and all(k.startswith("tt:{testtown}:") for k in keys), keys
@@ -165,6 +163,8 @@ def test_a_town_from_before_the_hash_tag_keeps_its_data(make_town):
     town.tt("spawn", "tester")  # starts the supervisor: the keys come back under the new prefix
     assert town.task(task)["state"] == "completed"
     assert {a["name"] for a in town.json("list")} == {"dev", "tester"}
+    from tinytown.supervisor.redis_server import rename_old_keys
+    assert not connect(config).execute_command("KEYS", "tt:testtown:*") and rename_old_keys(config) == 0
 
 
 def test_every_key_and_channel_is_in_the_towns_slot():
@@ -287,3 +287,58 @@ def test_a_unix_socket_url_needs_no_password(make_town, bare_redis):
     assert server.client(db=2).exists(Keys("testtown").task(task))
     assert town.json("status")["redis"] == f"unix://{server.path}?db=2"
     assert no_redis_server_of_the_town(town)
+
+
+def test_the_town_rides_out_a_restart_of_its_redis(make_town, remote_redis):
+    """The url's Redis goes away and comes back (a restart, a failover): the supervisor and the
+    runners reconnect, and work goes on; the supervisor starts no redis-server of its own."""
+    town = make_town()
+    point_at(town, remote_redis.url)
+    town.tt("spawn", "dev")
+    first = town.assign("dev", "@echo before")
+    assert town.wait_task(first)["state"] == "completed"
+    supervisor = town.supervisor_pid()
+    remote_redis.proc.terminate()  # SIGTERM: it writes its append-only file and exits
+    remote_redis.proc.wait()
+    remote_redis.start()
+    second = town.assign("dev", "@echo after the restart")
+    assert town.wait_task(second)["state"] == "completed"
+    assert town.json("status")["supervisor"]["state"] == "running" and no_redis_server_of_the_town(town)
+    assert town.supervisor_pid() == supervisor  # the same one, reconnected
+
+
+def test_a_node_gone_after_its_slot_moved_sends_the_client_back_to_the_url(redis_cluster):
+    """A failover: the node a process learnt serves the slot no more and is gone; a new connection
+    asks the url's node again instead of knocking on the dead one."""
+    from tinytown.supervisor.resp import RespClient
+    key = "tt:{gone}:x"
+    owner = redis_cluster.node_for(key)
+    seed, third = [node for node in redis_cluster.nodes if node is not owner]
+    redis_cluster.move_slot(key, third)
+    client = RespClient(host="127.0.0.1", port=seed.port, password=redis_cluster.password, route_key=key, retry_for=30)
+    client.execute_command("SET", key, "v")
+    assert client.port == third.port
+    redis_cluster.move_slot(key, owner)
+    third.stop()
+    wait_for(lambda: "cluster_state:ok" in owner.client().execute_command("CLUSTER", "INFO"), 30, "a cluster still up")
+    again = RespClient(host="127.0.0.1", port=seed.port, password=redis_cluster.password, route_key=key, retry_for=30)
+    assert again.port == third.port  # what this process learnt
+    assert again.execute_command("GET", key) == "v" and again.port == owner.port
+
+
+def test_urls_taken_apart(tmp_path):
+    from tinytown.supervisor.config import init_town, load, parse_redis_url
+    url = parse_redis_url("rediss://ops:p%40ss%3Aw%2Frd@[::1]:6380/2")
+    assert (url.scheme, url.host, url.port, url.db, url.username, url.password, url.tls) == \
+        ("rediss", "::1", 6380, 2, "ops", "p@ss:w/rd", True)
+    assert url.shown == "rediss://[::1]:6380/2" and "p@ss" not in repr(url)
+    assert parse_redis_url("redis://:pw@redis.example").port == 6379
+    sock = parse_redis_url("unix:///run/redis/redis.sock?db=4")
+    assert (sock.path, sock.db, sock.password) == ("/run/redis/redis.sock", 4, None)
+    init_town(tmp_path, "t")
+    path = tmp_path / "tinytown.toml"
+    path.write_text(path.read_text().replace("[redis]", '[redis]\nurl = "redis://:hunter2@10.0.0.5:7000"', 1))
+    path.chmod(0o600)
+    config = load(tmp_path)
+    assert config.redis_password == "hunter2" and config.redis_where == "redis://10.0.0.5:7000"
+    assert "hunter2" not in repr(config) and not config.use_socket
