@@ -110,8 +110,8 @@ class Coordination:
             raise _user_error(exc) from None
 
     def _queue(self, pipe, name: str, *args) -> None:
-        """Add a script to `pipe` (a MULTI/EXEC the caller executes): resp.Script sends it whole
-        there, as a NOSCRIPT inside EXEC would not undo the transaction's other writes."""
+        """Add a script to `pipe` (a MULTI/EXEC the caller executes): by SHA1, its text loaded
+        once per connection (resp.Pipeline.execute, which also says what a NOSCRIPT there does)."""
         SCRIPTS[name](pipe, (self.keys.task_index,), (self.ctx, *args))
 
     # --- references ------------------------------------------------------------------------
