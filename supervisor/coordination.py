@@ -303,8 +303,13 @@ class Coordination:
         return [Task.from_hash(d) for d in (pipe.execute() if ids else []) if d]
 
     def unserved_roles(self) -> list[str]:
-        """Roles with backlog work that no agent has (`tt status`: nobody can take it)."""
-        waiting = [t.role for t in self.backlog() if t.role]
+        """Roles with backlog work that no agent has (`tt status`: nobody can take it). Counts each
+        role's backlog (ZCARD), never reads the tasks: a long backlog costs `tt status` nothing."""
+        roles = [role for role in self.r.execute_command("SMEMBERS", self.keys.backlog_roles) or [] if role != "*"]
+        pipe = self.r.pipeline(transaction=False)
+        for role in roles:
+            pipe.execute_command("ZCARD", self.keys.backlog(role))
+        waiting = [role for role, count in zip(roles, pipe.execute() if roles else []) if count]
         if not waiting:
             return []
         agent_ids = list(self.r.hvals(self.keys.agent_index))

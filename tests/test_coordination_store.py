@@ -407,6 +407,25 @@ def test_backlog_waits_for_a_matching_free_agent(town, coord):
         (any_.id, "*"), (for_test.id, "test"), (for_docs.id, "docs")]
 
 
+def test_unserved_roles_count_the_backlog_without_reading_its_tasks(town, coord):
+    spawn(town, "tester", idle=False, roles=["test"])
+    for i in range(30):
+        coord.backlog_add(f"docs {i}", role="docs")
+    coord.backlog_add("tests", role="test")
+    coord.backlog_add("anyone")
+    taken = coord.backlog_add("ops", role="ops").task
+    coord.backlog_remove(taken.id)  # its role's backlog is empty again
+
+    def task_reads() -> int:
+        stats = town.r.execute_command("INFO", "commandstats")
+        return sum(int(line.split("calls=")[1].split(",")[0]) for line in stats.splitlines()
+                   if line.startswith(("cmdstat_hgetall:", "cmdstat_hget:", "cmdstat_hmget:")))
+
+    before = task_reads()
+    assert coord.unserved_roles() == ["docs"]
+    assert task_reads() == before
+
+
 def test_backlog_add_goes_at_once_to_a_free_agent_idle_longest(town, coord):
     first = spawn(town, "first", roles=["dev"])
     spawn(town, "second", roles=["dev"])
