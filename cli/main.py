@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 
 import click
 
+from tinytown.cli.entry import explain as _explain, stop_command
 from tinytown.supervisor.errors import TinytownError
+from tinytown.supervisor.procutil import exit_now
 
 STATES = ("pending", "assigned", "running", "completed", "failed", "cancelled")
 
@@ -31,33 +32,6 @@ class TinytownGroup(click.Group):
 
 
 CONFIG_META = "tinytown.config"  # the command's Config, once loaded (click's meta is shared by its contexts)
-
-
-def _explain(exc: Exception, config=None) -> str:
-    """One line for an unexpected error; the town's Redis errors by their class in resp.py."""
-    resp = sys.modules.get("tinytown.supervisor.resp")  # not loaded: the error cannot be one of its
-    if resp is not None and isinstance(exc, resp.RespError):
-        if isinstance(exc, resp.NotAnswering):
-            pid = _redis_pid(config)
-            return f"the town's Redis does not answer ({f'pid {pid}, ' if pid else ''}stopped?)"
-        if isinstance(exc, resp.PasswordRefused):
-            return str(exc)
-        if isinstance(exc, resp.RespConnectionError):
-            if config is not None and config.redis_url:  # not ours to start: the reason is all there is
-                return f"cannot reach the town's Redis: {exc}"
-            return f"cannot reach the town's Redis: {exc} (is the town running? `tt start`)"
-        return f"Redis error: {exc}"
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _redis_pid(config) -> int | None:
-    """The pid redis-server wrote to .tt/redis.pid, if it did."""
-    if config is None:
-        return None
-    try:
-        return int(config.redis_pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return None
 
 
 def _fail(message: str, code: int = 1):
@@ -414,7 +388,6 @@ def task(task_id, raw, as_json, town_path):
 def start(host, town_path):
     """Run the supervisor in the foreground (Ctrl+C stops the town gracefully)."""
     from tinytown.supervisor.daemon import Supervisor
-    from tinytown.supervisor.procutil import exit_now
     config = _config(town_path)
     exit_now(Supervisor(config, say=lambda text: click.echo(f"tt: {text}"), host=config.host_name(host)).serve())
 
@@ -425,21 +398,7 @@ def start(host, town_path):
 @town_option
 def stop(now, as_json, town_path):
     """Stop every runner, then redis-server; unfinished tasks go back to their inbox."""
-    from tinytown.supervisor.lifecycle import stop as stop_town
-    config = _config(town_path)
-    report = stop_town(config, now=now)
-    if as_json:
-        _print_json(report or {"running": False})
-        return
-    if report is None:
-        click.echo(f"Town {config.name} is not running")
-        return
-    stopped = report.get("stopped", []) + report.get("killed", [])
-    click.echo(f"Stopped town {config.name}: {len(stopped)} runner(s)" + (f" ({', '.join(stopped)})" if stopped else ""))
-    if report.get("requeued"):
-        click.echo(f"Re-queued {len(report['requeued'])} unfinished task(s): {', '.join(report['requeued'])}")
-    if report.get("pending"):
-        click.echo(f"{report['pending']} task(s) wait in inboxes for the next start")
+    stop_command(_config(town_path), now, as_json, click.echo)  # (also cli/entry.py's, without click)
 
 
 @cli.command(name="reload")
@@ -543,12 +502,7 @@ def main() -> None:
         code = 1
     # A `tt` command is done once its output is out: skip the interpreter's teardown of every
     # imported module (several ms; `tt list` is meant to feel instant).
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code or 0)
+    exit_now(code or 0)
 
 
 # More commands, in modules of their own that use the helpers above: run as `python -m`, this

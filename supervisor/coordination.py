@@ -110,8 +110,8 @@ class Coordination:
             raise _user_error(exc) from None
 
     def _queue(self, pipe, name: str, *args) -> None:
-        """Add a script to `pipe` (a MULTI/EXEC the caller executes): resp.Script sends it whole
-        there, as a NOSCRIPT inside EXEC would not undo the transaction's other writes."""
+        """Add a script to `pipe` (a MULTI/EXEC the caller executes): by SHA1, its text loaded
+        once per connection (resp.Pipeline.execute, which also says what a NOSCRIPT there does)."""
         SCRIPTS[name](pipe, (self.keys.task_index,), (self.ctx, *args))
 
     # --- references ------------------------------------------------------------------------
@@ -303,8 +303,13 @@ class Coordination:
         return [Task.from_hash(d) for d in (pipe.execute() if ids else []) if d]
 
     def unserved_roles(self) -> list[str]:
-        """Roles with backlog work that no agent has (`tt status`: nobody can take it)."""
-        waiting = [t.role for t in self.backlog() if t.role]
+        """Roles with backlog work that no agent has (`tt status`: nobody can take it). Counts each
+        role's backlog (ZCARD), never reads the tasks: a long backlog costs `tt status` nothing."""
+        roles = [role for role in self.r.execute_command("SMEMBERS", self.keys.backlog_roles) or [] if role != "*"]
+        pipe = self.r.pipeline(transaction=False)
+        for role in roles:
+            pipe.execute_command("ZCARD", self.keys.backlog(role))
+        waiting = [role for role, count in zip(roles, pipe.execute() if roles else []) if count]
         if not waiting:
             return []
         agent_ids = list(self.r.hvals(self.keys.agent_index))

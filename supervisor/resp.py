@@ -373,6 +373,9 @@ class RespClient(_Commands):
         if node:
             self.host, self.port = node
         self.probed = path is not None or route_key is None or node is not None
+        # SHA1s of the Scripts this connection has seen Redis run or load: a pipeline sends those
+        # by SHA1 alone. Forgotten with the connection (a new one may be to a restarted server).
+        self.scripts: set[str] = set()
 
     @property
     def where(self) -> str:
@@ -509,6 +512,7 @@ class RespClient(_Commands):
             self.sock = self.reader = None
             self.setup_unread = []
         self.watching = False
+        self.scripts = set()
 
     def _ensure(self, idle: bool = True) -> None:
         """A connection to send on: a new one if there is none, or if Redis closed this one while
@@ -679,19 +683,32 @@ class Pipeline(_Commands):
     def __init__(self, client: RespClient, transaction: bool):
         self.client = client
         self.transaction = transaction
-        self.queued: list[tuple] = []
+        self.queued: list[tuple] = []      # (args, shape, the Script if it is one)
 
     def _call(self, args, shape=None):
-        self.queued.append((tuple(args), shape))
+        self.queued.append((tuple(args), shape, None))
+        return self
+
+    def _script(self, script: "Script", keys, args):
+        self.queued.append((("EVALSHA", script.sha, len(keys), *keys, *args), None, script))
         return self
 
     def execute(self) -> list:
         queued, self.queued = self.queued, []
         if not queued:
             return []
-        commands = [args for args, _ in queued]
+        client = self.client
+        client._ensure()  # (before looking at client.scripts: a new connection knows none)
+        # A script this connection has not seen yet is loaded in the same round trip, ahead of
+        # the transaction, so the transaction itself always names scripts by SHA1 (their text is
+        # 6-9 KB each); SCRIPT LOAD, unlike EVAL, puts it where Redis never evicts it.
+        loads = list({script.sha: script for _, _, script in queued
+                      if script is not None and script.sha not in client.scripts}.values())
+        commands = [("SCRIPT", "LOAD", script.source) for script in loads]
+        commands += [args for args, _, _ in queued]
         if self.transaction:
-            replies = self.client._roundtrip([("MULTI",), *commands, ("EXEC",)], len(commands) + 2)
+            replies = client._roundtrip(commands[:len(loads)] + [("MULTI",), *commands[len(loads):], ("EXEC",)],
+                                        len(commands) + 2)
             for reply in replies[:-1]:
                 if isinstance(reply, RespError):
                     raise reply
@@ -699,10 +716,22 @@ class Pipeline(_Commands):
             if replies is None:
                 raise WatchError("a watched key changed: the transaction was not carried out")
         else:
-            replies = self.client._roundtrip(commands, len(commands))
+            replies = client._roundtrip(commands, len(commands))
+            for reply in replies[:len(loads)]:
+                if isinstance(reply, RespError):
+                    raise reply
+            replies = replies[len(loads):]
+        client.scripts.update(script.sha for script in loads)
         out = []
-        for reply, (_, shape) in zip(replies, queued):
-            if isinstance(reply, RespError):
+        for reply, (args, shape, script) in zip(replies, queued):
+            if isinstance(reply, NoScriptError):
+                # Only a SCRIPT FLUSH since the load can do this (a restarted server is a new
+                # connection): NOSCRIPT fails that one command, not the transaction, so the script
+                # runs now, after the others. The scripts queued in transactions are written to
+                # be correct run on their own (releases and claims are idempotent).
+                client.scripts.clear()
+                reply = script(client, args[3:3 + args[2]], args[3 + args[2]:])
+            elif isinstance(reply, RespError):
                 raise reply
             out.append(shape(reply) if shape else reply)
         return out
@@ -753,23 +782,32 @@ class Subscription:
 
 
 class Script:
-    """A Lua script run by its SHA1 (EVALSHA), sent whole (EVAL) when Redis does not have it yet.
+    """A Lua script run by its SHA1 (EVALSHA), sent whole only when Redis does not have it yet.
 
-    In a pipeline it is always sent whole: a NOSCRIPT inside a transaction could not be retried.
+    Alone: EVALSHA, and EVAL on NOSCRIPT. In a pipeline: loaded once per connection (SCRIPT LOAD,
+    in the pipeline's round trip), then by SHA1 only; see Pipeline.execute for a NOSCRIPT there.
     """
 
     def __init__(self, source: str):
-        import hashlib  # here: only the processes that run scripts pay for it
         self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
+        self._sha = ""
+
+    @property
+    def sha(self) -> str:
+        if not self._sha:
+            import hashlib  # here: only the processes that run scripts pay for it
+            self._sha = hashlib.sha1(self.source.encode()).hexdigest()
+        return self._sha
 
     def __call__(self, client, keys=(), args=()):
         if isinstance(client, Pipeline):
-            return client.eval(self.source, keys, args)
+            return client._script(self, keys, args)
         try:
-            return client.evalsha(self.sha, keys, args)
+            reply = client.evalsha(self.sha, keys, args)
         except NoScriptError:
-            return client.eval(self.source, keys, args)
+            reply = client.eval(self.source, keys, args)
+        client.scripts.add(self.sha)
+        return reply
 
 
 class Sender:

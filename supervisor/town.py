@@ -15,14 +15,14 @@ from .hosts import Fenced, Hosts
 from .keys import Keys
 from .models import (AGENT_TRANSITIONS, Agent, AgentState, InvalidTransition, Message, StopMode, Task,
                      TaskState, check_agent_transition, check_task_transition, new_id, now)
-from .resp import RespClient, RespError, WatchError, connect
+from .resp import RespClient, RespError, Script, WatchError, connect
 
 
 EVENTS_MAXLEN = 5000
 
 # KEYS[1]: an agent's hash; ARGV: the new state, the states it may follow (",a,b,": see
 # _ALLOWED_BEFORE), then field, value pairs to write with it. Returns the old state.
-SET_AGENT_STATE = """
+SET_AGENT_STATE = Script("""
 local old = redis.call('HGET', KEYS[1], 'state') or ''
 if old ~= ARGV[1] and not string.find(ARGV[2], ',' .. old .. ',', 1, true) then
   local from = old == '' and 'no record' or ("'" .. old .. "'")
@@ -30,7 +30,7 @@ if old ~= ARGV[1] and not string.find(ARGV[2], ',' .. old .. ',', 1, true) then
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], unpack(ARGV, 3))
 return old
-"""
+""")
 # For each state, the states it may follow, as the script reads them: models.AGENT_TRANSITIONS
 # turned around. A record that is not there (never made, or pruned: `tt prune`) is never written:
 # spawn makes an agent's record whole, and a state write racing with a prune must not bring back
@@ -178,8 +178,8 @@ class Town:
         args = [state.value, _ALLOWED_BEFORE[state]] + [x for pair in values.items() for x in pair]
         target = pipe if pipe is not None else self.r
         try:
-            target.execute_command("EVAL", SET_AGENT_STATE, 1, self.keys.agent(agent_id), *args)
-        except Exception as exc:  # noqa: BLE001 - redis-py's ResponseError or resp.py's RespError
+            SET_AGENT_STATE(target, (self.keys.agent(agent_id),), args)
+        except RespError as exc:
             raise _transition_error(exc) from None
 
     def become_idle(self, agent_id: str, **fields) -> None:

@@ -177,6 +177,37 @@ def git(cwd: Path, *args: str, input: bytes | None = None, ok=(0,), identity: st
         raise Unavailable("not-git", "git is not installed (or not on PATH)") from None
     except subprocess.TimeoutExpired:
         raise WorkspaceError(f"git {args[0]} in {cwd} took over {GIT_TIMEOUT:g}s; gave up") from None
+    return _checked(cwd, args, done, ok)
+
+
+def git_together(cwd: Path, *commands: tuple[tuple[str, ...], tuple[int, ...] | range]
+                 ) -> list[subprocess.CompletedProcess]:
+    """Run git commands that neither read what the other writes, each (ARGS, ok), at the same time:
+    a task's path waits for the slowest of them, not their sum (each is a few ms, mostly process
+    start and reading the index). Read-only ones beside one that writes the index are fine: git
+    replaces the index in one rename."""
+    procs: list[subprocess.Popen] = []
+    try:
+        for args, _ in commands:
+            procs.append(subprocess.Popen(["git", *GIT_OPTIONS, *args], cwd=cwd, stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env()))
+        done = []
+        for proc, (args, _) in zip(procs, commands):
+            out, err = proc.communicate(timeout=GIT_TIMEOUT)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    except FileNotFoundError:
+        raise Unavailable("not-git", "git is not installed (or not on PATH)") from None
+    except subprocess.TimeoutExpired:
+        raise WorkspaceError(f"git {commands[len(done)][0][0]} in {cwd} took over {GIT_TIMEOUT:g}s; gave up") from None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return [_checked(cwd, args, result, ok) for result, (args, ok) in zip(done, commands)]
+
+
+def _checked(cwd: Path, args, done: subprocess.CompletedProcess, ok) -> subprocess.CompletedProcess:
     if done.returncode not in ok:
         raise WorkspaceError(f"git {args[0]} failed in {cwd}: {_last_line(done)}")
     return done
@@ -579,10 +610,13 @@ class Workspace:
         git(self.path, "add", "-A")
         files = None
         if head is not None and base == head:
-            files = self._numstat(base, None)       # also says whether there is anything to commit
+            # The diff stat (which also says whether there is anything to commit) and the tree, at
+            # once; a tree written for nothing is HEAD's own, and harmless.
+            numstat, tree = git_together(self.path, (self._numstat_args(base, None), (0,)), (("write-tree",), (0,)))
+            files = parse_numstat(numstat.stdout)
             if not files:
                 return "", files
-            tree = _oid(git(self.path, "write-tree").stdout)
+            tree = _oid(tree.stdout)
         else:
             tree = _oid(git(self.path, "write-tree").stdout)
             if head is not None and tree == _oid(git(self.path, "rev-parse", f"{head}^{{tree}}").stdout):
@@ -597,9 +631,12 @@ class Workspace:
         return new, files
 
     def _numstat(self, base: str, head: str | None) -> list[FileChange]:
-        revs = ["--cached", base] if head is None else [base, head]
-        out = git(self.path, "diff", "--numstat", "-z", "-M", "--no-ext-diff", "--no-color", *revs, "--").stdout
-        return parse_numstat(out)
+        return parse_numstat(git(self.path, *self._numstat_args(base, head)).stdout)
+
+    @staticmethod
+    def _numstat_args(base: str, head: str | None) -> tuple[str, ...]:
+        revs = ("--cached", base) if head is None else (base, head)
+        return ("diff", "--numstat", "-z", "-M", "--no-ext-diff", "--no-color", *revs, "--")
 
     def _rescue(self, oid: str) -> str:
         """A detached commit gets a branch, so no later checkout can leave it to the reflog alone."""
@@ -643,14 +680,18 @@ class Workspace:
             return ()
         current = head
         for upstream in wanted:
-            base = _text(git(self.path, "merge-base", current, upstream, ok=(0, 1)).stdout).strip()
+            if upstream == current:
+                continue
+            # Whether it is a merge at all, and the merge if it is, asked at once (the merge is
+            # thrown away when upstream is already in or a fast-forward).
+            found, done = git_together(self.path, (("merge-base", current, upstream), (0, 1)), (
+                ("merge-tree", "--write-tree", "--name-only", "-z", "--no-messages", current, upstream), range(0, 256)))
+            base = _text(found.stdout).strip()
             if base == upstream:
                 continue                             # already in
             if base == current:
                 current = upstream                   # a fast-forward
                 continue
-            done = git(self.path, "merge-tree", "--write-tree", "--name-only", "-z", "--no-messages", current,
-                       upstream, ok=range(0, 256))
             if done.returncode == 1:
                 files = _conflicted(done.stdout)
                 raise MergeConflict(files, f"merging {upstream[:12]} into {self.branch} conflicts in {_names(files)}: "

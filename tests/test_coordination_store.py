@@ -154,6 +154,26 @@ def test_dependent_waits_for_every_dependency_then_goes_to_its_inbox(town, coord
     assert not town.r.exists(town.keys.dependents(a.id))
 
 
+def test_finishes_release_and_claim_after_the_scripts_are_flushed_between_them(town, coord):
+    """finish_task names its scripts by SHA1 once its connection loaded them: a SCRIPT FLUSH
+    between two finishes (NOSCRIPT inside the MULTI) still releases the dependents and claims."""
+    dev, rev = spawn(town, "dev"), spawn(town, "rev", idle=False)
+    a = coord.create_task("one", agent="dev").task
+    b = coord.create_task("two", agent="dev").task
+    after_a = coord.create_task("after one", agent="rev", after=[a.id]).task
+    after_b = coord.create_task("after two", agent="rev", after=[b.id]).task
+    backlog = coord.backlog_add("for whoever is free").task
+    assert run_one(town, coord, dev) == a.id
+    assert inbox_tasks(town, rev) == [after_a.id] and inbox_tasks(town, dev) == [b.id]
+    resp_connect(town.config).execute_command("SCRIPT", "FLUSH")
+    assert run_one(town, coord, dev) == b.id
+    assert inbox_tasks(town, rev) == [after_a.id, after_b.id]
+    assert inbox_tasks(town, dev) == [backlog.id]  # idle again: it took the backlog task
+    assert [state(town, t) for t in (a.id, b.id, after_b.id, backlog.id)] == ["completed", "completed",
+                                                                               "assigned", "assigned"]
+    assert town.r.hget(town.keys.agent(dev), "state") == "idle"
+
+
 def test_dependents_are_released_in_the_order_they_were_created(town, coord):
     dev, rev = spawn(town, "dev"), spawn(town, "rev", idle=False)
     first = coord.create_task("first", agent="dev").task
@@ -385,6 +405,25 @@ def test_backlog_waits_for_a_matching_free_agent(town, coord):
     assert [e["task"] for e in events(town, "task_claimed")] == [any_.id, for_test.id]
     assert [(e["task"], e["role"]) for e in events(town, "task_backlogged")] == [
         (any_.id, "*"), (for_test.id, "test"), (for_docs.id, "docs")]
+
+
+def test_unserved_roles_count_the_backlog_without_reading_its_tasks(town, coord):
+    spawn(town, "tester", idle=False, roles=["test"])
+    for i in range(30):
+        coord.backlog_add(f"docs {i}", role="docs")
+    coord.backlog_add("tests", role="test")
+    coord.backlog_add("anyone")
+    taken = coord.backlog_add("ops", role="ops").task
+    coord.backlog_remove(taken.id)  # its role's backlog is empty again
+
+    def task_reads() -> int:
+        stats = town.r.execute_command("INFO", "commandstats")
+        return sum(int(line.split("calls=")[1].split(",")[0]) for line in stats.splitlines()
+                   if line.startswith(("cmdstat_hgetall:", "cmdstat_hget:", "cmdstat_hmget:")))
+
+    before = task_reads()
+    assert coord.unserved_roles() == ["docs"]
+    assert task_reads() == before
 
 
 def test_backlog_add_goes_at_once_to_a_free_agent_idle_longest(town, coord):

@@ -7,11 +7,12 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import wait_for
+from conftest import BareRedis, wait_for
 from tinytown.supervisor import resp
 from tinytown.supervisor.town import Town
 
@@ -148,6 +149,38 @@ def test_script_runs_by_sha_and_falls_back_to_the_source(server):
     assert script(c.pipeline(), ["h"], [1]).hget("h", "n").execute() == [7, "7"]
     with pytest.raises(resp.ReplyError):
         resp.Script("return redis.call('LLEN', KEYS[1])")(c, ["h"])
+
+
+def _script_loads(client) -> int:
+    stats = client.execute_command("INFO", "commandstats")
+    found = [line for line in stats.splitlines() if line.startswith(("cmdstat_script|load:", "cmdstat_script:"))]
+    return int(found[0].split("calls=")[1].split(",")[0]) if found else 0
+
+
+def test_a_transaction_names_a_script_by_sha_once_this_connection_loaded_it(server, tmp_path):
+    """The finishing path's scripts (6-9 KB each) go to Redis once per connection, not in every
+    MULTI; a SCRIPT FLUSH or a restarted redis-server between two transactions costs neither."""
+    c = server.client()
+    script = resp.Script("redis.call('RPUSH', KEYS[1], ARGV[1]) return redis.call('LLEN', KEYS[1])")
+
+    def finish(item: str) -> list:
+        return script(c.pipeline(), ["done"], [item]).rpush("log", item).execute()
+
+    assert finish("a") == [1, 1] and _script_loads(c) == 1
+    assert finish("b") == [2, 2] and _script_loads(c) == 1  # by sha alone
+    server.client().execute_command("SCRIPT", "FLUSH")
+    assert finish("c") == [3, 3]  # NOSCRIPT failed that command alone: it ran after the others
+    assert c.lrange("done", 0, -1) == c.lrange("log", 0, -1) == ["a", "b", "c"]
+    assert finish("d") == [4, 4]
+
+    server.stop()  # a new redis-server where the old one was: it has no script
+    restarted = BareRedis(Path(server.path).parent)
+    try:
+        assert finish("e") == [1, 1] and _script_loads(c) == 1
+        assert c.lrange("done", 0, -1) == c.lrange("log", 0, -1) == ["e"]
+        assert script(c.pipeline(transaction=False), ["done"], ["f"]).execute() == [2]
+    finally:
+        restarted.stop()
 
 
 def test_subscription_gets_messages_and_notices_the_server_going(server):

@@ -583,3 +583,29 @@ def test_workspace_config(tmp_path):
         (tmp_path / "tinytown.toml").write_text(f'name = "t"\n[workspace]\n{text}\n')
         with pytest.raises(TinytownError, match=pattern):
             load(tmp_path)
+
+
+def test_git_commands_run_side_by_side_answer_each_and_a_failure_is_one_line(town):
+    """git_together (two git commands a task needs, neither needing the other's answer): each
+    result as git() gives it; a status outside a command's `ok` is a WorkspaceError naming it."""
+    first = head(town)
+    base, tree = ws.git_together(town, (("merge-base", first, first), (0, 1)), (("write-tree",), (0,)))
+    assert base.stdout.decode().strip() == first
+    assert tree.stdout.decode().strip() == git(town, "rev-parse", "HEAD^{tree}").strip()
+    with pytest.raises(WorkspaceError, match=r"^git cat-file failed in .*: fatal: "):
+        ws.git_together(town, (("rev-parse", "HEAD"), (0,)), (("cat-file", "-t", "0" * 40), (0,)))
+    assert status(town) == ""
+
+
+def test_a_dependency_that_is_a_fast_forward_or_already_in_makes_no_merge_commit(town):
+    dev, rev = Workspace(town, "dev"), Workspace(town, "rev")
+    dev.ensure(), rev.ensure()
+    dev.begin("t1")
+    (dev.path / "a.txt").write_text("dev\n")
+    upstream = dev.end("t1", "change").head
+    rev.begin("t2", after=[upstream])                 # rev has not moved: a fast-forward
+    assert head(rev.path) == upstream and (rev.path / "a.txt").read_text() == "dev\n"
+    rev.end("t2", "nothing")
+    rev.begin("t3", after=[upstream])                 # already in
+    assert head(rev.path) == upstream
+    assert git(rev.path, "log", "--merges", "--oneline") == ""

@@ -1,0 +1,126 @@
+"""`tt`'s entry point. `tt stop` runs here without click: a user waits through the whole command,
+and importing click and building every command's parser was a third of it. Any other command
+line, and any `tt stop` line this does not read exactly (--help, a typo, an option twice), goes
+to click (cli/main.py), so usage, help and errors behave one way. What `tt stop` does and prints
+is `stop_command`, which the click command calls too.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from tinytown.supervisor.errors import TinytownError
+from tinytown.supervisor.procutil import exit_now
+
+
+def main() -> None:
+    stop_args = _read_stop(sys.argv[1:])
+    if stop_args is None:
+        from tinytown.cli.main import main as click_main
+        click_main()
+        return
+    config = None
+    code = 0
+    try:
+        from tinytown.supervisor.config import load
+        town_path, now, as_json = stop_args
+        config = load(town_path)
+        stop_command(config, now, as_json, print)
+    except TinytownError as exc:
+        code = _error(str(exc))
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        code = 130
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback (as TinytownGroup does)
+        code = _error(explain(exc, config))
+    exit_now(code)  # (without the interpreter's teardown of every imported module: several ms)
+
+
+def _read_stop(args: list[str]) -> tuple[str | None, bool, bool] | None:
+    """(town path or None, --now, --json) for `[--town PATH] stop [--now] [--json] [--town PATH]`,
+    each option at most once; None for anything else (click reads it)."""
+    group_town, args = _take_town(args)
+    if not args or args[0] != "stop":
+        return None
+    town = None
+    flags: set[str] = set()
+    rest = args[1:]
+    while rest:
+        if rest[0] in ("--now", "--json") and rest[0] not in flags:
+            flags.add(rest.pop(0))
+        elif town is None and (rest[0] == "--town" or rest[0].startswith("--town=")):
+            town, rest = _take_town(rest)
+            if town is None:
+                return None
+        else:
+            return None
+    # As click resolves it: the command's --town, else TT_TOWN_DIR (if not empty), else the group's.
+    return town or os.environ.get("TT_TOWN_DIR") or group_town, "--now" in flags, "--json" in flags
+
+
+def _take_town(args: list[str]) -> tuple[str | None, list[str]]:
+    """A leading `--town PATH` or `--town=PATH`: (PATH, the rest); a PATH that looks like an option
+    or is missing gives ("", args) so the caller hands the line to click."""
+    if args and args[0] == "--town":
+        if len(args) < 2 or not args[1] or args[1].startswith("-"):
+            return "", args
+        return args[1], args[2:]
+    if args and args[0].startswith("--town="):
+        value = args[0][len("--town="):]
+        return (value, args[1:]) if value and not value.startswith("-") else ("", args)
+    return None, args
+
+
+def stop_command(config, now: bool, as_json: bool, echo) -> None:
+    """`tt stop`: ask the supervisor to stop, wait for it, say what it stopped."""
+    from tinytown.supervisor.lifecycle import stop as stop_town
+    report = stop_town(config, now=now)
+    if as_json:
+        echo(json.dumps(report or {"running": False}, indent=2, default=str))
+        return
+    if report is None:
+        echo(f"Town {config.name} is not running")
+        return
+    stopped = report.get("stopped", []) + report.get("killed", [])
+    echo(f"Stopped town {config.name}: {len(stopped)} runner(s)" + (f" ({', '.join(stopped)})" if stopped else ""))
+    if report.get("requeued"):
+        echo(f"Re-queued {len(report['requeued'])} unfinished task(s): {', '.join(report['requeued'])}")
+    if report.get("pending"):
+        echo(f"{report['pending']} task(s) wait in inboxes for the next start")
+
+
+def explain(exc: Exception, config=None) -> str:
+    """One line for an unexpected error; the town's Redis errors by their class in resp.py."""
+    resp = sys.modules.get("tinytown.supervisor.resp")  # not loaded: the error cannot be one of its
+    if resp is not None and isinstance(exc, resp.RespError):
+        if isinstance(exc, resp.NotAnswering):
+            pid = _redis_pid(config)
+            return f"the town's Redis does not answer ({f'pid {pid}, ' if pid else ''}stopped?)"
+        if isinstance(exc, resp.PasswordRefused):
+            return str(exc)
+        if isinstance(exc, resp.RespConnectionError):
+            if config is not None and config.redis_url:  # not ours to start: the reason is all there is
+                return f"cannot reach the town's Redis: {exc}"
+            return f"cannot reach the town's Redis: {exc} (is the town running? `tt start`)"
+        return f"Redis error: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _redis_pid(config) -> int | None:
+    """The pid redis-server wrote to .tt/redis.pid, if it did."""
+    if config is None:
+        return None
+    try:
+        return int(config.redis_pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _error(message: str) -> int:
+    print(f"tt: error: {message}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    main()
