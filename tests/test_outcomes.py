@@ -256,3 +256,15 @@ def test_an_unanswered_question_shows_the_agent_waiting_for_input(make_town):
     (town.record / "g2").touch()
     assert town.wait_task(task_id)["state"] == "completed"
     assert town.wait_agent("dev")["question"] == ""
+
+
+def test_a_stop_while_waiting_for_input_puts_the_task_back_and_clears_the_question(make_town):
+    town = make_town(extra=WATCHED.replace("stall_timeout = 1.5", "stall_timeout = 0"))
+    town.tt("spawn", "dev", "--model", "watched", "--shared")
+    task_id = town.assign("dev", "@ask-gate never Overwrite? [y/n]")
+    town.wait_agent("dev", states=("waiting",))
+    town.tt("stop", "--now")
+    agent, task = town.agent("dev"), town.task(task_id)  # (read from the stopped town's files)
+    assert (agent["state"], agent["question"], task["state"]) == ("stopped", "", "assigned")
+    log = (town.root / ".tt" / "logs" / "dev.log").read_text()
+    assert f"task {task_id} interrupted by stop; back in the inbox" in log and "Traceback" not in log
