@@ -102,9 +102,9 @@ class OutputWatch:
         notices: tuple[Notice, ...] = (RESUMED,) if self.asking else ()
         self.asking, self.looked = "", False
         last = chunks[-1]
-        small = len(chunks) == 1 and len(last) <= SMALL_BATCH
+        small = len(chunks) <= 4 and sum(map(len, chunks)) <= SMALL_BATCH  # (a few lines that came together)
         if small:
-            text = self.line + last
+            text = self.line + (last if len(chunks) == 1 else b"".join(chunks))
         elif len(last) >= TAIL_BYTES:
             text = last[-TAIL_BYTES:]          # (its first line is cut: fine for the last ones)
         else:

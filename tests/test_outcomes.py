@@ -41,7 +41,7 @@ def test_the_same_line_batch_after_batch_is_a_stall_but_a_run_of_equal_lines_at_
     w = watch(stall_repeats=3)
     assert w.feed([b"x" * 79 + b"\r\n"] * 1 + [], 1.0) == ()
     assert w.feed([(b"y" * 79 + b"\r\n") * 40], 1.1) == ()  # forty at once: one batch, counted once
-    assert w.feed([RECONNECT], 2.0) == () and w.feed([b"\r\n" + RECONNECT], 3.0) == ()  # (blank lines: no matter)
+    assert w.feed([RECONNECT], 2.0) == () and w.feed([b"\r\n", RECONNECT], 3.0) == ()  # (blank lines: no matter)
     stalled = w.feed([RECONNECT], 4.0)
     assert [n.kind for n in stalled] == ["stalled"]
     assert stalled[0].line == "the same line 3 times: ERROR: Reconnecting... waiting for network"
