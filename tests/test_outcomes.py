@@ -194,6 +194,7 @@ def test_an_error_line_fails_a_task_that_exits_0(make_town):
     bad = town.assign("dev", "@echo working\n@red FATAL: no model answered\n@echo Tokens: 0 sent")
     aider = town.assign("aid", "@echo litellm.InternalServerError: OpenAIException - Connection error.")
     fine = town.assign("dev", "@echo only a line that starts with it fails: FATAL: x")
+    exit3 = town.assign("dev", "@echo FATAL: disk full\n@exit 3")
     assert town.wait_task(bad)["state"] == "failed"
     task = town.task(bad)
     assert task["exit_code"] == 0 and task["reason"] == "FATAL: no model answered"
@@ -201,6 +202,8 @@ def test_an_error_line_fails_a_task_that_exits_0(make_town):
     assert (task["state"], task["exit_code"]) == ("failed", 0)
     assert task["reason"] == "litellm.InternalServerError: OpenAIException - Connection error."
     assert town.wait_task(fine)["state"] == "completed"
+    task = town.wait_task(exit3)  # a failure's reason says why, besides the status
+    assert (task["state"], task["exit_code"], task["reason"]) == ("failed", 3, "exit code 3: FATAL: disk full")
     assert any(e.get("reason") == "FATAL: no model answered" for e in _events(town, "task_failed"))
 
 
