@@ -22,9 +22,8 @@ from pexpect.expect import searcher_re
 
 from .terminal_text import clean_line
 
-TAIL_BYTES = 4096          # of a batch, only the end is looked at for its last lines
+TAIL_BYTES = 4096          # of a batch, only the end is looked at (a batch this small: each of its lines)
 LINE_BYTES = 4096          # a line is judged by its last this many bytes
-SMALL_BATCH = 4096         # a batch this small has each of its lines looked at (repeats)
 MAX_ANSWERS = 100          # per task: a CLI asking the same thing over and over is then left to stall
 SHOWN_CHARS = 200          # a line quoted in a reason, an event or `tt status`
 
@@ -101,28 +100,29 @@ class OutputWatch:
         self.last_output_at = now
         notices: tuple[Notice, ...] = (RESUMED,) if self.asking else ()
         self.asking, self.looked = "", False
-        last = chunks[-1]
-        small = len(chunks) <= 4 and sum(map(len, chunks)) <= SMALL_BATCH  # (a few lines that came together)
-        if small:
-            text = self.line + (last if len(chunks) == 1 else b"".join(chunks))
-        elif len(last) >= TAIL_BYTES:
-            text = last[-TAIL_BYTES:]          # (its first line is cut: fine for the last ones)
-        else:
-            text = b"".join(chunks[-3:])[-TAIL_BYTES:]
+        # The batch's end: its last TAIL_BYTES, from as few reads as hold them (usually the last).
+        last, first = chunks[-1], len(chunks) - 1
+        size = len(last)
+        while size < TAIL_BYTES and first > 0:
+            first -= 1
+            size += len(chunks[first])
+        text = last if first == len(chunks) - 1 else b"".join(chunks[first:])
+        whole = first == 0 and size <= TAIL_BYTES  # a few lines that came together: each is looked at
+        text = self.line + text if whole else text[-TAIL_BYTES:]  # (cut: its first line is not whole)
         if b"\n" in text:
             lines = text.split(b"\n")
             self.line = lines.pop()[-LINE_BYTES:]
             self.last_line = lines[-1][-LINE_BYTES:]
             self.line_no += len(lines)
             if self.stall_repeats:
-                if small:
+                if whole:
                     stalled = self._count_repeats(lines)
                     if stalled:
                         notices += (stalled,)
                 else:  # flat-out output: not a CLI stuck retrying
                     self.repeats = 0
         else:
-            self.line = (text if small else self.line + text)[-LINE_BYTES:]
+            self.line = text[-LINE_BYTES:]
         if self.searcher is not None and self.answers_sent < MAX_ANSWERS:
             answer = self._answer()
             if answer is not None:

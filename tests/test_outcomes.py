@@ -78,6 +78,9 @@ def test_a_prompt_is_answered_once_each_time_it_is_asked():
     assert [n.answer.send for n in again] == [b"y\r"]
     assert [n.answer.send for n in w.feed([b"\r\nOverwrite a.txt?\r\n"], 4.0)] == [b"n\r"]  # the preset's
     assert w.feed([b"nothing to answer\r\n"], 5.0) == ()
+    # a prompt that arrives in pieces: across reads of one batch, and across batches
+    assert [n.line for n in w.feed([b"ok\r\nPro", b"ceed? [y/N] "], 6.0)] == ["Proceed? [y/N]"]
+    assert w.feed([b"\r\nOverwr"], 7.0) == () and [n.line for n in w.feed([b"ite b.txt?"], 7.1)] == ["Overwrite b.txt?"]
 
 
 def test_a_prompt_at_the_end_of_a_flood_is_answered_and_a_flood_is_no_repeat():
