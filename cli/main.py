@@ -193,14 +193,17 @@ def init(ctx, name, default_cli, max_agents, force, town_path):
 @click.option("--from", "from_ref", metavar="REF", help="Start its worktree's branch at REF (default: HEAD).")
 @click.option("--role", "roles", multiple=True, metavar="ROLE", help="Backlog work it may take (repeatable).")
 @click.option("--host", "pin", metavar="HOST", help="Run it on this host only (default: the live host with most room).")
+@click.option("--answer", "answers", multiple=True, metavar="REGEX=TEXT",
+              help="When its CLI's last line matches REGEX, type TEXT (\\r is Enter; repeatable).")
 @json_option
 @town_option
-def spawn(name, cli_name, task_timeout, shared, from_ref, roles, pin, as_json, town_path):
+def spawn(name, cli_name, task_timeout, shared, from_ref, roles, pin, answers, as_json, town_path):
     """Register agent NAME; the supervisor starts its runner (and is started if needed). In a git
     town its CLI works in agents/NAME, a worktree on branch tt/NAME."""
-    from tinytown.supervisor.config import validate_name
+    from tinytown.supervisor.config import parse_answer, validate_name
     config = _config(town_path)
     validate_name("agent", name)
+    answers = [parse_answer(answer) for answer in answers]
     config.cli(cli_name or config.default_cli)  # unknown preset: fail before starting anything
     for role in roles:
         validate_name("role", role)
@@ -214,7 +217,7 @@ def spawn(name, cli_name, task_timeout, shared, from_ref, roles, pin, as_json, t
     workspace = {"mode": "shared"} if shared else workspace_commands.prepare_workspace(
         config, town, name, from_ref, quiet=as_json)
     agent = town.spawn(name, cli_name or config.default_cli, task_timeout, workspace=workspace["mode"],
-                       branch=workspace.get("branch", ""), host=pin or "")
+                       branch=workspace.get("branch", ""), host=pin or "", answers=answers)
     if roles:
         roles = town.coordination.set_roles(name, roles)
     if as_json:

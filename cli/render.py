@@ -16,8 +16,10 @@ STATE_COLOURS = {
     "backoff": "bright_red", "failed": "red", "pending": "cyan", "assigned": "blue", "running": "yellow",
     "completed": "green", "cancelled": "bright_black", "unresponsive": "red",
     "healthy": "green", "restarting": "bright_red", "paused": "bright_blue", "lost": "red", "live": "green",
-    "lapsed": "bright_red",
+    "lapsed": "bright_red", "waiting for input": "bright_yellow",
 }
+# A state as a user reads it, where the word stored says less.
+STATE_WORDS = {"waiting": "waiting for input"}
 # What `tt interrupt/close/kill` asked, while the agent's runner is still on its way out.
 HOLD_NOTES = {"pause": "pausing after its current task", "close": "closing after its current task",
               "kill": "being killed"}
@@ -33,10 +35,12 @@ def agent_lines(agents, pending, roles=None, host_states=None) -> None:
     host_states = host_states or {}
     many_hosts = len(host_states) > 1
     for a in agents:
-        shown = "lost" if host_states.get(a.host) == "lost" else a.state
+        shown = "lost" if host_states.get(a.host) == "lost" else STATE_WORDS.get(a.state, a.state)
         state = click.style(shown.capitalize(), fg=STATE_COLOURS.get(shown))
         extra = f", host {a.host}" + (" (pinned)" if a.pinned else "") if many_hosts or a.pinned else ""
         extra += f", {pending.get(a.id, 0)} pending" if pending.get(a.id) else ""
+        if a.state == "waiting" and a.question:
+            extra += f", asks {clean_text(a.question)!r}: tt attach {a.name}"
         if a.hold and a.state not in ("paused", "stopped"):
             extra += f", {HOLD_NOTES.get(a.hold, a.hold)}"
         elif a.hold in ("close", "kill"):
@@ -111,7 +115,8 @@ def status(data: dict) -> None:
     console.print(_counts("  agents: ", {h: health[h] for h in order if h in health}))
     # STATE is the agent's state, except that a stale heartbeat shows as unresponsive and backoff
     # as restarting: what a user needs to know first. NOTE says why and what happens next.
-    rows = [(a["name"], a["state"] if a["health"] == "healthy" else a["health"], a["cli"], str(a["pid"] or "-"),
+    rows = [(a["name"], STATE_WORDS.get(a["state"], a["state"]) if a["health"] == "healthy" else a["health"],
+             a["cli"], str(a["pid"] or "-"),
              (a["current_task"] or "-")[:8], str(a["pending"]), str(a["restarts"]), _ago(a["heartbeat_at"]),
              "; ".join(t for t in (_note(a), "roles " + ",".join(a["roles"]) if a.get("roles") else "") if t))
             for a in agents]
@@ -152,6 +157,8 @@ def _note(a: dict) -> str:
         return f"{reason}; `tt restart {a['name']}` to try again"
     if health == "unresponsive":
         return f"{a['state']}, but no heartbeat for {_ago(a['heartbeat_at']).replace(' ago', '')}: the runner may be hung"
+    if a["state"] == "waiting" and a.get("question"):
+        reason = f"asks {a['question']!r}: tt attach {a['name']} to answer"
     return "; ".join(text for text in (reason, a.get("warning"), a.get("workspace_problem")) if text)
 
 

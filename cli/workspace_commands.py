@@ -133,6 +133,6 @@ def merge(ctx, ref, into, town_path):
         click.echo(f"{label}: already in {clean_text(done.branch)}")
     else:
         click.echo(f"merged {label} into {clean_text(done.branch)} ({done.how}, {done.before[:7]}..{done.after[:7]})")
-    if agent is not None and agent.state == "working":
+    if agent is not None and agent.busy:
         click.echo(f"{agent.name} is working: its running task's changes are not committed yet (they come "
                    "with its next tt merge)")

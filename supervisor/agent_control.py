@@ -78,7 +78,7 @@ class AgentControl:
     def _promise(agent: Agent, hold: Hold, to_backlog: bool) -> str:
         name = agent.name
         queue = "its queued tasks go to the backlog" if to_backlog else "its queued tasks stay queued"
-        working = agent.state == AgentState.WORKING.value and agent.current_task
+        working = agent.busy and agent.current_task
         if hold is Hold.PAUSE:
             if working:
                 return (f"{name} pauses after its current task ({agent.current_task[:8]}); "

@@ -23,6 +23,9 @@ MAX_UNIX_SOCKET_PATH = 107
 # Linux caps one argv string at MAX_ARG_STRLEN = 32 pages (128 KiB), NUL included.
 MAX_ARG_BYTES = 128 * 1024 - 1
 
+# A last line of output that asks something: it ends in "?", or offers a choice ([y/n], (yes/no)...).
+DEFAULT_QUESTION = r"\?\s*$|[\[(]\s*(?i:y(?:es)?\s*/\s*n(?:o)?)\s*[\])]"
+DEFAULT_QUESTION_AFTER = 5.0
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 PROMPT_MODES = ("stdin", "arg", "file")
@@ -47,6 +50,21 @@ class CliSpec:
     # prompt is refused rather than read as an option (the value of a flag such as -p cannot be
     # protected this way).
     options_end: bool = False
+    # What its output says about a run (supervisor/output_watch.py), for a CLI whose exit status
+    # lies (aider exits 0 after failing to reach its model) or never comes (codex's reconnect loop).
+    # fail_patterns: regexes; a line of the task's output that matches one fails the task, with
+    # that line as the reason, even on exit 0. stall_timeout: that many seconds without output
+    # and the CLI is stopped, its task `failed: stalled (...)`; stall_repeats: the same line that
+    # many times in a row, likewise (0: off). answers: (regex, text) pairs: a last line of output
+    # that matches is answered with the text, typed into the CLI's terminal. question: a regex for
+    # a last line that asks something; silent question_after seconds on such a line, the agent
+    # shows `waiting for input` ("": never).
+    fail_patterns: tuple[str, ...] = ()
+    stall_timeout: float = 0.0
+    stall_repeats: int = 0
+    answers: tuple[tuple[str, str], ...] = ()
+    question: str = DEFAULT_QUESTION
+    question_after: float = DEFAULT_QUESTION_AFTER
 
     def check_prompt(self, prompt_text: str) -> None:
         """TinytownError if this CLI cannot be handed `prompt_text` intact (before anything is written)."""
@@ -91,16 +109,24 @@ class CliSpec:
 PRESETS: dict[str, CliSpec] = {
     spec.name: spec
     for spec in (
-        CliSpec("claude", ("claude", "--print", "--dangerously-skip-permissions"), "stdin"),
+        # --print says nothing until it has finished (so no stall_timeout), and "API Error: ..."
+        # when its service failed it (exit 1 then, but the line says why).
+        CliSpec("claude", ("claude", "--print", "--dangerously-skip-permissions"), "stdin",
+                fail_patterns=(r"^API Error:",)),
         # auggie reads a prompt on stdin in --print mode (its --help does not say so; its error does).
         CliSpec("auggie", ("auggie", "--print"), "stdin"),
         # "-" makes `codex exec` read the prompt from stdin.
-        CliSpec("codex", ("codex", "exec", "--dangerously-bypass-approvals-and-sandbox", "-"), "stdin"),
+        # Without its service it prints "ERROR: Reconnecting... waiting for network" forever; at
+        # work it shows every step, so ten minutes of silence is a hang, not thought.
+        CliSpec("codex", ("codex", "exec", "--dangerously-bypass-approvals-and-sandbox", "-"), "stdin",
+                stall_timeout=600.0, stall_repeats=10),
         # --yes-always answers every question yes, so what must not be said yes to is switched off:
         # its edits to the town's .gitignore, upgrading itself (then exiting 0 having done nothing)
         # and opting in to analytics.
         CliSpec("aider", ("aider", "--yes-always", "--no-auto-commits", "--no-gitignore", "--no-check-update",
-                          "--no-analytics", "--message-file", "{prompt_file}"), "file"),
+                          "--no-analytics", "--message-file", "{prompt_file}"), "file",
+                # it exits 0 after failing to reach its model: only this line says so
+                fail_patterns=(r"litellm\.\w*Error",)),
         # A prompt on stdin makes gemini headless; headless it exits 55 in a folder it does not
         # trust (--skip-trust) and refuses edits and commands unless --yolo.
         CliSpec("gemini", ("gemini", "--skip-trust", "--yolo"), "stdin"),
@@ -559,7 +585,8 @@ def load(root: str | Path | None = None) -> Config:
 # sit at the top level, in [redis] and in [attach]); [agent_clis.NAME] is read by _read_clis.
 POLICY_TABLES = {"supervisor": SupervisorPolicy, "logs": LogPolicy, "workspace": WorkspacePolicy,
                  "tasks": TasksPolicy, "cluster": ClusterPolicy}
-CLI_KEYS = ("command", "prompt", "env")
+CLI_KEYS = ("command", "prompt", "env", "fail_patterns", "stall_timeout", "stall_repeats", "answers", "question",
+            "question_after")
 
 
 def settings(cls) -> list:
@@ -736,8 +763,73 @@ def _read_clis(source: _Source, tables: dict) -> dict[str, CliSpec]:
         env = spec.get("env", {})
         if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
             source.fail(table, "env", f"[{table}] env must be a table of strings")
-        clis[cli_name] = CliSpec(cli_name, argv, prompt, tuple(sorted(env.items())))
+        clis[cli_name] = CliSpec(cli_name, argv, prompt, tuple(sorted(env.items())),
+                                 **_read_watch(source, table, spec, PRESETS.get(cli_name)))
     return clis
+
+
+def _read_watch(source: _Source, table: str, spec: dict, preset: CliSpec | None) -> dict:
+    """[agent_clis.NAME]'s output rules (fail_patterns, stall_*, answers, question*), as CliSpec's
+    fields; a key left out keeps the value of the preset of that name, if there is one."""
+    found = {}
+    if "fail_patterns" in spec:
+        patterns = spec["fail_patterns"]
+        if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
+            source.fail(table, "fail_patterns", 'must be a list of regexes (strings), e.g. ["^Error: "]')
+        found["fail_patterns"] = tuple(_regex(source, table, "fail_patterns", p) for p in patterns)
+    for key, kind, low in (("stall_timeout", float, 0.0), ("stall_repeats", int, 0), ("question_after", float, 0.1)):
+        if key not in spec:
+            continue
+        value = spec[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool) or not math.isfinite(value):
+            source.fail(table, key, f"expected a number of {'seconds' if kind is float else 'lines'}, got {value!r}")
+        if value < low or value > 31 * DAY:
+            source.fail(table, key, f"must be between {low:g} and {31 * DAY:.0f}" + (" (0: off)" if not low else ""))
+        found[key] = value
+    if "answers" in spec:
+        answers = spec["answers"]
+        good = isinstance(answers, list) and all(
+            isinstance(a, dict) and set(a) == {"expect", "send"} and isinstance(a["expect"], str) and a["expect"]
+            and isinstance(a["send"], str) and a["send"] for a in answers)
+        if not good:
+            source.fail(table, "answers", 'must be a list of { expect = "regex", send = "text" }, '
+                        'e.g. [{ expect = "Continue\\?", send = "y\\r" }]')
+        found["answers"] = tuple((_regex(source, table, "answers", a["expect"]), a["send"]) for a in answers)
+    if "question" in spec:
+        if not isinstance(spec["question"], str):
+            source.fail(table, "question", 'must be a regex (a string; "" = never)')
+        found["question"] = spec["question"] and _regex(source, table, "question", spec["question"])
+    if preset is not None:
+        for key in ("fail_patterns", "stall_timeout", "stall_repeats", "answers", "question", "question_after"):
+            found.setdefault(key, getattr(preset, key))
+    return found
+
+
+_SEND_ESCAPES = {"r": "\r", "n": "\n", "t": "\t", "e": "\x1b", "\\": "\\"}
+
+
+def parse_answer(text: str) -> tuple[str, str]:
+    """`tt spawn --answer REGEX=TEXT`: (regex, text to type). The text is after the last "=" and
+    may say \\r (Enter), \\n, \\t, \\e (Escape) and \\\\; TinytownError if either part is bad."""
+    expect, equals, send = text.rpartition("=")
+    if not equals or not expect or not send:
+        raise TinytownError(f"--answer wants REGEX=TEXT (e.g. 'Continue\\?=y\\r'), not {text!r}")
+    try:
+        re.compile(expect)
+    except re.error as exc:
+        raise TinytownError(f"--answer {text!r}: not a regex: {expect!r}: {exc}") from None
+    return expect, re.sub(r"\\(.)", lambda m: _SEND_ESCAPES.get(m[1], m[0]), send)
+
+
+def _regex(source: _Source, table: str, key: str, pattern: str) -> str:
+    """`pattern` if Python's re compiles it; else the file's line says why."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        source.fail(table, key, f"not a regex: {pattern!r}: {exc}")
+    return pattern
 
 
 def _toml_error(path: Path, text: str, exc: Exception) -> str:
@@ -771,11 +863,22 @@ def default_town_name(folder: Path) -> str:
 
 # The tutorial's keys: `tt init` writes them uncommented, as first-town.txt shows them.
 TUTORIAL_KEYS = ("name", "default_cli", "max_agents", "use_socket", "socket_path")
-CUSTOM_CLI_EXAMPLE = ('[agent_clis.mybot]', 'your own CLI; prompt = "stdin" (default), "arg" or "file"',
-                      ('command = "mybot --non-interactive"', 'env = { MYBOT_MODE = "fast" }'))
 COMMENT_COLUMN = 28
 HOSTS_TABLE = "hosts.NAME"
 HOSTS_DOC = "one host's own settings, NAME as in `tt status`"
+# What its output decides (supervisor/output_watch.py; a preset's own values: see the README). A
+# [agent_clis.NAME] named after a preset keeps the preset's values for the keys it leaves out.
+OUTPUT_RULES_EXAMPLE = (
+    ('fail_patterns = ["^Error: "]', "a line that matches fails its task, even on exit 0"),
+    ("stall_timeout = 600", "that long without output: its CLI is stopped, `failed: stalled`; 0 = off"),
+    ("stall_repeats = 10", "the same line over and over, this many times: stalled too; 0 = off"),
+    ('answers = [{ expect = "Continue\\\\?", send = "y\\r" }]', "typed in when its last line matches"),
+    (f"question = '{DEFAULT_QUESTION}'", "a last line that asks something ..."),
+    (f"question_after = {DEFAULT_QUESTION_AFTER}", "... with this long silent on it: `waiting for input`"),
+)
+CUSTOM_CLI_EXAMPLE = ('[agent_clis.mybot]', 'your own CLI; prompt = "stdin" (default), "arg" or "file"',
+                      ('command = "mybot --non-interactive"', 'env = { MYBOT_MODE = "fast" }',
+                       *(f"{line:<{COMMENT_COLUMN - 1}} # {doc}" for line, doc in OUTPUT_RULES_EXAMPLE)))
 
 
 def _toml(value) -> str:

@@ -11,6 +11,7 @@ class AgentState(str, Enum):
     STARTING = "starting"
     IDLE = "idle"
     WORKING = "working"
+    WAITING = "waiting"    # working, but its CLI asks a question nobody answered (shown: "waiting for input")
     STOPPING = "stopping"
     STOPPED = "stopped"
     BACKOFF = "backoff"
@@ -59,7 +60,9 @@ A, T = AgentState, TaskState
 AGENT_TRANSITIONS: dict[AgentState, frozenset[AgentState]] = {
     A.STARTING: frozenset({A.IDLE, A.STOPPING, A.STOPPED, A.BACKOFF, A.FAILED, A.PAUSED}),
     A.IDLE: frozenset({A.WORKING, A.STOPPING, A.STOPPED, A.BACKOFF, A.FAILED, A.STARTING, A.PAUSED}),
-    A.WORKING: frozenset({A.IDLE, A.STOPPING, A.STOPPED, A.BACKOFF, A.FAILED, A.STARTING, A.PAUSED}),
+    A.WORKING: frozenset({A.IDLE, A.WAITING, A.STOPPING, A.STOPPED, A.BACKOFF, A.FAILED, A.STARTING, A.PAUSED}),
+    # waiting: the runner saw its CLI stop on a question; back to working at the next output.
+    A.WAITING: frozenset({A.WORKING, A.IDLE, A.STOPPING, A.STOPPED, A.BACKOFF, A.FAILED, A.STARTING, A.PAUSED}),
     A.STOPPING: frozenset({A.STOPPED, A.BACKOFF, A.FAILED, A.STARTING, A.PAUSED}),
     A.STOPPED: frozenset({A.STARTING, A.PAUSED}),
     A.BACKOFF: frozenset({A.STARTING, A.STOPPED, A.FAILED, A.PAUSED}),
@@ -170,12 +173,27 @@ class Agent(_Hash):
     host: str = ""
     pinned: int = 0
     epoch: int = 0
+    answers: str = ""                # JSON [[regex, text], ...]: typed into its CLI when asked (`tt spawn --answer`)
+    question: str = ""               # while `waiting`: the question its CLI stopped on (cleaned text)
+
+    @property
+    def busy(self) -> bool:
+        """Running a task: working, or waiting for input in the middle of one."""
+        return self.state in (AgentState.WORKING.value, AgentState.WAITING.value)
+
+    def answer_pairs(self) -> tuple[tuple[str, str], ...]:
+        """`answers` parsed (a record a hand edit broke: none)."""
+        try:
+            found = json.loads(self.answers) if self.answers else []
+            return tuple((str(expect), str(send)) for expect, send in found)
+        except (ValueError, TypeError):
+            return ()
 
     def health(self, stale_after: float, at: float | None = None) -> str:
         """What `tt status` tells a user at a glance: healthy (idle or working with a fresh heartbeat),
         unresponsive (idle or working, heartbeat older than `stale_after`), restarting (backoff),
         failed, or the state itself (starting, stopping, stopped)."""
-        if self.state in (AgentState.IDLE.value, AgentState.WORKING.value):
+        if self.state == AgentState.IDLE.value or self.busy:
             stale = self.heartbeat_at is not None and (at or now()) - self.heartbeat_at > stale_after
             return "unresponsive" if stale else "healthy"
         return {AgentState.BACKOFF.value: "restarting"}.get(self.state, self.state)

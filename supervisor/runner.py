@@ -39,7 +39,8 @@ from .errors import TinytownError
 from .hosts import FENCED_EXIT, Fenced, fencing
 from .agent_log import AgentLog, keep_tail, tail_bytes
 from .attach_server import REPLAY_BYTES, AttachServer
-from .models import AgentState, StopMode, TaskState
+from .models import AgentState, InvalidTransition, StopMode, TaskState
+from .output_watch import Notice, OutputWatch
 from .procutil import drain, exit_now, signal_wakeup_pipe
 from .prompt_blocks import compose
 from .pty_session import CliSession
@@ -70,6 +71,7 @@ class Ending(Enum):
     TIMED_OUT = "timed out"  # killed at the task timeout
     STOPPED = "stopped"      # killed by a stop before it finished: back in the inbox
     CANCELLED = "cancelled"  # killed by `tt cancel`: recorded cancelled, output kept
+    STALLED = "stalled"      # killed as stuck (output_watch: silent, or one line over and over): failed
 
 
 @dataclass
@@ -83,12 +85,14 @@ class PumpClock:
     drain_until: float | None = None    # the CLI exited: how long its last output may take to arrive
     flush_at: float | None = None       # output waits for the Redis stream until then
     batch_at: float = 0.0               # the next batch of output is taken from then
+    watch_at: float | None = None       # the output watch looks at the silence then (a stall, a question)
 
     def wait(self, now: float) -> float:
         """Seconds until the next deadline still ahead (those passed have been acted on)."""
         ahead = [deadline for deadline in (self.next_beat, self.batch_at, self.grace_at, self.kill_at,
                                            self.timeout_at if self.kill_at is None else None,
-                                           self.drain_until, self.flush_at)
+                                           self.drain_until, self.flush_at,
+                                           self.watch_at if self.kill_at is None else None)
                  if deadline is not None and deadline > now]
         return min(ahead) - now if ahead else 3600.0
 
@@ -120,6 +124,8 @@ class Runner:
         self.stream: Sender | None = None         # for the output stream, on first output
         self.workspace = None                     # the agent's worktree (workspace.Workspace), if it has one
         self.workdir = config.root                # where its CLI runs: the worktree, or the town folder
+        self.watch: OutputWatch | None = None     # what the output says (stalls, questions, failures)
+        self.stall_reason = ""                    # the running CLI is stuck: why (it is being stopped)
 
     # --- signals -----------------------------------------------------------------------------
     def _install_signals(self) -> None:
@@ -173,6 +179,7 @@ class Runner:
             self.town.fence = (self.host, str(agent.epoch or 0))
         self.name = agent.name
         self.spec = self.config.cli(agent.cli)
+        self.watch = OutputWatch(self.spec, agent.answer_pairs())
         self.task_timeout = agent.task_timeout or self.config.supervisor.task_timeout or None
         self.workspace = agent_workspace(self.config.root, agent)
         if self.workspace is not None:
@@ -189,7 +196,8 @@ class Runner:
             self.idle = False  # from here a stop signal only sets stop_mode; the loop checks it
             self.warning = self.log.problem
             self.town.become_idle(self.agent_id, pid=os.getpid(), current_task="", cli_pid="", reason="",
-                                  restart_at="", heartbeat_at=f"{time.time():.6f}", warning=self.warning)
+                                  restart_at="", heartbeat_at=f"{time.time():.6f}", warning=self.warning,
+                                  question="")
             self._recover_inflight()
             while self.stop_mode is None:
                 self.idle = True
@@ -395,20 +403,26 @@ class Runner:
             self._note(f"task {task_id} interrupted by stop; back in the inbox")
             self.town.check_fence(self.agent_id)
             self.town.requeue(self.agent_id, claimed, give_back_attempt=True)
-            self.town.set_agent_state(self.agent_id, AgentState.STOPPING, current_task="", cli_pid="")
+            self.town.set_agent_state(self.agent_id, AgentState.STOPPING, current_task="", cli_pid="",
+                                      question="")
             return
         if ending is Ending.TIMED_OUT:
             reason = f"timed out after {self.task_timeout:g}s"
             state, code = TaskState.FAILED, None
+        elif ending is Ending.STALLED:
+            reason, state, code = f"stalled ({self.stall_reason})", TaskState.FAILED, None
         elif ending is Ending.CANCELLED:
             reason, state = self.cancel_reason, TaskState.CANCELLED
             code = -session.signal if session.signal else session.exit_code
         elif session.signal:
             reason, state, code = session.outcome(), TaskState.FAILED, -session.signal
         else:
+            # An exit status can lie (aider exits 0 having reached no model): a line of the output
+            # that a fail pattern matches fails the task, and says why.
             code = session.exit_code
-            state = TaskState.COMPLETED if code == 0 else TaskState.FAILED
-            reason = "" if code == 0 else session.outcome()
+            said = self.watch.failure(bytes(self.tail))
+            state = TaskState.COMPLETED if code == 0 and not said else TaskState.FAILED
+            reason = said if code == 0 else ": ".join(r for r in (session.outcome(), said) if r)
         reason, work, left_mid_operation = self._workspace_end(task_id, subject, state, reason)
         if left_mid_operation:  # mid-rebase...: nothing was committed, a human finishes it
             state = TaskState.FAILED
@@ -426,12 +440,17 @@ class Runner:
         heartbeat = self.config.supervisor.heartbeat_interval
         clock = PumpClock(next_beat=now + heartbeat, timeout_at=now + self.task_timeout if self.task_timeout else None)
         killed_for: Ending | None = None  # why the runner killed the CLI, if it did
-        self.cancel_reason = ""
+        self.cancel_reason = self.stall_reason = ""
+        self.watch.reset(now)
+        clock.watch_at = self.watch.deadline()
         exited = eof = False
         while True:
             if self.cancel_asked and not exited:
                 self.cancel_asked = False
                 self.cancel_reason = self.town.coordination.cancel_request(task_id)
+            if clock.watch_at is not None and now >= clock.watch_at and not exited:
+                self._act_on(session, task_id, self.watch.check(now))
+                clock.watch_at = self.watch.deadline()
             if not exited:
                 killed_for = self._enforce(session, clock, now, killed_for)
             watch = [self.wake_r] if eof or now < clock.batch_at else [reader.notify_r, self.wake_r]
@@ -449,6 +468,9 @@ class Runner:
                 if chunks:
                     self._output(chunks, clock, now)
                     clock.batch_at = now + BATCH_SECONDS
+                    for notice in self.watch.feed(chunks, now):
+                        self._act_on(session, task_id, notice)
+                    clock.watch_at = self.watch.deadline()
             if self.unsent and (eof or now >= clock.flush_at or self.unsent_bytes >= STREAM_FLUSH_BYTES):
                 self._stream_send(task_id)
                 clock.flush_at = None
@@ -489,6 +511,8 @@ class Runner:
                 why = Ending.TIMED_OUT
             elif self.cancel_reason:
                 why = Ending.CANCELLED
+            elif self.stall_reason:
+                why = Ending.STALLED
             else:
                 return None
             if session.poll():  # it has exited already: its status is the outcome, nothing to kill
@@ -515,6 +539,29 @@ class Runner:
             self._set_warning(self.log.problem)
         if clock.flush_at is None:
             clock.flush_at = now + STREAM_FLUSH_SECONDS
+
+    def _act_on(self, session: CliSession, task_id: str, notice: Notice | None) -> None:
+        """What the output watch saw: type an answer, stop a stalled CLI (_enforce kills it, as at
+        a timeout), show the agent waiting for input, or working again."""
+        if notice is None:
+            return
+        if notice.kind == "answer":
+            session.write(notice.answer.send)
+            self._note(f"answered {notice.line!r} with {notice.answer.send.decode('utf-8', 'replace')!r}"
+                       f" (expect {notice.answer.expect!r})")
+            self.town.event("agent_answered", agent=self.name, task=task_id, question=notice.line,
+                            expect=notice.answer.expect, sent=notice.answer.send.decode("utf-8", "replace"))
+        elif notice.kind == "stalled":
+            if not self.stall_reason:
+                self.stall_reason = notice.line
+                self._note(f"task {task_id} stalled: {notice.line}; stopping its CLI")
+        else:
+            if notice.kind == "waiting":
+                self._note(f"waiting for input: {notice.line!r} (tt attach {self.name} to answer)")
+            try:
+                self.town.set_waiting(self.agent_id, self.name, task_id, notice.line if notice.kind == "waiting" else "")
+            except InvalidTransition:  # stopping: `tt status` shows that instead
+                pass
 
     def _stream_send(self, task_id: str) -> None:
         """The output not yet in the agent's Redis stream, in entries of STREAM_FLUSH_BYTES at most

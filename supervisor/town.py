@@ -5,6 +5,7 @@ cannot leave a task both in an inbox and finished, or an agent registered past `
 """
 from __future__ import annotations
 
+import json
 import socket
 from dataclasses import dataclass
 
@@ -104,18 +105,19 @@ class Town:
 
     # --- agents ----------------------------------------------------------------------------
     def spawn(self, name: str, cli: str, task_timeout: float | None = None, workspace: str = "shared",
-              branch: str = "", host: str = "") -> Agent:
+              branch: str = "", host: str = "", answers: list[tuple[str, str]] | None = None) -> Agent:
         """Register an agent, placed on `host` (pinned there) or on the live host with the most
         free room, in one script (supervisor/hosts.py): racing spawns never exceed a host's
         max_agents. workspace: "worktree" (its CLI works in agents/NAME on `branch`, made by the
-        caller beforehand) or "shared" (in the town folder)."""
+        caller beforehand) or "shared" (in the town folder). answers: (regex, text) pairs its
+        runner types into its CLI's terminal (`tt spawn --answer`)."""
         validate_name("agent", name)
         if host:
             validate_name("host", host)
         self.config.cli(cli)  # unknown preset -> TinytownError before anything is written
         agent = Agent(id=new_id(), name=name, cli=cli, state=AgentState.STARTING.value,
                       created_at=now(), updated_at=now(), task_timeout=task_timeout, workspace=workspace,
-                      branch=branch)
+                      branch=branch, answers=json.dumps(answers) if answers else "")
         agent.host = self._place(agent, host, agent.to_hash())
         agent.pinned, agent.epoch = int(bool(host)), 1
         return agent
@@ -356,6 +358,21 @@ class Town:
         """What the agent works on despite (its log cannot be written), for `tt status`; "" clears it."""
         self.r.hset(self.keys.agent(agent_id), "warning", warning)
 
+    def set_waiting(self, agent_id: str, agent: str, task_id: str, question: str) -> None:
+        """The agent's CLI stopped on a question nobody answered (runner's output_watch): `waiting`,
+        the question on its record and in an event; question "" = output came again, `working`.
+        InvalidTransition if the agent has moved on meanwhile (stopping...)."""
+        pipe = self.r.pipeline()
+        if question:
+            self.set_agent_state(agent_id, AgentState.WAITING, pipe=pipe, question=question)
+            self._event(pipe, "agent_waiting", agent=agent, task=task_id, question=question)
+        else:
+            self.set_agent_state(agent_id, AgentState.WORKING, pipe=pipe, question="")
+        try:
+            pipe.execute()
+        except RespError as exc:
+            raise _transition_error(exc) from None
+
     def inflight(self, agent_id: str) -> list[Claimed]:
         return [Claimed(raw, Message.decode(raw)) for raw in self.r.lrange(self.keys.inflight(agent_id), 0, -1)]
 
@@ -459,7 +476,7 @@ class Town:
             })
         pipe.lrem(self.keys.inflight(agent_id), 1, claimed.raw)
         self.set_agent_state(agent_id, agent_state, pipe=pipe, old=old_agent, current_task="", cli_pid="",
-                             heartbeat_at=f"{now():.6f}")
+                             question="", heartbeat_at=f"{now():.6f}")
         self._event(pipe, f"task_{state.value}", task=task_id, exit_code=exit_code, reason=reason)
         # In the same transaction as the outcome, so no crash can separate them: its dependents
         # are released (or cancelled), and an agent going idle takes backlog work it may.

@@ -141,7 +141,7 @@ def test_the_init_template_holds_every_default(tmp_path):
     config = init_town(tmp_path, "t", default_cli="codex", max_agents=7)
     text = (tmp_path / "tinytown.toml").read_text()
     assert text.count("# [supervisor]") == 1 and "heartbeat_stale = 10.0" in text
-    setting = re.compile(r"# ((?!command|env)\w+ = |\[(supervisor|logs|workspace|tasks|attach)\])")  # (not the mybot example)
+    setting = re.compile(r"# ((?!command|env|fail_patterns|stall_|answers|question)\w+ = |\[(supervisor|logs|workspace|tasks|attach)\])")  # (not the mybot example)
     uncommented = "\n".join(line[2:] if setting.match(line) else line for line in text.splitlines())
     (tmp_path / "tinytown.toml").write_text(uncommented)
     everything = load(tmp_path)

@@ -9,8 +9,8 @@ from tinytown.supervisor.models import (AGENT_TRANSITIONS, Agent, AgentState, In
 
 
 def test_states_are_the_documented_ones():
-    assert [s.value for s in AgentState] == ["starting", "idle", "working", "stopping", "stopped", "backoff", "failed",
-                                              "paused"]
+    assert [s.value for s in AgentState] == ["starting", "idle", "working", "waiting", "stopping", "stopped", "backoff",
+                                              "failed", "paused"]
     assert [s.value for s in TaskState] == ["pending", "assigned", "running", "completed", "failed", "cancelled"]
     assert {s for s in TaskState if s.terminal} == {TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED}
     assert set(AGENT_TRANSITIONS) == set(AgentState)
@@ -21,6 +21,8 @@ def test_states_are_the_documented_ones():
     ("working", AgentState.IDLE), ("working", AgentState.BACKOFF), ("backoff", AgentState.FAILED),
     ("failed", AgentState.STARTING), ("idle", AgentState.IDLE),
     ("stopping", AgentState.PAUSED), ("paused", AgentState.STARTING), ("paused", AgentState.STOPPED),
+    ("working", AgentState.WAITING), ("waiting", AgentState.WORKING), ("waiting", AgentState.IDLE),
+    ("waiting", AgentState.STOPPING),
 ])
 def test_allowed_agent_transitions(old, new):
     assert check_agent_transition(old, new) is new
@@ -29,7 +31,8 @@ def test_allowed_agent_transitions(old, new):
 @pytest.mark.parametrize("old,new", [
     (None, AgentState.IDLE), ("stopped", AgentState.WORKING), ("failed", AgentState.IDLE),
     ("backoff", AgentState.WORKING), ("paused", AgentState.IDLE), ("paused", AgentState.WORKING),
-    ("failed", AgentState.PAUSED),
+    ("failed", AgentState.PAUSED), ("idle", AgentState.WAITING), ("stopping", AgentState.WAITING),
+    ("stopping", AgentState.WORKING),
 ])
 def test_refused_agent_transitions(old, new):
     with pytest.raises(InvalidTransition):
