@@ -164,6 +164,10 @@ class Agent(_Hash):
     to_backlog: int = 0              # 1: once its runner is gone, its queued tasks go to the backlog
     workspace: str = ""              # "worktree" (agents/NAME on `branch`) or "shared" ("": shared)
     branch: str = ""                 # its worktree's branch (tt/NAME), fixed at spawn
+    # `tt spawn --keep-context`: each task continues the CLI session of the last one (CliSpec.continued).
+    keep_context: int = 0            # 1: on, fixed at spawn
+    session: str = ""                # the session id its CLI last printed ("": none seen)
+    session_task: str = ""           # the last task whose session the next one continues ("": none yet)
 
     def health(self, stale_after: float, at: float | None = None) -> str:
         """What `tt status` tells a user at a glance: healthy (idle or working with a fresh heartbeat),

@@ -91,14 +91,15 @@ class Town:
 
     # --- agents ----------------------------------------------------------------------------
     def spawn(self, name: str, cli: str, task_timeout: float | None = None, workspace: str = "shared",
-              branch: str = "") -> Agent:
+              branch: str = "", keep_context: bool = False) -> Agent:
         """Register an agent. workspace: "worktree" (its CLI works in agents/NAME on `branch`, made
-        by the caller beforehand) or "shared" (in the town folder)."""
+        by the caller beforehand) or "shared" (in the town folder). keep_context: each task
+        continues the last one's CLI session."""
         validate_name("agent", name)
         self.config.cli(cli)  # unknown preset -> TinytownError before anything is written
         agent = Agent(id=new_id(), name=name, cli=cli, state=AgentState.STARTING.value,
                       created_at=now(), updated_at=now(), task_timeout=task_timeout, workspace=workspace,
-                      branch=branch)
+                      branch=branch, keep_context=int(keep_context))
         index = self.keys.agent_index
 
         def register(pipe):  # optimistic: two racing spawns cannot both pass the checks
@@ -308,6 +309,10 @@ class Town:
         """Block until a message arrives, moving it atomically into the in-flight list."""
         raw = self.r.blmove(self.keys.inbox(agent_id), self.keys.inflight(agent_id), timeout, "LEFT", "RIGHT")
         return None if raw is None else Claimed(raw, Message.decode(raw))
+
+    def record_session(self, agent_id: str, session: str, task_id: str) -> None:
+        """The CLI session a --keep-context agent's next task continues: `task_id`'s (id `session`)."""
+        self.r.hset(self.keys.agent(agent_id), mapping={"session": session, "session_task": task_id})
 
     def set_agent_warning(self, agent_id: str, warning: str) -> None:
         """What the agent works on despite (its log cannot be written), for `tt status`; "" clears it."""
