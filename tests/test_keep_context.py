@@ -226,3 +226,16 @@ def test_check_presets_looks_for_the_continue_flags_in_the_clis_help(tmp_path):
     assert "--keep-going not in `--help` (continue)" in claude.reasons
     assert "--session not in `--help` (resume)" in claude.reasons
 
+
+def test_the_readme_says_what_each_preset_runs_and_continues_with():
+    from conftest import REPO
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Using real CLIs"):readme.index("## How it works")]
+    rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ")}
+    for name, spec in PRESETS.items():
+        shown = " ".join(part.replace("{prompt_file}", "FILE").replace("{prompt}", "PROMPT") for part in spec.command)
+        assert f"`{shown}`" in rows[name], name
+        continues = rows[name].split("|")[4]
+        for part in spec.continue_args + spec.resume_args:
+            assert part.replace("{session}", "ID") in continues, (name, part)
+        assert continues.strip().startswith("no") is not spec.can_continue, name
