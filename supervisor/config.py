@@ -82,7 +82,8 @@ class CliSpec:
         anything but plain printable characters is not taken."""
         if not self.session_pattern:
             return ""
-        found = re.findall(self.session_pattern.encode(), output)
+        from .terminal_text import ESCAPES  # (codex prints "\x1b[1msession id:\x1b[0m ID")
+        found = re.findall(self.session_pattern.encode(), ESCAPES.sub(b"", output))
         last = found[-1] if found else b""
         session = (last[0] if isinstance(last, tuple) else last).decode("utf-8", "replace")
         if session.startswith("-") or not SESSION_ID_RE.fullmatch(session):
@@ -575,7 +576,10 @@ def _read_clis(source: _Source, tables: dict) -> dict[str, CliSpec]:
         for key in spec:
             if key not in CLI_KEYS:
                 source.unknown(table, key, CLI_KEYS)
-        command = spec.get("command")
+        # A preset's table without a command keeps the preset's command and prompt: to add env
+        # (`[agent_clis.claude] env = { IS_SANDBOX = "1" }`) or continue_args, nothing else is needed.
+        preset = PRESETS.get(cli_name) if "command" not in spec else None
+        command = list(preset.command) if preset else spec.get("command")
         if isinstance(command, str):
             try:
                 argv = tuple(shlex.split(command))
@@ -588,7 +592,7 @@ def _read_clis(source: _Source, tables: dict) -> dict[str, CliSpec]:
                         f"[{table}] needs command = \"...\" or a list of strings")
         if not argv:
             source.fail(table, "command", f"[{table}] command is empty")
-        prompt = spec.get("prompt", "stdin")
+        prompt = spec.get("prompt", preset.prompt if preset else "stdin")
         if prompt not in PROMPT_MODES:
             source.fail(table, "prompt", f"must be one of {', '.join(PROMPT_MODES)}")
         env = spec.get("env", {})
@@ -635,7 +639,7 @@ def root_caveat(spec: CliSpec, env: dict[str, str]) -> str:
     if spec.name != "claude" and os.path.basename(spec.command[0]) != "claude":
         return ""
     return (f"claude refuses {ROOT_REFUSED_FLAG} as root: only if this machine is a sandbox (a container or VM "
-            f"you can throw away), set env = {{ IS_SANDBOX = \"1\" }} in [agent_clis.{spec.name}] of tinytown.toml; "
+            f"you can throw away), add env = {{ IS_SANDBOX = \"1\" }} to [agent_clis.{spec.name}] in tinytown.toml; "
             "otherwise run the town as a normal user")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
+from dataclasses import replace
 
 import pytest
 
@@ -16,7 +17,8 @@ USER = ("-c", "user.name=User", "-c", "user.email=user@example.invalid")
 
 
 def lines_of(output: str, prefix: str) -> list[str]:
-    return [line.strip()[len(prefix):] for line in output.splitlines() if line.strip().startswith(prefix)]
+    from tinytown.supervisor.terminal_text import clean_text
+    return [line.strip()[len(prefix):] for line in clean_text(output).splitlines() if line.strip().startswith(prefix)]
 
 
 # --- the argv of a continued task ---------------------------------------------------------------
@@ -46,11 +48,13 @@ def test_session_id_is_the_last_one_the_output_shows():
     assert PRESETS["claude"].session_in(f'{{"type":"result","session_id": "{first}"}}'.encode()) == first
     assert PRESETS["gemini"].session_in(f"session id: {first}".encode()) == ""  # no pattern: none read
     assert codex.session_in(b"session id: ------------------------------------\n") == ""
+    assert codex.session_in(f"\x1b[1msession id:\x1b[0m {first}\r\n".encode()) == first  # as codex prints it
     # The id goes on the next command line: nothing that could pass for an option or carry controls.
     loose = CliSpec("mine", ("mine",), resume_args=("--session", "{session}"), session_pattern=r"sid=(\S+)")
     assert loose.session_in(b"sid=abc-1") == "abc-1"
     assert loose.session_in(b"sid=--exec=rm") == ""
-    assert loose.session_in(b"sid=ab\x1b]0;x\x07") == ""
+    assert loose.session_in(b"sid=ab\x07cd") == ""
+    assert loose.session_in(b"sid=ab\x1b]0;title\x07") == "ab"  # escape sequences go before the match
 
 
 def write_config(tmp_path, text: str):
@@ -69,6 +73,16 @@ def test_a_users_cli_sets_its_own_continuation_and_a_preset_override_keeps_the_p
     mine = config.cli("mine")
     assert mine.continued().command == ("mine", "run", "--again")
     assert mine.continued(mine.session_in(b"sid=abc1 ok")).command == ("mine", "run", "--session", "abc1")
+
+
+def test_a_presets_table_without_a_command_keeps_the_presets_command_prompt_and_continuation(tmp_path):
+    config = write_config(tmp_path, '[agent_clis.claude]\nenv = { IS_SANDBOX = "1" }\n'
+                                    '[agent_clis.copilot]\ncontinue_args = ["--continue"]\n')
+    claude = config.cli("claude")
+    assert claude == replace(PRESETS["claude"], env=(("IS_SANDBOX", "1"),))
+    assert config.cli("copilot").continued().argv("hi", "/f") == ["copilot", "--continue", "--allow-all-tools", "-p", "hi"]
+    with pytest.raises(TinytownError, match=r"needs command"):
+        write_config(tmp_path, '[agent_clis.mine]\nenv = { X = "1" }\n')
 
 
 @pytest.mark.parametrize("body, error", [
@@ -182,8 +196,7 @@ def test_claude_as_root_without_is_sandbox_is_warned_at_spawn_and_its_refusal_sa
 
 @needs_root
 def test_claude_with_is_sandbox_in_its_env_gets_no_warning_and_runs(make_town):
-    town = make_town(extra='\n[agent_clis.claude]\ncommand = "claude --print --dangerously-skip-permissions"\n'
-                           'env = { IS_SANDBOX = "1" }\n')
+    town = make_town(extra='\n[agent_clis.claude]\nenv = { IS_SANDBOX = "1" }\n')  # the preset's command kept
     town.env.pop("IS_SANDBOX", None)
     town.env["FAKE_AGENT_MIMIC"] = "1"
     spawned = town.tt("spawn", "dev", "--model", "claude")
