@@ -195,16 +195,18 @@ def init(ctx, name, default_cli, max_agents, force, town_path):
 @click.option("--host", "pin", metavar="HOST", help="Run it on this host only (default: the live host with most room).")
 @click.option("--answer", "answers", multiple=True, metavar="REGEX=TEXT",
               help="When its CLI's last line matches REGEX, type TEXT (\\r is Enter; repeatable).")
+@click.option("--keep-context", is_flag=True,
+              help="Each task continues the CLI session of the one before (the agent remembers its work).")
 @json_option
 @town_option
-def spawn(name, cli_name, task_timeout, shared, from_ref, roles, pin, answers, as_json, town_path):
+def spawn(name, cli_name, task_timeout, shared, from_ref, roles, pin, answers, keep_context, as_json, town_path):
     """Register agent NAME; the supervisor starts its runner (and is started if needed). In a git
     town its CLI works in agents/NAME, a worktree on branch tt/NAME."""
     from tinytown.supervisor.config import parse_answer, validate_name
     config = _config(town_path)
     validate_name("agent", name)
     answers = [parse_answer(answer) for answer in answers]
-    config.cli(cli_name or config.default_cli)  # unknown preset: fail before starting anything
+    spec = config.cli(cli_name or config.default_cli)  # unknown preset: fail before starting anything
     for role in roles:
         validate_name("role", role)
     if pin:
@@ -217,7 +219,10 @@ def spawn(name, cli_name, task_timeout, shared, from_ref, roles, pin, answers, a
     workspace = {"mode": "shared"} if shared else workspace_commands.prepare_workspace(
         config, town, name, from_ref, quiet=as_json)
     agent = town.spawn(name, cli_name or config.default_cli, task_timeout, workspace=workspace["mode"],
-                       branch=workspace.get("branch", ""), host=pin or "", answers=answers)
+                       branch=workspace.get("branch", ""), host=pin or "", answers=answers,
+                       keep_context=keep_context)
+    for line in _spawn_warnings(spec, keep_context, workspace["mode"] == "shared"):
+        click.echo(f"tt: warning: {line}", err=True)
     if roles:
         roles = town.coordination.set_roles(name, roles)
     if as_json:
@@ -230,6 +235,22 @@ def spawn(name, cli_name, task_timeout, shared, from_ref, roles, pin, answers, a
         where = f" in {workspace['label']} (branch {workspace['branch']})" if workspace["mode"] == "worktree" else ""
         on = f" on host {agent.host}" if pin or len(town.hosts.listing()) > 1 else ""
         click.echo(f"Spawned agent {agent.name} ({agent.id}) using {agent.cli}{where}{on}")
+
+
+def _spawn_warnings(spec, keep_context: bool, shared: bool) -> list[str]:
+    """What the user should know about the agent just spawned: it is spawned anyway, since the
+    fix is in tinytown.toml (or in who runs the town) and `tt restart` picks it up."""
+    import os
+
+    from tinytown.supervisor.config import root_caveat
+    warnings = [root_caveat(spec, {**os.environ, **dict(spec.env)})]
+    if keep_context and not spec.can_continue:
+        warnings.append(f"--keep-context: {spec.name!r} has no way to continue a session here (no continue_args "
+                        f"in [agent_clis.{spec.name}]): each task starts a new one")
+    elif keep_context and shared and spec.continue_args:
+        warnings.append(f"--keep-context in the shared town folder: without a session id {spec.name!r} continues "
+                        "the folder's last session, which may be another agent's (a worktree agent has its own)")
+    return [line for line in warnings if line]
 
 
 @cli.command(name="list")

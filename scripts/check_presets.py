@@ -4,7 +4,8 @@ A preset is a guess about someone else's program, and those programs change ever
 renamed, a trust check appears, stdin stops being read. So for each preset this installs the real
 CLI into a cache folder of its own (npm --prefix; a venv for PyPI; never Tinytown's .venv), reads
 its version and --help (and a subcommand's, as `codex exec --help`), looks for every flag of the
-preset there, and then runs it exactly as the runner does (tinytown's CliSession: a pty, the prompt
+preset there (also those it adds to continue a session, `tt spawn --keep-context`: `codex exec
+resume --help` for codex's), and then runs it exactly as the runner does (tinytown's CliSession: a pty, the prompt
 as stdin, argument or file) with no credentials, an empty HOME and a deadline, watching its output
 for the CLI's own "no input" / "not logged in" / network error. That error proves the flags were
 taken and the prompt reached the CLI; a usage error, an exit without it, or silence is a FAIL.
@@ -214,6 +215,16 @@ def flags_of(spec: CliSpec) -> tuple[list[str], list[str]]:
     return subcommands, flags
 
 
+def forms(spec: CliSpec) -> list[tuple[str, CliSpec]]:
+    """The command lines a preset runs: as given, and continuing a session (--keep-context: the
+    folder's last one, and one by id), each labelled for the PASS/FAIL line."""
+    found = [("", spec)]
+    for label, continued in (("continue", spec.continued()), ("resume", spec.continued("{session}"))):
+        if continued.command not in [form.command for _, form in found]:
+            found.append((label, continued))
+    return found
+
+
 def read_help(exe: str, subcommands: list[str], env: dict[str, str], timeout: float) -> tuple[str, str | None]:
     """(help text, error): `CLI --help` plus `CLI SUB --help` for a preset that runs a subcommand."""
     texts = []
@@ -324,13 +335,18 @@ def check_one(check: CliCheck, spec: CliSpec, cache: Path, extra_path: list[str]
         return result
     if install_error:
         result.reasons.append(f"{install_error}; checked {exe}")
+    failures, shown = [], []
     with _slots, tempfile.TemporaryDirectory(prefix="tt-check-home-") as home:
         env = clean_env(Path(home), exe, env_extra)
         result.version = read_version(exe, env, timeout)
-        subcommands, flags = flags_of(spec)
-        help_text, error = read_help(exe, subcommands, env, timeout)
-    failures = [error] if error else [f"{flag} not in `{' '.join([*subcommands, '--help'])}`"
-                                      for flag in flags if not has_flag(help_text, flag)]
+        for label, form in forms(spec):
+            subcommands, flags = flags_of(form)
+            help_text, error = read_help(exe, subcommands, env, timeout)
+            where = f"`{' '.join([*subcommands, '--help'])}`" + (f" ({label})" if label else "")
+            failures += [error] if error else [f"{flag} not in {where}" for flag in flags
+                                               if not has_flag(help_text, flag)]
+            extra = [part for part in form.command if part not in spec.command] if label else flags
+            shown.append(f"{label + ': ' if label else ''}{' '.join(extra) or '(none)'}")
     if os.geteuid() == 0 and check.root_env:
         env_extra = {**dict(check.root_env), **env_extra}
         result.reasons.append("as root: run with " + " ".join(f"{k}={v}" for k, v in check.root_env))
@@ -343,7 +359,7 @@ def check_one(check: CliCheck, spec: CliSpec, cache: Path, extra_path: list[str]
         result.reasons[:0] = failures
     else:
         result.verdict = "PASS"
-        result.reasons[:0] = [f"flags in --help: {' '.join(flags) or '(none)'}",
+        result.reasons[:0] = [f"flags in --help: {'; '.join(shown)}",
                               f"reached its own error: {', '.join(passed)}"]
     return result
 

@@ -53,6 +53,9 @@ def main() -> int:
     record = folder.parent / "prompts-handed"  # the fake CLIs keep what they were handed here
     record.mkdir(exist_ok=True)
     os.environ["FAKE_AGENT_RECORD"] = str(record)
+    # The demo's "claude" is the fake, in a throwaway town: run as root, `tt spawn` would otherwise
+    # warn that the real claude refuses to skip permissions there (README, "Using real CLIs").
+    os.environ.setdefault("IS_SANDBOX", "1")
     print(f"Demo town in {folder} (fake agent CLIs from {REPO / 'fixtures' / 'bin'})")
     subprocess.run(["git", "init", "-q"], cwd=folder, check=False)
     try:

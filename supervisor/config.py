@@ -9,7 +9,7 @@ import math
 import os
 import re
 import shlex
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import TinytownError
@@ -29,6 +29,8 @@ DEFAULT_QUESTION_AFTER = 5.0
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 PROMPT_MODES = ("stdin", "arg", "file")
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9_.:=+/-]{1,200}")  # what a CLI's session id may look like (CliSpec.session_in)
+UUID_PATTERN = r"([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})"
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,48 @@ class CliSpec:
     answers: tuple[tuple[str, str], ...] = ()
     question: str = DEFAULT_QUESTION
     question_after: float = DEFAULT_QUESTION_AFTER
+
+    # Context kept across tasks (`tt spawn NAME --keep-context`): a task after the first continues
+    # the agent's last session. resume_args name it ("{session}": the id session_pattern's first
+    # group found in the last task's output); continue_args, used while no id is known, mean "the
+    # last session in this folder", which is the agent's own in its worktree. Both go after the
+    # program and its subcommands (see continued). Neither: the CLI cannot continue a session.
+    continue_args: tuple[str, ...] = ()
+    resume_args: tuple[str, ...] = ()
+    session_pattern: str = ""
+
+    @property
+    def can_continue(self) -> bool:
+        return bool(self.continue_args or self.resume_args)
+
+    def continued(self, session: str = "") -> "CliSpec":
+        """This CLI continuing its last session: resume_args with `session` when there is one (and
+        they take it), else continue_args, inserted after the program and its subcommands (the
+        words before the first option: `codex exec` + `resume --last`)."""
+        if session and self.resume_args:
+            extra = tuple(part.replace("{session}", session) for part in self.resume_args)
+        elif self.continue_args:
+            extra = self.continue_args
+        else:
+            return self
+        at = 1
+        while at < len(self.command) and not self.command[at].startswith("-") and "{" not in self.command[at]:
+            at += 1
+        return replace(self, command=self.command[:at] + extra + self.command[at:])
+
+    def session_in(self, output: bytes) -> str:
+        """The session id this CLI printed in `output` (its last one), or "". Output is anyone's
+        text and the id goes on the next command line: one that could pass for an option or hold
+        anything but plain printable characters is not taken."""
+        if not self.session_pattern:
+            return ""
+        from .terminal_text import ESCAPES  # (codex prints "\x1b[1msession id:\x1b[0m ID")
+        found = re.findall(self.session_pattern.encode(), ESCAPES.sub(b"", output))
+        last = found[-1] if found else b""
+        session = (last[0] if isinstance(last, tuple) else last).decode("utf-8", "replace")
+        if session.startswith("-") or not SESSION_ID_RE.fullmatch(session):
+            return ""
+        return session
 
     def check_prompt(self, prompt_text: str) -> None:
         """TinytownError if this CLI cannot be handed `prompt_text` intact (before anything is written)."""
@@ -106,30 +150,42 @@ class CliSpec:
 
 
 # Checked against the real CLIs by scripts/check-presets (versions in the README's "Using real CLIs").
+# Continuing a session (continue_args, resume_args, session_pattern), as seen with the real CLIs:
+# claude keeps its sessions per folder (--continue: that folder's last; --resume ID) and prints the
+# id only with --output-format json/stream-json; codex prints "session id: ..." at the start of
+# every run and `exec resume --last` picks the folder's last; gemini's `--resume latest` is the
+# project's last; aider restores the chat history file it keeps in the git root (the worktree).
+# auggie's --continue takes the most recent session of any folder (matched by terminal), and
+# copilot's --continue could not be checked here: neither continues by default.
 PRESETS: dict[str, CliSpec] = {
     spec.name: spec
     for spec in (
         # --print says nothing until it has finished (so no stall_timeout), and "API Error: ..."
         # when its service failed it (exit 1 then, but the line says why).
         CliSpec("claude", ("claude", "--print", "--dangerously-skip-permissions"), "stdin",
-                fail_patterns=(r"^API Error:",)),
+                fail_patterns=(r"^API Error:",),
+                continue_args=("--continue",), resume_args=("--resume", "{session}"),
+                session_pattern=r'"session_id"\s*:\s*"' + UUID_PATTERN),
         # auggie reads a prompt on stdin in --print mode (its --help does not say so; its error does).
         CliSpec("auggie", ("auggie", "--print"), "stdin"),
         # "-" makes `codex exec` read the prompt from stdin.
         # Without its service it prints "ERROR: Reconnecting... waiting for network" forever; at
         # work it shows every step, so ten minutes of silence is a hang, not thought.
         CliSpec("codex", ("codex", "exec", "--dangerously-bypass-approvals-and-sandbox", "-"), "stdin",
-                stall_timeout=600.0, stall_repeats=10),
+                stall_timeout=600.0, stall_repeats=10,
+                continue_args=("resume", "--last"), resume_args=("resume", "{session}"),
+                session_pattern=r"session id: " + UUID_PATTERN),
         # --yes-always answers every question yes, so what must not be said yes to is switched off:
         # its edits to the town's .gitignore, upgrading itself (then exiting 0 having done nothing)
         # and opting in to analytics.
         CliSpec("aider", ("aider", "--yes-always", "--no-auto-commits", "--no-gitignore", "--no-check-update",
                           "--no-analytics", "--message-file", "{prompt_file}"), "file",
                 # it exits 0 after failing to reach its model: only this line says so
-                fail_patterns=(r"litellm\.\w*Error",)),
+                fail_patterns=(r"litellm\.\w*Error",),
+                continue_args=("--restore-chat-history",)),
         # A prompt on stdin makes gemini headless; headless it exits 55 in a folder it does not
         # trust (--skip-trust) and refuses edits and commands unless --yolo.
-        CliSpec("gemini", ("gemini", "--skip-trust", "--yolo"), "stdin"),
+        CliSpec("gemini", ("gemini", "--skip-trust", "--yolo"), "stdin", continue_args=("--resume", "latest")),
         CliSpec("copilot", ("copilot", "--allow-all-tools", "-p", "{prompt}"), "arg"),
         CliSpec("cursor", ("cursor-agent", "--print", "--force", "{prompt}"), "arg"),
     )
@@ -585,8 +641,9 @@ def load(root: str | Path | None = None) -> Config:
 # sit at the top level, in [redis] and in [attach]); [agent_clis.NAME] is read by _read_clis.
 POLICY_TABLES = {"supervisor": SupervisorPolicy, "logs": LogPolicy, "workspace": WorkspacePolicy,
                  "tasks": TasksPolicy, "cluster": ClusterPolicy}
+CONTINUE_KEYS = ("continue_args", "resume_args", "session_pattern")   # --keep-context (_read_continuation)
 CLI_KEYS = ("command", "prompt", "env", "fail_patterns", "stall_timeout", "stall_repeats", "answers", "question",
-            "question_after")
+            "question_after", *CONTINUE_KEYS)
 
 
 def settings(cls) -> list:
@@ -744,7 +801,10 @@ def _read_clis(source: _Source, tables: dict) -> dict[str, CliSpec]:
         for key in spec:
             if key not in CLI_KEYS:
                 source.unknown(table, key, CLI_KEYS)
-        command = spec.get("command")
+        # A preset's table without a command keeps the preset's command and prompt: to add env
+        # (`[agent_clis.claude] env = { IS_SANDBOX = "1" }`) or continue_args, nothing else is needed.
+        preset = PRESETS.get(cli_name) if "command" not in spec else None
+        command = list(preset.command) if preset else spec.get("command")
         if isinstance(command, str):
             try:
                 argv = tuple(shlex.split(command))
@@ -757,14 +817,15 @@ def _read_clis(source: _Source, tables: dict) -> dict[str, CliSpec]:
                         f"[{table}] needs command = \"...\" or a list of strings")
         if not argv:
             source.fail(table, "command", f"[{table}] command is empty")
-        prompt = spec.get("prompt", "stdin")
+        prompt = spec.get("prompt", preset.prompt if preset else "stdin")
         if prompt not in PROMPT_MODES:
             source.fail(table, "prompt", f"must be one of {', '.join(PROMPT_MODES)}")
         env = spec.get("env", {})
         if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
             source.fail(table, "env", f"[{table}] env must be a table of strings")
         clis[cli_name] = CliSpec(cli_name, argv, prompt, tuple(sorted(env.items())),
-                                 **_read_watch(source, table, spec, PRESETS.get(cli_name)))
+                                 **_read_watch(source, table, spec, PRESETS.get(cli_name)),
+                                 **_read_continuation(source, table, spec, PRESETS.get(cli_name)))
     return clis
 
 
@@ -830,6 +891,46 @@ def _regex(source: _Source, table: str, key: str, pattern: str) -> str:
     except re.error as exc:
         source.fail(table, key, f"not a regex: {pattern!r}: {exc}")
     return pattern
+
+
+def _read_continuation(source: _Source, table: str, spec: dict, preset: CliSpec | None) -> dict:
+    """continue_args, resume_args and session_pattern of an [agent_clis.NAME]; those it does not
+    set come from the preset of the same name, so a changed command keeps continuing sessions."""
+    found = {}
+    for key in ("continue_args", "resume_args"):
+        value = spec.get(key, getattr(preset, key, ()))
+        if not isinstance(value, (list, tuple)) or not all(isinstance(a, str) and a for a in value):
+            source.fail(table, key, "must be a list of non-empty strings")
+        found[key] = tuple(value)
+    if found["resume_args"] and not any("{session}" in a for a in found["resume_args"]):
+        source.fail(table, "resume_args", "must hold {session} (the id session_pattern finds)")
+    pattern = spec.get("session_pattern", getattr(preset, "session_pattern", ""))
+    if not isinstance(pattern, str):
+        source.fail(table, "session_pattern", "must be a string (a regular expression)")
+    try:
+        groups = re.compile(pattern).groups
+    except re.error as exc:
+        source.fail(table, "session_pattern", f"not a regular expression: {exc}")
+    if pattern and groups < 1:
+        source.fail(table, "session_pattern", "needs a group around the session id, as in \"session id: (\\S+)\"")
+    found["session_pattern"] = pattern
+    return found
+
+
+ROOT_REFUSED_FLAG = "--dangerously-skip-permissions"
+
+
+def root_caveat(spec: CliSpec, env: dict[str, str]) -> str:
+    """Why this CLI will refuse to run here, and what to do ("" if it will not): Claude Code
+    refuses --dangerously-skip-permissions as root unless IS_SANDBOX=1, which Tinytown never sets
+    for the user (it is a claim that the machine is disposable)."""
+    if os.geteuid() != 0 or ROOT_REFUSED_FLAG not in spec.command or env.get("IS_SANDBOX") == "1":
+        return ""
+    if spec.name != "claude" and os.path.basename(spec.command[0]) != "claude":
+        return ""
+    return (f"claude refuses {ROOT_REFUSED_FLAG} as root: only if this machine is a sandbox (a container or VM "
+            f"you can throw away), add env = {{ IS_SANDBOX = \"1\" }} to [agent_clis.{spec.name}] in tinytown.toml; "
+            "otherwise run the town as a normal user")
 
 
 def _toml_error(path: Path, text: str, exc: Exception) -> str:

@@ -175,6 +175,10 @@ class Agent(_Hash):
     epoch: int = 0
     answers: str = ""                # JSON [[regex, text], ...]: typed into its CLI when asked (`tt spawn --answer`)
     question: str = ""               # while `waiting`: the question its CLI stopped on (cleaned text)
+    # `tt spawn --keep-context`: each task continues the CLI session of the last one (CliSpec.continued).
+    keep_context: int = 0            # 1: on, fixed at spawn
+    session: str = ""                # the session id its CLI last printed ("": none seen)
+    session_task: str = ""           # the last task whose session the next one continues ("": none yet)
 
     @property
     def busy(self) -> bool:

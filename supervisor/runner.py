@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from .config import Config
+from .config import Config, root_caveat
 from .errors import TinytownError
 from .hosts import FENCED_EXIT, Fenced, fencing
 from .agent_log import AgentLog, keep_tail, tail_bytes
@@ -126,6 +126,10 @@ class Runner:
         self.workdir = config.root                # where its CLI runs: the worktree, or the town folder
         self.watch: OutputWatch | None = None     # what the output says (stalls, questions, failures)
         self.stall_reason = ""                    # the running CLI is stuck: why (it is being stopped)
+        # --keep-context: the session the next task continues (the agent's session and session_task).
+        self.keep_context = False
+        self.session = ""
+        self.session_task = ""
 
     # --- signals -----------------------------------------------------------------------------
     def _install_signals(self) -> None:
@@ -181,6 +185,8 @@ class Runner:
         self.spec = self.config.cli(agent.cli)
         self.watch = OutputWatch(self.spec, agent.answer_pairs())
         self.task_timeout = agent.task_timeout or self.config.supervisor.task_timeout or None
+        self.keep_context = bool(agent.keep_context) and self.spec.can_continue
+        self.session, self.session_task = agent.session, agent.session_task
         self.workspace = agent_workspace(self.config.root, agent)
         if self.workspace is not None:
             self.workdir = self.workspace.path
@@ -338,7 +344,12 @@ class Runner:
                 self._note(note)
             base = begun.base
             prompt = _interrupted_line(begun) + prompt
-        session = CliSession(self.spec, prompt, self.prompt_dir / f"{task_id}.prompt", self.workdir, env)
+        spec = self.spec
+        if self.keep_context and self.session_task:
+            spec = spec.continued(self.session)
+            self._note(f"task {task_id} continues the CLI session of task {self.session_task}"
+                       + (f" (session {self.session})" if self.session else ""))
+        session = CliSession(spec, prompt, self.prompt_dir / f"{task_id}.prompt", self.workdir, env)
         # The CLI starts first and the task is marked running (with the CLI's pid) right after,
         # in one transaction: the round trip is not between the task's arrival and its start. A
         # runner dying in between leaves the task `assigned` in flight, to be delivered again,
@@ -423,6 +434,10 @@ class Runner:
             said = self.watch.failure(bytes(self.tail))
             state = TaskState.COMPLETED if code == 0 and not said else TaskState.FAILED
             reason = said if code == 0 else ": ".join(r for r in (session.outcome(), said) if r)
+        if state is TaskState.FAILED and b"root/sudo" in self.tail:  # claude's refusal as root: say what to do
+            reason = "; ".join(r for r in (reason, root_caveat(self.spec, self.base_env)) if r)
+        if self.keep_context:
+            self._remember_session(task_id)
         reason, work, left_mid_operation = self._workspace_end(task_id, subject, state, reason)
         if left_mid_operation:  # mid-rebase...: nothing was committed, a human finishes it
             state = TaskState.FAILED
@@ -430,6 +445,16 @@ class Runner:
         after = AgentState.STOPPING if self.stop_mode else AgentState.IDLE
         self.town.finish_task(self.agent_id, claimed, state, exit_code=code, reason=reason, output=bytes(self.tail),
                               agent_state=after, work=work)
+
+    def _remember_session(self, task_id: str) -> None:
+        """The session the agent's next task continues: this one's, failed or not (what went wrong
+        is worth remembering). Its id, when the CLI printed one, is read from the output's kept end
+        once the task is over; else the last known id stays (a resumed session keeps its id), and
+        with none the next task asks for the folder's last session, which every preset's CLI
+        answers by starting a new one if there is none."""
+        self.session = self.spec.session_in(bytes(self.tail)) or self.session
+        self.session_task = task_id
+        self.town.record_session(self.agent_id, self.session, task_id)
 
     def _pump(self, session: CliSession, task_id: str) -> Ending:
         """Copy the CLI's output to the log, attach, Redis and the task's tail until it exits, and

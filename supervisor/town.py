@@ -105,19 +105,22 @@ class Town:
 
     # --- agents ----------------------------------------------------------------------------
     def spawn(self, name: str, cli: str, task_timeout: float | None = None, workspace: str = "shared",
-              branch: str = "", host: str = "", answers: list[tuple[str, str]] | None = None) -> Agent:
+              branch: str = "", host: str = "", answers: list[tuple[str, str]] | None = None,
+              keep_context: bool = False) -> Agent:
         """Register an agent, placed on `host` (pinned there) or on the live host with the most
         free room, in one script (supervisor/hosts.py): racing spawns never exceed a host's
         max_agents. workspace: "worktree" (its CLI works in agents/NAME on `branch`, made by the
         caller beforehand) or "shared" (in the town folder). answers: (regex, text) pairs its
-        runner types into its CLI's terminal (`tt spawn --answer`)."""
+        runner types into its CLI's terminal (`tt spawn --answer`).
+        keep_context: each task continues the last one's CLI session."""
         validate_name("agent", name)
         if host:
             validate_name("host", host)
         self.config.cli(cli)  # unknown preset -> TinytownError before anything is written
         agent = Agent(id=new_id(), name=name, cli=cli, state=AgentState.STARTING.value,
                       created_at=now(), updated_at=now(), task_timeout=task_timeout, workspace=workspace,
-                      branch=branch, answers=json.dumps(answers) if answers else "")
+                      branch=branch, answers=json.dumps(answers) if answers else "",
+                      keep_context=int(keep_context))
         agent.host = self._place(agent, host, agent.to_hash())
         agent.pinned, agent.epoch = int(bool(host)), 1
         return agent
@@ -353,6 +356,10 @@ class Town:
         """Block until a message arrives, moving it atomically into the in-flight list."""
         raw = self.r.blmove(self.keys.inbox(agent_id), self.keys.inflight(agent_id), timeout, "LEFT", "RIGHT")
         return None if raw is None else Claimed(raw, Message.decode(raw))
+
+    def record_session(self, agent_id: str, session: str, task_id: str) -> None:
+        """The CLI session a --keep-context agent's next task continues: `task_id`'s (id `session`)."""
+        self.r.hset(self.keys.agent(agent_id), mapping={"session": session, "session_task": task_id})
 
     def set_agent_warning(self, agent_id: str, warning: str) -> None:
         """What the agent works on despite (its log cannot be written), for `tt status`; "" clears it."""
