@@ -42,6 +42,7 @@ from .models import AgentState, StopMode, TaskState
 from .procutil import drain, exit_now, signal_wakeup_pipe
 from .prompt_blocks import compose
 from .pty_session import CliSession
+from .remote_attach import RemoteInput
 from .resp import RespConnectionError, Sender
 from .resp import connect as resp_connect
 from .town import OUTPUT_TAIL_BYTES, Claimed, Town, agent_workspace
@@ -174,6 +175,7 @@ class Runner:
         self.prompt_dir.mkdir(mode=0o700, exist_ok=True)
         self.base_env = self._cli_env()
         self.attach = self._serve_attach()
+        RemoteInput(self.config, self.agent_id, self.attach).start()  # `tt attach` from other hosts
         heartbeat = self.config.supervisor.heartbeat_interval
         try:
             self.idle = False  # from here a stop signal only sets stop_mode; the loop checks it
@@ -423,7 +425,9 @@ class Runner:
                 if chunks:
                     self._output(chunks, clock, now)
                     clock.batch_at = now + BATCH_SECONDS
-            if self.unsent and (eof or now >= clock.flush_at or self.unsent_bytes >= STREAM_FLUSH_BYTES):
+            # (a viewer on another host reads the stream: no batching then, its echo must not wait)
+            if self.unsent and (eof or now >= clock.flush_at or self.unsent_bytes >= STREAM_FLUSH_BYTES
+                                or now < self.attach.far_until):
                 self._stream_send(task_id)
                 clock.flush_at = None
             if now >= clock.next_beat:
