@@ -76,3 +76,30 @@ def test_through_redis_errors(town):
     town.tt("stop")
     proc = town.tt("attach", "dev", "--via-redis", "--read-only", check=False)
     assert proc.returncode == 1 and "not running" in proc.err and len(proc.err.strip().splitlines()) == 1
+
+
+# --- tt logs -f from another host ------------------------------------------------------------------
+
+def test_logs_follow_an_agent_whose_log_is_not_here(town):
+    """On another host the agent's log file is absent though a supervisor runs there: `tt logs -f`
+    follows the output stream, for that agent alone and among all agents."""
+    town.tt("spawn", "dev")
+    town.tt("spawn", "ops")
+    town.wait_task(town.assign("dev", "@echo before-the-move"))
+    town.wait_task(town.assign("ops", "@echo ops-was-here"))
+    os.unlink(town.config().log_file("dev"))        # its runner writes on, to a file not here
+    one = Follower(town, "dev")
+    every = Follower(town)
+    try:
+        one.wait_for("before-the-move")
+        every.wait_for("dev | before-the-move")
+        every.wait_for("ops | ops-was-here")
+        town.wait_task(town.assign("dev", "@echo after-the-move"))
+        one.wait_for("after-the-move")
+        every.wait_for("dev | after-the-move")
+        assert one.stop() == 0 and every.stop() == 0
+    finally:
+        for follower in (one, every):
+            if follower.proc.poll() is None:
+                follower.proc.kill()
+                follower.proc.wait()
