@@ -47,6 +47,7 @@ from .resp import RespConnectionError, Sender
 from .resp import connect as resp_connect
 from .town import OUTPUT_TAIL_BYTES, Claimed, Town, agent_workspace
 from .workspace import WorkspaceError
+from .workspace_remote import bring_here, push_head
 
 STREAM_FLUSH_SECONDS = 0.02
 STREAM_FLUSH_BYTES = 64 * 1024
@@ -303,11 +304,15 @@ class Runner:
             # Before the CLI: what an interrupted run left is committed, the work this task runs
             # after is merged in. A worktree that cannot be made ready fails the task, no CLI started.
             try:
-                begun = self.workspace.begin(task_id, after=self.town.task_heads(_ids(task.after if task else "")))
+                dependencies = _ids(task.after if task else "")
+                after = self.town.task_heads(dependencies)
+                fetched = bring_here(self.workspace, dependencies, after, self.town.task_heads,
+                                     self.config.workspace.remote, self.config.name)  # from other hosts
+                begun = self.workspace.begin(task_id, after=after)
             except TinytownError as exc:  # Busy, MergeConflict, WorkspaceError
                 self._fail_before_cli(claimed, task_id, task, agent_state, str(exc))
                 return
-            for note in begun.notes:
+            for note in fetched + begun.notes:
                 self._note(note)
             base = begun.base
             prompt = _interrupted_line(begun) + prompt
@@ -355,6 +360,9 @@ class Runner:
         except WorkspaceError as exc:  # (agents/NAME deleted mid-task...): the marker stays for the next begin
             self._note(f"task {task_id}: could not commit its work: {exc}")
             return "; ".join(r for r in (reason, f"could not commit its work: {exc}") if r), None, False
+        if self.config.workspace.remote and ended.head and not ended.problem:  # for tasks on other hosts
+            unpushed = push_head(self.workspace, self.config.workspace.remote, self.config.name, task_id, ended.head)
+            ended.notes += [unpushed] if unpushed else []
         notes = ended.notes[1:] if ended.problem else ended.notes
         for note in ended.notes:
             self._note(note)
