@@ -22,7 +22,8 @@ from benchsuite.suite import BENCHMARKS  # noqa: E402
 ROWS = {"restart": ["restart"], "start_stop": ["start", "stop"], "dispatch": ["dispatch"],
         "release": ["release"], "backlog": ["backlog"],
         "throughput": ["tasks1", "tasks4"], "idle": ["memory", "cpu"], "list": ["list"], "assign": ["assign"], "pty": ["pty"],
-        "logs": ["logs"], "workspace": ["workspace_town", "workspace_worktree", "workspace_dependency"]}
+        "logs": ["logs"], "workspace": ["workspace_town", "workspace_worktree", "workspace_dependency"],
+        "attach": ["attach"]}
 NO_PEER = {"tasks1", "logs"}
 
 
