@@ -8,6 +8,7 @@ import os
 import pytest
 
 import test_attach as local_tests
+from conftest import wait_for
 from test_attach import expect_clean_exit
 from test_logs import Follower
 
@@ -103,3 +104,21 @@ def test_logs_follow_an_agent_whose_log_is_not_here(town):
             if follower.proc.poll() is None:
                 follower.proc.kill()
                 follower.proc.wait()
+
+
+def test_keys_still_reach_the_cli_after_redis_server_restarted(town, attach):
+    """The runner's blocked read on the attach_in list rides out a redis-server restart."""
+    from test_supervision import redis_servers
+    town.tt("spawn", "dev")
+    town.wait_agent("dev")
+    runner = town.agent("dev")["pid"]
+    [server] = redis_servers(town)
+    server.kill()
+    wait_for(lambda: [p.pid for p in redis_servers(town)] not in ([], [server.pid]), 30, "a new redis-server")
+    task = town.assign("dev", "@ask")
+    viewer = attach(town, "dev")
+    viewer.expect_exact("Proceed? [y/N]")
+    viewer.send("y\r")
+    viewer.expect_exact("proceeding")
+    assert town.wait_task(task)["exit_code"] == 0 and town.agent("dev")["pid"] == runner
+    local_tests.detach(viewer)
