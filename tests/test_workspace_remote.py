@@ -94,10 +94,18 @@ def test_a_remote_that_refuses_the_push_is_said_and_the_task_keeps_its_outcome(g
     assert "could not push its work to nosuchremote" in task["workspace_note"], task
 
 
-@pytest.mark.parametrize("value", ['"--upload-pack=touch /tmp/x"', '"https://me:secret@example.invalid/x.git"', '""'])
+@pytest.mark.parametrize("value", ['"--upload-pack=touch /tmp/x"', '"https://me:secret@example.invalid/x.git"',
+                                   '"https://secret@example.invalid/x.git"', '""'])
 def test_a_remote_that_could_be_an_option_or_holds_a_password_is_refused(make_town, value):
     t = make_town()
     t.append_config(f"\n[workspace]\nremote = {value}\n")
     proc = t.tt("status", check=False)
     assert proc.returncode == 1 and "tinytown.toml:" in proc.err and "remote" in proc.err, proc.err
     assert "secret" not in proc.err and len(proc.err.strip().splitlines()) == 1
+
+
+def test_remotes_that_are_fine():
+    from tinytown.supervisor.config import _git_remote_ok
+    for remote in ("origin", "git@example.invalid:team/project.git", "ssh://git@example.invalid/p.git",
+                   "https://example.invalid/p.git", "/srv/git/project.git"):
+        assert _git_remote_ok(remote), remote
