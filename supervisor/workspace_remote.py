@@ -13,11 +13,13 @@ On one host this costs nothing: a head made here is a loose object, found by loo
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .workspace import Workspace, WorkspaceError, _last_line, git, is_oid
 
 REF_ROOT = "refs/tinytown"
+_CREDENTIALS = re.compile(r"(://)[^/@\s]+@")   # user:password@ or token@ in a URL git printed
 
 
 def task_ref(town: str, task_id: str) -> str:
@@ -31,7 +33,7 @@ def push_head(workspace: Workspace, remote: str, town: str, task_id: str, head: 
     where = workspace.path if workspace.exists() else workspace.town_root
     done = git(where, "push", "--quiet", "--no-verify", remote, f"+{head}:{task_ref(town, task_id)}", ok=range(256))
     if done.returncode != 0:
-        return f"could not push its work to {remote}: {_last_line(done)} (tasks on other hosts cannot merge it)"
+        return f"could not push its work to {remote}: {_said(done)} (tasks on other hosts cannot merge it)"
     return ""
 
 
@@ -55,7 +57,7 @@ def bring_here(workspace: Workspace, dependencies: list[str], heads: list[str], 
                *(f"+{ref}:{ref}" for ref in refs), ok=range(256)) if refs else None
     still = missing_commits(workspace, missing)
     if still:
-        why = _last_line(done) if done is not None and done.returncode != 0 else f"{remote} does not have it"
+        why = _said(done) if done is not None and done.returncode != 0 else f"{remote} does not have it"
         raise WorkspaceError(f"dependency {whose.get(still[0], '?')}'s work ({still[0][:12]}) is on another host "
                              f"and could not be fetched from {remote}: {why}")
     return [f"fetched the work of {', '.join(whose[h] for h in missing if h in whose)} from {remote}"]
@@ -72,6 +74,11 @@ def missing_commits(workspace: Workspace, heads: list[str]) -> list[str]:
     out = git(where, "cat-file", "--batch-check", input="".join(f"{h}\n" for h in unsure).encode()).stdout
     gone = {line.split()[0] for line in out.decode("ascii", "replace").splitlines() if line.endswith(" missing")}
     return [h for h in unsure if h in gone]
+
+
+def _said(done) -> str:
+    """git's reason, without credentials a remote's URL may hold (it goes into the task's record)."""
+    return _CREDENTIALS.sub(r"\1", _last_line(done))
 
 
 def _objects_dir(workspace: Workspace) -> Path | None:

@@ -86,12 +86,16 @@ def test_without_a_remote_a_dependency_made_on_another_host_fails_the_task_befor
     assert not (b.record / f"{task}.json").exists()    # its CLI never started: no run on stale code
 
 
-def test_a_remote_that_refuses_the_push_is_said_and_the_task_keeps_its_outcome(git_town):
-    t = git_town("solo", '\n[workspace]\nremote = "nosuchremote"\n')
+@pytest.mark.parametrize("remote", ["nosuchremote", "unreachable"])
+def test_a_remote_that_refuses_the_push_is_said_and_the_task_keeps_its_outcome(git_town, remote):
+    t = git_town("solo", f'\n[workspace]\nremote = "{remote}"\n')
+    # a remote whose URL holds a token (git keeps it; it must not reach the task's record)
+    git(t.root, "remote", "add", "unreachable", "https://s3cr3t-token@127.0.0.1:1/project.git")
     t.tt("spawn", "dev")
     task = t.wait_task(t.assign("dev", "Add it\n@write x.py X = 1"))
     assert task["state"] == "completed"
-    assert "could not push its work to nosuchremote" in task["workspace_note"], task
+    assert f"could not push its work to {remote}" in task["workspace_note"], task
+    assert "s3cr3t" not in task["workspace_note"] and "s3cr3t" not in t.tt("status").out
 
 
 @pytest.mark.parametrize("value", ['"--upload-pack=touch /tmp/x"', '"https://me:secret@example.invalid/x.git"',
