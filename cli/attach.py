@@ -45,9 +45,16 @@ def describe_keys(spec: str) -> str:
 
 
 def attach(config: Config, name: str, keys: bytes, keys_spec: str, read_only: bool = False,
-           stdin: int = 0, stdout: int = 1) -> int:
-    """Run one attach session in this terminal; the exit code (0 detached or agent stopped, 1 lost)."""
+           via_redis: bool = False, stdin: int = 0, stdout: int = 1) -> int:
+    """Run one attach session in this terminal; the exit code (0 detached or agent stopped, 1 lost).
+
+    The agent's runner is reached through its unix socket when that is on this machine, else
+    (or with via_redis) through the town's Redis (supervisor/remote_attach.py); the terminal loop
+    is the same either way."""
     validate_name("agent", name)
+    from tinytown.supervisor.remote_attach import attach_route
+    if via_redis or attach_route(config, name) == "redis":
+        return _attach_via_redis(config, name, keys, keys_spec, read_only, stdin, stdout)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(str(config.attach_socket(name)))
@@ -58,12 +65,42 @@ def attach(config: Config, name: str, keys: bytes, keys_spec: str, read_only: bo
         sock.close()
         raise TinytownError(f"permission denied on {config.attach_socket(name)} (only its owner can attach)") from None
     _refuse_another_users_runner(sock, config.attach_socket(name))
-    interactive = os.isatty(stdin)
-    if not read_only and not interactive:
+    try:
+        interactive = _need_terminal(read_only, stdin)
+    except TinytownError:
         sock.close()
-        raise TinytownError("tt attach needs a terminal for input (use --read-only to watch from a script)")
+        raise
     view = _Terminal(sock, name, keys, read_only, interactive, stdin, stdout)
     return view.run(describe_keys(keys_spec))
+
+
+def _need_terminal(read_only: bool, stdin: int) -> bool:
+    """Whether input comes from a terminal; TinytownError if it must and does not."""
+    interactive = os.isatty(stdin)
+    if not read_only and not interactive:
+        raise TinytownError("tt attach needs a terminal for input (use --read-only to watch from a script)")
+    return interactive
+
+
+def _attach_via_redis(config: Config, name: str, keys: bytes, keys_spec: str, read_only: bool,
+                      stdin: int, stdout: int) -> int:
+    """The same session, its runner reached through the town's Redis (its socket is not here)."""
+    from tinytown.supervisor.remote_attach import NOT_RUNNING, RedisBridge
+    from tinytown.supervisor.resp import RespError
+    from tinytown.supervisor.town import Town
+    try:
+        agent = Town(config).agent(name)
+    except RespError:
+        raise TinytownError(_not_running(config, name)) from None
+    if agent.state in NOT_RUNNING:
+        raise TinytownError(f"agent {name} is not running (state {agent.state}); attach works once its runner is up")
+    interactive = _need_terminal(read_only, stdin)
+    bridge = RedisBridge(config, agent)
+    view = _Terminal(bridge.open(), name, keys, read_only, interactive, stdin, stdout)
+    try:
+        return view.run(describe_keys(keys_spec))
+    finally:
+        bridge.close()
 
 
 def _refuse_another_users_runner(sock: socket.socket, path) -> None:

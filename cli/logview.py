@@ -175,9 +175,10 @@ def _show(config, client, names, local, lines, follow, task, since_at, raw, colo
     printer = Printer(out, prefix=all_agents or len(names) > 1, colour=colour, raw=raw)
     for name in names:
         printer.add(name)
-    # The files are here if this machine runs the town's supervisor or has any of them already.
-    from tinytown.supervisor.lifecycle import running_pid
-    here = bool(set(names) & set(local)) or bool(running_pid(config))
+    # The files hold what this machine's runners wrote: enough when every agent followed has one
+    # here. An agent served by another host (or not started yet) has only its Redis stream, which
+    # holds every agent's output, so then all of them are read from there.
+    here = set(names) <= set(local)
     use_redis = from_redis or since_at is not None or (client is not None and not here)
     try:
         if use_redis:

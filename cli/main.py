@@ -494,8 +494,11 @@ def logs(agents, lines, follow, task_id, since, no_color, raw, from_redis, town_
 @click.option("--detach-keys", metavar="KEYS",
               help='Key sequence that detaches, e.g. "ctrl-]" (default) or "ctrl-p,ctrl-q"; '
                    "also [attach] detach_keys in tinytown.toml.")
+@click.option("--via-redis", is_flag=True,
+              help="Through the town's Redis even when the agent's runner is on this machine "
+                   "(the way an agent on another host is reached).")
 @town_option
-def attach(agent, read_only, detach_keys, town_path):
+def attach(agent, read_only, detach_keys, via_redis, town_path):
     """Your terminal on AGENT's live CLI; the detach key (Ctrl-]) leaves it running."""
     from tinytown.cli import attach as attaching
     from tinytown.supervisor.config import parse_keys
@@ -505,7 +508,7 @@ def attach(agent, read_only, detach_keys, town_path):
         keys = parse_keys(spec)
     except ValueError as exc:
         raise TinytownError(f"--detach-keys: {exc}") from None
-    sys.exit(attaching.attach(config, agent, keys, spec, read_only=read_only))
+    sys.exit(attaching.attach(config, agent, keys, spec, read_only=read_only, via_redis=via_redis))
 
 
 from tinytown.cli import workspace_commands  # noqa: E402 - its commands, registered here

@@ -11,7 +11,9 @@ through pexpect, which execs at once, and the thread blocks every signal so stop
 interrupt the main thread's wait. The runner never waits for a viewer: output is queued per viewer
 and a viewer too slow to take it loses output (and is told how much), never the CLI's time.
 
-The frames are in attach_protocol.py.
+The frames are in attach_protocol.py. Viewers on other hosts come through Redis
+(remote_attach.py) and are handed over with far_message(): the same rules apply to their keys and
+window sizes.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections import deque
 from pathlib import Path
 
@@ -82,6 +85,21 @@ class _Viewer:
                 self.dropped = 0
 
 
+class _FarViewer:
+    """A viewer on another host (`tt attach` through Redis, remote_attach.py). It reads the output
+    stream itself: only its mode, window size and when it was last heard of are kept here."""
+
+    def __init__(self, serial: int):
+        self.mode = ""
+        self.size: tuple[int, int] | None = None
+        self.size_serial = serial
+        self.expires = 0.0           # time.monotonic(): forgotten then unless heard of again
+
+    @property
+    def closed(self) -> bool:
+        return time.monotonic() >= self.expires
+
+
 class AttachServer:
     """One runner's attach socket. The runner calls output(), task_started(), task_ended(), close()."""
 
@@ -92,6 +110,10 @@ class AttachServer:
         self.ring = bytearray(replay[-REPLAY_BYTES:])
         self.ring_aligned = True         # ring starts at a line boundary
         self.viewers: dict[int, _Viewer] = {}
+        self.far: dict[str, _FarViewer] = {}  # viewers on other hosts, by viewer id
+        # time.monotonic() until which a viewer on another host is attached: the runner's pump
+        # sends output to the Redis stream at once meanwhile (one float: read without the lock)
+        self.far_until = 0.0
         self.session = None              # the running CliSession, or None while idle
         self.task = ""
         self.stopping = ""               # the reason, once close() is called
@@ -174,6 +196,35 @@ class AttachServer:
         except OSError:
             pass
 
+    def far_message(self, viewer_id: str, kind: bytes, payload: bytes) -> None:
+        """A message from a viewer on another host (remote_attach.RemoteInput's thread), handled as
+        a local viewer's frame would be: H/K hello and still here, I keys, W window size, B bye."""
+        from .remote_attach import FAR_TTL_SECONDS
+        now = time.monotonic()
+        with self.lock:
+            viewer = self.far.get(viewer_id)
+            if kind == b"B":
+                self.far.pop(viewer_id, None)
+            elif kind in (b"H", b"K"):
+                if viewer is None or viewer.closed:  # (K: a runner restarted since its hello)
+                    hello = parse_json(payload)
+                    self.serial += 1
+                    viewer = self.far[viewer_id] = _FarViewer(self.serial)
+                    viewer.mode = "ro" if hello.get("mode") == "ro" else "rw"
+                    viewer.expires = now + FAR_TTL_SECONDS
+                    self._resize(viewer, hello)
+                viewer.expires = now + FAR_TTL_SECONDS
+            elif viewer is not None and not viewer.closed and viewer.mode == "rw":
+                if kind == b"I" and self.session is not None:
+                    self.session.write(payload)
+                elif kind == b"W":
+                    self._resize(viewer, parse_json(payload))
+            for gone in [v for v, far in self.far.items() if far.expires <= now]:
+                del self.far[gone]
+            while len(self.far) > MAX_VIEWERS:  # the oldest heard of go first
+                del self.far[min(self.far, key=lambda v: self.far[v].expires)]
+            self.far_until = max((far.expires for far in self.far.values()), default=0.0)
+
     def _wake(self, always: bool = False) -> None:
         if not (always or self.viewers):  # nobody watching: no syscall per chunk of output
             return
@@ -196,7 +247,8 @@ class AttachServer:
 
     def _size(self) -> tuple[int, int] | None:
         """The window size of the read-write viewer that attached or resized last."""
-        sized = [v for v in self.viewers.values() if v.mode == "rw" and v.size and not v.closed]
+        sized = [v for v in (*self.viewers.values(), *self.far.values())
+                 if v.mode == "rw" and v.size and not v.closed]
         return max(sized, key=lambda v: v.size_serial).size if sized else None
 
     def _replay(self) -> bytes:

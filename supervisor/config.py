@@ -263,6 +263,15 @@ def _branch_prefix_ok(prefix: str) -> bool:
     return not any(part.startswith(".") or part.endswith(".lock") for part in prefix.split("/")[:-1])
 
 
+def _git_remote_ok(remote: str) -> bool:
+    """A git remote's name or URL: never read as an option, one printable line, and no credentials
+    in it (a password, or an http(s) URL's token, would be in tinytown.toml and in git's messages,
+    which reach the task's record: a remote's name lets git keep the credentials)."""
+    return (bool(remote) and not remote.startswith("-") and remote.isprintable()
+            and not re.match(r"[A-Za-z][A-Za-z0-9+.-]*://[^/@]*:[^/@]*@", remote)
+            and not re.match(r"(?i)https?://[^/@]+@", remote))
+
+
 @dataclass(frozen=True)
 class WorkspacePolicy:
     """Where each agent's CLI works ([workspace] in tinytown.toml; supervisor/workspace.py)."""
@@ -274,6 +283,10 @@ class WorkspacePolicy:
     branch_prefix: str = setting("tt/", "agent NAME's branch is <prefix>NAME", table="workspace",
                                  check=_branch_prefix_ok,
                                  why="cannot start a git branch name (letters, digits, '_', '.', '-', '/')")
+    remote: str | None = setting(
+        None, "a git remote (name or URL) each task's work is pushed to, for dependent tasks on other hosts",
+        table="workspace", kind=str, check=_git_remote_ok, example='"origin"',
+        why="must be a git remote's name or URL (not starting with '-', no password or token in it)")
 
 
 @dataclass(frozen=True)

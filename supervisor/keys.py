@@ -49,6 +49,12 @@ class Keys:
         """Capped stream of an agent's CLI output chunks, so other machines can follow it."""
         return f"{self.prefix}output:{agent_id}"
 
+    def attach_in(self, agent_id: str) -> str:
+        """List of what `tt attach` on another host sends an agent's runner (hello, keystrokes,
+        window size, still-here, bye: supervisor/remote_attach.py), oldest first. It expires
+        unless a viewer keeps writing to it, so keys nobody took are never typed later."""
+        return f"{self.prefix}attach_in:{agent_id}"
+
     @property
     def events(self) -> str:
         """Capped stream of town events (spawned, task started/finished, restarts...)."""

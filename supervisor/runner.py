@@ -44,10 +44,12 @@ from .output_watch import Notice, OutputWatch
 from .procutil import drain, exit_now, signal_wakeup_pipe
 from .prompt_blocks import compose
 from .pty_session import CliSession
+from .remote_attach import RemoteInput
 from .resp import RespConnectionError, Sender
 from .resp import connect as resp_connect
 from .town import OUTPUT_TAIL_BYTES, Claimed, Town, agent_workspace
 from .workspace import WorkspaceError
+from .workspace_remote import bring_here, push_head
 
 STREAM_FLUSH_SECONDS = 0.02
 STREAM_FLUSH_BYTES = 64 * 1024
@@ -194,6 +196,7 @@ class Runner:
         self.prompt_dir.mkdir(mode=0o700, exist_ok=True)
         self.base_env = self._cli_env()
         self.attach = self._serve_attach()
+        RemoteInput(self.config, self.agent_id, self.attach).start()  # `tt attach` from other hosts
         heartbeat = self.config.supervisor.heartbeat_interval
         # A wait on the inbox ends on Redis's side well within a lease: a host paused that long is
         # then no longer waiting there when the reaper puts its tasks back (hosts.py).
@@ -336,11 +339,15 @@ class Runner:
             # Before the CLI: what an interrupted run left is committed, the work this task runs
             # after is merged in. A worktree that cannot be made ready fails the task, no CLI started.
             try:
-                begun = self.workspace.begin(task_id, after=self.town.task_heads(_ids(task.after if task else "")))
+                dependencies = _ids(task.after if task else "")
+                after = self.town.task_heads(dependencies)
+                fetched = bring_here(self.workspace, dependencies, after, self.town.task_heads,
+                                     self.config.workspace.remote, self.config.name)  # from other hosts
+                begun = self.workspace.begin(task_id, after=after)
             except TinytownError as exc:  # Busy, MergeConflict, WorkspaceError
                 self._fail_before_cli(claimed, task_id, task, agent_state, str(exc))
                 return
-            for note in begun.notes:
+            for note in fetched + begun.notes:
                 self._note(note)
             base = begun.base
             prompt = _interrupted_line(begun) + prompt
@@ -397,6 +404,9 @@ class Runner:
         except WorkspaceError as exc:  # (agents/NAME deleted mid-task...): the marker stays for the next begin
             self._note(f"task {task_id}: could not commit its work: {exc}")
             return "; ".join(r for r in (reason, f"could not commit its work: {exc}") if r), None, False
+        if self.config.workspace.remote and ended.head and not ended.problem:  # for tasks on other hosts
+            unpushed = push_head(self.workspace, self.config.workspace.remote, self.config.name, task_id, ended.head)
+            ended.notes += [unpushed] if unpushed else []
         notes = ended.notes[1:] if ended.problem else ended.notes
         for note in ended.notes:
             self._note(note)
@@ -496,7 +506,9 @@ class Runner:
                     for notice in self.watch.feed(chunks, now):
                         self._act_on(session, task_id, notice)
                     clock.watch_at = self.watch.deadline()
-            if self.unsent and (eof or now >= clock.flush_at or self.unsent_bytes >= STREAM_FLUSH_BYTES):
+            # (a viewer on another host reads the stream: no batching then, its echo must not wait)
+            if self.unsent and (eof or now >= clock.flush_at or self.unsent_bytes >= STREAM_FLUSH_BYTES
+                                or now < self.attach.far_until):
                 self._stream_send(task_id)
                 clock.flush_at = None
             if now >= clock.next_beat:

@@ -15,11 +15,16 @@ from conftest import wait_for
 @pytest.fixture
 def attach():
     """Factory: `tt attach ARGS` in its own pty; every one still running is killed afterwards."""
+    yield from attach_factory()
+
+
+def attach_factory(*options: str):
+    """The attach fixture's body; `options` go after the factory's ARGS (test_remote_attach.py's --via-redis)."""
     started = []
 
     def start(town, *args, dimensions=(30, 100)):
-        child = pexpect.spawn(sys.executable, ["-m", "tinytown.cli.main", "attach", *args], cwd=str(town.root),
-                              env=town.env, dimensions=dimensions, timeout=20, maxread=65536)
+        child = pexpect.spawn(sys.executable, ["-m", "tinytown.cli.main", "attach", *args, *options],
+                              cwd=str(town.root), env=town.env, dimensions=dimensions, timeout=20, maxread=65536)
         started.append(child)
         child.expect_exact("detaches")                 # the banner: attached, and how to leave
         return child

@@ -23,7 +23,7 @@ ROWS = {"restart": ["restart"], "start_stop": ["start", "stop"], "dispatch": ["d
         "release": ["release"], "backlog": ["backlog"],
         "throughput": ["tasks1", "tasks4"], "idle": ["memory", "cpu"], "list": ["list"], "assign": ["assign"], "pty": ["pty"],
         "logs": ["logs"], "workspace": ["workspace_town", "workspace_worktree", "workspace_dependency"],
-        "hostloss": ["hostloss"]}
+        "hostloss": ["hostloss"], "attach": ["attach"]}
 NO_PEER = {"tasks1", "logs", "hostloss"}
 
 

@@ -146,10 +146,10 @@ def test_the_init_template_holds_every_default(tmp_path):
     (tmp_path / "tinytown.toml").write_text(uncommented)
     everything = load(tmp_path)
     assert everything.supervisor == SupervisorPolicy() and everything.logs == LogPolicy()
-    assert everything.workspace == WorkspacePolicy() and everything.tasks == TasksPolicy()
+    assert everything.workspace == WorkspacePolicy(remote="origin") and everything.tasks == TasksPolicy()
     assert (everything.default_cli, everything.max_agents) == ("codex", 7) == (config.default_cli, config.max_agents)
     assert everything.detach_keys == config.detach_keys and everything.redis_port == config.redis_port
-    assert everything.redis_server == "/usr/bin/redis-server"  # the example for a key without default
+    assert everything.redis_server == "/usr/bin/redis-server"  # the examples for keys without a default
 
 
 def test_a_prompt_that_starts_with_a_dash_is_never_an_option():

@@ -15,6 +15,7 @@ from pathlib import Path
 import pexpect
 
 from . import peers
+from .attach import attach_latency
 from .common import Row, clean_env, run_timed, wait_until
 from .town import BenchTown, Monitor, kill, tt_command, wait_socket
 from .hosts import hostloss
@@ -558,15 +559,16 @@ BENCHMARKS = {
     "logs": logs_follow,
     "workspace": workspace,
     "hostloss": hostloss,
+    "attach": attach_latency,
 }
 
 SIZES = {
     "default": dict(restart_reps=30, restart_peer_reps=8, agents=50, start_reps=5, dispatch_samples=60,
                     tasks_reps=3, tasks_one=300, tasks_four=600, idle_seconds=10.0, idle_reps=5, list_reps=10,
                     pty_bytes=100_000_000, pty_reps=5, logs_samples=50, workspace_files=5000, workspace_tasks=40,
-                    hostloss_reps=10),
+                    hostloss_reps=10, attach_samples=40),
     "tiny": dict(restart_reps=3, restart_peer_reps=1, agents=3, start_reps=1, dispatch_samples=3,
                  tasks_reps=1, tasks_one=10, tasks_four=12, idle_seconds=0.5, idle_reps=1, list_reps=1,
                  pty_bytes=1_000_000, pty_reps=1, logs_samples=3, workspace_files=200, workspace_tasks=3,
-                 hostloss_reps=1),
+                 hostloss_reps=1, attach_samples=4),
 }
