@@ -445,7 +445,8 @@ def test_a_pinned_agent_waits_for_its_host(hosts):
     b = hosts("b").start()
     a.tt("spawn", "p", "--shared", "--host", "a")
     task = b.assign("p", "@gate open\n@echo pinned")
-    wait_for(lambda: a.clis(), 30, "the task to run on a")
+    # running as recorded, not only its CLI started: the start is what counts an attempt
+    wait_for(lambda: a.town.task(task).state == "running" and a.clis(), 30, "the task to run on a")
     a.kill()
     wait_for(lambda: a.town.hosts.states().get("a") == "lost", 30, "a to be declared lost")
     agent = next(x for x in b.harness.json("list") if x["name"] == "p")
