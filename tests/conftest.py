@@ -30,6 +30,16 @@ heartbeat_stale = 5.0
 """
 
 
+def race(target, count: int, timeout: float = 60.0) -> None:
+    """Run target(0) .. target(count - 1) in threads started together, and wait for them all."""
+    import threading
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+
+
 def wait_for(predicate, timeout: float = 20.0, message: str = "condition"):
     """Poll until `predicate()` is truthy; return its value or fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout

@@ -3,7 +3,6 @@ the epochs that fence a host that comes back. Store logic on a bare redis-server
 supervisors themselves, sharing one Redis, further down."""
 from __future__ import annotations
 
-import threading
 
 import pytest
 
@@ -74,11 +73,7 @@ def test_racing_spawns_never_exceed_a_hosts_capacity(make):
         except TinytownError as exc:
             errors.append(str(exc))
 
-    threads = [threading.Thread(target=spawn, args=(i,)) for i in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    race(spawn, 12)
     assert done == ["a"] * 3 and len(errors) == 9 and all("max_agents reached (3)" in e for e in errors)
 
 
@@ -257,7 +252,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 import psutil  # noqa: E402
-from conftest import FAST_POLICY, wait_for  # noqa: E402
+from conftest import FAST_POLICY, race, wait_for  # noqa: E402
 from test_remote_redis import point_at  # noqa: E402
 
 # Small leases, so a loss is seen within a test: lost 1 s after the last renewal.

@@ -32,16 +32,22 @@ def no_redis_server_of_the_town(town) -> bool:
         not (town.root / ".tt" / "redis").exists()
 
 
-def run_a_small_town(town, where) -> None:
-    """Two agents, a task --after another, `tt logs`, status: all through the Redis at `where`
-    (a client to it), and none of the town's processes left after `tt stop`."""
+def dev_then_tester(town) -> tuple[str, str]:
+    """Agents dev and tester up on the url's Redis (no redis-server of the town's own), and a task
+    each, tester's --after dev's: their ids."""
     town.tt("spawn", "dev")
     town.tt("spawn", "tester")
     town.wait_agent("dev")
     town.wait_agent("tester")
     assert no_redis_server_of_the_town(town)
     first = town.assign("dev", "@echo feature implemented")
-    second = town.json("assign", "tester", "@echo tests written", "--after", first)["id"]
+    return first, town.json("assign", "tester", "@echo tests written", "--after", first)["id"]
+
+
+def run_a_small_town(town, where) -> None:
+    """Two agents, a task --after another, `tt logs`, status: all through the Redis at `where`
+    (a client to it), and none of the town's processes left after `tt stop`."""
+    first, second = dev_then_tester(town)
     held = town.assign("dev", "@gate go\n@echo held")
     never = town.json("assign", "tester", "@echo never", "--after", held)["id"]
     town.tt("cancel", never)
@@ -227,13 +233,7 @@ def test_a_town_on_a_redis_cluster(make_town, redis_cluster):
     owner = redis_cluster.node_for(Keys("testtown").supervisor)
     seed, third = [node for node in redis_cluster.nodes if node is not owner]
     point_at(town, seed.url)
-    town.tt("spawn", "dev")
-    town.tt("spawn", "tester")
-    town.wait_agent("dev")
-    town.wait_agent("tester")
-    assert no_redis_server_of_the_town(town)
-    first = town.assign("dev", "@echo feature implemented")
-    second = town.json("assign", "tester", "@echo tests written", "--after", first)["id"]
+    first, second = dev_then_tester(town)
     assert town.wait_task(second)["state"] == "completed"
     assert "feature implemented" in town.recorded(second)[1].decode()
     assert "tests written" in town.tt("logs", "tester").out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import race
 
 from tinytown.supervisor.config import init_town
 from tinytown.supervisor.errors import TinytownError
@@ -120,10 +121,6 @@ def test_racing_spawns_never_pass_max_agents(town):
         except TinytownError as exc:
             lost.append(str(exc))
 
-    threads = [threading.Thread(target=spawn, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    race(spawn, 8)
     assert len(won) == 2 and len(lost) == 6 and all("max_agents reached" in m for m in lost)
     assert sorted(a.name for a in town.agents()) == sorted(won)
