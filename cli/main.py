@@ -233,7 +233,7 @@ def spawn(name, cli_name, task_timeout, shared, from_ref, roles, pin, answers, k
         _print_json(data)
     else:
         where = f" in {workspace['label']} (branch {workspace['branch']})" if workspace["mode"] == "worktree" else ""
-        on = f" on host {agent.host}" if pin or len(town.hosts.listing()) > 1 else ""
+        on = f" on host {agent.host}" if pin or town.r.execute_command("SCARD", town.keys.hosts) > 1 else ""
         click.echo(f"Spawned agent {agent.name} ({agent.id}) using {agent.cli}{where}{on}")
 
 

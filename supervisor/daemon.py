@@ -557,8 +557,9 @@ class Supervisor:
         """SIGKILL the process group of the CLI the agent's record names (it leads a session of its
         own, so a runner's group does not hold it), if the agent is still on this host: a pid
         recorded on another machine names nothing here."""
-        if self.town.r.hget(self.town.keys.agent(agent_id), "host") in (self.host, None, ""):
-            killpg(self.town.cli_pid(agent_id), signal.SIGKILL)
+        host, pid = self.town.r.execute_command("HMGET", self.town.keys.agent(agent_id), "host", "cli_pid")
+        if host in (self.host, None, ""):
+            killpg(int(pid) if pid else None, signal.SIGKILL)
 
     def _own_children(self) -> set[int]:
         """The runners and redis-server: every other child is an orphan adopted as subreaper."""

@@ -27,7 +27,6 @@ from .resp import Script
 # A runner that found its placement stale exits with this (EX_TEMPFAIL): its supervisor writes
 # nothing for it and does not restart it.
 FENCED_EXIT = 75
-HOST_STATES = ("live", "lost", "stopped")
 
 
 def fencing(config) -> bool:

@@ -237,14 +237,14 @@ class RedisBridge:
         """The recent output a new viewer sees first (REPLAY_BYTES at most); reading on starts after
         it. It starts at a line, not inside an escape sequence, unless it is the stream's whole
         content, as a local attach's replay does."""
-        newest = client.xrevrange(self.out_key, "+", "-", count=1)
-        if not newest:
-            return b""
-        self.last = top = newest[0][0]
         chunks: list[bytes] = []   # newest first
-        size, whole = 0, False
+        size, whole, top = 0, False, "+"
         while size < REPLAY_BYTES:
             batch = client.xrevrange(self.out_key, top, "-", count=100)
+            if top == "+":          # the newest entry: reading on starts after it
+                if not batch:
+                    return b""
+                self.last = batch[0][0]
             for _, fields in batch:
                 chunks.append(fields.get(b"data", b""))
                 size += len(chunks[-1])

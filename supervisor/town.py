@@ -449,17 +449,11 @@ class Town:
             if self.fence is not None:  # refused if the agent was placed again: watched, checked, written
                 reads.execute_command("WATCH", self.keys.agent(agent_id))
             reads.hget(self.keys.task(task_id), "state")
-            reads.hget(self.keys.agent(agent_id), "state")
-            if self.fence is not None:
-                reads.execute_command("HMGET", self.keys.agent(agent_id), "host", "epoch")
-            found = reads.execute()
-            if self.fence is not None:
-                _, old, old_agent, (host, epoch) = found
-                if host is not None and (host, epoch) != self.fence:
-                    self._unwatch()
-                    raise Fenced(self._fenced_why(agent_id, host, epoch))
-            else:
-                old, old_agent = found
+            reads.execute_command("HMGET", self.keys.agent(agent_id), "state", "host", "epoch")
+            *_, old, (old_agent, host, epoch) = reads.execute()
+            if self.fence is not None and host is not None and (host, epoch) != self.fence:
+                self._unwatch()
+                raise Fenced(self._fenced_why(agent_id, host, epoch))
             try:
                 return self._finish(agent_id, task_id, claimed, old, old_agent, state, exit_code, reason, output,
                                     agent_state, work)
