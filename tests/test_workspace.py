@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,8 @@ def test_spawn_makes_a_worktree_on_the_agents_branch_out_of_git_status(town):
     assert git(space.path, "symbolic-ref", "HEAD").strip() == "refs/heads/tt/dev"
     assert tip(town, "tt/dev") == head(town)
     assert (space.path / "a.txt").read_text() == "one\ntwo\nthree\n"
+    assert (space.gitdir / "index").read_bytes()[4:8] == (4).to_bytes(4, "big")   # its index is version 4
+    assert (town / ".git" / "index").read_bytes()[4:8] == (2).to_bytes(4, "big")  # the user's is not touched
     assert status(town) == ""                       # agents/ stays out of the user's git status
     assert any("agents/.gitignore" in note for note in notes)
     assert space.ensure() == []                     # already there: nothing done, no process
@@ -609,3 +612,39 @@ def test_a_dependency_that_is_a_fast_forward_or_already_in_makes_no_merge_commit
     rev.begin("t3", after=[upstream])                 # already in
     assert head(rev.path) == upstream
     assert git(rev.path, "log", "--merges", "--oneline") == ""
+
+
+def test_a_dependency_task_costs_these_git_processes_and_no_more(town, monkeypatch):
+    """The bench row's budget (scripts/benchsuite/workspace.py) counted in processes: merging an
+    upstream head, then committing the task, runs two pairs side by side and two alone; the
+    commits and the branch move are written without a process (git_store)."""
+    dev, rev = Workspace(town, "dev"), Workspace(town, "rev")
+    dev.ensure(), rev.ensure()
+    task(rev, "r1", write("rev.txt", "r\n"))
+    _, upstream = task(dev, "d1", write("dev.txt", "d\n"))
+    ran = []
+    real_run = ws._run
+    monkeypatch.setattr(ws, "_run", lambda cwd, commands, **kw: ran.append([args[0] for args, _ in commands])
+                        or real_run(cwd, commands, **kw))
+    begun, ended = task(rev, "r2", write("more.txt", "m\n"), after=[upstream.head])
+    assert ran == [["merge-base", "merge-tree"], ["reset"], ["add"], ["diff", "write-tree"]]
+    assert len(begun.merged) == 1 and ended.commit and (rev.path / "dev.txt").exists()
+    assert git(rev.path, "rev-parse", "HEAD~1^2").strip() == upstream.head
+    assert status(rev.path) == "" and git(town, "fsck", "--strict", "--no-dangling") == ""
+
+
+def test_processes_are_read_to_the_end_on_both_streams_and_given_up_on_at_the_deadline():
+    from tinytown.supervisor.procutil import capture
+    big = "import sys; sys.stdout.write('o' * 300000); sys.stderr.write('e' * 300000); sys.exit(3)"
+    procs = [subprocess.Popen([sys.executable, "-c", big], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(2)]
+    assert capture(procs, 60) == [(b"o" * 300000, b"e" * 300000)] * 2
+    assert [p.returncode for p in procs] == [3, 3]
+    stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            capture([stuck], 0.2)
+    finally:
+        stuck.kill()
+        stuck.wait()

@@ -1,0 +1,132 @@
+"""A commit written and a branch moved by Python, without a git process, where that is plain.
+
+Why: a task's git work is counted in processes (2-3 ms each here), and `git commit-tree` and
+`git update-ref` are two whose whole job is a few hundred bytes: a zlib-compressed loose object
+under `objects/`, and a ref file replaced under its `.lock` with a line appended to its reflog.
+Both formats are git's oldest stable interfaces (every git reads them; `git fsck` checks them),
+and the `.lock` is the same one git takes, so a git of the CLI's running at the same time is safe.
+
+Anything less plain is left to git: each function returns None/False, and the caller runs the git
+command instead, which also gives the user git's own error. That is a repository that is not SHA-1
+(a 64-digit id), a message that is not UTF-8, a ref store that is not files (reftable), a ref that
+is locked, symbolic, or not at the value expected.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import zlib
+from pathlib import Path
+
+_SHA1_HEX = 40
+
+
+def identity_line(name: str, email: str, when: float | None = None) -> bytes:
+    """`Name <email> 1700000000 +0100`, as git writes an author or committer."""
+    moment = time.time() if when is None else when
+    offset = time.localtime(moment).tm_gmtoff // 60
+    sign = "-" if offset < 0 else "+"
+    offset = abs(offset)
+    return f"{name} <{email}> {int(moment)} {sign}{offset // 60:02d}{offset % 60:02d}".encode()
+
+
+def commit_body(tree: str, parents: list[str] | tuple[str, ...], identity: bytes, message: bytes) -> bytes:
+    lines = [b"tree " + tree.encode()] + [b"parent " + p.encode() for p in parents]
+    lines += [b"author " + identity, b"committer " + identity]
+    return b"\n".join(lines) + b"\n\n" + message
+
+
+def move_ref(common: Path, ref: str, new: str, old: str, identity: bytes, message: str,
+             worktree_gitdir: Path | None = None) -> bool:
+    """`git update-ref -m MESSAGE REF NEW OLD` for a branch (refs/heads/...) in the files ref store:
+    False, with nothing changed, wherever git should do it instead (see the module's docstring).
+    With `worktree_gitdir`, the move is also logged as that worktree's HEAD's, as git does for an
+    update through HEAD."""
+    if len(new) != _SHA1_HEX or len(old) != _SHA1_HEX or not ref.startswith("refs/heads/"):
+        return False
+    if (common / "reftable").exists():
+        return False
+    path = common / ref
+    lock = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError:                            # held by another git, or no folder: git says which
+        return False
+    moved = False
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            if read_ref(common, ref) != old:
+                return False
+            fh.write(new + "\n")
+        line = f"{old} {new} {identity.decode()}\t{' '.join(message.split())}\n"
+        logs = [common / "logs" / ref] + ([worktree_gitdir / "logs" / "HEAD"] if worktree_gitdir else [])
+        for log in logs:
+            if log.exists():                   # git makes a branch's log when it makes the branch
+                with open(log, "a", encoding="utf-8", errors="surrogateescape") as fh:
+                    fh.write(line)
+        os.replace(lock, path)
+        moved = True
+        return True
+    finally:
+        if not moved:                          # (once moved, the name may be another git's lock)
+            lock.unlink(missing_ok=True)
+
+
+def read_ref(common: Path, ref: str) -> str | None:
+    """A branch's value as the files ref store has it: its loose file, else its line in
+    packed-refs; None if neither has it (or another ref store does)."""
+    try:
+        return (common / ref).read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError):
+        return None
+    try:
+        with open(common / "packed-refs", "rb") as fh:
+            suffix = b" " + os.fsencode(ref)
+            for line in fh:
+                line = line.rstrip(b"\n")
+                if line.endswith(suffix):
+                    return line[:-len(suffix)].decode("ascii", "replace")
+    except OSError:
+        pass
+    return None
+
+
+def write_commit(objects: Path, tree: str, parents, name: str, email: str, message: bytes,
+                 when: float | None = None) -> str | None:
+    """Store a commit of `tree` on `parents` by `name <email>` (author and committer, at `when`,
+    default now) in the `objects` folder; return its id, or None when the repository is not SHA-1
+    (the caller falls back to git). An object already there is left alone (same id, same bytes)."""
+    if len(tree) != _SHA1_HEX or any(len(p) != _SHA1_HEX for p in parents):
+        return None
+    try:
+        message.decode("utf-8")
+    except UnicodeDecodeError:                 # git re-encodes such bytes (as Latin-1): its call
+        return None
+    if any(c in name + email for c in "<>\n\0"):
+        raise ValueError(f"not usable in a commit's identity: {name!r} <{email!r}>")
+    parents = list(dict.fromkeys(parents))    # git drops a parent named twice
+    body = commit_body(tree, parents, identity_line(name, email, when), message)
+    raw = b"commit %d\0" % len(body) + body
+    oid = hashlib.sha1(raw).hexdigest()
+    folder = objects / oid[:2]
+    final = folder / oid[2:]
+    if final.exists():
+        return oid
+    folder.mkdir(exist_ok=True)
+    temporary = folder / f"tmp_obj_tt{os.getpid()}_{time.monotonic_ns()}"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(zlib.compress(raw))
+        try:
+            os.link(temporary, final)          # as git does: never replace an object that is there
+        except FileExistsError:
+            pass
+        except OSError:                        # a file system without hard links
+            os.replace(temporary, final)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return oid
