@@ -2,11 +2,11 @@
 and importing click and building every command's parser was a third of it. Any other command
 line, and any `tt stop` line this does not read exactly (--help, a typo, an option twice), goes
 to click (cli/main.py), so usage, help and errors behave one way. What `tt stop` does and prints
-is `stop_command`, which the click command calls too.
+is `stop_command`, which the click command calls too; before it, `tt stop` tries the running
+supervisor's own description of itself (supervisor/stopping.py), which spares it the config.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -23,10 +23,16 @@ def main() -> None:
     config = None
     code = 0
     try:
-        from tinytown.supervisor.config import load
+        from tinytown.supervisor.stopping import ask_from_lock, finish
+        from tinytown.supervisor.town_dir import find
         town_path, now, as_json = stop_args
-        config = load(town_path)
-        stop_command(config, now, as_json, print)
+        asked = ask_from_lock(find(town_path), now)   # (first: all that is imported later overlaps the stop)
+        if asked is not None:
+            print_stop(asked.card.name, finish(asked, now), as_json, print)
+        else:
+            from tinytown.supervisor.config import load
+            config = load(town_path)
+            stop_command(config, now, as_json, print)
     except TinytownError as exc:
         code = _error(str(exc))
     except KeyboardInterrupt:
@@ -75,15 +81,20 @@ def _take_town(args: list[str]) -> tuple[str | None, list[str]]:
 def stop_command(config, now: bool, as_json: bool, echo) -> None:
     """`tt stop`: ask the supervisor to stop, wait for it, say what it stopped."""
     from tinytown.supervisor.lifecycle import stop as stop_town
-    report = stop_town(config, now=now)
+    print_stop(config.name, stop_town(config, now=now), as_json, echo)
+
+
+def print_stop(name: str, report: dict | None, as_json: bool, echo) -> None:
+    """What `tt stop` says: the stop's report (None: the town was not running)."""
     if as_json:
+        import json
         echo(json.dumps(report or {"running": False}, indent=2, default=str))
         return
     if report is None:
-        echo(f"Town {config.name} is not running")
+        echo(f"Town {name} is not running")
         return
     stopped = report.get("stopped", []) + report.get("killed", [])
-    echo(f"Stopped town {config.name}: {len(stopped)} runner(s)" + (f" ({', '.join(stopped)})" if stopped else ""))
+    echo(f"Stopped town {name}: {len(stopped)} runner(s)" + (f" ({', '.join(stopped)})" if stopped else ""))
     if report.get("requeued"):
         echo(f"Re-queued {len(report['requeued'])} unfinished task(s): {', '.join(report['requeued'])}")
     if report.get("pending"):

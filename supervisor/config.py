@@ -12,12 +12,12 @@ import shlex
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from .errors import TinytownError
-
 import tomllib
 
-CONFIG_FILE = "tinytown.toml"
-RUNTIME_DIR = ".tt"
+from .errors import TinytownError
+from .town_dir import CONFIG_FILE, RUNTIME_DIR  # noqa: F401 - (named here for everyone who reads config)
+from .town_dir import find as _find_town_dir
+
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_UNIX_SOCKET_PATH = 107
 # Linux caps one argv string at MAX_ARG_STRLEN = 32 pages (128 KiB), NUL included.
@@ -620,18 +620,7 @@ def validate_name(kind: str, name: str) -> str:
 
 def find_town(start: str | Path | None = None) -> Path:
     """The folder holding tinytown.toml: `start` itself (a folder or the file), else walk up from cwd."""
-    if start is not None:
-        p = Path(start).expanduser().resolve()
-        if p.is_file():
-            return p.parent
-        if (p / CONFIG_FILE).is_file():
-            return p
-        raise TinytownError(f"no {CONFIG_FILE} in {p} (run `tt init` there)")
-    here = Path.cwd().resolve()
-    for folder in (here, *here.parents):
-        if (folder / CONFIG_FILE).is_file():
-            return folder
-    raise TinytownError(f"no {CONFIG_FILE} here or in any parent folder (run `tt init`, or pass --town PATH)")
+    return Path(_find_town_dir(start))
 
 
 def load(root: str | Path | None = None) -> Config:

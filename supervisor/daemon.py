@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field, fields, replace
 
-from . import lock
+from . import lock, stopping
 from .config import CONFIG_FILE, Config, ensure_runtime_dir, load
 from .control import ControlChannel
 from .errors import TinytownError
@@ -152,6 +152,7 @@ class Supervisor:
             else:
                 self.say(f"town {self.config.name}: supervisor pid {os.getpid()} on host {self.host}, Redis at {self.config.redis_where}")
             self._retrying(self._reconcile)
+            self._describe_for_stop()
             self._notify_ready(f"ok {os.getpid()}")
             report = self._loop()
             self._write_report(report)
@@ -164,6 +165,13 @@ class Supervisor:
             self.redis.stop()
             if self.lock_fd is not None:
                 lock.release(self.lock_fd)
+
+    def _describe_for_stop(self) -> None:
+        """Write what `tt stop` needs into the lock file, so it can ask without reading the config
+        (stopping.py); again after a reload, which may change stop_grace."""
+        socket_path = str(self.config.redis_socket) if self.redis.embedded and self.config.use_socket else ""
+        lock.describe(self.lock_fd, stopping.Card(self.config.name, socket_path, self.policy.stop_grace,
+                                                  str(self.config.last_stop_file)).encode())
 
     def _notify_ready(self, line: str) -> None:
         if self.ready_fd is not None:
@@ -347,6 +355,7 @@ class Supervisor:
         new = replace(new, **{name: getattr(old, name) for name in kept})
         self.config = self.town.config = new  # (the Redis server keeps its own: it does not change)
         self.policy = new.supervisor
+        self._describe_for_stop()
         parts = []
         if applied:
             parts.append("applied " + ", ".join(LIVE_NAMES.get(name, name) for name in applied)

@@ -1,7 +1,6 @@
 """Starting and stopping a town's supervisor from a `tt` command."""
 from __future__ import annotations
 
-import json
 import os
 import select
 import sys
@@ -10,8 +9,8 @@ import time
 from . import lock
 from .config import Config, ensure_runtime_dir
 from .errors import TinytownError
-from .models import StopMode
-from .procutil import alive, pidfd_wait, wait_until
+from .procutil import alive, wait_until
+from .stopping import StopMode, ask, read_report, stop_wait, wait_gone, wait_stopped
 
 START_TIMEOUT = 30.0
 
@@ -77,27 +76,6 @@ def _start_background(config: Config, say) -> bool:
                         + (f": {tail[0]}" if tail else f"; see {log_path}"))
 
 
-def _wait_gone(pid: int, timeout: float) -> None:
-    """Until process `pid` (not our child) has exited: a pidfd wakes us that moment; else poll."""
-    if pidfd_wait(pid, timeout) is None:
-        wait_until(lambda: not _running(pid), timeout)
-
-
-def _running(pid: int) -> bool:
-    try:  # /proc first: importing psutil costs more than the whole check
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except FileNotFoundError:
-        return False
-    except (OSError, IndexError):
-        pass
-    import psutil
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 def _read_line(fd: int, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     data = b""
@@ -150,33 +128,21 @@ def _wait_ready(config: Config, timeout: float = START_TIMEOUT) -> bool:
 
 
 def stop(config: Config, now: bool = False, timeout: float | None = None) -> dict | None:
-    """Ask the supervisor to stop and wait until it has; the stop report, or None if not running."""
+    """Ask the supervisor to stop and wait until it has; the stop report, or None if not running.
+    (`tt stop` itself first tries stopping.stop_from_lock, which needs no config.)"""
     pid = running_pid(config)
     if not pid:
         return None
     from .keys import Keys
     from .resp import connect
-
-    keys = Keys(config.name)
     try:
-        # The stop request, on the small RESP client and without importing town.py, models.py or
-        # redis-py: a quicker `tt stop`.
-        connect(config).pipeline().hset(keys.supervisor, "stop", (StopMode.NOW if now else StopMode.GRACEFUL).value) \
-            .publish(keys.control, "stop").execute()
+        ask(connect(config), Keys(config.name), StopMode.NOW if now else StopMode.GRACEFUL)
     except Exception:
         # Redis is unreachable: a signal still reaches a local supervisor.
         if pid > 0 and alive(pid):
             os.kill(pid, 15)
-    wait = timeout if timeout is not None else (0 if now else config.supervisor.stop_grace) + 30
-    if not lock.wait_released(config.runtime_dir, wait):
-        raise TinytownError(f"the supervisor (pid {pid}) did not stop within {wait:.0f}s")
-    if pid > 0:  # the lock goes a moment before the process: return only once it is gone
-        _wait_gone(pid, 10.0)
-    report_path = config.last_stop_file
-    try:
-        return json.loads(report_path.read_text())
-    except (OSError, ValueError):
-        return {}
+    wait_stopped(config.runtime_dir, pid, timeout if timeout is not None else stop_wait(config.supervisor.stop_grace, now))
+    return read_report(config.last_stop_file)
 
 
 def reload(config: Config, timeout: float = 10.0) -> tuple[str, str] | None:

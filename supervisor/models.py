@@ -6,6 +6,8 @@ import time
 from dataclasses import asdict, dataclass, fields
 from enum import Enum
 
+from .stopping import StopMode  # noqa: F401 - (defined there: `tt stop` imports it without this module)
+
 
 class AgentState(str, Enum):
     STARTING = "starting"
@@ -30,15 +32,6 @@ class Hold(str, Enum):
     @property
     def final_state(self) -> "AgentState":
         return AgentState.PAUSED if self is Hold.PAUSE else AgentState.STOPPED
-
-
-class StopMode(str, Enum):
-    """How a stop treats a running task: let it finish within stop_grace, put it back now, or (one
-    agent's runner only: `tt interrupt`, `tt close`) let it finish however long it takes."""
-
-    GRACEFUL = "graceful"
-    NOW = "now"
-    FINISH = "finish"
 
 
 class TaskState(str, Enum):

@@ -2,6 +2,7 @@
 the two ways give the same output, errors and exit status."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -31,8 +32,10 @@ def test_tt_stop_stops_the_town_without_importing_click(town):
     assert proc.stdout == "Stopped town {}: 2 runner(s) (dev, qa)\n".format(town.config().name) or \
         proc.stdout == "Stopped town {}: 2 runner(s) (qa, dev)\n".format(town.config().name)
     imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
-    assert "tinytown.supervisor.lifecycle" in imported  # (the check itself works)
+    assert "tinytown.supervisor.stopping" in imported  # (the check itself works)
     assert not [name for name in imported if name.split(".")[0] in ("click", "rich")], imported
+    # Asked from what the supervisor wrote into its lock file: no config, no models (stopping.py).
+    assert not {"tinytown.supervisor.config", "tinytown.supervisor.models", "tomllib"} & set(imported)
     assert town.supervisor_pid() is None
     wait_for(lambda: not town_processes(town.root), 10, "nothing left running")
 
@@ -62,3 +65,60 @@ def test_tt_town_dir_and_the_command_option_win_as_in_click(town, tmp_path):
 def test_other_commands_go_through_click(town, args):
     fast, slow = entry(town, *args), click_path(town, *args)
     assert (fast.returncode, fast.stdout, fast.stderr) == (slow.returncode, slow.stdout, slow.stderr)
+
+
+def card_of(town) -> dict:
+    """What the supervisor wrote for `tt stop` into its lock file (supervisor/stopping.py)."""
+    from tinytown.supervisor import lock
+    from tinytown.supervisor.stopping import Card
+    pid, raw = lock.holder_and_card(town.root / ".tt")
+    assert pid == town.supervisor_pid()
+    return Card.decode(raw)._asdict()
+
+
+def test_a_town_whose_config_was_changed_or_broken_while_running_still_stops(town):
+    """`tt stop` asks the supervisor that runs, as it described itself, not whatever tinytown.toml
+    says now: renamed (its keys would be another town's) or broken, the town still stops."""
+    town.tt("spawn", "dev")
+    town.wait_agent("dev")
+    name = town.config().name
+    assert card_of(town) == {"name": name, "socket": str(town.config().redis_socket),
+                             "stop_grace": town.config().supervisor.stop_grace,
+                             "report": str(town.root / ".tt" / "last-stop.json")}
+    toml = town.root / "tinytown.toml"
+    toml.write_text(toml.read_text().replace(f'name = "{name}"', 'name = "renamed"', 1) + "\n[oops\n")
+    proc = entry(town, "stop")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"Stopped town {name}: 1 runner(s) (dev)\n", "")
+    assert town.supervisor_pid() is None
+    assert (town.root / ".tt" / "supervisor.lock").read_bytes() == b""    # the card went with the lock
+    wait_for(lambda: not town_processes(town.root), 10, "nothing left running")
+    # Not running: the config's path, which says what is wrong with the file.
+    proc = entry(town, "stop")
+    assert proc.returncode == 1 and "tinytown.toml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_card_follows_a_reload(town):
+    town.tt("spawn", "dev")
+    town.wait_agent("dev")
+    toml = town.root / "tinytown.toml"
+    toml.write_text(toml.read_text().replace("\nstop_grace = 10.0\n", "\nstop_grace = 3.5\n", 1))
+    town.tt("reload")
+    assert card_of(town)["stop_grace"] == 3.5
+    assert town.tt("stop").returncode == 0
+
+
+def test_the_card_round_trips_through_the_lock_file_whatever_the_paths(tmp_path):
+    from tinytown.supervisor import lock
+    from tinytown.supervisor.stopping import Card
+    odd = os.fsdecode(b"/tmp/a\nb\tc caf\xe9/.tt/redis.sock")
+    fd = lock.acquire(tmp_path)
+    try:
+        assert lock.holder_and_card(tmp_path) == (os.getpid(), b"")        # serving not yet: no card
+        for card in (Card("town-1", odd, 2.5, odd + ".json"), Card("t", "", 0.0, "r")):
+            lock.describe(fd, card.encode())
+            pid, raw = lock.holder_and_card(tmp_path)
+            assert pid == lock.holder(tmp_path) == os.getpid() and Card.decode(raw) == card
+    finally:
+        lock.release(fd)
+    assert lock.holder_and_card(tmp_path) == (None, b"")
+    assert Card.decode(b"too\0few") is None and Card.decode(b"a\0b\0not-a-number\0d") is None

@@ -1,0 +1,37 @@
+"""Where a town is: the folder holding tinytown.toml, and its runtime folder (.tt) beside it.
+
+Apart from config.py, which builds on it, so that `tt stop` can find the town without importing
+the config's parser and settings (about 25 ms of a ~70 ms command).
+"""
+from __future__ import annotations
+
+import os
+
+from .errors import TinytownError
+
+CONFIG_FILE = "tinytown.toml"
+RUNTIME_DIR = ".tt"
+
+
+def find(start: str | os.PathLike | None = None) -> str:
+    """The folder holding tinytown.toml: `start` itself (a folder or the file), else walk up from
+    the current folder. A resolved path; TinytownError if there is none."""
+    if start is not None:
+        path = os.path.realpath(os.path.expanduser(os.fspath(start)))
+        if os.path.isfile(path):
+            return os.path.dirname(path)
+        if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+            return path
+        raise TinytownError(f"no {CONFIG_FILE} in {path} (run `tt init` there)")
+    folder = os.path.realpath(os.getcwd())
+    while True:
+        if os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+            return folder
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            raise TinytownError(f"no {CONFIG_FILE} here or in any parent folder (run `tt init`, or pass --town PATH)")
+        folder = parent
+
+
+def runtime_dir(town: str | os.PathLike) -> str:
+    return os.path.join(town, RUNTIME_DIR)
