@@ -502,10 +502,7 @@ class Workspace:
                              "`tt merge` will need --into BRANCH")
             args = ["worktree", "add", "-q", "--no-track", "-b", self.branch, str(self.path), start]
         quiet = self._keep_out_of_status(repo)
-        # Index version 4 (what git's feature.manyFiles picks) stores each path as a difference from
-        # the one before: a third smaller on a big tree, so every index read and write on a task's
-        # path is cheaper (about 1 ms a task on 5 000 files). Any git since 1.8.0 reads it.
-        git(repo.root, "-c", "index.version=4", *args)
+        git(repo.root, *args)
         if quiet:
             notes.append(quiet)
         if (self.path / ".gitmodules").exists():
