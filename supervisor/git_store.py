@@ -9,17 +9,19 @@ and the `.lock` is the same one git takes, so a git of the CLI's running at the 
 Anything less plain is left to git: each function returns None/False, and the caller runs the git
 command instead, which also gives the user git's own error. That is a repository that is not SHA-1
 (a 64-digit id), a message that is not UTF-8, a ref store that is not files (reftable), a ref that
-is locked, symbolic, or not at the value expected.
+is locked, symbolic, or not at the value expected, a HEAD no longer on the branch, and any OSError.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 import zlib
 from pathlib import Path
 
 _SHA1_HEX = 40
+_GIT_SPACE = re.compile(r"[ \t\n\r]+")
 
 
 def identity_line(name: str, email: str, when: float | None = None) -> bytes:
@@ -41,36 +43,50 @@ def move_ref(common: Path, ref: str, new: str, old: str, identity: bytes, messag
              worktree_gitdir: Path | None = None) -> bool:
     """`git update-ref -m MESSAGE REF NEW OLD` for a branch (refs/heads/...) in the files ref store:
     False, with nothing changed, wherever git should do it instead (see the module's docstring).
-    With `worktree_gitdir`, the move is also logged as that worktree's HEAD's, as git does for an
-    update through HEAD."""
+
+    With `worktree_gitdir`, it is `git update-ref HEAD ...` in that worktree: as git does, HEAD is
+    locked too and must still be on `ref` under the lock (a CLI's `git switch` a moment before
+    means git decides), and the move is logged as HEAD's as well as the branch's. Any OSError (a
+    full disk, a folder git made as another user) also leaves it to git, whose error says why."""
     if len(new) != _SHA1_HEX or len(old) != _SHA1_HEX or not ref.startswith("refs/heads/"):
         return False
     if (common / "reftable").exists():
         return False
     path = common / ref
-    lock = path.with_name(path.name + ".lock")
+    locks = [path.with_name(path.name + ".lock")]
+    if worktree_gitdir is not None:
+        locks.insert(0, worktree_gitdir / "HEAD.lock")
+    held: list[Path] = []
     try:
-        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError:                            # held by another git, or no folder: git says which
-        return False
-    moved = False
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
-            if read_ref(common, ref) != old:
-                return False
-            fh.write(new + "\n")
-        line = f"{old} {new} {identity.decode()}\t{' '.join(message.split())}\n"
+        for lock in locks:
+            os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            held.append(lock)                  # (another git holding one: FileExistsError, git decides)
+        if worktree_gitdir is not None and (worktree_gitdir / "HEAD").read_bytes().strip() != b"ref: " + ref.encode():
+            return False
+        if read_ref(common, ref) != old:
+            return False
+        line = f"{old} {new} {identity.decode()}\t{reflog_message(message)}\n".encode("utf-8", "surrogateescape")
         logs = [common / "logs" / ref] + ([worktree_gitdir / "logs" / "HEAD"] if worktree_gitdir else [])
+        with open(locks[-1], "w", encoding="ascii") as fh:
+            fh.write(new + "\n")
         for log in logs:
             if log.exists():                   # git makes a branch's log when it makes the branch
-                with open(log, "a", encoding="utf-8", errors="surrogateescape") as fh:
+                with open(log, "ab") as fh:
                     fh.write(line)
-        os.replace(lock, path)
-        moved = True
+        os.replace(locks[-1], path)
+        held.pop()                             # (moved: that name may be another git's lock by now)
         return True
+    except OSError:
+        return False
     finally:
-        if not moved:                          # (once moved, the name may be another git's lock)
+        for lock in held:
             lock.unlink(missing_ok=True)
+
+
+def reflog_message(message: str) -> str:
+    """A reflog line's message as git writes it: runs of space, tab, CR and LF made one space, and
+    none at either end (git's own idea of whitespace, not Python's)."""
+    return " ".join(part for part in _GIT_SPACE.split(message) if part)
 
 
 def read_ref(common: Path, ref: str) -> str | None:
@@ -115,10 +131,10 @@ def write_commit(objects: Path, tree: str, parents, name: str, email: str, messa
     final = folder / oid[2:]
     if final.exists():
         return oid
-    folder.mkdir(exist_ok=True)
     temporary = folder / f"tmp_obj_tt{os.getpid()}_{time.monotonic_ns()}"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
     try:
+        folder.mkdir(exist_ok=True)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
         with os.fdopen(fd, "wb") as fh:
             fh.write(zlib.compress(raw))
         try:
@@ -127,6 +143,8 @@ def write_commit(objects: Path, tree: str, parents, name: str, email: str, messa
             pass
         except OSError:                        # a file system without hard links
             os.replace(temporary, final)
+    except OSError:                            # a full disk, a folder another user made: git says why
+        return None
     finally:
         temporary.unlink(missing_ok=True)
     return oid

@@ -9,8 +9,8 @@ import time
 from . import lock
 from .config import Config, ensure_runtime_dir
 from .errors import TinytownError
-from .procutil import alive, wait_until
-from .stopping import StopMode, ask, read_report, stop_wait, wait_gone, wait_stopped
+from .procutil import wait_until
+from .stopping import StopMode, ask, read_report, signal_to_stop, stop_wait, wait_stopped
 
 START_TIMEOUT = 30.0
 
@@ -19,6 +19,9 @@ def running_pid(config: Config) -> int | None:
     """The supervisor's pid if one holds this town's lock, else None."""
     if not config.runtime_dir.exists():
         return None
+    if not config.runtime_dir.is_dir():
+        raise TinytownError(f"{config.runtime_dir} is not a folder (the town keeps its runtime files there): "
+                            "move it away")
     return lock.holder(config.runtime_dir)
 
 
@@ -137,10 +140,8 @@ def stop(config: Config, now: bool = False, timeout: float | None = None) -> dic
     from .resp import connect
     try:
         ask(connect(config), Keys(config.name), StopMode.NOW if now else StopMode.GRACEFUL)
-    except Exception:
-        # Redis is unreachable: a signal still reaches a local supervisor.
-        if pid > 0 and alive(pid):
-            os.kill(pid, 15)
+    except Exception:  # noqa: BLE001 - Redis is unreachable: a signal still reaches a local supervisor
+        signal_to_stop(pid)
     wait_stopped(config.runtime_dir, pid, timeout if timeout is not None else stop_wait(config.supervisor.stop_grace, now))
     return read_report(config.last_stop_file)
 

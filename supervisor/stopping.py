@@ -40,18 +40,19 @@ def stop_wait(stop_grace: float, now: bool) -> float:
 class Card(namedtuple("Card", "name socket stop_grace report")):
     """What the supervisor writes into its lock file (lock.describe) for `tt stop`: the town's
     name, its Redis socket ("" for a Redis reached over TCP: `tt stop` then reads the config), its
-    stop_grace, the stop report's path. NUL-separated: no path holds a NUL, and no json to read it.
+    stop_grace, the stop report's path. Each field ends in a NUL: no path holds one, reading needs
+    no json, and what a rewrite that shortened the card (a reload) has not yet cut off is ignored.
     (namedtuple, not typing.NamedTuple: importing typing costs `tt stop` ~2 ms.)"""
 
     __slots__ = ()
 
     def encode(self) -> bytes:
-        return b"\0".join(os.fsencode(str(part)) for part in self)
+        return b"".join(os.fsencode(str(part)) + b"\0" for part in self)
 
     @classmethod
     def decode(cls, raw: bytes) -> "Card | None":
-        parts = raw.split(b"\0")
-        if len(parts) != len(cls._fields):
+        parts = raw.split(b"\0")[:len(cls._fields) + 1]
+        if len(parts) != len(cls._fields) + 1:     # (the last field's NUL missing: not all written)
             return None
         try:
             return cls(parts[0].decode(), os.fsdecode(parts[1]), float(parts[2]), os.fsdecode(parts[3]))
@@ -71,7 +72,10 @@ def ask_from_lock(town: str, now: bool) -> Asked | None:
     """Ask the supervisor of the town in folder `town` to stop, from its card; None where the card
     cannot do it (the caller then goes through the config). `finish` waits for it."""
     runtime = runtime_dir(town)
-    pid, raw = lock.holder_and_card(runtime)
+    try:
+        pid, raw = lock.holder_and_card(runtime)
+    except OSError:  # .tt not a folder, another user's: the config's path says what is wrong
+        return None
     described = Card.decode(raw) if pid and pid > 0 and raw else None
     if described is None or not described.socket:
         return None
@@ -83,9 +87,17 @@ def ask_from_lock(town: str, now: bool) -> Asked | None:
             ask(client, Keys(described.name), StopMode.NOW if now else StopMode.GRACEFUL)
         finally:
             client.close()
-    except Exception:  # noqa: BLE001 - Redis not answering: the config's path decides (a signal)
-        return None
+    except Exception:  # noqa: BLE001 - Redis does not answer: a signal still reaches the supervisor
+        signal_to_stop(pid)
     return Asked(runtime, pid, described)
+
+
+def signal_to_stop(pid: int) -> None:
+    """The stop asked by SIGTERM, for a supervisor whose Redis does not answer (a second SIGTERM,
+    like a second Ctrl+C, is `--now`)."""
+    from .procutil import alive
+    if pid > 0 and alive(pid):
+        os.kill(pid, 15)
 
 
 def finish(asked: Asked, now: bool) -> dict:

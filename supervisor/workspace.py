@@ -206,7 +206,8 @@ def _run(cwd: Path, commands: list, input: bytes | None = None, identity: str | 
     except FileNotFoundError:
         raise Unavailable("not-git", "git is not installed (or not on PATH)") from None
     except subprocess.TimeoutExpired:
-        raise WorkspaceError(f"git {commands[0][0][0]} in {cwd} took over {GIT_TIMEOUT:g}s; gave up") from None
+        names = " and ".join(f"git {args[0]}" for args, _ in commands)
+        raise WorkspaceError(f"{names} in {cwd} took over {GIT_TIMEOUT:g}s; gave up") from None
     finally:
         for proc in procs:
             if proc.poll() is None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tinytown.supervisor.git_store import identity_line, move_ref, read_ref, write_commit
+from tinytown.supervisor.git_store import identity_line, move_ref, read_ref, reflog_message, write_commit
 
 MESSAGE = "tt: t-1 caf\xe9 \u2603\n\nTinytown-Task: t-1\n".encode()
 
@@ -42,16 +42,27 @@ def rev(cwd, what) -> str:
 
 
 def as_git_would(cwd, tree, parents, name, email, when, message) -> str:
-    """`git commit-tree`'s id for the same commit, author and committer pinned to `when`."""
-    date = identity_line(name, email, when).decode().rsplit(" ", 2)
-    date = f"{date[1]} {date[2]}"
+    """`git commit-tree`'s id for the same commit, author and committer pinned to `when` (the
+    offset from UTC git's own, from TZ)."""
+    date = f"@{when}"
     env = {"GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email, "GIT_AUTHOR_DATE": date,
            "GIT_COMMITTER_NAME": name, "GIT_COMMITTER_EMAIL": email, "GIT_COMMITTER_DATE": date}
     parent_args = [arg for parent in parents for arg in ("-p", parent)]
     return git(cwd, "commit-tree", tree, *parent_args, env=env, input=message).strip()
 
 
-def test_a_commit_written_by_python_is_byte_for_byte_the_one_git_writes(repo):
+@pytest.fixture(params=["UTC", "America/St_Johns", "Asia/Kolkata"])
+def local_zone(request, monkeypatch):
+    """A machine's time zone, half-hour offsets and one west of UTC among them."""
+    import time
+    monkeypatch.setenv("TZ", request.param)
+    time.tzset()
+    yield request.param
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_a_commit_written_by_python_is_byte_for_byte_the_one_git_writes(repo, local_zone):
     tree, parent = rev(repo, "HEAD^{tree}"), rev(repo, "HEAD")
     git(repo, "commit", "-q", "--allow-empty", "-m", "second")
     other = rev(repo, "HEAD")
@@ -171,3 +182,65 @@ def test_a_task_in_a_sha256_repository_is_committed_by_git_itself(tmp_path, monk
     assert rev(space.path, "tt/dev") == ended.head
     assert git(space.path, "log", "-1", "--format=%an|%s").strip() == "dev (tt)|tt: t1 add b"
     assert [f.path for f in ended.files] == ["b.txt"]
+
+
+def test_through_head_it_moves_only_while_head_is_on_the_branch_and_unlocked(repo):
+    """As `git update-ref HEAD`: a CLI that switched branches a moment before, or a git of its
+    holding HEAD's lock, leaves the move to git (which follows HEAD or says it is locked)."""
+    first = rev(repo, "HEAD")
+    git(repo, "commit", "-q", "--allow-empty", "-m", "second")
+    second = rev(repo, "HEAD")
+    worktree = repo.parent / "wt"
+    git(repo, "worktree", "add", "-q", "-b", "tt/dev", str(worktree), first)
+    common = repo / ".git"
+    gitdir = common / "worktrees" / "wt"
+    who = identity_line("dev (tt)", "dev@tinytown.invalid")
+    logs = (branch_log(repo, "tt/dev"), branch_log(worktree, "HEAD"))
+
+    git(worktree, "switch", "-q", "-c", "side")
+    assert not move_ref(common, "refs/heads/tt/dev", second, first, who, "m", worktree_gitdir=gitdir)
+    git(worktree, "switch", "-q", "tt/dev")
+    logs = (branch_log(repo, "tt/dev"), branch_log(worktree, "HEAD"))
+    (gitdir / "HEAD.lock").write_text("held\n")
+    assert not move_ref(common, "refs/heads/tt/dev", second, first, who, "m", worktree_gitdir=gitdir)
+    assert (gitdir / "HEAD.lock").read_text() == "held\n"
+    (gitdir / "HEAD.lock").unlink()
+    assert rev(repo, "tt/dev") == first and rev(repo, "side") == first
+    assert (branch_log(repo, "tt/dev"), branch_log(worktree, "HEAD")) == logs
+    assert not list(common.rglob("*.lock"))
+    assert move_ref(common, "refs/heads/tt/dev", second, first, who, "m", worktree_gitdir=gitdir)
+    assert rev(worktree, "HEAD") == second and not list(common.rglob("*.lock"))
+
+
+def test_the_reflog_message_is_made_one_line_by_gits_rule():
+    assert reflog_message("  tt: t-1\tone\r\n two  ") == "tt: t-1 one two"
+    assert reflog_message("keeps\x0bvertical\x0ctabs and\u00a0nbsp") == "keeps\x0bvertical\x0ctabs and\u00a0nbsp"
+
+
+def test_a_disk_that_refuses_the_writes_leaves_them_to_git(repo, monkeypatch):
+    """ENOSPC (or a folder another user's git made) while writing the commit or moving the branch:
+    nothing half-written is left, and the task's commit is made by git itself."""
+    import errno
+
+    from tinytown.supervisor import git_store
+    from tinytown.supervisor.workspace import Workspace
+    objects = repo / ".git" / "objects"
+    real_open = os.open
+
+    def full(path, *args, **kw):
+        if "tmp_obj_" in os.fspath(path) or os.fspath(path).endswith(".lock"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, *args, **kw)
+
+    space = Workspace(repo, "dev")
+    space.ensure()
+    space.begin("t1")
+    (space.path / "new.txt").write_text("work\n")
+    monkeypatch.setattr(git_store.os, "open", full)
+    assert write_commit(objects, rev(repo, "HEAD^{tree}"), [], "dev (tt)", "dev@x.invalid", b"m\n") is None
+    ended = space.end("t1", "add new")                    # commit-tree and update-ref, by git
+    monkeypatch.undo()
+    assert ended.commit and rev(space.path, "tt/dev") == ended.head
+    assert git(space.path, "log", "-1", "--format=%an|%s").strip() == "dev (tt)|tt: t1 add new"
+    assert not list(objects.rglob("tmp_obj_*")) and not list((repo / ".git").rglob("*.lock"))
+    git(repo, "fsck", "--strict", "--no-dangling")

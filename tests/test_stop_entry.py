@@ -121,4 +121,28 @@ def test_the_card_round_trips_through_the_lock_file_whatever_the_paths(tmp_path)
     finally:
         lock.release(fd)
     assert lock.holder_and_card(tmp_path) == (None, b"")
-    assert Card.decode(b"too\0few") is None and Card.decode(b"a\0b\0not-a-number\0d") is None
+    assert Card.decode(b"too\0few\0") is None and Card.decode(b"a\0b\0not-a-number\0d\0") is None
+    # A reload's shorter card, read between its write and the cut: the old card's tail is ignored.
+    longer, shorter = Card("t", "/s", 10.0, "/a/long/report.json"), Card("t", "/s", 3.5, "/r.json")
+    torn = shorter.encode() + longer.encode()[len(shorter.encode()):]
+    assert Card.decode(torn) == shorter and Card.decode(shorter.encode()[:-1]) is None
+
+
+def test_the_fast_path_answers_json_and_now_as_the_config_path_does(town):
+    import json
+    town.tt("spawn", "dev")
+    town.wait_agent("dev")
+    proc = entry(town, "stop", "--now", "--json")
+    assert proc.returncode == 0 and proc.stderr == ""
+    report = json.loads(proc.stdout)
+    assert report["stopped"] == ["dev"] and report["killed"] == [] and "at" in report
+    assert json.loads(entry(town, "stop", "--json").stdout) == {"running": False}
+
+
+def test_a_runtime_folder_that_is_not_a_folder_is_said_as_the_config_path_says_it(town):
+    (town.root / ".tt").rename(town.root / "tt-moved")
+    (town.root / ".tt").write_text("not a folder\n")
+    fast, slow = entry(town, "stop"), click_path(town, "stop")
+    assert (fast.returncode, fast.stdout, fast.stderr) == (slow.returncode, slow.stdout, slow.stderr)
+    assert fast.returncode == 1 and fast.stderr.endswith(".tt is not a folder (the town keeps its runtime files "
+                                                         "there): move it away\n")
