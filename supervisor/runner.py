@@ -17,7 +17,8 @@ Between claiming a task and starting its CLI the runner `begin`s it (supervisor/
 the notes left for the agent move into the task's record, and the prompt is composed from them, the
 user's text and the dependencies' outputs (supervisor/prompt_blocks.py).
 
-Output goes to the log, the attach viewers, the task's tail and a Redis stream. A log that cannot
+Output goes to the log, the attach viewers, the task's tail and a Redis stream (past a rate, only
+the newest of a flood: supervisor/stream_budget.py). A log that cannot
 be written (a full disk, a file-size limit, a rotation that fails) costs the log, not the task: the
 agent carries a warning (`tt status`) until a write succeeds again.
 """
@@ -47,6 +48,7 @@ from .pty_session import CliSession
 from .remote_attach import RemoteInput
 from .resp import RespConnectionError, Sender
 from .resp import connect as resp_connect
+from .stream_budget import StreamBudget, gap_line
 from .town import OUTPUT_TAIL_BYTES, Claimed, Town, agent_workspace
 from .workspace import WorkspaceError
 from .workspace_remote import bring_here, push_head
@@ -124,6 +126,8 @@ class Runner:
         self.unsent: list[bytes] = []
         self.unsent_bytes = 0
         self.stream: Sender | None = None         # for the output stream, on first output
+        self.stream_budget = StreamBudget(time.monotonic())
+        self.left_out = 0                         # output of this task not copied to the stream yet said
         self.workspace = None                     # the agent's worktree (workspace.Workspace), if it has one
         self.workdir = config.root                # where its CLI runs: the worktree, or the town folder
         self.watch: OutputWatch | None = None     # what the output says (stalls, questions, failures)
@@ -470,6 +474,7 @@ class Runner:
         """Copy the CLI's output to the log, attach, Redis and the task's tail until it exits, and
         enforce a stop's grace and the task's timeout on the way."""
         self.tail = bytearray()
+        self.left_out = 0
         reader = session.reader
         now = time.monotonic()
         heartbeat = self.config.supervisor.heartbeat_interval
@@ -526,7 +531,7 @@ class Runner:
             if exited and (eof or now >= clock.drain_until):
                 # (past the deadline: a helper that left the CLI's session holds the terminal;
                 # the reader thread is let go, to end at that helper's next write or exit)
-                self._stream_send(task_id)
+                self._stream_send(task_id, final=True)
                 self._stream_flush()
                 if killed_for is None or (session.signal is None and session.exit_code == 0):
                     return Ending.EXITED  # exit 0 as it was being killed: it finished
@@ -600,14 +605,21 @@ class Runner:
             except InvalidTransition:  # stopping: `tt status` shows that instead
                 pass
 
-    def _stream_send(self, task_id: str) -> None:
+    def _stream_send(self, task_id: str, final: bool = False) -> None:
         """The output not yet in the agent's Redis stream, in entries of STREAM_FLUSH_BYTES at most
-        (the stream's size is stream_maxlen x that), without waiting for Redis (resp.Sender): the
-        pump goes back to reading the pty at once."""
-        if not self.unsent:
+        (the stream's size is stream_maxlen x that), within the stream's budget (a flood's oldest
+        part is left to the log, and a line says how much: once more output goes, or at the
+        task's end), without waiting for Redis (resp.Sender): the pump goes back to the pty at once."""
+        if not self.unsent and not (final and self.left_out):
             return
-        pieces = _in_pieces(self.unsent, STREAM_FLUSH_BYTES)
+        pieces, left_out = self.stream_budget.take(_in_pieces(self.unsent, STREAM_FLUSH_BYTES), time.monotonic())
         self.unsent, self.unsent_bytes = [], 0
+        self.left_out += left_out
+        if self.left_out and (pieces or final):
+            pieces.insert(0, gap_line(self.left_out, self.host))
+            self.left_out = 0
+        if not pieces:
+            return
         key, maxlen = self.town.keys.output(self.agent_id), self.config.logs.stream_maxlen
         if self.stream is None:
             self.stream = Sender(resp_connect(self.config))

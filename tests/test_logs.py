@@ -244,3 +244,39 @@ def test_rotation_moves_the_runners_stderr_along(tmp_path):
         subprocess.run([sys.executable, "-c", script], stdout=fh, stderr=fh, check=True)
     assert "after-rotation" in log.read_text()
     assert (tmp_path / ".tt" / "logs" / "a.log.1").exists()
+
+
+def test_a_flood_of_output_is_all_in_the_log_and_its_newest_part_in_redis(town):
+    """Past the stream's budget (supervisor/stream_budget.py) a flood's oldest part is left out of
+    the Redis copy, and the stream says exactly how much; the log file has every byte."""
+    from tinytown.supervisor.resp import connect
+    from tinytown.supervisor.stream_budget import BURST
+    town.tt("spawn", "dev")
+    size = 3 * BURST
+    task_id = town.assign("dev", f"@print {size}")
+    assert town.wait_task(task_id, timeout=60)["state"] == "completed"
+    config = town.config()
+    entries = connect(config, decode=False).xrange(town.town().keys.output(town.agent("dev")["id"]), "-", "+")
+    data = b"".join(fields[b"data"] for _, fields in entries if fields[b"task"] == task_id.encode())
+    gaps = [int(n) for n in re.findall(rb"\n\[tt: (\d+) bytes of output left out of the Redis copy", data)]
+    kept = re.sub(rb"\n\[tt: \d+ bytes of output left out of the Redis copy [^\]]*\]\n", b"", data)
+    rows, rest = divmod(size, 80)                           # @print: rows of 79 x and a newline
+    first_line = kept[:kept.index(b"\r\n") + 2]             # "claude: received N bytes of prompt"
+    assert first_line.endswith(b"bytes of prompt\r\n") and kept.endswith(b"y" * rest + b"done\r\n")
+    assert gaps and len(kept) + sum(gaps) == len(first_line) + rows * 81 + rest + len(b"done\r\n")
+    assert len(kept) < size                                 # the newest part, not all of it
+    logs = sorted(config.log_dir.glob("dev.log*"), key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
+    log = b"".join(path.read_bytes() for path in logs)     # rotated ones first: the bytes in order
+    assert log.count(b"x" * 79 + b"\r\n") == rows           # every byte in the log
+    shown = town.tt("logs", "--task", task_id[:8]).out
+    assert "bytes of output left out of the Redis copy" in shown and shown.rstrip().endswith("done")
+
+
+def test_the_stream_budget_keeps_the_newest_output_and_counts_the_rest():
+    from tinytown.supervisor.stream_budget import StreamBudget
+    budget = StreamBudget(now=0.0, rate=100, burst=250)
+    assert budget.take([b"a" * 100, b"b" * 100], now=0.0) == ([b"a" * 100, b"b" * 100], 0)
+    assert budget.take([b"c" * 60, b"d" * 40], now=0.0) == ([b"c" * 10, b"d" * 40], 50)
+    assert budget.take([b"e" * 10], now=0.0) == ([], 10)                    # empty
+    assert budget.take([b"f" * 80, b"g" * 80], now=1.0) == ([b"f" * 20, b"g" * 80], 60)   # 100 a second
+    assert budget.take([b"h" * 300], now=100.0) == ([b"h" * 250], 50)       # never more than the burst

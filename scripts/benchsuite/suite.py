@@ -469,7 +469,8 @@ def pty_output(size: dict, ctx: Context) -> list[Row]:
         finally:
             follower.stop_flag.set()
     row.note = (f"{nbytes / MB:g} MB per task; the follower reads the log 4 KiB per 10 ms. Tinytown also copies "
-                f"the output to a Redis stream and the task's tail. The same pexpect loop without the file "
+                f"the output to the task's tail and, within its budget (supervisor/stream_budget.py: 8 MiB, then "
+                f"4 MiB/s), to a Redis stream. The same pexpect loop without the file "
                 f"reaches {statistics.median(no_log):.0f} MB/s (min {min(no_log):.0f}, max {max(no_log):.0f}) "
                 f"in this run")
     return [row.judge(min_ratio=0.9)]
