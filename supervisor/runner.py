@@ -55,6 +55,7 @@ from .workspace_remote import bring_here, push_head
 
 STREAM_FLUSH_SECONDS = 0.02
 STREAM_FLUSH_BYTES = 64 * 1024
+THROTTLED_RECHECK = 0.05    # while a flood is held back from the stream: how often to see if it may go
 EXIT_DRAIN_SECONDS = 0.5
 KILL_WAIT_SECONDS = 2.0
 # After a batch of output, the pump lets the next one gather this long (signals and deadlines
@@ -127,7 +128,6 @@ class Runner:
         self.unsent_bytes = 0
         self.stream: Sender | None = None         # for the output stream, on first output
         self.stream_budget = StreamBudget(time.monotonic())
-        self.left_out = 0                         # output of this task not copied to the stream yet said
         self.workspace = None                     # the agent's worktree (workspace.Workspace), if it has one
         self.workdir = config.root                # where its CLI runs: the worktree, or the town folder
         self.watch: OutputWatch | None = None     # what the output says (stalls, questions, failures)
@@ -474,7 +474,7 @@ class Runner:
         """Copy the CLI's output to the log, attach, Redis and the task's tail until it exits, and
         enforce a stop's grace and the task's timeout on the way."""
         self.tail = bytearray()
-        self.left_out = 0
+        self.stream_budget.reset()
         reader = session.reader
         now = time.monotonic()
         heartbeat = self.config.supervisor.heartbeat_interval
@@ -512,10 +512,11 @@ class Runner:
                         self._act_on(session, task_id, notice)
                     clock.watch_at = self.watch.deadline()
             # (a viewer on another host reads the stream: no batching then, its echo must not wait)
-            if self.unsent and (eof or now >= clock.flush_at or self.unsent_bytes >= STREAM_FLUSH_BYTES
-                                or now < self.attach.far_until):
+            if clock.flush_at is not None and (eof or now >= clock.flush_at or self.unsent_bytes >= STREAM_FLUSH_BYTES
+                                               or now < self.attach.far_until):
                 self._stream_send(task_id)
-                clock.flush_at = None
+                # A flood's held window goes once the budget allows, output or not (stream_budget.py).
+                clock.flush_at = now + THROTTLED_RECHECK if self.stream_budget.throttled else None
             if now >= clock.next_beat:
                 self.town.heartbeat(self.agent_id)
                 clock.next_beat = now + heartbeat
@@ -607,17 +608,16 @@ class Runner:
 
     def _stream_send(self, task_id: str, final: bool = False) -> None:
         """The output not yet in the agent's Redis stream, in entries of STREAM_FLUSH_BYTES at most
-        (the stream's size is stream_maxlen x that), within the stream's budget (a flood's oldest
-        part is left to the log, and a line says how much: once more output goes, or at the
-        task's end), without waiting for Redis (resp.Sender): the pump goes back to the pty at once."""
-        if not self.unsent and not (final and self.left_out):
-            return
-        pieces, left_out = self.stream_budget.take(_in_pieces(self.unsent, STREAM_FLUSH_BYTES), time.monotonic())
+        (the stream's size is stream_maxlen x that), within the stream's budget (a flood is sent as
+        its start, windows of its newest output and its end, each window after a line saying how
+        much was left to the log: stream_budget.py), without waiting for Redis (resp.Sender): the
+        pump goes back to the pty at once."""
+        gap, sent = self.stream_budget.take(self.unsent, time.monotonic(), final)
         self.unsent, self.unsent_bytes = [], 0
-        self.left_out += left_out
-        if self.left_out and (pieces or final):
-            pieces.insert(0, gap_line(self.left_out, self.host))
-            self.left_out = 0
+        pieces = [piece[i:i + STREAM_FLUSH_BYTES] for piece in _in_pieces(sent, STREAM_FLUSH_BYTES)
+                  for i in range(0, len(piece), STREAM_FLUSH_BYTES)]   # (a held window is one piece)
+        if gap:
+            pieces.insert(0, gap_line(gap, self.host))
         if not pieces:
             return
         key, maxlen = self.town.keys.output(self.agent_id), self.config.logs.stream_maxlen

@@ -4,38 +4,60 @@ Why: the stream (Keys.output) is a capped copy of the output for readers elsewhe
 --task`, `--since`, a follower or an attach on another host); the log file has all of it. A CLI
 printing flat out (a 100 MB dump) made Redis parse, store and append to its AOF every byte only
 to trim most of it again (the stream keeps ~64 MiB): ~15 % of the runner's throughput on 2 cores,
-and on a town sharing a Redis across hosts, every host's share of it. Past RATE (after a BURST),
-the newest output is kept and the rest left to the log, with a line in the stream saying how much
-(`gap_line`). An AI CLI prints kilobytes a second; the budget never touches it.
+and on a town sharing a Redis across hosts, every host's share of it. An AI CLI prints kilobytes a
+second; the budget never touches it.
+
+Shape: output flows while the bucket (BURST, refilled at RATE) covers it. Once a flush would
+overdraw it, the stream gets nothing while only the newest WINDOW bytes are held (from a line's
+start where one is near); when the bucket has refilled by WINDOW, or the task ends, one gap line
+(`gap_line`: how many bytes, where the log is) and the held window go. So a flood reads as its
+start, a coherent window about four times a second, and its end, not as thousands of slivers.
 """
 from __future__ import annotations
 
 RATE = 4 * 1024 * 1024       # bytes a second into the stream, flat out
 BURST = 8 * 1024 * 1024      # bytes at once, after a quiet spell
+WINDOW = 1024 * 1024         # the newest output held while throttled, sent whole
+LINE_SEARCH = 4096           # a held window starts after a newline found this near its cut
 
 
 class StreamBudget:
-    def __init__(self, now: float, rate: float = RATE, burst: float = BURST):
-        self.rate, self.burst = rate, burst
-        self.tokens, self.at = burst, now
+    def __init__(self, now: float, rate: float = RATE, burst: float = BURST, window: int = WINDOW):
+        self.rate, self.burst, self.window = rate, burst, window
+        self.tokens, self.at = float(burst), now
+        self.held = bytearray()
+        self.left_out = 0
+        self.throttled = False
 
-    def take(self, pieces: list[bytes], now: float) -> tuple[list[bytes], int]:
-        """Of `pieces` (oldest first), the newest that fit in the budget, the oldest of them cut to
-        fit; and how many bytes were left out."""
+    def take(self, pieces: list[bytes], now: float, final: bool = False) -> tuple[int, list[bytes]]:
+        """Of `pieces` (the output since the last call, oldest first): (bytes left out before what
+        is returned, to be said in a gap line first; 0 for none), what goes to the stream now."""
         self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
         self.at = now
-        kept: list[bytes] = []
-        room = int(self.tokens)
-        for piece in reversed(pieces):
-            if room <= 0:
-                break
-            part = piece if len(piece) <= room else piece[len(piece) - room:]
-            kept.append(part)
-            room -= len(part)
-        kept.reverse()
-        sent = sum(map(len, kept))
-        self.tokens -= sent
-        return kept, sum(map(len, pieces)) - sent
+        size = sum(map(len, pieces))
+        if not self.throttled:
+            if size <= self.tokens:
+                self.tokens -= size
+                return 0, pieces
+            self.throttled = True
+        for piece in pieces:
+            self.held += piece
+        if len(self.held) > self.window:
+            cut = len(self.held) - self.window
+            newline = self.held.find(b"\n", cut, cut + LINE_SEARCH)
+            cut = newline + 1 if newline != -1 else cut
+            self.left_out += cut
+            del self.held[:cut]
+        if not (final or self.tokens >= self.window):
+            return 0, []
+        out, gap = bytes(self.held), self.left_out
+        self.held, self.left_out, self.throttled = bytearray(), 0, False
+        self.tokens = max(0.0, self.tokens - len(out))
+        return gap, [out] if out else []
+
+    def reset(self) -> None:
+        """A new task: nothing of the last one is held (its end sent it all)."""
+        self.held, self.left_out, self.throttled = bytearray(), 0, False
 
 
 def gap_line(left_out: int, host: str) -> bytes:

@@ -246,25 +246,31 @@ def test_rotation_moves_the_runners_stderr_along(tmp_path):
     assert (tmp_path / ".tt" / "logs" / "a.log.1").exists()
 
 
-def test_a_flood_of_output_is_all_in_the_log_and_its_newest_part_in_redis(town):
-    """Past the stream's budget (supervisor/stream_budget.py) a flood's oldest part is left out of
-    the Redis copy, and the stream says exactly how much; the log file has every byte."""
+def test_a_flood_of_output_is_all_in_the_log_and_its_start_and_end_in_redis(town):
+    """Past the stream's budget (supervisor/stream_budget.py) a flood goes to Redis as its start,
+    whole windows of its newest output (each after a line saying exactly how much was left out)
+    and its end; the log file has every byte."""
     from tinytown.supervisor.resp import connect
-    from tinytown.supervisor.stream_budget import BURST
+    from tinytown.supervisor.stream_budget import BURST, WINDOW
     town.tt("spawn", "dev")
     size = 3 * BURST
     task_id = town.assign("dev", f"@print {size}")
-    assert town.wait_task(task_id, timeout=60)["state"] == "completed"
+    task = town.wait_task(task_id, timeout=60)
+    assert task["state"] == "completed"
     config = town.config()
     entries = connect(config, decode=False).xrange(town.town().keys.output(town.agent("dev")["id"]), "-", "+")
     data = b"".join(fields[b"data"] for _, fields in entries if fields[b"task"] == task_id.encode())
-    gaps = [int(n) for n in re.findall(rb"\n\[tt: (\d+) bytes of output left out of the Redis copy", data)]
-    kept = re.sub(rb"\n\[tt: \d+ bytes of output left out of the Redis copy [^\]]*\]\n", b"", data)
+    gap = rb"\n\[tt: (\d+) bytes of output left out of the Redis copy [^\]]*\]\n"
+    counts = [int(n) for n in re.findall(gap, data)]
+    parts = re.split(gap, data)[::2]                        # the output between the gap lines
     rows, rest = divmod(size, 80)                           # @print: rows of 79 x and a newline
-    first_line = kept[:kept.index(b"\r\n") + 2]             # "claude: received N bytes of prompt"
-    assert first_line.endswith(b"bytes of prompt\r\n") and kept.endswith(b"y" * rest + b"done\r\n")
-    assert gaps and len(kept) + sum(gaps) == len(first_line) + rows * 81 + rest + len(b"done\r\n")
-    assert len(kept) < size                                 # the newest part, not all of it
+    first_line = parts[0][:parts[0].index(b"\r\n") + 2]     # "claude: received N bytes of prompt"
+    assert first_line.endswith(b"bytes of prompt\r\n") and len(parts[0]) >= BURST // 2   # the start, whole
+    assert parts[-1].endswith(b"y" * rest + b"done\r\n") and len(parts[-1]) <= WINDOW     # the end, whole
+    assert all(part.startswith(b"x") for part in parts[1:])  # each window from a line's start
+    seconds = (task["finished_at"] - task["started_at"]) if task.get("finished_at") else 60
+    assert 1 <= len(counts) <= 2 + seconds * 5               # a few windows, not thousands of slivers
+    assert sum(map(len, parts)) + sum(counts) == len(first_line) + rows * 81 + rest + len(b"done\r\n")
     logs = sorted(config.log_dir.glob("dev.log*"), key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
     log = b"".join(path.read_bytes() for path in logs)     # rotated ones first: the bytes in order
     assert log.count(b"x" * 79 + b"\r\n") == rows           # every byte in the log
@@ -272,11 +278,17 @@ def test_a_flood_of_output_is_all_in_the_log_and_its_newest_part_in_redis(town):
     assert "bytes of output left out of the Redis copy" in shown and shown.rstrip().endswith("done")
 
 
-def test_the_stream_budget_keeps_the_newest_output_and_counts_the_rest():
+def test_the_stream_budget_sends_a_floods_start_windows_and_end_with_the_gaps_counted():
     from tinytown.supervisor.stream_budget import StreamBudget
-    budget = StreamBudget(now=0.0, rate=100, burst=250)
-    assert budget.take([b"a" * 100, b"b" * 100], now=0.0) == ([b"a" * 100, b"b" * 100], 0)
-    assert budget.take([b"c" * 60, b"d" * 40], now=0.0) == ([b"c" * 10, b"d" * 40], 50)
-    assert budget.take([b"e" * 10], now=0.0) == ([], 10)                    # empty
-    assert budget.take([b"f" * 80, b"g" * 80], now=1.0) == ([b"f" * 20, b"g" * 80], 60)   # 100 a second
-    assert budget.take([b"h" * 300], now=100.0) == ([b"h" * 250], 50)       # never more than the burst
+    budget = StreamBudget(now=0.0, rate=100, burst=220, window=50)
+    assert budget.take([b"a" * 100, b"b" * 100], now=0.0) == (0, [b"a" * 100, b"b" * 100])   # within the burst
+    assert budget.take([b"c" * 60, b"d" * 40], now=0.0) == (0, [])       # overdrawn: the newest 50 held
+    assert budget.take([b"e\n" + b"f" * 70], now=0.1) == (0, [])         # (still the newest 50)
+    assert budget.take([], now=0.25) == (0, [])                          # not yet 50 back in the bucket
+    assert budget.take([], now=0.3) == (122, [b"f" * 50])                # then the gap and the window
+    assert budget.take([b"g" * 10], now=0.5) == (0, [b"g" * 10])         # flowing again
+    assert budget.take([b"h" * 500], now=0.5) == (0, [])
+    assert budget.take([b"i\nj"], now=0.5, final=True) == (502, [b"j"])  # the task's end, from a line's start
+    cut = StreamBudget(now=0.0, rate=1, burst=1, window=8)
+    assert cut.take([b"xxxx\nnewest"], now=0.0, final=True) == (5, [b"newest"])
+    assert cut.take([], now=0.0, final=True) == (0, [])                  # nothing held: nothing said
