@@ -132,7 +132,7 @@ def _wait_ready(config: Config, timeout: float = START_TIMEOUT) -> bool:
 
 def stop(config: Config, now: bool = False, timeout: float | None = None) -> dict | None:
     """Ask the supervisor to stop and wait until it has; the stop report, or None if not running.
-    (`tt stop` itself first tries stopping.stop_from_lock, which needs no config.)"""
+    (`tt stop` itself first tries stopping.ask_from_lock, which needs no config.)"""
     pid = running_pid(config)
     if not pid:
         return None

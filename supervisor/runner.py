@@ -614,8 +614,7 @@ class Runner:
         pump goes back to the pty at once."""
         gap, sent = self.stream_budget.take(self.unsent, time.monotonic(), final)
         self.unsent, self.unsent_bytes = [], 0
-        pieces = [piece[i:i + STREAM_FLUSH_BYTES] for piece in _in_pieces(sent, STREAM_FLUSH_BYTES)
-                  for i in range(0, len(piece), STREAM_FLUSH_BYTES)]   # (a held window is one piece)
+        pieces = _in_pieces(sent, STREAM_FLUSH_BYTES)
         if gap:
             pieces.insert(0, gap_line(gap, self.host))
         if not pieces:
@@ -696,12 +695,14 @@ def _interrupted_line(begun) -> bytes:
 
 
 def _in_pieces(chunks: list[bytes], limit: int) -> list[bytes]:
-    """Consecutive chunks joined into pieces of at most `limit` bytes (no chunk is larger: the
-    reader's READ_CHUNK): the stream's entries, made with one copy, and none for a chunk that is
-    a piece already."""
+    """Consecutive chunks joined into pieces of at most `limit` bytes: the stream's entries, made
+    with one copy, and none for a chunk that is a piece already. A chunk larger than `limit` (a
+    flood's held window, stream_budget.py; the reader's are READ_CHUNK at most) is cut first."""
     pieces: list[bytes] = []
     group: list[bytes] = []
     size = 0
+    chunks = [chunk[i:i + limit] for chunk in chunks for i in range(0, len(chunk), limit)] \
+        if any(len(chunk) > limit for chunk in chunks) else chunks
     for chunk in chunks:
         if group and size + len(chunk) > limit:
             pieces.append(group[0] if len(group) == 1 else b"".join(group))

@@ -51,7 +51,7 @@ class StreamBudget:
         if not (final or self.tokens >= self.window):
             return 0, []
         out, gap = bytes(self.held), self.left_out
-        self.held, self.left_out, self.throttled = bytearray(), 0, False
+        self.reset()
         self.tokens = max(0.0, self.tokens - len(out))
         return gap, [out] if out else []
 
