@@ -83,16 +83,31 @@ def start_foreground(town) -> subprocess.Popen:
 
 def supervisors(town) -> list[psutil.Process]:
     """The town's supervisor processes (its forked runners share its command line, not its name)."""
-    return [p for p in town_processes(town.root) if not p.name().startswith("tt-runner")
-            and any(s in " ".join(p.cmdline()) for s in ("supervisor.daemon", "cli.main start"))]
+    return [p for p in town_processes(town.root) if not _name(p).startswith("tt-runner")
+            and any(s in " ".join(_cmdline(p)) for s in ("supervisor.daemon", "cli.main start"))]
 
 
 def runners(town) -> list[psutil.Process]:
-    return [p for p in town_processes(town.root) if p.name().startswith("tt-runner")]
+    return [p for p in town_processes(town.root) if _name(p).startswith("tt-runner")]
 
 
 def redis_servers(town) -> list[psutil.Process]:
-    return [p for p in town_processes(town.root) if "redis-server" in p.name()]
+    return [p for p in town_processes(town.root) if "redis-server" in _name(p)]
+
+
+def _name(process: psutil.Process) -> str:
+    """Its name, or "" if it ended since it was listed (a killed one can, while these tests look)."""
+    try:
+        return process.name()
+    except psutil.NoSuchProcess:
+        return ""
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.NoSuchProcess:
+        return []
 
 
 def set_max_agents(town, n: int) -> None:
