@@ -231,6 +231,37 @@ def test_log_file_reader_across_rotations(tmp_path):
         reader.close()
 
 
+def test_rotation_keeps_the_backups_and_frees_what_it_discards(tmp_path):
+    """The file a rotation discards is unlinked at once and freed off the writer's path
+    (agent_log._discard): only the log and its backups are left, and no fd of the writer's
+    process still holds a deleted one once the rotation's helper threads are done."""
+    from tinytown.supervisor.config import Config, LogPolicy
+    from tinytown.supervisor.agent_log import AgentLog
+    for backups in (0, 2):
+        config = Config(root=tmp_path / str(backups), name="t", logs=LogPolicy(max_bytes=1024, backups=backups))
+        log = AgentLog(config, "a")
+        for i in range(200):
+            log.write(b"line %06d %s\n" % (i, b"x" * 90))
+        log.close()
+        logs = config.log_file("a").parent
+        assert {p.name for p in logs.iterdir()} == {"a.log", *(f"a.log.{n}" for n in range(1, backups + 1))}
+        assert (logs / "a.log").read_bytes().startswith(b"line ")
+        wait_for(lambda: not _fds_under(logs), 10, "the discarded files' fds closed")
+
+
+def _fds_under(folder) -> list[str]:
+    """What this process's open fds point to under `folder` (a deleted file reads "... (deleted)")."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:  # (listdir's own fd, closed by now)
+            continue
+        if target.startswith(str(folder)):
+            found.append(target)
+    return found
+
+
 def test_rotation_moves_the_runners_stderr_along(tmp_path):
     """A runner's stderr is its log file; after a rotation a traceback must land in the current one."""
     log = tmp_path / ".tt" / "logs" / "a.log"
