@@ -380,6 +380,7 @@ class Runner:
             session.close()
             raise
         self._note(f"task {task_id} started")
+        session.reader.go(self.log.write)  # (after the note: the log has it before the CLI's output)
         self.attach.task_started(task_id, session)
         try:
             ending = self._pump(session, task_id)
@@ -570,10 +571,10 @@ class Runner:
         return killed_for
 
     def _output(self, chunks: list[bytes], clock: PumpClock, now: float) -> None:
-        """A batch of the CLI's output: to the log, the attach viewers, the task's tail, and queued
-        for the Redis stream (sent at STREAM_FLUSH_BYTES or STREAM_FLUSH_SECONDS)."""
+        """A batch of the CLI's output (in the log already: the reader thread wrote it there): to the
+        attach viewers, the task's tail, and queued for the Redis stream (sent at STREAM_FLUSH_BYTES
+        or STREAM_FLUSH_SECONDS)."""
         for piece in _in_pieces(chunks, STREAM_FLUSH_BYTES):
-            self.log.write(piece)
             self.attach.output(piece)
             keep_tail(self.tail, piece, OUTPUT_TAIL_BYTES)
             self.unsent.append(piece)

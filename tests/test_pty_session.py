@@ -129,19 +129,35 @@ def test_keystrokes_reach_a_cli_that_asks_and_are_not_echoed(sessions, record):
 def test_the_reader_thread_takes_all_output_to_the_end(sessions, record):
     session = start(sessions, record, b"@seq 20000\n")
     reader = session.start_reader()
+    logged: list[bytes] = []
+    reader.go(logged.append)
     got, eof = bytearray(), False
     while not eof:
         wait_for(lambda: reader.chunks or reader.eof, 30, "output")
         chunks, eof = reader.take()
         got += b"".join(chunks)
     assert got.count(b"seq ") == 20000 and got.rstrip().endswith(b"done")
+    assert b"".join(logged) == got  # the sink (the log) saw every byte, in order
     wait_exit(session)
     assert session.exit_code == 0
 
 
+def test_the_reader_reads_nothing_before_go(sessions, record):
+    """The runner writes its "task started" line between start_reader() and go(): the CLI's
+    output must not reach the log before it."""
+    session = start(sessions, record, b"@echo early bird\n")
+    reader = session.start_reader()
+    wait_exit(session)  # it printed and exited: unread, its output waits in the pty
+    assert reader.chunks == [] and not reader.eof
+    logged: list[bytes] = []
+    reader.go(logged.append)
+    wait_for(lambda: reader.eof, 30, "the end of the output")
+    assert b"early bird" in b"".join(logged)
+
+
 def test_close_kills_the_group_reaps_and_releases_the_terminal(sessions, record):
     session = start(sessions, record, b"@child\n@sleep 300\n")
-    session.start_reader()
+    session.start_reader().go()  # (its thread blocked in a read when close() comes)
     children = record / "t1.children"
     wait_for(lambda: children.exists() and children.read_text().strip(), 30, "the CLI's helper")
     helper = int(children.read_text().split()[0])
