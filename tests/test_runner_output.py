@@ -20,3 +20,18 @@ def test_output_reaches_the_log_and_the_stream_whole_and_the_task_its_tail(town)
     log = (town.root / ".tt" / "logs" / "dev.log").read_bytes()
     assert streamed.encode() in log
     assert streamed.endswith(task["output"]) and len(task["output"]) == 64 * 1024
+
+
+def test_batches_gather_longer_only_in_a_flood_nobody_watches():
+    """The pump takes output every BATCH_SECONDS, or FLOOD_BATCH_SECONDS while the stream budget
+    holds a flood back and no viewer, here or on another host, is attached."""
+    from types import SimpleNamespace
+    from tinytown.supervisor.runner import BATCH_SECONDS, FLOOD_BATCH_SECONDS, Runner
+    def wait(throttled: bool, viewers: dict, far_until: float = 0.0) -> float:
+        runner = SimpleNamespace(stream_budget=SimpleNamespace(throttled=throttled),
+                                 attach=SimpleNamespace(viewers=viewers, far_until=far_until))
+        return Runner._batch_wait(runner, now=100.0)
+    assert wait(throttled=True, viewers={}) == FLOOD_BATCH_SECONDS > BATCH_SECONDS
+    assert wait(throttled=False, viewers={}) == BATCH_SECONDS
+    assert wait(throttled=True, viewers={3: object()}) == BATCH_SECONDS
+    assert wait(throttled=True, viewers={}, far_until=101.0) == BATCH_SECONDS
