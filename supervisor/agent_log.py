@@ -107,16 +107,26 @@ class AgentLog:
         unlinked while an fd of ours holds it, and that fd is closed (the kernel frees the file
         there) on a thread of its own. Unlinking 10 MiB took the writer 4-8 ms here, and renaming
         over it as much again (ext4 then writes the renamed file out): at 100 MB/s of output,
-        ~10 % of the time. A reader still sees the file deleted at once (st_nlink 0)."""
+        ~10 % of the time. A reader still sees the file deleted at once (st_nlink 0). Anything
+        but a regular file we can open (a FIFO put there, no permission) is simply unlinked."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # (a FIFO must not block us)
         except FileNotFoundError:
             return
+        except OSError:
+            os.unlink(path)
+            return
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                fd = -1
             os.unlink(path)
         except OSError:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             raise
+        if fd < 0:
+            return
         try:
             threading.Thread(target=os.close, args=(fd,), name="log-discard", daemon=True).start()
         except RuntimeError:  # no thread to be had: freed now, then

@@ -262,6 +262,23 @@ def _fds_under(folder) -> list[str]:
     return found
 
 
+def test_rotation_over_a_fifo_in_the_backups_place_does_not_block(tmp_path):
+    """The file a rotation discards is opened first (agent_log._discard): a FIFO put in its place
+    must neither block the writer (and with it the pty's reader) nor stop the rotation."""
+    import threading
+    from tinytown.supervisor.config import Config, LogPolicy
+    from tinytown.supervisor.agent_log import AgentLog
+    config = Config(root=tmp_path, name="t", logs=LogPolicy(max_bytes=1024, backups=1))
+    log = AgentLog(config, "a")
+    os.mkfifo(config.log_file("a").with_name("a.log.1"))
+    writer = threading.Thread(target=lambda: [log.write(b"x" * 99 + b"\n") for _ in range(30)], daemon=True)
+    writer.start()
+    writer.join(10)
+    assert not writer.is_alive(), "the rotation blocked on the FIFO"
+    assert log.problem == "" and config.log_file("a").with_name("a.log.1").is_file()
+    log.close()
+
+
 def test_rotation_moves_the_runners_stderr_along(tmp_path):
     """A runner's stderr is its log file; after a rotation a traceback must land in the current one."""
     log = tmp_path / ".tt" / "logs" / "a.log"
@@ -324,3 +341,5 @@ def test_the_stream_budget_sends_a_floods_start_windows_and_end_with_the_gaps_co
     cut = StreamBudget(now=0.0, rate=1, burst=1, window=8)
     assert cut.take([b"xxxx\nnewest"], now=0.0, final=True) == (5, [b"newest"])
     assert cut.take([], now=0.0, final=True) == (0, [])                  # nothing held: nothing said
+    at_line = StreamBudget(now=0.0, rate=1, burst=1, window=8)
+    assert at_line.take([b"xx\n1234\n678"], now=0.0, final=True) == (3, [b"1234\n678"])  # the cut starts a line
