@@ -55,7 +55,7 @@ class StreamBudget:
         out = b"".join(held)
         if len(out) > self.window:
             cut = len(out) - self.window
-            newline = out.find(b"\n", cut, cut + LINE_SEARCH)
+            newline = out.find(b"\n", cut - 1, cut + LINE_SEARCH)  # (from cut - 1: cut may start a line)
             cut = newline + 1 if newline != -1 else cut
             self.left_out += cut
             out = out[cut:]
