@@ -12,7 +12,9 @@ stays current while the main thread is held up. A flood moved 119-123 MB/s so ag
 with the main thread writing batches (three alternating rounds of six 100 MB tasks), though the
 runner spent ~10 % more CPU on it. The thread starts before the task is recorded running (a
 thread that cannot be had fails the task before that) but reads nothing until go(), so the log's
-"task started" line comes before the CLI's output.
+"task started" line comes before the CLI's output. A line the runner notes mid-task (an answer
+typed, a stall) lands after what the thread has written by then, which can be a little past the
+output that prompted it (at most a batch: 10 ms of a flood).
 
 At most QUEUE_BYTES wait between the two: past that the thread stops reading, the pty fills and
 the CLI waits, as it would for any slow reader, rather than the runner's memory growing while
@@ -29,6 +31,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import traceback
 from typing import Callable
 
 from .procutil import drain
@@ -84,7 +87,11 @@ class PtyReader(threading.Thread):
                 wake = not chunks
                 if data:
                     if sink is not None:
-                        sink(data)
+                        try:
+                            sink(data)
+                        except Exception:  # (a bug, no memory): the log misses output from here on,
+                            sink = None    # the task and the stream do not; why is on stderr (the log)
+                            traceback.print_exc()
                     chunks.append(data)
                     self.size += len(data)
                 else:

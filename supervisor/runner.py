@@ -382,10 +382,10 @@ class Runner:
         try:
             self.town.start_task(self.agent_id, task_id, task=task, agent_state=agent_state, cli_pid=session.pid,
                                  base=base)
-        except Fenced:  # placed again while the CLI was starting: it goes, nothing recorded
-            session.close()
+            self._note(f"task {task_id} started")
+        except BaseException:  # Fenced (placed again while the CLI was starting: it goes, nothing
+            session.close()    # recorded), or Redis gone: the runner ends, and the CLI first
             raise
-        self._note(f"task {task_id} started")
         session.reader.go(self.log.write)  # (after the note: the log has it before the CLI's output)
         self.attach.task_started(task_id, session)
         try:

@@ -22,6 +22,16 @@ def test_output_reaches_the_log_and_the_stream_whole_and_the_task_its_tail(town)
     assert streamed.endswith(task["output"]) and len(task["output"]) == 64 * 1024
 
 
+def test_the_log_says_a_task_started_before_its_output(town):
+    """The pty's reader thread writes the log, and starts reading only once the runner has written
+    its "task started" line (pty_reader.go)."""
+    town.tt("spawn", "dev")
+    task = town.wait_task(town.assign("dev", "@echo first words"))
+    log = (town.root / ".tt" / "logs" / "dev.log").read_bytes()
+    started, output = log.find(f"task {task['id']} started".encode()), log.find(b"first words")
+    assert 0 <= started < output
+
+
 def test_batches_gather_longer_only_in_a_flood_nobody_watches():
     """The pump takes output every BATCH_SECONDS, or FLOOD_BATCH_SECONDS while the stream budget
     holds a flood back and no viewer, here or on another host, is attached."""
