@@ -155,6 +155,22 @@ def test_the_reader_reads_nothing_before_go(sessions, record):
     assert b"early bird" in b"".join(logged)
 
 
+def test_a_log_sink_that_fails_costs_the_log_only(sessions, record, capfd):
+    """A sink raising something other than OSError (a bug, no memory) must not end the reader
+    thread: the output still reaches take() to its end, and stderr says what went wrong."""
+    session = start(sessions, record, b"@seq 2000\n")
+    reader = session.start_reader()
+    def broken(data: bytes) -> None:
+        raise MemoryError("no memory for the log")
+    reader.go(broken)
+    got = bytearray()
+    while not reader.eof or reader.chunks:
+        wait_for(lambda: reader.chunks or reader.eof, 30, "output")
+        got += b"".join(reader.take()[0])
+    assert got.count(b"seq ") == 2000
+    assert "no memory for the log" in capfd.readouterr().err
+
+
 def test_close_kills_the_group_reaps_and_releases_the_terminal(sessions, record):
     session = start(sessions, record, b"@child\n@sleep 300\n")
     session.start_reader().go()  # (its thread blocked in a read when close() comes)
