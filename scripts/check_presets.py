@@ -286,7 +286,6 @@ def run_probe(spec: CliSpec, probe: Probe, exe: str, env_extra: dict[str, str], 
                 finally:
                     os.chdir(cwd)
             reader = session.start_reader()
-            reader.go()
         except (TinytownError, OSError, RuntimeError) as exc:  # (no fd or thread for the reader)
             session.close()
             return f"{probe.label}: cannot start: {exc}"

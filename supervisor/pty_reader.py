@@ -11,10 +11,11 @@ the main thread sees it: the copy every byte takes is made where the byte arrive
 stays current while the main thread is held up. A flood moved 119-123 MB/s so against 113-118
 with the main thread writing batches (three alternating rounds of six 100 MB tasks), though the
 runner spent ~10 % more CPU on it. The thread starts before the task is recorded running (a
-thread that cannot be had fails the task before that) but reads nothing until go(), so the log's
-"task started" line comes before the CLI's output. A line the runner notes mid-task (an answer
-typed, a stall) lands after what the thread has written by then, which can be a little past the
-output that prompted it (at most a batch: 10 ms of a flood).
+thread that cannot be had fails the task before that) and reads at once, but the log gets
+nothing before go(), which writes what was read until then: the log's "task started" line comes
+before the CLI's output, and a CLI that prints at once is not held up meanwhile. A line the
+runner notes mid-task (an answer typed, a stall) lands after what the thread has written by
+then, which can be a little past the output that prompted it (at most a batch: 10 ms of a flood).
 
 At most QUEUE_BYTES wait between the two: past that the thread stops reading, the pty fills and
 the CLI waits, as it would for any slow reader, rather than the runner's memory growing while
@@ -52,8 +53,7 @@ class PtyReader(threading.Thread):
             os.close(self.notify_r)
             os.close(self.notify_w)
             raise
-        self.sink: Callable[[bytes], None] | None = None  # the log's writer, called on this thread
-        self.gate = threading.Event()  # set by go() (or abandon()): reading begins
+        self.sink: Callable[[bytes], None] | None = None  # the log's writer, from go() on (this thread's)
         self.lock = threading.Lock()
         self.room = threading.Condition(self.lock)  # notified when take() empties the queue
         self.chunks: list[bytes] = []
@@ -61,15 +61,27 @@ class PtyReader(threading.Thread):
         self.eof = False
         self.abandoned = False
 
-    def go(self, sink: Callable[[bytes], None] | None = None) -> None:
-        """Start reading; each read goes to `sink` (on this thread, in order) before take() sees it."""
-        self.sink = sink
-        self.gate.set()
+    def go(self, sink: Callable[[bytes], None]) -> None:
+        """From now on each read goes to `sink` (on the thread, in order) before take() sees it;
+        what was read before goes to it now."""
+        with self.lock:
+            self.sink = sink
+            for chunk in self.chunks:
+                self._log(chunk)
+
+    def _log(self, data: bytes) -> None:
+        """`data` to the sink (under the lock). An exception other than OSError there (a bug, no
+        memory) ends the log's copy, not the thread: the task and the stream keep the output, and
+        why is on stderr (which is the log)."""
+        try:
+            self.sink(data)
+        except Exception:
+            self.sink = None
+            traceback.print_exc()
 
     def run(self) -> None:
-        self.gate.wait()
         # (the loop runs once per pty read, ~5 KiB: what it looks up is looked up once)
-        read, fd, lock, chunks, sink = os.read, self.fd, self.lock, self.chunks, self.sink
+        read, fd, lock, chunks = os.read, self.fd, self.lock, self.chunks
         while not self.abandoned:
             if self.size >= QUEUE_BYTES:  # full: the CLI waits, not the runner's memory grows
                 with lock:
@@ -86,12 +98,8 @@ class PtyReader(threading.Thread):
                     break
                 wake = not chunks
                 if data:
-                    if sink is not None:
-                        try:
-                            sink(data)
-                        except Exception:  # (a bug, no memory): the log misses output from here on,
-                            sink = None    # the task and the stream do not; why is on stderr (the log)
-                            traceback.print_exc()
+                    if self.sink is not None:
+                        self._log(data)
                     chunks.append(data)
                     self.size += len(data)
                 else:
@@ -122,7 +130,6 @@ class PtyReader(threading.Thread):
             self.abandoned = True
             done = self.eof
             self.room.notify()
-        self.gate.set()  # (a thread still waiting for go() ends without reading)
         os.close(self.notify_r)
         if not done:
             self._wake_read()
