@@ -173,6 +173,42 @@ def keep_tail(buf: bytearray, data: bytes, limit: int) -> bool:
     return False
 
 
+def keep_tail_of(buf: bytearray, chunks: list[bytes], limit: int) -> bool:
+    """keep_tail for a batch of chunks, looking only at the last ones that hold `limit` bytes (a
+    flood's batch is MiBs of 4 KiB reads): when earlier ones are skipped, `buf` restarts from the
+    first chunk kept, so what it holds is always one unbroken run. True if anything was dropped."""
+    total, first = 0, len(chunks)
+    while first > 0 and total < limit:
+        first -= 1
+        total += len(chunks[first])
+    dropped = first > 0
+    if dropped:
+        buf.clear()
+    for chunk in chunks[first:]:
+        dropped = keep_tail(buf, chunk, limit) or dropped
+    return dropped
+
+
+def in_pieces(chunks: list[bytes], limit: int) -> list[bytes]:
+    """Consecutive chunks joined into pieces of at most `limit` bytes (a Redis stream's entries, a
+    viewer's frames), made with one copy, and none for a chunk that is a piece already. A chunk
+    larger than `limit` (a flood's held window, stream_budget.py) is cut first."""
+    pieces: list[bytes] = []
+    group: list[bytes] = []
+    size = 0
+    chunks = [chunk[i:i + limit] for chunk in chunks for i in range(0, len(chunk), limit)] \
+        if any(len(chunk) > limit for chunk in chunks) else chunks
+    for chunk in chunks:
+        if group and size + len(chunk) > limit:
+            pieces.append(group[0] if len(group) == 1 else b"".join(group))
+            group, size = [], 0
+        group.append(chunk)
+        size += len(chunk)
+    if group:
+        pieces.append(group[0] if len(group) == 1 else b"".join(group))
+    return pieces
+
+
 def tail_bytes(path: Path, max_bytes: int, align: bool = True) -> bytes:
     """The end of a log file, from a line boundary unless align=False: what `tt attach` replays first."""
     try:

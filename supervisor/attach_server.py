@@ -29,12 +29,13 @@ import time
 from collections import deque
 from pathlib import Path
 
-from .agent_log import keep_tail
+from .agent_log import in_pieces, keep_tail_of
 from .attach_protocol import FrameReader, frame, parse_json
 from .config import ensure_private_folder
 from .procutil import drain
 
 REPLAY_BYTES = 32 * 1024       # recent output a new viewer sees first
+FRAME_OUTPUT = 64 * 1024       # output bytes a frame to a viewer carries at most
 VIEWER_BUFFER = 1024 * 1024    # queued for one viewer before its output is dropped
 MAX_VIEWERS = 32
 
@@ -149,14 +150,17 @@ class AttachServer:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
-    def output(self, data: bytes) -> None:
-        """The CLI printed `data`: keep it for replay and queue it for every viewer."""
+    def output(self, chunks: list[bytes]) -> None:
+        """The CLI printed `chunks` (a batch, in order): keep their end for replay and queue them
+        for every viewer, in frames of up to FRAME_OUTPUT bytes."""
         with self.lock:
-            if keep_tail(self.ring, data, REPLAY_BYTES):
+            if keep_tail_of(self.ring, chunks, REPLAY_BYTES):
                 self.ring_aligned = False
-            for viewer in self.viewers.values():
-                if viewer.mode:
-                    viewer.queue(b"O", data, droppable=True)
+            watching = [viewer for viewer in self.viewers.values() if viewer.mode]
+            if watching:
+                for piece in in_pieces(chunks, FRAME_OUTPUT):
+                    for viewer in watching:
+                        viewer.queue(b"O", piece, droppable=True)
         self._wake()
 
     def task_started(self, task_id: str, session) -> None:

@@ -38,7 +38,7 @@ from pathlib import Path
 from .config import Config, root_caveat
 from .errors import TinytownError
 from .hosts import FENCED_EXIT, Fenced, fencing
-from .agent_log import AgentLog, keep_tail, tail_bytes
+from .agent_log import AgentLog, in_pieces, keep_tail_of, tail_bytes
 from .attach_server import REPLAY_BYTES, AttachServer
 from .models import AgentState, InvalidTransition, StopMode, TaskState
 from .output_watch import Notice, OutputWatch
@@ -586,11 +586,10 @@ class Runner:
         """A batch of the CLI's output (in the log already: the reader thread wrote it there): to the
         attach viewers, the task's tail, and queued for the Redis stream (sent at STREAM_FLUSH_BYTES
         or STREAM_FLUSH_SECONDS)."""
-        for piece in _in_pieces(chunks, STREAM_FLUSH_BYTES):
-            self.attach.output(piece)
-            keep_tail(self.tail, piece, OUTPUT_TAIL_BYTES)
-            self.unsent.append(piece)
-            self.unsent_bytes += len(piece)
+        self.attach.output(chunks)
+        keep_tail_of(self.tail, chunks, OUTPUT_TAIL_BYTES)
+        self.unsent += chunks  # (cut into the stream's entries when sent)
+        self.unsent_bytes += sum(map(len, chunks))
         if self.log.problem != self.warning:
             self._set_warning(self.log.problem)
         if clock.flush_at is None:
@@ -627,7 +626,7 @@ class Runner:
         pump goes back to the pty at once."""
         gap, sent = self.stream_budget.take(self.unsent, time.monotonic(), final)
         self.unsent, self.unsent_bytes = [], 0
-        pieces = _in_pieces(sent, STREAM_FLUSH_BYTES)
+        pieces = in_pieces(sent, STREAM_FLUSH_BYTES)
         if gap:
             pieces.insert(0, gap_line(gap, self.host))
         if not pieces:
@@ -705,26 +704,6 @@ def _interrupted_line(begun) -> bytes:
     task, commit = begun.interrupted_task, begun.interrupted_commit[:12]
     return (f"[Tinytown] An earlier run of task {task} was interrupted; the changes it had made are committed "
             f"as {commit} (\"tt: interrupted {task}\") and are in your working tree.\n\n").encode()
-
-
-def _in_pieces(chunks: list[bytes], limit: int) -> list[bytes]:
-    """Consecutive chunks joined into pieces of at most `limit` bytes: the stream's entries, made
-    with one copy, and none for a chunk that is a piece already. A chunk larger than `limit` (a
-    flood's held window, stream_budget.py; the reader's are READ_CHUNK at most) is cut first."""
-    pieces: list[bytes] = []
-    group: list[bytes] = []
-    size = 0
-    chunks = [chunk[i:i + limit] for chunk in chunks for i in range(0, len(chunk), limit)] \
-        if any(len(chunk) > limit for chunk in chunks) else chunks
-    for chunk in chunks:
-        if group and size + len(chunk) > limit:
-            pieces.append(group[0] if len(group) == 1 else b"".join(group))
-            group, size = [], 0
-        group.append(chunk)
-        size += len(chunk)
-    if group:
-        pieces.append(group[0] if len(group) == 1 else b"".join(group))
-    return pieces
 
 
 def run_forked(config: Config, agent_id: str, log_path: Path, host: str | None = None) -> None:

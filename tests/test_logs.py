@@ -327,6 +327,18 @@ def test_a_flood_of_output_is_all_in_the_log_and_its_start_and_end_in_redis(town
     assert "bytes of output left out of the Redis copy" in shown and shown.rstrip().endswith("done")
 
 
+def test_a_batchs_tail_is_kept_from_its_last_chunks_as_one_unbroken_run():
+    """keep_tail_of (the task's tail, the attach replay ring) looks only at the chunks that hold
+    the last `limit` bytes; what it keeps is always a run of the output with nothing missing."""
+    from tinytown.supervisor.agent_log import keep_tail_of
+    buf = bytearray(b"old")
+    assert keep_tail_of(buf, [b"xy"], 15) is False and buf == b"oldxy"
+    assert keep_tail_of(buf, [b"a" * 10, b"b" * 10, b"c" * 10], 15) is True
+    assert buf == b"b" * 10 + b"c" * 10                        # not "oldxy" + b + c: a gap
+    assert keep_tail_of(buf, [b"d" * 40], 15) is True and buf == b"d" * 15
+    assert keep_tail_of(buf, [], 15) is False and buf == b"d" * 15
+
+
 def test_the_stream_budget_sends_a_floods_start_windows_and_end_with_the_gaps_counted():
     from tinytown.supervisor.stream_budget import StreamBudget
     budget = StreamBudget(now=0.0, rate=100, burst=220, window=50)
