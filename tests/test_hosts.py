@@ -306,9 +306,18 @@ class Host:
                 pass
 
     def kill(self) -> None:
-        """The machine dies: every process of it at once."""
-        self.signal_all(signal.SIGSTOP)  # (none of them acts while the others are being killed)
-        self.signal_all(signal.SIGKILL)
+        """The machine dies: every process of it at once. All are stopped first, so none acts while
+        the others are being killed, and then killed children first: a stopped runner whose
+        supervisor died first would be in an orphaned process group, which the kernel sends SIGHUP
+        and SIGCONT, and a runner that ran its stop handler before its SIGKILL came (seen once on
+        a loaded machine) gave its task's attempt back as a stopped one, as no dead host can."""
+        tree = self.tree()
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for proc in reversed(tree) if sig == signal.SIGKILL else tree:
+                try:
+                    proc.send_signal(sig)
+                except psutil.Error:
+                    pass
         self.proc.wait()
 
     def clis(self) -> list[psutil.Process]:
