@@ -173,14 +173,21 @@ def keep_tail(buf: bytearray, data: bytes, limit: int) -> bool:
     return False
 
 
+def last_holding(chunks: list[bytes], size: int) -> tuple[int, int]:
+    """Where the fewest last chunks that hold `size` bytes begin (0: all of them), and how many
+    bytes they hold: what of a batch a tail of `size` bytes needs to look at."""
+    total, first = 0, len(chunks)
+    while first > 0 and total < size:
+        first -= 1
+        total += len(chunks[first])
+    return first, total
+
+
 def keep_tail_of(buf: bytearray, chunks: list[bytes], limit: int) -> bool:
     """keep_tail for a batch of chunks, looking only at the last ones that hold `limit` bytes (a
     flood's batch is MiBs of 4 KiB reads): when earlier ones are skipped, `buf` restarts from the
     first chunk kept, so what it holds is always one unbroken run. True if anything was dropped."""
-    total, first = 0, len(chunks)
-    while first > 0 and total < limit:
-        first -= 1
-        total += len(chunks[first])
+    first, _ = last_holding(chunks, limit)
     dropped = first > 0
     if dropped:
         buf.clear()

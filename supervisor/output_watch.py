@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from pexpect.expect import searcher_re
 
+from .agent_log import last_holding
 from .terminal_text import clean_line
 
 TAIL_BYTES = 4096          # of a batch, only the end is looked at (a batch this small: each of its lines)
@@ -101,12 +102,8 @@ class OutputWatch:
         notices: tuple[Notice, ...] = (RESUMED,) if self.asking else ()
         self.asking, self.looked = "", False
         # The batch's end: its last TAIL_BYTES, from as few reads as hold them (usually the last).
-        last, first = chunks[-1], len(chunks) - 1
-        size = len(last)
-        while size < TAIL_BYTES and first > 0:
-            first -= 1
-            size += len(chunks[first])
-        text = last if first == len(chunks) - 1 else b"".join(chunks[first:])
+        first, size = last_holding(chunks, TAIL_BYTES)
+        text = chunks[-1] if first == len(chunks) - 1 else b"".join(chunks[first:])
         whole = first == 0 and size <= TAIL_BYTES  # a few lines that came together: each is looked at
         text = self.line + text if whole else text[-TAIL_BYTES:]  # (cut: its first line is not whole)
         if b"\n" in text:
