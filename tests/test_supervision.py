@@ -82,9 +82,13 @@ def start_foreground(town) -> subprocess.Popen:
 
 
 def supervisors(town) -> list[psutil.Process]:
-    """The town's supervisor processes (its forked runners share its command line, not its name)."""
-    return [p for p in town_processes(town.root) if not _name(p).startswith("tt-runner")
-            and any(s in " ".join(_cmdline(p)) for s in ("supervisor.daemon", "cli.main start"))]
+    """The town's supervisor processes. Its forked runners share its command line, and its name
+    until they rename themselves a moment after the fork (a runner caught in that moment once
+    counted as a second supervisor): a child of one of them is not one."""
+    found = [p for p in town_processes(town.root) if not _name(p).startswith("tt-runner")
+             and any(s in " ".join(_cmdline(p)) for s in ("supervisor.daemon", "cli.main start"))]
+    pids = {p.pid for p in found}
+    return [p for p in found if _ppid(p) not in pids]
 
 
 def runners(town) -> list[psutil.Process]:
@@ -101,6 +105,13 @@ def _name(process: psutil.Process) -> str:
         return process.name()
     except psutil.NoSuchProcess:
         return ""
+
+
+def _ppid(process: psutil.Process) -> int:
+    try:
+        return process.ppid()
+    except psutil.NoSuchProcess:
+        return 0
 
 
 def _cmdline(process: psutil.Process) -> list[str]:
