@@ -448,6 +448,7 @@ def pty_output(size: dict, ctx: Context) -> list[Row]:
               peer_name="bare pexpect loop writing to a file", higher_is_better=True,
               target=">= 0.9x the bare loop, CLI never blocked by a slow follower")
     no_log: list[float] = []
+    control: list[float] = []  # a second bare loop over the first, each round
     with BenchTown(["head", "-c", str(nbytes), "/dev/zero"]) as bt:
         bt.start_background()
         bt.spawn(1)
@@ -466,13 +467,16 @@ def pty_output(size: dict, ctx: Context) -> list[Row]:
                 # taking turns with Tinytown, on the same disk
                 row.peer.append(_pexpect_read(nbytes, bt.config.log_dir / "pexpect-floor.log"))
                 no_log.append(_pexpect_read(nbytes))
+                # the same bare loop again: how far two identical runs differ on this machine now
+                control.append(_pexpect_read(nbytes, bt.config.log_dir / "pexpect-floor.log") / row.peer[-1])
         finally:
             follower.stop_flag.set()
     row.note = (f"{nbytes / MB:g} MB per task; the follower reads the log 4 KiB per 10 ms. Tinytown also copies "
                 f"the output to the task's tail and, within its budget (supervisor/stream_budget.py: 8 MiB, then "
                 f"4 MiB/s), to a Redis stream. The same pexpect loop without the file "
                 f"reaches {statistics.median(no_log):.0f} MB/s (min {min(no_log):.0f}, max {max(no_log):.0f}) "
-                f"in this run")
+                f"in this run. Control: the bare loop run twice in a row gave ratios {min(control):.2f}-{max(control):.2f} "
+                f"(median {statistics.median(control):.2f}), the spread of this row's ratio on an idle machine")
     return [row.judge(min_ratio=0.9)]
 
 
