@@ -4,8 +4,9 @@ brought home, and nothing an agent wrote ever thrown away.
 Why it is shaped this way (the design note, workspaces-design.md, has the costs and the wiring):
 - A task's git work is on its path, so it is counted in processes. `begin` reads a few files under
   the worktree's git folder and starts no git at all unless something is wrong (or it merges
-  upstream work: merge-base and merge-tree side by side, then `reset --keep`); `end` scans the
-  worktree once (`git add -A`), then writes the tree beside the diff stat; the commit object and
+  upstream work: merge-base and merge-tree side by side, then `reset --keep`); `end` stages what
+  the task changed (`git add -A`, handed just the changed paths when the worktree's inotify watch
+  can vouch for them: worktree_watch.py), then writes the tree beside the diff stat; the commit object and
   the branch move are written by Python (git_store.py), falling back to commit-tree/update-ref
   where that is not plain. No hook runs, nothing is signed, the index is never refreshed twice.
 - A task in flight leaves a marker in the worktree's git folder (not in the worktree, so it is
@@ -29,6 +30,7 @@ from pathlib import Path
 from .errors import TinytownError
 from .git_store import identity_line, move_ref, read_ref, write_commit
 from .procutil import capture
+from .worktree_watch import WorktreeWatch
 
 SHARED = "shared"
 WORKTREE = "worktree"
@@ -206,7 +208,7 @@ def _run(cwd: Path, commands: list, input: bytes | None = None, identity: str | 
     except FileNotFoundError:
         raise Unavailable("not-git", "git is not installed (or not on PATH)") from None
     except subprocess.TimeoutExpired:
-        names = " and ".join(f"git {args[0]}" for args, _ in commands)
+        names = " and ".join(f"git {_subcommand(args)}" for args, _ in commands)
         raise WorkspaceError(f"{names} in {cwd} took over {GIT_TIMEOUT:g}s; gave up") from None
     finally:
         for proc in procs:
@@ -219,8 +221,12 @@ def _run(cwd: Path, commands: list, input: bytes | None = None, identity: str | 
 
 def _checked(cwd: Path, args, done: subprocess.CompletedProcess, ok) -> subprocess.CompletedProcess:
     if done.returncode not in ok:
-        raise WorkspaceError(f"git {args[0]} failed in {cwd}: {_last_line(done)}")
+        raise WorkspaceError(f"git {_subcommand(args)} failed in {cwd}: {_last_line(done)}")
     return done
+
+
+def _subcommand(args) -> str:
+    return next((arg for arg in args if not arg.startswith("-")), args[0])
 
 
 def _last_line(done: subprocess.CompletedProcess) -> str:
@@ -354,6 +360,7 @@ class Workspace:
         self.ref = f"refs/heads/{self.branch}"
         self.prefix = branch_prefix
         self.label = f"{AGENTS_DIR}/{agent}"
+        self.watch: WorktreeWatch | None = None       # what changed since the last checkpoint (made at the first)
 
     # -- where git keeps this worktree (read from files: no process) --
 
@@ -545,6 +552,8 @@ class Workspace:
         notes: list[str] = []
         if not self.exists():
             notes += self.ensure()
+            if self.watch is not None:
+                self.watch.close()              # (a new folder: the old watches saw the old one go)
         dirs = self._dirs()
         gitdir = dirs[0]
         state = self.problem(gitdir)
@@ -572,6 +581,8 @@ class Workspace:
             raise WorkspaceError(f"{self.label} has no commit on {self.branch}")
         begun.base = head
         _write_marker(marker, task_id, head)
+        if self.watch is not None:
+            self.watch.index_written()
         return begun
 
     def end(self, task_id: str, prompt: str, failed: bool = False) -> Ended:
@@ -605,15 +616,18 @@ class Workspace:
         if ref is None and ended.head:
             ended.notes.append(self._rescue(ended.head))
         marker.unlink(missing_ok=True)
+        if self.watch is not None:
+            self.watch.index_written()
         return ended
 
     def _checkpoint(self, subject: str, head: str | None, ref: str | None, base: str | None = None,
                     trailers: dict | None = None, dirs: tuple[Path, Path] | None = None
                     ) -> tuple[str, list[FileChange] | None]:
-        """Commit everything in the worktree on top of HEAD: one scan (`git add -A`), then plumbing,
-        so no hook runs, nothing is signed and the index is not refreshed twice. Returns the new
-        commit ("" if nothing changed) and, when `base` is HEAD, base..index's files (else None)."""
-        git(self.path, "add", "-A")
+        """Commit everything in the worktree on top of HEAD: stage it (_stage), then plumbing, so no
+        hook runs, nothing is signed and the index is not refreshed twice. Returns the new commit
+        ("" if nothing changed) and, when `base` is HEAD, base..index's files (else None)."""
+        gitdir, common = dirs or self._dirs()
+        self._stage(gitdir)
         files = None
         if head is not None and base == head:
             # The diff stat (which also says whether there is anything to commit) and the tree, at
@@ -630,12 +644,31 @@ class Workspace:
         message = subject + "\n"
         if trailers:
             message += "\n" + "".join(f"{k}: {v}\n" for k, v in trailers.items())
-        gitdir, common = dirs or self._dirs()
         new = self._commit(tree, [head] if head else [], message.encode("utf-8", "surrogateescape"), common)
         if not (ref and head and move_ref(common, ref, new, head, identity_line(*_identity(self.agent)), subject[:200],
                                           worktree_gitdir=gitdir)):
             git(self.path, "update-ref", "-m", subject[:200], "HEAD", new, head or ZERO_OID, identity=self.agent)
         return new, files
+
+    def _stage(self, gitdir: Path) -> None:
+        """Stage whatever the worktree holds that the index does not (`git add -A`). When the watch
+        can vouch for what changed since the last checkpoint (worktree_watch.py), only those paths
+        are handed to git, so it does not lstat every file and read every folder; nothing changed,
+        no git at all. Anything unexpected from that narrow add (a path that matched nothing)
+        falls back to the full scan, which is always right."""
+        if self.watch is None:
+            self.watch = WorktreeWatch(self.path, gitdir / "index")
+        paths = self.watch.changes()
+        if paths:
+            # (literal: a name like `*.py` or `:x` is a file here, not a pattern)
+            done = git(self.path, "--literal-pathspecs", "add", "-A", "--pathspec-from-file=-", "--pathspec-file-nul",
+                       input=b"".join(path + b"\0" for path in paths), ok=range(0, 256))
+            if done.returncode == 0 or (done.returncode == 1 and _only_ignored(done.stderr)):
+                return
+        elif paths is not None:
+            return
+        git(self.path, "add", "-A")
+        self.watch.scanned()
 
     def _commit(self, tree: str, parents: list[str], message: bytes, common: Path) -> str:
         """A commit of `tree` by the agent: written by Python when the repository is SHA-1 (no
@@ -797,6 +830,13 @@ def _short(ref: str | None) -> str | None:
 
 def _paths(out: bytes) -> list[str]:
     return [_text(p) for p in out.split(b"\0") if p]
+
+
+def _only_ignored(err: bytes) -> bool:
+    """`git add` was given paths that .gitignore excludes: it staged the others, said which it
+    left, and exits 1; nothing else went wrong."""
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(b"hint:")]
+    return bool(lines) and lines[0].startswith(b"The following paths are ignored by one of your .gitignore files")
 
 
 def _conflicted(out: bytes) -> list[str]:

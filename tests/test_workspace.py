@@ -622,10 +622,11 @@ def test_a_dependency_task_costs_these_git_processes_and_no_more(town, monkeypat
     _, upstream = task(dev, "d1", write("dev.txt", "d\n"))
     ran = []
     real_run = ws._run
-    monkeypatch.setattr(ws, "_run", lambda cwd, commands, **kw: ran.append([args[0] for args, _ in commands])
+    monkeypatch.setattr(ws, "_run", lambda cwd, commands, **kw: ran.append([ws._subcommand(args) for args, _ in commands])
                         or real_run(cwd, commands, **kw))
     begun, ended = task(rev, "r2", write("more.txt", "m\n"), after=[upstream.head])
     assert ran == [["merge-base", "merge-tree"], ["reset"], ["add"], ["diff", "write-tree"]]
+    assert rev.watch.answers == 1   # (that add was handed the changed paths: tests/test_worktree_watch.py)
     assert len(begun.merged) == 1 and ended.commit and (rev.path / "dev.txt").exists()
     assert git(rev.path, "rev-parse", "HEAD~1^2").strip() == upstream.head
     assert status(rev.path) == "" and git(town, "fsck", "--strict", "--no-dangling") == ""
