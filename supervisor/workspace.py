@@ -30,7 +30,7 @@ from pathlib import Path
 from .errors import TinytownError
 from .git_store import identity_line, move_ref, read_ref, write_commit
 from .procutil import capture
-from .worktree_watch import WorktreeWatch
+from .worktree_watch import WorktreeWatch, rule_files
 
 SHARED = "shared"
 WORKTREE = "worktree"
@@ -552,13 +552,16 @@ class Workspace:
         notes: list[str] = []
         if not self.exists():
             notes += self.ensure()
-            if self.watch is not None:
-                self.watch.close()              # (a new folder: the old watches saw the old one go)
+            if self.watch is not None:          # (a new folder, maybe a new git folder: a new watch)
+                self.watch.close()
+                self.watch = None
         dirs = self._dirs()
         gitdir = dirs[0]
         state = self.problem(gitdir)
         if state:
             raise self._busy(state)
+        if self.watch is not None:
+            self.watch.verify()                 # (before any git of ours below writes the index)
         begun = Begun(base="", notes=notes)
         marker = gitdir / MARKER
         previous = _read_marker(marker)
@@ -608,7 +611,7 @@ class Workspace:
                                f"({self.branch} is unchanged; the next task puts it back)")
         subject = f"tt: {task_id} {_safe_subject(prompt)}".rstrip()
         commit, files = self._checkpoint(subject, head, ref, base=base, trailers={
-            "Tinytown-Task": task_id, "Tinytown-State": "failed" if failed else "completed"}, dirs=dirs)
+            "Tinytown-Task": task_id, "Tinytown-State": "failed" if failed else "completed"}, dirs=dirs, watched=True)
         ended.commit, ended.head = commit, commit or head or ""
         if files is None and base and ended.head != base:
             files = self._numstat(base, ended.head)     # the CLI made commits of its own
@@ -621,13 +624,14 @@ class Workspace:
         return ended
 
     def _checkpoint(self, subject: str, head: str | None, ref: str | None, base: str | None = None,
-                    trailers: dict | None = None, dirs: tuple[Path, Path] | None = None
+                    trailers: dict | None = None, dirs: tuple[Path, Path] | None = None, watched: bool = False
                     ) -> tuple[str, list[FileChange] | None]:
-        """Commit everything in the worktree on top of HEAD: stage it (_stage), then plumbing, so no
-        hook runs, nothing is signed and the index is not refreshed twice. Returns the new commit
-        ("" if nothing changed) and, when `base` is HEAD, base..index's files (else None)."""
+        """Commit everything in the worktree on top of HEAD: stage it (_stage; `watched`: a task's
+        end, which may hand git just what changed), then plumbing, so no hook runs, nothing is
+        signed and the index is not refreshed twice. Returns the new commit ("" if nothing
+        changed) and, when `base` is HEAD, base..index's files (else None)."""
         gitdir, common = dirs or self._dirs()
-        self._stage(gitdir)
+        self._stage(gitdir, common, watched)
         files = None
         if head is not None and base == head:
             # The diff stat (which also says whether there is anything to commit) and the tree, at
@@ -650,25 +654,28 @@ class Workspace:
             git(self.path, "update-ref", "-m", subject[:200], "HEAD", new, head or ZERO_OID, identity=self.agent)
         return new, files
 
-    def _stage(self, gitdir: Path) -> None:
-        """Stage whatever the worktree holds that the index does not (`git add -A`). When the watch
-        can vouch for what changed since the last checkpoint (worktree_watch.py), only those paths
-        are handed to git, so it does not lstat every file and read every folder; nothing changed,
-        no git at all. Anything unexpected from that narrow add (a path that matched nothing)
-        falls back to the full scan, which is always right."""
-        if self.watch is None:
-            self.watch = WorktreeWatch(self.path, gitdir / "index")
-        paths = self.watch.changes()
+    def _stage(self, gitdir: Path, common: Path, watched: bool) -> None:
+        """Stage whatever the worktree holds that the index does not (`git add -A`). At a task's
+        end, when the watch can vouch for what changed since the last checkpoint
+        (worktree_watch.py), only those paths are handed to git, so it does not lstat every file
+        and read every folder; nothing changed, no git at all. Anything unexpected from that narrow
+        add (a path that matched nothing) falls back to the full scan, which is always right."""
+        if watched and self.watch is None:
+            self.watch = WorktreeWatch(self.path, gitdir / "index", rule_files(common))
+        paths = self.watch.changes() if watched else None
         if paths:
             # (literal: a name like `*.py` or `:x` is a file here, not a pattern)
             done = git(self.path, "--literal-pathspecs", "add", "-A", "--pathspec-from-file=-", "--pathspec-file-nul",
                        input=b"".join(path + b"\0" for path in paths), ok=range(0, 256))
             if done.returncode == 0 or (done.returncode == 1 and _only_ignored(done.stderr)):
+                self.watch.staged()
                 return
         elif paths is not None:
+            self.watch.staged()
             return
         git(self.path, "add", "-A")
-        self.watch.scanned()
+        if self.watch is not None:
+            self.watch.scanned()
 
     def _commit(self, tree: str, parents: list[str], message: bytes, common: Path) -> str:
         """A commit of `tree` by the agent: written by Python when the repository is SHA-1 (no
@@ -912,7 +919,8 @@ def _refuse_unless_clean(where: Path) -> None:
     for name, state, how in IN_PROGRESS:
         if (gitdir / name).exists():
             raise WorkspaceError(f"{where} is {state.replace('-', ' ')}: finish it first ({how})")
-    out = git(where, "status", "--porcelain=v2", "-z", "--untracked-files=no", "--ignore-submodules=dirty").stdout
+    out = git(where, "--no-optional-locks", "status", "--porcelain=v2", "-z", "--untracked-files=no",
+              "--ignore-submodules=dirty").stdout  # (not rewriting that index: an agent's watch would take it for a CLI's)
     if out.strip(b"\0"):
         raise WorkspaceError(f"{where} has uncommitted changes: commit or stash them, then run tt merge again "
                              "(nothing changed)")

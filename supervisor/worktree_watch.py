@@ -5,27 +5,34 @@ size of the repository (on 5 000 files `add -A` was ~20 ms here, ~8 with the pat
 
 It answers only when it can vouch for the answer; otherwise `changes()` returns None and the
 caller scans everything, as before. It cannot vouch:
-- before the first full scan after the watch was made (nothing says the worktree matched the index
-  before), and every FULL_SCAN_EVERY answers (a backstop for what inotify never sees: a file
-  written through a hard link from outside the worktree, or through a shared mapping);
-- after the kernel's event queue overflowed, a watch could not be added (the user's inotify
-  limit), or a watched folder was moved or renamed (its watch no longer knows its path): the
-  watch is made again from scratch, then the full scan;
-- when the index was written by someone else since the last checkpoint (a CLI's own `git add`,
-  `git rm --cached`, commit...: the index no longer matches what the events describe), when a
-  `.gitignore` or `.gitattributes` changed (files nobody touched may now be in or out), when a
-  path that may be tracked is gone (`add -A` with a path that matches nothing is an error, and
-  telling "never tracked" from "deleted" needs the index), or too many paths changed;
-- with a repository nested in the worktree (a submodule: what changes inside it is its own).
+- before the first full scan after the watch was made, every FULL_SCAN_EVERY answers (a
+  backstop for what inotify never sees: a file changed through a hard link made from outside
+  while the agent runs, or written through a shared mapping kept open), and after an add that
+  did not finish (what it was handed is read again by a full scan);
+- after the kernel's event queue overflowed, or a watched folder moved (its watch no longer
+  knows its path): the watch is made again, then the full scan;
+- when the index was written by someone else since our last git command (a CLI's own `git add`,
+  `git rm --cached`, commit...: the index no longer matches what the events describe), or an
+  ignore rule may have changed: a `.gitignore` or `.gitattributes` among the paths, or the
+  repository's info/exclude or config, or the user's git config or ignore file, rewritten;
+- when a path that is gone may be in the index: `add -A` with a path that matches nothing is an
+  error, and only a path whose first event created it after our last index write (an editor's
+  temporary file) is surely not there. So a task that deletes a tracked file scans in full;
+- when too many paths changed (the full scan costs no more than the list).
+It is not made at all (every end scans in full, as before) for a worktree with more than
+MAX_WATCHES folders (each is a watch, and the user's limit is shared with every other tool), with
+a repository nested in it, or with a file of several hard links (a write through one name is an
+event for that name only).
 
 Why ctypes: Python has no inotify binding, and the three calls are stable Linux ABI. Elsewhere
-(or if libc lacks them) the watch is simply not available and every end scans everything.
+(or if libc lacks them) the watch is simply not available.
 """
 from __future__ import annotations
 
 import ctypes
 import errno
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -44,16 +51,13 @@ IN_ONLYDIR = 0x1000000
 IN_DONT_FOLLOW = 0x2000000
 IN_EXCL_UNLINK = 0x4000000
 IN_ISDIR = 0x40000000
-IN_NONBLOCK = os.O_NONBLOCK
-IN_CLOEXEC = os.O_CLOEXEC
 
 WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
               | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR | IN_DONT_FOLLOW | IN_EXCL_UNLINK)
 _EVENT = struct.Struct("iIII")            # struct inotify_event: wd, mask, cookie, len (then the name)
-_APPEARED = IN_CREATE | IN_MOVED_TO       # a path that did not exist just before this event
-MAX_PATHS = 1000                          # more than this: one full scan costs no more than the list
-MAX_WATCHES = 20000                       # folders per worktree (the user's limit is shared by all)
-FULL_SCAN_EVERY = 50                      # answers between backstop full scans
+MAX_PATHS = 1000
+MAX_WATCHES = 4000
+FULL_SCAN_EVERY = 50
 _RULE_FILES = (b".gitignore", b".gitattributes")
 
 _libc = None
@@ -84,24 +88,36 @@ def parse_events(buf: bytes) -> list[tuple[int, int, bytes]]:
     return events
 
 
+def rule_files(common_dir: Path) -> list[Path]:
+    """Files whose change may change what `git add -A` ignores or how it reads a file, beside the
+    worktree's own .gitignore/.gitattributes (those are paths in the answer)."""
+    home = Path(os.path.expanduser("~"))
+    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config")
+    files = [common_dir / "info" / "exclude", common_dir / "info" / "attributes", common_dir / "config",
+             home / ".gitconfig", xdg / "git" / "config", xdg / "git" / "ignore", xdg / "git" / "attributes"]
+    if os.environ.get("GIT_CONFIG_GLOBAL"):
+        files.append(Path(os.environ["GIT_CONFIG_GLOBAL"]))
+    return files
+
+
 class WorktreeWatch:
-    """The paths changed under `root` since the last full scan or answer; see the module's note.
+    """The paths changed under `root` since the last checkpoint; see the module's note.
 
     Use: `paths = watch.changes()` before staging; None -> `git add -A`, then `watch.scanned()`;
-    a list -> stage those paths (empty: nothing in the worktree changed). After every git command
-    of ours that writes the index, `watch.index_written()`.
+    a list -> `git add -A -- PATHS` (none: no add), then `watch.staged()`. Around git commands
+    of ours that write the index or the worktree: `watch.verify()` before, `watch.index_written()`
+    after.
     """
 
-    def __init__(self, root: Path, index: Path):
+    def __init__(self, root: Path, index: Path, rules: list[Path]):
         self.root = os.fsencode(root)
-        self.index = index
+        self.stamped = [index, *rules]
         self.fd = -1
         self.dirs: dict[int, bytes] = {}     # watch descriptor -> folder, relative to root (b"" = root)
-        self.trusted = False                 # a full scan has happened since the watch was made
+        self.trusted = False                 # a full scan or a narrow add has finished since the watch was made
         self.answers = 0                     # since the last full scan
-        self.index_stamp: tuple | None = None
-        self.previous: set[bytes] = set()    # paths the last add may have staged (see _maybe_tracked)
-        self.pending: dict[bytes, int] = {}  # events read at the last full scan, for the next answer
+        self.stamp: list | None = None
+        self.pending: dict[bytes, int] = {}  # read when our git wrote the index: part of the next answer
         self.unavailable = _inotify() is None
 
     def close(self) -> None:
@@ -109,70 +125,96 @@ class WorktreeWatch:
             os.close(self.fd)
         self.fd, self.dirs, self.trusted, self.pending = -1, {}, False, {}
 
-    # -- what the caller asks --
+    # -- what the caller asks and says --
 
     def changes(self) -> list[bytes] | None:
-        """The paths (relative to root, bytes) that changed since the last full scan or answer, or
-        None: scan everything (and call scanned() once that scan is done)."""
+        """The paths (relative to root, bytes) changed since the last checkpoint, or None: scan
+        everything (then call scanned())."""
         if self.unavailable:
             return None
-        if self.fd < 0 or not self.trusted:
+        if self.fd < 0:
             self._restart()
             return None
         found = self._drain()
         if found is None:
             self._restart()
             return None
-        found.update(self.pending)           # (those came first)
+        trusted, self.trusted = self.trusted, False    # (until the add of this answer has finished)
+        maybe_in_index = set(self.pending)
+        found.update(self.pending)                     # (those came first)
         self.pending = {}
-        if self.answers >= FULL_SCAN_EVERY or self._index_stamp() != self.index_stamp:
-            return None
-        if len(found) > MAX_PATHS or any(os.path.basename(path) in _RULE_FILES for path in found):
+        if (not trusted or self.answers >= FULL_SCAN_EVERY or self._stamp() != self.stamp
+                or len(found) > MAX_PATHS or any(os.path.basename(path) in _RULE_FILES for path in found)):
             return None
         paths = []
         for path, first in sorted(found.items()):
-            if os.path.lexists(os.path.join(self.root, path)):
-                paths.append(path)
-            elif self._maybe_tracked(path, first):
-                return None                  # (a deletion to stage, or an error for `add` to raise)
+            try:
+                st = os.lstat(os.path.join(self.root, path))
+            except FileNotFoundError:
+                if path in maybe_in_index or not first & IN_CREATE:
+                    return None                        # a deletion to stage, or an error for `add`
+                continue                               # made and gone since our last index write
+            except OSError:
+                return None
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                self._give_up()                        # a write through its other name is not seen
+                return None
+            paths.append(path)
         self.answers += 1
-        self.previous = set(paths)
         return paths
 
+    def staged(self) -> None:
+        """The narrow add of the last answer has finished."""
+        if self.fd >= 0:
+            self.trusted = True
+
     def scanned(self) -> None:
-        """A full scan (`git add -A`) has just staged everything: answers can be vouched for again.
-        What happened while it ran is read now: the scan may have staged those paths, and they are
-        still part of the next answer."""
-        if self.fd < 0:
-            return
-        found = self._drain()
-        if found is None:
-            self._restart()                  # (not trusted: the next end scans in full again)
-            return
-        self.trusted, self.answers, self.pending, self.previous = True, 0, found, set(found)
+        """A full scan (`git add -A`) has just finished: answers can be vouched for again."""
+        if self.fd >= 0:
+            self.trusted, self.answers = True, 0
+            self.index_written()
+
+    def verify(self) -> None:
+        """Before our git writes the index: if someone else wrote it (or an ignore rule) since our
+        last git, the next end scans in full (the stamp taken after our git would hide it)."""
+        if self.stamp is not None and self._stamp() != self.stamp:
+            self.trusted = False
 
     def index_written(self) -> None:
-        """Our own git wrote the index: that is the index the next answer is measured against."""
-        self.index_stamp = self._index_stamp()
+        """Our git has written the index (and maybe the worktree: a merge's files, a branch switched
+        back). What happened until now may be in that index: those paths are read now, kept for the
+        next answer, and one of them that is gone then is taken for tracked."""
+        if self.fd >= 0:
+            found = self._drain()
+            if found is None:
+                self._restart()
+            else:
+                for path, mask in found.items():
+                    self.pending.setdefault(path, mask)
+        self.stamp = self._stamp()
 
     # -- the watch --
+
+    def _give_up(self) -> None:
+        """This worktree cannot be vouched for (see the module's note): full scans from now on."""
+        self.close()
+        self.unavailable = True
 
     def _restart(self) -> None:
         """A new watch over every folder of the worktree (the old one's events are dropped)."""
         self.close()
-        libc = _inotify()
-        fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        fd = _inotify().inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:
-            self.unavailable = True          # (EMFILE: the user's instance limit; it stays so)
+            self.unavailable = True          # (EMFILE: the user's instance limit)
             return
         self.fd = fd
         if not self._watch_tree(b""):
-            self.close()
-            self.unavailable = True          # (it would fail again: no walk of the tree per task)
+            self._give_up()
 
     def _watch_tree(self, top: bytes) -> bool:
-        """Watch `top` and every folder under it (not following links); False if that cannot be
-        vouched for (a watch refused, too many folders, a nested repository)."""
+        """Watch `top` and every folder under it (not following links); False if the worktree
+        cannot be vouched for (a watch refused, too many folders, a nested repository, a file of
+        several hard links)."""
         libc = _inotify()
         stack = [top]
         while stack:
@@ -180,10 +222,9 @@ class WorktreeWatch:
             full = os.path.join(self.root, folder) if folder else self.root
             wd = libc.inotify_add_watch(self.fd, full, WATCH_MASK)
             if wd < 0:
-                err = ctypes.get_errno()
-                if folder and err in (errno.ENOENT, errno.ENOTDIR):   # gone already: its parent's event says so
-                    continue
-                return False                              # ENOSPC (the user's watch limit), EACCES...
+                if folder and ctypes.get_errno() in (errno.ENOENT, errno.ENOTDIR):
+                    continue                                  # gone already: its parent's event says so
+                return False                                  # ENOSPC (the user's watch limit), EACCES...
             self.dirs[wd] = folder
             if len(self.dirs) > MAX_WATCHES:
                 return False
@@ -191,11 +232,14 @@ class WorktreeWatch:
                 with os.scandir(full) as entries:
                     for entry in entries:
                         if entry.name == b".git":
-                            if folder:                    # a repository inside the worktree
+                            if folder:                        # a repository inside the worktree
                                 return False
-                            continue                      # the worktree's own .git file
+                            continue                          # the worktree's own .git file
+                        path = os.path.join(folder, entry.name) if folder else entry.name
                         if entry.is_dir(follow_symlinks=False):
-                            stack.append(os.path.join(folder, entry.name) if folder else entry.name)
+                            stack.append(path)
+                        elif entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_nlink > 1:
+                            return False
             except (FileNotFoundError, NotADirectoryError):
                 continue
         return True
@@ -218,16 +262,14 @@ class WorktreeWatch:
                         return None               # the worktree itself
                     continue
                 folder = self.dirs.get(wd)
-                if folder is None or mask & IN_DELETE_SELF:
+                if folder is None or mask & IN_DELETE_SELF or not name:
                     continue
-                if not name:
-                    continue
+                if name == b".git":
+                    return None                   # a repository made inside, or the worktree's link changed
                 path = os.path.join(folder, name) if folder else name
-                if path == b".git":
-                    return None                   # the worktree's link to its repository changed
                 if mask & IN_ISDIR and mask & IN_MOVED_FROM:
                     return None                   # a watched folder moved: its watches' paths are stale
-                if mask & IN_ISDIR and mask & _APPEARED:
+                if mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
                     appeared.append(path)
                 found.setdefault(path, mask)
         for folder in appeared:
@@ -235,15 +277,12 @@ class WorktreeWatch:
                 return None
         return found
 
-    def _maybe_tracked(self, path: bytes, first_mask: int) -> bool:
-        """Whether a path that is gone now may be in the index. Not if its first event since the
-        last add created it, unless that add may have staged it (it was in that add's answer, or
-        its events came while a full scan ran): before that event it did not exist."""
-        return not (first_mask & _APPEARED) or path in self.previous
-
-    def _index_stamp(self) -> tuple | None:
-        try:
-            st = os.stat(self.index)
-        except OSError:
-            return None
-        return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+    def _stamp(self) -> list:
+        stamp = []
+        for path in self.stamped:
+            try:
+                st = os.stat(path)
+                stamp.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            except OSError:
+                stamp.append(None)
+        return stamp

@@ -62,14 +62,20 @@ def space(tmp_path, monkeypatch) -> Workspace:
 
 
 def task(space: Workspace, task_id: str, change):
-    space.begin(task_id)
+    return task_after(space, task_id, change)
+
+
+def task_after(space: Workspace, task_id: str, change, after=()):
+    space.begin(task_id, after)
     change(space.path)
     return space.end(task_id, "do it")
 
 
 def left_over(space: Workspace) -> str:
-    """What the worktree holds that the commit does not (ignored files aside)."""
-    return git(space.path, "status", "--porcelain", "--untracked-files=all")
+    """What the worktree holds that the commit does not (ignored files aside). (Without the
+    optional lock, status would rewrite the index: a foreign write, which the next end must
+    answer with a full scan.)"""
+    return git(space.path, "--no-optional-locks", "status", "--porcelain", "--untracked-files=all")
 
 
 def tracked(space: Workspace) -> set[str]:
@@ -112,17 +118,36 @@ def test_a_task_that_changed_nothing_runs_no_add(space):
     assert space.adds == [] and ended.commit == "" and left_over(space) == ""
 
 
-@pytest.mark.parametrize("what", ["tracked file deleted", "index changed by the CLI", "gitignore changed",
+@pytest.mark.parametrize("what", ["tracked file deleted", "atomic save, then deleted", "atomic save, then renamed",
+                                  "index changed by the CLI", "gitignore changed", "info/exclude changed",
                                   "folder renamed", "queue overflowed"])
 def test_what_the_watch_cannot_vouch_for_is_scanned_in_full_and_then_narrow_again(space, what):
     if what == "gitignore changed":              # an ignored file nobody touches again
         task(space, "t0b", lambda root: (root / "keep.tmp").write_text("x\n"))
         assert space.adds == ["narrow"] and "keep.tmp" not in tracked(space)
         space.adds.clear()
+    if what == "info/exclude changed":           # a file ignored by a rule outside the worktree
+        exclude = Path(git(space.path, "rev-parse", "--git-common-dir").strip())
+        exclude = (exclude if exclude.is_absolute() else space.path / exclude) / "info" / "exclude"
+        exclude.parent.mkdir(exist_ok=True)
+        exclude.write_text("notes.md\n")
+        task(space, "t0b", lambda root: (root / "notes.md").write_text("x\n"))
+        assert "notes.md" not in tracked(space)
+        exclude.write_text("")
+        space.adds.clear()
 
     def change(root: Path):
         if what == "tracked file deleted":
             (root / "src" / "b.py").unlink()
+        elif what.startswith("atomic save"):         # a rename onto b.py replaces it: no delete event
+            (root / "src" / "b.py.new").write_text("b2\n")
+            os.replace(root / "src" / "b.py.new", root / "src" / "b.py")
+            if what.endswith("deleted"):
+                (root / "src" / "b.py").unlink()
+            else:
+                (root / "src" / "b.py").rename(root / "src" / "b2.py")
+        elif what == "info/exclude changed":
+            pass
         elif what == "index changed by the CLI":     # the index no longer holds a.txt; no file changed
             git(root, "rm", "-q", "--cached", "a.txt")
         elif what == "gitignore changed":            # keep.tmp is not touched, but now belongs in
@@ -142,11 +167,66 @@ def test_what_the_watch_cannot_vouch_for_is_scanned_in_full_and_then_narrow_agai
         assert "a.txt" in tracked(space)            # the full scan put it back: the worktree has it
     elif what == "gitignore changed":
         assert "keep.tmp" in tracked(space)
+    elif what == "info/exclude changed":
+        assert "notes.md" in tracked(space)
+    elif what.startswith("atomic save"):
+        assert "src/b.py" not in tracked(space)
     elif what == "folder renamed":
         assert "src/deeper/c.py" in tracked(space) and "src/deep/c.py" not in tracked(space)
     ended = task(space, "t2", lambda root: (root / "src" / "new.py").write_text("n\n"))
     assert space.adds == ["full", "narrow"] and [f.path for f in ended.files] == ["src/new.py"]
     assert left_over(space) == ""
+
+
+def test_files_our_own_merge_wrote_count_as_tracked(space):
+    """A file `begin` brought in with an upstream head (its events: created) that the CLI deletes."""
+    upstream = Workspace(space.town_root, "up")
+    upstream.ensure()
+    up = task_after(upstream, "u1", lambda root: (root / "from_up.txt").write_text("u\n"))
+    space.adds.clear()
+    task_after(space, "t1", lambda root: (root / "from_up.txt").unlink(), after=[up.head])
+    assert space.adds == ["full"] and left_over(space) == "" and "from_up.txt" not in tracked(space)
+
+
+def test_an_end_whose_add_failed_leaves_its_changes_to_the_next_full_scan(space, monkeypatch):
+    real_run = ws._run
+    lock = space.gitdir / "index.lock"
+
+    def another_git_holds_the_lock(cwd, commands, **kw):
+        if any(ws._subcommand(args) == "add" for args, _ in commands):
+            lock.write_text("")
+            try:
+                return real_run(cwd, commands, **kw)
+            finally:
+                lock.unlink()
+        return real_run(cwd, commands, **kw)
+    space.begin("t1")
+    (space.path / "a.txt").write_text("edited in t1\n")
+    monkeypatch.setattr(ws, "_run", another_git_holds_the_lock)
+    with pytest.raises(ws.WorkspaceError):
+        space.end("t1", "do it")
+    monkeypatch.setattr(ws, "_run", real_run)
+    begun = space.begin("t2")                   # commits what t1 left, as after any interrupted run
+    space.end("t2", "nothing")
+    assert begun.interrupted_task == "t1" and left_over(space) == ""
+
+
+def test_a_file_with_two_names_means_full_scans(space):
+    task(space, "t1", lambda root: os.link(root / "a.txt", root / "a_copy.txt"))
+    task(space, "t2", lambda root: (root / "a.txt").write_text("through one name\n"))
+    assert space.adds == ["full", "full"] and space.watch.unavailable and left_over(space) == ""
+
+
+def test_only_a_tasks_end_makes_a_watch(space):
+    def inotify_fds() -> int:
+        return sum(os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify" for fd in os.listdir("/proc/self/fd")
+                   if os.path.exists(f"/proc/self/fd/{fd}"))
+    before = inotify_fds()
+    for n in range(3):
+        other = Workspace(space.town_root, f"agent{n}")
+        other.ensure()
+        other.prune()
+    assert inotify_fds() == before
 
 
 def test_a_repository_inside_the_worktree_means_full_scans(space):
