@@ -30,6 +30,17 @@ heartbeat_stale = 5.0
 """
 
 
+@pytest.fixture
+def git_identity(monkeypatch, tmp_path_factory):
+    """The user's identity for their own commits and `tt merge`; no global config of the machine's."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(home / "gitconfig"))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    for kind in ("AUTHOR", "COMMITTER"):
+        monkeypatch.setenv(f"GIT_{kind}_NAME", "Una User")
+        monkeypatch.setenv(f"GIT_{kind}_EMAIL", "una@example.com")
+
+
 def race(target, count: int, timeout: float = 60.0) -> None:
     """Run target(0) .. target(count - 1) in threads started together, and wait for them all."""
     import threading

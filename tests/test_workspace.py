@@ -16,15 +16,7 @@ from tinytown.supervisor.workspace import (Busy, FileChange, MergeConflict, Unav
                                            diff_argv, merge_home, parse_numstat)
 
 
-@pytest.fixture(autouse=True)
-def git_identity(monkeypatch, tmp_path_factory):
-    """The user's identity for their own commits and `tt merge`; no global config of the machine's."""
-    home = tmp_path_factory.mktemp("home")
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(home / "gitconfig"))
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    for kind in ("AUTHOR", "COMMITTER"):
-        monkeypatch.setenv(f"GIT_{kind}_NAME", "Una User")
-        monkeypatch.setenv(f"GIT_{kind}_EMAIL", "una@example.com")
+pytestmark = pytest.mark.usefixtures("git_identity")   # (tests/conftest.py)
 
 
 def git(cwd, *args, ok=(0,)) -> str:

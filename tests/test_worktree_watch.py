@@ -16,17 +16,8 @@ from tinytown.supervisor import worktree_watch
 from tinytown.supervisor.workspace import Workspace
 from tinytown.supervisor.worktree_watch import IN_CREATE, IN_ISDIR, IN_Q_OVERFLOW, parse_events
 
-pytestmark = pytest.mark.skipif(worktree_watch._inotify() is None, reason="no inotify here")
-
-
-@pytest.fixture(autouse=True)
-def git_identity(monkeypatch, tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(home / "gitconfig"))
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    for kind in ("AUTHOR", "COMMITTER"):
-        monkeypatch.setenv(f"GIT_{kind}_NAME", "Una User")
-        monkeypatch.setenv(f"GIT_{kind}_EMAIL", "una@example.com")
+pytestmark = [pytest.mark.skipif(worktree_watch._inotify() is None, reason="no inotify here"),
+              pytest.mark.usefixtures("git_identity")]   # (tests/conftest.py)
 
 
 def git(cwd, *args) -> str:
