@@ -24,7 +24,7 @@ from .errors import TinytownError
 from .agent_log import tail_text
 from .agent_control import AgentControl
 from .models import Agent, AgentState, Hold, InvalidTransition, StopMode
-from .procutil import (adopted, become_subreaper, close_on_exec_all, describe_status, drain, exit_now,
+from .procutil import (adopted, become_subreaper, close_on_exec_all, describe_status, drain, exit_now, file_stamp,
                        kill_leftovers, kill_with_group, killpg, reap, reap_adopted, set_parent_death_signal,
                        set_process_name, signal_wakeup_pipe, wait_exit, wait_until)
 from .redis_server import RedisServer
@@ -321,11 +321,7 @@ class Supervisor:
 
     # --- tinytown.toml, read again ---------------------------------------------------------------
     def _config_stamp(self) -> tuple | None:
-        try:
-            st = os.stat(self.config.root / CONFIG_FILE)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+        return file_stamp(self.config.root / CONFIG_FILE)
 
     def _check_config(self, reloads_asked: int) -> None:
         """Read tinytown.toml again if it changed or `tt reload` asked: apply what can change live

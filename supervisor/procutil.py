@@ -12,17 +12,36 @@ _PR_SET_CHILD_SUBREAPER = 36
 _libc = None
 
 
-def _prctl(option: int, arg) -> bool:
-    """prctl(2) through libc, loaded once (before any fork, so no child has to dlopen it)."""
+def libc():
+    """The C library through ctypes, loaded once (None where it cannot be). ctypes is imported
+    here, not at the top of a module: a `tt` command has no use for it (the supervisor loads it
+    early, before any fork, so no child has to)."""
     global _libc
-    try:
-        if _libc is None:
-            import ctypes  # here: a `tt` command has no use for it (the supervisor loads it early)
+    if _libc is None:
+        try:
+            import ctypes
             _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.prctl(option, arg, 0, 0, 0)
+        except OSError:  # pragma: no cover - no C library to load
+            _libc = False
+    return _libc or None
+
+
+def _prctl(option: int, arg) -> bool:
+    """prctl(2) through libc."""
+    try:
+        libc().prctl(option, arg, 0, 0, 0)
         return True
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
+    except AttributeError:  # pragma: no cover - not Linux
         return False
+
+
+def file_stamp(path) -> tuple | None:
+    """What changes when a file is written or replaced (mtime, size, inode); None if it is not there."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL, expected_parent: int | None = None) -> None:

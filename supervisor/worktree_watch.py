@@ -25,16 +25,18 @@ a repository nested in it, or with a file of several hard links (a write through
 event for that name only).
 
 Why ctypes: Python has no inotify binding, and the three calls are stable Linux ABI. Elsewhere
-(or if libc lacks them) the watch is simply not available.
+(or if libc lacks them) the watch is simply not available. (ctypes comes in with the first
+watch, through procutil.libc: a `tt` command that imports workspace.py has no use for it.)
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
 import struct
 from pathlib import Path
+
+from .procutil import file_stamp, libc
 
 IN_MODIFY = 0x2
 IN_ATTRIB = 0x4
@@ -60,21 +62,21 @@ MAX_WATCHES = 4000
 FULL_SCAN_EVERY = 50
 _RULE_FILES = (b".gitignore", b".gitattributes")
 
-_libc = None
+_with_inotify = None
 
 
 def _inotify():
     """libc with inotify, or None (not Linux, or no such calls)."""
-    global _libc
-    if _libc is None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.inotify_init1.argtypes = [ctypes.c_int]
-            libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-            _libc = libc
-        except (OSError, AttributeError):
-            _libc = False
-    return _libc or None
+    global _with_inotify
+    if _with_inotify is None:
+        _with_inotify = False
+        lib = libc()
+        if lib is not None and hasattr(lib, "inotify_init1") and hasattr(lib, "inotify_add_watch"):
+            import ctypes
+            lib.inotify_init1.argtypes = [ctypes.c_int]
+            lib.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+            _with_inotify = lib
+    return _with_inotify or None
 
 
 def parse_events(buf: bytes) -> list[tuple[int, int, bytes]]:
@@ -171,8 +173,7 @@ class WorktreeWatch:
     def scanned(self) -> None:
         """A full scan (`git add -A`) has just finished: answers can be vouched for again."""
         if self.fd >= 0:
-            self.trusted, self.answers = True, 0
-            self.index_written()
+            self.trusted, self.answers = True, 0     # (the caller says index_written() once its git is done)
 
     def verify(self) -> None:
         """Before our git writes the index: if someone else wrote it (or an ignore rule) since our
@@ -215,12 +216,13 @@ class WorktreeWatch:
         """Watch `top` and every folder under it (not following links); False if the worktree
         cannot be vouched for (a watch refused, too many folders, a nested repository, a file of
         several hard links)."""
-        libc = _inotify()
+        import ctypes
+        lib = _inotify()
         stack = [top]
         while stack:
             folder = stack.pop()
             full = os.path.join(self.root, folder) if folder else self.root
-            wd = libc.inotify_add_watch(self.fd, full, WATCH_MASK)
+            wd = lib.inotify_add_watch(self.fd, full, WATCH_MASK)
             if wd < 0:
                 if folder and ctypes.get_errno() in (errno.ENOENT, errno.ENOTDIR):
                     continue                                  # gone already: its parent's event says so
@@ -278,11 +280,4 @@ class WorktreeWatch:
         return found
 
     def _stamp(self) -> list:
-        stamp = []
-        for path in self.stamped:
-            try:
-                st = os.stat(path)
-                stamp.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-            except OSError:
-                stamp.append(None)
-        return stamp
+        return [file_stamp(path) for path in self.stamped]
