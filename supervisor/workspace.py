@@ -565,8 +565,11 @@ class Workspace:
         begun = Begun(base="", notes=notes)
         marker = gitdir / MARKER
         previous = _read_marker(marker)
+        base_before = None  # a task run again keeps the base of its first run: its record is all it did
         if previous is not None:
             old_task = previous[0]
+            if old_task == task_id:
+                base_before = previous[1]
             head, ref = self.head(dirs)
             commit, _ = self._checkpoint(f"tt: interrupted {old_task}", head, ref, trailers={
                 "Tinytown-Task": old_task, "Tinytown-State": "interrupted"}, dirs=dirs)
@@ -582,8 +585,8 @@ class Workspace:
         head, _ = self.head(dirs)
         if head is None:
             raise WorkspaceError(f"{self.label} has no commit on {self.branch}")
-        begun.base = head
-        _write_marker(marker, task_id, head)
+        begun.base = base_before or head
+        _write_marker(marker, task_id, begun.base)
         if self.watch is not None:
             self.watch.index_written()
         return begun

@@ -267,16 +267,31 @@ def test_user_hooks_signing_and_config_never_get_in_the_way(town):
 
 def test_an_interrupted_run_is_committed_before_the_next_task(town):
     space = spawned(town)
-    space.begin("t1")
+    first = space.begin("t1")
     (space.path / "half.txt").write_text("half done\n")   # then the runner is killed: no end()
     runner_again = Workspace(town, "dev")
     begun = runner_again.begin("t1")                      # its next attempt
-    assert begun.interrupted_task == "t1" and begun.interrupted_commit == begun.base
+    assert begun.interrupted_task == "t1" and begun.interrupted_commit
     assert git(space.path, "log", "-1", "--format=%s").strip() == "tt: interrupted t1"
     assert any("interrupted run of t1" in note for note in begun.notes)
+    # The task's record covers both runs: its base is the first run's, so its files include what
+    # the interrupted run did (and `tt diff TASK` shows it).
+    assert begun.base == first.base != begun.interrupted_commit
+    (space.path / "rest.txt").write_text("the rest\n")
     ended = runner_again.end("t1", "do it")
-    assert ended.base == begun.base and ended.commit == ""
+    assert ended.base == first.base and ended.commit
+    assert sorted(f.path for f in ended.files) == ["half.txt", "rest.txt"]
     assert runner_again.begin("t2").interrupted_task == ""
+
+
+def test_an_interrupted_run_of_another_task_is_not_the_next_tasks_work(town):
+    space = spawned(town)
+    space.begin("t1")
+    (space.path / "half.txt").write_text("half done\n")
+    begun = Workspace(town, "dev").begin("t2")            # the agent's next task is another one
+    assert begun.interrupted_task == "t1" and begun.base == begun.interrupted_commit
+    ended = Workspace(town, "dev").end("t2", "other")
+    assert ended.files == [] and ended.commit == ""
 
 
 def test_a_worktree_left_mid_rebase_is_left_for_a_human(town):

@@ -145,7 +145,10 @@ def test_a_crash_mid_task_leaves_work_the_next_attempt_commits_and_is_told_about
                              f"made are committed as {interrupted[0][:12]}".encode())
     assert prompt.endswith(b"Build it\n@write half.txt started\n@gate go")
     assert "half.txt" in git(t.root, "show", "--name-only", "--format=", interrupted[0])
-    assert done["base"] == interrupted[0]
+    # The task's record covers both attempts: its base is the first attempt's, so its files
+    # include what the interrupted one did.
+    assert done["base"] == git(t.root, "rev-parse", f"{interrupted[0]}^").strip()
+    assert [f["path"] for f in done["files"]] == ["half.txt"], done["files"]
 
 
 def test_a_worktree_left_mid_rebase_fails_its_task_and_shows_in_status(git_town):
