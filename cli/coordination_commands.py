@@ -210,17 +210,17 @@ def cancel(task_ids, town_path):
 @json_option
 @town_option
 def wait(refs, timeout, as_json, town_path):
-    """Until every task named (an agent: its unfinished tasks) is finished; exit 0 if all completed,
-    1 if any failed or was cancelled, 2 on timeout."""
+    """Until every task named (an agent: its unfinished tasks, or with none its latest) is finished;
+    exit 0 if all completed, 1 if any failed or was cancelled, 2 on timeout."""
     from tinytown.supervisor.resp import connect
     from tinytown.supervisor.town import Town
     config = _config(town_path)
     _running_town(config)
     town = Town(config, connect(config, long_lived=True))  # a reply may take as long as the wait
     coord = town.coordination
-    ids = coord.resolve_refs(refs, what="tt wait")
+    ids = coord.resolve_refs(refs, what="tt wait", idle_agent_latest=True)
     if not ids:
-        raise TinytownError("nothing to wait for: " + ", ".join(refs) + " has no unfinished task")
+        raise TinytownError("nothing to wait for: " + ", ".join(refs) + " has no task yet")
     done = coord.wait(ids, timeout)
     tasks = {t.id: t for t in (town.task(i) for i in ids)}
     if as_json:

@@ -126,23 +126,26 @@ class Coordination:
             return matches[0]
         raise TinytownError(f"task id {ref!r} is ambiguous" if matches else f"no task {ref!r}")
 
-    def resolve_refs(self, refs, what: str = "--after") -> list[str]:
+    def resolve_refs(self, refs, what: str = "--after", idle_agent_latest: bool = False) -> list[str]:
         """Dependency ids from `--after` references, in order, each once.
 
         A reference naming an agent means every task of that agent not finished yet (none: nothing
-        to wait for); anything else is a task id or a unique prefix of one. An unknown reference is
-        a TinytownError, raised before anything is written. A cycle cannot be made: every
-        dependency exists before its dependent, whose own list is fixed when it is created.
+        to wait for; with idle_agent_latest, as `tt wait` has it, its latest task instead, so a
+        wait that starts just after the agent finished reports how it ended); anything else is a
+        task id or a unique prefix of one. An unknown reference is a TinytownError, raised before
+        anything is written. A cycle cannot be made: every dependency exists before its
+        dependent, whose own list is fixed when it is created.
         """
         ids: list[str] = []
         names = split_refs(refs)
         agents = self.r.hgetall(self.keys.agent_index) if names else {}
-        unfinished_by_agent = None
+        by_agent = None
         for ref in names:
             if ref in agents:
-                if unfinished_by_agent is None:
-                    unfinished_by_agent = self._unfinished_by_agent()
-                ids.extend(unfinished_by_agent.get(ref, []))
+                if by_agent is None:
+                    by_agent = self._tasks_by_agent()
+                unfinished, latest = by_agent.get(ref, ([], None))
+                ids.extend(unfinished or ([latest] if idle_agent_latest and latest else []))
                 continue
             try:
                 ids.append(self.resolve_task(ref))
@@ -153,19 +156,22 @@ class Coordination:
                 raise
         return list(dict.fromkeys(ids))
 
-    def _unfinished_by_agent(self) -> dict[str, list[str]]:
-        """Agent name -> its unfinished task ids, oldest first (one read of every task's agent and
-        state: only when an --after names an agent)."""
+    def _tasks_by_agent(self) -> dict[str, tuple[list[str], str]]:
+        """Agent name -> (its unfinished task ids, oldest first; its latest task id), in one read of
+        every task's agent and state: only when a reference names an agent."""
         ids = self.r.zrange(self.keys.task_index, 0, -1)
         pipe = self.r.pipeline(transaction=False)
         for task_id in ids:
             pipe.hget(self.keys.task(task_id), "agent")
             pipe.hget(self.keys.task(task_id), "state")
         values = pipe.execute()
-        found: dict[str, list[str]] = {}
+        found: dict[str, tuple[list[str], str]] = {}
         for task_id, agent, state in zip(ids, values[::2], values[1::2]):
-            if agent and state in UNFINISHED:
-                found.setdefault(agent, []).append(task_id)
+            if agent:
+                unfinished, _ = found.get(agent, ([], ""))
+                if state in UNFINISHED:
+                    unfinished.append(task_id)
+                found[agent] = (unfinished, task_id)
         return found
 
     # --- creating tasks --------------------------------------------------------------------

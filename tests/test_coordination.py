@@ -104,6 +104,23 @@ def test_wait_times_out_with_exit_2_and_completes_with_0(town):
     assert waiter.returncode == 0 and slow in out.decode()
 
 
+def test_wait_on_an_agent_that_already_finished_reports_its_latest_task(town):
+    """`tt wait reviewer && tt merge reviewer` must not depend on whether the reviewer finished
+    before the wait began: with nothing unfinished, the agent's latest task is reported."""
+    _spawn(town, "dev")
+    _spawn(town, "idle")
+    town.wait_task(town.assign("dev", "@exit 3"))
+    done = town.assign("dev", "@echo done")
+    town.wait_task(done)
+    out = town.tt("wait", "dev", "--timeout", "30", check=False)
+    assert out.returncode == 0 and done in out.out, out
+    failed = town.assign("dev", "@exit 3")
+    town.wait_task(failed)
+    assert town.tt("wait", "dev", check=False).returncode == 1
+    never = town.tt("wait", "idle", check=False)
+    assert never.returncode == 1 and "idle has no task yet" in never.err and "Traceback" not in never.err
+
+
 def test_cancel_of_a_running_task_stops_its_group_and_keeps_the_output(town):
     _spawn(town, "dev")
     running = town.assign("dev", "@echo started work\n@child\n@gate never")
