@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from tinytown.cli.main import (_config, _print_json, _read_input, _running_town, _started_town, complete_agent,
+from tinytown.cli.main import (Seconds, _config, _print_json, _read_input, _running_town, _started_town, complete_agent,
                                complete_task, json_option, town_option)
 from tinytown.supervisor.errors import TinytownError
 
@@ -206,7 +206,7 @@ def cancel(task_ids, town_path):
 
 @click.command()
 @click.argument("refs", nargs=-1, required=True, shell_complete=complete_task)
-@click.option("--timeout", type=click.FloatRange(min=0), metavar="S", help="Give up after S seconds (exit 2).")
+@click.option("--timeout", type=Seconds(), metavar="S", help="Give up after S seconds (exit 2).")
 @json_option
 @town_option
 def wait(refs, timeout, as_json, town_path):

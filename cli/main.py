@@ -20,8 +20,10 @@ class TinytownGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # a bad option or argument: one line too (exit 2)
+            _fail(_usage_line(exc), exc.exit_code)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
-            raise  # usage errors: click prints them its own way (exit 2)
+            raise
         except TinytownError as exc:
             _fail(str(exc))
         except KeyboardInterrupt:
@@ -37,6 +39,33 @@ CONFIG_META = "tinytown.config"  # the command's Config, once loaded (click's me
 def _fail(message: str, code: int = 1):
     click.echo(f"tt: error: {message}", err=True)
     sys.exit(code)
+
+
+def _usage_line(exc: click.UsageError) -> str:
+    """click's usage error as one line, with where to read more (and, for an unknown option, how
+    to pass text that starts with '-')."""
+    where = exc.ctx.command_path if exc.ctx is not None else "tt"
+    hint = " (text that starts with '-' goes after --)" if isinstance(exc, click.NoSuchOption) else ""
+    return f"{exc.format_message().rstrip('.')}{hint}; see {where} --help"
+
+
+class Seconds(click.ParamType):
+    """A duration in seconds, 0 up to `most`: nan, inf and absurd values are a usage error (exit 2),
+    not a traceback or a Redis error later."""
+
+    name = "seconds"
+
+    def __init__(self, most: float = 365 * 86400.0):
+        self.most = most
+
+    def convert(self, value, param, ctx):
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not 0 <= seconds <= self.most:  # (false for nan too)
+            self.fail(f"{value!r} is not between 0 seconds and {self.most / 86400:g} days", param, ctx)
+        return seconds
 
 
 def town_option(func):
@@ -188,7 +217,7 @@ def init(ctx, name, default_cli, max_agents, force, town_path):
 @cli.command()
 @click.argument("name")
 @click.option("--model", "--cli", "cli_name", metavar="PRESET", help="The agent CLI (default: default_cli).")
-@click.option("--task-timeout", type=click.FloatRange(min=0), help="Fail a task running longer than this (s).")
+@click.option("--task-timeout", type=Seconds(), metavar="S", help="Fail a task running longer than this (s).")
 @click.option("--shared", is_flag=True, help="Work in the town folder, not a git worktree of its own.")
 @click.option("--from", "from_ref", metavar="REF", help="Start its worktree's branch at REF (default: HEAD).")
 @click.option("--role", "roles", multiple=True, metavar="ROLE", help="Backlog work it may take (repeatable).")
@@ -202,11 +231,12 @@ def init(ctx, name, default_cli, max_agents, force, town_path):
 def spawn(name, cli_name, task_timeout, shared, from_ref, roles, pin, answers, keep_context, as_json, town_path):
     """Register agent NAME; the supervisor starts its runner (and is started if needed). In a git
     town its CLI works in agents/NAME, a worktree on branch tt/NAME."""
-    from tinytown.supervisor.config import parse_answer, validate_name
+    from tinytown.supervisor.config import parse_answer, validate_name, validate_task_timeout
     config = _config(town_path)
     validate_name("agent", name)
     answers = [parse_answer(answer) for answer in answers]
     spec = config.cli(cli_name or config.default_cli)  # unknown preset: fail before starting anything
+    validate_task_timeout(task_timeout)
     for role in roles:
         validate_name("role", role)
     if pin:

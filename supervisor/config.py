@@ -208,6 +208,13 @@ def setting(default, doc: str, *, table: str, key: str | None = None, kind: type
 
 
 DAY = 86400.0
+TASK_TIMEOUT_MAX = 31 * DAY  # task_timeout's bound, in tinytown.toml and `tt spawn --task-timeout`
+
+
+def validate_task_timeout(seconds: float | None) -> None:
+    """An agent's own task timeout (`tt spawn --task-timeout`), held to tinytown.toml's bounds."""
+    if seconds is not None and not 0 <= seconds <= TASK_TIMEOUT_MAX:  # (false for nan too)
+        raise TinytownError(f"a task timeout must be between 0 and {TASK_TIMEOUT_MAX:.0f} seconds, not {seconds!r}")
 OUTPUT_TAIL_BYTES = 64 * 1024   # a task keeps this much of its output (town.py); context can show no more
 
 
@@ -232,7 +239,7 @@ class SupervisorPolicy:
                                 table="supervisor", low=0.0, high=DAY)
     task_timeout: float = setting(
         0.0, 'seconds; 0 = none (per agent: tt spawn NAME --task-timeout S); then "timed out"',
-        table="supervisor", low=0.0, high=31 * DAY)
+        table="supervisor", low=0.0, high=TASK_TIMEOUT_MAX)
     heartbeat_interval: float = setting(2.0, "how often a runner says it is alive", table="supervisor",
                                         low=0.01, high=3600.0)
     heartbeat_stale: float = setting(10.0, "older than this and `tt status` shows the agent unresponsive",

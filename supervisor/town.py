@@ -9,7 +9,7 @@ import json
 import socket
 from dataclasses import dataclass
 
-from .config import OUTPUT_TAIL_BYTES, PRESETS, Config, validate_name
+from .config import OUTPUT_TAIL_BYTES, PRESETS, Config, validate_name, validate_task_timeout
 from .errors import TinytownError
 from .hosts import SCRIPTS as HOST_SCRIPTS
 from .hosts import Fenced, Hosts
@@ -117,6 +117,7 @@ class Town:
         if host:
             validate_name("host", host)
         self.config.cli(cli)  # unknown preset -> TinytownError before anything is written
+        validate_task_timeout(task_timeout)
         agent = Agent(id=new_id(), name=name, cli=cli, state=AgentState.STARTING.value,
                       created_at=now(), updated_at=now(), task_timeout=task_timeout, workspace=workspace,
                       branch=branch, answers=json.dumps(answers) if answers else "",

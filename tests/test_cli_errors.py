@@ -139,3 +139,19 @@ def test_shell_completion_offers_commands_agents_and_task_ids(town):
                                 capture_output=True, text=True, timeout=30).stdout
         assert "_TT_COMPLETE" in script
     assert town.tt("--version").out.startswith("tt, version ")
+
+
+def test_usage_errors_and_absurd_durations_say_one_line(town):
+    """A bad option is one line too (exit 2), and a duration that is nan, inf or absurd is refused
+    before it reaches Redis or the store (`"task_timeout": NaN` is not JSON)."""
+    for args in (("spawn", "dev", "--task-timeout", "nan"), ("spawn", "dev", "--task-timeout", "inf"),
+                 ("wait", "x", "--timeout", "nan"), ("wait", "x", "--timeout", "1e20")):
+        line = one_error_line(town.tt(*args, check=False), "Invalid value for")
+        assert f"see tt {args[0]} --help" in line
+    one_error_line(town.tt("spawn", "dev", "--task-timeout", "1e7", check=False), "between 0 and 2678400 seconds")
+    assert town.supervisor_pid() is None  # nothing started for a command that could not succeed
+    town.tt("spawn", "dev")
+    dashed = town.tt("assign", "dev", "-x do this", check=False)
+    assert dashed.returncode == 2
+    one_error_line(dashed, "No such option '-x'", "goes after --")
+    assert town.json("tasks") == []
