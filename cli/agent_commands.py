@@ -6,7 +6,7 @@ import time
 
 import click
 
-from tinytown.cli.main import _config, _print_json, _running_town, complete_agent, json_option, town_option
+from tinytown.cli.main import _config, _live_town, _print_json, _running_town, complete_agent, json_option, town_option
 from tinytown.supervisor.errors import TinytownError
 
 KILL_WAIT = 15.0       # `tt kill` waits this long for the runner to be gone (its CLI gets 2 s after SIGTERM)
@@ -26,7 +26,7 @@ def _control(town):
 def _hold(agent, hold_name, to_backlog, town_path):
     from tinytown.supervisor.models import Hold
     config = _config(town_path)
-    town = _running_town(config)
+    town = _live_town(config, f"{hold_name} an agent")
     _, promise = _control(town).hold(agent, Hold(hold_name), to_backlog=to_backlog)
     return town, promise
 
@@ -46,7 +46,7 @@ def interrupt(agent, town_path):
 def resume(agent, town_path):
     """Let a paused AGENT take tasks again."""
     config = _config(town_path)
-    click.echo(_control(_running_town(config)).resume(agent))
+    click.echo(_control(_live_town(config, "resume an agent")).resume(agent))
 
 
 @click.command()
@@ -102,7 +102,7 @@ def _wait_stopped(town, agent_id: str, timeout: float) -> bool:
 def prune(agents, to_backlog, delete_branches, as_json, town_path):
     """Remove closed agents (or those named, once stopped) from the town; their tasks stay."""
     config = _config(town_path)
-    control = _control(_running_town(config))
+    control = _control(_live_town(config, "prune agents"))
     found = control.prunable(list(agents))
     done, failed = [], []
     for agent in found:

@@ -9,8 +9,8 @@ import sys
 
 import click
 
-from tinytown.cli.main import (Seconds, _config, _print_json, _read_input, _running_town, _started_town, complete_agent,
-                               complete_task, json_option, town_option)
+from tinytown.cli.main import (Seconds, _config, _live_town, _print_json, _read_input, _running_town, _started_town,
+                               _town_or_snapshot, complete_agent, complete_task, json_option, town_option)
 from tinytown.supervisor.errors import TinytownError
 
 
@@ -119,7 +119,7 @@ def backlog_add(description, role, after, from_file, no_context, as_json, town_p
 def backlog_remove(task_id, town_path):
     """Drop a backlog task no agent has taken yet (it becomes cancelled, with its dependents)."""
     config = _config(town_path)
-    coord = _running_town(config).coordination
+    coord = _live_town(config, "remove a task from the backlog").coordination
     task_id = coord.resolve_task(task_id)
     cascaded = coord.backlog_remove(task_id, by=_caller(config))
     click.echo(f"Removed task {task_id} from the backlog" + (f" ({cascaded} dependents cancelled)" if cascaded else ""))
@@ -185,7 +185,7 @@ def inbox(agent, show_all, as_json, town_path):
 def cancel(task_ids, town_path):
     """Cancel tasks: waiting ones at once (with their dependents), running ones by stopping the CLI."""
     config = _config(town_path)
-    coord = _running_town(config).coordination
+    coord = _live_town(config, "cancel tasks").coordination
     by = _caller(config)
     failed = False
     for ref in task_ids:
@@ -215,13 +215,19 @@ def wait(refs, timeout, as_json, town_path):
     from tinytown.supervisor.resp import connect
     from tinytown.supervisor.town import Town
     config = _config(town_path)
-    _running_town(config)
-    town = Town(config, connect(config, long_lived=True))  # a reply may take as long as the wait
+    town, running = _town_or_snapshot(config)
+    if town is None:
+        raise TinytownError(f"town {config.name!r} is not running (start it with `tt start`)")
+    if running:
+        town = Town(config, connect(config, long_lived=True))  # a reply may take as long as the wait
     coord = town.coordination
     ids = coord.resolve_refs(refs, what="tt wait", idle_agent_latest=True)
     if not ids:
         raise TinytownError("nothing to wait for: " + ", ".join(refs) + " has no task yet")
-    done = coord.wait(ids, timeout)
+    done = coord.wait(ids, timeout if running else 0)  # (a stopped town: how its tasks ended)
+    if not running and len(done) < len(ids):
+        raise TinytownError(f"town {config.name!r} is not running: {len(ids) - len(done)} of these task(s) "
+                            "cannot finish until it starts (`tt start`)")
     tasks = {t.id: t for t in (town.task(i) for i in ids)}
     if as_json:
         _print_json([{"id": i, "state": done.get(i, tasks[i].state), "finished": i in done,

@@ -108,6 +108,15 @@ def _running_town(config, as_json: bool = False):
     return town
 
 
+def _live_town(config, to: str):
+    """A Town for a change only a running town can make (a stopped one's records are read from a
+    read-only copy): one clear line when it is stopped. `to`: what the command does."""
+    town, running = _town_or_snapshot(config)
+    if not running:
+        raise TinytownError(f"town {config.name!r} is not running: start it (`tt start`) to {to}")
+    return town
+
+
 def _town_or_snapshot(config):
     """(Town, True) for a running town; (Town on a read-only snapshot, False) for a stopped one
     whose records are here (closed when the command ends); (None, False) when neither."""

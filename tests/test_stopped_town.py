@@ -77,6 +77,35 @@ def test_a_stopped_towns_records_are_read_and_nothing_changes(town, private_tmp)
     nothing_left(town, private_tmp)
 
 
+def test_a_change_to_a_stopped_town_says_to_start_it(town, private_tmp):
+    """Commands that write (cancel, interrupt, resume, prune, backlog remove) cannot use the
+    read-only copy a stopped town is read from: one line saying so, not Redis's refusal."""
+    from test_cli_errors import one_error_line
+    town.tt("spawn", "dev")
+    queued = town.assign("dev", "@gate never")
+    town.wait_task(queued, states=("running",))
+    later = town.json("backlog", "add", "later")["id"]
+    town.tt("stop", "--now")
+    runtime = town.root / ".tt"
+    before = files_of(runtime)
+    for args in (("cancel", queued), ("interrupt", "dev"), ("resume", "dev"), ("prune", "dev"),
+                 ("backlog", "remove", later)):
+        line = one_error_line(town.tt(*args, check=False), "is not running: start it (`tt start`) to")
+        assert "Redis" not in line
+    waited = town.tt("wait", queued, check=False)  # back in the inbox: it cannot finish while stopped
+    one_error_line(waited, "is not running: 1 of these task(s) cannot finish until it starts")
+    assert files_of(runtime) == before
+    nothing_left(town, private_tmp)
+
+
+def test_wait_on_a_stopped_town_says_how_its_tasks_ended(town, private_tmp):
+    done, failed = stopped_town_with_tasks(town)
+    assert town.tt("wait", done).returncode == 0
+    out = town.tt("wait", done, failed, check=False)
+    assert out.returncode == 1 and "failed" in out.out and "Traceback" not in out.err
+    nothing_left(town, private_tmp)
+
+
 def test_logs_follow_on_a_stopped_towns_stream_ends(town, private_tmp):
     done, _ = stopped_town_with_tasks(town)
     followed = town.tt("logs", "-f", "--task", done, timeout=30)
