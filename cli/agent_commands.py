@@ -6,7 +6,8 @@ import time
 
 import click
 
-from tinytown.cli.main import _config, _live_town, _print_json, _running_town, complete_agent, json_option, town_option
+from tinytown.cli.main import (_config, _live_town, _print_json, _running_town, _town_or_snapshot, complete_agent,
+                               json_option, town_option)
 from tinytown.supervisor.errors import TinytownError
 
 KILL_WAIT = 15.0       # `tt kill` waits this long for the runner to be gone (its CLI gets 2 s after SIGTERM)
@@ -142,7 +143,13 @@ def events(follow, agent, count, as_json, town_path):
     from tinytown.supervisor.resp import RespConnectionError
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `tt events -f | head` ends quietly
     config = _config(town_path)
-    town = _running_town(config)
+    town, running = _town_or_snapshot(config)
+    if town is None:
+        raise TinytownError(f"town {config.name!r} is not running (start it with `tt start`, or `tt spawn`)")
+    if not running:  # its read-only copy: nothing more will come
+        click.echo(f"tt events: town {config.name!r} is stopped: its events as last recorded"
+                   + (" (nothing more to follow)" if follow else ""), err=True)
+        follow = False
     if agent is not None:
         town.agent_id(agent)  # an unknown name: one clear line, not an empty stream forever
     stream = EventStream(town.r, town.keys, agent)

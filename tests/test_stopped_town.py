@@ -110,6 +110,8 @@ def test_logs_follow_on_a_stopped_towns_stream_ends(town, private_tmp):
     done, _ = stopped_town_with_tasks(town)
     followed = town.tt("logs", "-f", "--task", done, timeout=30)
     assert "recorded output line" in followed.out and "nothing more to follow" in followed.err
+    events = town.tt("events", "-f", timeout=30)  # (it used to follow the copy, and its redis-server, forever)
+    assert "task_completed" in events.out and "nothing more to follow" in events.err
     nothing_left(town, private_tmp)
 
 
