@@ -235,6 +235,12 @@ def _last_line(done: subprocess.CompletedProcess) -> str:
              if line.strip() and not line.startswith("hint:")]
     fatal = [line for line in lines if line.startswith(("fatal:", "error:"))]
     line = (fatal or lines or [f"exit status {done.returncode}"])[0]
+    if line.endswith(":") and line in lines:  # "...would be overwritten by merge:", then the files, indented
+        after = lines[lines.index(line) + 1:]
+        files = [name.strip() for name in after[:next((i for i, n in enumerate(after) if not n[:1].isspace()),
+                                                       len(after))]]
+        if files:
+            line += " " + _names(files)
     return "".join(c if c.isprintable() else "?" for c in line)[:300]
 
 

@@ -485,6 +485,19 @@ def test_merge_home_refuses_a_dirty_target_and_a_conflict_changing_nothing(town)
     assert head(town) == before and status(town) == "" and not (town / ".git" / "MERGE_HEAD").exists()
 
 
+
+def test_merge_home_names_the_untracked_files_in_the_way(town):
+    dev = spawned(town)
+    task(dev, "t1", lambda root: [(root / name).write_text("dev's\n") for name in ("new one.txt", "b.txt")])
+    for name in ("new one.txt", "b.txt"):
+        (town / name).write_text("the user's own, untracked\n")
+    before = head(town)
+    # (git names them on the lines after its error: the one line has them too)
+    with pytest.raises(WorkspaceError, match=r"would be overwritten by merge: (new one.txt, b.txt|b.txt, new one.txt)"):
+        merge_home(town, dev.ref, label="dev")
+    assert (town / "new one.txt").read_text() == "the user's own, untracked\n" and head(town) == before
+
+
 def test_merge_home_into_a_branch_not_checked_out(town):
     dev = spawned(town)
     git(town, "branch", "release")
