@@ -58,7 +58,12 @@ def _agent_or_task(town, ref: str):
     """(agent, None) when `ref` names an agent, else (None, task): names first, as `tt logs` does."""
     if town.r.hget(town.keys.agent_index, ref):
         return town.agent(ref), None
-    return None, town.task(ref)
+    try:
+        return None, town.task(ref)
+    except TinytownError as exc:
+        if str(exc).startswith("no task"):
+            raise TinytownError(f"no agent or task {ref!r} in town {town.config.name!r}") from None
+        raise
 
 
 def _worktree_of(config, agent):

@@ -291,10 +291,12 @@ class Town:
 
     def task(self, task_id: str) -> Task:
         """A task by id, or by a unique prefix of its id."""
+        if not task_id:
+            raise TinytownError("no task id given")
         data = self.r.hgetall(self.keys.task(task_id))
         if not data:
             matches = [t for t in self.r.zrange(self.keys.task_index, 0, -1) if t.startswith(task_id)]
-            if len(matches) != 1 or not task_id:
+            if len(matches) != 1:
                 raise TinytownError(f"no task {task_id!r}" if not matches else f"task id {task_id!r} is ambiguous")
             data = self.r.hgetall(self.keys.task(matches[0]))
         return self._explain_waiting([Task.from_hash(data)])[0]

@@ -155,3 +155,10 @@ def test_usage_errors_and_absurd_durations_say_one_line(town):
     assert dashed.returncode == 2
     one_error_line(dashed, "No such option '-x'", "goes after --")
     assert town.json("tasks") == []
+
+
+def test_an_empty_task_id_and_an_unknown_agent_or_task_say_so(town):
+    town.tt("spawn", "dev")
+    one_error_line(town.tt("task", "", check=False), "no task id given")
+    for command in ("diff", "merge"):
+        one_error_line(town.tt(command, "nobody", check=False), "no agent or task 'nobody'")
