@@ -612,8 +612,13 @@ class Workspace:
         ended = Ended(base=base, head=head or "", branch=_short(ref))
         state = self.problem(dirs[0])
         if state:
+            # Nothing is committed, but what the CLI committed itself before it stopped is the
+            # task's (a rebase's: the branch as it was when the rebase began).
             ended.problem = state
             ended.notes.append(str(self._busy(state)))
+            committed = _orig_head(dirs[0]) if state in ("mid-rebase", "mid-am") else head
+            if base and committed and committed != base:
+                ended.head, ended.files = committed, self._numstat(base, committed)
             return ended
         if ref is not None and ref != self.ref:
             ended.notes.append(f"the CLI switched {self.label} to {_short(ref)}: the task's work is committed there "
@@ -824,6 +829,18 @@ class Workspace:
         out = git(repo.root, "rev-list", "--count", tip, "--not", *excludes, f"--exclude={self.branch}",
                   "--branches").stdout
         return int(out.strip() or 0)
+
+
+def _orig_head(gitdir: Path) -> str | None:
+    """The commit a rebase (or am) in progress started from, or None."""
+    for name in ("rebase-merge/orig-head", "rebase-apply/orig-head"):
+        try:
+            text = (gitdir / name).read_text().strip()
+        except OSError:
+            continue
+        if is_oid(text):
+            return text
+    return None
 
 
 def _read_marker(marker: Path) -> tuple[str, str] | None:

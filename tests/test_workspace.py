@@ -307,6 +307,8 @@ def test_a_worktree_left_mid_rebase_is_left_for_a_human(town):
     before = (space.path / "a.txt").read_bytes()
     ended = space.end("t1", "do it")
     assert ended.problem == "mid-rebase" and ended.commit == ""
+    # what the CLI committed before its rebase stopped is recorded (the branch as the rebase found it)
+    assert [f.path for f in ended.files] == ["a.txt"] and ended.head == git(space.path, "rev-parse", "tt/dev").strip()
     assert "git rebase --continue, or --abort" in ended.notes[0]
     assert (space.path / "a.txt").read_bytes() == before and space.problem() == "mid-rebase"
     with pytest.raises(Busy, match="agents/dev is mid rebase .*commits nothing") as info:
@@ -326,7 +328,9 @@ def test_a_worktree_left_mid_merge(town):
     (space.path / "a.txt").write_text("dev\n")
     git(space.path, "commit", "-qam", "dev")
     git(space.path, "merge", "other", ok=(1,))
-    assert space.end("t1", "x").problem == "mid-merge"
+    ended = space.end("t1", "x")
+    assert ended.problem == "mid-merge" and ended.commit == ""
+    assert [f.path for f in ended.files] == ["a.txt"]          # the CLI's own commit, before its merge
     with pytest.raises(Busy, match="mid merge"):
         space.begin("t2")
 
