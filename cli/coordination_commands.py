@@ -210,8 +210,9 @@ def cancel(task_ids, town_path):
 @json_option
 @town_option
 def wait(refs, timeout, as_json, town_path):
-    """Until every task named (an agent: its unfinished tasks, or with none its latest) is finished;
-    exit 0 if all completed, 1 if any failed or was cancelled, 2 on timeout."""
+    """Until every task named (an agent: its unfinished tasks, or with none the one it finished last)
+    is finished; exit 0 if all completed, 1 if any failed or was cancelled, 2 on timeout (or when
+    the town is stopped and some cannot finish)."""
     from tinytown.supervisor.resp import connect
     from tinytown.supervisor.town import Town
     config = _config(town_path)
@@ -225,9 +226,9 @@ def wait(refs, timeout, as_json, town_path):
     if not ids:
         raise TinytownError("nothing to wait for: " + ", ".join(refs) + " has no task yet")
     done = coord.wait(ids, timeout if running else 0)  # (a stopped town: how its tasks ended)
-    if not running and len(done) < len(ids):
-        raise TinytownError(f"town {config.name!r} is not running: {len(ids) - len(done)} of these task(s) "
-                            "cannot finish until it starts (`tt start`)")
+    if not running and len(done) < len(ids):  # as at a timeout (exit 2), saying why
+        click.echo(f"tt: town {config.name!r} is not running: {len(ids) - len(done)} of these task(s) cannot "
+                   "finish until it starts (`tt start`)", err=True)
     tasks = {t.id: t for t in (town.task(i) for i in ids)}
     if as_json:
         _print_json([{"id": i, "state": done.get(i, tasks[i].state), "finished": i in done,
@@ -236,7 +237,7 @@ def wait(refs, timeout, as_json, town_path):
         from tinytown.supervisor.terminal_text import clean_text
         for i in ids:
             t = tasks[i]
-            state = done.get(i) or f"{t.state} (still, at the timeout)"
+            state = done.get(i) or f"{t.state} (still, {'at the timeout' if running else 'the town is stopped'})"
             click.echo(f"{i}  {t.agent or '-'}  {state}" + (f": {clean_text(t.reason)}" if t.reason and i in done else ""))
     if len(done) < len(ids):
         sys.exit(2)

@@ -17,6 +17,14 @@ STATES = ("pending", "assigned", "running", "completed", "failed", "cancelled")
 class TinytownGroup(click.Group):
     """Turns expected failures into one line on stderr and a non-zero exit, never a traceback."""
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:  # (`tt --bogus`: the group's own options fail here, before invoke)
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # bare `tt`: click shows the help
+        except click.UsageError as exc:
+            _fail(_usage_line(exc), exc.exit_code)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -45,8 +53,14 @@ def _usage_line(exc: click.UsageError) -> str:
     """click's usage error as one line, with where to read more (and, for an unknown option, how
     to pass text that starts with '-')."""
     where = exc.ctx.command_path if exc.ctx is not None else "tt"
-    hint = " (text that starts with '-' goes after --)" if isinstance(exc, click.NoSuchOption) else ""
+    takes_text = exc.ctx is not None and any(
+        isinstance(param, click.Argument) and param.name in TEXT_ARGUMENTS for param in exc.ctx.command.params)
+    hint = " (text that starts with '-' goes after --)" \
+        if isinstance(exc, click.NoSuchOption) and not exc.possibilities and takes_text else ""
     return f"{exc.format_message().rstrip('.')}{hint}; see {where} --help"
+
+
+TEXT_ARGUMENTS = ("description", "text")  # (assign, backlog add, send: a task's or a note's text)
 
 
 class Seconds(click.ParamType):
@@ -55,16 +69,18 @@ class Seconds(click.ParamType):
 
     name = "seconds"
 
-    def __init__(self, most: float = 365 * 86400.0):
-        self.most = most
+    def __init__(self, most: float | None = 365 * 86400.0):
+        self.most = most  # (None: the command checks the bound itself, e.g. a setting's)
 
     def convert(self, value, param, ctx):
         try:
             seconds = float(value)
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not a number of seconds", param, ctx)
-        if not 0 <= seconds <= self.most:  # (false for nan too)
-            self.fail(f"{value!r} is not between 0 seconds and {self.most / 86400:g} days", param, ctx)
+        if not (0 <= seconds < float("inf")):  # (false for nan too)
+            self.fail(f"{value!r} is not a number of seconds from 0", param, ctx)
+        if self.most is not None and seconds > self.most:
+            self.fail(f"{value!r} is more than {self.most / 86400:g} days", param, ctx)
         return seconds
 
 
@@ -226,7 +242,7 @@ def init(ctx, name, default_cli, max_agents, force, town_path):
 @cli.command()
 @click.argument("name")
 @click.option("--model", "--cli", "cli_name", metavar="PRESET", help="The agent CLI (default: default_cli).")
-@click.option("--task-timeout", type=Seconds(), metavar="S", help="Fail a task running longer than this (s).")
+@click.option("--task-timeout", type=Seconds(most=None), metavar="S", help="Fail a task running longer than this (s).")
 @click.option("--shared", is_flag=True, help="Work in the town folder, not a git worktree of its own.")
 @click.option("--from", "from_ref", metavar="REF", help="Start its worktree's branch at REF (default: HEAD).")
 @click.option("--role", "roles", multiple=True, metavar="ROLE", help="Backlog work it may take (repeatable).")

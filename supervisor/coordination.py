@@ -130,7 +130,7 @@ class Coordination:
         """Dependency ids from `--after` references, in order, each once.
 
         A reference naming an agent means every task of that agent not finished yet (none: nothing
-        to wait for; with idle_agent_latest, as `tt wait` has it, its latest task instead, so a
+        to wait for; with idle_agent_latest, as `tt wait` has it, the task it finished last, so a
         wait that starts just after the agent finished reports how it ended); anything else is a
         task id or a unique prefix of one. An unknown reference is a TinytownError, raised before
         anything is written. A cycle cannot be made: every dependency exists before its
@@ -144,7 +144,7 @@ class Coordination:
             if ref in agents:
                 if by_agent is None:
                     by_agent = self._tasks_by_agent()
-                unfinished, latest = by_agent.get(ref, ([], None))
+                unfinished, latest = by_agent.get(agents[ref], ([], ""))
                 ids.extend(unfinished or ([latest] if idle_agent_latest and latest else []))
                 continue
             try:
@@ -157,24 +157,25 @@ class Coordination:
         return list(dict.fromkeys(ids))
 
     def _tasks_by_agent(self) -> dict[str, tuple[list[str], str]]:
-        """Agent name -> (its unfinished task ids, oldest first; its latest task id), in one read of
-        every task's agent and state: only when a reference names an agent."""
+        """Agent id -> (its unfinished task ids, oldest first; the task it finished last), in one
+        read of every task's agent, state and end: only when a reference names an agent. By id,
+        not name: a pruned agent's name may be a new agent's now."""
         ids = self.r.zrange(self.keys.task_index, 0, -1)
         pipe = self.r.pipeline(transaction=False)
         for task_id in ids:
-            pipe.hget(self.keys.task(task_id), "agent")
-            pipe.hget(self.keys.task(task_id), "state")
-        values = pipe.execute()
+            pipe.execute_command("HMGET", self.keys.task(task_id), "agent_id", "state", "finished_at")
         found: dict[str, tuple[list[str], str]] = {}
-        for task_id, agent, state in zip(ids, values[::2], values[1::2]):
-            if agent:
-                unfinished, _ = found.get(agent, ([], ""))
-                if state in UNFINISHED:
-                    unfinished.append(task_id)
-                found[agent] = (unfinished, task_id)
+        last_end: dict[str, float] = {}
+        for task_id, (agent_id, state, finished_at) in zip(ids, pipe.execute() if ids else []):
+            if not agent_id:
+                continue
+            unfinished, latest = found.setdefault(agent_id, ([], ""))
+            if state in UNFINISHED:
+                unfinished.append(task_id)
+            elif _number(finished_at) >= last_end.get(agent_id, -1.0):
+                found[agent_id], last_end[agent_id] = (unfinished, task_id), _number(finished_at)
         return found
 
-    # --- creating tasks --------------------------------------------------------------------
     def create_task(self, description: str, *, agent: str | None = None, role: str | None = None,
                     after=(), context: bool = True, created_by: str = "user") -> Created:
         """A task for `agent` (its inbox), or without one for the backlog (`role`, or any agent),
@@ -438,3 +439,11 @@ def _user_error(exc: Exception) -> Exception:
     if "TTERR " in text:
         return TinytownError(text.split("TTERR ", 1)[1].strip())
     return exc
+
+
+def _number(text) -> float:
+    """A float field as Redis holds it ("" or absent: 0)."""
+    try:
+        return float(text) if text else 0.0
+    except ValueError:
+        return 0.0

@@ -237,8 +237,8 @@ def _last_line(done: subprocess.CompletedProcess) -> str:
     line = (fatal or lines or [f"exit status {done.returncode}"])[0]
     if line.endswith(":") and line in lines:  # "...would be overwritten by merge:", then the files, indented
         after = lines[lines.index(line) + 1:]
-        files = [name.strip() for name in after[:next((i for i, n in enumerate(after) if not n[:1].isspace()),
-                                                       len(after))]]
+        files = [name[1:] if name.startswith("\t") else name.strip()  # (a name's own spaces are its)
+                 for name in after[:next((i for i, n in enumerate(after) if not n[:1].isspace()), len(after))]]
         if files:
             line += " " + _names(files)
     return "".join(c if c.isprintable() else "?" for c in line)[:300]
@@ -591,6 +591,9 @@ class Workspace:
         head, _ = self.head(dirs)
         if head is None:
             raise WorkspaceError(f"{self.label} has no commit on {self.branch}")
+        if base_before and base_before != head and git(
+                self.path, "merge-base", "--is-ancestor", base_before, head, ok=range(0, 256)).returncode != 0:
+            base_before = None  # (the branch was moved meanwhile: the first run's base is not behind it)
         begun.base = base_before or head
         _write_marker(marker, task_id, begun.base)
         if self.watch is not None:
@@ -613,12 +616,17 @@ class Workspace:
         state = self.problem(dirs[0])
         if state:
             # Nothing is committed, but what the CLI committed itself before it stopped is the
-            # task's (a rebase's: the branch as it was when the rebase began).
+            # task's: the tip of the branch it was on (a rebase or bisect detaches HEAD and leaves
+            # the branch where it was; an am moves it). Best effort: the problem is the outcome.
             ended.problem = state
             ended.notes.append(str(self._busy(state)))
-            committed = _orig_head(dirs[0]) if state in ("mid-rebase", "mid-am") else head
-            if base and committed and committed != base:
-                ended.head, ended.files = committed, self._numstat(base, committed)
+            try:
+                committed = head if ref is not None else self._read_ref(self.ref, dirs[1])
+                if base and committed and committed != base:
+                    ended.files = self._numstat(base, committed)
+                    ended.head = committed
+            except WorkspaceError:
+                pass
             return ended
         if ref is not None and ref != self.ref:
             ended.notes.append(f"the CLI switched {self.label} to {_short(ref)}: the task's work is committed there "
@@ -829,18 +837,6 @@ class Workspace:
         out = git(repo.root, "rev-list", "--count", tip, "--not", *excludes, f"--exclude={self.branch}",
                   "--branches").stdout
         return int(out.strip() or 0)
-
-
-def _orig_head(gitdir: Path) -> str | None:
-    """The commit a rebase (or am) in progress started from, or None."""
-    for name in ("rebase-merge/orig-head", "rebase-apply/orig-head"):
-        try:
-            text = (gitdir / name).read_text().strip()
-        except OSError:
-            continue
-        if is_oid(text):
-            return text
-    return None
 
 
 def _read_marker(marker: Path) -> tuple[str, str] | None:

@@ -155,6 +155,8 @@ def test_usage_errors_and_absurd_durations_say_one_line(town):
     assert dashed.returncode == 2
     one_error_line(dashed, "No such option '-x'", "goes after --")
     assert town.json("tasks") == []
+    assert "goes after" not in one_error_line(town.tt("tasks", "--bad", check=False), "No such option '--bad'")
+    one_error_line(town.tt("--bogus", "list", check=False), "No such option '--bogus'", "see tt --help")
 
 
 def test_an_empty_task_id_and_an_unknown_agent_or_task_say_so(town):

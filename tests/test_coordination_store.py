@@ -290,6 +290,21 @@ def test_an_agent_ref_means_its_unfinished_tasks(town, coord):
     assert (nothing_to_wait_for.state, nothing_to_wait_for.after) == ("assigned", "")
 
 
+def test_wait_refs_of_an_idle_agent_mean_the_task_it_finished_last(town, coord):
+    """`tt wait AGENT` with nothing unfinished: the task the agent finished last (not the last one
+    created, which may have finished first), and only this agent's, not an earlier one of its name."""
+    spawn(town, "dev")
+    first = coord.create_task("created first", agent="dev").task.id
+    second = coord.create_task("created second", agent="dev").task.id
+    town.r.hset(town.keys.task(first), mapping={"state": "failed", "finished_at": "2000.0"})
+    town.r.hset(town.keys.task(second), mapping={"state": "completed", "finished_at": "1000.0"})
+    assert coord.resolve_refs(["dev"], idle_agent_latest=True) == [first]
+    assert coord.resolve_refs(["dev"]) == []                         # --after: only unfinished work
+    town.r.execute_command("HDEL", town.keys.agent_index, "dev")      # pruned: the name is free again
+    spawn(town, "dev")
+    assert coord.resolve_refs(["dev"], idle_agent_latest=True) == []  # the new dev has no task yet
+
+
 def test_unknown_or_ambiguous_refs_create_nothing(town, coord):
     spawn(town, "dev")
     coord.create_task("a", agent="dev")

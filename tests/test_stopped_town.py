@@ -93,7 +93,10 @@ def test_a_change_to_a_stopped_town_says_to_start_it(town, private_tmp):
         line = one_error_line(town.tt(*args, check=False), "is not running: start it (`tt start`) to")
         assert "Redis" not in line
     waited = town.tt("wait", queued, check=False)  # back in the inbox: it cannot finish while stopped
+    assert waited.returncode == 2 and "the town is stopped" in waited.out  # (as at a timeout)
     one_error_line(waited, "is not running: 1 of these task(s) cannot finish until it starts")
+    import json
+    assert json.loads(town.tt("wait", queued, "--json", check=False).stdout)[0]["finished"] is False
     assert files_of(runtime) == before
     nothing_left(town, private_tmp)
 

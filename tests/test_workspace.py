@@ -284,6 +284,18 @@ def test_an_interrupted_run_is_committed_before_the_next_task(town):
     assert runner_again.begin("t2").interrupted_task == ""
 
 
+def test_a_first_runs_base_no_longer_behind_the_branch_is_not_kept(town):
+    space = spawned(town)
+    git(town, "checkout", "-q", "-b", "elsewhere")
+    git(town, "commit", "-q", "--allow-empty", "-m", "not on tt/dev")
+    unrelated = git(town, "rev-parse", "HEAD").strip()
+    git(town, "checkout", "-q", "main")
+    space.begin("t1")
+    (space.gitdir / "tt-task").write_text(f"t1 {unrelated}\n")  # (as if the branch was moved since)
+    begun = Workspace(town, "dev").begin("t1")
+    assert begun.base == git(space.path, "rev-parse", "HEAD").strip() != unrelated
+
+
 def test_an_interrupted_run_of_another_task_is_not_the_next_tasks_work(town):
     space = spawned(town)
     space.begin("t1")
@@ -331,8 +343,25 @@ def test_a_worktree_left_mid_merge(town):
     ended = space.end("t1", "x")
     assert ended.problem == "mid-merge" and ended.commit == ""
     assert [f.path for f in ended.files] == ["a.txt"]          # the CLI's own commit, before its merge
+    marker = space.gitdir / "tt-task"  # (it stays while the worktree waits for a human)
+    marker.write_text("t1 " + "1" * 40 + "\n")  # a base git cannot find: still the problem, no error
+    assert space.end("t1", "x").problem == "mid-merge"
     with pytest.raises(Busy, match="mid merge"):
         space.begin("t2")
+
+
+def test_a_worktree_left_mid_bisect_records_the_branch_not_the_midpoint(town):
+    space = spawned(town)
+    begun = space.begin("t1")
+    for n in range(3):
+        (space.path / f"f{n}.txt").write_text(f"{n}\n")
+        git(space.path, "add", f"f{n}.txt")
+        git(space.path, "commit", "-qm", f"f{n}")
+    tip = git(space.path, "rev-parse", "HEAD").strip()
+    git(space.path, "bisect", "start", "HEAD", begun.base)  # HEAD now detached at a midpoint
+    ended = space.end("t1", "x")
+    assert ended.problem == "mid-bisect" and ended.head == tip
+    assert sorted(f.path for f in ended.files) == ["f0.txt", "f1.txt", "f2.txt"]
 
 
 def test_a_lock_left_by_a_killed_git_is_reported_not_removed(town):
