@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import selectors
 import signal
 import socket
@@ -35,6 +36,7 @@ from .config import ensure_private_folder
 from .procutil import drain
 
 REPLAY_BYTES = 32 * 1024       # recent output a new viewer sees first
+BARE_NEWLINE = re.compile(rb"(?<!\r)\n")
 FRAME_OUTPUT = 64 * 1024       # output bytes a frame to a viewer carries at most
 VIEWER_BUFFER = 1024 * 1024    # queued for one viewer before its output is dropped
 MAX_VIEWERS = 32
@@ -108,7 +110,9 @@ class AttachServer:
         self.path = Path(path)
         self.agent = agent
         self.lock = threading.Lock()     # guards everything below against the server thread
-        self.ring = bytearray(replay[-REPLAY_BYTES:])
+        # (the log's end after a restart: its own lines, `[tt ...] task started`, end in a bare
+        # newline, and a viewer's terminal is raw, where that would start the next line mid-row)
+        self.ring = bytearray(BARE_NEWLINE.sub(b"\r\n", replay[-REPLAY_BYTES:]))
         self.ring_aligned = True         # ring starts at a line boundary
         self.viewers: dict[int, _Viewer] = {}
         self.far: dict[str, _FarViewer] = {}  # viewers on other hosts, by viewer id

@@ -208,3 +208,11 @@ def test_attach_errors(town):
     town.append_config('\n[attach]\ndetach_keys = "ctrl-"\n')
     proc = town.tt("attach", "dev", check=False)
     assert proc.returncode == 1 and "detach_keys" in proc.err and "tinytown.toml:" in proc.err
+
+
+def test_the_replay_of_the_logs_end_has_terminal_line_ends(tmp_path):
+    """A restarted runner replays the log's end, whose own lines end in a bare newline; a viewer's
+    terminal is raw, so each must be CR LF there (else the next line starts mid-row)."""
+    from tinytown.supervisor.attach_server import AttachServer
+    server = AttachServer(tmp_path / "a.sock", "dev", b"[tt 10:00:00] task t1 started\nclaude: hi\r\n")
+    assert server._replay() == b"[tt 10:00:00] task t1 started\r\nclaude: hi\r\n"
