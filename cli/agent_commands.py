@@ -68,10 +68,20 @@ def kill(agent, to_backlog, town_path):
     """Stop AGENT now: its running task goes back to the front of its queue, its CLI is killed."""
     town, promise = _hold(agent, "kill", to_backlog, town_path)
     click.echo(promise)
-    agent_id = town.agent_id(agent)
-    if not _wait_stopped(town, agent_id, KILL_WAIT):
-        raise TinytownError(f"{agent} is not stopped yet after {KILL_WAIT:g}s (see `tt status`)")
+    _wait_killed(town, agent)
     click.echo(f"{agent} stopped")
+
+
+def stop_now(town, agent: str) -> None:
+    """`tt kill AGENT` on a running town (for `tt restart` of a hung runner)."""
+    from tinytown.supervisor.models import Hold
+    _control(town).hold(agent, Hold.KILL)
+    _wait_killed(town, agent)
+
+
+def _wait_killed(town, agent: str) -> None:
+    if not _wait_stopped(town, town.agent_id(agent), KILL_WAIT):
+        raise TinytownError(f"{agent} is not stopped yet after {KILL_WAIT:g}s (see `tt status`)")
 
 
 def _wait_stopped(town, agent_id: str, timeout: float) -> bool:

@@ -503,13 +503,20 @@ def reload_config(town_path):
 @click.argument("agent", shell_complete=complete_agent)
 @town_option
 def restart(agent, town_path):
-    """Clear a failed agent (or one waiting to restart) and start its runner again."""
+    """Clear a failed agent (or one waiting to restart) and start its runner again; a runner that
+    stopped sending heartbeats (hung) is stopped first, as `tt kill` would."""
     config = _config(town_path)
     town = _started_town(config)
     held = town.agent(agent)
     before = held.state
+    if held.health(config.supervisor.heartbeat_stale) == "unresponsive":
+        from tinytown.cli.agent_commands import stop_now
+        click.echo(f"{held.name}'s runner has sent no heartbeat for over {config.supervisor.heartbeat_stale:g}s "
+                   "(hung?): stopping it first")
+        stop_now(town, agent)
+        held, before = town.agent(agent), "unresponsive"
     found = town.restart_agent(agent)
-    if before in ("failed", "backoff", "stopped", "paused") or held.hold:
+    if before in ("failed", "backoff", "stopped", "paused", "unresponsive") or held.hold:
         click.echo(f"Restarting agent {found.name} (it was {before}{', ' + held.hold + ' asked' if held.hold else ''})")
     else:
         click.echo(f"Agent {found.name} is {before}: nothing to restart")

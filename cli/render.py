@@ -156,7 +156,8 @@ def _note(a: dict) -> str:
     if health == "failed":
         return f"{reason}; `tt restart {a['name']}` to try again"
     if health == "unresponsive":
-        return f"{a['state']}, but no heartbeat for {_ago(a['heartbeat_at']).replace(' ago', '')}: the runner may be hung"
+        return (f"{a['state']}, but no heartbeat for {_ago(a['heartbeat_at']).replace(' ago', '')}: the runner may be "
+                f"hung (`tt restart {a['name']}` replaces it)")
     if a["state"] == "waiting" and a.get("question"):
         reason = f"asks {a['question']!r}: tt attach {a['name']} to answer"
     return "; ".join(text for text in (reason, a.get("warning"), a.get("workspace_problem")) if text)

@@ -594,6 +594,20 @@ def test_a_stopped_runner_shows_as_unresponsive(make_town):
     assert town.wait_task(busy)["state"] == "completed"
 
 
+def test_restart_of_a_hung_runner_stops_it_and_starts_a_new_one(make_town):
+    town = make_town(policy=policy(heartbeat_interval=0.1, heartbeat_stale=1.0))
+    town.tt("spawn", "dev")
+    pid = town.wait_agent("dev", ("idle",))["pid"]
+    os.kill(pid, signal.SIGSTOP)  # hung: no heartbeat, deaf to the supervisor
+    wait_for(lambda: town.json("status")["agents"][0]["health"] == "unresponsive", 20, "dev to look unresponsive")
+    out = town.tt("restart", "dev").out
+    assert "stopping it first" in out and "Restarting agent dev" in out
+    from tinytown.supervisor.procutil import alive
+    assert not alive(pid)
+    fresh = town.wait_agent("dev", ("idle",))
+    assert fresh["pid"] != pid and town.wait_task(town.assign("dev", "@echo back"))["state"] == "completed"
+
+
 def test_a_busy_runner_keeps_its_heartbeat(make_town):
     """Back-to-back short tasks for longer than heartbeat_stale: never unresponsive."""
     town = make_town(policy=policy(heartbeat_interval=0.1, heartbeat_stale=0.5))
