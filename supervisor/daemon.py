@@ -434,6 +434,13 @@ class Supervisor:
             if proc.agent_id in elsewhere:
                 self._fence(proc)  # moved while this host was lost
         cap = self.config.host_capacity(self.host)
+        if len(agents) > cap:
+            # Over the cap (max_agents lowered while they run, a hand edit): keep those at work,
+            # then those running, each in the order they were made; an idle one goes before a
+            # busy one, whose task would be interrupted.
+            busy = (AgentState.WORKING.value, AgentState.WAITING.value)
+            agents = [a for _, a in sorted(enumerate(agents), key=lambda ia: (
+                not (ia[1].id in self.procs and ia[1].state in busy), ia[1].id not in self.procs, ia[0]))]
         allowed = agents[:cap]
         allowed_ids = {a.id for a in allowed}
         for agent_id, proc in self.procs.items():

@@ -40,6 +40,22 @@ def test_max_agents_raised_live(town):
     assert "3/3 agents" not in town.tt("status").out and "2/3 agents" in flat(town.tt("status").out)
 
 
+def test_max_agents_lowered_live_stops_idle_agents_before_busy_ones(town):
+    for name in ("a", "b", "c"):
+        town.tt("spawn", name)
+    busy = town.json("assign", "c", "@gate go")["id"]  # the last made, at work
+    town.wait_task(busy, states=("running",))
+    for name in ("a", "b"):
+        town.wait_agent(name, ("idle",))
+    edit(town, "max_agents = 10", "max_agents = 1")
+    town.tt("reload")
+    for name in ("a", "b"):
+        town.wait_agent(name, ("stopped",))
+    (town.record / "go").write_text("")
+    task = town.wait_task(busy)
+    assert task["state"] == "completed" and task["attempts"] == 1, task  # never interrupted
+
+
 def test_an_invalid_edit_keeps_the_old_config_and_says_why(town):
     from tinytown.supervisor.resp import connect
     from tinytown.supervisor.town import Town
