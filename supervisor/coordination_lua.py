@@ -305,6 +305,10 @@ if only_backlog and not in_backlog(task_id) then
   if field(task_id, 'agent') ~= '' then
     return fail('task ' .. task_id .. ' is not in the backlog: ' .. field(task_id, 'agent') .. ' has it')
   end
+  if state == 'pending' then  -- (a backlog task waiting on its dependencies enters it when they complete)
+    return fail('task ' .. task_id .. ' is not in the backlog (pending: it waits on its dependencies; '
+                .. '`tt cancel ' .. task_id .. '` drops it)')
+  end
   return fail('task ' .. task_id .. ' is not in the backlog (' .. state .. ')')
 end
 if TERMINAL[state] then return fail('task ' .. task_id .. ' is already ' .. state .. '; nothing to cancel') end

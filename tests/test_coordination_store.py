@@ -464,7 +464,7 @@ def test_backlog_claim_and_remove(town, coord):
     with pytest.raises(TinytownError, match=f"not in the backlog: dev has it"):
         coord.backlog_remove(b)
     c = coord.backlog_add("c", role="review", after=[b]).task.id  # waits for b first
-    with pytest.raises(TinytownError, match=r"not in the backlog \(pending\)"):
+    with pytest.raises(TinytownError, match=r"not in the backlog \(pending: it waits on its dependencies; `tt cancel .*` drops it\)"):
         coord.backlog_remove(c)
     assert coord.backlog_remove(a[:10]) == 0
     assert state(town, a) == "cancelled" and coord.backlog() == []
