@@ -118,16 +118,38 @@ def _wait_ready(config: Config, timeout: float = START_TIMEOUT) -> bool:
     client, key = connect(config), Keys(config.name).supervisor
 
     def ready() -> bool:
-        if not running_pid(config):
+        pid = running_pid(config)
+        if not pid:
             return True  # it went away (it was stopping)
         try:
-            return client.hget(key, "state") == "running"
+            state = client.hget(key, "state")
         except Exception:
             return False
+        if state is None:
+            _refuse_a_rename(config, client, pid)
+        return state == "running"
 
     if not wait_until(ready, timeout):
         raise TinytownError("the town's supervisor is running but not ready; see .tt/supervisor.log")
     return bool(running_pid(config))
+
+
+def _refuse_a_rename(config: Config, client, pid: int) -> None:
+    """The supervisor holding this folder's lock has no record under tinytown.toml's name: if it
+    runs under another one (the name was edited while it ran), say so now rather than wait."""
+    try:
+        keys = client.execute_command("KEYS", "tt:{*}:supervisor")
+        for found in keys or []:
+            found = found.decode() if isinstance(found, bytes) else found
+            if str(client.hget(found, "pid")) == str(pid) and client.hget(found, "state") in ("running", "stopping"):
+                old = found[len("tt:{"):-len("}:supervisor")]
+                raise TinytownError(f"this town runs as {old!r}, but tinytown.toml now names it {config.name!r}: "
+                                    f"put the name back while it runs (its records are kept under {old!r}), "
+                                    f"then `tt stop` before renaming")
+    except TinytownError:
+        raise
+    except Exception:  # (a Redis that cannot say: the wait goes on)
+        return
 
 
 def stop(config: Config, now: bool = False, timeout: float | None = None) -> dict | None:

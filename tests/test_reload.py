@@ -56,6 +56,17 @@ def test_max_agents_lowered_live_stops_idle_agents_before_busy_ones(town):
     assert task["state"] == "completed" and task["attempts"] == 1, task  # never interrupted
 
 
+def test_a_name_edited_while_the_town_runs_is_named_in_one_line(town):
+    town.tt("spawn", "dev")
+    old = (town.root / "tinytown.toml").read_text().split('name = "', 1)[1].split('"', 1)[0]
+    edit(town, f'name = "{old}"', 'name = "renamed"')
+    status = town.tt("status", check=False, timeout=10)  # (it used to wait the whole start timeout)
+    assert status.returncode == 1 and len(status.err.strip().splitlines()) == 1, status.err
+    assert f"this town runs as {old!r}, but tinytown.toml now names it 'renamed'" in status.err
+    edit(town, 'name = "renamed"', f'name = "{old}"')
+    assert town.wait_agent("dev", ("idle",))
+
+
 def test_an_invalid_edit_keeps_the_old_config_and_says_why(town):
     from tinytown.supervisor.resp import connect
     from tinytown.supervisor.town import Town
