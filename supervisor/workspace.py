@@ -810,10 +810,14 @@ class Workspace:
                 notes.append(f"{self.label} held uncommitted changes: committed as {commit[:12]}")
             if ref is None and (commit or head):
                 notes.append(self._rescue(commit or head))
+            # What git ignores is not committed and goes with the folder: say what it was.
+            ignored = _paths(git(self.path, "ls-files", "-z", "--others", "--ignored", "--exclude-standard",
+                                 "--directory", ok=range(0, 256)).stdout)
             done = git(repo.root, "worktree", "remove", str(self.path), ok=range(0, 256))
             if done.returncode != 0:
                 raise WorkspaceError(f"could not remove {self.label}: {_last_line(done)}")
-            notes.append(f"removed {self.label}")
+            notes.append(f"removed {self.label}" + (f", and with it what git ignores there: {_names(ignored)}"
+                                                     if ignored else ""))
         else:
             for tree in repo.worktrees():
                 if Path(tree.get("worktree", "")) == self.path:
