@@ -10,7 +10,8 @@ import sys
 import click
 
 from tinytown.cli.main import (Seconds, _config, _live_town, _print_json, _read_input, _running_town, _started_town,
-                               _town_or_snapshot, complete_agent, complete_task, json_option, town_option)
+                               _town_or_snapshot, complete_agent, complete_backlog_task, complete_task, json_option,
+                               town_option)
 from tinytown.supervisor.errors import TinytownError
 
 
@@ -114,7 +115,7 @@ def backlog_add(description, role, after, from_file, no_context, as_json, town_p
 
 
 @backlog.command(name="remove")
-@click.argument("task_id", shell_complete=complete_task)
+@click.argument("task_id", shell_complete=complete_backlog_task)
 @town_option
 def backlog_remove(task_id, town_path):
     """Drop a backlog task no agent has taken yet (it becomes cancelled, with its dependents)."""

@@ -206,6 +206,17 @@ def complete_task(ctx, _param, incomplete: str):
     return [t for t in reversed(ids) if t.startswith(incomplete)][:200]
 
 
+def complete_backlog_task(ctx, _param, incomplete: str):
+    """The ids of the tasks in the backlog (for `tt backlog remove`), oldest first."""
+    client, keys = _completion_town(ctx)
+    try:
+        ids = [t for role in (client.execute_command("SMEMBERS", keys.backlog_roles) or [])
+               for t in client.zrange(keys.backlog(role), 0, -1)] if client else []
+    except Exception:  # noqa: BLE001
+        ids = []
+    return [t for t in ids if t.startswith(incomplete)][:200]
+
+
 def _print_json(data) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 

@@ -132,6 +132,8 @@ def test_shell_completion_offers_commands_agents_and_task_ids(town):
     assert complete("tt logs -f re", 3) == ["reviewer"]
     assert complete(f"tt task {task_id[:4]}", 2) == [task_id]
     assert complete("tt tasks --agent d", 3) == ["dev", "devops"]
+    backlog = town.json("backlog", "add", "--role", "nobody", "for a role no agent has")["id"]
+    assert complete("tt backlog remove ", 3) == [backlog]  # the backlog's, not every task's
     town.tt("stop")
     assert complete("tt assign de", 2) == []  # a stopped town: nothing offered, nothing printed
     for shell in ("bash", "zsh", "fish"):
