@@ -10,7 +10,7 @@ from . import lock
 from .config import Config, ensure_runtime_dir
 from .errors import TinytownError
 from .procutil import wait_until
-from .stopping import StopMode, ask, read_report, signal_to_stop, stop_wait, wait_stopped
+from .stopping import Card, StopMode, ask, read_report, signal_to_stop, stop_wait, wait_stopped
 
 START_TIMEOUT = 30.0
 
@@ -118,15 +118,14 @@ def _wait_ready(config: Config, timeout: float = START_TIMEOUT) -> bool:
     client, key = connect(config), Keys(config.name).supervisor
 
     def ready() -> bool:
-        pid = running_pid(config)
-        if not pid:
+        if not running_pid(config):
             return True  # it went away (it was stopping)
         try:
             state = client.hget(key, "state")
         except Exception:
             return False
         if state is None:
-            _refuse_a_rename(config, client, pid)
+            _refuse_a_rename(config)
         return state == "running"
 
     if not wait_until(ready, timeout):
@@ -134,22 +133,18 @@ def _wait_ready(config: Config, timeout: float = START_TIMEOUT) -> bool:
     return bool(running_pid(config))
 
 
-def _refuse_a_rename(config: Config, client, pid: int) -> None:
-    """The supervisor holding this folder's lock has no record under tinytown.toml's name: if it
-    runs under another one (the name was edited while it ran), say so now rather than wait."""
+def _refuse_a_rename(config: Config) -> None:
+    """The supervisor holding this folder's lock has no record under tinytown.toml's name: if its
+    lock card names another town (the name was edited while it ran), say so now, not after a wait."""
     try:
-        keys = client.execute_command("KEYS", "tt:{*}:supervisor")
-        for found in keys or []:
-            found = found.decode() if isinstance(found, bytes) else found
-            if str(client.hget(found, "pid")) == str(pid) and client.hget(found, "state") in ("running", "stopping"):
-                old = found[len("tt:{"):-len("}:supervisor")]
-                raise TinytownError(f"this town runs as {old!r}, but tinytown.toml now names it {config.name!r}: "
-                                    f"put the name back while it runs (its records are kept under {old!r}), "
-                                    f"then `tt stop` before renaming")
-    except TinytownError:
-        raise
-    except Exception:  # (a Redis that cannot say: the wait goes on)
+        pid, raw = lock.holder_and_card(config.runtime_dir)
+    except OSError:
         return
+    card = Card.decode(raw) if pid and raw else None
+    if card is not None and card.name != config.name:
+        raise TinytownError(f"this town runs as {card.name!r}, but tinytown.toml now names it {config.name!r}: "
+                            f"put the name back while it runs (its records are kept under {card.name!r}), then "
+                            "`tt stop` before renaming")
 
 
 def stop(config: Config, now: bool = False, timeout: float | None = None) -> dict | None:
