@@ -72,11 +72,12 @@ def kill(agent, to_backlog, town_path):
     click.echo(f"{agent} stopped")
 
 
-def stop_now(town, agent: str) -> None:
-    """`tt kill AGENT` on a running town (for `tt restart` of a hung runner)."""
+def stop_now(town, agent: str) -> str:
+    """`tt kill AGENT` on a running town (for `tt restart` of a hung runner): what it did."""
     from tinytown.supervisor.models import Hold
-    _control(town).hold(agent, Hold.KILL)
+    _, promise = _control(town).hold(agent, Hold.KILL)
     _wait_killed(town, agent)
+    return promise
 
 
 def _wait_killed(town, agent: str) -> None:

@@ -207,7 +207,7 @@ def complete_task(ctx, _param, incomplete: str):
 
 
 def complete_backlog_task(ctx, _param, incomplete: str):
-    """The ids of the tasks in the backlog (for `tt backlog remove`), oldest first."""
+    """The ids of the tasks in the backlog (for `tt backlog remove`)."""
     client, keys = _completion_town(ctx)
     try:
         ids = [t for role in (client.execute_command("SMEMBERS", keys.backlog_roles) or [])
@@ -524,8 +524,12 @@ def restart(agent, town_path):
         from tinytown.cli.agent_commands import stop_now
         click.echo(f"{held.name}'s runner has sent no heartbeat for over {config.supervisor.heartbeat_stale:g}s "
                    "(hung?): stopping it first")
-        stop_now(town, agent)
-        held, before = town.agent(agent), "unresponsive"
+        try:
+            click.echo(stop_now(town, agent))
+        except TinytownError as exc:
+            raise TinytownError(f"{exc}: it is being stopped; `tt restart {held.name}` again once `tt status` "
+                                "shows it stopped") from None
+        before = "unresponsive"
     found = town.restart_agent(agent)
     if before in ("failed", "backoff", "stopped", "paused", "unresponsive") or held.hold:
         click.echo(f"Restarting agent {found.name} (it was {before}{', ' + held.hold + ' asked' if held.hold else ''})")

@@ -437,10 +437,12 @@ class Supervisor:
         if len(agents) > cap:
             # Over the cap (max_agents lowered while they run, a hand edit): keep those at work,
             # then those running, each in the order they were made; an idle one goes before a
-            # busy one, whose task would be interrupted.
+            # busy one, whose task would be interrupted. A runner already told to stop counts as
+            # gone, so one that finishes its task meanwhile is not stopped in turn.
             busy = (AgentState.WORKING.value, AgentState.WAITING.value)
+            live = {agent_id for agent_id, proc in self.procs.items() if not proc.stop_requested}
             agents = [a for _, a in sorted(enumerate(agents), key=lambda ia: (
-                not (ia[1].id in self.procs and ia[1].state in busy), ia[1].id not in self.procs, ia[0]))]
+                not (ia[1].id in live and ia[1].state in busy), ia[1].id not in live, ia[0]))]
         allowed = agents[:cap]
         allowed_ids = {a.id for a in allowed}
         for agent_id, proc in self.procs.items():
