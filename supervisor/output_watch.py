@@ -49,10 +49,22 @@ class Notice:
 RESUMED = Notice("resumed")
 
 
+def cleaned(line: bytes) -> str:
+    """A raw line of output as text (terminal_text.clean_line), stripped: what patterns look at,
+    whole (a question or an error at the end of a long line is still found)."""
+    return clean_line(line).decode("utf-8", "replace").strip()
+
+
+def cut(text: str, keep_end: bool = False) -> str:
+    """`text` cut to SHOWN_CHARS to be shown (its end kept for a prompt, which asks at its end)."""
+    if len(text) <= SHOWN_CHARS:
+        return text
+    return "\u2026" + text[1 - SHOWN_CHARS:] if keep_end else text[:SHOWN_CHARS - 1] + "\u2026"
+
+
 def shown(line: bytes) -> str:
-    """A raw line of output as text to show: cleaned (terminal_text.clean_line), stripped, cut."""
-    text = clean_line(line).decode("utf-8", "replace").strip()
-    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 1] + "\u2026"
+    """A raw line of output as text to show: cleaned, stripped, cut."""
+    return cut(cleaned(line))
 
 
 def failure_line(tail: bytes, patterns: list[re.Pattern]) -> str:
@@ -60,9 +72,9 @@ def failure_line(tail: bytes, patterns: list[re.Pattern]) -> str:
     if not patterns:
         return ""
     for raw in reversed(tail.split(b"\n")):
-        text = shown(raw)
+        text = cleaned(raw)
         if text and any(p.search(text) for p in patterns):
-            return text
+            return cut(text)
     return ""
 
 
@@ -147,16 +159,16 @@ class OutputWatch:
         self.repeats = 0
         return Notice("stalled", f"the same line {self.stall_repeats} times: {shown(self.repeated)}")
 
-    def _shown_last(self) -> tuple[str, int]:
+    def _last_shown(self) -> tuple[str, int]:
         """The last line shown on the terminal (the one being printed, else the last complete one),
-        cleaned, and its number."""
-        text = shown(self.line)
+        cleaned (whole), and its number."""
+        text = cleaned(self.line)
         if text:
             return text, self.line_no
-        return shown(self.last_line), self.line_no - 1
+        return cleaned(self.last_line), self.line_no - 1
 
     def _answer(self) -> Notice | None:
-        text, number = self._shown_last()
+        text, number = self._last_shown()
         if not text or number == self.answered_line:  # (each prompt line is answered once)
             return None
         index = self.searcher.search(text, len(text))
@@ -164,7 +176,7 @@ class OutputWatch:
             return None
         self.answered_line = number
         self.answers_sent += 1
-        return Notice("answer", text, self.answers[index])
+        return Notice("answer", cut(text, keep_end=True), self.answers[index])
 
     # --- at the pump's deadlines -------------------------------------------------------------
     def deadline(self) -> float | None:
@@ -184,11 +196,11 @@ class OutputWatch:
         if self.question is None or self.looked or silent < self.question_after:
             return None
         self.looked = True
-        text, _number = self._shown_last()
+        text, _number = self._last_shown()
         if not text or not self.question.search(text):
             return None
-        self.asking = text
-        return Notice("waiting", text)
+        self.asking = cut(text, keep_end=True)
+        return Notice("waiting", self.asking)
 
     def failure(self, tail: bytes) -> str:
         """The line that fails a task whose CLI exited (see failure_line)."""

@@ -37,6 +37,19 @@ def test_a_fail_pattern_finds_the_last_matching_line_cleaned():
     assert watch(fail_patterns=(r"^FATAL",)).failure(b"ok\r\nFATAL: \x1b]0;title\x07disk\r\n") == "FATAL: disk"
 
 
+def test_a_question_an_answer_or_an_error_at_the_end_of_a_long_line_is_found():
+    """Patterns look at the whole line; only what is shown is cut (a prompt keeps its end)."""
+    import re
+    long = b"a " * 150
+    w = watch()
+    w.feed([long + b"Continue? "], 1.0)
+    notice = w.check(1.0 + w.question_after)
+    assert notice.kind == "waiting" and notice.line.endswith("a Continue?") and len(notice.line) == 200
+    answered = watch(answers=(("Overwrite .*\\?", "n\r"),)).feed([long + b"Overwrite x.py? "], 1.0)
+    assert [(n.kind, n.answer.send) for n in answered] == [("answer", b"n\r")]
+    assert failure_line(long + b"FATAL: out of disk\r\n", [re.compile(r"FATAL: \w+")]).startswith("a a ")
+
+
 def test_the_same_line_batch_after_batch_is_a_stall_but_a_run_of_equal_lines_at_once_is_not():
     w = watch(stall_repeats=3)
     assert w.feed([b"x" * 79 + b"\r\n"] * 1 + [], 1.0) == ()
