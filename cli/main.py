@@ -422,6 +422,11 @@ def status(as_json, town_path):
     if not running:  # as last recorded, but not the snapshot's own address, nor a pid long gone
         data["redis"] = config.redis_where
         data["supervisor"].update(state="stopped", pid=None, disk_error="")
+        for agent in data["agents"]:  # (a town killed outright left its agents as they were)
+            agent["pid"] = None
+            if agent["state"] not in ("stopped", "failed", "paused"):
+                agent["reason"] = f"{agent['state']} when the town went down"
+                agent.update(state="stopped", health="stopped", responsive=True)
     if as_json:
         _print_json(data)
     else:

@@ -2,7 +2,9 @@
 output so far: the commands read, say so, leave nothing running and change nothing in .tt/."""
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -107,6 +109,22 @@ def test_wait_on_a_stopped_town_says_how_its_tasks_ended(town, private_tmp):
     out = town.tt("wait", done, failed, check=False)
     assert out.returncode == 1 and "failed" in out.out and "Traceback" not in out.err
     nothing_left(town, private_tmp)
+
+
+def test_a_town_killed_outright_shows_its_agents_stopped_not_healthy(town, private_tmp):
+    town.tt("spawn", "dev")
+    running = town.assign("dev", "@gate never")
+    town.wait_task(running, states=("running",))
+    runner = town.agent("dev")["pid"]
+    os.kill(town.supervisor_pid(), signal.SIGKILL)  # no stop: the records say working, healthy
+    wait_for(lambda: town.supervisor_pid() is None and not psutil.pid_exists(runner), 30, "the town to be down")
+    status = town.json("status")
+    assert status["running"] is False
+    assert [(a["name"], a["state"], a["health"], a["pid"]) for a in status["agents"]] == [("dev", "stopped", "stopped", None)]
+    assert status["agents"][0]["reason"] in ("working when the town went down", "stopping when the town went down")
+    assert "healthy" not in town.tt("status").out
+    town.tt("spawn", "other")  # the next supervisor kills the CLI the dead one left, and runs the task again
+    town.tt("stop", "--now")
 
 
 def test_logs_follow_on_a_stopped_towns_stream_ends(town, private_tmp):
