@@ -6,7 +6,7 @@ import time
 
 import click
 
-from tinytown.cli.main import (_config, _live_town, _print_json, _running_town, _town_or_snapshot, complete_agent,
+from tinytown.cli.main import (_config, _live_town, _print_json, _recorded_town, _running_town, complete_agent,
                                json_option, town_option)
 from tinytown.supervisor.errors import TinytownError
 
@@ -29,7 +29,7 @@ def _hold(agent, hold_name, to_backlog, town_path):
     config = _config(town_path)
     town = _live_town(config, f"{hold_name} an agent")
     _, promise = _control(town).hold(agent, Hold(hold_name), to_backlog=to_backlog)
-    return town, promise
+    return promise
 
 
 @click.command()
@@ -37,7 +37,7 @@ def _hold(agent, hold_name, to_backlog, town_path):
 @town_option
 def interrupt(agent, town_path):
     """Pause AGENT: its current task finishes, it takes nothing new until `tt resume`."""
-    _, promise = _hold(agent, "pause", False, town_path)
+    promise = _hold(agent, "pause", False, town_path)
     click.echo(promise)
 
 
@@ -56,7 +56,7 @@ def resume(agent, town_path):
 @town_option
 def close(agent, to_backlog, town_path):
     """Stop AGENT for good once its current task is done (queued tasks stay, or --to-backlog)."""
-    _, promise = _hold(agent, "close", to_backlog, town_path)
+    promise = _hold(agent, "close", to_backlog, town_path)
     click.echo(promise)
 
 
@@ -66,21 +66,16 @@ def close(agent, to_backlog, town_path):
 @town_option
 def kill(agent, to_backlog, town_path):
     """Stop AGENT now: its running task goes back to the front of its queue, its CLI is killed."""
-    town, promise = _hold(agent, "kill", to_backlog, town_path)
-    click.echo(promise)
-    _wait_killed(town, agent)
+    stop_now(_live_town(_config(town_path), "kill an agent"), agent, to_backlog)
     click.echo(f"{agent} stopped")
 
 
-def stop_now(town, agent: str) -> str:
-    """`tt kill AGENT` on a running town (for `tt restart` of a hung runner): what it did."""
+def stop_now(town, agent: str, to_backlog: bool = False) -> None:
+    """`tt kill AGENT` (also `tt restart` of a hung runner): asked (what it does is said at once),
+    then waited for."""
     from tinytown.supervisor.models import Hold
-    _, promise = _control(town).hold(agent, Hold.KILL)
-    _wait_killed(town, agent)
-    return promise
-
-
-def _wait_killed(town, agent: str) -> None:
+    _, promise = _control(town).hold(agent, Hold.KILL, to_backlog=to_backlog)
+    click.echo(promise)
     if not _wait_stopped(town, town.agent_id(agent), KILL_WAIT):
         raise TinytownError(f"{agent} is not stopped yet after {KILL_WAIT:g}s (see `tt status`)")
 
@@ -154,9 +149,7 @@ def events(follow, agent, count, as_json, town_path):
     from tinytown.supervisor.resp import RespConnectionError
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `tt events -f | head` ends quietly
     config = _config(town_path)
-    town, running = _town_or_snapshot(config)
-    if town is None:
-        raise TinytownError(f"town {config.name!r} is not running (start it with `tt start`, or `tt spawn`)")
+    town, running = _recorded_town(config)
     if not running:  # its read-only copy: nothing more will come
         click.echo(f"tt events: town {config.name!r} is stopped: its events as last recorded"
                    + (" (nothing more to follow)" if follow else ""), err=True)

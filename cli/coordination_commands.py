@@ -9,8 +9,8 @@ import sys
 
 import click
 
-from tinytown.cli.main import (Seconds, _config, _live_town, _print_json, _read_input, _running_town, _started_town,
-                               _town_or_snapshot, complete_agent, complete_backlog_task, complete_task, json_option,
+from tinytown.cli.main import (Seconds, _config, _live_town, _print_json, _read_input, _recorded_town, _running_town,
+                               _started_town, complete_agent, complete_backlog_task, complete_task, json_option,
                                town_option)
 from tinytown.supervisor.errors import TinytownError
 
@@ -217,9 +217,7 @@ def wait(refs, timeout, as_json, town_path):
     from tinytown.supervisor.resp import connect
     from tinytown.supervisor.town import Town
     config = _config(town_path)
-    town, running = _town_or_snapshot(config)
-    if town is None:
-        raise TinytownError(f"town {config.name!r} is not running (start it with `tt start`)")
+    town, running = _recorded_town(config)
     if running:
         town = Town(config, connect(config, long_lived=True))  # a reply may take as long as the wait
     coord = town.coordination

@@ -116,12 +116,19 @@ def _town(config):
 def _running_town(config, as_json: bool = False):
     """A Town for reading: the running town, else a stopped town's records as last written (said
     on stderr), else one clear line instead of a socket error."""
-    town, running = _town_or_snapshot(config)
-    if town is None:
-        raise TinytownError(f"town {config.name!r} is not running (start it with `tt start`, or `tt spawn`)")
+    town, running = _recorded_town(config)
     if not running and not as_json:
         click.echo(f"tt: town {config.name!r} is stopped: showing what it last recorded", err=True)
     return town
+
+
+def _recorded_town(config):
+    """(Town, running): the running town, else a stopped town's read-only copy (False); one clear
+    line when there is neither."""
+    town, running = _town_or_snapshot(config)
+    if town is None:
+        raise TinytownError(f"town {config.name!r} is not running (start it with `tt start`, or `tt spawn`)")
+    return town, running
 
 
 def _live_town(config, to: str):
@@ -530,7 +537,7 @@ def restart(agent, town_path):
         click.echo(f"{held.name}'s runner has sent no heartbeat for over {config.supervisor.heartbeat_stale:g}s "
                    "(hung?): stopping it first")
         try:
-            click.echo(stop_now(town, agent))
+            stop_now(town, agent)
         except TinytownError as exc:
             raise TinytownError(f"{exc}: it is being stopped; `tt restart {held.name}` again once `tt status` "
                                 "shows it stopped") from None

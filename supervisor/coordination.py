@@ -169,11 +169,11 @@ class Coordination:
         for task_id, (agent_id, state, finished_at) in zip(ids, pipe.execute() if ids else []):
             if not agent_id:
                 continue
-            unfinished, latest = found.setdefault(agent_id, ([], ""))
+            unfinished, _ = found.setdefault(agent_id, ([], ""))
             if state in UNFINISHED:
                 unfinished.append(task_id)
-            elif _number(finished_at) >= last_end.get(agent_id, -1.0):
-                found[agent_id], last_end[agent_id] = (unfinished, task_id), _number(finished_at)
+            elif float(finished_at or 0) >= last_end.get(agent_id, -1.0):
+                found[agent_id], last_end[agent_id] = (unfinished, task_id), float(finished_at or 0)
         return found
 
     def create_task(self, description: str, *, agent: str | None = None, role: str | None = None,
@@ -440,10 +440,3 @@ def _user_error(exc: Exception) -> Exception:
         return TinytownError(text.split("TTERR ", 1)[1].strip())
     return exc
 
-
-def _number(text) -> float:
-    """A float field as Redis holds it ("" or absent: 0)."""
-    try:
-        return float(text) if text else 0.0
-    except ValueError:
-        return 0.0

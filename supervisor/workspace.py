@@ -25,6 +25,7 @@ import os
 import re
 import subprocess
 from dataclasses import dataclass, field
+from itertools import takewhile
 from pathlib import Path
 
 from .errors import TinytownError
@@ -236,9 +237,8 @@ def _last_line(done: subprocess.CompletedProcess) -> str:
     fatal = [line for line in lines if line.startswith(("fatal:", "error:"))]
     line = (fatal or lines or [f"exit status {done.returncode}"])[0]
     if line.endswith(":") and line in lines:  # "...would be overwritten by merge:", then the files, indented
-        after = lines[lines.index(line) + 1:]
-        files = [name[1:] if name.startswith("\t") else name.strip()  # (a name's own spaces are its)
-                 for name in after[:next((i for i, n in enumerate(after) if not n[:1].isspace()), len(after))]]
+        indented = takewhile(lambda name: name[:1].isspace(), lines[lines.index(line) + 1:])
+        files = [name[1:] if name.startswith("\t") else name.strip() for name in indented]  # (its own spaces kept)
         if files:
             line += " " + _names(files)
     return "".join(c if c.isprintable() else "?" for c in line)[:300]
