@@ -52,6 +52,13 @@ GIT_OPTIONS = (
     "-c", "commit.gpgSign=false", "-c", "merge.verifySignatures=false", "-c", "rerere.enabled=false",
     "-c", "status.showUntrackedFiles=normal", "-c", "advice.detachedHead=false", "-c", "merge.autoStash=false",
 )
+# A new worktree's index is split (git's split-index mode): the ~80 bytes an entry costs are kept
+# in a shared file written once, and each write of the index (the end's add and write-tree, a
+# merge's reset) writes just the entries that changed since, instead of all of them with their
+# SHA-1: on 5 000 files a task's git work fell from 29 to 24 ms, a merging one from 56 to 51
+# (scripts/bench workspace, alternated rounds). Given only when the worktree is made; every git
+# after, the CLI's too, keeps the index as it is unless the user's config says core.splitIndex.
+SPLIT_INDEX = ("-c", "core.splitIndex=true")
 # Variables that would point git at another repository, index or object store (`git rev-parse
 # --local-env-vars`): a `tt` started from a git hook has some of them set.
 _GIT_LOCAL_ENV = ("GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_CONFIG", "GIT_CONFIG_PARAMETERS", "GIT_CONFIG_COUNT",
@@ -227,7 +234,14 @@ def _checked(cwd: Path, args, done: subprocess.CompletedProcess, ok) -> subproce
 
 
 def _subcommand(args) -> str:
-    return next((arg for arg in args if not arg.startswith("-")), args[0])
+    """"worktree" of ("-c", "core.x=y", "worktree", "add", ...): the word a message names."""
+    words = iter(args)
+    for arg in words:
+        if arg in ("-c", "-C"):
+            next(words, None)
+        elif not arg.startswith("-"):
+            return arg
+    return args[0]
 
 
 def _last_line(done: subprocess.CompletedProcess) -> str:
@@ -516,7 +530,7 @@ class Workspace:
                              "`tt merge` will need --into BRANCH")
             args = ["worktree", "add", "-q", "--no-track", "-b", self.branch, str(self.path), start]
         quiet = self._keep_out_of_status(repo)
-        git(repo.root, *args)
+        git(repo.root, *SPLIT_INDEX, *args)
         if quiet:
             notes.append(quiet)
         if (self.path / ".gitmodules").exists():
