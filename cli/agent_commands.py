@@ -178,8 +178,8 @@ def events(follow, agent, count, as_json, town_path):
 
 def _clean(value) -> str:
     """A field as one line of plain text: written by agents and users, so hostile."""
-    from tinytown.supervisor.terminal_text import clean_text
-    text = " ".join(clean_text(str(value)).split())
+    from tinytown.supervisor.terminal_text import clean_written
+    text = " ".join(clean_written(str(value)).split())
     return text if len(text) <= VALUE_MAX else text[:VALUE_MAX - 1] + "…"
 
 

@@ -171,11 +171,11 @@ def inbox(agent, show_all, as_json, town_path):
     if not notes:
         click.echo("No notes waiting" if not show_all else "No notes")
         return
-    from tinytown.supervisor.terminal_text import clean_text
+    from tinytown.supervisor.terminal_text import clean_written
     for n in notes:
         state = f"delivered with task {n.task[:8]}" if n.delivered_at else "waiting"
-        click.echo(f"{n.id[:8]}  to {n.to}  from {clean_text(n.sender)}{'  URGENT' if n.urgent else ''}  ({state})")
-        for line in clean_text(n.text).splitlines() or [""]:
+        click.echo(f"{n.id[:8]}  to {n.to}  from {clean_written(n.sender)}{'  URGENT' if n.urgent else ''}  ({state})")
+        for line in clean_written(n.text).splitlines() or [""]:
             click.echo(f"    {line}")
 
 
@@ -233,11 +233,11 @@ def wait(refs, timeout, as_json, town_path):
         _print_json([{"id": i, "state": done.get(i, tasks[i].state), "finished": i in done,
                       "reason": tasks[i].reason} for i in ids])
     else:
-        from tinytown.supervisor.terminal_text import clean_text
+        from tinytown.supervisor.terminal_text import clean_written
         for i in ids:
             t = tasks[i]
             state = done.get(i) or f"{t.state} (still, {'at the timeout' if running else 'the town is stopped'})"
-            click.echo(f"{i}  {t.agent or '-'}  {state}" + (f": {clean_text(t.reason)}" if t.reason and i in done else ""))
+            click.echo(f"{i}  {t.agent or '-'}  {state}" + (f": {clean_written(t.reason)}" if t.reason and i in done else ""))
     if len(done) < len(ids):
         sys.exit(2)
     if any(state != "completed" for state in done.values()):

@@ -88,10 +88,12 @@ class Printer:
 
 
 def parse_since(text: str) -> float:
-    """Epoch seconds from "90s", "10m", "2h", "1d", a bare number of seconds, or an ISO date/time."""
+    """Epoch seconds from "90s", "10m", "2h", "1d", a bare number of seconds, or an ISO date/time;
+    anything before 1970 is 0 (all of it), since Redis's stream ids start there."""
     found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
     if found:
-        return time.time() - float(found[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[found[2]]
+        ago = float(found[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[found[2]]
+        return max(0.0, time.time() - ago)
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
@@ -101,7 +103,10 @@ def parse_since(text: str) -> float:
             raise TinytownError(f"--since {text!r}: use a duration (90s, 10m, 2h, 1d) or a time "
                                 "(14:30, 2026-11-24T14:30)") from None
         when = datetime.now().replace(hour=clock.hour, minute=clock.minute, second=clock.second, microsecond=0)
-    return when.timestamp()
+    try:
+        return max(0.0, when.timestamp())
+    except (ValueError, OverflowError, OSError):  # year 1: out of the platform's range, long before 1970
+        return 0.0
 
 
 # --- sources ------------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ CONFIG_META = "tinytown.config"  # the command's Config, once loaded (click's me
 
 
 def _fail(message: str, code: int = 1):
-    click.echo(f"tt: error: {message}", err=True)
+    from tinytown.supervisor.terminal_text import clean_text   # (a message may quote a file or a CLI)
+    click.echo(f"tt: error: {clean_text(message)}", err=True)
     sys.exit(code)
 
 
@@ -569,6 +570,8 @@ def logs(agents, lines, follow, task_id, since, no_color, raw, from_redis, town_
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `tt logs | head` ends quietly, like tail
     if task_id and agents:
         raise TinytownError("give either agent names or --task, not both")
+    if task_id is not None and not task_id.strip():
+        raise TinytownError("--task '': no task id given")
     config = _config(town_path)
     try:
         logview.show(config, list(agents), lines=lines, follow=follow, task=task_id, since=since, raw=raw,

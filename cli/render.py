@@ -9,7 +9,7 @@ import time
 
 import click
 
-from tinytown.supervisor.terminal_text import clean_text
+from tinytown.supervisor.terminal_text import clean_text, clean_written
 
 STATE_COLOURS = {
     "starting": "cyan", "idle": "green", "working": "yellow", "stopping": "magenta", "stopped": "bright_black",
@@ -68,10 +68,11 @@ def _state(text: str):
     return Text(text, style=STATE_COLOURS.get(text) or "")
 
 
-def _plain(text: str, style: str = ""):
-    """Text someone else wrote, as rich shows it: cleaned, and never markup."""
+def _plain(text: str, style: str = "", output: bool = False):
+    """Text someone else wrote (or, `output`, a CLI printed), as rich shows it: cleaned, and
+    never markup."""
     from rich.text import Text
-    return Text(clean_text(text or ""), style=style)
+    return Text((clean_text if output else clean_written)(text or ""), style=style)
 
 
 def _line(*parts):
@@ -171,7 +172,7 @@ def _table(headers, rows, state_col: int, console=None) -> None:
         if i == len(headers) - 1:
             table.add_column(header, overflow="fold", ratio=1)
         else:
-            width = max([len(header)] + [len(clean_text(row[i])) for row in rows])
+            width = max([len(header)] + [len(clean_written(row[i])) for row in rows])
             table.add_column(header, no_wrap=True, min_width=width)
     for row in rows:  # every cell a Text: a `[/]` in a task's text is text, not markup
         table.add_row(*(_state(cell) if i == state_col else _plain(cell) for i, cell in enumerate(row)))
@@ -214,7 +215,7 @@ def task(t, so_far: bool = False) -> None:
     console.print(_plain(t.description))
     if t.output:
         console.rule("output so far (running; last 64 KiB)" if so_far else "output (last 64 KiB)")
-        console.print(_plain(t.output))
+        console.print(_plain(t.output, output=True))
 
 
 def task_raw(t, out, so_far: bool = False) -> None:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .config import Config
+from .terminal_text import clean_text
 
 
 class AgentLog:
@@ -153,9 +154,10 @@ class AgentLog:
 
 
 def tail_text(path, max_lines: int = 5, max_chars: int = 400) -> str:
-    """The last lines of a log file, for a failed agent's reason."""
+    """The last lines of a log file, for a failed agent's reason: cleaned (terminal_text), since
+    the reason is printed by the supervisor, `tt status` and `tt events` alike."""
     data = tail_bytes(path, 8192, align=False)
-    lines = [line for line in data.decode("utf-8", "replace").splitlines() if line.strip()]
+    lines = [line for line in clean_text(data.decode("utf-8", "replace")).splitlines() if line.strip()]
     return " | ".join(lines[-max_lines:])[-max_chars:]
 
 

@@ -807,6 +807,9 @@ def _read_clis(source: _Source, tables: dict) -> dict[str, CliSpec]:
         table = f"agent_clis.{cli_name}"
         if not isinstance(spec, dict):
             source.fail("agent_clis", cli_name, "each [agent_clis.NAME] must be a table with `command`")
+        if not NAME_RE.match(cli_name):   # ([agent_clis."NAME"], or NAME = {...} inside [agent_clis])
+            source.fail(*((table, None) if source.line_of(table, None) else ("agent_clis", cli_name)), "a CLI's name (what --model says) is 1-63 letters, digits, '.', '_' "
+                                                "or '-', starting with a letter or digit")
         for key in spec:
             if key not in CLI_KEYS:
                 source.unknown(table, key, CLI_KEYS)
@@ -826,12 +829,18 @@ def _read_clis(source: _Source, tables: dict) -> dict[str, CliSpec]:
                         f"[{table}] needs command = \"...\" or a list of strings")
         if not argv:
             source.fail(table, "command", f"[{table}] command is empty")
+        if any("\0" in part for part in argv):
+            source.fail(table, "command", "holds a NUL character, which no program's argument can")
         prompt = spec.get("prompt", preset.prompt if preset else "stdin")
         if prompt not in PROMPT_MODES:
             source.fail(table, "prompt", f"must be one of {', '.join(PROMPT_MODES)}")
         env = spec.get("env", {})
         if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
             source.fail(table, "env", f"[{table}] env must be a table of strings")
+        for name, value in env.items():    # (what the kernel's environment cannot hold)
+            if not name or "=" in name or "\0" in name or "\0" in value:
+                source.fail(table, "env", f"{name!r} = {value!r}: a variable's name must be non-empty without '=', "
+                                          "and neither it nor its value can hold a NUL")
         clis[cli_name] = CliSpec(cli_name, argv, prompt, tuple(sorted(env.items())),
                                  **_read_watch(source, table, spec, PRESETS.get(cli_name)),
                                  **_read_continuation(source, table, spec, PRESETS.get(cli_name)))

@@ -31,14 +31,14 @@ def caller(town_name: str, env=os.environ) -> str:
     return agent if agent and env.get("TT_TOWN") == town_name else "user"
 
 
-def split_refs(refs) -> list[str]:
+def split_refs(refs, what: str = "--after") -> list[str]:
     """`--after a --after b,c` -> ["a", "b", "c"]: repeatable and comma-separated alike."""
     out = []
     for ref in refs:
         for part in ref.split(","):
             part = part.strip()
             if not part:
-                raise TinytownError(f"empty reference in --after {ref!r}")
+                raise TinytownError(f"empty reference in {what} {ref!r}")
             out.append(part)
     return out
 
@@ -137,7 +137,7 @@ class Coordination:
         dependent, whose own list is fixed when it is created.
         """
         ids: list[str] = []
-        names = split_refs(refs)
+        names = split_refs(refs, what)
         agents = self.r.hgetall(self.keys.agent_index) if names else {}
         by_agent = None
         for ref in names:

@@ -46,3 +46,11 @@ def clean_text(text: str) -> str:
             line = line.rsplit("\r", 1)[1]
         lines.append(TEXT_CONTROLS.sub("", line))
     return "\n".join(lines).encode("utf-8", "replace").decode("utf-8")
+
+
+def clean_written(text: str) -> str:
+    """Text someone wrote (a task's description, a note, a reason) as clean_text makes it, but a
+    carriage return starts a new line: clean_text shows output as a terminal last showed it (a
+    progress bar's redraws), which in a text would hide what comes before its \r from the user
+    while the agent still reads it."""
+    return clean_text(text.replace("\r\n", "\n").replace("\r", "\n"))

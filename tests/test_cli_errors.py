@@ -164,5 +164,16 @@ def test_usage_errors_and_absurd_durations_say_one_line(town):
 def test_an_empty_task_id_and_an_unknown_agent_or_task_say_so(town):
     town.tt("spawn", "dev")
     one_error_line(town.tt("task", "", check=False), "no task id given")
+    one_error_line(town.tt("logs", "--task", "", check=False), "no task id given")
+    assert "--after" not in one_error_line(town.tt("wait", "", check=False), "empty reference in tt wait")
     for command in ("diff", "merge"):
         one_error_line(town.tt(command, "nobody", check=False), "no agent or task 'nobody'")
+
+
+def test_an_error_quoting_the_config_never_reaches_the_terminal_raw(town):
+    """A CLI's name with an escape sequence (a tinytown.toml from a cloned repository) is refused,
+    and the refusal itself is printed cleaned."""
+    with open(town.root / "tinytown.toml", "a") as fh:
+        fh.write('[agent_clis."x\\u001b]0;TITLE\\u0007"]\ncommand = "claude"\n')
+    line = one_error_line(town.tt("list", check=False), "a CLI's name")
+    assert "\x1b" not in line and "\x07" not in line and "toml: x: a CLI" in line   # (the OSC gone whole)

@@ -94,6 +94,12 @@ def test_malformed_toml_names_the_line(tmp_path):
     ('name = "t"\n[supervisor]\nheartbeat_interval = 0\n', r":3: heartbeat_interval: must be at least 0.01"),
     ('name = "t"\n[supervisor]\nmax_attempts = true\n', r":3: max_attempts: expected int, got bool"),
     ('name = "t"\n[redis]\nport = 70000\n', r":3: port: must be at most 65535"),
+    # what the kernel cannot start, refused here rather than in every runner start
+    ('name = "t"\n[agent_clis.x]\ncommand = "x"\nenv = { "A=B" = "5" }\n', r":4: env: 'A=B' = '5': a variable's name"),
+    ('name = "t"\n[agent_clis.x]\ncommand = "x"\nenv = { "" = "5" }\n', r":4: env: '' = '5'"),
+    ('name = "t"\n[agent_clis.x]\ncommand = "x"\nenv = { A = "x\\u0000y" }\n', r":4: env: .*NUL"),
+    ('name = "t"\n[agent_clis.x]\ncommand = ["x", "a\\u0000b"]\n', r":3: command: holds a NUL"),
+    ('name = "t"\n[agent_clis."bad name!"]\ncommand = "x"\n', r":2: \[agent_clis.bad name!\]: a CLI's name"),
 ])
 def test_invalid_values_name_the_line(tmp_path, text, pattern):
     write(tmp_path, text)

@@ -172,6 +172,8 @@ def test_one_task_and_since(town, follow):
     assert "output-of-second" in follower.text and "output-of-first" not in follower.text
     assert "output-of-first" in town.tt("logs", "dev", "--since", "1h").out
     assert town.tt("logs", "dev", "--since", "2999-01-01T00:00").out == ""
+    for long_ago in ("21000d", "0001-01-01T00:00"):     # before 1970: all of it, not a Redis error
+        assert "output-of-first" in town.tt("logs", "dev", "--since", long_ago).out
 
 
 def test_follow_through_redis_from_another_folder(town, tmp_path, follow):
@@ -355,3 +357,12 @@ def test_the_stream_budget_sends_a_floods_start_windows_and_end_with_the_gaps_co
     assert cut.take([], now=0.0, final=True) == (0, [])                  # nothing held: nothing said
     at_line = StreamBudget(now=0.0, rate=1, burst=1, window=8)
     assert at_line.take([b"xx\n1234\n678"], now=0.0, final=True) == (3, [b"1234\n678"])  # the cut starts a line
+
+
+def test_a_failed_agents_last_output_is_cleaned_for_its_reason(tmp_path):
+    """The reason the supervisor prints (and stores) when it gives up quotes the log's end: never
+    an escape sequence a CLI wrote there."""
+    from tinytown.supervisor.agent_log import tail_text
+    log = tmp_path / "a.log"
+    log.write_bytes(b"start\n\x1b]0;PWNED\x07\x1b[2J [bold]x[/] \x1b]52;c;cHduZWQ=\x07 end\r\n")
+    assert tail_text(log) == "start |  [bold]x[/]  end"
