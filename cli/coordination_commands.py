@@ -221,7 +221,7 @@ def wait(refs, timeout, as_json, town_path):
     if running:
         town = Town(config, connect(config, long_lived=True))  # a reply may take as long as the wait
     coord = town.coordination
-    ids = coord.resolve_refs(refs, what="tt wait", idle_agent_latest=True)
+    ids = coord.resolve_refs(refs, what="tt wait")
     if not ids:
         raise TinytownError("nothing to wait for: " + ", ".join(refs) + " has no task yet")
     done = coord.wait(ids, timeout if running else 0)  # (a stopped town: how its tasks ended)

@@ -126,13 +126,14 @@ class Coordination:
             return matches[0]
         raise TinytownError(f"task id {ref!r} is ambiguous" if matches else f"no task {ref!r}")
 
-    def resolve_refs(self, refs, what: str = "--after", idle_agent_latest: bool = False) -> list[str]:
-        """Dependency ids from `--after` references, in order, each once.
+    def resolve_refs(self, refs, what: str = "--after") -> list[str]:
+        """Dependency ids from `--after` (or `tt wait`) references, in order, each once.
 
-        A reference naming an agent means every task of that agent not finished yet (none: nothing
-        to wait for; with idle_agent_latest, as `tt wait` has it, the task it finished last, so a
-        wait that starts just after the agent finished reports how it ended); anything else is a
-        task id or a unique prefix of one. An unknown reference is a TinytownError, raised before
+        A reference naming an agent means every task of that agent not finished yet or, when it
+        has none, the task it finished last (none at all: nothing to wait for). So `tt wait tester
+        && tt assign reviewer --after dev,tester` carries dev's and tester's work whether they
+        finished a minute or a millisecond ago, and a wait that starts just after the agent
+        finished reports how it ended. Anything else is a task id or a unique prefix of one. An unknown reference is a TinytownError, raised before
         anything is written. A cycle cannot be made: every dependency exists before its
         dependent, whose own list is fixed when it is created.
         """
@@ -145,7 +146,7 @@ class Coordination:
                 if by_agent is None:
                     by_agent = self._tasks_by_agent()
                 unfinished, latest = by_agent.get(agents[ref], ([], ""))
-                ids.extend(unfinished or ([latest] if idle_agent_latest and latest else []))
+                ids.extend(unfinished or ([latest] if latest else []))
                 continue
             try:
                 ids.append(self.resolve_task(ref))

@@ -275,11 +275,14 @@ def test_dependencies_already_finished_at_creation(town, coord):
     assert coord.create_task("next", agent="dev", after=[after_failed.id]).task.state == "cancelled"
 
 
-def test_an_agent_ref_means_its_unfinished_tasks(town, coord):
+def test_an_agent_ref_means_its_unfinished_tasks_else_its_last(town, coord):
     dev = spawn(town, "dev")
     spawn(town, "rev")
     finished = coord.create_task("finished", agent="dev").task.id
     run_one(town, coord, dev)
+    spawn(town, "qa")
+    after_idle = coord.create_task("check what dev did", agent="qa", after=["dev"]).task
+    assert after_idle.after == finished      # dev finished already: its work is still carried
     open_ = [coord.create_task(f"open {i}", agent="dev").task.id for i in range(2)]
     task = coord.create_task("review", agent="rev", after=["dev", open_[0]]).task
     assert task.after.split(",") == open_ and finished not in task.after  # each once, finished ones not
@@ -291,18 +294,18 @@ def test_an_agent_ref_means_its_unfinished_tasks(town, coord):
 
 
 def test_wait_refs_of_an_idle_agent_mean_the_task_it_finished_last(town, coord):
-    """`tt wait AGENT` with nothing unfinished: the task the agent finished last (not the last one
-    created, which may have finished first), and only this agent's, not an earlier one of its name."""
+    """An agent with nothing unfinished (`tt wait AGENT`, `--after AGENT`): the task it finished
+    last (not the last one created, which may have finished first), and only this agent's, not an
+    earlier one of its name."""
     spawn(town, "dev")
     first = coord.create_task("created first", agent="dev").task.id
     second = coord.create_task("created second", agent="dev").task.id
     town.r.hset(town.keys.task(first), mapping={"state": "failed", "finished_at": "2000.0"})
     town.r.hset(town.keys.task(second), mapping={"state": "completed", "finished_at": "1000.0"})
-    assert coord.resolve_refs(["dev"], idle_agent_latest=True) == [first]
-    assert coord.resolve_refs(["dev"]) == []                         # --after: only unfinished work
+    assert coord.resolve_refs(["dev"]) == [first]
     town.r.execute_command("HDEL", town.keys.agent_index, "dev")      # pruned: the name is free again
     spawn(town, "dev")
-    assert coord.resolve_refs(["dev"], idle_agent_latest=True) == []  # the new dev has no task yet
+    assert coord.resolve_refs(["dev"]) == []                          # the new dev has no task yet
 
 
 def test_unknown_or_ambiguous_refs_create_nothing(town, coord):
