@@ -14,6 +14,7 @@ from tinytown.cli.main import (Seconds, _config, _live_town, _print_json, _read_
                                town_option)
 from tinytown.supervisor.errors import TinytownError
 
+STOP_SETTLE_SECONDS = 10.0   # `tt wait` whose town stops under it: how long its supervisor may take to let go
 
 def _caller(config) -> str:
     from tinytown.supervisor.coordination import caller
@@ -214,7 +215,7 @@ def wait(refs, timeout, as_json, town_path):
     """Until every task named (an agent: its unfinished tasks, or with none the one it finished last)
     is finished; exit 0 if all completed, 1 if any failed or was cancelled, 2 on timeout (or when
     the town is stopped and some cannot finish)."""
-    from tinytown.supervisor.resp import connect
+    from tinytown.supervisor.resp import RespConnectionError, connect
     from tinytown.supervisor.town import Town
     config = _config(town_path)
     town, running = _recorded_town(config)
@@ -224,7 +225,16 @@ def wait(refs, timeout, as_json, town_path):
     ids = coord.resolve_refs(refs, what="tt wait")
     if not ids:
         raise TinytownError("nothing to wait for: " + ", ".join(refs) + " has no task yet")
-    done = coord.wait(ids, timeout if running else 0)  # (a stopped town: how its tasks ended)
+    try:
+        done = coord.wait(ids, timeout if running else 0)  # (a stopped town: how its tasks ended)
+    except RespConnectionError:
+        # Its Redis went away mid-wait: if that was the town stopping, how its tasks ended is in
+        # its copy (exit 2 below for those that cannot finish now), as for a town stopped before.
+        from tinytown.supervisor import lock
+        if not (running and config.use_socket and lock.wait_released(config.runtime_dir, STOP_SETTLE_SECONDS)):
+            raise
+        town, running = _recorded_town(config)
+        done = town.coordination.wait(ids, 0)
     if not running and len(done) < len(ids):  # as at a timeout (exit 2), saying why
         click.echo(f"tt: town {config.name!r} is not running: {len(ids) - len(done)} of these task(s) cannot "
                    "finish until it starts (`tt start`)", err=True)

@@ -103,6 +103,27 @@ def test_a_change_to_a_stopped_town_says_to_start_it(town, private_tmp):
     nothing_left(town, private_tmp)
 
 
+def test_a_wait_whose_town_stops_under_it_exits_2_saying_so(town, private_tmp):
+    """A town stopped while `tt wait` blocks: its Redis goes, and the wait reads the copy as for
+    a town stopped before it began (exit 2: the task cannot finish now), not exit 1 on a lost
+    connection, which a script reads as "a task failed"."""
+    import subprocess
+    import sys
+    town.tt("spawn", "dev")
+    running = town.assign("dev", "@gate never")
+    town.wait_task(running, states=("running",))
+    waiter = subprocess.Popen([sys.executable, "-m", "tinytown.cli.main", "wait", running, "--timeout", "120"],
+                              cwd=town.root, env=town.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = town.town().r
+    wait_for(lambda: any(c.get("cmd") == "xread" for c in client.client_list()), message="tt wait blocks on events")
+    town.tt("stop", "--now")
+    out, err = waiter.communicate(timeout=60)
+    assert waiter.returncode == 2, (out, err)
+    assert "is not running: 1 of these task(s) cannot finish until it starts" in err and "Redis" not in err
+    assert running in out
+    nothing_left(town, private_tmp)
+
+
 def test_wait_on_a_stopped_town_says_how_its_tasks_ended(town, private_tmp):
     done, failed = stopped_town_with_tasks(town)
     assert town.tt("wait", done).returncode == 0
