@@ -158,6 +158,11 @@ def show(config: Config, names: list[str], *, lines: int | None, follow: bool, t
             click.echo(f"tt logs: town {config.name!r} is stopped: its output as last recorded"
                        + (" (nothing more to follow)" if follow else ""), err=True)
             follow = False
+    if follow and client is None and snapshot is None:
+        from tinytown.supervisor.lifecycle import running_pid
+        if not running_pid(config):  # no runner here will write another byte: as with the copy above
+            click.echo(f"tt logs: town {config.name!r} is stopped: nothing more to follow", err=True)
+            follow = False
     try:
         _show(config, client, names, local, lines, follow, task, since_at, raw, colour, from_redis, out)
     finally:

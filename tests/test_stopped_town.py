@@ -154,6 +154,8 @@ def test_logs_follow_on_a_stopped_towns_stream_ends(town, private_tmp):
     assert "recorded output line" in followed.out and "nothing more to follow" in followed.err
     events = town.tt("events", "-f", timeout=30)  # (it used to follow the copy, and its redis-server, forever)
     assert "task_completed" in events.out and "nothing more to follow" in events.err
+    files = town.tt("logs", "-f", "-n", "5", timeout=30)  # the agents' files here: no runner writes more
+    assert "it went wrong" in files.out and "nothing more to follow" in files.err
     nothing_left(town, private_tmp)
 
 
