@@ -28,11 +28,29 @@ def running_pid(config: Config) -> int | None:
 def ensure_running(config: Config, say=None) -> bool:
     """Start a background supervisor unless one runs; True if this call started it.
 
-    One that is still stopping is waited out first: its town comes back with a new supervisor.
+    One that is stopping is neither waited out nor followed by a new one: what the command writes
+    goes into the town's Redis, up until the stop ends, and waits there for the next `tt start`.
+    (Started again, the town would undo the user's `tt stop`; and an agent's own `tt assign`
+    while its town stops would hold the stop up for the whole grace, waiting for it.)
     """
-    if running_pid(config) and _wait_ready(config):
-        return False
+    if running_pid(config):
+        if _supervisor_state(config) == "stopping":
+            if say:
+                say(f"town {config.name!r} is stopping: this waits in it for the next `tt start`")
+            return False
+        if _wait_ready(config):
+            return False
     return _start_background(config, say)
+
+
+def _supervisor_state(config: Config) -> str | None:
+    """What the running supervisor's record says it is ("running", "stopping"...), None if unknown."""
+    from .keys import Keys
+    from .resp import connect
+    try:
+        return connect(config, timeout=2).hget(Keys(config.name).supervisor, "state")
+    except Exception:  # noqa: BLE001 - (not up yet: _wait_ready waits for it)
+        return None
 
 
 # What a runner puts in its CLI's environment. A supervisor started by an agent's own `tt` (an

@@ -124,6 +124,29 @@ def test_a_wait_whose_town_stops_under_it_exits_2_saying_so(town, private_tmp):
     nothing_left(town, private_tmp)
 
 
+def test_a_command_during_a_stop_leaves_its_work_for_the_next_start(town, private_tmp):
+    """`tt assign` (an agent's own, too) while the town stops: written into the town, which stops
+    as asked; not held until the stop ends and then the town started again, undoing the stop."""
+    import json
+    import subprocess
+    import sys
+    town.tt("spawn", "dev")
+    running = town.assign("dev", "@gate finish")
+    town.wait_task(running, states=("running",))
+    stopper = subprocess.Popen([sys.executable, "-m", "tinytown.cli.main", "stop"], cwd=town.root, env=town.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    store = town.town()
+    wait_for(lambda: store.r.hget(store.keys.supervisor, "state") == "stopping", message="the town stopping")
+    assigned = town.tt("assign", "dev", "after the stop", "--json", timeout=8)   # (the grace is 10 s)
+    assert "is stopping: this waits in it for the next `tt start`" in assigned.err, assigned.err
+    later = json.loads(assigned.stdout)["id"]
+    (town.record / "finish").touch()
+    assert stopper.wait(60) == 0
+    assert town.supervisor_pid() is None
+    assert {t["id"]: t["state"] for t in town.json("tasks")}[later] == "assigned"
+    nothing_left(town, private_tmp)
+
+
 def test_wait_on_a_stopped_town_says_how_its_tasks_ended(town, private_tmp):
     done, failed = stopped_town_with_tasks(town)
     assert town.tt("wait", done).returncode == 0
