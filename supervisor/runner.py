@@ -406,15 +406,17 @@ class Runner:
                        ) -> tuple[str, dict | None, bool]:
         """After the CLI: its work committed on the agent's branch (failed tasks' too) and what the
         task changed, as the task record's fields; the reason, with the worktree's problem added
-        (a CLI that left it mid-rebase fails its task: the third value says so). (reason, None,
-        False) in the shared folder."""
+        (a CLI that left it mid-rebase, a repository nested in it, work that could not be
+        committed: the task fails, as the third value says). (reason, None, False) in the shared
+        folder."""
         if self.workspace is None:
             return reason, None, False
         try:
             ended = self.workspace.end(task_id, subject, failed=state is not TaskState.COMPLETED)
         except WorkspaceError as exc:  # (agents/NAME deleted mid-task...): the marker stays for the next begin
+            # Failed, whatever the CLI's exit: its work is in no commit, and someone must look.
             self._note(f"task {task_id}: could not commit its work: {exc}")
-            return "; ".join(r for r in (reason, f"could not commit its work: {exc}") if r), None, False
+            return "; ".join(r for r in (reason, f"could not commit its work: {exc}") if r), None, True
         if self.config.workspace.remote and ended.head and not ended.problem:  # for tasks on other hosts
             unpushed = push_head(self.workspace, self.config.workspace.remote, self.config.name, task_id, ended.head)
             ended.notes += [unpushed] if unpushed else []
@@ -423,9 +425,12 @@ class Runner:
             self._note(note)
         if ended.problem:
             reason = "; ".join(r for r in (reason, ended.notes[0]) if r)
+        if ended.failure:
+            self._note(ended.failure)
+            reason = "; ".join(r for r in (reason, ended.failure) if r)
         work = {"base": ended.base, "head": ended.head, "branch": ended.branch or "",
                 "files": json.dumps([f.to_json() for f in ended.files]), "workspace_note": "; ".join(notes)}
-        return reason, work, bool(ended.problem)
+        return reason, work, bool(ended.problem or ended.failure)
 
     def _record(self, claimed: Claimed, task_id: str, session: CliSession, ending: Ending, subject: str = "") -> None:
         """The task's outcome in Redis: finished (completed/failed), or back in the inbox."""
@@ -459,8 +464,8 @@ class Runner:
             reason = "; ".join(r for r in (reason, root_caveat(self.spec, self.base_env)) if r)
         if self.keep_context:
             self._remember_session(task_id)
-        reason, work, left_mid_operation = self._workspace_end(task_id, subject, state, reason)
-        if left_mid_operation:  # mid-rebase...: nothing was committed, a human finishes it
+        reason, work, workspace_failed = self._workspace_end(task_id, subject, state, reason)
+        if workspace_failed:  # mid-rebase, a nested repository...: a human must look
             state = TaskState.FAILED
         self._note(f"task {task_id} {state.value}" + (f": {reason}" if reason else ""))
         after = AgentState.STOPPING if self.stop_mode else AgentState.IDLE

@@ -155,6 +155,7 @@ class Ended:
     commit: str = ""
     branch: str | None = None
     problem: str = ""
+    failure: str = ""                  # why the task fails though its work is committed (a nested repository)
     notes: list[str] = field(default_factory=list)
 
 
@@ -591,7 +592,7 @@ class Workspace:
             if old_task == task_id:
                 base_before = previous[1]
             head, ref = self.head(dirs)
-            commit, _ = self._checkpoint(f"tt: interrupted {old_task}", head, ref, trailers={
+            commit, _, _ = self._checkpoint(f"tt: interrupted {old_task}", head, ref, trailers={
                 "Tinytown-Task": old_task, "Tinytown-State": "interrupted"}, dirs=dirs)
             if commit:
                 begun.interrupted_task, begun.interrupted_commit = old_task, commit
@@ -646,8 +647,12 @@ class Workspace:
             ended.notes.append(f"the CLI switched {self.label} to {_short(ref)}: the task's work is committed there "
                                f"({self.branch} is unchanged; the next task puts it back)")
         subject = f"tt: {task_id} {_safe_subject(prompt)}".rstrip()
-        commit, files = self._checkpoint(subject, head, ref, base=base, trailers={
+        commit, files, nested = self._checkpoint(subject, head, ref, base=base, trailers={
             "Tinytown-Task": task_id, "Tinytown-State": "failed" if failed else "completed"}, dirs=dirs, watched=True)
+        if nested:
+            ended.failure = (f"{_names([f'{self.label}/{path}' for path in nested])} is a git repository of its own (made "
+                             f"by the CLI?): {self.branch} holds only its commit id, not its files; move it out of the "
+                             "worktree, or delete its .git so the next task commits its files")
         ended.commit, ended.head = commit, commit or head or ""
         if files is None and base and ended.head != base:
             files = self._numstat(base, ended.head)     # the CLI made commits of its own
@@ -661,13 +666,14 @@ class Workspace:
 
     def _checkpoint(self, subject: str, head: str | None, ref: str | None, base: str | None = None,
                     trailers: dict | None = None, dirs: tuple[Path, Path] | None = None, watched: bool = False
-                    ) -> tuple[str, list[FileChange] | None]:
+                    ) -> tuple[str, list[FileChange] | None, list[str]]:
         """Commit everything in the worktree on top of HEAD: stage it (_stage; `watched`: a task's
         end, which may hand git just what changed), then plumbing, so no hook runs, nothing is
         signed and the index is not refreshed twice. Returns the new commit ("" if nothing
-        changed) and, when `base` is HEAD, base..index's files (else None)."""
+        changed), when `base` is HEAD base..index's files (else None), and the repositories nested
+        in the worktree that git staged as a bare commit id (_stage)."""
         gitdir, common = dirs or self._dirs()
-        self._stage(gitdir, common, watched)
+        nested = self._stage(gitdir, common, watched)
         files = None
         if head is not None and base == head:
             # The diff stat (which also says whether there is anything to commit) and the tree, at
@@ -675,12 +681,12 @@ class Workspace:
             numstat, tree = git_together(self.path, (self._numstat_args(base, None), (0,)), (("write-tree",), (0,)))
             files = parse_numstat(numstat.stdout)
             if not files:
-                return "", files
+                return "", files, nested
             tree = _oid(tree.stdout)
         else:
             tree = _oid(git(self.path, "write-tree").stdout)
             if head is not None and tree == _oid(git(self.path, "rev-parse", f"{head}^{{tree}}").stdout):
-                return "", files
+                return "", files, nested
         message = subject + "\n"
         if trailers:
             message += "\n" + "".join(f"{k}: {v}\n" for k, v in trailers.items())
@@ -688,14 +694,17 @@ class Workspace:
         if not (ref and head and move_ref(common, ref, new, head, identity_line(*_identity(self.agent)), subject[:200],
                                           worktree_gitdir=gitdir)):
             git(self.path, "update-ref", "-m", subject[:200], "HEAD", new, head or ZERO_OID, identity=self.agent)
-        return new, files
+        return new, files, nested
 
-    def _stage(self, gitdir: Path, common: Path, watched: bool) -> None:
+    def _stage(self, gitdir: Path, common: Path, watched: bool) -> list[str]:
         """Stage whatever the worktree holds that the index does not (`git add -A`). At a task's
         end, when the watch can vouch for what changed since the last checkpoint
         (worktree_watch.py), only those paths are handed to git, so it does not lstat every file
         and read every folder; nothing changed, no git at all. Anything unexpected from that narrow
-        add (a path that matched nothing) falls back to the full scan, which is always right."""
+        add (a path that matched nothing) falls back to the full scan, which is always right.
+        Returns the repositories nested in the worktree (a CLI's `git init` or `git clone`) that
+        git staged as a commit id only (a gitlink), their files left out; one with no commit
+        yet stops git adding anything: a WorkspaceError that names it."""
         if watched and self.watch is None:
             self.watch = WorktreeWatch(self.path, gitdir / "index", rule_files(common))
         paths = self.watch.changes() if watched else None
@@ -705,13 +714,20 @@ class Workspace:
                        input=b"".join(path + b"\0" for path in paths), ok=range(0, 256))
             if done.returncode == 0 or (done.returncode == 1 and _only_ignored(done.stderr)):
                 self.watch.staged()
-                return
+                return _nested_repositories(done.stderr)
         elif paths is not None:
             self.watch.staged()
-            return
-        git(self.path, "add", "-A")
+            return []
+        done = git(self.path, "add", "-A", ok=range(0, 256))
+        empty = re.search(rb"error: '(.+)/' does not have a commit checked out", done.stderr or b"")
+        if done.returncode != 0 and empty:
+            raise WorkspaceError(f"{self.label}/{_text(empty[1])} is a git repository of its own with no commit (made by "
+                                 "the CLI?): git adds nothing while it is there; move it out of the worktree, or "
+                                 "delete its .git (nothing was committed)")
+        _checked(self.path, ("add", "-A"), done, (0,))
         if self.watch is not None:
             self.watch.scanned()
+        return _nested_repositories(done.stderr)
 
     def _commit(self, tree: str, parents: list[str], message: bytes, common: Path) -> str:
         """A commit of `tree` by the agent: written by Python when the repository is SHA-1 (no
@@ -818,7 +834,7 @@ class Workspace:
             if state:
                 raise self._busy(state)
             head, ref = self.head()
-            commit, _ = self._checkpoint("tt: left uncommitted when the agent was pruned", head, ref,
+            commit, _, _ = self._checkpoint("tt: left uncommitted when the agent was pruned", head, ref,
                                          base=head, trailers={"Tinytown-State": "pruned"})
             if commit:
                 notes.append(f"{self.label} held uncommitted changes: committed as {commit[:12]}")
@@ -877,6 +893,11 @@ def _short(ref: str | None) -> str | None:
 
 def _paths(out: bytes) -> list[str]:
     return [_text(p) for p in out.split(b"\0") if p]
+
+
+def _nested_repositories(err: bytes) -> list[str]:
+    """The repositories `git add` staged as a commit id, from its warnings."""
+    return [_text(found) for found in re.findall(rb"warning: adding embedded git repository: (.+)", err or b"")]
 
 
 def _only_ignored(err: bytes) -> bool:

@@ -174,6 +174,48 @@ def test_a_worktree_left_mid_rebase_fails_its_task_and_shows_in_status(git_town)
     assert "file.txt" in git(t.root, "show", "--name-only", "--format=", "tt/dev")  # committed, not lost
 
 
+def test_a_repository_the_cli_nests_in_its_worktree_fails_the_task_naming_it(git_town):
+    """A CLI's `git init` or `git clone` inside its worktree: one with no commit stops git adding
+    anything, one with commits is staged as its commit id only. Either way the task fails naming
+    the folder (it used to say completed, with every later task failing unexplained), and no file
+    is lost."""
+    import shutil
+    t = git_town()
+    t.tt("spawn", "dev")
+    worktree = t.root / "agents" / "dev"
+
+    def run_with(prepare, text: str) -> dict:
+        task_id = t.assign("dev", f"@write {text}.txt x\n@gate {text}")
+        wait_for(lambda: (t.record / f"{task_id}.json").exists(), 30, "the CLI to start")
+        prepare()
+        (t.record / text).write_text("")
+        return t.wait_task(task_id)
+
+    def empty_repository():
+        git(worktree, "init", "-q", "empty")
+        (worktree / "empty" / "n.txt").write_text("n\n")
+
+    failed = run_with(empty_repository, "first")
+    assert failed["state"] == "failed", failed
+    assert "agents/dev/empty is a git repository of its own with no commit" in failed["reason"]
+    shutil.rmtree(worktree / "empty" / ".git")  # the human's fix: the next task commits all of it
+    assert t.wait_task(t.assign("dev", "@echo again"))["state"] == "completed"
+    on_branch = git(t.root, "ls-tree", "-r", "--name-only", "tt/dev").split()
+    assert "first.txt" in on_branch and "empty/n.txt" in on_branch
+
+    def cloned_project():
+        git(worktree, "init", "-q", "proj")
+        (worktree / "proj" / "main.rs").write_text("fn main() {}\n")
+        git(worktree / "proj", "add", "-A")
+        git(worktree / "proj", "commit", "-qm", "its own")
+
+    failed = run_with(cloned_project, "second")
+    assert failed["state"] == "failed", failed
+    assert "agents/dev/proj is a git repository of its own" in failed["reason"]
+    assert "holds only its commit id" in failed["reason"]
+    assert "second.txt" in git(t.root, "ls-tree", "-r", "--name-only", "tt/dev").split()  # committed all the same
+
+
 def test_a_town_that_is_not_a_git_repository_shares_its_folder_and_says_so_once(town):
     first = town.tt("spawn", "dev")
     assert "not in a git work tree" in first.err and "agents share the town folder" in first.err
