@@ -330,10 +330,12 @@ class Runner:
         # A stop gives its attempt back, so on an unfinished task `attempts` counts the runs whose
         # runner died under them: enough of those and the task is the likely cause.
         if task.attempts >= self.config.supervisor.max_attempts:
-            reason = f"agent crashed {task.attempts} times"
+            reason, work = f"agent crashed {task.attempts} times", None
+            if self.workspace is not None:  # what the crashed runs left: this task's work, committed as such
+                reason, work, _ = self._workspace_end(task.id, task.description, TaskState.FAILED, reason)
             self._note(f"task {task.id} failed: {reason}")
             self.town.finish_task(self.agent_id, claimed, TaskState.FAILED, reason=reason,
-                                  output=task.output.encode("utf-8", "surrogateescape"))
+                                  output=task.output.encode("utf-8", "surrogateescape"), work=work)
             return
         # The user's text byte for byte, with the notes before it and the dependencies' outcomes
         # after it (README, "What Tinytown adds to a prompt").

@@ -151,6 +151,19 @@ def test_a_crash_mid_task_leaves_work_the_next_attempt_commits_and_is_told_about
     assert [f["path"] for f in done["files"]] == ["half.txt"], done["files"]
 
 
+def test_a_task_failed_for_crashing_its_agent_records_the_work_it_left(git_town):
+    """"agent crashed 3 times": what the runs wrote is committed on the branch, and the task's
+    record says so (base..head, its files), as for any failed task; tt diff shows it."""
+    t = git_town()
+    t.tt("spawn", "dev")
+    task_id = t.assign("dev", "@write crash.txt c\n@kill-runner")
+    failed = t.wait_task(task_id, timeout=90)
+    assert failed["state"] == "failed" and failed["reason"].startswith("agent crashed 3 times"), failed
+    assert [f["path"] for f in failed["files"]] == ["crash.txt"], failed
+    assert failed["head"] == git(t.root, "rev-parse", "tt/dev").strip()
+    assert "crash.txt" in t.tt("diff", task_id, "--stat").out
+
+
 def test_a_worktree_left_mid_rebase_fails_its_task_and_shows_in_status(git_town):
     t = git_town()
     t.tt("spawn", "dev")
