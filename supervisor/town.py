@@ -14,7 +14,7 @@ from .errors import TinytownError
 from .hosts import SCRIPTS as HOST_SCRIPTS
 from .hosts import Fenced, Hosts
 from .keys import Keys
-from .models import (AGENT_TRANSITIONS, Agent, AgentState, InvalidTransition, Message, StopMode, Task,
+from .models import (AGENT_TRANSITIONS, Agent, AgentState, Hold, InvalidTransition, Message, StopMode, Task,
                      TaskState, check_agent_transition, check_task_transition, new_id, now)
 from .resp import RespClient, RespError, Script, WatchError, connect
 
@@ -311,8 +311,10 @@ class Town:
         return self._explain_waiting(found[-limit:] if limit else found)
 
     def _explain_waiting(self, tasks: list[Task]) -> list[Task]:
-        """A task waiting for an agent that gave up says so in its reason: "waiting: agent d
-        failed: …" (read, not stored: it holds exactly while the agent is failed)."""
+        """A task waiting for an agent that gave up or was held says so in its reason: "waiting:
+        agent d failed: …", "waiting: agent d is closed (…)" (read, not stored: it holds exactly
+        while the agent is so). A task in hand that a stop put back in a closing agent's queue
+        waits there, and `tt wait` on it would otherwise time out unexplained."""
         self._explain_pending(tasks)
         waiting = [t for t in tasks if t.state == TaskState.ASSIGNED.value and not t.reason]
         if not waiting:
@@ -320,14 +322,17 @@ class Town:
         agent_ids = sorted({t.agent_id for t in waiting})
         pipe = self.r.pipeline(transaction=False)
         for agent_id in agent_ids:
-            pipe.hget(self.keys.agent(agent_id), "state")
-            pipe.hget(self.keys.agent(agent_id), "reason")
-        found = pipe.execute()
-        failed = {agent_id: reason for agent_id, state, reason in zip(agent_ids, found[::2], found[1::2])
-                  if state == AgentState.FAILED.value}
+            pipe.execute_command("HMGET", self.keys.agent(agent_id), "state", "reason", "hold")
+        found = dict(zip(agent_ids, pipe.execute()))
         for task in waiting:
-            if task.agent_id in failed:
-                task.reason = f"waiting: agent {task.agent} failed: {failed[task.agent_id] or 'no reason recorded'}"
+            state, reason, hold = found[task.agent_id]
+            if state == AgentState.FAILED.value:
+                task.reason = f"waiting: agent {task.agent} failed: {reason or 'no reason recorded'}"
+            elif hold and state in (AgentState.PAUSED.value, AgentState.STOPPED.value):
+                task.reason = f"waiting: agent {task.agent} " + {
+                    Hold.PAUSE.value: f"is paused (tt resume {task.agent})",
+                    Hold.CLOSE.value: f"is closed (tt restart {task.agent} runs what waits for it)",
+                }.get(hold, f"was killed (tt restart {task.agent})")
         return tasks
 
     def _explain_pending(self, tasks: list[Task]) -> None:

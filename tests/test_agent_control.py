@@ -119,6 +119,8 @@ def test_close_lets_the_task_finish_then_stops_the_runner_for_good(town):
     town.wait_agent("other")
     assert town.agent("dev")["state"] == "stopped" and runner_pids(town, "dev") == []
     assert [town.task(t)["state"] for t in queued] == ["assigned", "assigned"]
+    # ...and they say why they wait (a task in hand that a stop put back here waits the same way)
+    assert "waiting: agent dev is closed (tt restart dev runs what waits for it)" in town.tt("tasks").out
     # `tt restart` opens it again, and its queue runs
     town.tt("restart", "dev")
     for task_id in queued:
