@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import click
@@ -27,11 +28,19 @@ class TinytownGroup(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            sys.stdout.flush()  # (here, not at exit: a reader gone is then seen below)
+            return result
         except click.UsageError as exc:  # a bad option or argument: one line too (exit 2)
             _fail(_usage_line(exc), exc.exit_code)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except BrokenPipeError as exc:
+            if not _stdout_gone():  # (a socket's EPIPE is an error like any other)
+                _fail(_explain(exc, ctx.meta.get(CONFIG_META)))
+            # `tt list | head -1`: the reader has what it wanted; end quietly, as SIGPIPE would
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         except TinytownError as exc:
             _fail(str(exc))
         except KeyboardInterrupt:
@@ -39,6 +48,17 @@ class TinytownGroup(click.Group):
             sys.exit(130)
         except Exception as exc:  # noqa: BLE001
             _fail(_explain(exc, ctx.meta.get(CONFIG_META)))
+
+
+def _stdout_gone() -> bool:
+    """stdout is a pipe whose reader has closed it (poll says POLLERR)."""
+    import select
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 CONFIG_META = "tinytown.config"  # the command's Config, once loaded (click's meta is shared by its contexts)

@@ -177,3 +177,13 @@ def test_an_error_quoting_the_config_never_reaches_the_terminal_raw(town):
         fh.write('[agent_clis."x\\u001b]0;TITLE\\u0007"]\ncommand = "claude"\n')
     line = one_error_line(town.tt("list", check=False), "a CLI's name")
     assert "\x1b" not in line and "\x07" not in line and "toml: x: a CLI" in line   # (the OSC gone whole)
+
+
+def test_a_reader_that_stops_early_ends_tt_quietly(town):
+    """`tt list | head -1`: the reader has what it wanted; no "BrokenPipeError" line."""
+    town.tt("spawn", "dev")
+    proc = subprocess.Popen([sys.executable, "-m", "tinytown.cli.main", "list"], cwd=town.root, env=town.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # gone before tt writes a byte
+    err = proc.stderr.read().decode()
+    assert proc.wait(30) == 141 and err == "", err
