@@ -31,7 +31,7 @@ from .redis_server import RedisServer
 from .resp import RespConnectionError, RespError
 from .resp import connect as resp_connect
 from .hosts import FENCED_EXIT
-from .runner import KILL_WAIT_SECONDS, run_forked
+from .runner import CLI_UNUSABLE_EXIT, KILL_WAIT_SECONDS, run_forked
 from .restart_policy import GiveUp, RestartRecord
 from .town import Town
 
@@ -599,6 +599,12 @@ class Supervisor:
         # What it had claimed waits at the front of the inbox (a failed agent's work shows as
         # pending, not as running) for the next runner, which counts the attempt.
         self.town.put_back_inflight(proc.agent_id)
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == CLI_UNUSABLE_EXIT:
+            # The runner recorded the agent failed (its CLI cannot be run): not started again
+            # until `tt restart` (the reconcile leaves failed agents alone).
+            self.restarts.setdefault(proc.agent_id, RestartRecord()).gave_up = True
+            self.say(f"runner {proc.name}: its CLI cannot start; the agent is failed until `tt restart {proc.name}`")
+            return
         if self.stopping is None and (proc.hold or not proc.stop_requested):
             try:
                 agent = self.town.agent_by_id(proc.agent_id)

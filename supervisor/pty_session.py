@@ -21,6 +21,7 @@ CLI's group; a CLI outliving both is killed by the next supervisor (procutil.kil
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import select
@@ -40,6 +41,15 @@ WRITE_CHUNK = 512  # keystrokes a write: within what a pty takes at once
 _DEFAULT_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
                                      signal.SIGUSR2, signal.SIGCHLD, signal.SIGPIPE, signal.SIGHUP,
                                      signal.SIGXFSZ, signal.SIGALRM, signal.SIGWINCH))
+
+
+# A program that cannot be run at all (missing, not executable, not a program): not this task's fault.
+UNRUNNABLE = (errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR, errno.ELOOP, errno.EISDIR)
+
+
+class CliUnusable(TinytownError):
+    """The CLI's program cannot be run: every task would fail the same way, so the runner gives
+    its task back and the agent fails until its [agent_clis] entry is fixed (runner.py)."""
 
 
 class CliSession:
@@ -97,8 +107,8 @@ class CliSession:
         argv = self.spec.argv(text, str(self.prompt_file))
         path = shutil.which(argv[0], path=self.env.get("PATH", os.defpath))
         if path is None:
-            raise TinytownError(f"cannot start {argv[0]!r}: command not found or not executable "
-                                f"(PATH={self.env.get('PATH', '')})")
+            raise CliUnusable(f"cannot start {argv[0]!r}: command not found or not executable "
+                              f"(PATH={self.env.get('PATH', '')})")
         if stdin_fd >= 0:
             os.lseek(stdin_fd, 0, os.SEEK_SET)
             stdin = (os.POSIX_SPAWN_DUP2, stdin_fd, 0)
@@ -109,7 +119,8 @@ class CliSession:
         try:
             self.pid, self.fd = spawn_in_pty([path, *argv[1:]], self.env, str(self.cwd), stdin, self.dimensions)
         except OSError as exc:
-            raise TinytownError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
+            kind = CliUnusable if exc.errno in UNRUNNABLE else TinytownError  # (else: no fds, no memory...)
+            raise kind(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
 
     def expecter(self, timeout: float = 30, encoding: str | None = None):
         """pexpect on the CLI's terminal (its public fdspawn over the master side), for a caller

@@ -44,7 +44,7 @@ from .models import AgentState, InvalidTransition, StopMode, TaskState
 from .output_watch import Notice, OutputWatch
 from .procutil import drain, exit_now, signal_wakeup_pipe
 from .prompt_blocks import compose
-from .pty_session import CliSession
+from .pty_session import CliSession, CliUnusable
 from .remote_attach import RemoteInput
 from .resp import RespConnectionError, Sender
 from .resp import connect as resp_connect
@@ -57,6 +57,7 @@ STREAM_FLUSH_SECONDS = 0.02
 STREAM_FLUSH_BYTES = 64 * 1024
 THROTTLED_RECHECK = 0.05    # while a flood is held back from the stream: how often to see if it may go
 EXIT_DRAIN_SECONDS = 0.5
+CLI_UNUSABLE_EXIT = 78      # (sysexits' EX_CONFIG) the agent failed itself: its CLI cannot be run
 KILL_WAIT_SECONDS = 2.0
 # After a batch of output, the pump lets the next one gather this long (signals and deadlines
 # still wake it): a CLI printing flat out then costs a wakeup per ~100 KiB, not per 4 KiB pty
@@ -249,6 +250,18 @@ class Runner:
             self._note(f"fenced: {exc}")
             self.attach.close()
             return FENCED_EXIT
+        except CliUnusable as exc:
+            # Failed until the user fixes the CLI (the supervisor does not start it again); the
+            # backlog work it had taken goes back for other agents, the rest waits, saying why.
+            reason = (f"its CLI cannot start: {exc}; fix [agent_clis.{self.spec.name}] (or PATH), "
+                      f"then tt restart {self.name}")
+            self._note(reason)
+            self.town.set_agent_state(self.agent_id, AgentState.FAILED, pid="", cli_pid="", current_task="",
+                                      reason=reason)  # (first: a free agent is offered what goes back)
+            self.town.coordination.give_back(self.agent_id, only_backlog=True)
+            self.town.event("agent_failed", agent=self.name, reason=reason)
+            self.attach.close()
+            return CLI_UNUSABLE_EXIT
         except _StopNow:
             # Stopped while waiting on the inbox (or for Redis), so nothing to finish or record here. The read
             # the signal interrupted took this runner's Redis connection down, and 50 runners
@@ -376,6 +389,13 @@ class Runner:
         try:
             session.start()
             session.start_reader()
+        except CliUnusable:
+            # Every task would fail the same way (and an idle agent would drain the backlog so):
+            # this one goes back to the front of the queue (never started: no attempt was counted),
+            # and the agent fails.
+            session.close()
+            self.town.requeue(self.agent_id, claimed)
+            raise
         except (TinytownError, OSError, RuntimeError) as exc:  # (no fd or thread left for the reader)
             session.close()
             reason, work, _ = self._workspace_end(task_id, subject, TaskState.FAILED, str(exc))

@@ -145,6 +145,26 @@ def test_cancel_of_a_running_task_stops_its_group_and_keeps_the_output(town):
     assert town.wait_task(after)["state"] == "completed"
 
 
+def test_an_agent_whose_cli_cannot_start_fails_instead_of_draining_the_backlog(town):
+    """A CLI that is not there fails every task alike: the agent fails at its first (saying what
+    to fix), gives back the backlog work it took, and its own queue waits; nothing is failed."""
+    town.append_config('\n[agent_clis.broken]\ncommand = "no-such-cli-here"\n')
+    town.tt("spawn", "bad", "--model", "broken", "--role", "docs")
+    town.wait_agent("bad")
+    docs = [town.json("backlog", "add", f"@echo doc {i}", "--role", "docs")["id"] for i in range(3)]
+    town.wait_agent("bad", ("failed",))          # (it took the first, and gave it back)
+    agent = town.agent("bad")
+    assert agent["reason"].startswith("its CLI cannot start: cannot start 'no-such-cli-here'"), agent
+    assert "tt restart bad" in agent["reason"]
+    mine = town.assign("bad", "@echo for bad itself")
+    waiting = town.task(mine)
+    assert waiting["state"] == "assigned", waiting
+    assert waiting["reason"].startswith("waiting: agent bad failed: its CLI cannot start")
+    assert [(town.task(t)["state"], town.task(t)["attempts"]) for t in docs] == [("pending", 0)] * 3  # none failed
+    _spawn(town, "writer", roles=("docs",))
+    assert [town.wait_task(t)["agent"] for t in docs] == ["writer"] * 3
+
+
 def test_backlog_goes_to_the_idle_agent_with_the_role(town):
     _spawn(town, "alice", roles=("dev",))
     _spawn(town, "bob", roles=("test",))
