@@ -52,13 +52,6 @@ GIT_OPTIONS = (
     "-c", "commit.gpgSign=false", "-c", "merge.verifySignatures=false", "-c", "rerere.enabled=false",
     "-c", "status.showUntrackedFiles=normal", "-c", "advice.detachedHead=false", "-c", "merge.autoStash=false",
 )
-# A new worktree's index is split (git's split-index mode): the ~80 bytes an entry costs are kept
-# in a shared file written once, and each write of the index (the end's add and write-tree, a
-# merge's reset) writes just the entries that changed since, instead of all of them with their
-# SHA-1: on 5 000 files a task's git work fell from 29 to 24 ms, a merging one from 56 to 51
-# (scripts/bench workspace, alternated rounds). Given only when the worktree is made; every git
-# after, the CLI's too, keeps the index as it is unless the user's config says core.splitIndex.
-SPLIT_INDEX = ("-c", "core.splitIndex=true")
 # Variables that would point git at another repository, index or object store (`git rev-parse
 # --local-env-vars`): a `tt` started from a git hook has some of them set.
 _GIT_LOCAL_ENV = ("GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_CONFIG", "GIT_CONFIG_PARAMETERS", "GIT_CONFIG_COUNT",
@@ -235,14 +228,7 @@ def _checked(cwd: Path, args, done: subprocess.CompletedProcess, ok) -> subproce
 
 
 def _subcommand(args) -> str:
-    """"worktree" of ("-c", "core.x=y", "worktree", "add", ...): the word a message names."""
-    words = iter(args)
-    for arg in words:
-        if arg in ("-c", "-C"):
-            next(words, None)
-        elif not arg.startswith("-"):
-            return arg
-    return args[0]
+    return next((arg for arg in args if not arg.startswith("-")), args[0])
 
 
 def _last_line(done: subprocess.CompletedProcess) -> str:
@@ -531,7 +517,7 @@ class Workspace:
                              "`tt merge` will need --into BRANCH")
             args = ["worktree", "add", "-q", "--no-track", "-b", self.branch, str(self.path), start]
         quiet = self._keep_out_of_status(repo)
-        git(repo.root, *SPLIT_INDEX, *args)
+        git(repo.root, *args)
         if quiet:
             notes.append(quiet)
         if (self.path / ".gitmodules").exists():
@@ -651,8 +637,8 @@ class Workspace:
             "Tinytown-Task": task_id, "Tinytown-State": "failed" if failed else "completed"}, dirs=dirs, watched=True)
         if nested:
             ended.failure = (f"{_names([f'{self.label}/{path}' for path in nested])} is a git repository of its own (made "
-                             f"by the CLI?): {self.branch} holds only its commit id, not its files; move it out of the "
-                             "worktree, or delete its .git so the next task commits its files")
+                             f"by the CLI?): its files are not committed on {self.branch}; move it out of the "
+                             "worktree, or delete its .git so the next task commits them")
         ended.commit, ended.head = commit, commit or head or ""
         if files is None and base and ended.head != base:
             files = self._numstat(base, ended.head)     # the CLI made commits of its own
@@ -674,6 +660,10 @@ class Workspace:
         in the worktree that git staged as a bare commit id (_stage)."""
         gitdir, common = dirs or self._dirs()
         nested = self._stage(gitdir, common, watched)
+        if nested:
+            # Out of the index again: a commit holding a bare commit id would look like the files
+            # were kept, and git would never take them once the nested .git is deleted.
+            git(self.path, "update-index", "--force-remove", "--", *nested)
         files = None
         if head is not None and base == head:
             # The diff stat (which also says whether there is anything to commit) and the tree, at
@@ -703,8 +693,9 @@ class Workspace:
         and read every folder; nothing changed, no git at all. Anything unexpected from that narrow
         add (a path that matched nothing) falls back to the full scan, which is always right.
         Returns the repositories nested in the worktree (a CLI's `git init` or `git clone`) that
-        git staged as a commit id only (a gitlink), their files left out; one with no commit
-        yet stops git adding anything: a WorkspaceError that names it."""
+        git staged as a commit id only (a gitlink), their files left out (_checkpoint takes them
+        out of the index again); one with no commit yet stops git adding anything: a
+        WorkspaceError that names it."""
         if watched and self.watch is None:
             self.watch = WorktreeWatch(self.path, gitdir / "index", rule_files(common))
         paths = self.watch.changes() if watched else None
@@ -834,10 +825,13 @@ class Workspace:
             if state:
                 raise self._busy(state)
             head, ref = self.head()
-            commit, _, _ = self._checkpoint("tt: left uncommitted when the agent was pruned", head, ref,
-                                         base=head, trailers={"Tinytown-State": "pruned"})
+            commit, _, nested = self._checkpoint("tt: left uncommitted when the agent was pruned", head, ref,
+                                                 base=head, trailers={"Tinytown-State": "pruned"})
             if commit:
                 notes.append(f"{self.label} held uncommitted changes: committed as {commit[:12]}")
+            if nested:
+                raise WorkspaceError(f"{_names([f'{self.label}/{path}' for path in nested])} is a git repository of "
+                                     "its own, whose files no branch holds: move it out of the worktree first")
             if ref is None and (commit or head):
                 notes.append(self._rescue(commit or head))
             # What git ignores is not committed and goes with the folder: say what it was.

@@ -84,22 +84,6 @@ def test_spawn_makes_a_worktree_on_the_agents_branch_out_of_git_status(town):
     assert tip(town, "team/qa") == head(town)
 
 
-def test_a_worktrees_index_is_split_and_the_users_is_not(town):
-    """Each write of an agent's index (a task's end) writes only what changed since its shared
-    part; the user's own index is never touched."""
-    make_repo(town, {f"src/f{i}.py": f"{i}\n" for i in range(300)})
-    space = spawned(town)
-    shared = sorted(space.gitdir.glob("sharedindex.*"))
-    assert len(shared) == 1 and not list((town / ".git").glob("sharedindex.*"))
-    task(space, "t-1", write("src/f7.py", "changed\n"))
-    (space.path / "mine.txt").write_text("the CLI's own add\n")
-    git(space.path, "add", "mine.txt")                # (a git without the option keeps it split)
-    assert sorted(space.gitdir.glob("sharedindex.*")) == shared
-    assert b"link" in (space.gitdir / "index").read_bytes()    # (the split index's extension)
-    assert git(space.path, "ls-files", "--stage", "src/f7.py", "mine.txt").count("\n") == 2
-    assert status(space.path) == "A  mine.txt\n"
-
-
 def test_a_users_own_agents_gitignore_is_left_alone_and_exclude_used(town):
     (town / "agents").mkdir()
     (town / "agents" / ".gitignore").write_text("notes.md\n")
@@ -587,6 +571,19 @@ def test_prune_keeps_unmerged_branches_and_deletes_merged_ones_when_asked(town):
     b.begin("t3", after=[ended.head])
     b.end("t3", "x")
     assert "on none of your branches" in a.prune(delete_branch=True)[-1]
+
+
+def test_prune_refuses_a_worktree_holding_a_repository_of_its_own(town):
+    """Its files are on no branch: removing the worktree would delete them."""
+    space = spawned(town)
+    git(space.path, "init", "-q", "proj")
+    (space.path / "proj" / "main.rs").write_text("fn main() {}\n")
+    git(space.path / "proj", "add", "-A")
+    git(space.path / "proj", "commit", "-qm", "its own")
+    with pytest.raises(WorkspaceError, match="agents/dev/proj is a git repository of its own"):
+        space.prune()
+    assert (space.path / "proj" / "main.rs").exists()
+    assert "proj" not in git(town, "ls-tree", "-r", "tt/dev")
 
 
 def test_prune_refuses_a_worktree_mid_rebase(town):

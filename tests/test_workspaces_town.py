@@ -225,8 +225,13 @@ def test_a_repository_the_cli_nests_in_its_worktree_fails_the_task_naming_it(git
     failed = run_with(cloned_project, "second")
     assert failed["state"] == "failed", failed
     assert "agents/dev/proj is a git repository of its own" in failed["reason"]
-    assert "holds only its commit id" in failed["reason"]
-    assert "second.txt" in git(t.root, "ls-tree", "-r", "--name-only", "tt/dev").split()  # committed all the same
+    assert "its files are not committed on tt/dev" in failed["reason"]
+    tree = git(t.root, "ls-tree", "-r", "tt/dev")
+    assert "second.txt" in tree and "proj" not in tree   # the rest committed; no bare commit id for proj
+    assert "is a git repository of its own" in t.wait_task(t.assign("dev", "@echo still there"))["reason"]
+    shutil.rmtree(worktree / "proj" / ".git")  # the human's fix: the next task commits its files
+    assert t.wait_task(t.assign("dev", "@echo and now"))["state"] == "completed"
+    assert "proj/main.rs" in git(t.root, "ls-tree", "-r", "--name-only", "tt/dev").split()
 
 
 def test_a_town_that_is_not_a_git_repository_shares_its_folder_and_says_so_once(town):
