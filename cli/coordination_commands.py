@@ -6,6 +6,7 @@ agent's CLI runs `tt` (its runner sets TT_AGENT and TT_TOWN), else "user".
 from __future__ import annotations
 
 import sys
+import time
 
 import click
 
@@ -225,16 +226,21 @@ def wait(refs, timeout, as_json, town_path):
     ids = coord.resolve_refs(refs, what="tt wait")
     if not ids:
         raise TinytownError("nothing to wait for: " + ", ".join(refs) + " has no task yet")
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
         done = coord.wait(ids, timeout if running else 0)  # (a stopped town: how its tasks ended)
     except RespConnectionError:
         # Its Redis went away mid-wait: if that was the town stopping, how its tasks ended is in
-        # its copy (exit 2 below for those that cannot finish now), as for a town stopped before.
+        # its copy (exit 2 below for those that cannot finish now), as for a town stopped before;
+        # a town started again meanwhile is waited on for what is left of the timeout.
         from tinytown.supervisor import lock
         if not (running and config.use_socket and lock.wait_released(config.runtime_dir, STOP_SETTLE_SECONDS)):
             raise
         town, running = _recorded_town(config)
-        done = town.coordination.wait(ids, 0)
+        if running:
+            town = Town(config, connect(config, long_lived=True))
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done = town.coordination.wait(ids, left if running else 0)
     if not running and len(done) < len(ids):  # as at a timeout (exit 2), saying why
         click.echo(f"tt: town {config.name!r} is not running: {len(ids) - len(done)} of these task(s) cannot "
                    "finish until it starts (`tt start`)", err=True)
@@ -247,7 +253,8 @@ def wait(refs, timeout, as_json, town_path):
         for i in ids:
             t = tasks[i]
             state = done.get(i) or f"{t.state} (still, {'at the timeout' if running else 'the town is stopped'})"
-            click.echo(f"{i}  {t.agent or '-'}  {state}" + (f": {clean_written(t.reason)}" if t.reason and i in done else ""))
+            # (an unfinished task's reason says what it waits for: "waiting: agent dev is closed...")
+            click.echo(f"{i}  {t.agent or '-'}  {state}" + (f": {clean_written(t.reason)}" if t.reason else ""))
     if len(done) < len(ids):
         sys.exit(2)
     if any(state != "completed" for state in done.values()):

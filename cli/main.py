@@ -28,9 +28,10 @@ class TinytownGroup(click.Group):
 
     def invoke(self, ctx):
         try:
-            result = super().invoke(ctx)
-            sys.stdout.flush()  # (here, not at exit: a reader gone is then seen below)
-            return result
+            try:
+                return super().invoke(ctx)
+            finally:  # (here, not at exit, whether it returns or exits: a reader gone is seen below)
+                sys.stdout.flush()
         except click.UsageError as exc:  # a bad option or argument: one line too (exit 2)
             _fail(_usage_line(exc), exc.exit_code)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
@@ -65,8 +66,8 @@ CONFIG_META = "tinytown.config"  # the command's Config, once loaded (click's me
 
 
 def _fail(message: str, code: int = 1):
-    from tinytown.supervisor.terminal_text import clean_text   # (a message may quote a file or a CLI)
-    click.echo(f"tt: error: {clean_text(message)}", err=True)
+    from tinytown.supervisor.terminal_text import clean_written   # (a message may quote a file or a CLI)
+    click.echo(f"tt: error: {' '.join(clean_written(message).splitlines())}", err=True)  # (one line)
     sys.exit(code)
 
 

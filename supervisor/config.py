@@ -26,8 +26,8 @@ MAX_ARG_BYTES = 128 * 1024 - 1
 # A last line of output that asks something: it ends in "?", or offers a choice ([y/n], (yes/no)...).
 DEFAULT_QUESTION = r"\?\s*$|[\[(]\s*(?i:y(?:es)?\s*/\s*n(?:o)?)\s*[\])]"
 DEFAULT_QUESTION_AFTER = 5.0
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")   # (\Z: "$" would let "x\n" through)
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 PROMPT_MODES = ("stdin", "arg", "file")
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9_.:=+/-]{1,200}")  # what a CLI's session id may look like (CliSpec.session_in)
 UUID_PATTERN = r"([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})"

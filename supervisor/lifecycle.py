@@ -47,10 +47,15 @@ def _supervisor_state(config: Config) -> str | None:
     """What the running supervisor's record says it is ("running", "stopping"...), None if unknown."""
     from .keys import Keys
     from .resp import connect
+    client = None
     try:
-        return connect(config, timeout=2).hget(Keys(config.name).supervisor, "state")
+        client = connect(config, timeout=2)
+        return client.hget(Keys(config.name).supervisor, "state")
     except Exception:  # noqa: BLE001 - (not up yet: _wait_ready waits for it)
         return None
+    finally:
+        if client is not None:
+            client.close()
 
 
 # What a runner puts in its CLI's environment. A supervisor started by an agent's own `tt` (an

@@ -37,7 +37,7 @@ from .attach_protocol import FrameReader, frame, parse_json
 from .attach_server import REPLAY_BYTES
 from .keys import Keys
 from .resp import RespConnectionError, RespError, connect
-from .terminal_text import clean_text
+from .terminal_text import clean_written
 
 KEEPALIVE_SECONDS = 1.0      # a viewer on another host says it is still there this often
 FAR_TTL_SECONDS = 3.0        # the runner forgets a viewer not heard of for this long
@@ -227,7 +227,7 @@ class RedisBridge:
         for _, entries in client.xread({self.out_key: self.last}, block=block_ms) or []:
             for entry_id, fields in entries:
                 self.last = entry_id
-                task = clean_text(fields.get(b"task", b"").decode("utf-8", "replace"))
+                task = clean_written(fields.get(b"task", b"").decode("utf-8", "replace"))
                 if task and self.shown != ("working", task):
                     self._state({"state": "working", "task": task})
                 if b"data" in fields:
@@ -267,11 +267,11 @@ class RedisBridge:
             return {"state": "stopped", "reason": "the agent was removed"}
         state = fields.get(b"state", b"").decode("utf-8", "replace")
         if state in ENDED_STATES:
-            reason = clean_text(fields.get(b"reason", b"").decode("utf-8", "replace"))[:200]
+            reason = clean_written(fields.get(b"reason", b"").decode("utf-8", "replace"))[:200]
             return {"state": "stopped", "reason": reason or f"the agent is {state}"}
         if state == "backoff":
             return {"state": "lost"}
-        task = clean_text(fields.get(b"current_task", b"").decode("utf-8", "replace"))
+        task = clean_written(fields.get(b"current_task", b"").decode("utf-8", "replace"))
         return {"state": state, "task": task}
 
     def _state(self, state: dict) -> None:

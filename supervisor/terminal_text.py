@@ -37,8 +37,9 @@ def clean_line(line: bytes) -> bytes:
 
 
 def clean_text(text: str) -> str:
-    """Text of any length (a task's description, output or reason) safe for a terminal or a prompt:
-    each line as clean_line makes it, tabs kept, lone surrogates (undecodable bytes) as '?'."""
+    """Output of any length (a task's kept output, a log's end) safe for a terminal or a prompt:
+    each line as clean_line makes it (a progress bar's redraws as last shown), tabs kept, lone
+    surrogates (undecodable bytes) as '?'. Text someone wrote goes through clean_written."""
     lines = []
     for line in text.split("\n"):
         line = TEXT_ESCAPES.sub("", line).rstrip("\r")

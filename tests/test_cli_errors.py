@@ -187,3 +187,10 @@ def test_a_reader_that_stops_early_ends_tt_quietly(town):
     proc.stdout.close()  # gone before tt writes a byte
     err = proc.stderr.read().decode()
     assert proc.wait(30) == 141 and err == "", err
+    failed = town.assign("dev", "@exit 3")
+    town.wait_task(failed)
+    proc = subprocess.Popen([sys.executable, "-m", "tinytown.cli.main", "wait", failed], cwd=town.root, env=town.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # (a command that ends in sys.exit: it used to say "Exception ignored", exit 120)
+    err = proc.stderr.read().decode()
+    assert proc.wait(30) == 141 and err == "", err

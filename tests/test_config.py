@@ -100,6 +100,7 @@ def test_malformed_toml_names_the_line(tmp_path):
     ('name = "t"\n[agent_clis.x]\ncommand = "x"\nenv = { A = "x\\u0000y" }\n', r":4: env: .*NUL"),
     ('name = "t"\n[agent_clis.x]\ncommand = ["x", "a\\u0000b"]\n', r":3: command: holds a NUL"),
     ('name = "t"\n[agent_clis."bad name!"]\ncommand = "x"\n', r":2: \[agent_clis.bad name!\]: a CLI's name"),
+    ('name = "t"\n[agent_clis."x\\n"]\ncommand = "x"\n', r"a CLI's name"),          # ("$" let a newline end it)
 ])
 def test_invalid_values_name_the_line(tmp_path, text, pattern):
     write(tmp_path, text)
