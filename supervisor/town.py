@@ -250,6 +250,8 @@ class Town:
             self.set_agent_state(agent.id, AgentState.STARTING, **fields)
         elif agent.hold:
             self.r.hset(self.keys.agent(agent.id), mapping={"hold": "", "to_backlog": ""})
+        else:
+            return agent  # working or idle: nothing to restart, so no event says it was asked
         pipe = self.r.pipeline()
         self._event(pipe, "agent_restart_requested", agent=name)
         pipe.publish(self.keys.control, f"restart {agent.id}")

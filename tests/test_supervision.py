@@ -199,6 +199,7 @@ def test_a_runner_that_keeps_crashing_ends_failed_with_growing_backoff(make_town
     assert task["state"] == "failed" and task["reason"] == "agent crashed 4 times"
     town.wait_agent("crashy", ("idle",))
     assert town.tt("restart", "crashy").out == "Agent crashy is idle: nothing to restart\n"
+    assert town.tt("events").out.count("agent_restart_requested") == 1  # the first's: nothing to restart asks nothing
     assert town.wait_task(town.json("assign", "crashy", "@echo recovered")["id"])["state"] == "completed"
 
 
