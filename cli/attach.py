@@ -140,6 +140,7 @@ class _Terminal:
         self.styled = os.isatty(stdout)
         self.at_line_start = True
         self.stopped = False
+        self.screen_reset = False
 
     def run(self, keys_label: str) -> int:
         import termios
@@ -157,6 +158,7 @@ class _Terminal:
             self._say(f"attached to {self.name}{mode}; {keys_label} detaches (the agent keeps running)")
             return self._loop(wake_r)
         finally:
+            self._reset_screen()  # (left by an exception or SIGTERM too)
             if saved is not None:
                 termios.tcsetattr(self.stdin, termios.TCSADRAIN, saved)
             signal.signal(signal.SIGWINCH, old_winch)
@@ -184,6 +186,7 @@ class _Terminal:
                 if send and not self.read_only:
                     self._send(b"I", send)
                 if detach:
+                    self._reset_screen()
                     self._say(f"detached from {self.name} (it keeps running)")
                     return 0
             if self.sock in ready:
@@ -192,6 +195,7 @@ class _Terminal:
                 except OSError:
                     data = b""
                 if not data:
+                    self._reset_screen()
                     if self.stopped:
                         return 0
                     self._say(f"lost the connection to {self.name}'s runner")
@@ -201,6 +205,18 @@ class _Terminal:
                         self._write(payload)
                     elif kind == b"S":
                         self._show_state(parse_json(payload))
+
+    # What a full-screen CLI may have switched on, switched off again: the main screen, the cursor,
+    # mouse reporting (all its modes), bracketed paste, application cursor keys and keypad, colours.
+    SCREEN_RESET = b"\x1b[?1049l\x1b[?25h\x1b[?1000l\x1b[?1002l\x1b[?1003l\x1b[?1006l\x1b[?2004l\x1b[?1l\x1b>\x1b[0m"
+
+    def _reset_screen(self) -> None:
+        """Leave the user's terminal as it was before the attach, whatever mode the CLI left it in
+        (once; only a terminal gets it)."""
+        if self.styled and not self.screen_reset:
+            self.screen_reset = True
+            self._write(self.SCREEN_RESET)
+            self.at_line_start = False  # (the CLI's last line may be on screen again)
 
     def _show_state(self, msg: dict) -> None:
         if msg.get("dropped"):
