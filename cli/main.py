@@ -564,11 +564,14 @@ def restart(agent, town_path):
             raise TinytownError(f"{exc}: it is being stopped; `tt restart {held.name}` again once `tt status` "
                                 "shows it stopped") from None
         before = "unresponsive"
-    found = town.restart_agent(agent)
-    if before in ("failed", "backoff", "stopped", "paused", "unresponsive") or held.hold:
+    found, done = town.restart_agent(agent)
+    if done == "started" or before == "unresponsive":
         click.echo(f"Restarting agent {found.name} (it was {before}{', ' + held.hold + ' asked' if held.hold else ''})")
+    elif done == "replaced":  # a new runner, with the config as it is now
+        click.echo(f"Restarting agent {found.name}'s runner" + (" once its current task is done"
+                                                               if found.state != "idle" else ""))
     else:
-        click.echo(f"Agent {found.name} is {before}: nothing to restart")
+        click.echo(f"Agent {found.name} is {found.state}: nothing to restart")
 
 
 @cli.command()

@@ -462,6 +462,10 @@ class Supervisor:
                 self._hold(agent)
                 continue
             if agent.id in self.procs:
+                proc = self.procs[agent.id]
+                if agent.restart_asked and not proc.hold:  # `tt restart` of a live runner: it finishes
+                    self._signal_runner(proc, signal.SIGHUP)  # its task and exits, and is started again
+                    proc.hold = "restart"                     # (_runner_exited, as after a resume)
                 continue
             if len(self.procs) >= cap:  # one held back is still exiting: start this one when it has
                 break
@@ -503,7 +507,7 @@ class Supervisor:
 
     def _start_runner(self, agent_id: str, name: str) -> None:
         self.town.set_agent_state(agent_id, AgentState.STARTING, pid="", cli_pid="", current_task="",
-                                  restart_at="")
+                                  restart_at="", restart_asked="")
         log_path = self.config.log_file(name)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -614,8 +618,9 @@ class Supervisor:
                 self.say(f"runner {proc.name} stopped ({agent.hold})")
                 self._hold(agent)
                 return
-            if agent is not None and proc.hold:  # `tt resume` came while it finished its task
-                self.say(f"runner {proc.name} stopped; resumed: starting it again")
+            if agent is not None and proc.hold:  # `tt resume` (or restart) came while it finished its task
+                self.say(f"runner {proc.name} stopped; {'restarted' if proc.hold == 'restart' else 'resumed'}: "
+                         "starting it again")
                 self._start_runner(proc.agent_id, proc.name)
                 return
         if proc.stop_requested or self.stopping is not None:

@@ -158,6 +158,7 @@ class Agent(_Hash):
     warning: str = ""                # what it works on despite (its log cannot be written...)
     hold: str = ""                   # a Hold's value: what `tt interrupt/close/kill` asked ("": none)
     to_backlog: int = 0              # 1: once its runner is gone, its queued tasks go to the backlog
+    restart_asked: int = 0           # 1: `tt restart` of a live runner: a new one after the task in hand
     workspace: str = ""              # "worktree" (agents/NAME on `branch`) or "shared" ("": shared)
     branch: str = ""                 # its worktree's branch (tt/NAME), fixed at spawn
     # Where it runs (supervisor/hosts.py): the host whose supervisor runs its runner, whether

@@ -240,23 +240,31 @@ class Town:
         return bool(HOST_SCRIPTS["unclaim"](self.r, (self.keys.inflight(agent_id), self.keys.inbox(agent_id)),
                                            (claimed.raw,)))
 
-    def restart_agent(self, name: str) -> Agent:
+    def restart_agent(self, name: str) -> tuple[Agent, str]:
         """Clear a failed/backoff agent so the supervisor starts it again; also one `tt interrupt`,
-        `close` or `kill` held (agent_control.py): the hold goes, and its runner starts."""
+        `close` or `kill` held (agent_control.py): the hold goes, and its runner starts. A live
+        runner (idle, working) is replaced by a new one, which reads the config as it is now,
+        once the task in hand is done: restart_asked, which the supervisor acts on. Returns the
+        agent as it was and what was done: "started", "replaced" or "" (nothing to do)."""
         agent = self.agent(name)
         fields = {"reason": "", "hold": "", "to_backlog": ""}
         if agent.state in (AgentState.FAILED.value, AgentState.BACKOFF.value, AgentState.STOPPED.value,
                            AgentState.PAUSED.value):
             self.set_agent_state(agent.id, AgentState.STARTING, **fields)
+            done = "started"
         elif agent.hold:
             self.r.hset(self.keys.agent(agent.id), mapping={"hold": "", "to_backlog": ""})
+            done = "started"
+        elif agent.state in (AgentState.IDLE.value, AgentState.WORKING.value, AgentState.WAITING.value):
+            self.r.hset(self.keys.agent(agent.id), "restart_asked", "1")
+            done = "replaced"
         else:
-            return agent  # working or idle: nothing to restart, so no event says it was asked
+            return agent, ""  # starting or stopping already: nothing to ask, so no event says it was
         pipe = self.r.pipeline()
         self._event(pipe, "agent_restart_requested", agent=name)
         pipe.publish(self.keys.control, f"restart {agent.id}")
         pipe.execute()
-        return self.agent_by_id(agent.id)
+        return agent, done
 
     # --- tasks -----------------------------------------------------------------------------
     def assign(self, name: str, description: str) -> Task:

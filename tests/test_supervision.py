@@ -198,9 +198,27 @@ def test_a_runner_that_keeps_crashing_ends_failed_with_growing_backoff(make_town
     task = town.wait_task(crash_id)
     assert task["state"] == "failed" and task["reason"] == "agent crashed 4 times"
     town.wait_agent("crashy", ("idle",))
-    assert town.tt("restart", "crashy").out == "Agent crashy is idle: nothing to restart\n"
-    assert town.tt("events").out.count("agent_restart_requested") == 1  # the first's: nothing to restart asks nothing
     assert town.wait_task(town.json("assign", "crashy", "@echo recovered")["id"])["state"] == "completed"
+
+
+def test_restart_of_a_live_agent_gives_it_a_new_runner_after_its_task(town):
+    """`tt restart` of an idle or working agent: a new runner (which reads the config as it is
+    now, as `tt reload` says), once the task in hand is done; the task is not cut short."""
+    town.tt("spawn", "dev")
+    first = town.wait_agent("dev")["pid"]
+    assert town.tt("restart", "dev").out == "Restarting agent dev's runner\n"
+    wait_for(lambda: town.agent("dev")["pid"] not in (None, first) and town.agent("dev")["state"] == "idle",
+             30, "a new runner")
+    second = town.agent("dev")["pid"]
+    task = town.assign("dev", "@gate go\n@echo done")
+    town.wait_task(task, states=("running",))
+    assert town.tt("restart", "dev").out == "Restarting agent dev's runner once its current task is done\n"
+    assert town.agent("dev")["pid"] == second and town.task(task)["state"] == "running"
+    (town.record / "go").write_text("")
+    done = town.wait_task(task)
+    assert done["state"] == "completed" and done["attempts"] == 1
+    wait_for(lambda: town.agent("dev")["pid"] not in (None, second), 30, "a new runner after the task")
+    assert town.tt("events").out.count("agent_restart_requested") == 2
 
 
 def test_status_shows_an_agent_in_backoff_and_restart_skips_the_wait(make_town):
