@@ -43,8 +43,10 @@ _DEFAULT_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, signal.SIGQU
                                      signal.SIGXFSZ, signal.SIGALRM, signal.SIGWINCH))
 
 
-# A program that cannot be run at all (missing, not executable, not a program): not this task's fault.
-UNRUNNABLE = (errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR, errno.ELOOP, errno.EISDIR)
+# A program that cannot be run at all: not this task's fault. Only "not a program" here: a missing
+# or unexecutable one is found by which() first, and posix_spawn's ENOENT or EACCES may as well be
+# the working folder or the prompt file (a file action), which a next task may find.
+UNRUNNABLE = (errno.ENOEXEC,)
 
 
 class CliUnusable(TinytownError):

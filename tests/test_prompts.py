@@ -7,6 +7,7 @@ import json
 
 import pytest
 from conftest import FAKE_AGENT as REPO_FAKE_AGENT
+from conftest import wait_for
 
 METACHARS = "echo $(touch /tmp/tt-pwned) `id` 'single' \"double\" ; rm -rf / && | > < * ? ~ \\ $HOME !!"
 
@@ -83,15 +84,22 @@ def test_nonzero_exit_fails_the_task_and_the_agent_goes_back_to_idle(dev):
     assert dev.wait_task(ok)["state"] == "completed"
 
 
-def test_missing_cli_binary_fails_the_task_and_the_runner_stays_up(town):
+def test_missing_cli_binary_fails_the_agent_and_its_task_waits_for_the_fix(town):
+    """Every task would fail alike: the agent fails at once, saying what to fix; the task waits in
+    its queue, and runs once the config is fixed and the agent restarted."""
     town.append_config('\n[agent_clis.ghost]\ncommand = "no-such-cli-binary --print"\n')
     town.tt("spawn", "ghost", "--model", "ghost")
-    before = town.wait_agent("ghost", ("idle",))
-    task = town.wait_task(town.json("assign", "ghost", "hello")["id"])
-    assert task["state"] == "failed"
-    assert "no-such-cli-binary" in task["reason"] and "not found" in task["reason"]
-    after = town.wait_agent("ghost", ("idle",))
-    assert after["pid"] == before["pid"] and after["restarts"] == 0
+    town.wait_agent("ghost", ("idle",))
+    task_id = town.json("assign", "ghost", "@echo at last")["id"]
+    failed = town.wait_agent("ghost", ("failed",))
+    assert "no-such-cli-binary" in failed["reason"] and "not found" in failed["reason"], failed
+    assert failed["restarts"] == 0 and not failed["pid"]
+    waiting = town.task(task_id)
+    assert waiting["state"] == "assigned" and waiting["reason"].startswith("waiting: agent ghost failed"), waiting
+    config = town.root / "tinytown.toml"
+    config.write_text(config.read_text().replace('"no-such-cli-binary --print"', '"claude"'))
+    town.tt("restart", "ghost")
+    assert town.wait_task(task_id)["state"] == "completed"
 
 
 def test_cli_environment_and_working_directory(dev):
@@ -120,12 +128,13 @@ def test_cli_that_cannot_be_executed_leaves_no_zombie(town):
     bad.chmod(0o755)
     town.append_config(f'\n[agent_clis.bad]\ncommand = [{json.dumps(str(bad))}, "--x"]\n')
     town.tt("spawn", "bad", "--model", "bad")
-    for _ in range(3):
-        task = town.wait_task(town.json("assign", "bad", "hello")["id"])
-        assert task["state"] == "failed" and "Exec format error" in task["reason"], task
-    runner = psutil.Process(town.wait_agent("bad", ("idle",))["pid"])
-    assert [c for c in runner.children() if c.status() == psutil.STATUS_ZOMBIE] == []
-    assert sum(1 for f in os.listdir(f"/proc/{runner.pid}/fd") if os.readlink(f"/proc/{runner.pid}/fd/{f}") == "/dev/ptmx") == 0
+    runner = town.wait_agent("bad", ("idle",))["pid"]
+    town.assign("bad", "hello")
+    failed = town.wait_agent("bad", ("failed",))
+    assert "Exec format error" in failed["reason"], failed
+    wait_for(lambda: not psutil.pid_exists(runner) or psutil.Process(runner).status() == psutil.STATUS_ZOMBIE,
+             30, "the runner to exit")
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(bad) in " ".join(p.info["cmdline"] or [])]
 
 
 def test_a_prompt_starting_with_a_dash_never_reaches_an_argument_cli_as_an_option(town):
