@@ -485,7 +485,7 @@ class Runner:
         if state is TaskState.FAILED and b"root/sudo" in self.tail:  # claude's refusal as root: say what to do
             reason = "; ".join(r for r in (reason, root_caveat(self.spec, self.base_env)) if r)
         if self.keep_context:
-            self._remember_session(task_id)
+            self._remember_session(task_id, failed=state is not TaskState.COMPLETED)
         reason, work, workspace_failed = self._workspace_end(task_id, subject, state, reason)
         if workspace_failed:  # mid-rebase, a nested repository...: a human must look
             state = TaskState.FAILED
@@ -494,15 +494,25 @@ class Runner:
         self.town.finish_task(self.agent_id, claimed, state, exit_code=code, reason=reason, output=bytes(self.tail),
                               agent_state=after, work=work)
 
-    def _remember_session(self, task_id: str) -> None:
+    def _remember_session(self, task_id: str, failed: bool) -> None:
         """The session the agent's next task continues: this one's, failed or not (what went wrong
         is worth remembering). Its id, when the CLI printed one, is read from the output's kept end
         once the task is over; else the last known id stays (a resumed session keeps its id), and
         with none the next task asks for the folder's last session, which every preset's CLI
-        answers by starting a new one if there is none."""
-        self.session = self.spec.session_in(bytes(self.tail)) or self.session
-        self.session_task = task_id
-        self.town.record_session(self.agent_id, self.session, task_id)
+        answers by starting a new one if there is none.
+
+        Except a task that was to resume a session by its id and failed without printing one: the
+        session is gone (expired, deleted, another HOME), and kept, it would fail every task after
+        this one. It is dropped: the next task starts a new session, and the log says so."""
+        printed = self.spec.session_in(bytes(self.tail))
+        if failed and not printed and self.session and self.session_task and self.spec.session_pattern:
+            self._note(f"task {task_id} could not continue session {self.session} (it failed and printed "
+                       "no session id): the next task starts a new session")
+            self.session = self.session_task = ""
+        else:
+            self.session = printed or self.session
+            self.session_task = task_id
+        self.town.record_session(self.agent_id, self.session, self.session_task)
 
     def _pump(self, session: CliSession, task_id: str) -> Ending:
         """Copy the CLI's output to the log, attach, Redis and the task's tail until it exits, and

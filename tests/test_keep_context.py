@@ -127,6 +127,23 @@ def test_each_task_continues_the_session_the_last_one_printed(town):
     assert town.wait_agent("dev")["session_task"] == third["id"]
 
 
+def test_a_session_that_is_gone_is_dropped_after_one_failed_task(town):
+    """Resuming a session that no longer exists fails (codex: "No conversation found"); kept, the
+    id would fail every task after it, `tt restart` or not. The next task starts a new one."""
+    town.tt("spawn", "dev", "--model", "codex", "--keep-context", "--shared")
+    first = town.wait_task(town.assign("dev", "@session\n@remember alpha"))
+    [session] = lines_of(first["output"], "session id: ")
+    for path in (town.record / "sessions").iterdir():
+        path.unlink()                                   # expired, deleted, another HOME
+    failed = town.wait_task(town.assign("dev", "@session"))
+    assert failed["state"] == "failed" and "No conversation found" in failed["output"]
+    assert town.wait_agent("dev")["session"] == ""
+    fresh = town.wait_task(town.assign("dev", "@session"))
+    assert fresh["state"] == "completed", fresh
+    assert lines_of(fresh["output"], "session id: ") != [session]
+    assert "could not continue session" in town.tt("logs", "dev").out
+
+
 def test_without_keep_context_every_task_starts_a_new_session(town):
     town.tt("spawn", "dev", "--model", "codex", "--shared")
     first = town.wait_task(town.assign("dev", "@session\n@remember alpha"))
