@@ -94,6 +94,12 @@ def test_a_prompt_is_answered_once_each_time_it_is_asked():
     # a prompt that arrives in pieces: across reads of one batch, and across batches
     assert [n.line for n in w.feed([b"ok\r\nPro", b"ceed? [y/N] "], 6.0)] == ["Proceed? [y/N]"]
     assert w.feed([b"\r\nOverwr"], 7.0) == () and [n.line for n in w.feed([b"ite b.txt?"], 7.1)] == ["Overwrite b.txt?"]
+    # asked again on the same line (the terminal echoes no answer, so `rm -i a b` asks so)
+    assert [n.line for n in w.feed([b"\r\nremove a? "], 8.0)] == []
+    w = watch(answers=(("remove .*\\?", "y\r"),))
+    assert [n.line for n in w.feed([b"rm: remove 'a'? "], 1.0)] == ["rm: remove 'a'?"]
+    assert w.feed([b" "], 1.1) == ()
+    assert [n.line for n in w.feed([b"rm: remove 'b'? "], 1.2)] == ["rm: remove 'b'?"]
 
 
 def test_a_prompt_at_the_end_of_a_flood_is_answered_and_a_flood_is_no_repeat():
