@@ -170,8 +170,8 @@ class OutputWatch:
 
     def _answer(self) -> Notice | None:
         """Each prompt is answered once: on a line answered already, only what came after the
-        answer is looked at. The CLI's terminal does not echo (pty_session.py), so a program
-        asking again after an answer (`rm -i a b c`, a `read` loop) asks on the same line."""
+        answer is looked at (a CLI that turned its terminal's echo off asks again on the same
+        line: `rm -i a b c` under a TUI, a `read -s` loop)."""
         text, number = self._last_shown()
         asked = text[self.answered_len:] if number == self.answered_line else text
         if not asked.strip():

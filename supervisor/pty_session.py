@@ -229,8 +229,9 @@ def spawn_in_pty(argv: list[str], env: dict[str, str], cwd: str, stdin: tuple | 
     """Start argv (argv[0] a path) as the leader of a new session on a new pty: (pid, master fd).
 
     stdin: a posix_spawn file action that sets fd 0 (the prompt), or None for the terminal. The
-    terminal does not echo: keystrokes from an attached user are not shown twice. The master fd
-    is blocking and close-on-exec.
+    terminal echoes, as any does (a CLI that draws its own input turns that off itself): `tt
+    attach` puts the user's terminal in raw mode, so this echo is the only one a typed key gets.
+    The master fd is blocking and close-on-exec.
     """
     if os.getcwd() != cwd:
         os.chdir(cwd)  # posix_spawn cannot chdir; the runner's only relative path is the CLI's
@@ -238,9 +239,6 @@ def spawn_in_pty(argv: list[str], env: dict[str, str], cwd: str, stdin: tuple | 
     try:
         rows, cols = dimensions
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-        attrs = termios.tcgetattr(slave)
-        attrs[3] &= ~termios.ECHO
-        termios.tcsetattr(slave, termios.TCSANOW, attrs)
         # setsid comes first in the child: the slave, opened by name after it, becomes the
         # session's controlling terminal.
         actions = [(os.POSIX_SPAWN_OPEN, 1, os.ttyname(slave), os.O_RDWR, 0), (os.POSIX_SPAWN_DUP2, 1, 2),
