@@ -121,8 +121,15 @@ def status(data: dict) -> None:
              (a["current_task"] or "-")[:8], str(a["pending"]), str(a["restarts"]), _ago(a["heartbeat_at"]),
              "; ".join(t for t in (_note(a), "roles " + ",".join(a["roles"]) if a.get("roles") else "") if t))
             for a in agents]
-    _table(("AGENT", "STATE", "CLI", "PID", "TASK", "PENDING", "RESTARTS", "HEARTBEAT", "NOTE"), rows,
-           state_col=1, console=console)
+    headers = ("AGENT", "STATE", "CLI", "PID", "TASK", "PENDING", "RESTARTS", "HEARTBEAT", "NOTE")
+    fixed = sum(max([len(h)] + [len(clean_written(row[i])) for row in rows]) + 1 for i, h in enumerate(headers[:-1]))
+    if console.width - fixed >= NOTE_MIN_WIDTH:
+        _table(headers, rows, state_col=1, console=console)
+    else:  # a narrow terminal: the notes (a question, why it failed) on lines of their own, never dropped
+        _table(headers[:-1], [row[:-1] for row in rows], state_col=1, console=console)
+        for row in rows:
+            if row[-1]:
+                console.print(_line(f"  {row[0]}: ", _plain(row[-1])))
     console.print(f"  {len(agents)}/{data['max_agents']} agents", markup=False)
     hosts = data.get("hosts") or []
     if len(hosts) > 1:
@@ -132,6 +139,9 @@ def status(data: dict) -> None:
     for role in data.get("unserved_roles", []):
         console.print(_line("  backlog: ", ("work for role ", "yellow"), _plain(role),
                             (": nobody can take it (tt spawn NAME --role " , "yellow"), _plain(role), (")", "yellow")))
+
+
+NOTE_MIN_WIDTH = 24   # narrower than this, `tt status` puts each agent's note on a line of its own
 
 
 def _counts(label: str, counts: dict):

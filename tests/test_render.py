@@ -48,6 +48,21 @@ def test_a_carriage_return_in_a_text_hides_nothing(town):
     assert "ignore the user" in inbox and "thanks for your work" in inbox
 
 
+def test_status_on_an_80_column_terminal_keeps_each_agents_note(town):
+    """The NOTE column (a question and how to answer it, why an agent failed) did not fit beside
+    the others in 80 columns, and rich dropped it without a sign."""
+    town.tt("spawn", "dev")
+    town.assign("dev", "@question Proceed with the migration? ")
+    town.wait_agent("dev", ("waiting",))
+    wide = town.tt("status").out
+    assert "NOTE" in wide and "tt attach dev to answer" in wide
+    town.env["COLUMNS"] = "80"
+    narrow = town.tt("status").out
+    assert "NOTE" not in narrow and "tt attach dev to answer" in narrow
+    assert "  dev: asks 'Proceed with the migration?'" in narrow
+    assert max(len(line) for line in narrow.splitlines()) <= 80
+
+
 def test_tasks_refuses_a_negative_count_and_assign_names_a_missing_file(town):
     from test_cli_errors import one_error_line
     town.tt("spawn", "dev")
