@@ -155,8 +155,10 @@ def _counts(label: str, counts: dict):
 def _note(a: dict) -> str:
     """Why an agent is not healthy, and what happens next."""
     health, reason = a["health"], a["reason"] or ""
-    if a.get("hold") and a["state"] not in ("paused", "stopped"):
-        return HOLD_NOTES.get(a["hold"], "")
+    asks = (f"asks {a['question']!r}: tt attach {a['name']} to answer"
+            if a["state"] == "waiting" and a.get("question") else "")
+    if a.get("hold") and a["state"] not in ("paused", "stopped"):  # (a question still waits for its answer)
+        return "; ".join(t for t in (HOLD_NOTES.get(a["hold"], ""), asks) if t)
     if a.get("hold") in ("close", "kill"):
         return f"closed; `tt restart {a['name']}` opens it again, `tt prune` removes it"
     if a.get("hold") == "pause":
@@ -169,8 +171,8 @@ def _note(a: dict) -> str:
     if health == "unresponsive":
         return (f"{a['state']}, but no heartbeat for {_ago(a['heartbeat_at']).replace(' ago', '')}: the runner may be "
                 f"hung (`tt restart {a['name']}` replaces it)")
-    if a["state"] == "waiting" and a.get("question"):
-        reason = f"asks {a['question']!r}: tt attach {a['name']} to answer"
+    if asks:
+        reason = asks
     return "; ".join(text for text in (reason, a.get("warning"), a.get("workspace_problem")) if text)
 
 

@@ -61,6 +61,10 @@ def test_status_on_an_80_column_terminal_keeps_each_agents_note(town):
     assert "NOTE" not in narrow and "tt attach dev to answer" in narrow
     assert "  dev: asks 'Proceed with the migration?'" in narrow
     assert max(len(line) for line in narrow.splitlines()) <= 80
+    del town.env["COLUMNS"]
+    town.tt("interrupt", "dev")   # pausing after its task, which still waits for its answer
+    both = town.tt("status").out
+    assert "pausing after its current task" in both and "tt attach dev to answer" in both
 
 
 def test_tasks_refuses_a_negative_count_and_assign_names_a_missing_file(town):
