@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -141,6 +142,7 @@ class _Terminal:
         self.at_line_start = True
         self.stopped = False
         self.screen_reset = False
+        self.alternate = False     # the CLI switched the terminal to its alternate screen
 
     def run(self, keys_label: str) -> int:
         import termios
@@ -208,14 +210,20 @@ class _Terminal:
 
     # What a full-screen CLI may have switched on, switched off again: the main screen, the cursor,
     # mouse reporting (all its modes), bracketed paste, application cursor keys and keypad, colours.
-    SCREEN_RESET = b"\x1b[?1049l\x1b[?25h\x1b[?1000l\x1b[?1002l\x1b[?1003l\x1b[?1006l\x1b[?2004l\x1b[?1l\x1b>\x1b[0m"
+    SCREEN_RESET = b"\x1b[?25h\x1b[?1000l\x1b[?1002l\x1b[?1003l\x1b[?1006l\x1b[?2004l\x1b[?1l\x1b>\x1b[0m"
+    ALTERNATE_ON = re.compile(rb"\x1b\[\?(?:1049|1047|47)([hl])")
+    LEAVE_ALTERNATE = b"\x1b[?1049l"  # (sent only if the CLI is on it: from the main screen, xterm
+    #                                    would restore a cursor position nobody saved)
 
     def _reset_screen(self) -> None:
         """Leave the user's terminal as it was before the attach, whatever mode the CLI left it in
-        (once; only a terminal gets it)."""
+        (once; only a terminal gets it). A terminal gone meanwhile is no error."""
         if self.styled and not self.screen_reset:
             self.screen_reset = True
-            self._write(self.SCREEN_RESET)
+            try:
+                self._write((self.LEAVE_ALTERNATE if self.alternate else b"") + self.SCREEN_RESET)
+            except OSError:
+                return
             self.at_line_start = False  # (the CLI's last line may be on screen again)
 
     def _show_state(self, msg: dict) -> None:
@@ -243,6 +251,9 @@ class _Terminal:
             pass  # noticed as end of input on the next read
 
     def _write(self, data: bytes) -> None:
+        switched = self.ALTERNATE_ON.findall(data)
+        if switched:
+            self.alternate = switched[-1] == b"h"
         view = memoryview(data)
         while view:
             view = view[os.write(self.stdout, view):]

@@ -549,7 +549,8 @@ def reload_config(town_path):
 @town_option
 def restart(agent, town_path):
     """Clear a failed agent (or one waiting to restart) and start its runner again; a runner that
-    stopped sending heartbeats (hung) is stopped first, as `tt kill` would."""
+    stopped sending heartbeats (hung) is stopped first, as `tt kill` would. An idle or working
+    agent gets a new runner (reading tinytown.toml as it is now) once its task in hand is done."""
     config = _config(town_path)
     town = _started_town(config)
     held = town.agent(agent)

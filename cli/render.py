@@ -122,7 +122,7 @@ def status(data: dict) -> None:
              "; ".join(t for t in (_note(a), "roles " + ",".join(a["roles"]) if a.get("roles") else "") if t))
             for a in agents]
     headers = ("AGENT", "STATE", "CLI", "PID", "TASK", "PENDING", "RESTARTS", "HEARTBEAT", "NOTE")
-    fixed = sum(max([len(h)] + [len(clean_written(row[i])) for row in rows]) + 1 for i, h in enumerate(headers[:-1]))
+    fixed = sum(max([len(h)] + [len(clean_written(row[i])) for row in rows]) + 2 for i, h in enumerate(headers[:-1]))
     if console.width - fixed >= NOTE_MIN_WIDTH:
         _table(headers, rows, state_col=1, console=console)
     else:  # a narrow terminal: the notes (a question, why it failed) on lines of their own, never dropped

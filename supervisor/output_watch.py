@@ -100,7 +100,6 @@ class OutputWatch:
         self.last_line = b""       # the last complete line
         self.line_no = 0           # grows with each line: which line an answer went to
         self.answered_line = -1
-        self.answered_len = 0      # how much of that line (as shown) had been asked when answered
         self.answers_sent = 0
         self.repeated = b""        # the line repeating (cleaned), and in how many batches in a row
         self.repeated_raw: bytes | None = None
@@ -169,19 +168,19 @@ class OutputWatch:
         return cleaned(self.last_line), self.line_no - 1
 
     def _answer(self) -> Notice | None:
-        """Each prompt is answered once: on a line answered already, only what came after the
-        answer is looked at (a CLI that turned its terminal's echo off asks again on the same
-        line: `rm -i a b c` under a TUI, a `read -s` loop)."""
+        """Each prompt line is answered once. (A line redrawn in place, as a TUI does, stays one
+        line here: looking at it again would type the answer again, into whatever it asks next.
+        A program asking again after an answer does so on a new line: the terminal echoes the
+        answer and its Enter.)"""
         text, number = self._last_shown()
-        asked = text[self.answered_len:] if number == self.answered_line else text
-        if not asked.strip():
+        if not text or number == self.answered_line:
             return None
-        index = self.searcher.search(asked, len(asked))
+        index = self.searcher.search(text, len(text))
         if index < 0:
             return None
-        self.answered_line, self.answered_len = number, len(text)
+        self.answered_line = number
         self.answers_sent += 1
-        return Notice("answer", cut(asked.strip(), keep_end=True), self.answers[index])
+        return Notice("answer", cut(text, keep_end=True), self.answers[index])
 
     # --- at the pump's deadlines -------------------------------------------------------------
     def deadline(self) -> float | None:

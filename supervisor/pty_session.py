@@ -43,10 +43,10 @@ _DEFAULT_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, signal.SIGQU
                                      signal.SIGXFSZ, signal.SIGALRM, signal.SIGWINCH))
 
 
-# A program that cannot be run at all: not this task's fault. Only "not a program" here: a missing
-# or unexecutable one is found by which() first, and posix_spawn's ENOENT or EACCES may as well be
-# the working folder or the prompt file (a file action), which a next task may find.
-UNRUNNABLE = (errno.ENOEXEC,)
+# posix_spawn's errors that say the program cannot be run at all: not this task's fault (which()
+# found the file, but it is not a program, or its #! interpreter is missing or not executable).
+# The working folder is entered before, and its error is the task's (spawn_in_pty).
+UNRUNNABLE = (errno.ENOEXEC, errno.ENOENT, errno.EACCES, errno.ENOTDIR, errno.ELOOP)
 
 
 class CliUnusable(TinytownError):
@@ -234,7 +234,10 @@ def spawn_in_pty(argv: list[str], env: dict[str, str], cwd: str, stdin: tuple | 
     The master fd is blocking and close-on-exec.
     """
     if os.getcwd() != cwd:
-        os.chdir(cwd)  # posix_spawn cannot chdir; the runner's only relative path is the CLI's
+        try:
+            os.chdir(cwd)  # posix_spawn cannot chdir; the runner's only relative path is the CLI's
+        except OSError as exc:  # (the task's problem, not the CLI's: CliSession._spawn)
+            raise TinytownError(f"cannot enter {cwd}: {exc.strerror or exc}") from None
     master, slave = os.openpty()  # both close-on-exec: the child opens the slave by name
     try:
         rows, cols = dimensions

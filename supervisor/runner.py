@@ -131,6 +131,7 @@ class Runner:
         self.warning = ""                         # the agent's warning as last written (the log's state)
         # Per task: the output's last OUTPUT_TAIL_BYTES, and what the Redis stream has not had yet.
         self.tail = bytearray()
+        self.tail_cut = False                     # the tail no longer holds the task's whole output
         self.unsent: list[bytes] = []
         self.unsent_bytes = 0
         self.stream: Sender | None = None         # for the output stream, on first output
@@ -484,8 +485,9 @@ class Runner:
             reason = said if code == 0 else ": ".join(r for r in (session.outcome(), said) if r)
         if state is TaskState.FAILED and b"root/sudo" in self.tail:  # claude's refusal as root: say what to do
             reason = "; ".join(r for r in (reason, root_caveat(self.spec, self.base_env)) if r)
-        if self.keep_context:
-            self._remember_session(task_id, failed=state is not TaskState.COMPLETED)
+        if self.keep_context:  # (a CLI that exited by itself with an error, its whole output in hand)
+            self._remember_session(task_id, resume_failed=ending is Ending.EXITED and not session.signal
+                                   and code not in (0, None) and not self.tail_cut)
         reason, work, workspace_failed = self._workspace_end(task_id, subject, state, reason)
         if workspace_failed:  # mid-rebase, a nested repository...: a human must look
             state = TaskState.FAILED
@@ -494,18 +496,20 @@ class Runner:
         self.town.finish_task(self.agent_id, claimed, state, exit_code=code, reason=reason, output=bytes(self.tail),
                               agent_state=after, work=work)
 
-    def _remember_session(self, task_id: str, failed: bool) -> None:
+    def _remember_session(self, task_id: str, resume_failed: bool) -> None:
         """The session the agent's next task continues: this one's, failed or not (what went wrong
         is worth remembering). Its id, when the CLI printed one, is read from the output's kept end
         once the task is over; else the last known id stays (a resumed session keeps its id), and
         with none the next task asks for the folder's last session, which every preset's CLI
         answers by starting a new one if there is none.
 
-        Except a task that was to resume a session by its id and failed without printing one: the
-        session is gone (expired, deleted, another HOME), and kept, it would fail every task after
-        this one. It is dropped: the next task starts a new session, and the log says so."""
+        Except a task that was to resume a session by its id and whose CLI exited with an error
+        without printing one anywhere in its output (`resume_failed`: all of it kept, not killed
+        by a timeout or a cancel): the session is gone (expired, deleted, another HOME), and kept,
+        it would fail every task after this one. It is dropped: the next task starts a new
+        session, and the log says so."""
         printed = self.spec.session_in(bytes(self.tail))
-        if failed and not printed and self.session and self.session_task and self.spec.session_pattern:
+        if resume_failed and not printed and self.session and self.session_task and self.spec.session_pattern:
             self._note(f"task {task_id} could not continue session {self.session} (it failed and printed "
                        "no session id): the next task starts a new session")
             self.session = self.session_task = ""
@@ -518,6 +522,7 @@ class Runner:
         """Copy the CLI's output to the log, attach, Redis and the task's tail until it exits, and
         enforce a stop's grace and the task's timeout on the way."""
         self.tail = bytearray()
+        self.tail_cut = False
         self.stream_budget.reset()
         reader = session.reader
         now = time.monotonic()
@@ -624,7 +629,7 @@ class Runner:
         attach viewers, the task's tail, and queued for the Redis stream (sent at STREAM_FLUSH_BYTES
         or STREAM_FLUSH_SECONDS)."""
         self.attach.output(chunks)
-        keep_tail_of(self.tail, chunks, OUTPUT_TAIL_BYTES)
+        self.tail_cut = keep_tail_of(self.tail, chunks, OUTPUT_TAIL_BYTES) or self.tail_cut
         self.unsent += chunks  # (cut into the stream's entries when sent)
         self.unsent_bytes += sum(map(len, chunks))
         if self.log.problem != self.warning:

@@ -58,6 +58,9 @@ class Claimed:
     message: Message
 
 
+# An agent whose runner is up and may be replaced by `tt restart` once its task is done.
+LIVE_STATES = (AgentState.IDLE.value, AgentState.WORKING.value, AgentState.WAITING.value)
+
 class Town:
     """The town's records in Redis. `client`: a resp.RespClient (default: a `tt` command's, with
     its reply timeout; the supervisor and the runners pass long-lived ones)."""
@@ -255,8 +258,7 @@ class Town:
         elif agent.hold:
             self.r.hset(self.keys.agent(agent.id), mapping={"hold": "", "to_backlog": ""})
             done = "started"
-        elif agent.state in (AgentState.IDLE.value, AgentState.WORKING.value, AgentState.WAITING.value):
-            self.r.hset(self.keys.agent(agent.id), "restart_asked", "1")
+        elif agent.state in LIVE_STATES and self._ask_restart(agent.id):
             done = "replaced"
         else:
             return agent, ""  # starting or stopping already: nothing to ask, so no event says it was
@@ -265,6 +267,25 @@ class Town:
         pipe.publish(self.keys.control, f"restart {agent.id}")
         pipe.execute()
         return agent, done
+
+    def _ask_restart(self, agent_id: str) -> bool:
+        """restart_asked on an agent whose runner is still live, checked and written in one
+        transaction: a second `tt restart` racing the supervisor's start of the new runner must
+        not ask that one to go too (or make a record again for an agent removed meanwhile)."""
+        key = self.keys.agent(agent_id)
+        for _ in range(100):
+            self.r.execute_command("WATCH", key)
+            if self.r.hget(key, "state") not in LIVE_STATES:
+                self._unwatch()
+                return False
+            pipe = self.r.pipeline()
+            pipe.hset(key, "restart_asked", "1")
+            try:
+                pipe.execute()
+                return True
+            except WatchError:
+                continue  # (the record changed in between: look again)
+        return False
 
     # --- tasks -----------------------------------------------------------------------------
     def assign(self, name: str, description: str) -> Task:

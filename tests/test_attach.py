@@ -43,7 +43,7 @@ def log_text(town, agent: str = "dev") -> str:
 
 def detach(child, key: str = "]") -> None:
     child.sendcontrol(key)
-    child.expect_exact(b"\x1b[?1049l\x1b[?25h\x1b[?1000l")  # whatever the CLI switched on, off again
+    child.expect_exact(b"\x1b[?25h\x1b[?1000l")  # whatever the CLI switched on, off again
     child.expect_exact("detached from")
     expect_clean_exit(child)
 

@@ -94,12 +94,10 @@ def test_a_prompt_is_answered_once_each_time_it_is_asked():
     # a prompt that arrives in pieces: across reads of one batch, and across batches
     assert [n.line for n in w.feed([b"ok\r\nPro", b"ceed? [y/N] "], 6.0)] == ["Proceed? [y/N]"]
     assert w.feed([b"\r\nOverwr"], 7.0) == () and [n.line for n in w.feed([b"ite b.txt?"], 7.1)] == ["Overwrite b.txt?"]
-    # asked again on the same line (the terminal echoes no answer, so `rm -i a b` asks so)
-    assert [n.line for n in w.feed([b"\r\nremove a? "], 8.0)] == []
-    w = watch(answers=(("remove .*\\?", "y\r"),))
-    assert [n.line for n in w.feed([b"rm: remove 'a'? "], 1.0)] == ["rm: remove 'a'?"]
-    assert w.feed([b" "], 1.1) == ()
-    assert [n.line for n in w.feed([b"rm: remove 'b'? "], 1.2)] == ["rm: remove 'b'?"]
+    # a line redrawn in place is one line: answered once, however often it is drawn again
+    w = watch(answers=(("Allow\\?", "y\r"),))
+    assert len(w.feed([b"Allow? (y/n) "], 1.0)) == 1
+    assert w.feed([b"\x1b[2K\x1b[GAllow? (y/n) " * 5], 1.1) == ()
 
 
 def test_a_prompt_at_the_end_of_a_flood_is_answered_and_a_flood_is_no_repeat():
@@ -261,6 +259,16 @@ def test_a_prompt_is_answered_and_the_answer_logged(make_town):
     assert "answered 'Proceed? [y/N]' with 'y\\r' (expect 'Proceed\\\\?')" in log
     answered = _events(town, "agent_answered")
     assert [(e["agent"], e["task"], e["sent"]) for e in answered] == [("dev", task["id"], "y\r")]
+
+def test_a_program_asking_again_at_once_is_answered_again(make_town):
+    """`rm -i a b c` prints nothing between its questions: the terminal's echo of the answer and
+    its Enter puts the next one on a line of its own, so it is answered too (without echo, it
+    waited for input for ever, on the line already answered)."""
+    town = make_town(extra='\n[agent_clis.shell]\ncommand = "sh"\n')
+    town.tt("spawn", "dev", "--model", "shell", "--shared", "--answer", r"Proceed\?=y\r")
+    script = 'printf "Proceed? "; read a </dev/tty; printf "Proceed? "; read b </dev/tty; echo "got $a$b"\n'
+    task = town.wait_task(town.assign("dev", script), timeout=20)
+    assert task["state"] == "completed" and "got yy" in task["output"], task
 
 
 def test_an_unanswered_question_shows_the_agent_waiting_for_input(make_town):

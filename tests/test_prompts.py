@@ -137,6 +137,18 @@ def test_cli_that_cannot_be_executed_leaves_no_zombie(town):
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(bad) in " ".join(p.info["cmdline"] or [])]
 
 
+def test_a_script_whose_interpreter_is_gone_fails_its_agent_too(town):
+    """which() finds the script; posix_spawn's ENOENT is its #! interpreter (after an upgrade):
+    every task would fail alike, so the agent fails rather than take the backlog's tasks."""
+    script = town.root / "old-cli"
+    script.write_text("#!/no/such/python3.9\nprint('hi')\n")
+    script.chmod(0o755)
+    town.append_config(f'\n[agent_clis.old]\ncommand = [{json.dumps(str(script))}]\n')
+    town.tt("spawn", "old", "--model", "old")
+    town.assign("old", "hello")
+    assert "No such file or directory" in town.wait_agent("old", ("failed",))["reason"]
+
+
 def test_a_prompt_starting_with_a_dash_never_reaches_an_argument_cli_as_an_option(town):
     """`cursor-agent --print --force --version` ran, with no prompt. A positional prompt now goes
     after "--" where the preset says its CLI takes it; elsewhere the task fails saying why, and
