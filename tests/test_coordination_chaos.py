@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import time
+from unittest import mock
 
 from conftest import town_processes, wait_for
 from test_chaos import CHAOS_POLICY, EventLog, town_pid
@@ -38,6 +39,13 @@ def test_coordination_chaos(make_town):
     def connect():
         t = town.town()
         return t, t.coordination
+
+    def start_again():
+        """The supervisor started again as `tt` starts it, with the town's environment (the fake
+        CLI on PATH): started with this test's own, its runners could not find the CLI, and each
+        task failed "command not found", which this test counted as settled."""
+        with mock.patch.dict(os.environ, town.env, clear=True):
+            lifecycle.ensure_running(config)
 
     t, coord = connect()
     events = EventLog(t)
@@ -65,7 +73,7 @@ def test_coordination_chaos(make_town):
                     os.kill(pid, signal.SIGKILL)
                     kills["supervisor"] += 1
                     wait_for(lambda: not lifecycle.running_pid(config), 30, "the supervisor gone")
-                lifecycle.ensure_running(config)
+                start_again()
                 t, coord = connect()
                 events.town = t
             else:
@@ -78,7 +86,7 @@ def test_coordination_chaos(make_town):
         except Exception as exc:  # noqa: BLE001 - Redis restarting with its supervisor
             if "Redis" not in str(exc) and "connect" not in str(exc):
                 raise
-            lifecycle.ensure_running(config)
+            start_again()
             t, coord = connect()
             events.town = t
         time.sleep(rng.uniform(0.01, 0.1))  # the pace of the chaos, not a synchronisation
@@ -87,7 +95,14 @@ def test_coordination_chaos(make_town):
         events.read()
         return len(events.terminal) >= TASKS
 
-    wait_for(settled, 120 + TASKS * 0.1, "every task to reach a terminal state")
+    try:
+        wait_for(settled, 120 + TASKS * 0.1, "every task to reach a terminal state")
+    except BaseException:  # what is not settled, and why: the agents and the tasks left
+        left = [task for task in t.tasks() if task.id in set(ids) - set(events.terminal)]
+        print("agents:", [(a.name, a.state, a.reason[:80], a.hold) for a in t.agents()])
+        print(f"{len(left)} tasks not settled:", [(x.id[:8], x.state, x.agent, x.reason[:80], x.after[:30])
+                                                  for x in left[:10]])
+        raise
     tasks = {task.id: task for task in t.tasks()}
     assert set(ids) <= set(tasks)
     states = collections.Counter(tasks[i].state for i in ids)
