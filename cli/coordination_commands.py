@@ -219,9 +219,14 @@ def wait(refs, timeout, as_json, town_path):
     from tinytown.supervisor.resp import RespConnectionError, connect
     from tinytown.supervisor.town import Town
     config = _config(town_path)
-    town, running = _recorded_town(config)
-    if running:
-        town = Town(config, connect(config, long_lived=True))  # a reply may take as long as the wait
+
+    def recorded():
+        town, running = _recorded_town(config)
+        if running:
+            town = Town(config, connect(config, long_lived=True))  # a reply may take as long as the wait
+        return town, running
+
+    town, running = recorded()
     coord = town.coordination
     ids = coord.resolve_refs(refs, what="tt wait")
     if not ids:
@@ -236,9 +241,7 @@ def wait(refs, timeout, as_json, town_path):
         from tinytown.supervisor import lock
         if not (running and config.use_socket and lock.wait_released(config.runtime_dir, STOP_SETTLE_SECONDS)):
             raise
-        town, running = _recorded_town(config)
-        if running:
-            town = Town(config, connect(config, long_lived=True))
+        town, running = recorded()
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         done = town.coordination.wait(ids, left if running else 0)
     if not running and len(done) < len(ids):  # as at a timeout (exit 2), saying why

@@ -122,7 +122,7 @@ def status(data: dict) -> None:
              "; ".join(t for t in (_note(a), "roles " + ",".join(a["roles"]) if a.get("roles") else "") if t))
             for a in agents]
     headers = ("AGENT", "STATE", "CLI", "PID", "TASK", "PENDING", "RESTARTS", "HEARTBEAT", "NOTE")
-    fixed = sum(max([len(h)] + [len(clean_written(row[i])) for row in rows]) + 2 for i, h in enumerate(headers[:-1]))
+    fixed = sum(width + 2 for width in _widths(headers[:-1], rows))  # (columns two spaces apart)
     if console.width - fixed >= NOTE_MIN_WIDTH:
         _table(headers, rows, state_col=1, console=console)
     else:  # a narrow terminal: the notes (a question, why it failed) on lines of their own, never dropped
@@ -176,16 +176,18 @@ def _note(a: dict) -> str:
     return "; ".join(text for text in (reason, a.get("warning"), a.get("workspace_problem")) if text)
 
 
+def _widths(headers, rows) -> list[int]:
+    """Each column's width as shown: its header or its widest cell, cleaned."""
+    return [max([len(header)] + [len(clean_written(row[i])) for row in rows]) for i, header in enumerate(headers)]
+
+
 def _table(headers, rows, state_col: int, console=None) -> None:
     """A borderless table whose columns keep their full width; only the last one is cut or folded."""
     from rich.table import Table
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for i, header in enumerate(headers):
-        if i == len(headers) - 1:
-            table.add_column(header, overflow="fold", ratio=1)
-        else:
-            width = max([len(header)] + [len(clean_written(row[i])) for row in rows])
-            table.add_column(header, no_wrap=True, min_width=width)
+    for header, width in zip(headers[:-1], _widths(headers[:-1], rows)):
+        table.add_column(header, no_wrap=True, min_width=width)
+    table.add_column(headers[-1], overflow="fold", ratio=1)
     for row in rows:  # every cell a Text: a `[/]` in a task's text is text, not markup
         table.add_row(*(_state(cell) if i == state_col else _plain(cell) for i, cell in enumerate(row)))
     (console or _console()).print(table)

@@ -11,12 +11,7 @@ import sys
 import click
 
 from tinytown.supervisor.errors import TinytownError
-
-
-def _shown(text: str) -> str:
-    """A message, a branch or a file name an agent made, safe to show (a \r in it hides nothing)."""
-    from tinytown.supervisor.terminal_text import clean_written
-    return clean_written(text)
+from tinytown.supervisor.terminal_text import clean_written
 
 
 def prepare_workspace(config, town, name: str, from_ref: str | None, quiet: bool = False) -> dict:
@@ -34,11 +29,11 @@ def prepare_workspace(config, town, name: str, from_ref: str | None, quiet: bool
             raise TinytownError(f"--from {from_ref}: {exc}") from None
         first = not town.r.hlen(town.keys.agent_index)
         if not quiet and (first or exc.kind == "no-commit"):
-            click.echo(f"tt: {_shown(str(exc))}", err=True)
+            click.echo(f"tt: {clean_written(str(exc))}", err=True)
         return {"mode": "shared", "why": str(exc)}
     if not quiet:
         for note in notes:
-            click.echo(f"tt: {_shown(note)}", err=True)
+            click.echo(f"tt: {clean_written(note)}", err=True)
     return {"mode": "worktree", "branch": workspace.branch, "label": workspace.label, "path": str(workspace.path),
             "notes": notes}
 
@@ -48,9 +43,9 @@ def file_lines(files: list[dict]) -> list[str]:
     lines = []
     for change in files:
         counts = "bin" if change.get("added") is None else f"+{change['added']} -{change['deleted']}"
-        path = _shown(str(change.get("path", "")))
+        path = clean_written(str(change.get("path", "")))
         if change.get("old_path"):
-            path = f"{_shown(str(change['old_path']))} -> {path}"
+            path = f"{clean_written(str(change['old_path']))} -> {path}"
         lines.append(f"{counts:>12}  {path}")
     return lines
 
@@ -136,9 +131,9 @@ def merge(ctx, ref, into, town_path):
         source, label = task.head, f"task {task.id[:8]}"
     done = merge_home(config.root, source, into, label=label)
     if done.how == "up to date":
-        click.echo(f"{label}: already in {_shown(done.branch)}")
+        click.echo(f"{label}: already in {clean_written(done.branch)}")
     else:
-        click.echo(f"merged {label} into {_shown(done.branch)} ({done.how}, {done.before[:7]}..{done.after[:7]})")
+        click.echo(f"merged {label} into {clean_written(done.branch)} ({done.how}, {done.before[:7]}..{done.after[:7]})")
     if agent is not None and agent.busy:
         click.echo(f"{agent.name} is working: its running task's changes are not committed yet (they come "
                    "with its next tt merge)")

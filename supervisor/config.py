@@ -807,9 +807,11 @@ def _read_clis(source: _Source, tables: dict) -> dict[str, CliSpec]:
         table = f"agent_clis.{cli_name}"
         if not isinstance(spec, dict):
             source.fail("agent_clis", cli_name, "each [agent_clis.NAME] must be a table with `command`")
-        if not NAME_RE.match(cli_name):   # ([agent_clis."NAME"], or NAME = {...} inside [agent_clis])
-            source.fail(*((table, None) if source.line_of(table, None) else ("agent_clis", cli_name)), "a CLI's name (what --model says) is 1-63 letters, digits, '.', '_' "
-                                                "or '-', starting with a letter or digit")
+        if not NAME_RE.match(cli_name):
+            # (named by its [agent_clis."NAME"] header, or as NAME = {...} inside [agent_clis])
+            where = (table, None) if source.line_of(table, None) else ("agent_clis", cli_name)
+            source.fail(*where, "a CLI's name (what --model says) is 1-63 letters, digits, '.', '_' or '-', "
+                                "starting with a letter or digit")
         for key in spec:
             if key not in CLI_KEYS:
                 source.unknown(table, key, CLI_KEYS)

@@ -34,28 +34,12 @@ def ensure_running(config: Config, say=None) -> bool:
     while its town stops would hold the stop up for the whole grace, waiting for it.)
     """
     if running_pid(config):
-        if _supervisor_state(config) == "stopping":
-            if say:
-                say(f"town {config.name!r} is stopping: this waits in it for the next `tt start`")
-            return False
-        if _wait_ready(config):
+        state = _wait_ready(config, stopping_too=True)
+        if state == "stopping" and say:
+            say(f"town {config.name!r} is stopping: this waits in it for the next `tt start`")
+        if state:
             return False
     return _start_background(config, say)
-
-
-def _supervisor_state(config: Config) -> str | None:
-    """What the running supervisor's record says it is ("running", "stopping"...), None if unknown."""
-    from .keys import Keys
-    from .resp import connect
-    client = None
-    try:
-        client = connect(config, timeout=2)
-        return client.hget(Keys(config.name).supervisor, "state")
-    except Exception:  # noqa: BLE001 - (not up yet: _wait_ready waits for it)
-        return None
-    finally:
-        if client is not None:
-            client.close()
 
 
 # What a runner puts in its CLI's environment. A supervisor started by an agent's own `tt` (an
@@ -133,27 +117,32 @@ def wait_recorded(config: Config, town) -> None:
         _wait_ready(config)
 
 
-def _wait_ready(config: Config, timeout: float = START_TIMEOUT) -> bool:
-    """Wait until a running supervisor reports `running` in Redis: False if it exits instead."""
+def _wait_ready(config: Config, timeout: float = START_TIMEOUT, stopping_too: bool = False) -> str:
+    """Wait until a running supervisor reports `running` in Redis (or, stopping_too, `stopping`):
+    that state, "" if it exits instead."""
     from .keys import Keys
     from .resp import connect  # (not redis-py: a command that only reads must stay quick)
 
     client, key = connect(config), Keys(config.name).supervisor
+    seen = [""]
 
     def ready() -> bool:
         if not running_pid(config):
             return True  # it went away (it was stopping)
         try:
-            state = client.hget(key, "state")
+            seen[0] = state = client.hget(key, "state") or ""
         except Exception:
             return False
-        if state is None:
+        if not state:
             _refuse_a_rename(config)
-        return state == "running"
+        return state == "running" or (stopping_too and state == "stopping")
 
-    if not wait_until(ready, timeout):
-        raise TinytownError("the town's supervisor is running but not ready; see .tt/supervisor.log")
-    return bool(running_pid(config))
+    try:
+        if not wait_until(ready, timeout):
+            raise TinytownError("the town's supervisor is running but not ready; see .tt/supervisor.log")
+    finally:
+        client.close()
+    return seen[0] if running_pid(config) else ""
 
 
 def _refuse_a_rename(config: Config) -> None:
