@@ -17,7 +17,10 @@ from tinytown.supervisor.procutil import exit_now
 def main() -> None:
     stop_args = _read_stop(sys.argv[1:])
     if stop_args is None:
-        from tinytown.cli.main import main as click_main
+        try:
+            from tinytown.cli.main import main as click_main
+        except KeyboardInterrupt:  # Ctrl+C while Python loads click: an interrupted command, not a traceback
+            os._exit(130)
         click_main()
         return
     config = None

@@ -146,3 +146,23 @@ def test_a_runtime_folder_that_is_not_a_folder_is_said_as_the_config_path_says_i
     assert (fast.returncode, fast.stdout, fast.stderr) == (slow.returncode, slow.stdout, slow.stderr)
     assert fast.returncode == 1 and fast.stderr.endswith(".tt is not a folder (the town keeps its runtime files "
                                                          "there): move it away\n")
+
+
+def test_ctrl_c_while_python_loads_click_ends_quietly(tmp_path):
+    """Ctrl+C in the first tenth of a second of `tt list` (Python still importing) used to print
+    the traceback of whichever import it landed in. The import hook below sends the SIGINT at the
+    moment click is imported, so it lands there every time."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal, sys\n"
+        "class InterruptAtClick:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'click':\n"
+        "            sys.meta_path.remove(self)\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "sys.meta_path.insert(0, InterruptAtClick())\n")
+    env = dict(os.environ, PYTHONPATH=str(hook))
+    proc = subprocess.run([sys.executable, "-m", "tinytown.cli.entry", "list"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr, proc.stdout) == (130, "", "")
