@@ -199,7 +199,7 @@ class Coordination:
             self.town.check_prompts(agent_id, [description])
         task = Task(id=new_id(), agent=agent or "", agent_id=agent_id, description=description,
                     state=TaskState.PENDING.value, created_at=now(), after=",".join(deps),
-                    backlog=0 if agent is not None else 1, role=role or "", no_context=0 if context else 1,
+                    backlog=agent is None, role=role or "", no_context=not context,
                     created_by=created_by)
         fields = task.to_hash()
         del fields["state"]  # the script decides it

@@ -124,7 +124,9 @@ class _Hash:
                 continue
             raw = data[f.name]
             kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-            if "float" in kind:
+            if kind == "bool":  # (written "1"/"0"; "" by a field's reset)
+                values[f.name] = raw not in ("", "0")
+            elif "float" in kind:
                 values[f.name] = float(raw) if raw != "" else None
             elif "int" in kind:
                 values[f.name] = int(raw) if raw != "" else None
@@ -133,10 +135,19 @@ class _Hash:
         return cls(**values)
 
     def to_hash(self) -> dict[str, str]:
-        return {k: ("" if v is None else str(v.value if isinstance(v, Enum) else v)) for k, v in asdict(self).items()}
+        return {k: _hash_value(v) for k, v in asdict(self).items()}
 
     def to_json(self) -> dict:
         return {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(self).items()}
+
+
+def _hash_value(value) -> str:
+    """A field as the hash holds it: flags as "1"/"0", which the Lua scripts compare with."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value.value if isinstance(value, Enum) else value)
 
 
 @dataclass
@@ -157,20 +168,20 @@ class Agent(_Hash):
     restart_at: float | None = None  # in backoff: when the supervisor starts it again
     warning: str = ""                # what it works on despite (its log cannot be written...)
     hold: str = ""                   # a Hold's value: what `tt interrupt/close/kill` asked ("": none)
-    to_backlog: int = 0              # 1: once its runner is gone, its queued tasks go to the backlog
-    restart_asked: int = 0           # 1: `tt restart` of a live runner: a new one after the task in hand
+    to_backlog: bool = False          # once its runner is gone, its queued tasks go to the backlog
+    restart_asked: bool = False       # `tt restart` of a live runner: a new one after the task in hand
     workspace: str = ""              # "worktree" (agents/NAME on `branch`) or "shared" ("": shared)
     branch: str = ""                 # its worktree's branch (tt/NAME), fixed at spawn
     # Where it runs (supervisor/hosts.py): the host whose supervisor runs its runner, whether
     # `tt spawn --host` pinned it there, and its placement's number: a runner started for an
     # older epoch writes nothing more (fencing a host that comes back after being declared lost).
     host: str = ""
-    pinned: int = 0
+    pinned: bool = False
     epoch: int = 0
     answers: str = ""                # JSON [[regex, text], ...]: typed into its CLI when asked (`tt spawn --answer`)
     question: str = ""               # while `waiting`: the question its CLI stopped on (cleaned text)
     # `tt spawn --keep-context`: each task continues the CLI session of the last one (CliSpec.continued).
-    keep_context: int = 0            # 1: on, fixed at spawn
+    keep_context: bool = False        # on, fixed at spawn
     session: str = ""                # the session id its CLI last printed ("": none seen)
     session_task: str = ""           # the last task whose session the next one continues ("": none yet)
 
@@ -214,9 +225,9 @@ class Task(_Hash):
     # Work that flows between agents (supervisor/coordination.py):
     after: str = ""                  # comma-separated ids of the tasks this one runs after
     deps_left: int = 0               # how many of those are not finished yet (while `pending`)
-    backlog: int = 0                 # 1: queued for whichever matching agent is idle first
+    backlog: bool = False             # queued for whichever matching agent is idle first
     role: str = ""                   # a backlog task's role ("": any agent)
-    no_context: int = 0              # 1: no upstream output appended to the prompt
+    no_context: bool = False          # no upstream output appended to the prompt
     created_by: str = ""             # the agent that created it (TT_AGENT), or "user"
     notes: str = ""                  # comma-separated ids of the notes delivered with it
     cancel_request: str = ""         # in flight: why its runner is to stop it (`tt cancel`)

@@ -124,9 +124,9 @@ class Town:
         agent = Agent(id=new_id(), name=name, cli=cli, state=AgentState.STARTING.value,
                       created_at=now(), updated_at=now(), task_timeout=task_timeout, workspace=workspace,
                       branch=branch, answers=json.dumps(answers) if answers else "",
-                      keep_context=int(keep_context))
+                      keep_context=keep_context)
         agent.host = self._place(agent, host, agent.to_hash())
-        agent.pinned, agent.epoch = int(bool(host)), 1
+        agent.pinned, agent.epoch = bool(host), 1
         return agent
 
     def check_spawn(self, name: str, host: str = "") -> None:

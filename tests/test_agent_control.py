@@ -144,7 +144,7 @@ def test_close_to_backlog_gives_the_queue_to_another_idle_agent(town):
     assert done["state"] == "completed" and done["agent"] == "helper"
     # and, idle again, the next (an agent going idle takes backlog work in the same transaction)
     left = town.wait_task(third)
-    assert left["state"] == "completed" and left["agent"] == "helper" and left["backlog"] == 1
+    assert left["state"] == "completed" and left["agent"] == "helper" and left["backlog"] is True
     assert town.agent("dev")["state"] == "stopped" and town.agent("dev")["pending"] == 0
 
 
@@ -223,7 +223,7 @@ def test_prune_refuses_queued_work_unless_it_goes_to_the_backlog(town):
     out = town.tt("prune", "--to-backlog").out
     assert "1 queued task(s) to the backlog" in out
     task = town.task(queued)
-    assert task["state"] == "pending" and task["agent"] == "" and task["backlog"] == 1
+    assert task["state"] == "pending" and task["agent"] == "" and task["backlog"] is True
 
 
 def _git(cwd, *args):

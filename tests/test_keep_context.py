@@ -101,7 +101,7 @@ def test_bad_continuation_keys_are_refused_with_their_line(tmp_path, body, error
 def test_each_task_continues_the_session_the_last_one_printed(town):
     """codex's way: it prints its session id; the next task resumes that id."""
     town.tt("spawn", "dev", "--model", "codex", "--keep-context", "--shared")
-    assert town.agent("dev")["keep_context"] == 1 and town.agent("dev")["session_task"] == ""
+    assert town.agent("dev")["keep_context"] is True and town.agent("dev")["session_task"] == ""
 
     first = town.wait_task(town.assign("dev", "@session\n@remember alpha"))
     assert first["state"] == "completed"
@@ -151,7 +151,7 @@ def test_without_keep_context_every_task_starts_a_new_session(town):
     assert lines_of(second["output"], "remembers: ") == ["nothing"]
     assert lines_of(first["output"], "session id: ") != lines_of(second["output"], "session id: ")
     assert "resume" not in town.recorded(second["id"])[0]["argv"]
-    assert town.agent("dev")["keep_context"] == 0 and town.agent("dev")["session_task"] == ""
+    assert town.agent("dev")["keep_context"] is False and town.agent("dev")["session_task"] == ""
 
 
 def test_the_folders_last_session_is_each_worktree_agents_own(make_town):
@@ -180,7 +180,7 @@ def test_a_cli_that_cannot_continue_says_so_at_spawn_and_runs_as_before(town):
     spawned = town.tt("spawn", "dev", "--model", "auggie", "--keep-context")
     warnings = [line for line in spawned.err.splitlines() if "--keep-context" in line]
     assert len(warnings) == 1 and "'auggie' has no way to continue a session" in warnings[0]
-    assert town.agent("dev")["keep_context"] == 1  # kept: continue_args in tinytown.toml later make it work
+    assert town.agent("dev")["keep_context"] is True  # kept: continue_args in tinytown.toml later make it work
     first = town.wait_task(town.assign("dev", "@session\n@remember alpha"))
     second = town.wait_task(town.assign("dev", "@session"))
     assert first["state"] == second["state"] == "completed"

@@ -61,6 +61,17 @@ def test_hash_round_trip_keeps_types_and_bytes():
     assert agent.to_json()["pid"] == 42
 
 
+def test_flags_are_1_or_0_in_the_hash_and_booleans_in_json():
+    """The Lua scripts compare flags with '1'; `--json` readers get true/false, not 0/1."""
+    agent = Agent(id="a", name="dev", cli="claude", keep_context=True, pinned=False)
+    assert (agent.to_hash()["keep_context"], agent.to_hash()["pinned"]) == ("1", "0")
+    assert (agent.to_json()["keep_context"], agent.to_json()["pinned"]) == (True, False)
+    back = Agent.from_hash({**agent.to_hash(), "to_backlog": "", "restart_asked": "1"})
+    assert (back.keep_context, back.pinned, back.to_backlog, back.restart_asked) == (True, False, False, True)
+    task = Task(id="t", agent="", agent_id="", description="x", backlog=True)
+    assert Task.from_hash(task.to_hash()).to_json()["backlog"] is True
+
+
 def test_message_encoding():
     msg = Message.task_assign("t-1")
     back = Message.decode(msg.encode())
