@@ -253,7 +253,19 @@ def test_prune_removes_a_worktree_once_committed_and_keeps_an_unmerged_branch(to
 
 def _events_follow(town, *args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "tinytown.cli.main", "events", "-f", *args], cwd=town.root,
-                            env=town.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            env={**town.env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _interrupt(follower: subprocess.Popen) -> None:
+    """Ctrl+C ends it. Once in CI (not reproduced here in 200 tries under load) it did not within
+    10 s: if that happens again, SIGABRT makes its fault handler print where it was."""
+    follower.send_signal(signal.SIGINT)
+    try:
+        follower.wait(10)
+    except subprocess.TimeoutExpired:
+        follower.send_signal(signal.SIGABRT)
+        follower.wait(10)
+        pytest.fail(f"`tt events -f` did not end on Ctrl+C; where it was: {follower.stderr.read()[-6000:]!r}")
 
 
 def _read_until(proc, needle: bytes, timeout: float = 20.0) -> bytes:
@@ -308,8 +320,7 @@ def test_events_shows_the_last_n_and_follows_new_ones(town):
         seen = _read_until(follower, f"task_completed  task={later}".encode())
         assert b"agent_spawned" not in seen  # -n 0: only what came after
     finally:
-        follower.send_signal(signal.SIGINT)
-        follower.wait(10)
+        _interrupt(follower)
 
 
 def test_events_refuses_an_unknown_agent(town):

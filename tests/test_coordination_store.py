@@ -634,6 +634,8 @@ def test_cancel_in_flight_is_a_request_the_runner_acts_on(town, coord):
     after = coord.create_task("after it", agent="dev", after=[task]).task.id
     claimed = town.claim(dev, 0.01)  # in flight, not started yet
     subscription = resp_connect(town.config).subscribe(town.keys.control)
+    # (subscribe() does not wait for Redis to confirm: under load the PUBLISH came first, once)
+    wait_for(lambda: town.r.execute_command("PUBSUB", "NUMSUB", town.keys.control)[1] == 1, 10, "the subscription")
     heard = []
 
     def nudged():
