@@ -183,7 +183,7 @@ def test_kill_of_a_runner_that_does_not_answer_sigkills_it(town):
     assert "dev stopped" in out
     assert not alive(agent["pid"]) and not alive(agent["cli_pid"])
     task = town.task(running)
-    assert task["state"] == "assigned"  # back in the inbox (its runner died under it: an attempt)
+    assert (task["state"], task["attempts"]) == ("assigned", 1)  # back in the inbox; its runner died under it: an attempt
     assert town.agent("dev")["state"] == "stopped" and runner_pids(town, "dev") == []
 
 
