@@ -357,16 +357,18 @@ def list_agents(as_json, town_path):
     config = _config(town_path)
     town = _running_town(config, as_json)
     agents = town.agents()
-    pending = town.pending_counts(agents)
+    queued = town.queued_counts(agents)
+    waiting = town.coordination.waiting_counts()
     roles = town.coordination.roles([a.id for a in agents])
     host_states = town.hosts.states()
     if as_json:
         from tinytown.supervisor.town import agent_json
-        _print_json([{**agent_json(a, pending.get(a.id, 0), config.supervisor.heartbeat_stale, config.root,
-                                   host_states),
+        _print_json([{**agent_json(a, queued.get(a.id, 0), config.supervisor.heartbeat_stale, config.root,
+                                   host_states, waiting=waiting.get(a.id, 0)),
                       "roles": roles[a.id]}
                      for a in agents])
     else:
+        pending = {a.id: queued.get(a.id, 0) + waiting.get(a.id, 0) for a in agents}
         render.agent_lines(agents, pending, roles, host_states)
 
 

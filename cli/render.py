@@ -137,8 +137,11 @@ def status(data: dict) -> None:
                [(h["name"], h["state"], ",".join(h["agents"]) or "-", f"{len(h['agents'])}/{h['max_agents']}",
                  str(h["pid"] or "-"), _ago(h["renewed_at"])) for h in hosts], state_col=1, console=console)
     for role in data.get("unserved_roles", []):
+        holders = ", ".join(a["name"] for a in agents if role in a.get("roles", []))
+        hint = (f"only {holders} {'has' if ', ' not in holders else 'have'} it: closed, paused or failed"
+                if holders else "tt spawn NAME --role " + role)
         console.print(_line("  backlog: ", ("work for role ", "yellow"), _plain(role),
-                            (": nobody can take it (tt spawn NAME --role " , "yellow"), _plain(role), (")", "yellow")))
+                            (": nobody can take it (", "yellow"), _plain(hint), (")", "yellow")))
 
 
 NOTE_MIN_WIDTH = 24   # narrower than this, `tt status` puts each agent's note on a line of its own

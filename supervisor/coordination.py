@@ -18,7 +18,7 @@ from .config import validate_name
 from .coordination_lua import SCRIPTS
 from .errors import TinytownError
 from .resp import ReplyError
-from .models import Note, Task, TaskState, new_id, now
+from .models import AgentState, Note, Task, TaskState, new_id, now
 from .town import EVENTS_MAXLEN
 
 UNFINISHED = (TaskState.PENDING.value, TaskState.ASSIGNED.value, TaskState.RUNNING.value)
@@ -310,9 +310,33 @@ class Coordination:
             pipe.hgetall(self.keys.task(task_id))
         return [Task.from_hash(d) for d in (pipe.execute() if ids else []) if d]
 
-    def unserved_roles(self) -> list[str]:
-        """Roles with backlog work that no agent has (`tt status`: nobody can take it). Counts each
-        role's backlog (ZCARD), never reads the tasks: a long backlog costs `tt status` nothing."""
+    def waiting_counts(self) -> dict[str, int]:
+        """Agent id -> how many of its tasks are `pending` on unfinished dependencies (`tt status`
+        and `tt list` count them with its queue). Read from the dependents lists of the awaited
+        tasks, not from every task: three round trips, whatever the town's history."""
+        awaited = list(self.r.execute_command("SMEMBERS", self.keys.awaited) or [])
+        if not awaited:
+            return {}
+        pipe = self.r.pipeline(transaction=False)
+        for task_id in awaited:
+            pipe.lrange(self.keys.dependents(task_id), 0, -1)
+        waiting = sorted({task_id for ids in pipe.execute() for task_id in ids})
+        if not waiting:
+            return {}
+        pipe = self.r.pipeline(transaction=False)
+        for task_id in waiting:
+            pipe.execute_command("HMGET", self.keys.task(task_id), "agent_id", "state")
+        counts: dict[str, int] = {}
+        for agent_id, state in pipe.execute():
+            if agent_id and state == TaskState.PENDING.value:  # (a backlog task has no agent yet)
+                counts[agent_id] = counts.get(agent_id, 0) + 1
+        return counts
+
+    def unserved_roles(self, agents: list) -> list[str]:
+        """Roles with backlog work that no agent of `agents` can take (`tt status`: nobody can take
+        it): none has the role, or those that have it are closed, paused or failed, so they take
+        nothing until a `tt resume`/`tt restart`. Counts each role's backlog (ZCARD), never reads
+        the tasks: a long backlog costs `tt status` nothing."""
         roles = [role for role in self.r.execute_command("SMEMBERS", self.keys.backlog_roles) or [] if role != "*"]
         pipe = self.r.pipeline(transaction=False)
         for role in roles:
@@ -320,9 +344,9 @@ class Coordination:
         waiting = [role for role, count in zip(roles, pipe.execute() if roles else []) if count]
         if not waiting:
             return []
-        agent_ids = list(self.r.hvals(self.keys.agent_index))
-        held = {r for roles in self.roles(agent_ids).values() for r in roles}
-        return sorted(set(waiting) - held)
+        able = [a.id for a in agents if not a.hold and a.state != AgentState.FAILED.value]
+        served = {r for roles in self.roles(able).values() for r in roles}
+        return sorted(set(waiting) - served)
 
     def claim(self, agent: str, task_ref: str | None = None) -> str | None:
         """Give `agent` the oldest backlog task its roles match (or the one named), atomically:

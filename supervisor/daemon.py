@@ -715,7 +715,7 @@ class Supervisor:
                                  if agent.state not in (AgentState.FAILED.value, AgentState.STOPPED.value,
                                                         AgentState.PAUSED.value)])
         report.requeued = [fields.get("task", "") for fields in self.town.events_since(since, "task_requeued")]
-        report.pending = sum(self.town.pending_counts(agents).values())  # by id: the states are not read
+        report.pending = sum(self.town.queued_counts(agents).values())  # by id: the states are not read
         self.town.hosts.release(self.host)  # stopped, not lost: its agents wait for it
         self.town.record_supervisor_stopped()
 

@@ -163,7 +163,7 @@ class Town:
         found = [Agent.from_hash(d) for d in pipe.execute() if d]
         return sorted(found, key=lambda a: (a.created_at, a.name))
 
-    def pending_counts(self, agents: list[Agent]) -> dict[str, int]:
+    def queued_counts(self, agents: list[Agent]) -> dict[str, int]:
         """Messages waiting in each agent's inbox (not counting the one in flight)."""
         pipe = self.r.pipeline(transaction=False)
         for a in agents:
@@ -674,17 +674,18 @@ class Town:
         """The town at a glance. tasks: a count per state, and `blocked`: those waiting in the
         inbox of a failed agent (counted in `assigned` too), which nothing runs until `tt restart`."""
         agents = self.agents()
-        pending = self.pending_counts(agents)
+        queued = self.queued_counts(agents)
+        waiting = self.coordination.waiting_counts()
         info = self.supervisor_info()
         tasks = self.task_counts()
-        tasks["blocked"] = sum(pending.get(a.id, 0) for a in agents if a.state == AgentState.FAILED.value)
+        tasks["blocked"] = sum(queued.get(a.id, 0) for a in agents if a.state == AgentState.FAILED.value)
         roles = self.coordination.roles([a.id for a in agents])
         hosts = self.hosts.listing()
         host_states = {h["name"]: h["state"] for h in hosts}
         agent_data = []
         for a in agents:
-            data = agent_json(a, pending.get(a.id, 0), self.config.supervisor.heartbeat_stale, self.config.root,
-                              host_states)
+            data = agent_json(a, queued.get(a.id, 0), self.config.supervisor.heartbeat_stale, self.config.root,
+                              host_states, waiting=waiting.get(a.id, 0))
             data["roles"] = roles.get(a.id, [])
             agent_data.append(data)
         for h in hosts:
@@ -702,7 +703,7 @@ class Town:
             "hosts": hosts,
             "tasks": tasks,
             # backlog work whose role no agent has: it waits until one is spawned with it
-            "unserved_roles": self.coordination.unserved_roles(),
+            "unserved_roles": self.coordination.unserved_roles(agents),
         }
 
 
@@ -716,13 +717,16 @@ def _stop_mode(value: str | None) -> StopMode | None:
         return StopMode.GRACEFUL
 
 
-def agent_json(agent: Agent, pending: int, stale_after: float, root=None, host_states: dict | None = None) -> dict:
-    """root: the town folder, to say where the agent works (`workdir`) and what its worktree was
-    left in the middle of (`workspace_problem`: a rebase... a few file checks, no git process).
-    host_states: each host's state (Hosts.states): an agent waiting on a lost host is `lost`."""
+def agent_json(agent: Agent, queued: int, stale_after: float, root=None, host_states: dict | None = None,
+               waiting: int = 0) -> dict:
+    """queued: its tasks in its inbox; waiting: its tasks pending on dependencies; `pending` is
+    both, the work it has not started. root: the town folder, to say where the agent works
+    (`workdir`) and what its worktree was left in the middle of (`workspace_problem`: a rebase...
+    a few file checks, no git process). host_states: each host's state (Hosts.states): an agent
+    waiting on a lost host is `lost`."""
     data = agent.to_json()
     data["workspace"] = agent.workspace or "shared"
-    data["pending"] = pending
+    data["pending"], data["queued"], data["waiting"] = queued + waiting, queued, waiting
     data["health"] = agent.health(stale_after)
     if host_states and host_states.get(agent.host) == "lost":
         data["health"] = "lost"

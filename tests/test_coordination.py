@@ -28,6 +28,10 @@ def test_the_tutorial_reviewer_starts_after_dev_and_tester_with_their_results(to
     assert shown["state"] == "pending" and shown["after"] == [dev, tester] and shown["blocked_by"] == [dev, tester]
     assert shown["created_by"] == "user"
     assert f"waits on {dev[:8]}, {tester[:8]}" in town.tt("tasks").out
+    # `tt status` and `tt list` count the review as the reviewer's pending work, beside its queue
+    reviewer = next(a for a in json.loads(town.tt("status", "--json").out)["agents"] if a["name"] == "reviewer")
+    assert (reviewer["pending"], reviewer["queued"], reviewer["waiting"]) == (1, 0, 1)
+    assert "reviewer (" in town.tt("list").out and ", 1 pending]" in town.tt("list").out.split("reviewer (")[1]
     (town.record / "dev-go").touch()
     town.wait_task(dev)
     assert town.task(review)["blocked_by"] == [tester] and town.task(review)["state"] == "pending"
@@ -182,6 +186,11 @@ def test_backlog_goes_to_the_idle_agent_with_the_role(town):
     assert town.json("backlog") == [] and town.task(stuck)["state"] == "cancelled"
     anyone = town.tt("backlog", "add", "@echo any").out.split()[2].rstrip(":")
     assert town.wait_task(anyone)["agent"] in ("alice", "bob")
+    # the only agent with the role closed: it takes nothing, and `tt status` says why
+    town.tt("close", "bob")
+    town.wait_agent("bob", ("stopped",))
+    town.tt("backlog", "add", "@echo for a closed role", "--role", "test")
+    assert "nobody can take it (only bob has it: closed, paused or failed)" in town.tt("status").out
 
 
 def test_notes_arrive_with_the_next_task_urgent_first_exactly_once(town):

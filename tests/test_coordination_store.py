@@ -406,7 +406,7 @@ def test_backlog_waits_for_a_matching_free_agent(town, coord):
     for_docs = coord.backlog_add("docs", role="docs").task
     assert (any_.state, any_.agent, for_test.created_by) == ("pending", "", "dev")
     assert [t.id for t in coord.backlog()] == [any_.id, for_test.id, for_docs.id]
-    assert coord.unserved_roles() == ["docs"]
+    assert coord.unserved_roles(town.agents()) == ["docs"]
     assert coord.roles([tester]) == {tester: ["test"]}
     # tester becomes idle: the step that makes it idle also gives it the oldest it may take
     pipe = town.r.pipeline()
@@ -426,7 +426,7 @@ def test_backlog_waits_for_a_matching_free_agent(town, coord):
 
 
 def test_unserved_roles_count_the_backlog_without_reading_its_tasks(town, coord):
-    spawn(town, "tester", idle=False, roles=["test"])
+    tester = spawn(town, "tester", idle=False, roles=["test"])
     for i in range(30):
         coord.backlog_add(f"docs {i}", role="docs")
     coord.backlog_add("tests", role="test")
@@ -439,9 +439,13 @@ def test_unserved_roles_count_the_backlog_without_reading_its_tasks(town, coord)
         return sum(int(line.split("calls=")[1].split(",")[0]) for line in stats.splitlines()
                    if line.startswith(("cmdstat_hgetall:", "cmdstat_hget:", "cmdstat_hmget:")))
 
+    agents = town.agents()
     before = task_reads()
-    assert coord.unserved_roles() == ["docs"]
+    assert coord.unserved_roles(agents) == ["docs"]
     assert task_reads() == before
+    # an agent closed, paused or failed takes nothing until resumed or restarted: it serves no role
+    town.r.hset(town.keys.agent(tester), "hold", "close")
+    assert coord.unserved_roles(town.agents()) == ["docs", "test"]
 
 
 def test_backlog_add_goes_at_once_to_a_free_agent_idle_longest(town, coord):

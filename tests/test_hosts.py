@@ -121,7 +121,7 @@ def test_a_lost_host_s_agents_move_and_their_task_goes_back_to_the_front(make):
     # the unpinned one moved to a, with a new epoch; its task waits there
     moved = town.agent("loose")
     assert (moved.host, moved.epoch) == ("a", 3)
-    assert town.task(moving.id).state == "assigned" and town.pending_counts([moved]) == {moved.id: 1}
+    assert town.task(moving.id).state == "assigned" and town.queued_counts([moved]) == {moved.id: 1}
     status = town.status()
     assert next(a for a in status["agents"] if a["name"] == "dev")["health"] == "lost"
     assert {h["name"]: h["agents"] for h in status["hosts"]} == {"a": ["free", "loose"], "b": ["dev"]}
@@ -166,7 +166,7 @@ def test_a_stale_runner_writes_nothing(make):
         old.start_task(dev.id, task.id, cli_pid=12345)
     assert (town.task(task.id).state, town.task(task.id).attempts, town.agent("dev").cli_pid) == ("assigned", 1, None)
     assert not old.unclaim(dev.id, claimed)  # already back in the inbox: not pushed twice
-    assert town.pending_counts([dev]) == {dev.id: 1}
+    assert town.queued_counts([dev]) == {dev.id: 1}
     # the new owner runs it: its outcome is the one recorded
     new = make()
     new.fence = ("a", town.r.hget(town.keys.agent(dev.id), "epoch"))

@@ -45,7 +45,7 @@ def test_assign_claim_finish(town):
     with pytest.raises(TinytownError, match="no agent named 'nobody'"):
         town.assign("nobody", "x")
     task = town.assign("dev", "line one\nline two")
-    assert town.pending_counts([dev]) == {dev.id: 1}
+    assert town.queued_counts([dev]) == {dev.id: 1}
     claimed = town.claim(dev.id, 0.01)
     assert claimed.message.task_id == task.id
     assert town.inflight(dev.id)[0].raw == claimed.raw
@@ -82,7 +82,7 @@ def test_assign_many_writes_all_in_order_or_nothing(town):
     dev = town.spawn("dev", "claude")
     with pytest.raises(TinytownError, match="empty"):
         town.assign_many("dev", ["fine", " "])
-    assert town.tasks() == [] and town.pending_counts([dev]) == {dev.id: 0}
+    assert town.tasks() == [] and town.queued_counts([dev]) == {dev.id: 0}
     tasks = town.assign_many("dev", [f"task {i}" for i in range(50)])
     assert [t.description for t in town.tasks()] == [f"task {i}" for i in range(50)]
     assert [town.claim(dev.id, 0.01).message.task_id for _ in range(50)] == [t.id for t in tasks]
