@@ -636,10 +636,8 @@ class Supervisor:
         tail = tail_text(self.config.log_file(proc.name))
         reason = decision.reason + (f"; last output: {tail}" if tail else "")
         if isinstance(decision, GiveUp):
-            self.town.set_agent_state(proc.agent_id, AgentState.FAILED, pid="", cli_pid="",
-                                      current_task="", reason=reason, restart_at="")
+            self.town.fail_agent(proc.agent_id, proc.name, reason)
             self.say(f"runner {proc.name} failed {decision.fast_failures} times in a row; giving up ({reason})")
-            self.town.event("agent_failed", agent=proc.name, reason=reason)
             return
         self.town.record_restart(proc.agent_id, proc.name, reason, decision.delay)
         if decision.delay <= 0:

@@ -257,10 +257,8 @@ class Runner:
             reason = (f"its CLI cannot start: {exc}; fix [agent_clis.{self.spec.name}] (or PATH), "
                       f"then tt restart {self.name}")
             self._note(reason)
-            self.town.set_agent_state(self.agent_id, AgentState.FAILED, pid="", cli_pid="", current_task="",
-                                      reason=reason)  # (first: a free agent is offered what goes back)
+            self.town.fail_agent(self.agent_id, self.name, reason)  # (first: a free agent is offered what goes back)
             self.town.coordination.give_back(self.agent_id, only_backlog=True)
-            self.town.event("agent_failed", agent=self.name, reason=reason)
             self.attach.close()
             return CLI_UNUSABLE_EXIT
         except _StopNow:

@@ -618,6 +618,13 @@ class Town:
     def set_runner_pid(self, agent_id: str, pid: int) -> None:
         self.r.hset(self.keys.agent(agent_id), "pid", pid)
 
+    def fail_agent(self, agent_id: str, name: str, reason: str) -> None:
+        """The agent `failed`, saying why, until `tt restart`: its runner found its CLI cannot
+        start, or the supervisor gave up on a runner that kept crashing."""
+        self.set_agent_state(agent_id, AgentState.FAILED, pid="", cli_pid="", current_task="", reason=reason,
+                             restart_at="")
+        self.event("agent_failed", agent=name, reason=reason)
+
     def record_restart(self, agent_id: str, name: str, reason: str, delay: float) -> None:
         """One more restart of an agent's runner, and its event, in one transaction."""
         pipe = self.r.pipeline()
