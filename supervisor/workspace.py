@@ -837,6 +837,11 @@ class Workspace:
             # What git ignores is not committed and goes with the folder: say what it was.
             ignored = _paths(git(self.path, "ls-files", "-z", "--others", "--ignored", "--exclude-standard",
                                  "--directory", ok=range(0, 256)).stdout)
+            kept_apart = _repositories_with_commits(self.path, ignored)
+            if kept_apart:
+                raise WorkspaceError(f"{_names([f'{self.label}/{path}' for path in kept_apart])} is a git repository "
+                                     "with commits of its own in what git ignores there, which prune removes: move "
+                                     "it out of the worktree first")
             done = git(repo.root, "worktree", "remove", str(self.path), ok=range(0, 256))
             if done.returncode != 0:
                 raise WorkspaceError(f"could not remove {self.label}: {_last_line(done)}")
@@ -892,6 +897,22 @@ def _paths(out: bytes) -> list[str]:
 def _nested_repositories(err: bytes) -> list[str]:
     """The repositories `git add` staged as a commit id, from its warnings."""
     return [_text(found) for found in re.findall(rb"warning: adding embedded git repository: (.+)", err or b"")]
+
+
+def _repositories_with_commits(root: Path, ignored: list[str]) -> list[str]:
+    """The git repositories with at least one commit under `ignored` (paths in `root`, folders
+    ending in /): their history is in no branch of the town's, and goes if the folder does."""
+    found = []
+    for entry in ignored:
+        top = root / entry
+        if not entry.endswith("/") or top.is_symlink():
+            continue
+        for folder, subfolders, files in os.walk(top):
+            if ".git" in subfolders or ".git" in files:
+                subfolders[:] = []  # (its own files are its own business)
+                if git(Path(folder), "rev-parse", "-q", "--verify", "HEAD", ok=range(0, 256)).returncode == 0:
+                    found.append(os.path.relpath(folder, root))
+    return sorted(found)
 
 
 def _only_ignored(err: bytes) -> bool:

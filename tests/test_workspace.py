@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -584,6 +585,26 @@ def test_prune_refuses_a_worktree_holding_a_repository_of_its_own(town):
         space.prune()
     assert (space.path / "proj" / "main.rs").exists()
     assert "proj" not in git(town, "ls-tree", "-r", "tt/dev")
+
+
+def test_prune_refuses_a_repository_with_commits_in_what_git_ignores(town):
+    """What git ignores goes with the folder, but a repository in it has a history of its own:
+    prune used to delete it, commits and all."""
+    space = spawned(town)
+    (space.path / ".gitignore").write_text("build/\n")
+    git(space.path, "init", "-q", "build/deep/nested")
+    nested = space.path / "build" / "deep" / "nested"
+    (nested / "f.txt").write_text("i\n")
+    git(nested, "add", "-A")
+    git(nested, "commit", "-qm", "inner")
+    (space.path / "build" / "empty").mkdir()
+    git(space.path / "build" / "empty", "init", "-q")  # no commits: nothing of its own to lose
+    with pytest.raises(WorkspaceError, match=r"agents/dev/build/deep/nested is a git repository with commits of its "
+                                             r"own in what git ignores there"):
+        space.prune()
+    assert (nested / "f.txt").exists()
+    shutil.rmtree(nested)
+    assert any("what git ignores there: build/" in n for n in space.prune())
 
 
 def test_prune_refuses_a_worktree_mid_rebase(town):
