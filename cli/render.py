@@ -169,8 +169,8 @@ def _note(a: dict) -> str:
     if health == "restarting":
         left = max(0.0, float(a["restart_at"]) - time.time()) if a.get("restart_at") else 0.0
         return f"restarting in {left:.0f}s (`tt restart {a['name']}`: now) after {reason}"
-    if health == "failed":
-        return f"{reason}; `tt restart {a['name']}` to try again"
+    if health == "failed":  # (a reason that says how to go on already is not told twice)
+        return reason if f"tt restart {a['name']}" in reason else f"{reason}; `tt restart {a['name']}` to try again"
     if health == "unresponsive":
         return (f"{a['state']}, but no heartbeat for {_ago(a['heartbeat_at']).replace(' ago', '')}: the runner may be "
                 f"hung (`tt restart {a['name']}` replaces it)")

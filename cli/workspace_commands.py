@@ -11,7 +11,7 @@ import sys
 import click
 
 from tinytown.supervisor.errors import TinytownError
-from tinytown.supervisor.terminal_text import clean_written
+from tinytown.supervisor.terminal_text import clean_written, quoted_name
 
 
 def prepare_workspace(config, town, name: str, from_ref: str | None, quiet: bool = False) -> dict:
@@ -43,11 +43,24 @@ def file_lines(files: list[dict]) -> list[str]:
     lines = []
     for change in files:
         counts = "bin" if change.get("added") is None else f"+{change['added']} -{change['deleted']}"
-        path = clean_written(str(change.get("path", "")))
+        path = quoted_name(str(change.get("path", "")))
         if change.get("old_path"):
-            path = f"{clean_written(str(change['old_path']))} -> {path}"
+            path = f"{quoted_name(str(change['old_path']))} -> {path}"
         lines.append(f"{counts:>12}  {path}")
     return lines
+
+
+def _no_commits(task) -> TinytownError:
+    """Why a task has no commits to show or merge, from its record."""
+    if task.state in ("pending", "assigned", "running"):
+        why = f"it has not ended: it is {task.state}"
+    elif task.started_at is None:
+        why = f"it was {task.state} before it ran"
+    elif not task.branch:
+        why = "it ran in the shared town folder"
+    else:
+        why = "none was recorded"
+    return TinytownError(f"task {task.id} has no commits ({why})")
 
 
 def _agent_or_task(town, ref: str):
@@ -99,6 +112,8 @@ def diff(ctx, ref, stat, town_path):
     if agent is not None:
         argv = diff_argv(config.root, branch=_worktree_of(config, agent).branch, stat=stat)
     else:
+        if not (task.base and task.head):
+            raise _no_commits(task)
         argv = diff_argv(config.root, base=task.base, head=task.head, stat=stat)
     import subprocess
     sys.stdout.flush()
@@ -126,14 +141,16 @@ def merge(ctx, ref, into, town_path):
         source, label = _worktree_of(config, agent).ref, agent.name
     else:
         if not task.head:
-            raise TinytownError(f"task {task.id} has no recorded commits (it ran in the shared town folder, "
-                                "or has not ended)")
+            raise _no_commits(task)
         source, label = task.head, f"task {task.id[:8]}"
     done = merge_home(config.root, source, into, label=label)
     if done.how == "up to date":
         click.echo(f"{label}: already in {clean_written(done.branch)}")
     else:
         click.echo(f"merged {label} into {clean_written(done.branch)} ({done.how}, {done.before[:7]}..{done.after[:7]})")
+    if task is not None and task.state != "completed":  # (asked for by id: its work as it was left)
+        click.echo(f"note: task {task.id[:8]} {task.state}" + (f" ({clean_written(task.reason)})" if task.reason else "")
+                   + ": what it left is merged as it was", err=True)
     if agent is not None and agent.busy:
         click.echo(f"{agent.name} is working: its running task's changes are not committed yet (they come "
                    "with its next tt merge)")

@@ -233,7 +233,11 @@ def spawn_in_pty(argv: list[str], env: dict[str, str], cwd: str, stdin: tuple | 
     attach` puts the user's terminal in raw mode, so this echo is the only one a typed key gets.
     The master fd is blocking and close-on-exec.
     """
-    if os.getcwd() != cwd:
+    try:
+        here = os.getcwd()
+    except OSError:  # the folder it stood in was deleted (an agent's worktree, since made again)
+        here = None
+    if here != cwd:
         try:
             os.chdir(cwd)  # posix_spawn cannot chdir; the runner's only relative path is the CLI's
         except OSError as exc:  # (the task's problem, not the CLI's: CliSession._spawn)

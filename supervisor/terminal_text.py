@@ -55,3 +55,24 @@ def clean_written(text: str) -> str:
     progress bar's redraws), which in a text would hide what comes before its \r from the user
     while the agent still reads it."""
     return clean_text(text.replace("\r\n", "\n").replace("\r", "\n"))
+
+
+NAME_NEEDS_QUOTES = re.compile('[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069"\\\\\udc80-\udcff]')
+_NAME_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r", '"': '\\"', "\\": "\\\\"}
+
+
+def quoted_name(name: str) -> str:
+    """A file name on one line, as it is when plain, else quoted as git quotes it: in double
+    quotes, a tab, newline, quote or backslash escaped, any other control character (and a lone
+    surrogate: an undecodable byte) as octal bytes. A name holding an escape sequence or a newline
+    is then shown as what it is, neither obeyed nor removed nor split over two lines."""
+    if not NAME_NEEDS_QUOTES.search(name):
+        return name
+
+    def escaped(match: re.Match) -> str:
+        char = match.group()
+        if char in _NAME_ESCAPES:
+            return _NAME_ESCAPES[char]
+        raw = char.encode("utf-8", "surrogateescape")
+        return "".join(f"\\{byte:03o}" for byte in raw)
+    return '"' + NAME_NEEDS_QUOTES.sub(escaped, name) + '"'

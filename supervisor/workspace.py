@@ -387,7 +387,10 @@ class Workspace:
     def _dirs(self) -> tuple[Path, Path]:
         gitdir = self.gitdir
         if gitdir is None:
-            raise WorkspaceError(f"{self.label} is not a git worktree (tt spawn {self.agent} makes it again)")
+            if not self.path.exists():  # deleted (by the task itself, or by hand)
+                raise WorkspaceError(f"{self.label} was deleted (its next task makes it again from branch "
+                                     f"{self.branch}; what was not committed went with it)")
+            raise WorkspaceError(self.problem_line("not-a-worktree"))
         try:
             common = (gitdir / (gitdir / "commondir").read_text().strip()).resolve()
         except OSError:

@@ -1,7 +1,7 @@
 """What `tt` shows of text that users and agents wrote: never markup, never a control sequence."""
 from __future__ import annotations
 
-from tinytown.supervisor.terminal_text import clean_line, clean_text, clean_written
+from tinytown.supervisor.terminal_text import clean_line, clean_text, clean_written, quoted_name
 
 HOSTILE = "[/] [bold red]styled?[/bold red] \x1b]0;pwned title\x07\x1b[2J\x1b[31mred\x1b[0m \x9b31m c1 \x07bell"
 
@@ -15,6 +15,17 @@ def test_clean_text_removes_escapes_and_controls_and_keeps_lines():
     assert clean_text("evil\u202etxt.exe\u2066x\u2069") == "eviltxt.exex"   # no text read backwards
     assert clean_line("a\u202eb".encode()) == b"ab"
     assert clean_line(b"\x1b[1mbold\x1b[0m\r") == b"bold"  # (a line comes without its newline)
+
+
+def test_a_file_name_is_shown_on_one_line_as_what_it_is():
+    """A name with a newline split `tt task`'s file list; one with an escape sequence was shown
+    without it, which is not the file's name. Quoted as git quotes it instead."""
+    assert quoted_name("plain name é.txt") == "plain name é.txt"
+    assert quoted_name("new\nline\t.txt") == '"new\\nline\\t.txt"'
+    assert quoted_name("esc\x1b[31mRED.txt") == '"esc\\033[31mRED.txt"'
+    assert quoted_name('q"b\\s') == '"q\\"b\\\\s"'
+    assert quoted_name("\u202eevil\x9b") == '"\\342\\200\\256evil\\302\\233"'
+    assert quoted_name("bad\udcffbyte") == '"bad\\377byte"'
 
 
 def test_tasks_and_task_show_hostile_text_as_plain_text(town):

@@ -267,6 +267,46 @@ def test_spawn_options_shared_and_from(git_town):
     assert "third" not in [a["name"] for a in t.json("list")]  # a refused spawn registers nothing
 
 
+def test_a_worktree_deleted_between_tasks_is_made_again_and_the_next_task_runs(git_town):
+    """The runner stood in the deleted folder: the CLI's start asked for the working directory,
+    got ENOENT, and blamed the CLI ("cannot start 'claude' ... fix [agent_clis] (or PATH)"),
+    failing the agent until `tt restart`."""
+    import shutil
+    t = git_town()
+    t.tt("spawn", "dev")
+    first = t.assign("dev", "@write a.txt x\n@gate deleted")
+    wait_for(lambda: (t.root / "agents" / "dev" / "a.txt").exists(), 30, "the first task's file")
+    shutil.rmtree(t.root / "agents" / "dev")  # under the running task
+    (t.record / "deleted").touch()
+    failed = t.wait_task(first)
+    assert failed["state"] == "failed" and failed["reason"].startswith(
+        "could not commit its work: agents/dev was deleted (its next task makes it again from branch tt/dev"), failed
+    second = t.assign("dev", "@write b.txt y")
+    done = t.wait_task(second)
+    assert done["state"] == "completed", done
+    assert t.agent("dev")["state"] == "idle"
+    assert (t.root / "agents" / "dev" / "b.txt").read_text() == "y\n"
+
+
+def test_diff_and_merge_say_why_a_task_has_no_commits_and_merging_a_failed_one_says_so(git_town):
+    t = git_town()
+    t.tt("spawn", "dev")
+    failing = t.assign("dev", "@write half.txt x\n@exit 3")
+    assert t.wait_task(failing)["state"] == "failed"
+    blocker = t.assign("dev", "@gate never")
+    queued = t.assign("dev", "@echo never runs")
+    t.tt("cancel", queued)
+    for command in ("diff", "merge"):
+        refused = t.tt(command, queued, check=False)
+        assert refused.returncode == 1 and refused.err.strip().endswith(
+            f"task {queued} has no commits (it was cancelled before it ran)"), refused.err
+    merged = t.tt("merge", failing)
+    assert merged.out.startswith(f"merged task {failing[:8]} into main")
+    assert f"note: task {failing[:8]} failed (" in merged.err and "what it left is merged as it was" in merged.err
+    assert (t.root / "half.txt").read_text() == "x\n"
+    t.tt("cancel", blocker)
+
+
 def test_tt_task_shows_file_names_cleaned_and_json_keeps_them(git_town):
     t = git_town()
     t.tt("spawn", "dev")
@@ -276,7 +316,8 @@ def test_tt_task_shows_file_names_cleaned_and_json_keeps_them(git_town):
     assert sorted(f["path"] for f in done["files"]) == sorted([name, "plain.txt"])
     shown = t.tt("task", task_id).stdout
     assert b"\x1b" not in shown and b"\x07" not in shown
-    assert b"+1 -0  plain.txt" in shown and b"name.txt" in shown
+    # quoted as git quotes it: what the name is, on one line, neither obeyed nor silently shortened
+    assert b"+1 -0  plain.txt" in shown and b'+1 -0  "evil\\033]0;pwned\\007name.txt"\n' in shown
 
 
 def test_a_stop_now_mid_task_commits_nothing_then_the_next_attempt_commits_what_it_left(git_town):
