@@ -648,6 +648,8 @@ class Workspace:
         ended.files = files or []
         if ref is None and ended.head:
             ended.notes.append(self._rescue(ended.head))
+        elif ref == self.ref and base and head and head != base and not self._is_ancestor(base, head):
+            ended.notes.append(self._keep_rewound(base))  # (a reset, a rebase: only when the CLI moved it)
         marker.unlink(missing_ok=True)
         if self.watch is not None:
             self.watch.index_written()
@@ -747,6 +749,18 @@ class Workspace:
         git(self.path, "update-ref", "-m", "tt: keep a detached commit", f"refs/heads/{name}", oid, ZERO_OID,
             ok=(0, 128))
         return f"{self.label} was on a detached HEAD: its commit {oid[:12]} is kept on branch {name}"
+
+    def _keep_rewound(self, oid: str) -> str:
+        """The CLI moved the agent's branch off the commit its task began on (a reset, a rebase):
+        that commit, earlier tasks' work, gets a branch of its own rather than the reflog alone."""
+        name = f"{self.branch}-rewound-{oid[:12]}"
+        git(self.path, "update-ref", "-m", "tt: keep a commit the CLI moved its branch off", f"refs/heads/{name}", oid,
+            ZERO_OID, ok=(0, 128))
+        return (f"the CLI moved {self.branch} back past {oid[:12]}, where the task began: that commit is kept on "
+                f"branch {name}")
+
+    def _is_ancestor(self, older: str, newer: str) -> bool:
+        return git(self.path, "merge-base", "--is-ancestor", older, newer, ok=range(0, 256)).returncode == 0
 
     def _back_on_branch(self, head: str | None, ref: str | None) -> list[str]:
         """A CLI left HEAD on another branch (or detached): bring the agent's branch forward to it when

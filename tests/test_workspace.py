@@ -417,6 +417,23 @@ def test_a_detached_head_commit_gets_a_branch(town):
     assert space.begin("t2").base == ended.commit == tip(town, "tt/dev")
 
 
+def test_a_cli_that_moves_its_branch_back_leaves_no_commit_on_no_branch(town):
+    """`git reset --hard HEAD~1` in a task: the previous task's commit was left to the reflog,
+    on no branch, without a word."""
+    space = spawned(town)
+    _, first = task(space, "t1", write("one.txt", "1\n"))
+    space.begin("t2")
+    git(space.path, "reset", "-q", "--hard", "HEAD~1")
+    (space.path / "two.txt").write_text("2\n")
+    ended = space.end("t2", "x")
+    kept = f"tt/dev-rewound-{first.commit[:12]}"
+    assert tip(town, kept) == first.commit
+    assert any(note == f"the CLI moved tt/dev back past {first.commit[:12]}, where the task began: that commit "
+               f"is kept on branch {kept}" for note in ended.notes), ended.notes
+    _, third = task(space, "t3", write("three.txt", "3\n"))  # (a task that only adds: no branch, no note)
+    assert not any("rewound" in n for n in third.notes) and git(town, "branch", "--list", "tt/dev-*").count("\n") == 1
+
+
 def test_a_cli_that_commits_itself_is_still_measured(town):
     space = spawned(town)
     begun = space.begin("t1")
