@@ -295,8 +295,23 @@ class Coordination:
         return {a: sorted(r or []) for a, r in zip(agent_ids, pipe.execute())} if agent_ids else {}
 
     def backlog(self) -> list[Task]:
-        """Unclaimed backlog tasks, oldest first (those still waiting on dependencies are not in
-        it yet: `tt tasks --state pending` shows them)."""
+        """Unclaimed backlog tasks, oldest first: those any matching idle agent may take, and
+        those still waiting on dependencies (their reason says on which), which enter it when
+        the last one completes."""
+        waiting = [t for t in self._tasks(self._waiting_task_ids())
+                   if t.backlog and not t.agent and t.state == TaskState.PENDING.value]
+        blocked = self.blocked_by(waiting)
+        for task in waiting:
+            task.reason = "waits on " + ", ".join(i[:8] for i in blocked[task.id])
+        return sorted(self._released_backlog() + waiting, key=lambda t: t.created_at)
+
+    def _tasks(self, ids: list[str]) -> list[Task]:
+        pipe = self.r.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hgetall(self.keys.task(task_id))
+        return [Task.from_hash(d) for d in (pipe.execute() if ids else []) if d]
+
+    def _released_backlog(self) -> list[Task]:
         roles = self.r.execute_command("SMEMBERS", self.keys.backlog_roles) or []
         pipe = self.r.pipeline(transaction=False)
         for role in roles:
@@ -304,23 +319,24 @@ class Coordination:
         scored = []
         for flat in pipe.execute() if roles else []:
             scored += [(float(score), task_id) for task_id, score in zip(flat[::2], flat[1::2])]
-        ids = [task_id for _, task_id in sorted(scored)]
-        pipe = self.r.pipeline(transaction=False)
-        for task_id in ids:
-            pipe.hgetall(self.keys.task(task_id))
-        return [Task.from_hash(d) for d in (pipe.execute() if ids else []) if d]
+        return self._tasks([task_id for _, task_id in sorted(scored)])
 
-    def waiting_counts(self) -> dict[str, int]:
-        """Agent id -> how many of its tasks are `pending` on unfinished dependencies (`tt status`
-        and `tt list` count them with its queue). Read from the dependents lists of the awaited
-        tasks, not from every task: three round trips, whatever the town's history."""
+    def _waiting_task_ids(self) -> list[str]:
+        """The tasks some unfinished task still has in its dependents list: those pending on
+        dependencies. Read from the awaited tasks, not from every task: two round trips,
+        whatever the town's history."""
         awaited = list(self.r.execute_command("SMEMBERS", self.keys.awaited) or [])
         if not awaited:
-            return {}
+            return []
         pipe = self.r.pipeline(transaction=False)
         for task_id in awaited:
             pipe.lrange(self.keys.dependents(task_id), 0, -1)
-        waiting = sorted({task_id for ids in pipe.execute() for task_id in ids})
+        return sorted({task_id for ids in pipe.execute() for task_id in ids})
+
+    def waiting_counts(self) -> dict[str, int]:
+        """Agent id -> how many of its tasks are `pending` on unfinished dependencies (`tt status`
+        and `tt list` count them with its queue)."""
+        waiting = self._waiting_task_ids()
         if not waiting:
             return {}
         pipe = self.r.pipeline(transaction=False)

@@ -301,13 +301,11 @@ CANCEL = PRELUDE + r"""
 local task_id, reason, only_backlog = ARGV[2], ARGV[3], ARGV[4] == '1'
 local state = field(task_id, 'state')
 if state == '' then return fail('no task ' .. task_id) end
-if only_backlog and not in_backlog(task_id) then
+-- (a backlog task waiting on its dependencies is listed in the backlog, and removed from it, too)
+local waiting_backlog = state == 'pending' and field(task_id, 'backlog') == '1' and field(task_id, 'agent') == ''
+if only_backlog and not in_backlog(task_id) and not waiting_backlog then
   if field(task_id, 'agent') ~= '' then
     return fail('task ' .. task_id .. ' is not in the backlog: ' .. field(task_id, 'agent') .. ' has it')
-  end
-  if state == 'pending' then  -- (a backlog task waiting on its dependencies enters it when they complete)
-    return fail('task ' .. task_id .. ' is not in the backlog (pending: it waits on its dependencies; '
-                .. '`tt cancel ' .. task_id .. '` drops it)')
   end
   return fail('task ' .. task_id .. ' is not in the backlog (' .. state .. ')')
 end

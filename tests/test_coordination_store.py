@@ -470,9 +470,8 @@ def test_backlog_claim_and_remove(town, coord):
         coord.claim("rev", b)
     with pytest.raises(TinytownError, match=f"not in the backlog: dev has it"):
         coord.backlog_remove(b)
-    c = coord.backlog_add("c", role="review", after=[b]).task.id  # waits for b first
-    with pytest.raises(TinytownError, match=r"not in the backlog \(pending: it waits on its dependencies; `tt cancel .*` drops it\)"):
-        coord.backlog_remove(c)
+    c = coord.backlog_add("c", role="review", after=[b]).task.id  # waits for b first: listed, so removable
+    assert coord.backlog_remove(c) == 0 and state(town, c) == "cancelled"
     assert coord.backlog_remove(a[:10]) == 0
     assert state(town, a) == "cancelled" and coord.backlog() == []
     assert coord.claim("rev") is None
@@ -483,9 +482,15 @@ def test_a_backlog_task_after_others_enters_the_backlog_when_released(town, coor
     rev = spawn(town, "rev", idle=False, roles=["review"])
     a = coord.create_task("a", agent="dev").task.id
     r = coord.backlog_add("review a", role="review", after=[a]).task
-    assert r.state == "pending" and coord.backlog() == []
+    dropped = coord.backlog_add("also after a", after=[a]).task
+    # listed while it waits, saying on what (`tt backlog` said "empty"), and removable from it
+    listed = coord.backlog()
+    assert [(t.id, t.reason) for t in listed] == [(r.id, f"waits on {a[:8]}"), (dropped.id, f"waits on {a[:8]}")]
+    assert r.state == "pending" and inbox_tasks(town, rev) == []
+    coord.backlog_remove(dropped.id)
+    assert state(town, dropped.id) == "cancelled"
     run_one(town, coord, dev)
-    assert [t.id for t in coord.backlog()] == [r.id]
+    assert [(t.id, t.reason) for t in coord.backlog()] == [(r.id, "")]
     town.set_agent_state(rev, AgentState.IDLE)
     assert coord.recover() == (0, 0, 1)  # the supervisor's sweep at start hands it over
     assert inbox_tasks(town, rev) == [r.id]
@@ -721,7 +726,7 @@ def test_give_back_keeps_each_tasks_place_and_role(town, coord):
     town.set_agent_state(dev, AgentState.STOPPED)
     assert coord.give_back(dev) == 3
     assert inbox_tasks(town, dev) == []
-    assert [t.id for t in coord.backlog()] == [older, mine, review, newer]  # by creation time
+    assert [t.id for t in coord.backlog()] == [older, mine, review, newer, later]  # by creation time
     got = town.task(mine)
     assert (got.state, got.agent, got.agent_id, got.backlog, got.role) == ("pending", "", "", 1, "")
     assert town.task(review).role == "review"
