@@ -10,9 +10,9 @@ import time
 
 import click
 
-from tinytown.cli.main import (Seconds, _config, _live_town, _print_json, _read_input, _recorded_town, _running_town,
-                               _started_town, complete_agent, complete_backlog_task, complete_task, json_option,
-                               town_option)
+from tinytown.cli.main import (Seconds, _config, _explain, _fail, _live_town, _print_json, _read_input, _recorded_town,
+                               _running_town, _started_town, _usage_line, complete_agent, complete_backlog_task,
+                               complete_task, json_option, town_option)
 from tinytown.supervisor.errors import TinytownError
 
 STOP_SETTLE_SECONDS = 10.0   # `tt wait` whose town stops under it: how long its supervisor may take to let go
@@ -207,7 +207,32 @@ def cancel(task_ids, town_path):
         sys.exit(1)
 
 
-@click.command()
+WAIT_ERROR_EXIT = 3  # `tt wait` could not wait (a bad reference, a bad option...): 0, 1 and 2 are outcomes
+
+
+class OutcomeCommand(click.Command):
+    """A command whose exit status 1 and 2 say how the work ended (`tt wait`): its own errors
+    exit WAIT_ERROR_EXIT instead, so a script does not take a typo for a failed task or a timeout."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            _fail(_usage_line(exc), WAIT_ERROR_EXIT)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except TinytownError as exc:
+            _fail(str(exc), WAIT_ERROR_EXIT)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, KeyboardInterrupt,
+                BrokenPipeError):
+            raise  # (as tt handles them for every command)
+        except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+            _fail(_explain(exc, None), WAIT_ERROR_EXIT)
+
+
+@click.command(cls=OutcomeCommand)
 @click.argument("refs", nargs=-1, required=True, shell_complete=complete_task)
 @click.option("--timeout", type=Seconds(), metavar="S", help="Give up after S seconds (exit 2).")
 @json_option
@@ -215,7 +240,7 @@ def cancel(task_ids, town_path):
 def wait(refs, timeout, as_json, town_path):
     """Until every task named (an agent: its unfinished tasks, or with none the one it finished last)
     is finished; exit 0 if all completed, 1 if any failed or was cancelled, 2 on timeout (or when
-    the town is stopped and some cannot finish)."""
+    the town is stopped and some cannot finish), 3 if it could not wait (an unknown task, a bad option)."""
     from tinytown.supervisor.resp import RespConnectionError, connect
     from tinytown.supervisor.town import Town
     config = _config(town_path)

@@ -144,7 +144,7 @@ def test_shell_completion_offers_commands_agents_and_task_ids(town):
 
 
 def test_usage_errors_and_absurd_durations_say_one_line(town):
-    """A bad option is one line too (exit 2), and a duration that is nan, inf or absurd is refused
+    """A bad option is one line too (exit 2; tt wait 3), and a duration that is nan, inf or absurd is refused
     before it reaches Redis or the store (`"task_timeout": NaN` is not JSON)."""
     for args in (("spawn", "dev", "--task-timeout", "nan"), ("spawn", "dev", "--task-timeout", "inf"),
                  ("wait", "x", "--timeout", "nan"), ("wait", "x", "--timeout", "1e20")):

@@ -89,7 +89,11 @@ def test_an_unknown_reference_creates_nothing(town):
     out = town.tt("assign", "dev", "x", "--after", "nosuchthing", check=False)
     assert out.returncode == 1 and "no task or agent of that name" in out.err and "Traceback" not in out.err
     assert town.json("tasks") == before
-    assert town.tt("wait", "nosuchthing", check=False).returncode == 1
+    # tt wait's 1 and 2 say how work ended: that it could not wait at all is 3, a bad option too
+    unknown = town.tt("wait", "nosuchthing", check=False)
+    assert unknown.returncode == 3 and unknown.err.startswith("tt: error: tt wait 'nosuchthing': no task")
+    bad_option = town.tt("wait", "dev", "--timeout", "abc", check=False)
+    assert bad_option.returncode == 3 and "--timeout" in bad_option.err and "Traceback" not in bad_option.err
 
 
 def test_wait_times_out_with_exit_2_and_completes_with_0(town):
@@ -122,7 +126,7 @@ def test_wait_on_an_agent_that_already_finished_reports_its_latest_task(town):
     town.wait_task(failed)
     assert town.tt("wait", "dev", check=False).returncode == 1
     never = town.tt("wait", "idle", check=False)
-    assert never.returncode == 1 and "idle has no task yet" in never.err and "Traceback" not in never.err
+    assert never.returncode == 3 and "idle has no task yet" in never.err and "Traceback" not in never.err
 
 
 def test_cancel_of_a_running_task_stops_its_group_and_keeps_the_output(town):
