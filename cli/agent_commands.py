@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import click
@@ -160,20 +161,19 @@ def events(follow, agent, count, as_json, town_path):
     show = _json_line if as_json else _event_line
     for event in stream.last_events(count):
         show(event)
-    from tinytown.cli.logview import RedisLink
+    from tinytown.cli.logview import RedisLink, end_on_ctrl_c
     link = RedisLink("tt events")
-    try:
-        while follow:
-            try:
-                batch = stream.follow(FOLLOW_BLOCK_MS)
-            except (RespConnectionError, OSError):  # Redis restarting: the stream is in its file
-                link.lost()
-                continue
-            link.back()
-            for event in batch:
-                show(event)
-    except KeyboardInterrupt:  # the way out of --follow, not an error
-        pass
+    if follow:
+        end_on_ctrl_c()  # (the way out of --follow, not an error)
+    while follow:
+        try:
+            batch = stream.follow(FOLLOW_BLOCK_MS)
+        except (RespConnectionError, OSError):  # Redis restarting: the stream is in its file
+            link.lost()
+            continue
+        link.back()
+        for event in batch:
+            show(event)
 
 
 def _clean(value) -> str:
@@ -190,13 +190,13 @@ def _event_line(event) -> None:
     fields = " ".join(f"{_clean(k)}={_clean(v)}" for k, v in event.fields.items() if v not in ("", "None"))
     click.echo(f"{when}  {_clean(event.agent) or '-'}  {_clean(event.type)}" + (f"  {fields}" if fields else ""),
                color=False)
-    click.get_text_stream("stdout").flush()
+    sys.stdout.flush()
 
 
 def _json_line(event) -> None:
     """One JSON object per line (JSON Lines), so `-f --json` can be read as it comes."""
     click.echo(json.dumps(event.to_json(), ensure_ascii=True))
-    click.get_text_stream("stdout").flush()
+    sys.stdout.flush()
 
 
 COMMANDS = (interrupt, resume, close, kill, prune, events)

@@ -600,10 +600,12 @@ def logs(agents, lines, follow, task_id, since, no_color, raw, from_redis, town_
     if task_id is not None and not task_id.strip():
         raise TinytownError("--task '': no task id given")
     config = _config(town_path)
+    if follow:
+        logview.end_on_ctrl_c()
     try:
         logview.show(config, list(agents), lines=lines, follow=follow, task=task_id, since=since, raw=raw,
                      colour=logview.colour_wanted(no_color), from_redis=from_redis)
-    except KeyboardInterrupt:  # the way out of --follow, not an error
+    except KeyboardInterrupt:  # Ctrl+C while it prints what there is: not an error either
         pass
 
 

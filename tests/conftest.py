@@ -65,6 +65,27 @@ def wait_for(predicate, timeout: float = 20.0, message: str = "condition"):
         delay = min(delay * 2, 0.1)
 
 
+def interrupt_inside_gc(folder: Path) -> tuple[dict, Path]:
+    """(env additions, marker): a Python started with them, once the marker exists, sends itself
+    SIGINT from inside a garbage-collector callback, so its KeyboardInterrupt is raised there and
+    Python swallows it ("Exception ignored"), as one landing in a finalizer (click's stream
+    wrappers have one) was. That is how `tt events -f` once kept following after Ctrl+C in CI."""
+    hook = folder / "interrupt-inside-gc"
+    hook.mkdir(exist_ok=True)
+    marker = hook / "now"
+    (hook / "sitecustomize.py").write_text(
+        "import gc, os, signal\n"
+        f"MARKER = {str(marker)!r}\n"
+        "gc.set_threshold(1)  # (a collection at almost every allocation: any loop makes some)\n"
+        "def interrupt_here(phase, info):\n"
+        "    if phase == 'start' and os.path.exists(MARKER):\n"
+        "        os.unlink(MARKER)\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        sum(range(10))  # (bytecodes: the handler runs here, in the callback)\n"
+        "gc.callbacks.append(interrupt_here)\n")
+    return {"PYTHONPATH": str(hook)}, marker
+
+
 def town_processes(root: Path) -> list[psutil.Process]:
     """Every live process that belongs to the town: cwd inside it, or its path on the command line."""
     root_s = str(root)

@@ -323,6 +323,28 @@ def test_events_shows_the_last_n_and_follows_new_ones(town):
         _interrupt(follower)
 
 
+def test_events_follow_ends_on_ctrl_c_even_inside_a_finalizer(town, tmp_path):
+    """Ctrl+C while a finalizer (or a gc callback) runs: its KeyboardInterrupt is swallowed there,
+    and the follower used to go on following for ever. It now ends at once, exit 0."""
+    from conftest import interrupt_inside_gc
+    town.tt("spawn", "dev")
+    extra, marker = interrupt_inside_gc(tmp_path)
+    follower = subprocess.Popen([sys.executable, "-m", "tinytown.cli.main", "events", "-f", "-n", "0"], cwd=town.root,
+                                env={**town.env, **extra, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: blocked_in_xread(town), 20, "the follower to wait on the stream")
+        marker.touch()
+        town.assign("dev", "@echo wakes the follower")  # (its events: allocations, so collections)
+        assert follower.wait(20) == 0 and not marker.exists()
+        assert b"Traceback" not in follower.stderr.read()
+    finally:
+        if follower.poll() is None:
+            follower.send_signal(signal.SIGABRT)
+            follower.wait(10)
+            pytest.fail(f"`tt events -f` went on after Ctrl+C: {follower.stderr.read()[-3000:]!r}")
+
+
 def test_events_refuses_an_unknown_agent(town):
     town.tt("spawn", "dev")
     done = town.tt("events", "--agent", "nobody", check=False)

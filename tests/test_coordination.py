@@ -112,6 +112,31 @@ def test_wait_times_out_with_exit_2_and_completes_with_0(town):
     assert waiter.returncode == 0 and slow in out.decode()
 
 
+def test_wait_ends_on_ctrl_c_even_inside_a_finalizer(town, tmp_path):
+    """As `tt events -f`: a KeyboardInterrupt swallowed in a gc callback (or a finalizer) left
+    `tt wait` waiting on after Ctrl+C."""
+    import subprocess
+    import sys
+
+    from conftest import interrupt_inside_gc
+    _spawn(town, "dev")
+    slow = town.assign("dev", "@gate open")
+    extra, marker = interrupt_inside_gc(tmp_path)
+    waiter = subprocess.Popen([sys.executable, "-m", "tinytown.cli.main", "wait", slow], cwd=town.root,
+                              env={**town.env, **extra}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        client = town.town().r
+        wait_for(lambda: any(c.get("cmd") == "xread" for c in client.client_list()), message="tt wait blocks on events")
+        marker.touch()
+        town.tt("send", "dev", "an event that wakes the wait")
+        assert waiter.wait(20) == 130 and not marker.exists()
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
+        (town.record / "open").touch()
+
+
 def test_wait_on_an_agent_that_already_finished_reports_its_latest_task(town):
     """`tt wait reviewer && tt merge reviewer` must not depend on whether the reviewer finished
     before the wait began: with nothing unfinished, the agent's latest task is reported."""

@@ -18,9 +18,9 @@ from conftest import wait_for
 class Follower:
     """`tt logs -f ...` running in the background; a thread collects what it prints."""
 
-    def __init__(self, town, *args, cwd=None):
+    def __init__(self, town, *args, cwd=None, env=None):
         self.proc = subprocess.Popen([sys.executable, "-m", "tinytown.cli.main", "logs", "-f", *args], cwd=cwd or town.root,
-                                     env=town.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                     env={**town.env, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.out = bytearray()
         self.thread = threading.Thread(target=self._collect, daemon=True)
         self.thread.start()
@@ -82,6 +82,19 @@ def test_recent_output_last_lines_raw_and_clean(town):
     raw = town.tt("logs", "dev", "--raw", "-n", "3").stdout
     assert b"\x1b[31mred\x1b[0m text\r\n" in raw           # bytes as the CLI wrote them (pty CRLF)
     assert town.tt("logs", "dev", "-n", "0").out == ""
+
+
+def test_follow_ends_on_ctrl_c_even_inside_a_finalizer(town, follow, tmp_path):
+    """As `tt events -f` (tests/test_agent_control.py): a KeyboardInterrupt swallowed in a gc
+    callback used to leave the follower polling for ever."""
+    from conftest import interrupt_inside_gc
+    town.tt("spawn", "dev")
+    town.wait_task(town.assign("dev", "@echo first-marker"))
+    extra, marker = interrupt_inside_gc(tmp_path)
+    follower = follow(town, "dev", env=extra)
+    follower.wait_for("first-marker")
+    marker.touch()
+    assert follower.proc.wait(20) == 0 and not marker.exists()
 
 
 def test_follow_sees_a_new_line(town, follow):
