@@ -276,8 +276,8 @@ def wait(refs, timeout, as_json, town_path):
                    "finish until it starts (`tt start`)", err=True)
     tasks = {t.id: t for t in (town.task(i) for i in ids)}
     if as_json:
-        _print_json([{"id": i, "state": done.get(i, tasks[i].state), "finished": i in done,
-                      "reason": tasks[i].reason} for i in ids])
+        _print_json([{"id": i, "agent": tasks[i].agent, "state": done.get(i, tasks[i].state), "finished": i in done,
+                      "exit_code": tasks[i].exit_code, "reason": tasks[i].reason} for i in ids])
     else:
         from tinytown.supervisor.terminal_text import clean_written
         for i in ids:

@@ -384,11 +384,11 @@ class Coordination:
         if not text.strip():
             raise TinytownError("the note is empty")
         agent_id = self.town.agent_id(agent)
-        note = Note(id=new_id(), to=agent, sender=sender, text=text, urgent=1 if urgent else 0, created_at=now())
+        note = Note(id=new_id(), to=agent, sender=sender, text=text, urgent=urgent, created_at=now())
         pipe = self.r.pipeline()
         pipe.hset(self.keys.note(note.id), mapping=note.to_hash())
         pipe.rpush(self.keys.notes(agent_id), note.id)
-        self.town._event(pipe, "note_sent", note=note.id, agent=agent, sender=sender, urgent=note.urgent)
+        self.town._event(pipe, "note_sent", note=note.id, agent=agent, sender=sender, urgent=int(urgent))
         pipe.execute()
         return note
 

@@ -3,7 +3,7 @@
 Every change the store makes appends an event (Town._event, the coordination scripts): a type,
 `at` (epoch seconds) and fields such as task, agent, reason. Some events name only their task
 (a task's outcome, a re-queue): their agent is read from the task, once per task, so `--agent`
-finds them too. Following is XREAD BLOCK on the stream: no polling, a new event within a hop.
+finds them too; not for a task put in the backlog, which had no agent then. Following is XREAD BLOCK on the stream: no polling, a new event within a hop.
 """
 from __future__ import annotations
 
@@ -21,10 +21,29 @@ class Event:
     fields: dict
 
     def to_json(self) -> dict:
-        data = {"id": self.id, "type": self.type, "at": self.at, **self.fields}
+        data = {"id": self.id, "type": self.type, "at": self.at, **{k: _typed(k, v) for k, v in self.fields.items()}}
         if self.agent:
             data["agent"] = self.agent
         return data
+
+
+# Events about a task that had no agent when they happened: not credited to the one that took it later.
+WITHOUT_AGENT = {"task_backlogged"}
+# A stream entry's values are strings; --json gives these their type (one "" is null).
+_NUMBERS = {"exit_code": int, "returned": int, "notes_dropped": int, "delay": float}
+_FLAGS = {"urgent", "to_backlog"}
+
+
+def _typed(key: str, value: str):
+    if key in _FLAGS:
+        return value not in ("", "0", "False")
+    kind = _NUMBERS.get(key)
+    if kind is None:
+        return value
+    try:
+        return kind(value) if value != "" else None
+    except ValueError:  # (a hand-written entry: as it is)
+        return value
 
 
 class EventStream:
@@ -65,7 +84,8 @@ class EventStream:
         return self.agent is None or event.agent == self.agent
 
     def _events(self, entries) -> list[Event]:
-        unknown = sorted({f["task"] for _id, f in entries if not f.get("agent") and f.get("task")} - set(self.task_agents))
+        unknown = sorted({f["task"] for _id, f in entries
+                          if not f.get("agent") and f.get("task") and f.get("type") not in WITHOUT_AGENT} - set(self.task_agents))
         if unknown:  # one round trip for every task named without its agent
             pipe = self.r.pipeline(transaction=False)
             for task_id in unknown:
@@ -79,6 +99,6 @@ class EventStream:
                 at = float(fields.pop("at", "") or 0)
             except ValueError:
                 at = 0.0
-            agent = fields.pop("agent", "") or self.task_agents.get(fields.get("task", ""), "")
+            agent = fields.pop("agent", "") or ("" if kind in WITHOUT_AGENT else self.task_agents.get(fields.get("task", ""), ""))
             events.append(Event(entry_id, kind, at, agent, fields))
         return events

@@ -284,7 +284,7 @@ class Note(_Hash):
     to: str                          # agent name
     sender: str                      # an agent name, or "user"
     text: str
-    urgent: int = 0
+    urgent: bool = False
     created_at: float = 0.0
     delivered_at: float | None = None
     task: str = ""                   # the task it was delivered with

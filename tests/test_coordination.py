@@ -150,6 +150,11 @@ def test_wait_on_an_agent_that_already_finished_reports_its_latest_task(town):
     failed = town.assign("dev", "@exit 3")
     town.wait_task(failed)
     assert town.tt("wait", "dev", check=False).returncode == 1
+    as_json = json.loads(town.tt("wait", "dev", "--json", check=False).out)
+    assert [(w["id"], w["agent"], w["state"], w["exit_code"]) for w in as_json] == [(failed, "dev", "failed", 3)]
+    sent = [e for e in map(json.loads, town.tt("events", "-n", "50", "--json").out.splitlines())
+            if e["type"] == "task_failed" and e["task"] == failed]
+    assert sent and sent[0]["exit_code"] == 3  # (an event's numbers are numbers in --json)
     never = town.tt("wait", "idle", check=False)
     assert never.returncode == 3 and "idle has no task yet" in never.err and "Traceback" not in never.err
 
@@ -227,7 +232,8 @@ def test_notes_arrive_with_the_next_task_urgent_first_exactly_once(town):
     _spawn(town, "dev")
     town.tt("send", "dev", "first, not urgent")
     town.tt("send", "dev", "second, URGENT", "--urgent")
-    assert [n["text"] for n in town.json("inbox", "dev")] == ["first, not urgent", "second, URGENT"]
+    assert [(n["text"], n["urgent"]) for n in town.json("inbox", "dev")] == [
+        ("first, not urgent", False), ("second, URGENT", True)]  # (booleans, as every flag in --json)
     task_id = town.assign("dev", "the task")
     town.wait_task(task_id)
     prompt = town.recorded(task_id)[1].decode()
