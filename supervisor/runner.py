@@ -203,7 +203,7 @@ class Runner:
         self.session, self.session_task = agent.session, agent.session_task
         self.workspace = agent_workspace(self.config.root, agent)
         if self.workspace is not None:
-            self.workdir = self.workspace.path
+            self.workdir = self.workspace.workdir
         self.log = AgentLog(self.config, self.name)
         self.prompt_dir.mkdir(mode=0o700, exist_ok=True)
         self.base_env = self._cli_env()
@@ -373,6 +373,8 @@ class Runner:
                 return
             for note in fetched + begun.notes:
                 self._note(note)
+            if self.workdir != self.workspace.path:  # (a town in a subfolder: tracked files may not make it)
+                self.workdir.mkdir(parents=True, exist_ok=True)
             base = begun.base
             prompt = _interrupted_line(begun) + prompt
         spec = self.spec

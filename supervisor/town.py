@@ -740,7 +740,7 @@ def agent_json(agent: Agent, queued: int, stale_after: float, root=None, host_st
     data["responsive"] = data["health"] != "unresponsive"
     if root is not None:
         workspace = agent_workspace(root, agent)
-        data["workdir"] = str(workspace.path if workspace else root)
+        data["workdir"] = str(workspace.workdir if workspace else root)
         problem = workspace.problem() if workspace else ""
         data["workspace_problem"] = problem and workspace.problem_line(problem)
     return data

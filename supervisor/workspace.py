@@ -384,6 +384,17 @@ class Workspace:
         gitdir = gitdir if gitdir.is_absolute() else (self.path / gitdir)
         return gitdir if (gitdir / "HEAD").is_file() else None
 
+    @property
+    def workdir(self) -> Path:
+        """Where the agent's CLI works: the town folder's place in the worktree. Its root when the
+        town folder is the repository's top; a town in the repository's sub/ works in
+        agents/NAME/sub, as an agent sharing the town folder would (found without git: the
+        nearest folder up holding .git)."""
+        for top in (self.town_root, *self.town_root.parents):
+            if (top / ".git").exists():
+                return self.path / self.town_root.relative_to(top)
+        return self.path
+
     def _dirs(self) -> tuple[Path, Path]:
         gitdir = self.gitdir
         if gitdir is None:

@@ -307,6 +307,23 @@ def test_diff_and_merge_say_why_a_task_has_no_commits_and_merging_a_failed_one_s
     t.tt("cancel", blocker)
 
 
+def test_a_town_in_a_subfolder_of_the_repository_works_there_in_each_worktree(make_town):
+    """The CLI ran at the worktree's root: `@write new.txt` in a town at repo/sub landed in
+    repo/new.txt, where an agent sharing the town folder writes repo/sub/new.txt."""
+    t = make_town(folder="repo/sub")
+    repo = t.root.parent
+    (repo / "top.txt").write_text("top\n")
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "first commit")
+    t.tt("spawn", "dev")
+    done = t.wait_task(t.assign("dev", "@write new.txt x"))
+    assert done["state"] == "completed" and [f["path"] for f in done["files"]] == ["sub/new.txt"], done
+    assert next(a for a in t.json("list") if a["name"] == "dev")["workdir"] == str(t.root / "agents" / "dev" / "sub")
+    t.tt("merge", "dev")
+    assert (t.root / "new.txt").read_text() == "x\n"
+
+
 def test_tt_task_shows_file_names_cleaned_and_json_keeps_them(git_town):
     t = git_town()
     t.tt("spawn", "dev")
