@@ -102,6 +102,8 @@ def print_stop(name: str, report: dict | None, as_json: bool, echo) -> None:
         echo(f"Re-queued {len(report['requeued'])} unfinished task(s): {', '.join(report['requeued'])}")
     if report.get("pending"):
         echo(f"{report['pending']} task(s) wait in inboxes for the next start")
+    if report.get("waiting"):
+        echo(f"{report['waiting']} task(s) wait on dependencies (they go on once those finish, after the next start)")
 
 
 def explain(exc: Exception, config=None) -> str:

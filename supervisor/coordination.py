@@ -335,7 +335,7 @@ class Coordination:
 
     def waiting_counts(self) -> dict[str, int]:
         """Agent id -> how many of its tasks are `pending` on unfinished dependencies (`tt status`
-        and `tt list` count them with its queue)."""
+        and `tt list` count them with its queue); "" -> backlog tasks, which have no agent yet."""
         waiting = self._waiting_task_ids()
         if not waiting:
             return {}
@@ -344,8 +344,8 @@ class Coordination:
             pipe.execute_command("HMGET", self.keys.task(task_id), "agent_id", "state")
         counts: dict[str, int] = {}
         for agent_id, state in pipe.execute():
-            if agent_id and state == TaskState.PENDING.value:  # (a backlog task has no agent yet)
-                counts[agent_id] = counts.get(agent_id, 0) + 1
+            if state == TaskState.PENDING.value:
+                counts[agent_id or ""] = counts.get(agent_id or "", 0) + 1
         return counts
 
     def unserved_roles(self, agents: list) -> list[str]:

@@ -65,7 +65,8 @@ class StopReport:
     stopped: list[str] = field(default_factory=list)
     requeued: list[str] = field(default_factory=list)
     killed: list[str] = field(default_factory=list)
-    pending: int = 0
+    pending: int = 0            # tasks in the inboxes of this host's agents
+    waiting: int = 0            # theirs and the backlog's, pending on dependencies
 
 
 @dataclass
@@ -704,7 +705,7 @@ class Supervisor:
         self._stop_adopted()
         self._retrying(lambda: self._record_stop(report, stopping.since))
         self.say(f"stopped {len(report.stopped) + len(report.killed)} runner(s); "
-                 f"{len(report.requeued)} task(s) re-queued; {report.pending} waiting")
+                 f"{len(report.requeued)} task(s) re-queued; {report.pending} queued, {report.waiting} on dependencies")
         return report
 
     def _record_stop(self, report: StopReport, since: str) -> None:
@@ -714,6 +715,8 @@ class Supervisor:
                                                         AgentState.PAUSED.value)])
         report.requeued = [fields.get("task", "") for fields in self.town.events_since(since, "task_requeued")]
         report.pending = sum(self.town.queued_counts(agents).values())  # by id: the states are not read
+        waiting = self.town.coordination.waiting_counts()
+        report.waiting = waiting.get("", 0) + sum(waiting.get(agent.id, 0) for agent in agents)
         self.town.hosts.release(self.host)  # stopped, not lost: its agents wait for it
         self.town.record_supervisor_stopped()
 
@@ -761,7 +764,7 @@ class Supervisor:
     def _write_report(self, report: StopReport) -> None:
         path = self.config.last_stop_file
         data = {"stopped": report.stopped, "killed": report.killed, "requeued": report.requeued,
-                "pending": report.pending, "at": time.time()}
+                "pending": report.pending, "waiting": report.waiting, "at": time.time()}
         path.write_text(json.dumps(data))
 
     def _kill_everything(self) -> None:

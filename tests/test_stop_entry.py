@@ -139,6 +139,20 @@ def test_the_fast_path_answers_json_and_now_as_the_config_path_does(town):
     assert json.loads(entry(town, "stop", "--json").stdout) == {"running": False}
 
 
+def test_stop_says_what_waits_on_dependencies_beside_what_waits_in_inboxes(town):
+    """A stop with work waiting on a running task said nothing of that work: it is kept, and said."""
+    town.tt("spawn", "dev")
+    running = town.assign("dev", "@gate never")
+    town.assign("dev", "@echo queued")
+    town.tt("assign", "dev", "@echo after it", "--after", running)
+    town.tt("backlog", "add", "@echo backlog after it", "--after", running)
+    town.wait_task(running, states=("running",))
+    proc = entry(town, "stop", "--now")
+    assert proc.returncode == 0, proc.stderr
+    assert "2 task(s) wait in inboxes for the next start" in proc.stdout  # (the running one, put back)
+    assert "2 task(s) wait on dependencies" in proc.stdout, proc.stdout
+
+
 def test_a_runtime_folder_that_is_not_a_folder_is_said_as_the_config_path_says_it(town):
     (town.root / ".tt").rename(town.root / "tt-moved")
     (town.root / ".tt").write_text("not a folder\n")
