@@ -347,12 +347,27 @@ class Runner:
                 reason, work, _ = self._workspace_end(task.id, task.description, TaskState.FAILED, reason)
             self._note(f"task {task.id} failed: {reason}")
             self.town.finish_task(self.agent_id, claimed, TaskState.FAILED, reason=reason,
-                                  output=task.output.encode("utf-8", "surrogateescape"), work=work)
+                                  output=self._streamed_output(task.id), work=work)
             return
         # The user's text byte for byte, with the notes before it and the dependencies' outcomes
         # after it (README, "What Tinytown adds to a prompt").
         prompt = compose(task.description, begun.notes, begun.upstream, self.config.tasks.context_bytes)
         self._run_task(claimed, task.id, prompt, task, begun.agent_state)
+
+    def _streamed_output(self, task_id: str) -> bytes:
+        """The end of what a task's runs sent to the agent's Redis stream: its output, for a task
+        whose runners died under it (none lived to record one). Best effort: what a runner had
+        not sent yet when it died is in the log only."""
+        from .log_readers import OutputStream
+        try:
+            client = resp_connect(self.config, decode=False)
+            try:
+                chunks = OutputStream(client, self.town.keys, {self.name: self.agent_id}, task=task_id).history(None)
+            finally:
+                client.close()
+        except (TinytownError, OSError):  # (the failure is recorded all the same)
+            return b""
+        return b"".join(chunk for _, chunk in chunks)[-OUTPUT_TAIL_BYTES:]
 
     def _run_task(self, claimed: Claimed, task_id: str, prompt: bytes, task=None, agent_state=None) -> None:
         env = dict(self.base_env)

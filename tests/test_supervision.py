@@ -221,6 +221,20 @@ def test_restart_of_a_live_agent_gives_it_a_new_runner_after_its_task(town):
     assert town.tt("events").out.count("agent_restart_requested") == 2
 
 
+def test_a_task_failed_for_crashing_its_agent_keeps_what_its_runs_printed(make_town):
+    """"agent crashed N times": the task's output was empty (no run lived to record it); it is
+    now what the runs sent to the agent's Redis stream."""
+    town = make_town(policy=policy(max_attempts=2))
+    town.tt("spawn", "crashy")
+    task_id = town.json("assign", "crashy", "@echo printed before the crash\n@gate streamed\n@kill-runner")["id"]
+    wait_for(lambda: "printed before the crash" in town.tt("logs", "--task", task_id, "--redis").out, 30,
+             "the output in the agent's stream")
+    (town.record / "streamed").touch()  # (the gate stays open: the second run crashes at once too)
+    task = town.wait_task(task_id, timeout=60)
+    assert task["state"] == "failed" and task["reason"] == "agent crashed 2 times", task
+    assert "printed before the crash" in task["output"]
+
+
 def test_status_shows_an_agent_in_backoff_and_restart_skips_the_wait(make_town):
     town = make_town(policy=policy(start_seconds=60, backoff_first=600, backoff_max=600, max_attempts=2))
     town.tt("spawn", "crashy")
