@@ -27,6 +27,7 @@ from .errors import TinytownError
 from .procutil import alive, set_parent_death_signal
 
 FOLDER_PREFIX = "tt-snapshot-"
+_OPEN: set["Snapshot"] = set()   # this process's open readers: close_all() removes them
 LOAD_TIMEOUT = 60.0   # loading a big append-only file; each PING says LOADING until it is done
 # The reader's only user: every read, none of the commands that write, administer or publish.
 READ_ONLY_USER = "user default on nopass ~* &* +@all -@write -@admin -@pubsub -@dangerous +info\n"
@@ -69,6 +70,7 @@ class Snapshot:
         if not sources or running_pid(self.town):
             return False
         self._catch_signals()
+        _OPEN.add(self)
         try:
             remove_leftovers()
             self.folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-", dir=_temp_root()))
@@ -106,6 +108,7 @@ class Snapshot:
         for signum, handler in self._handlers.items():
             signal.signal(signum, handler)
         self._handlers.clear()
+        _OPEN.discard(self)
 
     # --- internals -------------------------------------------------------------------------
     def _start(self, data: Path) -> None:
@@ -145,6 +148,13 @@ class Snapshot:
 
         for signum in (signal.SIGTERM, signal.SIGHUP):
             self._handlers[signum] = signal.signal(signum, leave)
+
+
+def close_all() -> None:
+    """Every reader this process has open, closed: for a `tt` leaving at once (its Ctrl+C
+    handler, cli/logview.py), which no `with` or `finally` would see."""
+    for snapshot in list(_OPEN):
+        snapshot.close()
 
 
 def _temp_root() -> str | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -152,6 +154,26 @@ def test_wait_on_a_stopped_town_says_how_its_tasks_ended(town, private_tmp):
     assert town.tt("wait", done).returncode == 0
     out = town.tt("wait", done, failed, check=False)
     assert out.returncode == 1 and "failed" in out.out and "Traceback" not in out.err
+    nothing_left(town, private_tmp)
+
+
+def test_ctrl_c_while_a_wait_reads_a_stopped_town_leaves_no_copy_of_it(town, private_tmp, tmp_path):
+    """tt wait's Ctrl+C leaves at once (cli/logview.py end_on_ctrl_c), past any `finally`: the
+    reader's copy of the town's records (prompts, output) stayed in the temp folder. The hook
+    sends the SIGINT as the reader's redis-server is started."""
+    done, _ = stopped_town_with_tasks(town)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal, sys\n"
+        "def interrupt(event, args):\n"
+        "    if event == 'subprocess.Popen' and 'redis-server' in str(args[0]):\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "sys.addaudithook(interrupt)\n")
+    proc = subprocess.run([sys.executable, "-m", "tinytown.cli.main", "wait", done], cwd=town.root,
+                          env={**town.env, "PYTHONPATH": str(hook)}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr
+    wait_for(lambda: not town_processes(town.root), 10, "the reader's redis-server gone")
     nothing_left(town, private_tmp)
 
 
