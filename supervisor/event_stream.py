@@ -29,6 +29,14 @@ class Event:
 
 # Events about a task that had no agent when they happened: not credited to the one that took it later.
 WITHOUT_AGENT = {"task_backlogged"}
+
+
+def _agent_from_task(fields: dict) -> bool:
+    """Whether an event's agent is read from its task: it names a task and no agent at all (an
+    outcome, a re-queue). One written with an empty agent (a backlog task released, pending)
+    had none then, as a backlogged one."""
+    return "agent" not in fields and bool(fields.get("task")) and fields.get("type") not in WITHOUT_AGENT
+
 # A stream entry's values are strings; --json gives these their type (one "" is null).
 _NUMBERS = {"exit_code": int, "returned": int, "notes_dropped": int, "delay": float}
 _FLAGS = {"urgent", "to_backlog"}
@@ -84,8 +92,7 @@ class EventStream:
         return self.agent is None or event.agent == self.agent
 
     def _events(self, entries) -> list[Event]:
-        unknown = sorted({f["task"] for _id, f in entries
-                          if not f.get("agent") and f.get("task") and f.get("type") not in WITHOUT_AGENT} - set(self.task_agents))
+        unknown = sorted({f["task"] for _id, f in entries if _agent_from_task(f)} - set(self.task_agents))
         if unknown:  # one round trip for every task named without its agent
             pipe = self.r.pipeline(transaction=False)
             for task_id in unknown:
@@ -94,11 +101,12 @@ class EventStream:
         events = []
         for entry_id, raw in entries:
             fields = dict(raw)
+            from_task = _agent_from_task(fields)
             kind = fields.pop("type", "")
             try:
                 at = float(fields.pop("at", "") or 0)
             except ValueError:
                 at = 0.0
-            agent = fields.pop("agent", "") or ("" if kind in WITHOUT_AGENT else self.task_agents.get(fields.get("task", ""), ""))
+            agent = self.task_agents.get(fields.get("task", ""), "") if from_task else fields.pop("agent", "")
             events.append(Event(entry_id, kind, at, agent, fields))
         return events

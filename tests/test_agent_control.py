@@ -314,11 +314,15 @@ def test_events_shows_the_last_n_and_follows_new_ones(town):
     as_json = [__import__("json").loads(line) for line in town.tt("events", "-n", "2", "--json").out.splitlines()]
     assert as_json[-1]["type"] == "task_completed" and as_json[-1]["agent"] == "dev"
     assert as_json[-1]["exit_code"] == 0  # (a number, not "0")
-    # backlog work dev took later: its backlogging happened before dev had it, and is not dev's
-    taken = town.json("backlog", "add", "@echo from the backlog")["id"]
+    # backlog work dev took later: what happened to it before dev had it is not dev's
+    gate = town.assign("dev", "@gate backlog-after")
+    taken = town.json("backlog", "add", "@echo from the backlog", "--after", gate)["id"]
+    (town.record / "backlog-after").touch()
     town.wait_task(taken)
     mine = town.tt("events", "-n", "1000", "--agent", "dev").out
-    assert f"task_claimed  task={taken}" in mine and "task_backlogged" not in mine
+    assert f"task_claimed  task={taken}" in mine or f"task_assigned  task={taken}" in mine, mine
+    assert not [line for line in mine.splitlines() if taken in line and (
+        "task_backlogged" in line or "task_pending" in line or "task_released" in line)], mine
     follower = _events_follow(town, "-n", "0", "--agent", "dev")
     try:
         wait_for(lambda: blocked_in_xread(town), 20, "the follower to wait on the stream")
