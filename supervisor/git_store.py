@@ -1,4 +1,5 @@
-"""A commit written and a branch moved by Python, without a git process, where that is plain.
+"""A commit written, a branch moved and a short ancestry read by Python, without a git process,
+where that is plain.
 
 Why: a task's git work is counted in processes (2-3 ms each here), and `git commit-tree` and
 `git update-ref` are two whose whole job is a few hundred bytes: a zlib-compressed loose object
@@ -108,6 +109,35 @@ def read_ref(common: Path, ref: str) -> str | None:
     except OSError:
         pass
     return None
+
+
+def descends_from(objects: Path, head: str, ancestor: str, most: int = 64) -> bool | None:
+    """Whether `ancestor` is `head` or one of its ancestors, by reading loose commit objects
+    (a CLI's own fresh commits are loose); None when that cannot say (a packed or unreadable
+    commit, a history longer than `most` commits): the caller asks git."""
+    seen, todo = set(), [head]
+    while todo:
+        oid = todo.pop()
+        if oid == ancestor:
+            return True
+        if oid in seen:
+            continue
+        seen.add(oid)
+        if len(seen) > most or len(oid) != _SHA1_HEX:
+            return None
+        try:
+            raw = zlib.decompress((objects / oid[:2] / oid[2:]).read_bytes())
+        except (OSError, zlib.error):
+            return None
+        header, _, body = raw.partition(b"\0")
+        if not header.startswith(b"commit "):
+            return None
+        for line in body.split(b"\n"):
+            if not line.startswith(b"tree ") and not line.startswith(b"parent "):
+                break  # (the parents come right after the tree)
+            if line.startswith(b"parent "):
+                todo.append(line[7:].decode("ascii", "replace"))
+    return False
 
 
 def write_commit(objects: Path, tree: str, parents, name: str, email: str, message: bytes,

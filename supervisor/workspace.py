@@ -29,7 +29,7 @@ from itertools import takewhile
 from pathlib import Path
 
 from .errors import TinytownError
-from .git_store import identity_line, move_ref, read_ref, write_commit
+from .git_store import descends_from, identity_line, move_ref, read_ref, write_commit
 from .procutil import capture
 from .worktree_watch import WorktreeWatch, rule_files
 
@@ -606,8 +606,7 @@ class Workspace:
         head, _ = self.head(dirs)
         if head is None:
             raise WorkspaceError(f"{self.label} has no commit on {self.branch}")
-        if base_before and base_before != head and git(
-                self.path, "merge-base", "--is-ancestor", base_before, head, ok=range(0, 256)).returncode != 0:
+        if base_before and base_before != head and not self._is_ancestor(base_before, head, dirs):
             base_before = None  # (the branch was moved meanwhile: the first run's base is not behind it)
         begun.base = base_before or head
         _write_marker(marker, task_id, begun.base)
@@ -659,7 +658,7 @@ class Workspace:
         ended.files = files or []
         if ref is None and ended.head:
             ended.notes.append(self._rescue(ended.head))
-        elif ref == self.ref and base and head and head != base and not self._is_ancestor(base, head):
+        elif ref == self.ref and base and head and head != base and not self._is_ancestor(base, head, dirs):
             ended.notes.append(self._keep_rewound(base))  # (a reset, a rebase: only when the CLI moved it)
         marker.unlink(missing_ok=True)
         if self.watch is not None:
@@ -770,7 +769,12 @@ class Workspace:
         return (f"the CLI moved {self.branch} back past {oid[:12]}, where the task began: that commit is kept on "
                 f"branch {name}")
 
-    def _is_ancestor(self, older: str, newer: str) -> bool:
+    def _is_ancestor(self, older: str, newer: str, dirs: tuple[Path, Path] | None = None) -> bool:
+        """`older` is `newer` or behind it: read from the loose objects when it can (a CLI's own
+        commits: no git process at a task's end), else asked of git."""
+        known = descends_from((dirs or self._dirs())[1] / "objects", newer, older)
+        if known is not None:
+            return known
         return git(self.path, "merge-base", "--is-ancestor", older, newer, ok=range(0, 256)).returncode == 0
 
     def _back_on_branch(self, head: str | None, ref: str | None) -> list[str]:
@@ -780,7 +784,7 @@ class Workspace:
         where = _short(ref) or f"a detached HEAD ({(head or '')[:12]})"
         if head is None:
             raise WorkspaceError(f"{self.label} is on an unborn branch {where}: check out {self.branch} there")
-        if tip is None or git(self.path, "merge-base", "--is-ancestor", tip, head, ok=(0, 1)).returncode == 0:
+        if tip is None or self._is_ancestor(tip, head):
             git(self.path, "update-ref", "-m", "tt: follow the CLI's branch", self.ref, head, tip or ZERO_OID,
                 identity=self.agent)
             git(self.path, "symbolic-ref", "-m", "tt: back on the agent's branch", "HEAD", self.ref)
@@ -938,7 +942,10 @@ def _repositories_with_commits(root: Path, ignored: list[str]) -> list[str]:
         for folder, subfolders, files in os.walk(top):
             if ".git" in subfolders or ".git" in files:
                 subfolders[:] = []  # (its own files are its own business)
-                if git(Path(folder), "rev-parse", "-q", "--verify", "HEAD", ok=range(0, 256)).returncode == 0:
+                # Its own top with a HEAD commit: a .git git cannot read sends it up to the worktree's.
+                done = git(Path(folder), "rev-parse", "--show-toplevel", "HEAD", ok=range(0, 256))
+                lines = _text(done.stdout).splitlines()
+                if done.returncode == 0 and lines and Path(lines[0]) == Path(folder).resolve():
                     found.append(os.path.relpath(folder, root))
     return sorted(found)
 

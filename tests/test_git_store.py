@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tinytown.supervisor.git_store import identity_line, move_ref, read_ref, reflog_message, write_commit
+from tinytown.supervisor.git_store import descends_from, identity_line, move_ref, read_ref, reflog_message, write_commit
 
 MESSAGE = "tt: t-1 caf\xe9 \u2603\n\nTinytown-Task: t-1\n".encode()
 
@@ -244,3 +244,29 @@ def test_a_disk_that_refuses_the_writes_leaves_them_to_git(repo, monkeypatch):
     assert git(space.path, "log", "-1", "--format=%an|%s").strip() == "dev (tt)|tt: t1 add new"
     assert not list(objects.rglob("tmp_obj_*")) and not list((repo / ".git").rglob("*.lock"))
     git(repo, "fsck", "--strict", "--no-dangling")
+
+
+def test_ancestry_read_from_loose_commits_agrees_with_git_and_defers_when_packed(repo):
+    """A task's end asks whether the CLI moved its branch back: from the loose objects when it
+    can (its own fresh commits), git's answer otherwise."""
+    objects = repo / ".git" / "objects"
+    first = rev(repo, "HEAD")
+    for i in range(3):
+        (repo / f"f{i}").write_text(f"{i}\n")
+        git(repo, "add", "-A")
+        git(repo, "commit", "-qm", f"c{i}")
+    head = rev(repo, "HEAD")
+    git(repo, "checkout", "-q", "-b", "side", first)
+    (repo / "side.txt").write_text("s\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "side")
+    side = rev(repo, "HEAD")
+    git(repo, "checkout", "-q", "main")
+    git(repo, "merge", "-q", "--no-edit", "side")
+    merged = rev(repo, "HEAD")
+    for older, newer in ((first, head), (head, head), (head, first), (side, head), (side, merged), (head, merged)):
+        said_by_git = subprocess.run(["git", "merge-base", "--is-ancestor", older, newer], cwd=repo).returncode == 0
+        assert descends_from(objects, newer, older) is said_by_git, (older, newer)
+    assert descends_from(objects, head, first, most=2) is None  # (too far back: git says)
+    git(repo, "gc", "-q")  # everything packed: no loose commit to read
+    assert descends_from(objects, head, first) is None

@@ -616,6 +616,7 @@ def test_prune_refuses_a_repository_with_commits_in_what_git_ignores(town):
     git(nested, "commit", "-qm", "inner")
     (space.path / "build" / "empty").mkdir()
     git(space.path / "build" / "empty", "init", "-q")  # no commits: nothing of its own to lose
+    (space.path / "build" / "broken" / ".git").mkdir(parents=True)  # not a repository git can read
     with pytest.raises(WorkspaceError, match=r"agents/dev/build/deep/nested is a git repository with commits of its "
                                              r"own in what git ignores there"):
         space.prune()
