@@ -383,13 +383,17 @@ class Runner:
                 fetched = bring_here(self.workspace, dependencies, after, self.town.task_heads,
                                      self.config.workspace.remote, self.config.name)  # from other hosts
                 begun = self.workspace.begin(task_id, after=after)
+                if self.workdir != self.workspace.path:  # (a town in a subfolder: tracked files may not make it)
+                    self.workdir.mkdir(parents=True, exist_ok=True)
             except TinytownError as exc:  # Busy, MergeConflict, WorkspaceError
                 self._fail_before_cli(claimed, task_id, task, agent_state, str(exc))
                 return
+            except OSError as exc:  # (that folder: a file of the branch's in its place, no permission)
+                self._fail_before_cli(claimed, task_id, task, agent_state,
+                                      f"cannot make {self.workdir}: {exc.strerror or exc}")
+                return
             for note in fetched + begun.notes:
                 self._note(note)
-            if self.workdir != self.workspace.path:  # (a town in a subfolder: tracked files may not make it)
-                self.workdir.mkdir(parents=True, exist_ok=True)
             base = begun.base
             prompt = _interrupted_line(begun) + prompt
         spec = self.spec

@@ -322,6 +322,15 @@ def test_a_town_in_a_subfolder_of_the_repository_works_there_in_each_worktree(ma
     assert next(a for a in t.json("list") if a["name"] == "dev")["workdir"] == str(t.root / "agents" / "dev" / "sub")
     t.tt("merge", "dev")
     assert (t.root / "new.txt").read_text() == "x\n"
+    # the agent's branch made `sub` a file: its task fails, saying so (the runner used to crash on it)
+    worktree = t.root / "agents" / "dev"
+    git(worktree, "rm", "-rq", "sub")
+    (worktree / "sub").write_text("a file now\n")
+    git(worktree, "add", "sub")
+    git(worktree, "commit", "-qm", "sub is a file")
+    failed = t.wait_task(t.assign("dev", "@echo never runs"))
+    assert failed["state"] == "failed" and failed["reason"].startswith(f"cannot make {worktree / 'sub'}: "), failed
+    assert t.agent("dev")["restarts"] == 0
 
 
 def test_tt_task_shows_file_names_cleaned_and_json_keeps_them(git_town):
