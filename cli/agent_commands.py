@@ -7,7 +7,7 @@ import time
 
 import click
 
-from tinytown.cli.main import (_config, _live_town, _print_json, _recorded_town, _running_town, complete_agent,
+from tinytown.cli.main import (_config, _live_town, _print_json, _recorded_town, complete_agent,
                                json_option, town_option)
 from tinytown.supervisor.errors import TinytownError
 

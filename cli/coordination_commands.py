@@ -10,7 +10,7 @@ import time
 
 import click
 
-from tinytown.cli.main import (Seconds, _config, _explain, _fail, _live_town, _print_json, _read_input, _recorded_town,
+from tinytown.cli.main import (CONFIG_META, Seconds, _config, _explain, _fail, _live_town, _print_json, _read_input, _recorded_town,
                                _running_town, _started_town, _usage_line, complete_agent, complete_backlog_task,
                                complete_task, json_option, town_option)
 from tinytown.supervisor.errors import TinytownError
@@ -77,6 +77,7 @@ def backlog(ctx, as_json, town_path):
     config = _config(town_path)
     town = _running_town(config)
     found = town.coordination.backlog()
+    town.explained([t for t in found if t.deps_left])  # "waits on <ids>" (the others: in the backlog)
     if as_json:
         _print_json(tasks_json(town, found))
     elif not found:
@@ -229,7 +230,7 @@ class OutcomeCommand(click.Command):
                 BrokenPipeError):
             raise  # (as tt handles them for every command)
         except Exception as exc:  # noqa: BLE001 - one line, never a traceback
-            _fail(_explain(exc, None), WAIT_ERROR_EXIT)
+            _fail(_explain(exc, ctx.meta.get(CONFIG_META)), WAIT_ERROR_EXIT)
 
 
 @click.command(cls=OutcomeCommand)

@@ -86,8 +86,8 @@ TEXT_ARGUMENTS = ("description", "text")  # (assign, backlog add, send: a task's
 
 
 class Seconds(click.ParamType):
-    """A duration in seconds, 0 up to `most`: nan, inf and absurd values are a usage error (exit 2),
-    not a traceback or a Redis error later."""
+    """A duration in seconds, 0 up to `most`: nan, inf and absurd values are a usage error (exit 2;
+    tt wait's: 3), not a traceback or a Redis error later."""
 
     name = "seconds"
 
@@ -605,7 +605,7 @@ def logs(agents, lines, follow, task_id, since, no_color, raw, from_redis, town_
     try:
         logview.show(config, list(agents), lines=lines, follow=follow, task=task_id, since=since, raw=raw,
                      colour=logview.colour_wanted(no_color), from_redis=from_redis)
-    except KeyboardInterrupt:  # Ctrl+C while it prints what there is: not an error either
+    except KeyboardInterrupt:  # Ctrl+C while it prints what there is (without -f): not an error either
         pass
 
 

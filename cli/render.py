@@ -170,7 +170,7 @@ def _note(a: dict) -> str:
         left = max(0.0, float(a["restart_at"]) - time.time()) if a.get("restart_at") else 0.0
         return f"restarting in {left:.0f}s (`tt restart {a['name']}`: now) after {reason}"
     if health == "failed":  # (a reason that says how to go on already is not told twice)
-        return reason if f"tt restart {a['name']}" in reason else f"{reason}; `tt restart {a['name']}` to try again"
+        return reason if reason.endswith(f"tt restart {a['name']}") else f"{reason}; `tt restart {a['name']}` to try again"
     if health == "unresponsive":
         return (f"{a['state']}, but no heartbeat for {_ago(a['heartbeat_at']).replace(' ago', '')}: the runner may be "
                 f"hung (`tt restart {a['name']}` replaces it)")
@@ -200,7 +200,7 @@ def tasks(found) -> None:
     if not found:
         click.echo("No tasks")
         return
-    # a task that waits for a failed agent says so before its text (Town._explain_waiting)
+    # a task that waits for a failed agent says so before its text (Town.explained)
     rows = [(t.id[:8], t.agent, t.state, "" if t.exit_code is None else str(t.exit_code), str(t.attempts),
              _ago(t.created_at), (t.reason + " | " if t.state in ("assigned", "pending") and t.reason else "")
              + (t.description.strip().splitlines() or [""])[0][:80]) for t in found]

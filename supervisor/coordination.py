@@ -296,14 +296,15 @@ class Coordination:
 
     def backlog(self) -> list[Task]:
         """Unclaimed backlog tasks, oldest first: those any matching idle agent may take, and
-        those still waiting on dependencies (their reason says on which), which enter it when
-        the last one completes."""
+        those still waiting on dependencies (Town.explained says on which), which enter it when
+        the last one completes. (Read in a few round trips: a task released in between is
+        listed once, as released.)"""
+        released = self._released_backlog()
+        seen = {t.id for t in released}
         waiting = [t for t in self._tasks(self._waiting_task_ids())
-                   if t.backlog and not t.agent and t.state == TaskState.PENDING.value]
-        blocked = self.blocked_by(waiting)
-        for task in waiting:
-            task.reason = "waits on " + ", ".join(i[:8] for i in blocked[task.id])
-        return sorted(self._released_backlog() + waiting, key=lambda t: t.created_at)
+                   if t.backlog and not t.agent and t.state == TaskState.PENDING.value and t.deps_left > 0
+                   and t.id not in seen]
+        return sorted(released + waiting, key=lambda t: t.created_at)
 
     def _tasks(self, ids: list[str]) -> list[Task]:
         pipe = self.r.pipeline(transaction=False)

@@ -330,7 +330,7 @@ class Town:
             if len(matches) != 1:
                 raise TinytownError(f"no task {task_id!r}" if not matches else f"task id {task_id!r} is ambiguous")
             data = self.r.hgetall(self.keys.task(matches[0]))
-        return self._explain_waiting([Task.from_hash(data)])[0]
+        return self.explained([Task.from_hash(data)])[0]
 
     def tasks(self, agent: str | None = None, state: str | None = None, limit: int = 0) -> list[Task]:
         ids = self.r.zrange(self.keys.task_index, 0, -1)
@@ -339,9 +339,9 @@ class Town:
             pipe.hgetall(self.keys.task(task_id))
         found = [Task.from_hash(d) for d in pipe.execute() if d]
         found = [t for t in found if (agent is None or t.agent == agent) and (state is None or t.state == state)]
-        return self._explain_waiting(found[-limit:] if limit else found)
+        return self.explained(found[-limit:] if limit else found)
 
-    def _explain_waiting(self, tasks: list[Task]) -> list[Task]:
+    def explained(self, tasks: list[Task]) -> list[Task]:
         """A task waiting for an agent that gave up or was held says so in its reason: "waiting:
         agent d failed: …", "waiting: agent d is closed (…)" (read, not stored: it holds exactly
         while the agent is so). A task in hand that a stop put back in a closing agent's queue

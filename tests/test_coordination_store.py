@@ -484,13 +484,13 @@ def test_a_backlog_task_after_others_enters_the_backlog_when_released(town, coor
     r = coord.backlog_add("review a", role="review", after=[a]).task
     dropped = coord.backlog_add("also after a", after=[a]).task
     # listed while it waits, saying on what (`tt backlog` said "empty"), and removable from it
-    listed = coord.backlog()
+    listed = town.explained(coord.backlog())
     assert [(t.id, t.reason) for t in listed] == [(r.id, f"waits on {a[:8]}"), (dropped.id, f"waits on {a[:8]}")]
     assert r.state == "pending" and inbox_tasks(town, rev) == []
     coord.backlog_remove(dropped.id)
     assert state(town, dropped.id) == "cancelled"
     run_one(town, coord, dev)
-    assert [(t.id, t.reason) for t in coord.backlog()] == [(r.id, "")]
+    assert [(t.id, t.deps_left) for t in coord.backlog()] == [(r.id, 0)]
     town.set_agent_state(rev, AgentState.IDLE)
     assert coord.recover() == (0, 0, 1)  # the supervisor's sweep at start hands it over
     assert inbox_tasks(town, rev) == [r.id]
