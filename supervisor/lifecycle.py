@@ -123,16 +123,23 @@ def _wait_ready(config: Config, timeout: float = START_TIMEOUT, stopping_too: bo
     from .keys import Keys
     from .resp import connect  # (not redis-py: a command that only reads must stay quick)
 
-    client, key = connect(config), Keys(config.name).supervisor
+    keys = Keys(config.name)
+    client = connect(config)
     seen = [""]
 
     def ready() -> bool:
-        if not running_pid(config):
+        holder = running_pid(config)
+        if not holder:
             return True  # it went away (it was stopping)
         try:
-            seen[0] = state = client.hget(key, "state") or ""
+            state, pid = client.execute_command("HMGET", keys.supervisor, "state", "pid")
+            if pid != str(holder) and _host_live(client, keys, holder):
+                # The town's record is another host's (a town on a shared Redis: the last to
+                # start or stop wrote it); this folder's supervisor holds a live lease of its own.
+                state = "running"
         except Exception:
             return False
+        seen[0] = state = state or ""
         if not state:
             _refuse_a_rename(config)
         return state == "running" or (stopping_too and state == "stopping")
@@ -143,6 +150,17 @@ def _wait_ready(config: Config, timeout: float = START_TIMEOUT, stopping_too: bo
     finally:
         client.close()
     return seen[0] if running_pid(config) else ""
+
+
+def _host_live(client, keys, pid: int) -> bool:
+    """Whether a host of the town holds a live lease under supervisor `pid` (supervisor/hosts.py)."""
+    names = sorted(client.execute_command("SMEMBERS", keys.hosts) or [])
+    if not names:
+        return False
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.execute_command("HMGET", keys.host(name), "state", "pid")
+    return any(state == "live" and found == str(pid) for state, found in pipe.execute())
 
 
 def _refuse_a_rename(config: Config) -> None:

@@ -462,6 +462,19 @@ def test_a_pinned_agent_waits_for_its_host(hosts):
     assert (done["state"], done["attempts"]) == ("completed", 2)
 
 
+def test_one_host_stopping_leaves_the_others_commands_working(hosts):
+    """A clean stop of host a wrote the town's one supervisor record `stopped`: on host b, whose
+    supervisor runs, tt status, list, assign and spawn then waited 30 s for it to say `running`
+    and failed ("running but not ready")."""
+    a = hosts("a").start()
+    b = hosts("b").start()
+    a.proc.send_signal(signal.SIGTERM)
+    a.proc.wait(30)
+    b.tt("spawn", "after", "--shared", "--host", "b", timeout=20)
+    assert b.harness.wait_task(b.assign("after", "@echo still served"))["state"] == "completed"
+    assert "after" in b.tt("status", timeout=20).out
+
+
 # --- chaos: 4 agents on 3 hosts; one host killed, another paused past its lease ----------------
 # The suite runs a short one; ./scripts/chaos-hosts [TASKS] a longer one.
 CHAOS_TASKS = int(os.environ.get("HOSTS_CHAOS_TASKS", "120"))
