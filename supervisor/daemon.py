@@ -27,13 +27,14 @@ from .models import Agent, AgentState, Hold, InvalidTransition, StopMode
 from .procutil import (adopted, become_subreaper, close_on_exec_all, describe_status, drain, exit_now, file_stamp,
                        kill_leftovers, kill_with_group, killpg, reap, reap_adopted, set_parent_death_signal,
                        set_process_name, signal_wakeup_pipe, wait_exit, wait_until)
+from .procutil import running as process_running
 from .redis_server import RedisServer
 from .resp import RespConnectionError, RespError
 from .resp import connect as resp_connect
-from .hosts import FENCED_EXIT
+from .hosts import FENCED_EXIT, fencing
 from .runner import CLI_UNUSABLE_EXIT, KILL_WAIT_SECONDS, run_forked
 from .restart_policy import GiveUp, RestartRecord
-from .town import Town
+from .town import Town, machine_id
 
 # How long `tt stop` gives a process a task left running (a server, a gpg-agent) after SIGTERM.
 ADOPTED_STOP_GRACE = 2.0
@@ -85,6 +86,7 @@ class Supervisor:
     def __init__(self, config: Config, say=None, ready_fd: int | None = None, host: str | None = None):
         self.config = config
         self.host = config.host_name(host)        # this machine's name in the town (supervisor/hosts.py)
+        self.machine = machine_id()               # which machine this is, whatever its host name
         self.lease_at = 0.0                       # monotonic: when the lease is renewed next
         self.reaper = ""                          # the host that handles lost hosts, as last seen
         self.policy = config.supervisor
@@ -365,7 +367,18 @@ class Supervisor:
 
     # --- this host's lease (supervisor/hosts.py) -------------------------------------------------
     def _join(self) -> None:
-        """The first renewal, at start; agents registered before hosts existed are placed here."""
+        """The first renewal, at start; agents registered before hosts existed are placed here.
+        Refused while another supervisor holds this host's lease: two supervisors of one host
+        would each run its agents (a cloned machine, a second checkout started as this host).
+        One that died on this machine (its pid gone) is taken over at once."""
+        holder = self.town.hosts.live_holder(self.host) if fencing(self.config) else None  # (else: one machine's Redis)
+        if holder is not None:
+            pid, machine = holder
+            ours = machine == self.machine
+            if pid != str(os.getpid()) and not (ours and pid.isdigit() and not process_running(int(pid))):
+                where = "this machine" if ours else (machine.split("/")[0] or "another machine")
+                raise TinytownError(f"host {self.host} is live: its supervisor (pid {pid} on {where}) holds its lease; "
+                                    "start this one as another host (tt start --host NAME), or stop that one first")
         tick = self._tick()
         if tick.returned:
             self.say(f"host {self.host} was declared lost while its supervisor was away; "
@@ -377,7 +390,8 @@ class Supervisor:
     def _tick(self):
         cluster = self.config.cluster
         self.lease_at = time.monotonic() + cluster.lease_renew
-        tick = self.town.hosts.tick(self.host, self.config.host_capacity(self.host), os.getpid(), cluster.lease_ttl)
+        tick = self.town.hosts.tick(self.host, self.config.host_capacity(self.host), os.getpid(), cluster.lease_ttl,
+                                    self.machine)
         if tick.reaper != self.reaper:
             if tick.reaper == self.host and self.reaper:  # (a takeover; not a first start)
                 self.say(f"host {self.host} handles lost hosts now, after host {self.reaper} (elected through Redis)")

@@ -141,7 +141,7 @@ local key = K.host .. me
 local before = redis.call('HGET', key, 'state') or ''
 redis.call('SADD', K.hosts, me)
 redis.call('HSET', key, 'state', 'live', 'lease_until', NOW_MS + ttl, 'renewed_at', AT,
-           'max_agents', ARGV[3], 'pid', ARGV[4])
+           'max_agents', ARGV[3], 'pid', ARGV[4], 'machine', ARGV[6] or '')
 if before ~= 'live' then
   redis.call('HSET', key, 'since', AT)
   event(before == 'lost' and 'host_returned' or 'host_joined', 'host', me)
@@ -294,10 +294,21 @@ class Hosts:
         return SCRIPTS[name](self.r, keys or (self.town.keys.agent_index,), (self.ctx, *args))
 
     # --- a host's own supervisor --------------------------------------------------------------
-    def tick(self, host: str, capacity: int, pid: int, lease_ttl: float) -> Tick:
+    def tick(self, host: str, capacity: int, pid: int, lease_ttl: float, machine: str = "") -> Tick:
         """Renew `host`'s lease; if it holds the reaper role (or takes it), handle lost hosts."""
-        reply = self._run("tick", host, capacity, pid, int(lease_ttl * 1000))
+        reply = self._run("tick", host, capacity, pid, int(lease_ttl * 1000), machine)
         return Tick(before=reply[0], reaper=reply[1], moved=list(reply[2:]))
+
+    def live_holder(self, host: str) -> tuple[str, str] | None:
+        """(pid, machine) of the supervisor holding `host`'s lease, if it is live by Redis's clock."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.execute_command("HMGET", self.town.keys.host(host), "state", "lease_until", "pid", "machine")
+        pipe.execute_command("TIME")
+        (state, until, pid, machine), clock = pipe.execute()
+        now_ms = int(clock[0]) * 1000 + int(clock[1]) // 1000
+        if state != "live" or int(float(until or 0)) <= now_ms:
+            return None
+        return pid or "", machine or ""
 
     def release(self, host: str) -> None:
         self._run("release", host)

@@ -161,6 +161,18 @@ def alive(pid: int | None) -> bool:
     return True
 
 
+def running(pid: int | None) -> bool:
+    """alive(), and not a zombie: a process killed outright whose parent has not reaped it yet
+    runs nothing (Linux's /proc; elsewhere, as alive())."""
+    if not alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.005, max_interval: float = 0.05) -> bool:
     """Poll `predicate` until true or `timeout` passes, backing off from `interval` to `max_interval`."""
     deadline = time.monotonic() + timeout

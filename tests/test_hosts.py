@@ -475,6 +475,21 @@ def test_one_host_stopping_leaves_the_others_commands_working(hosts):
     assert "after" in b.tt("status", timeout=20).out
 
 
+def test_a_second_supervisor_cannot_take_a_live_hosts_name(hosts):
+    """A copy of the town (a cloned machine, a second checkout) started with a live host's name
+    ran that host's agents too: one agent's tasks on two machines at once, its branch split, and
+    its stop marked the real host stopped."""
+    a = hosts("a").start()
+    a.tt("spawn", "dev", "--shared", "--host", "a")
+    a.harness.wait_agent("dev")
+    impostor = hosts("a-copy")
+    refused = impostor.tt("start", "--host", "a", check=False, timeout=60)
+    assert refused.returncode == 1 and "host a is live" in refused.err and "--host" in refused.err, refused.err
+    assert "Traceback" not in refused.err and impostor.harness.supervisor_pid() is None
+    assert a.town.hosts.states()["a"] == "live"
+    assert a.harness.wait_task(a.assign("dev", "@echo still a's"))["state"] == "completed"
+
+
 # --- chaos: 4 agents on 3 hosts; one host killed, another paused past its lease ----------------
 # The suite runs a short one; ./scripts/chaos-hosts [TASKS] a longer one.
 CHAOS_TASKS = int(os.environ.get("HOSTS_CHAOS_TASKS", "120"))
