@@ -84,6 +84,27 @@ def _worktree_of(config, agent):
     return workspace
 
 
+def _branch_here(config, agent) -> str:
+    """The agent's branch, if this checkout has it: an agent that works on another host has its
+    branch there (its tasks' heads reach here through [workspace] remote: tt diff/merge TASK)."""
+    from tinytown.supervisor.workspace import Repo
+    workspace = _worktree_of(config, agent)
+    if Repo.find(config.root).resolve(workspace.ref) is None:
+        raise TinytownError(f"branch {workspace.branch} is not in this checkout: agent {agent.name} works on host "
+                            f"{agent.host or '?'} (tt diff/merge TASK brings a task's work from [workspace] remote)")
+    return workspace.branch
+
+
+def _task_work_here(config, task) -> None:
+    """A task done on another host: its commits fetched from [workspace] remote (as a dependent
+    task does), or one line saying why they cannot be had."""
+    from tinytown.supervisor.workspace import Workspace
+    from tinytown.supervisor.workspace_remote import bring_here
+    for note in bring_here(Workspace(config.root, task.agent or "?"), [task.id], [task.head], lambda _ids: [task.head],
+                           config.workspace.remote, config.name, what="task"):
+        click.echo(f"tt: {note}", err=True)
+
+
 def _town_option(func):
     """--town PATH (also TT_TOWN_DIR), as main.town_option; declared here because main imports
     this module to register its commands."""
@@ -110,10 +131,11 @@ def diff(ctx, ref, stat, town_path):
     town = _running_town(config)
     agent, task = _agent_or_task(town, ref)
     if agent is not None:
-        argv = diff_argv(config.root, branch=_worktree_of(config, agent).branch, stat=stat)
+        argv = diff_argv(config.root, branch=_branch_here(config, agent), stat=stat)
     else:
         if not (task.base and task.head):
             raise _no_commits(task)
+        _task_work_here(config, task)
         argv = diff_argv(config.root, base=task.base, head=task.head, stat=stat)
     import subprocess
     sys.stdout.flush()
@@ -138,10 +160,11 @@ def merge(ctx, ref, into, town_path):
     town = _running_town(config)
     agent, task = _agent_or_task(town, ref)
     if agent is not None:
-        source, label = _worktree_of(config, agent).ref, agent.name
+        source, label = "refs/heads/" + _branch_here(config, agent), agent.name
     else:
         if not task.head:
             raise _no_commits(task)
+        _task_work_here(config, task)
         source, label = task.head, f"task {task.id[:8]}"
     done = merge_home(config.root, source, into, label=label)
     if done.how == "up to date":

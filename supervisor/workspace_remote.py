@@ -38,17 +38,18 @@ def push_head(workspace: Workspace, remote: str, town: str, task_id: str, head: 
 
 
 def bring_here(workspace: Workspace, dependencies: list[str], heads: list[str], heads_of, remote: str | None,
-               town: str) -> list[str]:
+               town: str, what: str = "dependency") -> list[str]:
     """Before a dependent task merges `heads` (its dependencies' head commits): fetch from the remote
     those this repository lacks. WorkspaceError, naming the dependency, when one cannot be had.
-    heads_of(ids) -> their heads: asked only when one is missing, to say whose it is. Returns notes."""
+    heads_of(ids) -> their heads: asked only when one is missing, to say whose it is. Returns notes.
+    (Also `tt diff`/`tt merge` of a task done on another host: `what` = "task".)"""
     missing = missing_commits(workspace, heads)
     if not missing:
         return []
     whose = {head: task_id for task_id in dependencies for head in heads_of([task_id])}
     first = missing[0]
     if not remote:
-        raise WorkspaceError(f"dependency {whose.get(first, '?')}'s work ({first[:12]}) is on another host and "
+        raise WorkspaceError(f"{what} {whose.get(first, '?')}'s work ({first[:12]}) is on another host and "
                              "[workspace] remote is not set: nothing to fetch it from (see README, "
                              "\"Workspaces on several hosts\")")
     refs = [task_ref(town, whose[head]) for head in missing if head in whose]
@@ -58,7 +59,7 @@ def bring_here(workspace: Workspace, dependencies: list[str], heads: list[str], 
     still = missing_commits(workspace, missing)
     if still:
         why = _said(done) if done is not None and done.returncode != 0 else f"{remote} does not have it"
-        raise WorkspaceError(f"dependency {whose.get(still[0], '?')}'s work ({still[0][:12]}) is on another host "
+        raise WorkspaceError(f"{what} {whose.get(still[0], '?')}'s work ({still[0][:12]}) is on another host "
                              f"and could not be fetched from {remote}: {why}")
     return [f"fetched the work of {', '.join(whose[h] for h in missing if h in whose)} from {remote}"]
 

@@ -75,6 +75,27 @@ def test_a_dependent_task_on_another_host_fetches_and_merges_the_work(two_hosts)
     assert git(remote, "rev-parse", f"refs/tinytown/hosttown/{task}").strip() == review["head"]
 
 
+def test_diff_and_merge_of_a_task_done_on_another_host_fetch_its_work(two_hosts):
+    """tt diff TASK on a host without the task's commits printed git's 'fatal: bad object', exit
+    128; tt merge said 'no such branch or commit'. They now fetch it as a dependent task does."""
+    a, b, _ = two_hosts('\n[workspace]\nremote = "origin"\n')
+    upstream, head = completed_on_host_a(a, b, "Add the feature\n@write feature.py FEATURE = 1")
+    assert not has_commit(b.root, head)
+    shown = b.tt("diff", upstream, "--stat")
+    assert "feature.py" in shown.out and f"fetched the work of {upstream} from origin" in shown.err
+    assert b.tt("merge", upstream).out.startswith(f"merged task {upstream[:8]} into main")
+    assert (b.root / "feature.py").read_text() == "FEATURE = 1\n"
+
+
+def test_diff_of_work_on_another_host_without_a_remote_says_why_in_one_line(two_hosts):
+    a, b, _ = two_hosts()
+    upstream, head = completed_on_host_a(a, b, "Add the feature\n@write feature.py FEATURE = 1")
+    for args in (("diff", upstream), ("merge", upstream)):
+        refused = b.tt(*args, check=False)
+        assert refused.returncode == 1 and refused.err.startswith(
+            f"tt: error: task {upstream}'s work ({head[:12]}) is on another host and [workspace] remote is not set"), refused.err
+
+
 def test_without_a_remote_a_dependency_made_on_another_host_fails_the_task_before_its_cli(two_hosts):
     a, b, _ = two_hosts()
     upstream, head = completed_on_host_a(a, b, "Add the feature\n@write feature.py FEATURE = 1")
