@@ -395,13 +395,24 @@ class Config:
     hosts: dict[str, HostPolicy] = field(default_factory=dict)   # [hosts.NAME]
 
     def host_name(self, override: str | None = None) -> str:
-        """This machine's name in the town: `tt start --host`, else [cluster] host, else its hostname."""
+        """This machine's name in the town: `tt start --host`, else [cluster] host, else the name
+        this folder's supervisor last ran as (a `tt assign` that starts one in the background
+        brings back that host, not a new one named after the machine), else its hostname."""
         if override:
             return validate_name("host", override)
         if self.cluster.host:
             return self.cluster.host
+        try:
+            return validate_name("host", self.host_file.read_text(encoding="utf-8").strip())
+        except (OSError, UnicodeDecodeError, TinytownError):
+            pass
         import socket
         return socket.gethostname().split(".")[0] or "localhost"
+
+    @property
+    def host_file(self) -> Path:
+        """The host name this folder's supervisor last ran as (written at its start)."""
+        return self.runtime_dir / "host"
 
     def host_capacity(self, host: str) -> int:
         """How many agents `host` runs at most: [hosts.NAME] max_agents, else max_agents."""

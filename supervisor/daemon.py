@@ -141,6 +141,7 @@ class Supervisor:
             self.town = Town(self.config, resp_connect(self.config, long_lived=True))  # (not redis-py: see resp.py)
             self._retrying(lambda: self.town.record_supervisor_started(os.getpid(), self.host))
             self._retrying(self._join)  # before any runner: agents are run where they are placed
+            self._remember_host()
             _, self.reloads_done = self.town.requests()
             self._retrying(lambda: self.town.record_config("", "", self.reloads_done))
             self._retrying(self._recover_coordination)  # before any runner: nothing races it
@@ -386,6 +387,13 @@ class Supervisor:
         adopted_count = self.town.hosts.adopt_unplaced(self.host)
         if adopted_count:
             self.say(f"{adopted_count} agent(s) from before hosts existed placed on host {self.host}")
+
+    def _remember_host(self) -> None:
+        """This folder's host name, for a supervisor a later `tt` starts in the background here."""
+        try:
+            self.config.host_file.write_text(self.host + "\n", encoding="utf-8")
+        except OSError as exc:  # (only a later background start's name depends on it)
+            self.say(f"cannot write {self.config.host_file}: {exc.strerror or exc}")
 
     def _tick(self):
         cluster = self.config.cluster

@@ -490,6 +490,19 @@ def test_a_second_supervisor_cannot_take_a_live_hosts_name(hosts):
     assert a.harness.wait_task(a.assign("dev", "@echo still a's"))["state"] == "completed"
 
 
+def test_a_background_start_in_a_hosts_folder_comes_back_as_that_host(hosts):
+    """`tt assign` in the folder of host a, stopped, started a supervisor named after the machine:
+    a new host, while a's agents stayed stopped with their work queued."""
+    a = hosts("a").start()
+    a.tt("spawn", "dev", "--shared", "--host", "a")
+    a.harness.wait_agent("dev")
+    a.proc.send_signal(signal.SIGTERM)
+    a.proc.wait(30)
+    task = a.assign("dev", "@echo back on a")  # starts the town's supervisor here, in the background
+    assert a.harness.wait_task(task)["state"] == "completed"
+    assert sorted(a.town.hosts.states()) == ["a"] and a.town.hosts.states()["a"] == "live"
+
+
 # --- chaos: 4 agents on 3 hosts; one host killed, another paused past its lease ----------------
 # The suite runs a short one; ./scripts/chaos-hosts [TASKS] a longer one.
 CHAOS_TASKS = int(os.environ.get("HOSTS_CHAOS_TASKS", "120"))
