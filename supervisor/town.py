@@ -701,8 +701,7 @@ class Town:
             "town": self.config.name,
             "root": str(self.config.root),
             "redis": self.config.redis_where,
-            "supervisor": {"pid": int(info["pid"]) if info.get("pid") else None,
-                           "host": info.get("host", ""), "state": info.get("state", ""),
+            "supervisor": {**self._supervisor_here(info, hosts),
                            "config_error": info.get("config_error", ""),
                            "disk_error": self.persistence_error() or ""},
             "max_agents": self.config.max_agents,
@@ -712,6 +711,20 @@ class Town:
             # backlog work whose role no agent has: it waits until one is spawned with it
             "unserved_roles": self.coordination.unserved_roles(agents),
         }
+
+
+    def _supervisor_here(self, info: dict, hosts: list[dict]) -> dict:
+        """pid, host and state of this folder's supervisor. On one host, the town's record; on
+        several, that record is whichever supervisor started or stopped last, so this folder's
+        host's own record says it (live: running)."""
+        if len(hosts) > 1:
+            me = self.config.host_name()
+            here = next((h for h in hosts if h["name"] == me), None)
+            if here is not None:
+                state = {"live": "running"}.get(here["state"], here["state"])  # (else stopped, lapsed, lost)
+                return {"pid": here["pid"] if state == "running" else None, "host": me, "state": state}
+        return {"pid": int(info["pid"]) if info.get("pid") else None, "host": info.get("host", ""),
+                "state": info.get("state", "")}
 
 
 def _stop_mode(value: str | None) -> StopMode | None:

@@ -473,6 +473,11 @@ def test_one_host_stopping_leaves_the_others_commands_working(hosts):
     b.tt("spawn", "after", "--shared", "--host", "b", timeout=20)
     assert b.harness.wait_task(b.assign("after", "@echo still served"))["state"] == "completed"
     assert "after" in b.tt("status", timeout=20).out
+    # each folder's status shows its own host's supervisor, not the last one to write the record
+    mine = b.harness.json("status")["supervisor"]
+    assert (mine["host"], mine["state"], mine["pid"]) == ("b", "running", b.harness.supervisor_pid())
+    theirs = a.harness.json("status")["supervisor"]
+    assert (theirs["host"], theirs["state"], theirs["pid"]) == ("a", "stopped", None)
 
 
 def test_a_second_supervisor_cannot_take_a_live_hosts_name(hosts):
