@@ -39,6 +39,24 @@ def create_tasks(config, agent, texts, after, no_context, as_json, single: bool)
     made = [coord.create_task(text, agent=agent, after=deps, context=not no_context, created_by=by).task
             for text in texts]
     _report(town, made, as_json, f"to {agent}" if single else None)
+    _say_if_held(town, agent)
+
+
+def _say_if_held(town, name: str) -> None:
+    """Work for an agent that will not take it until someone acts: said on stderr (it is queued
+    all the same, and goes on once the agent does)."""
+    agent = town.agent(name)
+    why = ""
+    if agent.host and town.hosts.states().get(agent.host) == "lost":
+        why = f"{name}'s host {agent.host} is lost: this waits until it is back"
+    elif agent.state == "failed":
+        why = f"{name} has failed: this waits for `tt restart {name}`"
+    elif agent.hold in ("close", "kill"):
+        why = f"{name} is closed: this waits for `tt restart {name}`"
+    elif agent.hold == "pause":
+        why = f"{name} is paused: this waits for `tt resume {name}`"
+    if why:
+        click.echo(f"tt: note: {why}", err=True)
 
 
 def _report(town, made, as_json, to: str | None) -> None:
@@ -149,12 +167,14 @@ def send(agent, text, urgent, as_task, from_file, as_json, town_path):
         if urgent:
             raise TinytownError("--urgent is for notes; a task waits its turn in the inbox")
         task = town.coordination.create_task(text, agent=agent, created_by=sender).task
-        return _report(town, [task], as_json, f"to {agent}")
+        _report(town, [task], as_json, f"to {agent}")
+        return _say_if_held(town, agent)
     note = town.coordination.send(agent, text, urgent=urgent, sender=sender)
     if as_json:
         _print_json(note.to_json())
     else:
         click.echo(f"Note {note.id} for {agent}: delivered with its next task")
+    _say_if_held(town, agent)
 
 
 @click.command()

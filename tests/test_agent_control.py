@@ -122,6 +122,8 @@ def test_close_lets_the_task_finish_then_stops_the_runner_for_good(town):
     # ...and they say why they wait (a task in hand that a stop put back here waits the same way)
     assert "waiting: agent dev is closed (tt restart dev runs what waits for it)" in town.tt("tasks").out
     assert "waiting: agent dev is closed" in town.tt("wait", queued[0], "--timeout", "0.1", check=False).out
+    for said in (town.tt("assign", "dev", "@echo for a closed agent"), town.tt("send", "dev", "a note")):
+        assert "tt: note: dev is closed: this waits for `tt restart dev`" in said.err
     # `tt restart` opens it again, and its queue runs
     town.tt("restart", "dev")
     for task_id in queued:

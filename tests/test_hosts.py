@@ -456,6 +456,8 @@ def test_a_pinned_agent_waits_for_its_host(hosts):
     agent = next(x for x in b.harness.json("list") if x["name"] == "p")
     assert (agent["host"], agent["health"]) == ("a", "lost") and "Lost" in b.tt("list").out
     assert a.town.task(task).state == "assigned" and not b.clis()
+    later = b.tt("assign", "p", "@echo after a is back")
+    assert "tt: note: p's host a is lost: this waits until it is back" in later.err  # (queued all the same)
     a.start()  # the host returns: its agent's task runs there, the attempt counted
     (a.harness.record / "open").touch()
     done = a.harness.wait_task(task)
