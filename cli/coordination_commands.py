@@ -10,9 +10,9 @@ import time
 
 import click
 
-from tinytown.cli.main import (CONFIG_META, Seconds, _config, _explain, _fail, _live_town, _print_json, _read_input, _recorded_town,
-                               _running_town, _started_town, _usage_line, complete_agent, complete_backlog_task,
-                               complete_task, json_option, town_option)
+from tinytown.cli.main import (Seconds, _config, _live_town, _print_json, _read_input, _recorded_town, _running_town,
+                               _started_town, complete_agent, complete_backlog_task, complete_task, json_option,
+                               town_option)
 from tinytown.supervisor.errors import TinytownError
 
 STOP_SETTLE_SECONDS = 10.0   # `tt wait` whose town stops under it: how long its supervisor may take to let go
@@ -47,7 +47,7 @@ def _say_if_held(town, name: str) -> None:
     all the same, and goes on once the agent does)."""
     agent = town.agent(name)
     why = ""
-    if agent.host and town.hosts.states().get(agent.host) == "lost":
+    if agent.host and town.r.hget(town.keys.host(agent.host), "state") == "lost":  # (its host alone)
         why = f"{name}'s host {agent.host} is lost: this waits until it is back"
     elif agent.state == "failed":
         why = f"{name} has failed: this waits for `tt restart {name}`"
@@ -231,29 +231,7 @@ def cancel(task_ids, town_path):
 WAIT_ERROR_EXIT = 3  # `tt wait` could not wait (a bad reference, a bad option...): 0, 1 and 2 are outcomes
 
 
-class OutcomeCommand(click.Command):
-    """A command whose exit status 1 and 2 say how the work ended (`tt wait`): its own errors
-    exit WAIT_ERROR_EXIT instead, so a script does not take a typo for a failed task or a timeout."""
-
-    def make_context(self, info_name, args, parent=None, **extra):
-        try:
-            return super().make_context(info_name, args, parent=parent, **extra)
-        except click.UsageError as exc:
-            _fail(_usage_line(exc), WAIT_ERROR_EXIT)
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except TinytownError as exc:
-            _fail(str(exc), WAIT_ERROR_EXIT)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, KeyboardInterrupt,
-                BrokenPipeError):
-            raise  # (as tt handles them for every command)
-        except Exception as exc:  # noqa: BLE001 - one line, never a traceback
-            _fail(_explain(exc, ctx.meta.get(CONFIG_META)), WAIT_ERROR_EXIT)
-
-
-@click.command(cls=OutcomeCommand)
+@click.command()
 @click.argument("refs", nargs=-1, required=True, shell_complete=complete_task)
 @click.option("--timeout", type=Seconds(), metavar="S", help="Give up after S seconds (exit 2).")
 @json_option
@@ -323,6 +301,9 @@ def text_argument(text, from_file, usage: str, what: str = "task text") -> str:
     if text is None:
         raise TinytownError(f"no {what}: {usage} (or --file PATH)")
     return text
+
+
+wait.error_exit = WAIT_ERROR_EXIT  # (read by TinytownGroup, which turns every command's errors into one line)
 
 
 def register(group: click.Group) -> None:

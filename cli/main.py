@@ -33,7 +33,7 @@ class TinytownGroup(click.Group):
             finally:  # (here, not at exit, whether it returns or exits: a reader gone is seen below)
                 sys.stdout.flush()
         except click.UsageError as exc:  # a bad option or argument: one line too (exit 2)
-            _fail(_usage_line(exc), exc.exit_code)
+            _fail(_usage_line(exc), self._error_exit(ctx, exc.exit_code))
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except BrokenPipeError as exc:
@@ -43,12 +43,17 @@ class TinytownGroup(click.Group):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(141)
         except TinytownError as exc:
-            _fail(str(exc))
+            _fail(str(exc), self._error_exit(ctx))
         except KeyboardInterrupt:
             click.echo("", err=True)
             sys.exit(130)
         except Exception as exc:  # noqa: BLE001
-            _fail(_explain(exc, ctx.meta.get(CONFIG_META)))
+            _fail(_explain(exc, ctx.meta.get(CONFIG_META)), self._error_exit(ctx))
+
+    def _error_exit(self, ctx, default: int = 1) -> int:
+        """The exit status of the command's errors: its `error_exit` where 1 and 2 say how the work
+        ended (`tt wait`: a typo must not read as a failed task or a timeout), else `default`."""
+        return getattr(self.commands.get(ctx.invoked_subcommand or ""), "error_exit", None) or default
 
 
 def _stdout_gone() -> bool:

@@ -133,7 +133,7 @@ def _wait_ready(config: Config, timeout: float = START_TIMEOUT, stopping_too: bo
             return True  # it went away (it was stopping)
         try:
             state, pid = client.execute_command("HMGET", keys.supervisor, "state", "pid")
-            if pid != str(holder) and _host_live(client, keys, holder):
+            if pid != str(holder) and _host_live(client, keys, config.host_name(), holder):
                 # The town's record is another host's (a town on a shared Redis: the last to
                 # start or stop wrote it); this folder's supervisor holds a live lease of its own.
                 state = "running"
@@ -152,15 +152,11 @@ def _wait_ready(config: Config, timeout: float = START_TIMEOUT, stopping_too: bo
     return seen[0] if running_pid(config) else ""
 
 
-def _host_live(client, keys, pid: int) -> bool:
-    """Whether a host of the town holds a live lease under supervisor `pid` (supervisor/hosts.py)."""
-    names = sorted(client.execute_command("SMEMBERS", keys.hosts) or [])
-    if not names:
-        return False
-    pipe = client.pipeline(transaction=False)
-    for name in names:
-        pipe.execute_command("HMGET", keys.host(name), "state", "pid")
-    return any(state == "live" and found == str(pid) for state, found in pipe.execute())
+def _host_live(client, keys, host: str, pid: int) -> bool:
+    """Whether this folder's host (Config.host_name: the name its supervisor runs as) holds a live
+    lease under supervisor `pid` (supervisor/hosts.py)."""
+    state, found = client.execute_command("HMGET", keys.host(host), "state", "pid")
+    return state == "live" and found == str(pid)
 
 
 def _refuse_a_rename(config: Config) -> None:
