@@ -79,6 +79,7 @@ class Begun:
     agent_state: str
     notes: list[Note] = field(default_factory=list)
     upstream: list[Upstream] = field(default_factory=list)
+    work: tuple[str, str] = ("", "")  # the agent's latest work: (task, host that made it) (Agent.work_task)
 
 
 class Coordination:
@@ -261,7 +262,7 @@ class Coordination:
     def begin(self, agent_id: str, task_id: str) -> Begun:
         """Take a claimed task's notes into its record and read what its prompt needs (task,
         notes, upstream outputs) with the agent's state, in one atomic round trip."""
-        status, task, agent_state, notes, upstream = self._run("begin", agent_id, task_id)
+        status, task, agent_state, notes, upstream, work = self._run("begin", agent_id, task_id)
         return Begun(
             status=status,
             task=Task.from_hash(_pairs(task)) if task else None,
@@ -269,6 +270,7 @@ class Coordination:
             notes=[Note.from_hash(_pairs(n)) for n in notes if n],
             upstream=[Upstream(u[0] or "", u[1] or "", u[2] or "", int(u[3]) if u[3] not in (None, "") else None,
                                u[4] or "") for u in upstream if u and u[0]],
+            work=(work[0] or "", work[1] or ""),
         )
 
     # --- backlog and roles -----------------------------------------------------------------

@@ -341,11 +341,12 @@ return {'requested', 0}
 BEGIN = PRELUDE + r"""
 local agent_id, task_id = ARGV[2], ARGV[3]
 local key = K.task .. task_id
-local agent_state = redis.call('HGET', K.agent .. agent_id, 'state') or ''
-if redis.call('EXISTS', key) == 0 then return {'gone', {}, agent_state, {}, {}} end
+local agent = redis.call('HMGET', K.agent .. agent_id, 'state', 'work_task', 'work_host')
+local agent_state, work = agent[1] or '', {agent[2] or '', agent[3] or ''}
+if redis.call('EXISTS', key) == 0 then return {'gone', {}, agent_state, {}, {}, work} end
 local state = field(task_id, 'state')
-if TERMINAL[state] then return {'finished', redis.call('HGETALL', key), agent_state, {}, {}} end
-if field(task_id, 'cancel_request') ~= '' then return {'cancel', redis.call('HGETALL', key), agent_state, {}, {}} end
+if TERMINAL[state] then return {'finished', redis.call('HGETALL', key), agent_state, {}, {}, work} end
+if field(task_id, 'cancel_request') ~= '' then return {'cancel', redis.call('HGETALL', key), agent_state, {}, {}, work} end
 local waiting = redis.call('LRANGE', K.notes .. agent_id, 0, -1)
 if #waiting > 0 then
   redis.call('DEL', K.notes .. agent_id)
@@ -366,7 +367,7 @@ if field(task_id, 'no_context') ~= '1' then
     upstream[#upstream + 1] = redis.call('HMGET', K.task .. id, 'id', 'agent', 'state', 'exit_code', 'output')
   end
 end
-return {'ok', redis.call('HGETALL', key), agent_state, notes, upstream}
+return {'ok', redis.call('HGETALL', key), agent_state, notes, upstream, work}
 """
 
 # An agent's queued work, given to the shared backlog (`tt close/kill/prune --to-backlog`): each

@@ -178,6 +178,10 @@ class Agent(_Hash):
     host: str = ""
     pinned: bool = False
     epoch: int = 0
+    # Its worktree's latest work: the task whose head it is, and the host that made it. A runner on
+    # another host merges that head in before its next task (the branch does not travel by itself).
+    work_task: str = ""
+    work_host: str = ""
     answers: str = ""                # JSON [[regex, text], ...]: typed into its CLI when asked (`tt spawn --answer`)
     question: str = ""               # while `waiting`: the question its CLI stopped on (cleaned text)
     # `tt spawn --keep-context`: each task continues the CLI session of the last one (CliSpec.continued).

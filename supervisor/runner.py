@@ -50,7 +50,7 @@ from .resp import RespConnectionError, Sender
 from .resp import connect as resp_connect
 from .stream_budget import StreamBudget, gap_line
 from .town import OUTPUT_TAIL_BYTES, Claimed, Town, agent_workspace
-from .workspace import WorkspaceError
+from .workspace import Carried, WorkspaceError
 from .workspace_remote import bring_here, push_head
 
 STREAM_FLUSH_SECONDS = 0.02
@@ -352,7 +352,7 @@ class Runner:
         # The user's text byte for byte, with the notes before it and the dependencies' outcomes
         # after it (README, "What Tinytown adds to a prompt").
         prompt = compose(task.description, begun.notes, begun.upstream, self.config.tasks.context_bytes)
-        self._run_task(claimed, task.id, prompt, task, begun.agent_state)
+        self._run_task(claimed, task.id, prompt, task, begun.agent_state, begun.work)
 
     def _streamed_output(self, task_id: str) -> bytes:
         """The end of what a task's runs sent to the agent's Redis stream: its output, for a task
@@ -369,7 +369,8 @@ class Runner:
             return b""
         return b"".join(chunk for _, chunk in chunks)[-OUTPUT_TAIL_BYTES:]
 
-    def _run_task(self, claimed: Claimed, task_id: str, prompt: bytes, task=None, agent_state=None) -> None:
+    def _run_task(self, claimed: Claimed, task_id: str, prompt: bytes, task=None, agent_state=None,
+                  work: tuple[str, str] = ("", "")) -> None:
         env = dict(self.base_env)
         env["TT_TASK_ID"] = task_id
         subject = task.description if task is not None else ""  # the checkpoint commit's
@@ -380,9 +381,14 @@ class Runner:
             try:
                 dependencies = _ids(task.after if task else "")
                 after = self.town.task_heads(dependencies)
-                fetched = bring_here(self.workspace, dependencies, after, self.town.task_heads,
-                                     self.config.workspace.remote, self.config.name)  # from other hosts
-                begun = self.workspace.begin(task_id, after=after)
+                carried = self._work_from_elsewhere(*work)  # (its own, when it moved hosts)
+                fetched: list[str] = []  # what other hosts made, fetched from the remote
+                for what, ids, heads in (("its latest task", [c.task for c in carried], [c.head for c in carried]),
+                                         ("dependency", dependencies, after)):
+                    if heads:
+                        fetched += bring_here(self.workspace, ids, heads, self.town.task_heads,
+                                              self.config.workspace.remote, self.config.name, what)
+                begun = self.workspace.begin(task_id, after=after, carried=carried)
                 if self.workdir != self.workspace.path:  # (a town in a subfolder: tracked files may not make it)
                     self.workdir.mkdir(parents=True, exist_ok=True)
             except TinytownError as exc:  # Busy, MergeConflict, WorkspaceError
@@ -436,6 +442,13 @@ class Runner:
             self.attach.task_ended()  # viewers' keystrokes stop before the pty closes
             session.close()
         self._record(claimed, task_id, session, ending, subject)
+
+    def _work_from_elsewhere(self, work_task: str, work_host: str) -> list[Carried]:
+        """The agent's latest work when another host made it (the agent moved here, or came back
+        after working elsewhere): its branch here lacks it. [] otherwise (no Redis read then)."""
+        if not work_task or work_host in ("", self.host):
+            return []
+        return [Carried(work_task, head, work_host) for head in self.town.task_heads([work_task])]
 
     def _fail_before_cli(self, claimed: Claimed, task_id: str, task, agent_state, reason: str, base: str = "",
                          work: dict | None = None) -> None:

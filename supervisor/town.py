@@ -495,7 +495,7 @@ class Town:
                 raise Fenced(self._fenced_why(agent_id, host, epoch))
             try:
                 return self._finish(agent_id, task_id, claimed, old, old_agent, state, exit_code, reason, output,
-                                    agent_state, work)
+                                    agent_state, work, host)
             except WatchError:
                 continue  # the agent's record changed in between (a hold, a pid): read it again
             except BaseException:
@@ -505,8 +505,10 @@ class Town:
         raise TinytownError(f"could not record task {task_id}: the agent's record kept changing")
 
     def _finish(self, agent_id: str, task_id: str, claimed: Claimed, old, old_agent, state: TaskState, exit_code,
-                reason, output, agent_state, work) -> None:
+                reason, output, agent_state, work, host) -> None:
         pipe = self.r.pipeline()
+        # (the host the agent is placed on: the one whose runner made this head)
+        latest = {"work_task": task_id, "work_host": host or ""} if work and work.get("head") else {}
         if old is not None:
             check_task_transition(old, state)
             pipe.hset(self.keys.task(task_id), mapping={
@@ -516,7 +518,7 @@ class Town:
             })
         pipe.lrem(self.keys.inflight(agent_id), 1, claimed.raw)
         self.set_agent_state(agent_id, agent_state, pipe=pipe, old=old_agent, current_task="", cli_pid="",
-                             question="", heartbeat_at=f"{now():.6f}")
+                             question="", heartbeat_at=f"{now():.6f}", **latest)
         self._event(pipe, f"task_{state.value}", task=task_id, exit_code=exit_code, reason=reason)
         # In the same transaction as the outcome, so no crash can separate them: its dependents
         # are released (or cancelled), and an agent going idle takes backlog work it may.

@@ -27,6 +27,7 @@ import subprocess
 from dataclasses import dataclass, field
 from itertools import takewhile
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import TinytownError
 from .git_store import descends_from, identity_line, move_ref, read_ref, write_commit
@@ -134,6 +135,15 @@ class Begun:
     interrupted_commit: str = ""       # ...committed here as `tt: interrupted <task>`
     merged: tuple[str, ...] = ()       # upstream heads merged in (already contained ones too)
     notes: list[str] = field(default_factory=list)
+
+
+class Carried(NamedTuple):
+    """An agent's own latest work, made on another host: merged into its branch here before its next
+    task, as a dependency's work is (the branch itself does not travel between hosts)."""
+
+    task: str
+    head: str
+    host: str
 
 
 @dataclass
@@ -562,10 +572,10 @@ class Workspace:
 
     # -- a task's path --
 
-    def begin(self, task_id: str, after: tuple[str, ...] | list[str] = ()) -> Begun:
+    def begin(self, task_id: str, after: tuple[str, ...] | list[str] = (), carried: list[Carried] = ()) -> Begun:
         """Before a task's CLI starts: commit what an interrupted run left, put HEAD back on the
-        agent's branch if a CLI moved it, merge the upstream tasks' heads (`after`), and return the
-        commit the task starts from. Busy if the worktree is mid-rebase/merge (the task must fail
+        agent's branch if a CLI moved it, merge the agent's own work from another host (`carried`)
+        and the upstream tasks' heads (`after`), and return the commit the task starts from. Busy if the worktree is mid-rebase/merge (the task must fail
         before its CLI starts); MergeConflict if `after` conflicts (nothing merged, nothing changed).
 
         Costs no git process when the last task ended normally and `after` is empty.
@@ -601,6 +611,8 @@ class Workspace:
         head, ref = self.head(dirs)
         if ref != self.ref:
             notes += self._back_on_branch(head, ref)
+        for work in carried:
+            notes += self._carry(work, task_id, dirs)
         if after:
             begun.merged = self.merge(after, task_id, dirs)
         head, _ = self.head(dirs)
@@ -794,7 +806,22 @@ class Workspace:
         git(self.path, "switch", "-q", "--no-guess", self.branch)
         return notes + [f"{self.label} was left on {where}: back on {self.branch} (the commits made there stay there)"]
 
-    def merge(self, heads, task_id: str = "", dirs: tuple[Path, Path] | None = None) -> tuple[str, ...]:
+    def _carry(self, work: Carried, task_id: str, dirs: tuple[Path, Path]) -> list[str]:
+        """Merge the agent's own latest work from another host into its branch here (the note to
+        print, [] if the branch had it already)."""
+        before, _ = self.head(dirs)
+        try:
+            self.merge([work.head], task_id, dirs, why=f"{self.agent}'s own work from host {work.host}")
+        except MergeConflict as exc:
+            raise MergeConflict(exc.files, f"{exc} ({self.agent}'s own latest work, task {work.task} on host "
+                                           f"{work.host}: merge it by hand in {self.label}, git merge "
+                                           f"{work.head[:12]})") from None
+        if self.head(dirs)[0] == before:
+            return []
+        return [f"brought in its latest work from host {work.host} (task {work.task}, {work.head[:12]})"]
+
+    def merge(self, heads, task_id: str = "", dirs: tuple[Path, Path] | None = None,
+              why: str = "work it depends on") -> tuple[str, ...]:
         """Merge upstream tasks' head commits into the agent's branch, a fast-forward when possible.
 
         Each merge is made in the object store first (`git merge-tree`), so a conflict is found
@@ -831,7 +858,7 @@ class Workspace:
                                            f"nothing merged, {self.label} unchanged")
             if done.returncode != 0:
                 raise WorkspaceError(f"cannot merge {upstream[:12]} into {self.branch}: {_last_line(done)}")
-            message = f"tt: {task_id} merges {upstream[:12]}, work it depends on\n" if task_id else \
+            message = f"tt: {task_id} merges {upstream[:12]}, {why}\n" if task_id else \
                 f"tt: merge {upstream[:12]}\n"
             current = self._commit(_oid(done.stdout.split(b"\0")[0]), [current, upstream], message.encode(), dirs[1])
         if current != head:

@@ -510,6 +510,52 @@ def test_a_background_start_in_a_hosts_folder_comes_back_as_that_host(hosts):
     assert sorted(a.town.hosts.states()) == ["a"] and a.town.hosts.states()["a"] == "live"
 
 
+
+@pytest.mark.parametrize("remote_set", [True, False], ids=["remote", "no-remote"])
+def test_an_agent_that_moves_hosts_carries_its_work(hosts, tmp_path, remote_set):
+    """A worktree agent whose host was lost started its next task on another host from the town's
+    first commit: its branch, with its earlier tasks' work, stayed on the lost host. Its latest
+    head is now fetched from [workspace] remote and merged into its branch there first; without a
+    remote the task fails before its CLI, saying why (on stale code it would look like success)."""
+    from test_workspaces_town import git
+    remote = tmp_path / "remote.git"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(remote)], check=True)
+    a, b = hosts("a"), hosts("b")
+    for host in (a, b):  # (one repository, cloned on each host)
+        if remote_set:
+            host.harness.append_config('\n[workspace]\nremote = "origin"\n')
+        git(host.root, "init", "-q", "-b", "main")
+        git(host.root, "remote", "add", "origin", str(remote))
+    (a.root / "app.py").write_text("print('hello')\n")
+    git(a.root, "add", "-A")
+    git(a.root, "commit", "-q", "-m", "first commit")
+    git(a.root, "push", "-q", "origin", "main")
+    git(b.root, "fetch", "-q", "origin")
+    git(b.root, "reset", "-q", "origin/main")
+    a.start()
+    a.tt("spawn", "w")  # a worktree, and not pinned: it moves when its host is lost
+    b.start()
+    first = a.harness.wait_task(a.assign("w", "Add the feature\n@write feature.py FEATURE = 1"))
+    assert first["state"] == "completed" and first["head"], first
+
+    a.kill()
+    wait_for(lambda: a.town.agent("w").host == "b", 30, "w to move to b")
+    second = b.assign("w", "Look at the feature\n@ls")
+    done = b.harness.wait_task(second)
+    if not remote_set:
+        assert done["state"] == "failed" and not (b.harness.record / f"{second}.ls").exists()
+        assert done["reason"] == (f"its latest task {first['id']}'s work ({first['head'][:12]}) is on another host "
+                                  "and [workspace] remote is not set: nothing to fetch it from (see README, "
+                                  "\"Workspaces on several hosts\")")
+        return
+    assert done["state"] == "completed", done
+    assert "feature.py" in (b.harness.record / f"{second}.ls").read_text().split()  # its CLI had its work
+    assert subprocess.run(["git", "merge-base", "--is-ancestor", first["head"], "tt/w"], cwd=b.root).returncode == 0
+    assert done["base"] == first["head"]  # (what the second task changed is its own)
+    log = (b.root / ".tt" / "logs" / "w.log").read_text()
+    assert f"brought in its latest work from host a (task {first['id']}, {first['head'][:12]})" in log
+
+
 # --- chaos: 4 agents on 3 hosts; one host killed, another paused past its lease ----------------
 # The suite runs a short one; ./scripts/chaos-hosts [TASKS] a longer one.
 CHAOS_TASKS = int(os.environ.get("HOSTS_CHAOS_TASKS", "120"))
