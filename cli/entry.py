@@ -96,6 +96,9 @@ def print_stop(name: str, report: dict | None, as_json: bool, echo) -> None:
     if report is None:
         echo(f"Town {name} is not running")
         return
+    if "hosts" in report:  # (stopped from a folder without a supervisor: each host's report is in its own)
+        echo(f"Stopped town {name} on {len(report['hosts'])} host(s): {', '.join(report['hosts'])}")
+        return
     stopped = report.get("stopped", []) + report.get("killed", [])
     echo(f"Stopped town {name}: {len(stopped)} runner(s)" + (f" ({', '.join(stopped)})" if stopped else ""))
     if report.get("requeued"):

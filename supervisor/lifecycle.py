@@ -13,6 +13,7 @@ from .procutil import wait_until
 from .stopping import Card, StopMode, ask, read_report, signal_to_stop, stop_wait, wait_stopped
 
 START_TIMEOUT = 30.0
+STOP_ELSEWHERE_SLACK = 10.0  # beyond the runners' grace: other hosts' supervisors ending, seen through Redis
 
 
 def running_pid(config: Config) -> int | None:
@@ -178,7 +179,7 @@ def stop(config: Config, now: bool = False, timeout: float | None = None) -> dic
     (`tt stop` itself first tries stopping.ask_from_lock, which needs no config.)"""
     pid = running_pid(config)
     if not pid:
-        return None
+        return _stop_elsewhere(config, now, timeout) if config.redis_url else None
     from .keys import Keys
     from .resp import connect
     try:
@@ -187,6 +188,27 @@ def stop(config: Config, now: bool = False, timeout: float | None = None) -> dic
         signal_to_stop(pid)
     wait_stopped(config.runtime_dir, pid, timeout if timeout is not None else stop_wait(config.supervisor.stop_grace, now))
     return read_report(config.last_stop_file)
+
+
+def _stop_elsewhere(config: Config, now: bool, timeout: float | None) -> dict | None:
+    """`tt stop` in a folder whose town runs on other hosts only (a shared Redis, no supervisor
+    here): the town's one stop request, as from any host's folder, then a wait until no host is
+    live. {"hosts": [the names stopped]}, or None if none was live. Each host's own report stays
+    in its folder."""
+    from .resp import connect
+    from .town import Town
+    town = Town(config, connect(config))
+    live = [name for name, state in town.hosts.states().items() if state == "live"]
+    if not live:
+        return None
+    ask(town.r, town.keys, StopMode.NOW if now else StopMode.GRACEFUL)
+    # (a host stops once its runners have: their grace, then its own redis-free shutdown)
+    wait = (timeout if timeout is not None else stop_wait(config.supervisor.stop_grace, now)) + STOP_ELSEWHERE_SLACK
+    if not wait_until(lambda: not any(town.hosts.states().get(name) == "live" for name in live), wait):
+        still = [name for name in live if town.hosts.states().get(name) == "live"]
+        raise TinytownError(f"asked the town to stop, but host(s) {', '.join(still)} still run after {wait:g}s "
+                            "(`tt status` shows them; each stops with Ctrl+C or SIGTERM to its `tt start`)")
+    return {"hosts": live}
 
 
 def reload(config: Config, timeout: float = 10.0) -> tuple[str, str] | None:

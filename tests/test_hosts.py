@@ -482,6 +482,20 @@ def test_one_host_stopping_leaves_the_others_commands_working(hosts):
     assert (theirs["host"], theirs["state"], theirs["pid"]) == ("a", "stopped", None)
 
 
+def test_tt_stop_in_a_folder_without_a_supervisor_stops_the_town_on_its_hosts(hosts):
+    """`tt stop` in a folder of the town where no supervisor runs said "not running" while hosts a
+    and b ran. It now asks the town to stop, as from a host's folder, and waits for the hosts."""
+    a, b = hosts("a").start(), hosts("b").start()
+    a.tt("spawn", "dev", "--shared", "--host", "a")
+    a.harness.wait_agent("dev")
+    elsewhere = hosts("c")  # (never started: a laptop with the town's config)
+    done = elsewhere.tt("stop")
+    assert done.out == "Stopped town testtown on 2 host(s): a, b\n", done.out
+    assert a.proc.wait(30) is not None and b.proc.wait(30) is not None
+    assert not a.tree() and not b.tree()  # every supervisor, runner and CLI gone
+    assert a.town.hosts.states() == {"a": "stopped", "b": "stopped"}
+    assert elsewhere.tt("stop").out == "Town testtown is not running\n"
+
 def test_a_second_supervisor_cannot_take_a_live_hosts_name(hosts):
     """A copy of the town (a cloned machine, a second checkout) started with a live host's name
     ran that host's agents too: one agent's tasks on two machines at once, its branch split, and
