@@ -90,11 +90,14 @@ def _attach_via_redis(config: Config, name: str, keys: bytes, keys_spec: str, re
     from tinytown.supervisor.resp import RespError
     from tinytown.supervisor.town import Town
     try:
-        agent = Town(config).agent(name)
+        town = Town(config)
+        agent = town.agent(name)
     except RespError:
         raise TinytownError(_not_running(config, name)) from None
     if agent.state in NOT_RUNNING:
         raise TinytownError(f"agent {name} is not running (state {agent.state}); attach works once its runner is up")
+    if town.hosts.lost(agent.host):  # (its record still says what it was doing when the host went)
+        raise TinytownError(f"{name}'s host {agent.host} is lost: attach works once it is back")
     interactive = _need_terminal(read_only, stdin)
     bridge = RedisBridge(config, agent)
     view = _Terminal(bridge.open(), name, keys, read_only, interactive, stdin, stdout)

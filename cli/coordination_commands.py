@@ -47,7 +47,7 @@ def _say_if_held(town, name: str) -> None:
     all the same, and goes on once the agent does)."""
     agent = town.agent(name)
     why = ""
-    if agent.host and town.r.hget(town.keys.host(agent.host), "state") == "lost":  # (its host alone)
+    if town.hosts.lost(agent.host):
         why = f"{name}'s host {agent.host} is lost: this waits until it is back"
     elif agent.state == "failed":
         why = f"{name} has failed: this waits for `tt restart {name}`"

@@ -370,6 +370,10 @@ class Hosts:
                           "since": float(data["since"]) if data.get("since") else None})
         return found
 
+    def lost(self, name: str) -> bool:
+        """Whether host `name` was declared lost (one read: a command about one agent asks this)."""
+        return bool(name) and self.r.hget(self.town.keys.host(name), "state") == "lost"
+
     def states(self) -> dict[str, str]:
         """Each host's state as listing() shows it, by name."""
         return {h["name"]: h["state"] for h in self.listing()}

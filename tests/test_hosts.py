@@ -458,6 +458,8 @@ def test_a_pinned_agent_waits_for_its_host(hosts):
     assert a.town.task(task).state == "assigned" and not b.clis()
     later = b.tt("assign", "p", "@echo after a is back")
     assert "tt: note: p's host a is lost: this waits until it is back" in later.err  # (queued all the same)
+    watch = b.tt("attach", "p", "--read-only", check=False, timeout=20)  # (it said "p is idle" and waited)
+    assert (watch.returncode, watch.err) == (1, "tt: error: p's host a is lost: attach works once it is back\n")
     a.start()  # the host returns: its agent's task runs there, the attempt counted
     (a.harness.record / "open").touch()
     done = a.harness.wait_task(task)
