@@ -316,8 +316,9 @@ def spawn(name, cli_name, task_timeout, shared, from_ref, roles, pin, answers, k
         raise TinytownError('--from needs a worktree (not with --shared / [workspace] mode = "shared")')
     town = _started_town(config)
     town.check_spawn(name, pin or "")  # before a worktree is made for it
+    elsewhere = pin if pin and pin != config.host_name() else ""  # (a host that is not this folder's)
     workspace = {"mode": "shared"} if shared else workspace_commands.prepare_workspace(
-        config, town, name, from_ref, quiet=as_json)
+        config, town, name, from_ref, quiet=as_json, elsewhere=elsewhere)
     agent = town.spawn(name, cli_name or config.default_cli, task_timeout, workspace=workspace["mode"],
                        branch=workspace.get("branch", ""), host=pin or "", answers=answers,
                        keep_context=keep_context)

@@ -14,16 +14,26 @@ from tinytown.supervisor.errors import TinytownError
 from tinytown.supervisor.terminal_text import clean_written, quoted_name
 
 
-def prepare_workspace(config, town, name: str, from_ref: str | None, quiet: bool = False) -> dict:
+def prepare_workspace(config, town, name: str, from_ref: str | None, quiet: bool = False,
+                      elsewhere: str = "") -> dict:
     """`tt spawn` in a git town, before the agent is registered: agents/NAME made a worktree on its
     branch. {"mode": "worktree", "branch", "label", "path", "notes"}, or {"mode": "shared", "why"}
     when no worktree can be made here (said once: at the town's first spawn, or always when the
     repository only lacks a first commit, which the user is expected to make). A WorkspaceError
-    (branch checked out elsewhere, agents/NAME not a worktree...) refuses the spawn."""
+    (branch checked out elsewhere, agents/NAME not a worktree...) refuses the spawn.
+    `elsewhere`: the host the agent is pinned to, not this one: its runner there makes the worktree
+    at its first task (from that checkout's HEAD), so nothing is made here."""
     from tinytown.supervisor.workspace import Unavailable, Workspace
     workspace = Workspace(config.root, name, config.workspace.branch_prefix)
+    if elsewhere and from_ref:
+        raise TinytownError(f"--from with --host {elsewhere}: the branch is made on the host the agent runs on; "
+                            f"run this tt spawn in host {elsewhere}'s folder")
     try:
-        notes = workspace.ensure(from_ref)
+        if elsewhere:
+            workspace.possible()
+            notes = [f"{workspace.label} is made on host {elsewhere} at its first task"]
+        else:
+            notes = workspace.ensure(from_ref)
     except Unavailable as exc:
         if from_ref:
             raise TinytownError(f"--from {from_ref}: {exc}") from None

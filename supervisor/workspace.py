@@ -497,12 +497,7 @@ class Workspace:
         """
         if self.exists():
             return []
-        repo = Repo.find(self.town_root)
-        version = git_version(_text(git(repo.root, "version").stdout))
-        if version < MIN_GIT:
-            raise Unavailable("old-git", f"git {'.'.join(map(str, version))} is older than "
-                                         f"{'.'.join(map(str, MIN_GIT))}, which agents' worktrees need: "
-                                         "agents share the town folder")
+        repo = self._repository()
         notes: list[str] = []
         if git(repo.root, "check-ref-format", self.ref, ok=(0, 1)).returncode != 0:
             raise WorkspaceError(f"{self.branch!r} cannot be a git branch name: rename the agent or change "
@@ -532,10 +527,7 @@ class Workspace:
             if start is None and from_ref:
                 raise WorkspaceError(f"--from {from_ref}: no such commit in {repo.toplevel}")
             if start is None:
-                raise Unavailable("no-commit", f"the repository at {repo.toplevel} has no commit yet, so {self.agent} "
-                                               "has no worktree and shares the town folder: commit something "
-                                               "(git add -A && git commit -m 'first commit'): agents spawned "
-                                               "after that get a worktree each")
+                raise self._no_commit(repo)
             if not from_ref and repo.head_branch() is None:
                 notes.append(f"the town folder's HEAD is detached: {self.branch} starts at {start[:12]}; "
                              "`tt merge` will need --into BRANCH")
@@ -548,6 +540,29 @@ class Workspace:
             notes.append(f"{self.label}: the repository has submodules, which are not checked out there "
                          f"(git -C {self.label} submodule update --init, if the agent needs them)")
         return notes
+
+    def possible(self) -> None:
+        """Unavailable where ensure() would raise it, making nothing: for an agent spawned to run on
+        another host, whose runner there makes its worktree at its first task."""
+        repo = self._repository()
+        if repo.resolve("HEAD") is None and self.branch_tip() is None:
+            raise self._no_commit(repo)
+
+    def _repository(self) -> Repo:
+        """The town's repository, if worktrees can be made in it (else Unavailable: not-git, old-git)."""
+        repo = Repo.find(self.town_root)
+        version = git_version(_text(git(repo.root, "version").stdout))
+        if version < MIN_GIT:
+            raise Unavailable("old-git", f"git {'.'.join(map(str, version))} is older than "
+                                         f"{'.'.join(map(str, MIN_GIT))}, which agents' worktrees need: "
+                                         "agents share the town folder")
+        return repo
+
+    def _no_commit(self, repo: Repo) -> Unavailable:
+        return Unavailable("no-commit", f"the repository at {repo.toplevel} has no commit yet, so {self.agent} "
+                                        "has no worktree and shares the town folder: commit something "
+                                        "(git add -A && git commit -m 'first commit'): agents spawned "
+                                        "after that get a worktree each")
 
     def _keep_out_of_status(self, repo: Repo) -> str:
         """Keep agents/ out of the user's `git status` without editing a file of theirs: a

@@ -527,17 +527,14 @@ def test_a_background_start_in_a_hosts_folder_comes_back_as_that_host(hosts):
 
 
 
-@pytest.mark.parametrize("remote_set", [True, False], ids=["remote", "no-remote"])
-def test_an_agent_that_moves_hosts_carries_its_work(hosts, tmp_path, remote_set):
-    """A worktree agent whose host was lost started its next task on another host from the town's
-    first commit: its branch, with its earlier tasks' work, stayed on the lost host. Its latest
-    head is now fetched from [workspace] remote and merged into its branch there first; without a
-    remote the task fails before its CLI, saying why (on stale code it would look like success)."""
+def git_hosts(hosts, tmp_path, remote_set: bool = True) -> tuple[Host, Host]:
+    """Hosts a and b (not started) whose folders are checkouts of one repository with a bare
+    remote (named in [workspace] remote if remote_set), as a team clones its project."""
     from test_workspaces_town import git
     remote = tmp_path / "remote.git"
     subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(remote)], check=True)
     a, b = hosts("a"), hosts("b")
-    for host in (a, b):  # (one repository, cloned on each host)
+    for host in (a, b):
         if remote_set:
             host.harness.append_config('\n[workspace]\nremote = "origin"\n')
         git(host.root, "init", "-q", "-b", "main")
@@ -548,6 +545,35 @@ def test_an_agent_that_moves_hosts_carries_its_work(hosts, tmp_path, remote_set)
     git(a.root, "push", "-q", "origin", "main")
     git(b.root, "fetch", "-q", "origin")
     git(b.root, "reset", "-q", "origin/main")
+    return a, b
+
+
+def test_a_worktree_agent_spawned_for_another_host_gets_its_worktree_there(hosts, tmp_path):
+    """`tt spawn w --host a` in host b's folder made agents/w and branch tt/w in b's checkout,
+    where w never runs; its runner on a made its own. Now only a's is made, at its first task."""
+    a, b = git_hosts(hosts, tmp_path)
+    a.start()
+    b.start()
+    refused = b.tt("spawn", "w", "--host", "a", "--from", "main", check=False)
+    assert (refused.returncode, refused.err) == (1, "tt: error: --from with --host a: the branch is made on the host "
+                                                    "the agent runs on; run this tt spawn in host a's folder\n")
+    spawned = b.tt("spawn", "w", "--host", "a")
+    assert "Spawned agent w" in spawned.out and "in agents/w (branch tt/w) on host a" in spawned.out
+    assert "tt: agents/w is made on host a at its first task" in spawned.err
+    assert not (b.root / "agents" / "w").exists()
+    assert subprocess.run(["git", "rev-parse", "--verify", "-q", "tt/w"], cwd=b.root).returncode == 1  # no branch
+    done = b.harness.wait_task(b.assign("w", "Write it\n@write made.py MADE = 1"))
+    assert done["state"] == "completed" and done["branch"] == "tt/w", done
+    assert (a.root / "agents" / "w" / "made.py").exists() and not (b.root / "agents" / "w").exists()
+
+
+@pytest.mark.parametrize("remote_set", [True, False], ids=["remote", "no-remote"])
+def test_an_agent_that_moves_hosts_carries_its_work(hosts, tmp_path, remote_set):
+    """A worktree agent whose host was lost started its next task on another host from the town's
+    first commit: its branch, with its earlier tasks' work, stayed on the lost host. Its latest
+    head is now fetched from [workspace] remote and merged into its branch there first; without a
+    remote the task fails before its CLI, saying why (on stale code it would look like success)."""
+    a, b = git_hosts(hosts, tmp_path, remote_set)
     a.start()
     a.tt("spawn", "w")  # a worktree, and not pinned: it moves when its host is lost
     b.start()
