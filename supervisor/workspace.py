@@ -926,22 +926,38 @@ class Workspace:
                 if Path(tree.get("worktree", "")) == self.path:
                     git(repo.root, "worktree", "remove", str(self.path))
         tip = repo.resolve(self.ref)
-        if tip is None:
-            return notes
         if not delete_branch:
-            return notes + [f"kept branch {self.branch} (tt spawn {self.agent} reuses it)"]
-        unmerged = self.unmerged(repo, tip)
-        if unmerged:
-            return notes + [f"kept branch {self.branch}: {unmerged} commit{'s' if unmerged != 1 else ''} on it "
-                            f"{'are' if unmerged != 1 else 'is'} on none of your branches (tt merge {self.agent} first)"]
-        git(repo.root, "update-ref", "-m", "tt prune: merged", "-d", self.ref, tip)
-        return notes + [f"deleted branch {self.branch} (all its commits are on your branches)"]
+            return notes + ([f"kept branch {self.branch} (tt spawn {self.agent} reuses it)"] if tip else [])
+        branches = ([(self.branch, tip, f"tt merge {self.agent}")] if tip else []) + [
+            (name, oid, f"git merge {name}") for name, oid in self._kept_aside(repo)]
+        for branch, oid, how in branches:
+            unmerged = self.unmerged(repo, oid, branch)
+            if unmerged:
+                notes.append(f"kept branch {branch}: {unmerged} commit{'s' if unmerged != 1 else ''} on it "
+                             f"{'are' if unmerged != 1 else 'is'} on none of your branches ({how} first)")
+            else:
+                git(repo.root, "update-ref", "-m", "tt prune: merged", "-d", f"refs/heads/{branch}", oid)
+                notes.append(f"deleted branch {branch} (all its commits are on your branches)")
+        return notes
 
-    def unmerged(self, repo: Repo, tip: str) -> int:
-        """How many commits on the agent's branch no branch of the user's holds (the town's agent
-        branches do not count: work is home only once it is on a branch of the user's)."""
+    def _kept_aside(self, repo: Repo) -> list[tuple[str, str]]:
+        """The branches a worktree's commits were kept on when a CLI left them (_rescue, _keep_rewound):
+        (name, commit) of each."""
+        out = git(repo.root, "for-each-ref", "--format=%(refname:short) %(objectname)",
+                  f"refs/heads/{self.branch}-detached-*", f"refs/heads/{self.branch}-rewound-*").stdout
+        found = []
+        for line in _text(out).splitlines():
+            name, _, oid = line.rpartition(" ")
+            if re.fullmatch(re.escape(self.branch) + r"-(detached|rewound)-[0-9a-f]{12}", name):
+                found.append((name, oid))
+        return found
+
+    def unmerged(self, repo: Repo, tip: str, branch: str | None = None) -> int:
+        """How many commits on the agent's branch (or `branch`, one of its own) no branch of the
+        user's holds (the town's agent branches do not count: work is home only once it is on a
+        branch of the user's)."""
         excludes = [f"--exclude={self.prefix}*"] if self.prefix else []
-        out = git(repo.root, "rev-list", "--count", tip, "--not", *excludes, f"--exclude={self.branch}",
+        out = git(repo.root, "rev-list", "--count", tip, "--not", *excludes, f"--exclude={branch or self.branch}",
                   "--branches").stdout
         return int(out.strip() or 0)
 

@@ -434,6 +434,27 @@ def test_a_cli_that_moves_its_branch_back_leaves_no_commit_on_no_branch(town):
     assert not any("rewound" in n for n in third.notes) and git(town, "branch", "--list", "tt/dev-*").count("\n") == 1
 
 
+def test_prune_deletes_the_branches_kept_aside_for_the_agent_once_merged(town):
+    """prune --delete-branches deleted tt/dev but left tt/dev-rewound-* and -detached-* behind
+    for ever. They follow the same rule now: deleted once their commits are on your branches."""
+    space = spawned(town)
+    _, first = task(space, "t1", write("one.txt", "1\n"))
+    space.begin("t2")
+    git(space.path, "reset", "-q", "--hard", "HEAD~1")
+    (space.path / "two.txt").write_text("2\n")
+    space.end("t2", "x")
+    kept = f"tt/dev-rewound-{first.commit[:12]}"
+    git(town, "branch", "tt/devx-rewound-0123456789ab", first.commit)  # (another agent's: untouched)
+    notes = space.prune(delete_branch=True)
+    assert notes[-2:] == ["kept branch tt/dev: 1 commit on it is on none of your branches (tt merge dev first)",
+                          f"kept branch {kept}: 1 commit on it is on none of your branches (git merge {kept} first)"]
+    git(town, "merge", "-q", "--no-edit", kept)
+    merge_home(town, "refs/heads/tt/dev", label="dev")
+    notes = Workspace(town, "dev").prune(delete_branch=True)
+    assert notes == ["deleted branch tt/dev (all its commits are on your branches)",
+                     f"deleted branch {kept} (all its commits are on your branches)"]
+    assert tip(town, kept) == "" and tip(town, "tt/devx-rewound-0123456789ab") == first.commit
+
 def test_a_cli_that_commits_itself_is_still_measured(town):
     space = spawned(town)
     begun = space.begin("t1")
