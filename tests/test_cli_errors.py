@@ -134,6 +134,8 @@ def test_shell_completion_offers_commands_agents_and_task_ids(town):
     assert complete("tt tasks --agent d", 3) == ["dev", "devops"]
     backlog = town.json("backlog", "add", "--role", "nobody", "for a role no agent has")["id"]
     assert complete("tt backlog remove ", 3) == [backlog]  # the backlog's, not every task's
+    later = town.json("backlog", "add", "--after", backlog, "after it")["id"]  # (waits: nobody takes `backlog`)
+    assert complete("tt backlog remove ", 3) == [backlog, later]  # (offered only once released, before)
     town.tt("stop")
     assert complete("tt assign de", 2) == []  # a stopped town: nothing offered, nothing printed
     for shell in ("bash", "zsh", "fish"):
