@@ -339,7 +339,7 @@ class Repo:
         return _oid(done.stdout) if done.returncode == 0 else None
 
     def is_ancestor(self, older: str, newer: str) -> bool:
-        return git(self.root, "merge-base", "--is-ancestor", older, newer, ok=(0, 1)).returncode == 0
+        return is_ancestor(self.root, self.common_dir / "objects", older, newer)
 
     def worktrees(self) -> list[dict]:
         """`git worktree list --porcelain -z`: one dict per worktree (worktree, HEAD, branch, prunable...)."""
@@ -797,12 +797,7 @@ class Workspace:
                 f"branch {name}")
 
     def _is_ancestor(self, older: str, newer: str, dirs: tuple[Path, Path] | None = None) -> bool:
-        """`older` is `newer` or behind it: read from the loose objects when it can (a CLI's own
-        commits: no git process at a task's end), else asked of git."""
-        known = descends_from((dirs or self._dirs())[1] / "objects", newer, older)
-        if known is not None:
-            return known
-        return git(self.path, "merge-base", "--is-ancestor", older, newer, ok=range(0, 256)).returncode == 0
+        return is_ancestor(self.path, (dirs or self._dirs())[1] / "objects", older, newer)
 
     def _back_on_branch(self, head: str | None, ref: str | None) -> list[str]:
         """A CLI left HEAD on another branch (or detached): bring the agent's branch forward to it when
@@ -960,6 +955,15 @@ class Workspace:
         out = git(repo.root, "rev-list", "--count", tip, "--not", *excludes, f"--exclude={branch or self.branch}",
                   "--branches").stdout
         return int(out.strip() or 0)
+
+
+def is_ancestor(cwd: Path, objects: Path, older: str, newer: str) -> bool:
+    """`older` is `newer` or behind it: read from the loose objects when it can (a CLI's own
+    commits: no git process at a task's end), else asked of git (in `cwd`)."""
+    known = descends_from(objects, newer, older)
+    if known is not None:
+        return known
+    return git(cwd, "merge-base", "--is-ancestor", older, newer, ok=range(0, 256)).returncode == 0
 
 
 def _read_marker(marker: Path) -> tuple[str, str] | None:
