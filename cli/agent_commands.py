@@ -161,7 +161,8 @@ def events(follow, agent, count, as_json, town_path):
     show = _json_line if as_json else _event_line
     for event in stream.last_events(count):
         show(event)
-    from tinytown.cli.logview import RedisLink, end_on_ctrl_c
+    from tinytown.cli.entry import end_on_ctrl_c
+    from tinytown.cli.logview import RedisLink
     link = RedisLink("tt events")
     if follow:
         end_on_ctrl_c()  # (the way out of --follow, not an error)

@@ -240,7 +240,7 @@ def wait(refs, timeout, as_json, town_path):
     """Until every task named (an agent: its unfinished tasks, or with none the one it finished last)
     is finished; exit 0 if all completed, 1 if any failed or was cancelled, 2 on timeout (or when
     the town is stopped and some cannot finish), 3 if it could not wait (an unknown task, a bad option)."""
-    from tinytown.cli.logview import end_on_ctrl_c
+    from tinytown.cli.entry import end_on_ctrl_c
     from tinytown.supervisor.resp import RespConnectionError, connect
     from tinytown.supervisor.town import Town
     end_on_ctrl_c(130)  # (as an interrupted command exits)

@@ -4,6 +4,7 @@ line, and any `tt stop` line this does not read exactly (--help, a typo, an opti
 to click (cli/main.py), so usage, help and errors behave one way. What `tt stop` does and prints
 is `stop_command`, which the click command calls too; before it, `tt stop` tries the running
 supervisor's own description of itself (supervisor/stopping.py), which spares it the config.
+How a command that follows or waits ends on Ctrl+C (`end_on_ctrl_c`) is here too.
 """
 from __future__ import annotations
 
@@ -44,6 +45,25 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback (as TinytownGroup does)
         code = _error(explain(exc, config))
     exit_now(code)  # (without the interpreter's teardown of every imported module: several ms)
+
+
+def end_on_ctrl_c(code: int = 0) -> None:
+    """Ctrl+C ends a follower (or a wait) at once with `code` (a follower: 0), what it printed
+    flushed, whatever it was doing.
+    Not through KeyboardInterrupt: raised while a finalizer runs (click's stream wrappers have
+    one), Python prints it as "Exception ignored" and goes on, and the follow loop ran for ever
+    (seen in CI, then here with the fault handler's stack). SIGINT ignored, as for a background
+    job, stays ignored."""
+    import signal
+
+    def leave(_signum, _frame):
+        snapshots = sys.modules.get("tinytown.supervisor.snapshot")  # (a stopped town's reader: not left behind)
+        if snapshots is not None:
+            snapshots.close_all()
+        exit_now(code)
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, leave)
 
 
 def _read_stop(args: list[str]) -> tuple[str | None, bool, bool] | None:

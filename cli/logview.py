@@ -302,27 +302,6 @@ def task_output_so_far(config: Config, task) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
-def end_on_ctrl_c(code: int = 0) -> None:
-    """Ctrl+C ends a follower (or a wait) at once with `code` (a follower: 0), what it printed
-    flushed, whatever it was doing.
-    Not through KeyboardInterrupt: raised while a finalizer runs (click's stream wrappers have
-    one), Python prints it as "Exception ignored" and goes on, and the follow loop ran for ever
-    (seen in CI, then here with the fault handler's stack). SIGINT ignored, as for a background
-    job, stays ignored."""
-    import signal
-
-    from tinytown.supervisor.procutil import exit_now
-
-    def leave(_signum, _frame):
-        snapshots = sys.modules.get("tinytown.supervisor.snapshot")  # (a stopped town's reader: not left behind)
-        if snapshots is not None:
-            snapshots.close_all()
-        exit_now(code)
-
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, leave)
-
-
 class RedisLink:
     """A follower's word on its connection: once when the town's Redis goes away (it then waits
     a moment before trying again), once when it is back; `tt logs -f` and `tt events -f` share it."""

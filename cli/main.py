@@ -596,7 +596,8 @@ def logs(agents, lines, follow, task_id, since, no_color, raw, from_redis, town_
         raise TinytownError("--task '': no task id given")
     config = _config(town_path)
     if follow:
-        logview.end_on_ctrl_c()
+        from tinytown.cli.entry import end_on_ctrl_c
+        end_on_ctrl_c()
     try:
         logview.show(config, list(agents), lines=lines, follow=follow, task=task_id, since=since, raw=raw,
                      colour=logview.colour_wanted(no_color), from_redis=from_redis)

@@ -158,7 +158,7 @@ def test_wait_on_a_stopped_town_says_how_its_tasks_ended(town, private_tmp):
 
 
 def test_ctrl_c_while_a_wait_reads_a_stopped_town_leaves_no_copy_of_it(town, private_tmp, tmp_path):
-    """tt wait's Ctrl+C leaves at once (cli/logview.py end_on_ctrl_c), past any `finally`: the
+    """tt wait's Ctrl+C leaves at once (cli/entry.py end_on_ctrl_c), past any `finally`: the
     reader's copy of the town's records (prompts, output) stayed in the temp folder. The hook
     sends the SIGINT as the reader's redis-server is started."""
     done, _ = stopped_town_with_tasks(town)
