@@ -31,10 +31,10 @@ from .procutil import running as process_running
 from .redis_server import RedisServer
 from .resp import RespConnectionError, RespError
 from .resp import connect as resp_connect
-from .hosts import FENCED_EXIT, fencing
+from .hosts import FENCED_EXIT, fencing, machine_id
 from .runner import CLI_UNUSABLE_EXIT, KILL_WAIT_SECONDS, run_forked
 from .restart_policy import GiveUp, RestartRecord
-from .town import Town, machine_id
+from .town import Town
 
 # How long `tt stop` gives a process a task left running (a server, a gpg-agent) after SIGTERM.
 ADOPTED_STOP_GRACE = 2.0

@@ -19,6 +19,7 @@ that a prune or a crash could leave wrong.
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import dataclass
 
 from .errors import TinytownError
@@ -34,6 +35,17 @@ def fencing(config) -> bool:
     town's Redis (TCP, or a remote URL). The embedded unix-socket Redis is one machine's, whose
     only supervisor never declares itself lost: its runners skip the checks' round trips."""
     return bool(config.redis_url) or not config.use_socket
+
+
+def machine_id() -> str:
+    """This machine, as a host's record says which one holds its lease: its name and boot, so a
+    supervisor can tell its own dead predecessor (take over) from another machine's (refuse)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            boot = fh.read().strip()[:8]
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
 
 
 class Fenced(TinytownError):

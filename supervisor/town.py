@@ -775,14 +775,4 @@ def host() -> str:
     return socket.gethostname()
 
 
-def machine_id() -> str:
-    """This machine, as a host's record says which one holds its lease: its name and boot, so a
-    supervisor can tell its own dead predecessor (take over) from another machine's (refuse)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as fh:
-            boot = fh.read().strip()[:8]
-    except OSError:
-        boot = ""
-    return f"{host()}/{boot}"
-
 
