@@ -596,7 +596,9 @@ class Workspace:
         Costs no git process when the last task ended normally and `after` is empty.
         """
         notes: list[str] = []
+        fresh = False  # the branch is made now, from this checkout's HEAD: nothing of the agent's on it
         if not self.exists():
+            fresh = self.branch_tip() is None
             notes += self.ensure()
             if self.watch is not None:          # (a new folder, maybe a new git folder: a new watch)
                 self.watch.close()
@@ -627,7 +629,7 @@ class Workspace:
         if ref != self.ref:
             notes += self._back_on_branch(head, ref)
         for work in carried:
-            notes += self._carry(work, task_id, dirs)
+            notes += self._carry(work, dirs, fresh)
         if after:
             begun.merged = self.merge(after, task_id, dirs)
         head, _ = self.head(dirs)
@@ -782,19 +784,23 @@ class Workspace:
 
     def _rescue(self, oid: str) -> str:
         """A detached commit gets a branch, so no later checkout can leave it to the reflog alone."""
-        name = f"{self.branch}-detached-{oid[:12]}"
-        git(self.path, "update-ref", "-m", "tt: keep a detached commit", f"refs/heads/{name}", oid, ZERO_OID,
-            ok=(0, 128))
+        name = self._keep_aside(oid, "detached")
         return f"{self.label} was on a detached HEAD: its commit {oid[:12]} is kept on branch {name}"
 
     def _keep_rewound(self, oid: str) -> str:
         """The CLI moved the agent's branch off the commit its task began on (a reset, a rebase):
         that commit, earlier tasks' work, gets a branch of its own rather than the reflog alone."""
-        name = f"{self.branch}-rewound-{oid[:12]}"
-        git(self.path, "update-ref", "-m", "tt: keep a commit the CLI moved its branch off", f"refs/heads/{name}", oid,
-            ZERO_OID, ok=(0, 128))
+        name = self._keep_aside(oid, "rewound")
         return (f"the CLI moved {self.branch} back past {oid[:12]}, where the task began: that commit is kept on "
                 f"branch {name}")
+
+    def _keep_aside(self, oid: str, kind: str) -> str:
+        """Commit `oid`, about to be on no branch, on branch tt/NAME-<kind>-<oid> (its name): never
+        left to the reflog alone. (Made once: a branch of that name already holds it.)"""
+        name = f"{self.branch}-{kind}-{oid[:12]}"
+        git(self.path, "update-ref", "-m", f"tt: keep a commit ({kind})", f"refs/heads/{name}", oid, ZERO_OID,
+            ok=(0, 128))
+        return name
 
     def _is_ancestor(self, older: str, newer: str, dirs: tuple[Path, Path] | None = None) -> bool:
         return is_ancestor(self.path, (dirs or self._dirs())[1] / "objects", older, newer)
@@ -816,22 +822,23 @@ class Workspace:
         git(self.path, "switch", "-q", "--no-guess", self.branch)
         return notes + [f"{self.label} was left on {where}: back on {self.branch} (the commits made there stay there)"]
 
-    def _carry(self, work: Carried, task_id: str, dirs: tuple[Path, Path]) -> list[str]:
-        """Merge the agent's own latest work from another host into its branch here (the note to
-        print, [] if the branch had it already)."""
+    def _carry(self, work: Carried, dirs: tuple[Path, Path], fresh: bool) -> list[str]:
+        """Bring the agent's branch here to its latest work, made on another host (the notes to
+        print; [] if the branch has it already). Not a merge: what the branch holds here beyond
+        that work was never recorded as the agent's (a run interrupted when this host was lost,
+        since run again elsewhere; a commit made here meanwhile), so merging it would bring back
+        work redone since, and conflict with it. It is kept on a branch of its own instead."""
         before, _ = self.head(dirs)
-        try:
-            self.merge([work.head], task_id, dirs, why=f"{self.agent}'s own work from host {work.host}")
-        except MergeConflict as exc:
-            raise MergeConflict(exc.files, f"{exc} ({self.agent}'s own latest work, task {work.task} on host "
-                                           f"{work.host}: merge it by hand in {self.label}, git merge "
-                                           f"{work.head[:12]})") from None
-        if self.head(dirs)[0] == before:
+        if before == work.head or (before and self._is_ancestor(work.head, before, dirs)):
             return []
-        return [f"brought in its latest work from host {work.host} (task {work.task}, {work.head[:12]})"]
+        notes = []
+        if before and not fresh and not self._is_ancestor(before, work.head, dirs):
+            notes.append(f"{self.branch} here had commits that are not in its latest work (a run interrupted "
+                         f"here, or made here meanwhile): kept on branch {self._keep_aside(before, 'left')}")
+        self._move_branch(work.head, f"its latest work ({work.head[:12]})")
+        return notes + [f"brought in its latest work from host {work.host} (task {work.task}, {work.head[:12]})"]
 
-    def merge(self, heads, task_id: str = "", dirs: tuple[Path, Path] | None = None,
-              why: str = "work it depends on") -> tuple[str, ...]:
+    def merge(self, heads, task_id: str = "", dirs: tuple[Path, Path] | None = None) -> tuple[str, ...]:
         """Merge upstream tasks' head commits into the agent's branch, a fast-forward when possible.
 
         Each merge is made in the object store first (`git merge-tree`), so a conflict is found
@@ -868,19 +875,21 @@ class Workspace:
                                            f"nothing merged, {self.label} unchanged")
             if done.returncode != 0:
                 raise WorkspaceError(f"cannot merge {upstream[:12]} into {self.branch}: {_last_line(done)}")
-            message = f"tt: {task_id} merges {upstream[:12]}, {why}\n" if task_id else \
+            message = f"tt: {task_id} merges {upstream[:12]}, work it depends on\n" if task_id else \
                 f"tt: merge {upstream[:12]}\n"
             current = self._commit(_oid(done.stdout.split(b"\0")[0]), [current, upstream], message.encode(), dirs[1])
         if current != head:
-            # `reset --keep` (never --hard) moves the branch forward to `current`, a descendant of
-            # HEAD, and updates only the files that differ; it refuses, changing nothing, when one of
-            # them has a local change or an untracked file is in the way. Unlike `merge --ff-only`
-            # it does not lstat every file of the worktree first.
-            done = git(self.path, "reset", "-q", "--keep", current, ok=range(0, 256), identity=self.agent)
-            if done.returncode != 0:
-                raise WorkspaceError(f"could not bring {self.label} to the merged work: {_last_line(done)} "
-                                     "(nothing changed)")
+            self._move_branch(current, "the merged work")
         return wanted
+
+    def _move_branch(self, to: str, what: str) -> None:
+        """The agent's branch and worktree to commit `to`. `reset --keep` (never --hard) updates only
+        the files that differ; it refuses, changing nothing, when one of them has a local change or
+        an untracked file is in the way. Unlike `merge --ff-only` it does not lstat every file of
+        the worktree first. Callers keep any commit it leaves behind on a branch first."""
+        done = git(self.path, "reset", "-q", "--keep", to, ok=range(0, 256), identity=self.agent)
+        if done.returncode != 0:
+            raise WorkspaceError(f"could not bring {self.label} to {what}: {_last_line(done)} (nothing changed)")
 
     # -- tt prune --
 
@@ -936,14 +945,13 @@ class Workspace:
         return notes
 
     def _kept_aside(self, repo: Repo) -> list[tuple[str, str]]:
-        """The branches a worktree's commits were kept on when a CLI left them (_rescue, _keep_rewound):
-        (name, commit) of each."""
+        """The branches a worktree's commits were kept on (_keep_aside): (name, commit) of each."""
         out = git(repo.root, "for-each-ref", "--format=%(refname:short) %(objectname)",
-                  f"refs/heads/{self.branch}-detached-*", f"refs/heads/{self.branch}-rewound-*").stdout
+                  *(f"refs/heads/{self.branch}-{kind}-*" for kind in ("detached", "rewound", "left"))).stdout
         found = []
         for line in _text(out).splitlines():
             name, _, oid = line.rpartition(" ")
-            if re.fullmatch(re.escape(self.branch) + r"-(detached|rewound)-[0-9a-f]{12}", name):
+            if re.fullmatch(re.escape(self.branch) + r"-(detached|rewound|left)-[0-9a-f]{12}", name):
                 found.append((name, oid))
         return found
 

@@ -13,8 +13,8 @@ import pytest
 from tinytown.supervisor import workspace as ws
 from tinytown.supervisor.config import WorkspacePolicy, load
 from tinytown.supervisor.errors import TinytownError
-from tinytown.supervisor.workspace import (Busy, FileChange, MergeConflict, Unavailable, Workspace, WorkspaceError,
-                                           diff_argv, merge_home, parse_numstat)
+from tinytown.supervisor.workspace import (Busy, Carried, FileChange, MergeConflict, Unavailable, Workspace,
+                                           WorkspaceError, diff_argv, merge_home, parse_numstat)
 
 
 pytestmark = pytest.mark.usefixtures("git_identity")   # (tests/conftest.py)
@@ -455,6 +455,50 @@ def test_prune_deletes_the_branches_kept_aside_for_the_agent_once_merged(town):
                      f"deleted branch {kept} (all its commits are on your branches)"]
     assert tip(town, kept) == "" and tip(town, "tt/devx-rewound-0123456789ab") == first.commit
 
+def work_elsewhere(town: Path, after: str) -> str:
+    """A head made by the agent on another host (here: another worktree's commit on top of `after`)."""
+    other = spawned(town, "other")
+    return task(other, "t-else", write("two.txt", "2\n"), after=[after])[1].head
+
+
+def test_an_agent_back_from_another_host_continues_from_its_latest_work(town):
+    """Its branch here moves to the head it made elsewhere (a fast-forward); what the branch held
+    here beyond it (a run interrupted when this host was lost, redone elsewhere) is not merged
+    back, which would conflict with the redone work: it is kept on a branch of its own."""
+    space = spawned(town)
+    _, first = task(space, "t1", write("one.txt", "1\n"))
+    latest = work_elsewhere(town, first.head)
+    space.begin("t-else")
+    (space.path / "two.txt").write_text("half of 2, then the host was lost\n")  # (never ended here)
+    begun = space.begin("t3", carried=[Carried("t-else", latest, "b")])
+    left = begun.interrupted_commit
+    assert tip(town, f"tt/dev-left-{left[:12]}") == left and tip(town, "tt/dev") == latest == begun.base
+    assert (space.path / "two.txt").read_text() == "2\n" and status(space.path) == ""
+    assert begun.notes[-2:] == [
+        f"tt/dev here had commits that are not in its latest work (a run interrupted here, or made here "
+        f"meanwhile): kept on branch tt/dev-left-{left[:12]}",
+        f"brought in its latest work from host b (task t-else, {latest[:12]})"]
+    space.end("t3", "x")
+    assert space.begin("t4", carried=[Carried("t-else", latest, "b")]).notes == []  # (it has it now)
+    assert "tt/dev-left-" in " ".join(space.prune(delete_branch=True))  # (prune knows these branches too)
+
+
+def test_a_branch_made_on_arrival_starts_at_the_agents_latest_work(town):
+    """A host that never had the agent: its branch, made from this checkout's HEAD, goes straight
+    to the agent's latest work, with no branch kept aside (that HEAD is the user's commit)."""
+    start = head(town)
+    space = spawned(town)
+    _, first = task(space, "t1", write("one.txt", "1\n"))
+    latest = work_elsewhere(town, first.head)
+    (town / "main.txt").write_text("main moved on\n")
+    git(town, "add", "main.txt")
+    git(town, "commit", "-qm", "main moves on")  # (this checkout's HEAD is not behind the agent's work)
+    newbie = Workspace(town, "newbie")
+    begun = newbie.begin("t5", carried=[Carried("t-else", latest, "b")])
+    assert tip(town, "tt/newbie") == latest == begun.base and head(town) != start
+    assert not git(town, "branch", "--list", "tt/newbie-*")
+    assert begun.notes[-1] == f"brought in its latest work from host b (task t-else, {latest[:12]})"
+
 def test_a_cli_that_commits_itself_is_still_measured(town):
     space = spawned(town)
     begun = space.begin("t1")
@@ -692,7 +736,7 @@ def test_the_module_never_runs_a_command_that_discards_work():
     source = Path(ws.__file__).read_text()
     code = re.sub(r'""".*?"""', "", source, flags=re.S)       # docstrings may name what is never done
     code = "\n".join(line.split("#", 1)[0] for line in code.splitlines())
-    assert re.findall(r'"reset", [^\n]*', code) == ['"reset", "-q", "--keep", current, ok=range(0, 256), identity=self.agent)']
+    assert re.findall(r'"reset", [^\n]*', code) == ['"reset", "-q", "--keep", to, ok=range(0, 256), identity=self.agent)']
     for forbidden in ('"--hard"', '"--merge"', '"clean"', '"-D"', '"--force"', '"-f"', '"--delete"', '"branch", "-d"', '"--orphan"', '"checkout", "-f"', '"-B"'):
         assert forbidden not in code, forbidden
     # The one ref deletion names the commit it expects, so a branch that moved is never deleted.
