@@ -305,12 +305,18 @@ def spawn(name, cli_name, task_timeout, shared, from_ref, roles, pin, answers, k
         raise TinytownError('--from needs a worktree (not with --shared / [workspace] mode = "shared")')
     town = _started_town(config)
     town.check_spawn(name, pin or "")  # before a worktree is made for it
-    elsewhere = pin if pin and pin != config.host_name() else ""  # (a host that is not this folder's)
+    here = config.host_name()
+    elsewhere = pin if pin and pin != here else ""  # (a host that is not this folder's)
+    if from_ref and not pin and not shared and any(host != here for host in town.hosts.live()):
+        raise TinytownError(f"--from makes {name}'s branch in this checkout, but the town runs on other hosts too and "
+                            f"{name} may be placed on one of them: pin it here with --host {here}")
     workspace = {"mode": "shared"} if shared else workspace_commands.prepare_workspace(
         config, town, name, from_ref, quiet=as_json, elsewhere=elsewhere)
     agent = town.spawn(name, cli_name or config.default_cli, task_timeout, workspace=workspace["mode"],
                        branch=workspace.get("branch", ""), host=pin or "", answers=answers,
                        keep_context=keep_context)
+    if workspace.get("path") and not elsewhere and agent.host and agent.host != here:  # placed on another host
+        workspace["notes"] = workspace_commands.leave_to_host(config, name, workspace, agent.host, quiet=as_json)
     for line in _spawn_warnings(spec, keep_context, workspace["mode"] == "shared"):
         click.echo(f"tt: warning: {line}", err=True)
     if roles:

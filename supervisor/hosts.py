@@ -386,6 +386,10 @@ class Hosts:
         """Whether host `name` was declared lost (one read: a command about one agent asks this)."""
         return bool(name) and self.r.hget(self.town.keys.host(name), "state") == "lost"
 
+    def live(self) -> list[str]:
+        """The names of the hosts whose lease is live now (by Redis's clock)."""
+        return [name for name, state in self.states().items() if state == "live"]
+
     def states(self) -> dict[str, str]:
         """Each host's state as listing() shows it, by name."""
         return {h["name"]: h["state"] for h in self.listing()}

@@ -40,7 +40,23 @@ def ensure_running(config: Config, say=None) -> bool:
             say(f"town {config.name!r} is stopping: this waits in it for the next `tt start`")
         if state:
             return False
+    elif _runs_elsewhere(config):
+        return False
     return _start_background(config, say)
+
+
+def _runs_elsewhere(config: Config) -> bool:
+    """A town on a shared Redis that runs on other hosts: a command in a folder of it with no
+    supervisor (a laptop with its config, a stopped host) writes into it and starts none here,
+    which would add this machine to the town as a host (only `tt start` does that)."""
+    if not config.redis_url:
+        return False
+    from .resp import RespError, connect
+    from .town import Town
+    try:
+        return bool(Town(config, connect(config)).hosts.live())
+    except RespError:  # (unreachable: starting here says why, as before)
+        return False
 
 
 # What a runner puts in its CLI's environment. A supervisor started by an agent's own `tt` (an
@@ -198,7 +214,7 @@ def _stop_elsewhere(config: Config, now: bool, timeout: float | None) -> dict | 
     from .resp import connect
     from .town import Town
     town = Town(config, connect(config))
-    live = [name for name, state in town.hosts.states().items() if state == "live"]
+    live = town.hosts.live()
     if not live:
         return None
     ask(town.r, town.keys, StopMode.NOW if now else StopMode.GRACEFUL)

@@ -940,9 +940,28 @@ class Workspace:
                 notes.append(f"kept branch {branch}: {unmerged} commit{'s' if unmerged != 1 else ''} on it "
                              f"{'are' if unmerged != 1 else 'is'} on none of your branches ({how} first)")
             else:
-                git(repo.root, "update-ref", "-m", "tt prune: merged", "-d", f"refs/heads/{branch}", oid)
+                self._delete_branch(repo, branch, oid, "tt prune: merged")
                 notes.append(f"deleted branch {branch} (all its commits are on your branches)")
         return notes
+
+    def unmake(self, delete_branch: bool) -> list[str]:
+        """Undo what ensure() has just made (the worktree, and with delete_branch the branch) for an
+        agent placed on another host, whose runner makes its own there. Nothing is lost: git
+        refuses to remove a worktree with changes (then it stays, and the note says why), and the
+        branch is deleted only at the commit it was made at."""
+        repo = Repo.find(self.town_root)
+        tip = self.branch_tip()
+        done = git(repo.root, "worktree", "remove", str(self.path), ok=range(0, 256))
+        if done.returncode != 0:
+            return [f"left {self.label} here: {_last_line(done)}"]
+        if delete_branch and tip:
+            self._delete_branch(repo, self.branch, tip, "tt spawn: placed on another host")
+        return []
+
+    @staticmethod
+    def _delete_branch(repo: Repo, branch: str, oid: str, why: str) -> None:
+        """The one way a branch is deleted: only if it is still at `oid` (one that moved is kept)."""
+        git(repo.root, "update-ref", "-m", why, "-d", f"refs/heads/{branch}", oid)
 
     def _kept_aside(self, repo: Repo) -> list[tuple[str, str]]:
         """The branches a worktree's commits were kept on (_keep_aside): (name, commit) of each."""

@@ -498,6 +498,19 @@ def test_tt_stop_in_a_folder_without_a_supervisor_stops_the_town_on_its_hosts(ho
     assert a.town.hosts.states() == {"a": "stopped", "b": "stopped"}
     assert elsewhere.tt("stop").out == "Town testtown is not running\n"
 
+def test_a_command_in_a_folder_without_a_supervisor_adds_no_host(hosts):
+    """`tt assign` (or spawn) in a folder of the town where no supervisor runs started one there
+    in the background: a new host named after the machine, which then got agents placed on it.
+    While the town runs on other hosts, the work goes into Redis and nothing starts here."""
+    a = hosts("a").start()
+    a.tt("spawn", "dev", "--shared")
+    elsewhere = hosts("c")  # (never started: a laptop with the town's config)
+    task = elsewhere.assign("dev", "@echo from the laptop")
+    assert elsewhere.harness.wait_task(task)["state"] == "completed"
+    spawned = elsewhere.tt("spawn", "helper", "--shared")
+    assert "started the town's supervisor" not in spawned.err and a.town.agent("helper").host == "a"
+    assert sorted(a.town.hosts.states()) == ["a"] and not elsewhere.harness.supervisor_pid()
+
 def test_a_second_supervisor_cannot_take_a_live_hosts_name(hosts):
     """A copy of the town (a cloned machine, a second checkout) started with a live host's name
     ran that host's agents too: one agent's tasks on two machines at once, its branch split, and
@@ -565,6 +578,30 @@ def test_a_worktree_agent_spawned_for_another_host_gets_its_worktree_there(hosts
     done = b.harness.wait_task(b.assign("w", "Write it\n@write made.py MADE = 1"))
     assert done["state"] == "completed" and done["branch"] == "tt/w", done
     assert (a.root / "agents" / "w" / "made.py").exists() and not (b.root / "agents" / "w").exists()
+
+
+def test_an_unpinned_agent_placed_on_another_host_leaves_no_worktree_here(hosts, tmp_path):
+    """`tt spawn w` in a's folder, placed on b (more room), left agents/w and branch tt/w in a's
+    checkout: `tt merge w` there then said "already in main" of work done on b. The worktree made
+    here is removed again once the placement is known; --from, which needs the branch made here,
+    is refused unless the agent is pinned here."""
+    a, b = git_hosts(hosts, tmp_path)
+    a.start()
+    b.start()
+    a.tt("spawn", "p", "--shared", "--host", "a")  # (a has less room now: the next goes to b)
+    refused = a.tt("spawn", "w", "--from", "main", check=False)
+    assert (refused.returncode, refused.err) == (1, "tt: error: --from makes w's branch in this checkout, but the town "
+                                                    "runs on other hosts too and w may be placed on one of them: pin "
+                                                    "it here with --host a\n")
+    spawned = a.tt("spawn", "w")
+    assert "in agents/w (branch tt/w) on host b" in spawned.out
+    assert "tt: agents/w is made on host b at its first task" in spawned.err
+    assert not (a.root / "agents" / "w").exists()
+    assert subprocess.run(["git", "rev-parse", "--verify", "-q", "tt/w"], cwd=a.root).returncode == 1
+    done = a.harness.wait_task(a.assign("w", "Write it\n@write made.py MADE = 1"))
+    assert done["state"] == "completed" and (b.root / "agents" / "w" / "made.py").exists()
+    merged = a.tt("merge", "w", check=False)
+    assert merged.returncode != 0 and "not in this checkout" in merged.err, merged.err
 
 
 @pytest.mark.parametrize("remote_set", [True, False], ids=["remote", "no-remote"])

@@ -741,7 +741,7 @@ def test_the_module_never_runs_a_command_that_discards_work():
         assert forbidden not in code, forbidden
     # The one ref deletion names the commit it expects, so a branch that moved is never deleted.
     assert re.findall(r'"update-ref", [^\n]*"-d"[^\n]*', code) == [
-        '"update-ref", "-m", "tt prune: merged", "-d", f"refs/heads/{branch}", oid)']
+        '"update-ref", "-m", why, "-d", f"refs/heads/{branch}", oid)']
 
 
 # --- config ---------------------------------------------------------------------------------------
