@@ -188,6 +188,10 @@ def _show(config, client, names, local, lines, follow, task, since_at, raw, colo
     # The files hold what this machine's runners wrote: enough when every agent followed has one
     # here. An agent served by another host (or not started yet) has only its Redis stream, which
     # holds every agent's output, so then all of them are read from there.
+    if client is not None and local:  # (a log left by a runner that ran here before: not where it runs now)
+        from tinytown.supervisor.hosts import placed_elsewhere
+        moved = placed_elsewhere(config, client, [registry[n] for n in names if n in registry and n in local])
+        local = [n for n in local if registry.get(n) not in moved]
     here = set(names) <= set(local)
     use_redis = from_redis or since_at is not None or (client is not None and not here)
     try:

@@ -37,6 +37,21 @@ def fencing(config) -> bool:
     return bool(config.redis_url) or not config.use_socket
 
 
+def placed_elsewhere(config, client, agent_ids: list[str]) -> set[str]:
+    """Which of these agents are placed on another host than this folder's: what a runner of theirs
+    left here (a log file, an attach socket) is from when they ran here, not where they run now.
+    One round trip, and none on a town that cannot span hosts."""
+    if not fencing(config) or not agent_ids:
+        return set()
+    from .keys import Keys
+    keys, here = Keys(config.name), config.host_name()
+    pipe = client.pipeline(transaction=False)
+    for agent_id in agent_ids:
+        pipe.hget(keys.agent(agent_id), "host")
+    hosts = [h.decode() if isinstance(h, bytes) else h for h in pipe.execute()]
+    return {agent_id for agent_id, host in zip(agent_ids, hosts) if host and host != here}
+
+
 def machine_id() -> str:
     """This machine, as a host's record says which one holds its lease: its name and boot, so a
     supervisor can tell its own dead predecessor (take over) from another machine's (refuse)."""

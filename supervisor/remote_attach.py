@@ -50,9 +50,17 @@ NOT_RUNNING = (*ENDED_STATES, "backoff")         # no runner to attach to now
 
 def attach_route(config, name: str) -> str:
     """How `tt attach NAME` reaches the agent: "local" (its runner's unix socket is on this machine)
-    or "redis" (it is not: the runner is on another host). Today the socket's presence decides;
-    once agents have hosts, this is where the agent's host is compared with this one."""
-    return "local" if os.path.exists(config.attach_socket(name)) else "redis"
+    or "redis" (it is not: the runner is on another host). A socket left here by a runner of the
+    agent's that ran here before (a host killed, the agent moved) does not count."""
+    if not os.path.exists(config.attach_socket(name)):
+        return "redis"
+    from .hosts import fencing, placed_elsewhere
+    if not fencing(config):
+        return "local"
+    from .town import Town
+    town = Town(config)
+    agent_id = town.r.hget(town.keys.agent_index, name)
+    return "redis" if agent_id and placed_elsewhere(config, town.r, [agent_id]) else "local"
 
 
 def encode(viewer: str, kind: bytes, payload: bytes = b"") -> bytes:

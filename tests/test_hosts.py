@@ -511,6 +511,24 @@ def test_a_command_in_a_folder_without_a_supervisor_adds_no_host(hosts):
     assert "started the town's supervisor" not in spawned.err and a.town.agent("helper").host == "a"
     assert sorted(a.town.hosts.states()) == ["a"] and not elsewhere.harness.supervisor_pid()
 
+def test_logs_and_attach_in_a_folder_the_agent_left_read_where_it_runs_now(hosts):
+    """After host a was killed and w moved to b, a's folder still held w's log file and attach
+    socket: `tt logs w` there showed the old file (its last line a run since redone on b), and
+    `tt attach w` tried the dead socket. Both now go through Redis for an agent placed elsewhere."""
+    from tinytown.supervisor.config import load
+    from tinytown.supervisor.remote_attach import attach_route
+    a = hosts("a").start()
+    a.tt("spawn", "w", "--shared")
+    b = hosts("b").start()
+    assert a.harness.wait_task(a.assign("w", "@echo first, on a"))["state"] == "completed"
+    a.kill()
+    wait_for(lambda: a.town.agent("w").host == "b", 30, "w to move to b")
+    assert b.harness.wait_task(b.assign("w", "@echo second, on b"))["state"] == "completed"
+    assert (a.root / ".tt" / "logs" / "w.log").exists() and a.harness.config().attach_socket("w").exists()
+    shown = a.tt("logs", "w").out
+    assert "first, on a" in shown and "second, on b" in shown  # (from the stream: both runs)
+    assert attach_route(load(a.root), "w") == "redis" and attach_route(load(b.root), "w") == "local"
+
 def test_a_second_supervisor_cannot_take_a_live_hosts_name(hosts):
     """A copy of the town (a cloned machine, a second checkout) started with a live host's name
     ran that host's agents too: one agent's tasks on two machines at once, its branch split, and
