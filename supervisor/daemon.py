@@ -107,6 +107,7 @@ class Supervisor:
         self.disk_full = False                    # Redis refuses writes (MISCONF): said once
         self.config_stamp = self._config_stamp()  # tinytown.toml as `config` was read from it
         self.reloads_done = 0                     # `tt reload` requests answered
+        self.stops_seen = 0                       # `tt stop` requests made before this supervisor started
 
     def say(self, text: str) -> None:
         """Tell the user; if the terminal is gone (SIGHUP is ignored), go on in .tt/supervisor.log."""
@@ -142,7 +143,8 @@ class Supervisor:
             self._retrying(lambda: self.town.record_supervisor_started(os.getpid(), self.host))
             self._retrying(self._join)  # before any runner: agents are run where they are placed
             self._remember_host()
-            _, self.reloads_done = self.town.requests()
+            asked = self.town.requests()
+            self.reloads_done, self.stops_seen = asked.reloads, asked.stops
             self._retrying(lambda: self.town.record_config("", "", self.reloads_done))
             self._retrying(self._recover_coordination)  # before any runner: nothing races it
             self.control = ControlChannel(self.config, self.town.keys.control)
@@ -233,16 +235,16 @@ class Supervisor:
                     self._renew_lease()
                 if self.stopping is None:
                     self._kill_overdue()
-                    stop, reloads_asked = self.town.requests()
-                    mode = self.signalled or stop
+                    asked = self.town.requests()
+                    mode = self.signalled or self._stop_asked(asked)
                     if mode is None:
-                        self._check_config(reloads_asked)  # before any runner is forked with it
+                        self._check_config(asked.reloads)  # before any runner is forked with it
                         self._reconcile()
                         continue
                     self._begin_stop(mode)
                 elif nudged or self.signalled is StopMode.NOW:
                     # `tt stop --now` writes the request and then publishes on the control channel
-                    if self.signalled is StopMode.NOW or self.town.requested_stop() is StopMode.NOW:
+                    if self.signalled is StopMode.NOW or self._stop_asked(self.town.requests()) is StopMode.NOW:
                         self._stop_now()
                 nudged = False
                 if self._stop_step():
@@ -326,6 +328,10 @@ class Supervisor:
     # --- tinytown.toml, read again ---------------------------------------------------------------
     def _config_stamp(self) -> tuple | None:
         return file_stamp(self.config.root / CONFIG_FILE)
+
+    def _stop_asked(self, asked) -> StopMode | None:
+        """The stop a `tt stop` asked since this supervisor started, if any (stopping.ask)."""
+        return (asked.stop or StopMode.GRACEFUL) if asked.stops > self.stops_seen else None
 
     def _check_config(self, reloads_asked: int) -> None:
         """Read tinytown.toml again if it changed or `tt reload` asked: apply what can change live

@@ -64,8 +64,15 @@ Asked = namedtuple("Asked", "runtime pid card")   # a stop asked of supervisor `
 
 
 def ask(client, keys, mode: StopMode) -> None:
-    """The stop request: recorded in the supervisor's hash, then announced on its control channel."""
-    client.pipeline().hset(keys.supervisor, "stop", mode.value).publish(keys.control, "stop").execute()
+    """The stop request: its mode and its number recorded in the supervisor's hash, then announced
+    on the control channel. A number, which no supervisor clears: on a town of several hosts each
+    stops once it sees the count pass what it read at its start (a host that stopped first, or
+    one that started meanwhile, cannot take the request back from the others)."""
+    pipe = client.pipeline()
+    pipe.hset(keys.supervisor, "stop", mode.value)
+    pipe.hincrby(keys.supervisor, "stops_asked", 1)
+    pipe.publish(keys.control, "stop")
+    pipe.execute()
 
 
 def ask_from_lock(town: str, now: bool) -> Asked | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import socket
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .config import OUTPUT_TAIL_BYTES, PRESETS, Config, validate_name, validate_task_timeout
 from .errors import TinytownError
@@ -564,27 +565,20 @@ class Town:
 
     def record_supervisor_started(self, pid: int, host_name: str | None = None) -> None:
         self.r.hset(self.keys.supervisor, mapping={
-            "pid": pid, "host": host_name or host(), "state": "running", "started_at": f"{now():.6f}", "stop": "",
+            "pid": pid, "host": host_name or host(), "state": "running", "started_at": f"{now():.6f}",
             "root": str(self.config.root)})
 
     def set_supervisor_state(self, state: str) -> None:
         self.r.hset(self.keys.supervisor, "state", state)
 
     def record_supervisor_stopped(self) -> None:
-        self.r.hset(self.keys.supervisor, mapping={"state": "stopped", "stop": "", "pid": ""})
+        self.r.hset(self.keys.supervisor, mapping={"state": "stopped", "pid": ""})
 
-    def requested_stop(self) -> StopMode | None:
-        """The stop `tt stop` asked for, if any."""
-        return _stop_mode(self.r.hget(self.keys.supervisor, "stop"))
-
-    def requests(self) -> tuple[StopMode | None, int]:
-        """What `tt` commands asked of the supervisor, in one round trip: the stop (as
-        requested_stop) and how many reloads were asked so far (`tt reload`)."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hget(self.keys.supervisor, "stop")
-        pipe.hget(self.keys.supervisor, "reloads_asked")
-        stop, asked = pipe.execute()
-        return _stop_mode(stop), int(asked or 0)
+    def requests(self) -> Requests:
+        """What `tt` commands asked of the supervisors, in one round trip (stopping.ask)."""
+        stop, stops, reloads = self.r.execute_command("HMGET", self.keys.supervisor, "stop", "stops_asked",
+                                                      "reloads_asked")
+        return Requests(_stop_mode(stop), int(stops or 0), int(reloads or 0))
 
     def ask_reload(self) -> int:
         """`tt reload`: ask the supervisor to read tinytown.toml again; the request's number."""
@@ -727,6 +721,15 @@ class Town:
                 return {"pid": here["pid"] if state == "running" else None, "host": me, "state": state}
         return {"pid": int(info["pid"]) if info.get("pid") else None, "host": info.get("host", ""),
                 "state": info.get("state", "")}
+
+
+class Requests(NamedTuple):
+    """What `tt` commands asked of the supervisors: the last stop's mode, how many stops and how
+    many reloads were asked so far (a supervisor acts on those asked after its start)."""
+
+    stop: StopMode | None
+    stops: int
+    reloads: int
 
 
 def _stop_mode(value: str | None) -> StopMode | None:

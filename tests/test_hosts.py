@@ -498,6 +498,23 @@ def test_tt_stop_in_a_folder_without_a_supervisor_stops_the_town_on_its_hosts(ho
     assert a.town.hosts.states() == {"a": "stopped", "b": "stopped"}
     assert elsewhere.tt("stop").out == "Town testtown is not running\n"
 
+def test_a_stop_request_reaches_every_host_whichever_stops_first(hosts):
+    """The town's one stop request was a field the first host to finish stopping cleared (and a
+    host starting cleared too): a host that read it after that ran on, and `tt stop` from another
+    folder waited for it in vain. The request is now a count no supervisor clears."""
+    from tinytown.supervisor.stopping import StopMode, ask
+    a, b = hosts("a").start(), hosts("b").start()
+    b.signal_all(signal.SIGSTOP)  # (b reads the request only after a has stopped)
+    try:
+        ask(a.town.r, a.town.keys, StopMode.GRACEFUL)
+        a.proc.wait(30)
+    finally:
+        b.signal_all(signal.SIGCONT)
+    assert b.proc.wait(30) is not None  # (before: b ran on)
+    c = hosts("c").start()  # a new start after the request: it runs, it is not stopped by it
+    c.harness.tt("spawn", "dev", "--shared")
+    assert c.harness.wait_task(c.assign("dev", "@echo still running"))["state"] == "completed"
+
 def test_a_command_in_a_folder_without_a_supervisor_adds_no_host(hosts):
     """`tt assign` (or spawn) in a folder of the town where no supervisor runs started one there
     in the background: a new host named after the machine, which then got agents placed on it.
