@@ -633,10 +633,11 @@ class Supervisor:
         # pending, not as running) for the next runner, which counts the attempt.
         self.town.put_back_inflight(proc.agent_id)
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == CLI_UNUSABLE_EXIT:
-            # The runner recorded the agent failed (its CLI cannot be run): not started again
-            # until `tt restart` (the reconcile leaves failed agents alone).
+            # The runner recorded the agent failed (its CLI cannot be run, its work cannot be
+            # brought here): not started again until `tt restart` (the reconcile leaves failed
+            # agents alone).
             self.restarts.setdefault(proc.agent_id, RestartRecord()).gave_up = True
-            self.say(f"runner {proc.name}: its CLI cannot start; the agent is failed until `tt restart {proc.name}`")
+            self.say(f"runner {proc.name}: the agent is failed until `tt restart {proc.name}` (tt status says why)")
             return
         if self.stopping is None and (proc.hold or not proc.stop_requested):
             try:

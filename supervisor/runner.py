@@ -50,14 +50,14 @@ from .resp import RespConnectionError, Sender
 from .resp import connect as resp_connect
 from .stream_budget import StreamBudget, gap_line
 from .town import OUTPUT_TAIL_BYTES, Claimed, Town, agent_workspace
-from .workspace import Carried, WorkspaceError
+from .workspace import Carried, WorkNotHere, WorkspaceError
 from .workspace_remote import bring_here, push_head
 
 STREAM_FLUSH_SECONDS = 0.02
 STREAM_FLUSH_BYTES = 64 * 1024
 THROTTLED_RECHECK = 0.05    # while a flood is held back from the stream: how often to see if it may go
 EXIT_DRAIN_SECONDS = 0.5
-CLI_UNUSABLE_EXIT = 78      # (sysexits' EX_CONFIG) the agent failed itself: its CLI cannot be run
+CLI_UNUSABLE_EXIT = 78      # (sysexits' EX_CONFIG) the agent failed itself: its CLI cannot be run, or its work is elsewhere
 KILL_WAIT_SECONDS = 2.0
 # After a batch of output, the pump lets the next one gather this long (signals and deadlines
 # still wake it): a CLI printing flat out then costs a wakeup per ~100 KiB, not per 4 KiB pty
@@ -251,11 +251,14 @@ class Runner:
             self._note(f"fenced: {exc}")
             self.attach.close()
             return FENCED_EXIT
-        except CliUnusable as exc:
-            # Failed until the user fixes the CLI (the supervisor does not start it again); the
-            # backlog work it had taken goes back for other agents, the rest waits, saying why.
-            reason = (f"its CLI cannot start: {exc}; fix [agent_clis.{self.spec.name}] (or PATH), "
-                      f"then tt restart {self.name}")
+        except (CliUnusable, WorkNotHere) as exc:
+            # Failed until the user acts (the supervisor does not start it again); the backlog
+            # work it had taken goes back for other agents, the rest waits, saying why.
+            if isinstance(exc, CliUnusable):
+                reason = (f"its CLI cannot start: {exc}; fix [agent_clis.{self.spec.name}] (or PATH), "
+                          f"then tt restart {self.name}")
+            else:
+                reason = f"its latest work is not here: {exc}; its tasks wait (tt restart {self.name} once it can be had)"
             self._note(reason)
             self.town.fail_agent(self.agent_id, self.name, reason)  # (first: a free agent is offered what goes back)
             self.town.coordination.give_back(self.agent_id, only_backlog=True)
@@ -370,7 +373,7 @@ class Runner:
         return b"".join(chunk for _, chunk in chunks)[-OUTPUT_TAIL_BYTES:]
 
     def _run_task(self, claimed: Claimed, task_id: str, prompt: bytes, task=None, agent_state=None,
-                  work: tuple[str, str] = ("", "")) -> None:
+                  latest: tuple[str, str] = ("", "")) -> None:
         env = dict(self.base_env)
         env["TT_TASK_ID"] = task_id
         subject = task.description if task is not None else ""  # the checkpoint commit's
@@ -381,16 +384,16 @@ class Runner:
             try:
                 dependencies = _ids(task.after if task else "")
                 after = self.town.task_heads(dependencies)
-                carried = self._work_from_elsewhere(*work)  # (its own, when it moved hosts)
-                fetched: list[str] = []  # what other hosts made, fetched from the remote
-                for what, ids, heads in (("its latest task", [c.task for c in carried], [c.head for c in carried]),
-                                         ("dependency", dependencies, after)):
-                    if heads:
-                        fetched += bring_here(self.workspace, ids, heads, self.town.task_heads,
-                                              self.config.workspace.remote, self.config.name, what)
+                carried = self._work_from_elsewhere(*latest)  # (its own, when it moved hosts)
+                fetched = self._bring_carried(carried) + bring_here(  # what other hosts made, from the remote
+                    self.workspace, dependencies, after, self.town.task_heads, self.config.workspace.remote,
+                    self.config.name)
                 begun = self.workspace.begin(task_id, after=after, carried=carried)
                 if self.workdir != self.workspace.path:  # (a town in a subfolder: tracked files may not make it)
                     self.workdir.mkdir(parents=True, exist_ok=True)
+            except WorkNotHere:  # every task would run without it: the agent fails, this task waits
+                self.town.requeue(self.agent_id, claimed)
+                raise
             except TinytownError as exc:  # Busy, MergeConflict, WorkspaceError
                 self._fail_before_cli(claimed, task_id, task, agent_state, str(exc))
                 return
@@ -442,6 +445,17 @@ class Runner:
             self.attach.task_ended()  # viewers' keystrokes stop before the pty closes
             session.close()
         self._record(claimed, task_id, session, ending, subject)
+
+    def _bring_carried(self, carried: list[Carried]) -> list[str]:
+        """Fetch the agent's latest work made elsewhere, if this repository lacks it (notes);
+        WorkNotHere when it cannot be had."""
+        if not carried:
+            return []
+        try:
+            return bring_here(self.workspace, [c.task for c in carried], [c.head for c in carried],
+                              self.town.task_heads, self.config.workspace.remote, self.config.name, "its latest task")
+        except WorkspaceError as exc:
+            raise WorkNotHere(str(exc)) from None
 
     def _work_from_elsewhere(self, work_task: str, work_host: str) -> list[Carried]:
         """The agent's latest work when another host made it (the agent moved here, or came back

@@ -97,6 +97,11 @@ class Busy(WorkspaceError):
         self.state = state
 
 
+class WorkNotHere(WorkspaceError):
+    """The agent's latest work, made on another host, cannot be brought into its branch here: every
+    task would run without it, so the agent fails (its tasks wait) rather than each task."""
+
+
 class MergeConflict(WorkspaceError):
     """A merge would conflict; it was aborted (or never started) and nothing changed."""
 
@@ -835,7 +840,10 @@ class Workspace:
         if before and not fresh and not self._is_ancestor(before, work.head, dirs):
             notes.append(f"{self.branch} here had commits that are not in its latest work (a run interrupted "
                          f"here, or made here meanwhile): kept on branch {self._keep_aside(before, 'left')}")
-        self._move_branch(work.head, f"its latest work ({work.head[:12]})")
+        try:
+            self._move_branch(work.head, f"its latest work ({work.head[:12]})")
+        except WorkspaceError as exc:
+            raise WorkNotHere(str(exc)) from None
         return notes + [f"brought in its latest work from host {work.host} (task {work.task}, {work.head[:12]})"]
 
     def merge(self, heads, task_id: str = "", dirs: tuple[Path, Path] | None = None) -> tuple[str, ...]:

@@ -655,13 +655,16 @@ def test_an_agent_that_moves_hosts_carries_its_work(hosts, tmp_path, remote_set)
     a.kill()
     wait_for(lambda: a.town.agent("w").host == "b", 30, "w to move to b")
     second = b.assign("w", "Look at the feature\n@ls")
-    done = b.harness.wait_task(second)
-    if not remote_set:
-        assert done["state"] == "failed" and not (b.harness.record / f"{second}.ls").exists()
-        assert done["reason"] == (f"its latest task {first['id']}'s work ({first['head'][:12]}) is on another host "
-                                  "and [workspace] remote is not set: nothing to fetch it from (see README, "
-                                  "\"Workspaces on several hosts\")")
+    if not remote_set:  # every task would run without it: the agent fails, its tasks wait (none failed)
+        b.harness.wait_agent("w", ("failed",))
+        assert b.town.agent("w").reason == (
+            f"its latest work is not here: its latest task {first['id']}'s work ({first['head'][:12]}) is on another "
+            "host and [workspace] remote is not set: nothing to fetch it from (see README, \"Workspaces on several "
+            "hosts\"); its tasks wait (tt restart w once it can be had)")
+        waiting = b.town.task(second)
+        assert (waiting.state, waiting.attempts) == ("assigned", 0) and not (b.harness.record / f"{second}.ls").exists()
         return
+    done = b.harness.wait_task(second)
     assert done["state"] == "completed", done
     assert "feature.py" in (b.harness.record / f"{second}.ls").read_text().split()  # its CLI had its work
     assert subprocess.run(["git", "merge-base", "--is-ancestor", first["head"], "tt/w"], cwd=b.root).returncode == 0
