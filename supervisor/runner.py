@@ -346,7 +346,9 @@ class Runner:
         # runner died under them: enough of those and the task is the likely cause.
         if task.attempts >= self.config.supervisor.max_attempts:
             reason, work = f"agent crashed {task.attempts} times", None
-            if self.workspace is not None:  # what the crashed runs left: this task's work, committed as such
+            # What the crashed runs left here: this task's work, committed as such (not where they
+            # ran on another host: this worktree's tip is not this task's work, nor the agent's latest)
+            if self.workspace is not None and self.workspace.ran_here(task.id):
                 reason, work, _ = self._workspace_end(task.id, task.description, TaskState.FAILED, reason)
             self._note(f"task {task.id} failed: {reason}")
             self.town.finish_task(self.agent_id, claimed, TaskState.FAILED, reason=reason,

@@ -546,6 +546,14 @@ class Workspace:
                          f"(git -C {self.label} submodule update --init, if the agent needs them)")
         return notes
 
+    def ran_here(self, task_id: str) -> bool:
+        """Whether task `task_id` began in this worktree and did not end here (its marker), read
+        from the file: a crashed task's leftovers are committed as its work only where it ran."""
+        if not self.exists():
+            return False
+        previous = _read_marker(self._dirs()[0] / MARKER)
+        return previous is not None and previous[0] == task_id
+
     def possible(self) -> None:
         """Unavailable where ensure() would raise it, making nothing: for an agent spawned to run on
         another host, whose runner there makes its worktree at its first task."""

@@ -483,6 +483,18 @@ def test_an_agent_back_from_another_host_continues_from_its_latest_work(town):
     assert "tt/dev-left-" in " ".join(space.prune(delete_branch=True))  # (prune knows these branches too)
 
 
+def test_ran_here_names_the_task_whose_run_began_in_this_worktree_and_did_not_end(town):
+    """A task failed for crashing too often commits what its runs left as its work only in the
+    worktree they ran in: on a host it moved to, that worktree's tip is neither its work nor the
+    agent's latest (review: the failed task recorded a stale tip, and the next task lost the
+    agent's work from the other host)."""
+    space = Workspace(town, "dev")
+    assert not space.ran_here("t1")               # (no worktree here at all)
+    space.begin("t1")
+    assert space.ran_here("t1") and not space.ran_here("t2")
+    space.end("t1", "x")
+    assert not space.ran_here("t1")
+
 def test_a_branch_made_on_arrival_starts_at_the_agents_latest_work(town):
     """A host that never had the agent: its branch, made from this checkout's HEAD, goes straight
     to the agent's latest work, with no branch kept aside (that HEAD is the user's commit)."""
