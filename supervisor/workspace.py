@@ -504,9 +504,6 @@ class Workspace:
             return []
         repo = self._repository()
         notes: list[str] = []
-        if git(repo.root, "check-ref-format", self.ref, ok=(0, 1)).returncode != 0:
-            raise WorkspaceError(f"{self.branch!r} cannot be a git branch name: rename the agent or change "
-                                 "[workspace] branch_prefix")
         for tree in repo.worktrees():
             if tree.get("branch") != self.ref and Path(tree.get("worktree", "")) != self.path:
                 continue
@@ -562,13 +559,17 @@ class Workspace:
             raise self._no_commit(repo)
 
     def _repository(self) -> Repo:
-        """The town's repository, if worktrees can be made in it (else Unavailable: not-git, old-git)."""
+        """The town's repository, if worktrees can be made in it (else Unavailable: not-git, old-git)
+        and the agent's branch can be named so (else WorkspaceError)."""
         repo = Repo.find(self.town_root)
         version = git_version(_text(git(repo.root, "version").stdout))
         if version < MIN_GIT:
             raise Unavailable("old-git", f"git {'.'.join(map(str, version))} is older than "
                                          f"{'.'.join(map(str, MIN_GIT))}, which agents' worktrees need: "
                                          "agents share the town folder")
+        if git(repo.root, "check-ref-format", self.ref, ok=(0, 1)).returncode != 0:
+            raise WorkspaceError(f"{self.branch!r} cannot be a git branch name: rename the agent or change "
+                                 "[workspace] branch_prefix")
         return repo
 
     def _no_commit(self, repo: Repo) -> Unavailable:

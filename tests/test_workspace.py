@@ -483,6 +483,14 @@ def test_an_agent_back_from_another_host_continues_from_its_latest_work(town):
     assert "tt/dev-left-" in " ".join(space.prune(delete_branch=True))  # (prune knows these branches too)
 
 
+def test_a_name_git_cannot_take_as_a_branch_is_refused_wherever_the_worktree_is_made(town):
+    """`tt spawn y.lock --host b` from another folder (possible(): nothing made here) accepted a
+    name git refuses as a branch, and every task then failed on b; a spawn here refused it."""
+    for make in (Workspace.ensure, Workspace.possible):
+        with pytest.raises(WorkspaceError, match="'tt/y.lock' cannot be a git branch name: rename the agent"):
+            make(Workspace(town, "y.lock"))
+    assert not (town / "agents" / "y.lock").exists()
+
 def test_ran_here_names_the_task_whose_run_began_in_this_worktree_and_did_not_end(town):
     """A task failed for crashing too often commits what its runs left as its work only in the
     worktree they ran in: on a host it moved to, that worktree's tip is neither its work nor the
