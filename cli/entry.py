@@ -118,6 +118,8 @@ def print_stop(name: str, report: dict | None, as_json: bool, echo) -> None:
         return
     if "hosts" in report:  # (stopped from a folder without a supervisor: each host's report is in its own)
         echo(f"Stopped town {name} on {len(report['hosts'])} host(s): {', '.join(report['hosts'])}")
+        for host, state in report.get("not_stopped", {}).items():
+            echo(f"Host {host} did not stop: it is {state} (its runners' tasks go back to their inboxes once it is lost)")
         return
     stopped = report.get("stopped", []) + report.get("killed", [])
     echo(f"Stopped town {name}: {len(stopped)} runner(s)" + (f" ({', '.join(stopped)})" if stopped else ""))

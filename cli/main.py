@@ -204,11 +204,12 @@ def _started_town(config):
 
 # --- shell completion (click's: `_TT_COMPLETE=bash_source tt`, see the README) -----------------
 def _completed(ctx, read) -> list[str]:
-    """read(town) for a completion, on the town's Redis: quick, and [] rather than an error when
-    the town is not running or does not answer (a completion never prints into the user's line)."""
+    """read(config, client, keys) for a completion, on the town's Redis: quick, and [] rather than
+    an error when the town is not running or does not answer (a completion never prints into the
+    user's line)."""
     from tinytown.supervisor.config import load
+    from tinytown.supervisor.keys import Keys
     from tinytown.supervisor.resp import connect
-    from tinytown.supervisor.town import Town
     root = ctx.params.get("town_path") or (ctx.find_root().params or {}).get("town")
     try:
         config = load(root)
@@ -216,27 +217,30 @@ def _completed(ctx, read) -> list[str]:
         # no supervisor holds the town's lock: whatever answers on the socket is not its Redis
         if config.use_socket and (not config.redis_socket.exists() or not running_pid(config)):
             return []
-        return read(Town(config, connect(config, timeout=0.5)))
+        return read(config, connect(config, timeout=0.5), Keys(config.name))
     except Exception:  # noqa: BLE001
         return []
 
 
 def complete_agent(ctx, _param, incomplete: str):
     """Agent names of the town (for AGENT arguments and --agent)."""
-    names = _completed(ctx, lambda town: town.r.execute_command("HKEYS", town.keys.agent_index))
+    names = _completed(ctx, lambda _config, client, keys: client.execute_command("HKEYS", keys.agent_index))
     return sorted(n for n in names if n.startswith(incomplete))
 
 
 def complete_task(ctx, _param, incomplete: str):
     """Task ids of the town, newest first (a prefix is enough on the command line)."""
-    ids = _completed(ctx, lambda town: town.r.zrange(town.keys.task_index, 0, -1))
+    ids = _completed(ctx, lambda _config, client, keys: client.zrange(keys.task_index, 0, -1))
     return [t for t in reversed(ids) if t.startswith(incomplete)][:200]
 
 
 def complete_backlog_task(ctx, _param, incomplete: str):
     """The ids of the tasks `tt backlog` lists (for `tt backlog remove`): those waiting on
     dependencies too."""
-    ids = _completed(ctx, lambda town: [t.id for t in town.coordination.backlog()])
+    def backlog(config, client, _keys):
+        from tinytown.supervisor.town import Town  # (only here: the other completions skip its import)
+        return [t.id for t in Town(config, client).coordination.backlog()]
+    ids = _completed(ctx, backlog)
     return [t for t in ids if t.startswith(incomplete)][:200]
 
 

@@ -224,7 +224,9 @@ def _stop_elsewhere(config: Config, now: bool, timeout: float | None) -> dict | 
         still = [name for name in live if town.hosts.states().get(name) == "live"]
         raise TinytownError(f"asked the town to stop, but host(s) {', '.join(still)} still run after {wait:g}s "
                             "(`tt status` shows them; each stops with Ctrl+C or SIGTERM to its `tt start`)")
-    return {"hosts": live}
+    states = town.hosts.states()  # (a host that died meanwhile lapses: it did not stop)
+    return {"hosts": [name for name in live if states.get(name) == "stopped"],
+            "not_stopped": {name: states.get(name, "gone") for name in live if states.get(name) != "stopped"}}
 
 
 def reload(config: Config, timeout: float = 10.0) -> tuple[str, str] | None:
