@@ -45,10 +45,14 @@ def create_tasks(config, agent, texts, after, no_context, as_json, single: bool)
 def _say_if_held(town, name: str) -> None:
     """Work for an agent that will not take it until someone acts: said on stderr (it is queued
     all the same, and goes on once the agent does)."""
+    from tinytown.supervisor.hosts import fencing
     agent = town.agent(name)
     why = ""
-    if town.hosts.lost(agent.host):
+    host_state = town.hosts.state(agent.host) if agent.host and fencing(town.config) else ""
+    if host_state == "lost":
         why = f"{name}'s host {agent.host} is lost: this waits until it is back"
+    elif host_state == "stopped":
+        why = f"{name}'s host {agent.host} is stopped: this waits until `tt start` runs there again"
     elif agent.state == "failed":
         why = f"{name} has failed: this waits for `tt restart {name}`"
     elif agent.hold in ("close", "kill"):

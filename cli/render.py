@@ -95,9 +95,13 @@ def status(data: dict) -> None:
     if data.get("running") is False:
         console.print(_line("  ", ("stopped", "bold"), ": not running; below is what it last recorded "
                             "(`tt start` runs it)"))
-    console.print(_line("  supervisor: ", _state(sup.get("state") or "unknown"),
-                        f" (pid {sup.get('pid') or '-'}{', host ' + sup['host'] if sup.get('host') else ''})"
-                        f"   redis: {data['redis']}"))
+    if sup.get("state") == "none here":  # (a folder that is no host's: the hosts table says where it runs)
+        console.print(_line("  supervisor: none in this folder (`tt start` here adds a host)",
+                            f"   redis: {data['redis']}"))
+    else:
+        console.print(_line("  supervisor: ", _state(sup.get("state") or "unknown"),
+                            f" (pid {sup.get('pid') or '-'}{', host ' + sup['host'] if sup.get('host') else ''})"
+                            f"   redis: {data['redis']}"))
     if sup.get("disk_error"):
         console.print(_line("  ", _plain(sup["disk_error"], style="red")))
     if sup.get("config_error"):

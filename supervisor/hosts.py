@@ -399,7 +399,11 @@ class Hosts:
 
     def lost(self, name: str) -> bool:
         """Whether host `name` was declared lost (one read: a command about one agent asks this)."""
-        return bool(name) and self.r.hget(self.town.keys.host(name), "state") == "lost"
+        return self.state(name) == "lost"
+
+    def state(self, name: str) -> str:
+        """Host `name`'s recorded state (live, stopped, lost; "" for no such host), in one read."""
+        return (self.r.hget(self.town.keys.host(name), "state") or "") if name else ""
 
     def live(self) -> list[str]:
         """The names of the hosts whose lease is live now (by Redis's clock)."""

@@ -13,7 +13,7 @@ from typing import NamedTuple
 from .config import OUTPUT_TAIL_BYTES, PRESETS, Config, validate_name, validate_task_timeout
 from .errors import TinytownError
 from .hosts import SCRIPTS as HOST_SCRIPTS
-from .hosts import Fenced, Hosts
+from .hosts import Fenced, Hosts, fencing
 from .keys import Keys
 from .models import (AGENT_TRANSITIONS, Agent, AgentState, Hold, InvalidTransition, Message, StopMode, Task,
                      TaskState, check_agent_transition, check_task_transition, new_id, now)
@@ -712,13 +712,15 @@ class Town:
     def _supervisor_here(self, info: dict, hosts: list[dict]) -> dict:
         """pid, host and state of this folder's supervisor. On one host, the town's record; on
         several, that record is whichever supervisor started or stopped last, so this folder's
-        host's own record says it (live: running)."""
-        if len(hosts) > 1:
-            me = self.config.host_name()
-            here = next((h for h in hosts if h["name"] == me), None)
-            if here is not None:
-                state = {"live": "running"}.get(here["state"], here["state"])  # (else stopped, lapsed, lost)
-                return {"pid": here["pid"] if state == "running" else None, "host": me, "state": state}
+        host's own record says it (live: running), and a folder that is no host's (a laptop with
+        the town's config) says it has none: "none here"."""
+        me = self.config.host_name()
+        here = next((h for h in hosts if h["name"] == me), None)
+        if here is None and hosts and fencing(self.config):
+            return {"pid": None, "host": "", "state": "none here"}
+        if len(hosts) > 1 and here is not None:
+            state = {"live": "running"}.get(here["state"], here["state"])  # (else stopped, lapsed, lost)
+            return {"pid": here["pid"] if state == "running" else None, "host": me, "state": state}
         return {"pid": int(info["pid"]) if info.get("pid") else None, "host": info.get("host", ""),
                 "state": info.get("state", "")}
 

@@ -472,8 +472,11 @@ def test_one_host_stopping_leaves_the_others_commands_working(hosts):
     and failed ("running but not ready")."""
     a = hosts("a").start()
     b = hosts("b").start()
+    a.tt("spawn", "on-a", "--shared", "--host", "a")
     a.proc.send_signal(signal.SIGTERM)
     a.proc.wait(30)
+    queued = b.tt("assign", "on-a", "@echo when a is back", timeout=20)  # (it said only "Assigned task")
+    assert "tt: note: on-a's host a is stopped: this waits until `tt start` runs there again" in queued.err
     b.tt("spawn", "after", "--shared", "--host", "b", timeout=20)
     assert b.harness.wait_task(b.assign("after", "@echo still served"))["state"] == "completed"
     assert "after" in b.tt("status", timeout=20).out
@@ -527,6 +530,9 @@ def test_a_command_in_a_folder_without_a_supervisor_adds_no_host(hosts):
     spawned = elsewhere.tt("spawn", "helper", "--shared")
     assert "started the town's supervisor" not in spawned.err and a.town.agent("helper").host == "a"
     assert sorted(a.town.hosts.states()) == ["a"] and not elsewhere.harness.supervisor_pid()
+    status = elsewhere.tt("status")  # (it showed whichever host's supervisor wrote the town's record last)
+    assert "supervisor: none in this folder (`tt start` here adds a host)" in status.out
+    assert elsewhere.harness.json("status")["supervisor"]["state"] == "none here"
 
 def test_logs_and_attach_in_a_folder_the_agent_left_read_where_it_runs_now(hosts):
     """After host a was killed and w moved to b, a's folder still held w's log file and attach
