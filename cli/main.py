@@ -528,7 +528,7 @@ def start(host, town_path):
 @json_option
 @town_option
 def stop(now, as_json, town_path):
-    """Stop every runner, then redis-server; unfinished tasks go back to their inbox."""
+    """Stop every runner, then the town's own redis-server (none with a url); unfinished tasks go back to their inbox."""
     stop_command(_config(town_path), now, as_json, click.echo)  # (also cli/entry.py's, without click)
 
 
