@@ -644,6 +644,9 @@ class Workspace:
             notes += self._back_on_branch(head, ref)
         for work in carried:
             notes += self._carry(work, dirs, fresh)
+            if begun.interrupted_commit and not self._is_ancestor(begun.interrupted_commit, work.head, dirs):
+                # (kept aside, not in the tree this run starts from: the prompt must not say it is)
+                begun.interrupted_task = begun.interrupted_commit = ""
         if after:
             begun.merged = self.merge(after, task_id, dirs)
         head, _ = self.head(dirs)

@@ -471,8 +471,9 @@ def test_an_agent_back_from_another_host_continues_from_its_latest_work(town):
     space.begin("t-else")
     (space.path / "two.txt").write_text("half of 2, then the host was lost\n")  # (never ended here)
     begun = space.begin("t3", carried=[Carried("t-else", latest, "b")])
-    left = begun.interrupted_commit
+    left = git(town, "for-each-ref", "--format=%(objectname)", "refs/heads/tt/dev-left-*").strip()
     assert tip(town, f"tt/dev-left-{left[:12]}") == left and tip(town, "tt/dev") == latest == begun.base
+    assert begun.interrupted_task == ""  # (its prompt does not say that run's changes are in the tree)
     assert (space.path / "two.txt").read_text() == "2\n" and status(space.path) == ""
     assert begun.notes[-2:] == [
         f"tt/dev here had commits that are not in its latest work (a run interrupted here, or made here "
