@@ -28,14 +28,16 @@ def prepare_workspace(config, town, name: str, from_ref: str | None, quiet: bool
     if elsewhere and from_ref:
         raise TinytownError(f"--from with --host {elsewhere}: the branch is made on the host the agent runs on; "
                             f"run this tt spawn in host {elsewhere}'s folder")
-    made_branch = False
+    made = {}  # what this spawn made here: the worktree, and the branch at which commit
     try:
         if elsewhere:
             workspace.possible()
             notes = [f"{workspace.label} is made on host {elsewhere} at its first task"]
         else:
-            made_branch = workspace.branch_tip() is None
+            new_worktree, new_branch = not workspace.exists(), workspace.branch_tip() is None
             notes = workspace.ensure(from_ref)
+            if new_worktree:
+                made = {"made_worktree": True, "made_branch_at": workspace.branch_tip() if new_branch else ""}
     except Unavailable as exc:
         if from_ref:
             raise TinytownError(f"--from {from_ref}: {exc}") from None
@@ -47,18 +49,19 @@ def prepare_workspace(config, town, name: str, from_ref: str | None, quiet: bool
         for note in notes:
             click.echo(f"tt: {clean_written(note)}", err=True)
     return {"mode": "worktree", "branch": workspace.branch, "label": workspace.label,
-            "path": "" if elsewhere else str(workspace.path), "notes": notes, "made_branch": made_branch}
+            "path": "" if elsewhere else str(workspace.path), "notes": notes, **made}
 
 
 def leave_to_host(config, name: str, made: dict, host: str, quiet: bool = False) -> list[str]:
     """An agent placed on another host than this folder's (an unpinned spawn on a town of several
-    hosts): the worktree prepare_workspace made here is removed again (it was just made: nothing
-    in it), and its branch too if it made that (else `tt diff`/`tt merge` here would read a
-    branch the agent never works on). Its runner there makes its own at its first task."""
+    hosts): a worktree prepare_workspace made here is removed again (it was just made: nothing
+    in it; one that was here before is left as it is), and its branch too if it made that (else
+    `tt diff`/`tt merge` here would read a branch the agent never works on). Its runner there
+    makes its own at its first task."""
     from tinytown.supervisor.workspace import Workspace
     workspace = Workspace(config.root, name, config.workspace.branch_prefix)
-    notes = workspace.unmake(delete_branch=made.get("made_branch", False)) + [
-        f"{workspace.label} is made on host {host} at its first task"]
+    notes = workspace.unmake(made.get("made_branch_at", "")) if made.get("made_worktree") else []
+    notes.append(f"{workspace.label} is made on host {host} at its first task")
     if not quiet:
         for note in notes:
             click.echo(f"tt: {clean_written(note)}", err=True)

@@ -964,18 +964,17 @@ class Workspace:
                 notes.append(f"deleted branch {branch} (all its commits are on your branches)")
         return notes
 
-    def unmake(self, delete_branch: bool) -> list[str]:
-        """Undo what ensure() has just made (the worktree, and with delete_branch the branch) for an
-        agent placed on another host, whose runner makes its own there. Nothing is lost: git
-        refuses to remove a worktree with changes (then it stays, and the note says why), and the
-        branch is deleted only at the commit it was made at."""
+    def unmake(self, branch_made_at: str) -> list[str]:
+        """Undo what ensure() has just made, for an agent placed on another host, whose runner makes
+        its own there: the worktree, and the branch if ensure() made it at `branch_made_at`. Nothing
+        is lost: git refuses to remove a worktree with changes (then it stays, and the note says
+        why), and the branch is deleted only if it is still at that commit."""
         repo = Repo.find(self.town_root)
-        tip = self.branch_tip()
         done = git(repo.root, "worktree", "remove", str(self.path), ok=range(0, 256))
         if done.returncode != 0:
             return [f"left {self.label} here: {_last_line(done)}"]
-        if delete_branch and tip:
-            self._delete_branch(repo, self.branch, tip, "tt spawn: placed on another host")
+        if branch_made_at:
+            self._delete_branch(repo, self.branch, branch_made_at, "tt spawn: placed on another host")
         return []
 
     @staticmethod

@@ -359,3 +359,22 @@ def test_a_stop_now_mid_task_commits_nothing_then_the_next_attempt_commits_what_
     assert done["state"] == "completed" and done["attempts"] == 1, done
     assert subjects(t.root, "main..tt/dev") == [f"tt: interrupted {task_id}"]
     assert t.recorded(task_id)[1].startswith(f"[Tinytown] An earlier run of task {task_id}".encode())
+
+
+def test_a_spawn_placed_on_another_host_removes_only_the_worktree_it_made(git_town):
+    """An unpinned spawn placed on another host removes the worktree it made here; one that was
+    here before (the agent ran here once) stayed with what git ignores in it (a .env, a build)."""
+    from tinytown.cli.workspace_commands import leave_to_host, prepare_workspace
+    from tinytown.supervisor.workspace import Workspace
+    t = git_town()
+    config = t.config()
+    made = prepare_workspace(config, None, "w", None, quiet=True)
+    assert leave_to_host(config, "w", made, "b", quiet=True) == ["agents/w is made on host b at its first task"]
+    assert not (t.root / "agents" / "w").exists() and not git(t.root, "branch", "--list", "tt/w")
+    Workspace(t.root, "w").ensure()
+    git(t.root, "config", "core.excludesFile", str(t.root / "ignored-here"))
+    (t.root / "ignored-here").write_text(".env\n")
+    (t.root / "agents" / "w" / ".env").write_text("KEY=1\n")
+    again = prepare_workspace(config, None, "w", None, quiet=True)
+    leave_to_host(config, "w", again, "b", quiet=True)
+    assert (t.root / "agents" / "w" / ".env").read_text() == "KEY=1\n"  # (before: removed with the worktree)
