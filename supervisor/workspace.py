@@ -644,7 +644,7 @@ class Workspace:
             notes += self._back_on_branch(head, ref)
         for work in carried:
             notes += self._carry(work, dirs, fresh)
-            if begun.interrupted_commit and not self._is_ancestor(begun.interrupted_commit, work.head, dirs):
+            if begun.interrupted_commit and not self._is_ancestor(begun.interrupted_commit, self.head(dirs)[0], dirs):
                 # (kept aside, not in the tree this run starts from: the prompt must not say it is)
                 begun.interrupted_task = begun.interrupted_commit = ""
         if after:

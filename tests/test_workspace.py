@@ -479,6 +479,9 @@ def test_an_agent_back_from_another_host_continues_from_its_latest_work(town):
         f"tt/dev here had commits that are not in its latest work (a run interrupted here, or made here "
         f"meanwhile): kept on branch tt/dev-left-{left[:12]}",
         f"brought in its latest work from host b (task t-else, {latest[:12]})"]
+    (space.path / "three.txt").write_text("3, then this runner was killed\n")  # (t3 runs again here)
+    again = space.begin("t3", carried=[Carried("t-else", latest, "b")])
+    assert again.interrupted_task == "t3" and (space.path / "three.txt").exists()  # (its changes are in the tree)
     space.end("t3", "x")
     assert space.begin("t4", carried=[Carried("t-else", latest, "b")]).notes == []  # (it has it now)
     assert "tt/dev-left-" in " ".join(space.prune(delete_branch=True))  # (prune knows these branches too)
