@@ -140,11 +140,13 @@ class Supervisor:
                 self.say(f"killed {len(leftover)} process(es) left by the previous supervisor")
             self.redis.start()
             self.town = Town(self.config, resp_connect(self.config, long_lived=True))  # (not redis-py: see resp.py)
+            # What was asked before this start (read first: a stop asked once this host shows as
+            # live, from its record or its lease, is this host's to act on).
+            asked = self._retrying(self.town.requests)  # (a read: never refused for a full disk)
+            self.reloads_done, self.stops_seen = asked.reloads, asked.stops
             self._retrying(lambda: self.town.record_supervisor_started(os.getpid(), self.host))
             self._retrying(self._join)  # before any runner: agents are run where they are placed
             self._remember_host()
-            asked = self.town.requests()
-            self.reloads_done, self.stops_seen = asked.reloads, asked.stops
             self._retrying(lambda: self.town.record_config("", "", self.reloads_done))
             self._retrying(self._recover_coordination)  # before any runner: nothing races it
             self.control = ControlChannel(self.config, self.town.keys.control)

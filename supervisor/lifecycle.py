@@ -53,10 +53,17 @@ def _runs_elsewhere(config: Config) -> bool:
         return False
     from .resp import RespError, connect
     from .town import Town
+    here = config.host_name()  # (its own lease may outlive a killed supervisor: that is not elsewhere)
     try:
-        return bool(Town(config, connect(config)).hosts.live())
+        client = connect(config)
     except RespError:  # (unreachable: starting here says why, as before)
         return False
+    try:
+        return any(name != here for name in Town(config, client).hosts.live())
+    except RespError:
+        return False
+    finally:
+        client.close()
 
 
 # What a runner puts in its CLI's environment. A supervisor started by an agent's own `tt` (an

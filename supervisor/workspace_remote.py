@@ -34,7 +34,7 @@ def push_head(workspace: Workspace, remote: str, town: str, task_id: str, head: 
     done = git(where, "push", "--quiet", "--no-verify", remote, f"+{head}:{task_ref(town, task_id)}", ok=range(256))
     if done.returncode != 0:
         return (f"could not push its work to {remote}: {_said(done)} (tasks on other hosts cannot merge it until "
-                f"it is pushed by hand: git push {remote} {head}:{task_ref(town, task_id)})")
+                f"it is pushed by hand: git push {remote} +{head}:{task_ref(town, task_id)})")
     return ""
 
 

@@ -552,6 +552,18 @@ def test_logs_and_attach_in_a_folder_the_agent_left_read_where_it_runs_now(hosts
     assert "first, on a" in shown and "second, on b" in shown  # (from the stream: both runs)
     assert attach_route(load(a.root), "w") == "redis" and attach_route(load(b.root), "w") == "local"
 
+def test_a_command_in_a_hosts_folder_starts_its_killed_supervisor_again(hosts):
+    """A folder's own lease outlives its SIGKILLed supervisor for a moment: that is not the town
+    running elsewhere, so `tt assign` there starts the supervisor again, as it did (review)."""
+    a = hosts("a").start()
+    a.tt("spawn", "dev", "--shared")
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait()
+    assert a.town.hosts.live() == ["a"]  # (its lease has not lapsed yet)
+    task = a.tt("assign", "dev", "@echo back")
+    assert "started the town's supervisor" in task.err
+    assert a.harness.wait_task(task.out.split()[2])["state"] == "completed"
+
 def test_a_second_supervisor_cannot_take_a_live_hosts_name(hosts):
     """A copy of the town (a cloned machine, a second checkout) started with a live host's name
     ran that host's agents too: one agent's tasks on two machines at once, its branch split, and

@@ -117,7 +117,7 @@ def test_a_remote_that_refuses_the_push_is_said_and_the_task_keeps_its_outcome(g
     assert task["state"] == "completed"
     assert f"could not push its work to {remote}" in task["workspace_note"], task
     # (nothing pushes it again: the note says how, to the ref a dependent task fetches)
-    assert task["workspace_note"].endswith(f"it is pushed by hand: git push {remote} {task['head']}:"
+    assert task["workspace_note"].endswith(f"it is pushed by hand: git push {remote} +{task['head']}:"
                                            f"refs/tinytown/solo/{task['id']})"), task["workspace_note"]
     assert "s3cr3t" not in task["workspace_note"] and "s3cr3t" not in t.tt("status").out
 
