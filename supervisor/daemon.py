@@ -32,7 +32,7 @@ from .redis_server import RedisServer
 from .resp import RespConnectionError, RespError
 from .resp import connect as resp_connect
 from .hosts import FENCED_EXIT, fencing, machine_id
-from .runner import CLI_UNUSABLE_EXIT, KILL_WAIT_SECONDS, run_forked
+from .runner import AGENT_FAILED_EXIT, KILL_WAIT_SECONDS, run_forked
 from .restart_policy import GiveUp, RestartRecord
 from .town import Town
 
@@ -634,7 +634,7 @@ class Supervisor:
         # What it had claimed waits at the front of the inbox (a failed agent's work shows as
         # pending, not as running) for the next runner, which counts the attempt.
         self.town.put_back_inflight(proc.agent_id)
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == CLI_UNUSABLE_EXIT:
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == AGENT_FAILED_EXIT:
             # The runner recorded the agent failed (its CLI cannot be run, its work cannot be
             # brought here): not started again until `tt restart` (the reconcile leaves failed
             # agents alone).

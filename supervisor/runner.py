@@ -57,7 +57,7 @@ STREAM_FLUSH_SECONDS = 0.02
 STREAM_FLUSH_BYTES = 64 * 1024
 THROTTLED_RECHECK = 0.05    # while a flood is held back from the stream: how often to see if it may go
 EXIT_DRAIN_SECONDS = 0.5
-CLI_UNUSABLE_EXIT = 78      # (sysexits' EX_CONFIG) the agent failed itself: its CLI cannot be run, or its work is elsewhere
+AGENT_FAILED_EXIT = 78      # (sysexits' EX_CONFIG) the runner failed its agent: its CLI cannot run, its work is elsewhere
 KILL_WAIT_SECONDS = 2.0
 # After a batch of output, the pump lets the next one gather this long (signals and deadlines
 # still wake it): a CLI printing flat out then costs a wakeup per ~100 KiB, not per 4 KiB pty
@@ -263,7 +263,7 @@ class Runner:
             self.town.fail_agent(self.agent_id, self.name, reason)  # (first: a free agent is offered what goes back)
             self.town.coordination.give_back(self.agent_id, only_backlog=True)
             self.attach.close()
-            return CLI_UNUSABLE_EXIT
+            return AGENT_FAILED_EXIT
         except _StopNow:
             # Stopped while waiting on the inbox (or for Redis), so nothing to finish or record here. The read
             # the signal interrupted took this runner's Redis connection down, and 50 runners
