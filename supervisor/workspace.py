@@ -603,9 +603,11 @@ class Workspace:
 
     def begin(self, task_id: str, after: tuple[str, ...] | list[str] = (), carried: list[Carried] = ()) -> Begun:
         """Before a task's CLI starts: commit what an interrupted run left, put HEAD back on the
-        agent's branch if a CLI moved it, merge the agent's own work from another host (`carried`)
-        and the upstream tasks' heads (`after`), and return the commit the task starts from. Busy if the worktree is mid-rebase/merge (the task must fail
-        before its CLI starts); MergeConflict if `after` conflicts (nothing merged, nothing changed).
+        agent's branch if a CLI moved it, bring the branch to the agent's latest work made on
+        another host (`carried`: _carry), merge the upstream tasks' heads (`after`), and return the
+        commit the task starts from. Busy if the worktree is mid-rebase/merge (the task must fail
+        before its CLI starts); MergeConflict if `after` conflicts (nothing merged, nothing changed);
+        WorkNotHere if the branch cannot be brought to `carried`.
 
         Costs no git process when the last task ended normally and `after` is empty.
         """
