@@ -117,11 +117,17 @@ def _worktree_of(config, agent):
 def _branch_here(config, agent) -> str:
     """The agent's branch, if this checkout has it: an agent that works on another host has its
     branch there (its tasks' heads reach here through [workspace] remote: tt diff/merge TASK)."""
+    from tinytown.supervisor.hosts import fencing
     from tinytown.supervisor.workspace import Repo
     workspace = _worktree_of(config, agent)
+    fetch = "tt diff/merge TASK brings a task's work from [workspace] remote"
     if Repo.find(config.root).resolve(workspace.ref) is None:
         raise TinytownError(f"branch {workspace.branch} is not in this checkout: agent {agent.name} works on host "
-                            f"{agent.host or '?'} (tt diff/merge TASK brings a task's work from [workspace] remote)")
+                            f"{agent.host or '?'} ({fetch})")
+    if fencing(config) and agent.host and agent.host != config.host_name():
+        raise TinytownError(f"agent {agent.name} works on host {agent.host} now: branch {workspace.branch} here holds "
+                            f"only its work from when it worked here ({fetch}; git merge {workspace.branch} takes "
+                            "this one as it is)")
     return workspace.branch
 
 

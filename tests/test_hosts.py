@@ -689,6 +689,11 @@ def test_an_agent_that_moves_hosts_carries_its_work(hosts, tmp_path, remote_set)
     assert done["base"] == first["head"]  # (what the second task changed is its own)
     log = (b.root / ".tt" / "logs" / "w.log").read_text()
     assert f"brought in its latest work from host a (task {first['id']}, {first['head'][:12]})" in log
+    # in a's folder, tt/w is what w did there: not its latest work (it said "w: already in main")
+    for command in ("diff", "merge"):
+        stale = a.tt(command, "w", check=False)
+        assert stale.returncode == 1 and "agent w works on host b now: branch tt/w here holds only its work " \
+            "from when it worked here" in stale.err, stale.err
 
 
 # --- chaos: 4 agents on 3 hosts; one host killed, another paused past its lease ----------------
