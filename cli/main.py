@@ -308,8 +308,13 @@ def spawn(name, cli_name, task_timeout, shared, from_ref, roles, pin, answers, k
     if shared and from_ref:
         raise TinytownError('--from needs a worktree (not with --shared / [workspace] mode = "shared")')
     town = _started_town(config)
-    town.check_spawn(name, pin or "")  # before a worktree is made for it
     here = config.host_name()
+    if not pin and config.redis_url:  # (no host runs, and this folder is none of them: nowhere to place it)
+        states = town.hosts.states()
+        if states and here not in states and "live" not in states.values():
+            raise TinytownError(f"no host of town {config.name!r} is running ({', '.join(sorted(states))}): `tt start` "
+                                "in one of their folders first, or pin the agent to one with --host NAME")
+    town.check_spawn(name, pin or "")  # before a worktree is made for it
     elsewhere = pin if pin and pin != here else ""  # (a host that is not this folder's)
     if from_ref and not pin and not shared and any(host != here for host in town.hosts.live()):
         raise TinytownError(f"--from makes {name}'s branch in this checkout, but the town runs on other hosts too and "

@@ -14,6 +14,7 @@ from .stopping import Card, StopMode, ask, read_report, signal_to_stop, stop_wai
 
 START_TIMEOUT = 30.0
 STOP_ELSEWHERE_SLACK = 10.0  # beyond the runners' grace: other hosts' supervisors ending, seen through Redis
+STOP_ELSEWHERE_ROUNDS = 3    # stop requests at most, each for the hosts live at the time
 
 
 def running_pid(config: Config) -> int | None:
@@ -40,30 +41,40 @@ def ensure_running(config: Config, say=None) -> bool:
             say(f"town {config.name!r} is stopping: this waits in it for the next `tt start`")
         if state:
             return False
-    elif _runs_elsewhere(config):
-        return False
+    else:
+        elsewhere = _hosts_elsewhere(config)
+        if elsewhere is not None:
+            if say and not any(state == "live" for state in elsewhere.values()):
+                say(f"town {config.name!r} runs on host(s) {', '.join(sorted(elsewhere))}, none running now: this "
+                    "waits for `tt start` in one of their folders (or here, to add this machine as a host)")
+            return False
     return _start_background(config, say)
 
 
-def _runs_elsewhere(config: Config) -> bool:
-    """A town on a shared Redis that runs on other hosts: a command in a folder of it with no
-    supervisor (a laptop with its config, a stopped host) writes into it and starts none here,
-    which would add this machine to the town as a host (only `tt start` does that)."""
+def _hosts_elsewhere(config: Config) -> dict[str, str] | None:
+    """The town's hosts by state, when a command in this folder must not start a supervisor here:
+    a town on a shared Redis that runs on other hosts, or whose hosts are other machines' (this
+    folder never was one: a laptop with the town's config). Starting here would add this machine
+    to the town as a host, which only `tt start` does. None when it may start here."""
     if not config.redis_url:
-        return False
+        return None
     from .resp import RespError, connect
     from .town import Town
     here = config.host_name()  # (its own lease may outlive a killed supervisor: that is not elsewhere)
     try:
         client = connect(config)
     except RespError:  # (unreachable: starting here says why, as before)
-        return False
+        return None
     try:
-        return any(name != here for name in Town(config, client).hosts.live())
+        states = Town(config, client).hosts.states()
     except RespError:
-        return False
+        return None
     finally:
         client.close()
+    others = {name: state for name, state in states.items() if name != here}
+    if any(state == "live" for state in others.values()) or (others and here not in states):
+        return others
+    return None
 
 
 # What a runner puts in its CLI's environment. A supervisor started by an agent's own `tt` (an
@@ -221,19 +232,25 @@ def _stop_elsewhere(config: Config, now: bool, timeout: float | None) -> dict | 
     from .resp import connect
     from .town import Town
     town = Town(config, connect(config))
-    live = town.hosts.live()
-    if not live:
+    asked: list[str] = []
+    # (a host that became live as the request was made took it as older than its start: asked again)
+    for _ in range(STOP_ELSEWHERE_ROUNDS):
+        live = town.hosts.live()
+        if not live:
+            break
+        asked += [name for name in live if name not in asked]
+        ask(town.r, town.keys, StopMode.NOW if now else StopMode.GRACEFUL)
+        # (a host stops once its runners have: their grace, then its own redis-free shutdown)
+        wait = (timeout if timeout is not None else stop_wait(config.supervisor.stop_grace, now)) + STOP_ELSEWHERE_SLACK
+        if not wait_until(lambda: not any(town.hosts.states().get(name) == "live" for name in live), wait):
+            still = [name for name in live if town.hosts.states().get(name) == "live"]
+            raise TinytownError(f"asked the town to stop, but host(s) {', '.join(still)} still run after {wait:g}s "
+                                "(`tt status` shows them; each stops with Ctrl+C or SIGTERM to its `tt start`)")
+    if not asked:
         return None
-    ask(town.r, town.keys, StopMode.NOW if now else StopMode.GRACEFUL)
-    # (a host stops once its runners have: their grace, then its own redis-free shutdown)
-    wait = (timeout if timeout is not None else stop_wait(config.supervisor.stop_grace, now)) + STOP_ELSEWHERE_SLACK
-    if not wait_until(lambda: not any(town.hosts.states().get(name) == "live" for name in live), wait):
-        still = [name for name in live if town.hosts.states().get(name) == "live"]
-        raise TinytownError(f"asked the town to stop, but host(s) {', '.join(still)} still run after {wait:g}s "
-                            "(`tt status` shows them; each stops with Ctrl+C or SIGTERM to its `tt start`)")
     states = town.hosts.states()  # (a host that died meanwhile lapses: it did not stop)
-    return {"hosts": [name for name in live if states.get(name) == "stopped"],
-            "not_stopped": {name: states.get(name, "gone") for name in live if states.get(name) != "stopped"}}
+    return {"hosts": [name for name in asked if states.get(name) == "stopped"],
+            "not_stopped": {name: states.get(name, "gone") for name in asked if states.get(name) != "stopped"}}
 
 
 def reload(config: Config, timeout: float = 10.0) -> tuple[str, str] | None:

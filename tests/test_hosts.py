@@ -552,6 +552,26 @@ def test_logs_and_attach_in_a_folder_the_agent_left_read_where_it_runs_now(hosts
     assert "first, on a" in shown and "second, on b" in shown  # (from the stream: both runs)
     assert attach_route(load(a.root), "w") == "redis" and attach_route(load(b.root), "w") == "local"
 
+def test_a_folder_that_never_was_a_host_starts_nothing_while_the_hosts_are_stopped(hosts):
+    """With every host stopped, `tt assign` in a folder that never was one (a laptop with the
+    town's config) started a supervisor there: a new host, which could not run the task (its agent
+    is on a) and stayed in the hosts table for good. It now starts nothing and says what it waits for."""
+    a = hosts("a").start()
+    a.tt("spawn", "dev", "--shared")
+    a.proc.send_signal(signal.SIGTERM)
+    a.proc.wait(30)
+    laptop = hosts("c")
+    queued = laptop.tt("assign", "dev", "@echo when a is back")
+    assert "started the town's supervisor" not in queued.err and not laptop.harness.supervisor_pid()
+    assert ("town 'testtown' runs on host(s) a, none running now: this waits for `tt start` in one of their folders "
+            "(or here, to add this machine as a host)") in queued.err
+    refused = laptop.tt("spawn", "helper", "--shared", check=False)
+    assert refused.returncode == 1 and "no host of town 'testtown' is running (a): `tt start` in one of their " \
+        "folders first" in refused.err, refused.err
+    assert sorted(a.town.hosts.states()) == ["a"]
+    a.start()  # (the work waited in Redis)
+    assert a.harness.wait_task(queued.out.split()[2])["state"] == "completed"
+
 def test_a_command_in_a_hosts_folder_starts_its_killed_supervisor_again(hosts):
     """A folder's own lease outlives its SIGKILLed supervisor for a moment: that is not the town
     running elsewhere, so `tt assign` there starts the supervisor again, as it did (review)."""
