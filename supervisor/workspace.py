@@ -954,16 +954,21 @@ class Workspace:
         tip = repo.resolve(self.ref)
         if not delete_branch:
             return notes + ([f"kept branch {self.branch} (tt spawn {self.agent} reuses it)"] if tip else [])
-        branches = ([(self.branch, tip, f"tt merge {self.agent}")] if tip else []) + [
-            (name, oid, f"git merge {name}") for name, oid in self._kept_aside(repo)]
+        branches = ([(self.branch, tip, f"tt merge {self.agent} first")] if tip else []) + [
+            (name, oid, f"git merge {name} first") for name, oid in self._kept_aside(repo)]
         for branch, oid, how in branches:
             unmerged = self.unmerged(repo, oid, branch)
-            if unmerged:
-                notes.append(f"kept branch {branch}: {unmerged} commit{'s' if unmerged != 1 else ''} on it "
-                             f"{'are' if unmerged != 1 else 'is'} on none of your branches ({how} first)")
-            else:
+            if not unmerged:
                 self._delete_branch(repo, branch, oid, "tt prune: merged")
                 notes.append(f"deleted branch {branch} (all its commits are on your branches)")
+            elif "-left-" in branch[len(self.branch):]:  # (a run redone elsewhere: merging it back is not the advice)
+                own = int(git(repo.root, "rev-list", "--count", oid, "--not", f"--exclude={branch}", "--branches")
+                          .stdout.strip() or 0)
+                notes.append(f"kept branch {branch}: {own} commit{'s' if own != 1 else ''} of a run interrupted here "
+                             f"and redone on another host (git branch -D {branch} drops {'them' if own != 1 else 'it'})")
+            else:
+                notes.append(f"kept branch {branch}: {unmerged} commit{'s' if unmerged != 1 else ''} on it "
+                             f"{'are' if unmerged != 1 else 'is'} on none of your branches ({how})")
         return notes
 
     def unmake(self, branch_made_at: str) -> list[str]:

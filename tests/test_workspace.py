@@ -484,7 +484,8 @@ def test_an_agent_back_from_another_host_continues_from_its_latest_work(town):
     assert again.interrupted_task == "t3" and (space.path / "three.txt").exists()  # (its changes are in the tree)
     space.end("t3", "x")
     assert space.begin("t4", carried=[Carried("t-else", latest, "b")]).notes == []  # (it has it now)
-    assert "tt/dev-left-" in " ".join(space.prune(delete_branch=True))  # (prune knows these branches too)
+    assert f"kept branch tt/dev-left-{left[:12]}: 1 commit of a run interrupted here and redone on another host " \
+        f"(git branch -D tt/dev-left-{left[:12]} drops it)" in space.prune(delete_branch=True)  # (not: git merge it)
 
 
 def test_a_name_git_cannot_take_as_a_branch_is_refused_wherever_the_worktree_is_made(town):
