@@ -698,7 +698,8 @@ def test_an_agent_that_moves_hosts_carries_its_work(hosts, tmp_path, remote_set)
         assert b.town.agent("w").reason == (
             f"its latest work is not here: its latest task {first['id']}'s work ({first['head'][:12]}) is on another "
             "host and [workspace] remote is not set: nothing to fetch it from (see README, \"Workspaces on several "
-            "hosts\"); its tasks wait (tt restart w once it can be had)")
+            "hosts\"); its tasks wait until it can be had, then tt restart w")
+        assert " ".join(b.tt("status").out.split()).count("tt restart w") == 1  # (not told twice)
         waiting = b.town.task(second)
         assert (waiting.state, waiting.attempts) == ("assigned", 0) and not (b.harness.record / f"{second}.ls").exists()
         return
