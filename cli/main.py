@@ -307,24 +307,24 @@ def spawn(name, cli_name, task_timeout, shared, from_ref, roles, pin, answers, k
     shared = shared or config.workspace.mode == "shared"
     if shared and from_ref:
         raise TinytownError('--from needs a worktree (not with --shared / [workspace] mode = "shared")')
+    from tinytown.supervisor.hosts import elsewhere, fencing
     town = _started_town(config)
     here = config.host_name()
-    if not pin and config.redis_url:  # (no host runs, and this folder is none of them: nowhere to place it)
-        states = town.hosts.states()
-        if states and here not in states and "live" not in states.values():
-            raise TinytownError(f"no host of town {config.name!r} is running ({', '.join(sorted(states))}): `tt start` "
-                                "in one of their folders first, or pin the agent to one with --host NAME")
+    states = town.hosts.states() if fencing(config) and not pin else {}  # (one machine's town: only this host)
+    if states and here not in states and "live" not in states.values():  # (no host runs, this folder is none)
+        raise TinytownError(f"no host of town {config.name!r} is running ({', '.join(sorted(states))}): `tt start` "
+                            "in one of their folders first, or pin the agent to one with --host NAME")
     town.check_spawn(name, pin or "")  # before a worktree is made for it
-    elsewhere = pin if pin and pin != here else ""  # (a host that is not this folder's)
-    if from_ref and not pin and not shared and any(host != here for host in town.hosts.live()):
+    if from_ref and not shared and any(host != here and state == "live" for host, state in states.items()):
         raise TinytownError(f"--from makes {name}'s branch in this checkout, but the town runs on other hosts too and "
                             f"{name} may be placed on one of them: pin it here with --host {here}")
+    pinned_elsewhere = pin if elsewhere(config, pin) else ""
     workspace = {"mode": "shared"} if shared else workspace_commands.prepare_workspace(
-        config, town, name, from_ref, quiet=as_json, elsewhere=elsewhere)
+        config, town, name, from_ref, quiet=as_json, elsewhere=pinned_elsewhere)
     agent = town.spawn(name, cli_name or config.default_cli, task_timeout, workspace=workspace["mode"],
                        branch=workspace.get("branch", ""), host=pin or "", answers=answers,
                        keep_context=keep_context)
-    if workspace.get("path") and not elsewhere and agent.host and agent.host != here:  # placed on another host
+    if workspace.get("path") and elsewhere(config, agent.host):  # placed on another host for its room
         workspace["notes"] = workspace_commands.leave_to_host(config, name, workspace, agent.host, quiet=as_json)
     for line in _spawn_warnings(spec, keep_context, workspace["mode"] == "shared"):
         click.echo(f"tt: warning: {line}", err=True)

@@ -34,10 +34,10 @@ def prepare_workspace(config, town, name: str, from_ref: str | None, quiet: bool
             workspace.possible()
             notes = [f"{workspace.label} is made on host {elsewhere} at its first task"]
         else:
-            new_worktree, new_branch = not workspace.exists(), workspace.branch_tip() is None
+            new_worktree = not workspace.exists()
             notes = workspace.ensure(from_ref)
             if new_worktree:
-                made = {"made_worktree": True, "made_branch_at": workspace.branch_tip() if new_branch else ""}
+                made = {"made_worktree": True, "made_branch_at": workspace.made_branch_at}
     except Unavailable as exc:
         if from_ref:
             raise TinytownError(f"--from {from_ref}: {exc}") from None
@@ -117,14 +117,14 @@ def _worktree_of(config, agent):
 def _branch_here(config, agent) -> str:
     """The agent's branch, if this checkout has it: an agent that works on another host has its
     branch there (its tasks' heads reach here through [workspace] remote: tt diff/merge TASK)."""
-    from tinytown.supervisor.hosts import fencing
+    from tinytown.supervisor.hosts import elsewhere
     from tinytown.supervisor.workspace import Repo
     workspace = _worktree_of(config, agent)
     fetch = "tt diff/merge TASK brings a task's work from [workspace] remote"
     if Repo.find(config.root).resolve(workspace.ref) is None:
         raise TinytownError(f"branch {workspace.branch} is not in this checkout: agent {agent.name} works on host "
                             f"{agent.host or '?'} ({fetch})")
-    if fencing(config) and agent.host and agent.host != config.host_name():
+    if elsewhere(config, agent.host):
         raise TinytownError(f"agent {agent.name} works on host {agent.host} now: branch {workspace.branch} here holds "
                             f"only its work from when it worked here ({fetch}; git merge {workspace.branch} takes "
                             "this one as it is)")

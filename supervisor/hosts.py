@@ -37,19 +37,25 @@ def fencing(config) -> bool:
     return bool(config.redis_url) or not config.use_socket
 
 
+def elsewhere(config, host: str | None) -> bool:
+    """Whether `host` (an agent's placement) is another host than this folder's: what a runner of
+    the agent's left here (a log, an attach socket, a branch) is from when it ran here, not where
+    it runs now. Never on a town that cannot span hosts."""
+    return bool(host) and fencing(config) and host != config.host_name()
+
+
 def placed_elsewhere(config, client, agent_ids: list[str]) -> set[str]:
-    """Which of these agents are placed on another host than this folder's: what a runner of theirs
-    left here (a log file, an attach socket) is from when they ran here, not where they run now.
-    One round trip, and none on a town that cannot span hosts."""
+    """Which of these agents are placed elsewhere (above), in one round trip; none on a town that
+    cannot span hosts."""
     if not fencing(config) or not agent_ids:
         return set()
     from .keys import Keys
-    keys, here = Keys(config.name), config.host_name()
+    keys = Keys(config.name)
     pipe = client.pipeline(transaction=False)
     for agent_id in agent_ids:
         pipe.hget(keys.agent(agent_id), "host")
     hosts = [h.decode() if isinstance(h, bytes) else h for h in pipe.execute()]
-    return {agent_id for agent_id, host in zip(agent_ids, hosts) if host and host != here}
+    return {agent_id for agent_id, host in zip(agent_ids, hosts) if elsewhere(config, host)}
 
 
 def machine_id() -> str:

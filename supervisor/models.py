@@ -179,7 +179,7 @@ class Agent(_Hash):
     pinned: bool = False
     epoch: int = 0
     # Its worktree's latest work: the task whose head it is, and the host that made it. A runner on
-    # another host merges that head in before its next task (the branch does not travel by itself).
+    # another host brings its branch there to that head before its next task (Workspace._carry).
     work_task: str = ""
     work_host: str = ""
     answers: str = ""                # JSON [[regex, text], ...]: typed into its CLI when asked (`tt spawn --answer`)

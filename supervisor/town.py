@@ -708,7 +708,6 @@ class Town:
             "unserved_roles": self.coordination.unserved_roles(agents),
         }
 
-
     def _supervisor_here(self, info: dict, hosts: list[dict]) -> dict:
         """pid, host and state of this folder's supervisor. On one host, the town's record; on
         several, that record is whichever supervisor started or stopped last, so this folder's
@@ -778,6 +777,3 @@ def agent_workspace(root, agent: Agent):
 
 def host() -> str:
     return socket.gethostname()
-
-
-

@@ -383,6 +383,7 @@ class Workspace:
         self.prefix = branch_prefix
         self.label = f"{AGENTS_DIR}/{agent}"
         self.watch: WorktreeWatch | None = None       # what changed since the last checkpoint (made at the first)
+        self.made_branch_at = ""                      # the commit ensure() made the branch at ("": it existed)
 
     # -- where git keeps this worktree (read from files: no process) --
 
@@ -536,6 +537,7 @@ class Workspace:
             args = ["worktree", "add", "-q", "--no-track", "-b", self.branch, str(self.path), start]
         quiet = self._keep_out_of_status(repo)
         git(repo.root, *args)
+        self.made_branch_at = "" if tip is not None else start
         if quiet:
             notes.append(quiet)
         if (self.path / ".gitmodules").exists():
@@ -614,8 +616,8 @@ class Workspace:
         notes: list[str] = []
         fresh = False  # the branch is made now, from this checkout's HEAD: nothing of the agent's on it
         if not self.exists():
-            fresh = self.branch_tip() is None
             notes += self.ensure()
+            fresh = bool(self.made_branch_at)
             if self.watch is not None:          # (a new folder, maybe a new git folder: a new watch)
                 self.watch.close()
                 self.watch = None
