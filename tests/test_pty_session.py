@@ -144,6 +144,23 @@ def test_the_reader_thread_takes_all_output_to_the_end(sessions, record):
     assert session.exit_code == 0
 
 
+def test_a_flood_reaches_the_log_in_blocks_and_a_short_line_at_once(sessions, record):
+    """A pty hands a flood over ~4 KiB a read: a log write each was half the runner's system
+    calls (pty_reader.LOG_BLOCK). A short line after it (a prompt) still reaches the log with
+    everything before it, while the runner takes nothing (its main thread held up)."""
+    flood = CliSpec("sh", ("sh", "-c", "head -c 2000000 /dev/zero; sleep 0.2; echo Proceed?; exec sleep 300"),
+                    "stdin")
+    session = start(sessions, record, b"", spec=flood)
+    reader = session.start_reader()
+    logged: list[bytes] = []
+    reader.go(logged.append)
+    wait_for(lambda: b"Proceed?" in b"".join(logged), 30, "the line after the flood in the log")
+    assert b"".join(logged) == b"\0" * 2000000 + b"Proceed?\r\n"
+    assert 2000000 / len(logged) > 8192  # (a write per read: ~4 KiB each)
+    chunks, _ = reader.take()
+    assert b"".join(chunks) == b"".join(logged)
+
+
 def test_the_log_gets_nothing_before_go_and_then_what_was_read(sessions, record):
     """The runner writes its "task started" line between start_reader() and go(): the thread
     reads at once (a CLI that prints at once is not held up), but the CLI's output must not reach
