@@ -110,9 +110,31 @@ def status(data: dict) -> None:
     counts = data["tasks"]
     console.print(_counts("  tasks: ", counts) if any(counts.values()) else "  tasks: none yet")
     agents = data["agents"]
-    if not agents:
+    hosts = data.get("hosts") or []
+    if agents:
+        _agents(console, agents)
+    if len(hosts) > 1:  # (max_agents is each host's: the town's room is the live hosts')
+        live = [h for h in hosts if h["state"] == "live"]
+        console.print(f"  {len(agents)}/{sum(h['max_agents'] for h in live)} agents on {len(live)} live "
+                      f"host{'s' if len(live) != 1 else ''}" + ("; add one with `tt spawn NAME`" if not agents else ""),
+                      markup=False)
+        _table(("HOST", "STATE", "AGENTS", "CAPACITY", "PID", "RENEWED"),
+               [(h["name"], h["state"], ",".join(h["agents"]) or "-", f"{len(h['agents'])}/{h['max_agents']}",
+                 str(h["pid"] or "-"), _ago(h["renewed_at"])) for h in hosts], state_col=1, console=console)
+    elif agents:
+        console.print(f"  {len(agents)}/{data['max_agents']} agents", markup=False)
+    else:
         console.print(f"  no agents (max {data['max_agents']}); add one with `tt spawn NAME`", markup=False)
-        return
+    for role in data.get("unserved_roles", []):
+        holders = ", ".join(a["name"] for a in agents if role in a.get("roles", []))
+        hint = (f"only {holders} {'has' if ', ' not in holders else 'have'} it: closed, paused or failed"
+                if holders else "tt spawn NAME --role " + role)
+        console.print(_line("  backlog: ", ("work for role ", "yellow"), _plain(role),
+                            (": nobody can take it (", "yellow"), _plain(hint), (")", "yellow")))
+
+
+def _agents(console, agents: list[dict]) -> None:
+    """`tt status`'s agents: the count of each health, and a row each."""
     health: dict[str, int] = {}
     for a in agents:
         health[a["health"]] = health.get(a["health"], 0) + 1
@@ -134,18 +156,6 @@ def status(data: dict) -> None:
         for row in rows:
             if row[-1]:
                 console.print(_line(f"  {row[0]}: ", _plain(row[-1])))
-    console.print(f"  {len(agents)}/{data['max_agents']} agents", markup=False)
-    hosts = data.get("hosts") or []
-    if len(hosts) > 1:
-        _table(("HOST", "STATE", "AGENTS", "CAPACITY", "PID", "RENEWED"),
-               [(h["name"], h["state"], ",".join(h["agents"]) or "-", f"{len(h['agents'])}/{h['max_agents']}",
-                 str(h["pid"] or "-"), _ago(h["renewed_at"])) for h in hosts], state_col=1, console=console)
-    for role in data.get("unserved_roles", []):
-        holders = ", ".join(a["name"] for a in agents if role in a.get("roles", []))
-        hint = (f"only {holders} {'has' if ', ' not in holders else 'have'} it: closed, paused or failed"
-                if holders else "tt spawn NAME --role " + role)
-        console.print(_line("  backlog: ", ("work for role ", "yellow"), _plain(role),
-                            (": nobody can take it (", "yellow"), _plain(hint), (")", "yellow")))
 
 
 NOTE_MIN_WIDTH = 24   # narrower than this, `tt status` puts each agent's note on a line of its own

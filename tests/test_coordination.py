@@ -229,6 +229,13 @@ def test_backlog_goes_to_the_idle_agent_with_the_role(town):
     assert "nobody can take it (only bob has it: closed, paused or failed)" in town.tt("status").out
 
 
+def test_status_says_who_could_take_a_roles_backlog_work_with_no_agent_yet(town):
+    """With no agent at all, `tt status` stopped at "no agents" and never said the backlog's
+    work for a role waits for an agent with it."""
+    town.tt("backlog", "add", "write the docs", "--role", "docs")
+    assert "nobody can take it (tt spawn NAME --role docs)" in town.tt("status").out
+
+
 def test_notes_arrive_with_the_next_task_urgent_first_exactly_once(town):
     _spawn(town, "dev")
     town.tt("send", "dev", "first, not urgent")

@@ -487,6 +487,22 @@ def test_one_host_stopping_leaves_the_others_commands_working(hosts):
     assert (theirs["host"], theirs["state"], theirs["pid"]) == ("a", "stopped", None)
 
 
+def test_status_counts_the_live_hosts_room_and_shows_them_with_no_agent(hosts):
+    """max_agents is each host's: `tt status` said "2/4 agents" of a town with room for 8 on two
+    hosts, and showed no hosts table at all until an agent was spawned."""
+    a = hosts("a").start()
+    b = hosts("b").start()
+    room = a.harness.json("status")["max_agents"]
+    status = " ".join(b.tt("status").out.split())
+    assert f"0/{2 * room} agents on 2 live hosts; add one with `tt spawn NAME`" in status
+    assert "HOST STATE AGENTS CAPACITY" in status and f"a live - 0/{room}" in status
+    a.tt("spawn", "on-a", "--shared", "--host", "a")
+    a.proc.send_signal(signal.SIGTERM)
+    a.proc.wait(30)
+    status = " ".join(b.tt("status", timeout=20).out.split())
+    assert f"1/{room} agents on 1 live host " in status and f"a stopped on-a 1/{room}" in status
+
+
 def test_tt_stop_in_a_folder_without_a_supervisor_stops_the_town_on_its_hosts(hosts):
     """`tt stop` in a folder of the town where no supervisor runs said "not running" while hosts a
     and b ran. It now asks the town to stop, as from a host's folder, and waits for the hosts."""
