@@ -558,8 +558,11 @@ def reload_config(town_path):
 
 @cli.command()
 @click.argument("agent", shell_complete=complete_agent)
+@click.option("--without-latest", is_flag=True,
+              help="For an agent failed because its latest work, made on a host since lost, cannot be fetched: "
+                   "go on from its branch where it runs now, without that work.")
 @town_option
-def restart(agent, town_path):
+def restart(agent, without_latest, town_path):
     """Clear a failed agent (or one waiting to restart) and start its runner again; a runner that
     stopped sending heartbeats (hung) is stopped first, as `tt kill` would. An idle or working
     agent gets a new runner (reading tinytown.toml as it is now) once its task in hand is done."""
@@ -577,7 +580,10 @@ def restart(agent, town_path):
             raise TinytownError(f"{exc}: it is being stopped; `tt restart {held.name}` again once `tt status` "
                                 "shows it stopped") from None
         before = "unresponsive"
-    found, done = town.restart_agent(agent)
+    found, done = town.restart_agent(agent, without_latest)
+    if without_latest:
+        click.echo(f"{found.name} goes on without its latest work (task {found.work_task}, on host "
+                   f"{found.work_host}): its commits stay there, on branch tt/{found.name}")
     if done == "started" or before == "unresponsive":
         click.echo(f"Restarting agent {found.name} (it was {before}{', ' + held.hold + ' asked' if held.hold else ''})")
     elif done == "replaced":  # a new runner, with the config as it is now

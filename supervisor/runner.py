@@ -258,7 +258,8 @@ class Runner:
                 reason = (f"its CLI cannot start: {exc}; fix [agent_clis.{self.spec.name}] (or PATH), "
                           f"then tt restart {self.name}")
             else:
-                reason = f"its latest work is not here: {exc}; its tasks wait until it can be had, then tt restart {self.name}"
+                reason = (f"its latest work is not here: {exc}; its tasks wait until it can be had, then tt restart "
+                          f"{self.name} (or tt restart {self.name} --without-latest to go on without it)")
             self._note(reason)
             self.town.fail_agent(self.agent_id, self.name, reason)  # (first: a free agent is offered what goes back)
             self.town.coordination.give_back(self.agent_id, only_backlog=True)

@@ -244,14 +244,25 @@ class Town:
         return bool(HOST_SCRIPTS["unclaim"](self.r, (self.keys.inflight(agent_id), self.keys.inbox(agent_id)),
                                            (claimed.raw,)))
 
-    def restart_agent(self, name: str) -> tuple[Agent, str]:
+    def restart_agent(self, name: str, without_latest: bool = False) -> tuple[Agent, str]:
         """Clear a failed/backoff agent so the supervisor starts it again; also one `tt interrupt`,
         `close` or `kill` held (agent_control.py): the hold goes, and its runner starts. A live
         runner (idle, working) is replaced by a new one, which reads the config as it is now,
         once the task in hand is done: restart_asked, which the supervisor acts on. Returns the
-        agent as it was and what was done: "started", "replaced" or "" (nothing to do)."""
+        agent as it was and what was done: "started", "replaced" or "" (nothing to do).
+
+        without_latest: a failed agent whose latest work, made on another host, cannot be had where
+        it runs now (that host was lost before pushing it) starts from its branch there without it:
+        the record of that work goes (the commits stay on the host that made them)."""
         agent = self.agent(name)
         fields = {"reason": "", "hold": "", "to_backlog": ""}
+        left = {}
+        if without_latest:
+            if agent.state != AgentState.FAILED.value or not agent.work_task or agent.work_host in ("", agent.host):
+                raise TinytownError(f"{agent.name} has no latest work to leave: --without-latest is for an agent "
+                                    "failed because its latest work, made on another host, is not where it runs now")
+            fields.update(work_task="", work_host="")
+            left = {"left": agent.work_task}
         if agent.state in (AgentState.FAILED.value, AgentState.BACKOFF.value, AgentState.STOPPED.value,
                            AgentState.PAUSED.value):
             self.set_agent_state(agent.id, AgentState.STARTING, **fields)
@@ -264,7 +275,7 @@ class Town:
         else:
             return agent, ""  # starting or stopping already: nothing to ask, so no event says it was
         pipe = self.r.pipeline()
-        self._event(pipe, "agent_restart_requested", agent=name)
+        self._event(pipe, "agent_restart_requested", agent=name, **left)
         pipe.publish(self.keys.control, f"restart {agent.id}")
         pipe.execute()
         return agent, done

@@ -714,10 +714,18 @@ def test_an_agent_that_moves_hosts_carries_its_work(hosts, tmp_path, remote_set)
         assert b.town.agent("w").reason == (
             f"its latest work is not here: its latest task {first['id']}'s work ({first['head'][:12]}) is on another "
             "host and [workspace] remote is not set: nothing to fetch it from (see README, \"Workspaces on several "
-            "hosts\"); its tasks wait until it can be had, then tt restart w")
-        assert " ".join(b.tt("status").out.split()).count("tt restart w") == 1  # (not told twice)
+            "hosts\"); its tasks wait until it can be had, then tt restart w (or tt restart w --without-latest "
+            "to go on without it)")
+        assert " ".join(b.tt("status").out.split()).count("tt restart w ") == 2  # (the reason once, not twice: it names both)
         waiting = b.town.task(second)
         assert (waiting.state, waiting.attempts) == ("assigned", 0) and not (b.harness.record / f"{second}.ls").exists()
+        # a lost for good: its work cannot be had, and the agent goes on without it when told to
+        went_on = b.tt("restart", "w", "--without-latest")
+        assert f"w goes on without its latest work (task {first['id']}, on host a)" in went_on.out
+        done = b.harness.wait_task(second)
+        assert done["state"] == "completed" and "feature.py" not in (b.harness.record / f"{second}.ls").read_text()
+        refused = b.tt("restart", "w", "--without-latest", check=False)
+        assert (refused.returncode, refused.err.count("\n")) == (1, 1) and "w has no latest work to leave" in refused.err
         return
     done = b.harness.wait_task(second)
     assert done["state"] == "completed", done
