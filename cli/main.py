@@ -537,6 +537,27 @@ def stop(now, as_json, town_path):
     stop_command(_config(town_path), now, as_json, click.echo)  # (also cli/entry.py's, without click)
 
 
+@cli.command(name="forget-host")
+@click.argument("hosts", nargs=-1, required=True)
+@town_option
+def forget_host(hosts, town_path):
+    """Remove stopped or lost hosts that no agent is placed on from the town (`tt status` lists every
+    host the town ever ran on). Started again, such a host joins as a new one."""
+    config = _config(town_path)
+    town = _live_town(config, "forget a host")
+    failed = False
+    for name in hosts:
+        try:
+            town.hosts.forget(name)
+        except TinytownError as exc:
+            click.echo(f"tt: error: {exc}", err=True)
+            failed = True
+        else:
+            click.echo(f"Forgot host {name}")
+    if failed:
+        raise SystemExit(1)
+
+
 @cli.command(name="reload")
 @town_option
 def reload_config(town_path):

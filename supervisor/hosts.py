@@ -274,6 +274,26 @@ end
 return n
 """
 
+# ARGV: ctx, host name. A stopped or lost host no agent is placed on leaves the town's records
+# (`tt forget-host`): {'ok'}, or why not: {'nohost'}, {'state', state} (live, or lapsed and not yet
+# declared lost: it may be back), {'agents', name...}. Started again, it joins as a new host.
+FORGET = PRELUDE + r"""
+local name = ARGV[2]
+local hosts = load_hosts()
+local h = hosts[name]
+if not h then return {'nohost'} end
+if h.state ~= 'stopped' and h.state ~= 'lost' then return {'state', live(h) and 'live' or 'lapsed'} end
+local held = {}
+for _, agent in ipairs(count_agents(hosts)) do
+  if agent.host == name then held[#held + 1] = agent.name end
+end
+if #held > 0 then table.sort(held) return {'agents', unpack(held)} end
+redis.call('DEL', K.host .. name)
+redis.call('SREM', K.hosts, name)
+event('host_forgotten', 'host', name)
+return {'ok'}
+"""
+
 # KEYS[1]: the agent's record. ARGV: host, epoch, now. The runner's heartbeat, written only while
 # its placement holds: 1; stale: 0; the record gone (pruned): -1, nothing written.
 HEARTBEAT = r"""
@@ -293,7 +313,7 @@ return 0
 
 SCRIPTS = {name: Script(text) for name, text in
            (("place", PLACE), ("tick", TICK), ("release", RELEASE), ("adopt", ADOPT),
-            ("heartbeat", HEARTBEAT), ("unclaim", UNCLAIM))}
+            ("heartbeat", HEARTBEAT), ("unclaim", UNCLAIM), ("forget", FORGET))}
 
 
 @dataclass
@@ -349,6 +369,19 @@ class Hosts:
     def adopt_unplaced(self, host: str) -> int:
         """Agents with no host (registered before this version): placed on `host`; how many."""
         return self._run("adopt", host)
+
+    def forget(self, name: str) -> None:
+        """Remove a stopped or lost host, with no agent placed on it, from the town's records (it
+        stays in `tt status` otherwise, for good); TinytownError saying why it cannot be."""
+        reply = self._run("forget", name)
+        if reply[0] == "nohost":
+            raise TinytownError(f"no host named {name!r} (see `tt status`)")
+        if reply[0] == "state":
+            raise TinytownError(f"host {name} is {reply[1]}: only a stopped or lost host is forgotten "
+                                f"(`tt stop` there, or wait for it to be declared lost)")
+        if reply[0] == "agents":
+            raise TinytownError(f"host {name} still has agent(s) {', '.join(reply[1:])} placed on it: "
+                                "`tt prune` them first (or start it again)")
 
     # --- placement ---------------------------------------------------------------------------
     def place(self, name: str, agent_id: str, pin: str, here: str, here_capacity: int, cli: str,

@@ -503,6 +503,30 @@ def test_status_counts_the_live_hosts_room_and_shows_them_with_no_agent(hosts):
     assert f"1/{room} agents on 1 live host " in status and f"a stopped on-a 1/{room}" in status
 
 
+def test_forget_host_removes_a_stopped_or_lost_host_with_no_agents_and_refuses_the_rest(hosts):
+    """Every host the town ever ran on stayed in `tt status` for good, a machine long retired too."""
+    a = hosts("a").start()
+    b = hosts("b").start()
+    c = hosts("c").start()
+    d = hosts("d").start()
+    a.tt("spawn", "on-c", "--shared", "--host", "c")
+    for host in (b, c):
+        host.proc.send_signal(signal.SIGTERM)
+        host.proc.wait(30)
+    d.kill()
+    wait_for(lambda: a.town.hosts.states().get("d") == "lost", 30, "d to be declared lost")
+    forgot = a.tt("forget-host", "b", "d")
+    assert forgot.out == "Forgot host b\nForgot host d\n"
+    assert sorted(a.town.hosts.states()) == ["a", "c"] and " b " not in a.tt("status").out
+    for name, why in (("a", "host a is live: only a stopped or lost host is forgotten"),
+                      ("c", "host c still has agent(s) on-c placed on it: `tt prune` them first"),
+                      ("zz", "no host named 'zz'")):
+        refused = a.tt("forget-host", name, check=False)
+        assert (refused.returncode, refused.err.count("\n")) == (1, 1) and why in refused.err, refused.err
+    b.start()  # (it joins again, as a new host)
+    assert sorted(a.town.hosts.states()) == ["a", "b", "c"]
+
+
 def test_tt_stop_in_a_folder_without_a_supervisor_stops_the_town_on_its_hosts(hosts):
     """`tt stop` in a folder of the town where no supervisor runs said "not running" while hosts a
     and b ran. It now asks the town to stop, as from a host's folder, and waits for the hosts."""
