@@ -50,7 +50,8 @@ def _say_if_held(town, name: str) -> None:
     why = ""
     host_state = town.hosts.state(agent.host) if agent.host and fencing(town.config) else ""
     if host_state == "lost":
-        why = f"{name}'s host {agent.host} is lost: this waits until it is back"
+        from tinytown.cli.render import lost_host_note
+        why = lost_host_note(name, agent.host, agent.pinned) + ", and this with it"
     elif host_state == "stopped":
         why = f"{name}'s host {agent.host} is stopped: this waits until `tt start` runs there again"
     elif agent.state == "failed":

@@ -169,9 +169,19 @@ def _counts(label: str, counts: dict):
     return _line(*parts)
 
 
+def lost_host_note(name: str, host: str, pinned: bool) -> str:
+    """What waits for an agent whose host is lost: a pinned one, the host; any other moves to a
+    live host once one has room (each supervisor's lease renewal looks again)."""
+    if pinned:
+        return f"{name}'s host {host} is lost: pinned there, it waits until that host is back"
+    return f"{name}'s host {host} is lost: it moves to a live host once one has room (max_agents), or {host} is back"
+
+
 def _note(a: dict) -> str:
     """Why an agent is not healthy, and what happens next."""
     health, reason = a["health"], a["reason"] or ""
+    if health == "lost":
+        return lost_host_note(a["name"], a["host"], a.get("pinned", False))
     asks = (f"asks {a['question']!r}: tt attach {a['name']} to answer"
             if a["state"] == "waiting" and a.get("question") else "")
     if a.get("hold") and a["state"] not in ("paused", "stopped"):  # (a question still waits for its answer)

@@ -457,13 +457,35 @@ def test_a_pinned_agent_waits_for_its_host(hosts):
     assert (agent["host"], agent["health"]) == ("a", "lost") and "Lost" in b.tt("list").out
     assert a.town.task(task).state == "assigned" and not b.clis()
     later = b.tt("assign", "p", "@echo after a is back")
-    assert "tt: note: p's host a is lost: this waits until it is back" in later.err  # (queued all the same)
+    assert "tt: note: p's host a is lost: pinned there, it waits until that host is back, and this with it" \
+        in later.err  # (queued all the same)
     watch = b.tt("attach", "p", "--read-only", check=False, timeout=20)  # (it said "p is idle" and waited)
     assert (watch.returncode, watch.err) == (1, "tt: error: p's host a is lost: attach works once it is back\n")
     a.start()  # the host returns: its agent's task runs there, the attempt counted
     (a.harness.record / "open").touch()
     done = a.harness.wait_task(task)
     assert (done["state"], done["attempts"]) == ("completed", 2)
+
+
+def test_an_unpinned_agent_on_a_lost_host_with_no_room_elsewhere_says_it_moves_once_there_is(hosts):
+    """It showed `lost` with an empty note, and `tt assign` said the work waits until its host is
+    back: it moves as soon as a live host has room, which the note now says."""
+    a = hosts("a").start()
+    b = hosts("b")
+    with (b.root / "tinytown.toml").open("a") as fh:
+        fh.write("\n[hosts.b]\nmax_agents = 1\n")
+    b.start()
+    a.tt("spawn", "u", "--shared")
+    b.tt("spawn", "fill", "--shared", "--host", "b")
+    assert a.town.agent("u").host == "a"
+    a.kill()
+    wait_for(lambda: a.town.hosts.states().get("a") == "lost", 30, "a to be declared lost")
+    note = "u's host a is lost: it moves to a live host once one has room (max_agents), or a is back"
+    assert note in " ".join(b.tt("status").out.split())
+    assert f"tt: note: {note}, and this with it" in b.tt("assign", "u", "@echo moved").err
+    c = hosts("c").start()  # room: u moves there, and its task runs
+    wait_for(lambda: c.town.agent("u").host == "c", 30, "u to move to c")
+    assert c.harness.wait_task(c.town.tasks("u")[0].id)["state"] == "completed"
 
 
 def test_one_host_stopping_leaves_the_others_commands_working(hosts):
