@@ -744,7 +744,11 @@ class Supervisor:
         self.town.mark_stopped(*[agent.id for agent in agents  # those in backoff, or never started
                                  if agent.state not in (AgentState.FAILED.value, AgentState.STOPPED.value,
                                                         AgentState.PAUSED.value)])
-        report.requeued = [fields.get("task", "") for fields in self.town.events_since(since, "task_requeued")]
+        # (the town's events: on several hosts stopping at once, each counts its own agents' tasks)
+        requeued = [fields.get("task", "") for fields in self.town.events_since(since, "task_requeued")]
+        here = {agent.name for agent in agents}
+        report.requeued = [task for task, owner in zip(requeued, self.town.task_field(requeued, "agent"))
+                           if owner in here]
         report.pending = sum(self.town.queued_counts(agents).values())  # by id: the states are not read
         waiting = self.town.coordination.waiting_counts()
         report.waiting = waiting.get("", 0) + sum(waiting.get(agent.id, 0) for agent in agents)

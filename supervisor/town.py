@@ -478,12 +478,16 @@ class Town:
     def task_heads(self, task_ids: list[str]) -> list[str]:
         """The `head` commits of these tasks, in order, skipping those without one (a shared
         agent's, or gone): the work a dependent task starts by merging. One round trip."""
+        return [head for head in self.task_field(task_ids, "head") if head]
+
+    def task_field(self, task_ids: list[str], field: str) -> list[str]:
+        """One field of each of these tasks, in order ("" where it has none). One round trip."""
         if not task_ids:
             return []
         pipe = self.r.pipeline(transaction=False)
         for task_id in task_ids:
-            pipe.hget(self.keys.task(task_id), "head")
-        return [head for head in pipe.execute() if head]
+            pipe.hget(self.keys.task(task_id), field)
+        return [value or "" for value in pipe.execute()]
 
     def finish_task(self, agent_id: str, claimed: Claimed, state: TaskState, exit_code: int | None = None,
                     reason: str = "", output: bytes = b"", agent_state: AgentState = AgentState.IDLE,

@@ -245,6 +245,7 @@ def test_tt_start_refuses_a_bad_host_name_in_one_line(town):
 
 
 # --- supervisors on several "hosts", sharing one password-protected Redis -----------------------
+import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
@@ -562,6 +563,22 @@ def test_tt_stop_in_a_folder_without_a_supervisor_stops_the_town_on_its_hosts(ho
     assert not a.tree() and not b.tree()  # every supervisor, runner and CLI gone
     assert a.town.hosts.states() == {"a": "stopped", "b": "stopped"}
     assert elsewhere.tt("stop").out == "Town testtown is not running\n"
+
+def test_each_host_s_stop_report_counts_its_own_re_queued_tasks(hosts):
+    """Each host's report of a town-wide stop listed every task re-queued in the town meanwhile."""
+    a, b = hosts("a").start(), hosts("b").start()
+    tasks = {}
+    for host in (a, b):
+        name = f"on-{host.name}"
+        a.tt("spawn", name, "--shared", "--host", host.name)
+        tasks[host.name] = a.assign(name, "@gate never\n@echo unreachable")
+        wait_for(lambda: a.town.task(tasks[host.name]).state == "running", 30, f"{name}'s task to run")
+    hosts("c").tt("stop", "--now")
+    for host in (a, b):
+        host.proc.wait(30)
+        report = json.loads(host.harness.config().last_stop_file.read_text())
+        assert report["requeued"] == [tasks[host.name]], (host.name, report)
+
 
 def test_a_stop_request_reaches_every_host_whichever_stops_first(hosts):
     """The town's one stop request was a field the first host to finish stopping cleared (and a
