@@ -13,6 +13,12 @@ import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The tests Ctrl+C a `tt` they start (SIGINT). Started in the background by a shell without job
+# control (`pytest &` in a script, some CI runners), this process inherits SIGINT ignored, and so
+# would every `tt` it starts: a handler here is reset to the default in them at exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 FAKE_BIN = REPO / "fixtures" / "bin"
 FAKE_AGENT = REPO / "fixtures" / "fake_agent.py"
 
