@@ -10,11 +10,13 @@ The thread also writes the output to the agent's log itself (the sink go() hands
 the main thread sees it: the copy every byte takes is made where the byte arrives, and the log
 stays current while the main thread is held up. A flood moved 119-123 MB/s so against 113-118
 with the main thread writing batches (three alternating rounds of six 100 MB tasks). It writes
-in blocks of up to LOG_BLOCK, not a write per read: a flood comes ~4 KiB a read, and a write
-each was half the runner's system calls (25 000 per 100 MB; now ~1 600). A read shorter than
-SMALL_READ (output trickling: a prompt, a line) goes at once with what it follows, and take()
-and a full queue write what is left, so the log lags a flood by at most LOG_BLOCK and the
-main thread's batch (10 alternated rounds of 100 MB: 0.72 of the bare loop's rate against 0.64).
+in blocks, not a write per read: a flood comes a full pty buffer (~4 KiB) a read, and a write
+each was half the runner's system calls (25 000 per 100 MB; now ~3 000). A read short of a full
+buffer (SMALL_READ: the pty was drained, the CLI paused: a line, a prompt, a burst's end) goes
+at once with what came before it; so do LOG_BLOCK bytes, and take() and a full queue write what
+is left. Only output that ends exactly at a full read, with the main thread held up, waits in
+memory for the next read or take() (10 alternated rounds of 100 MB: 0.72 of the bare loop's rate
+against 0.64, with a 1 KiB SMALL_READ).
 The thread starts before the task is recorded running (a thread that cannot be had fails the
 task before that) and reads at once, but the log gets nothing before go(), which writes what was
 read until then: the log's "task started" line comes before the CLI's output, and a CLI that
@@ -43,7 +45,7 @@ from .procutil import drain
 
 READ_CHUNK = 65536
 LOG_BLOCK = 64 * 1024    # the most read output waits for the log (see above)
-SMALL_READ = 1024        # a read this short is output trickling: it goes to the log at once
+SMALL_READ = 4000        # a read short of a full pty buffer (4 KiB): the pty was drained, it goes at once
 QUEUE_BYTES = 4 * 1024 * 1024
 _TIOCGPTPEER = 0x5441  # (termios does not name it): an fd for the slave side of a pty master
 

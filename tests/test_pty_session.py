@@ -161,6 +161,17 @@ def test_a_flood_reaches_the_log_in_blocks_and_a_short_line_at_once(sessions, re
     assert b"".join(chunks) == b"".join(logged)
 
 
+def test_a_burst_the_cli_then_waits_after_reaches_the_log_with_the_runner_held_up(sessions, record):
+    """A CLI's redraw or summary in one write, then a wait: in the log at once, take() or not
+    (a review found 3 000 bytes held until the runner's next batch)."""
+    burst = CliSpec("sh", ("sh", "-c", "head -c 3000 /dev/zero; exec sleep 300"), "stdin")
+    session = start(sessions, record, b"", spec=burst)
+    reader = session.start_reader()
+    logged: list[bytes] = []
+    reader.go(logged.append)
+    wait_for(lambda: len(b"".join(logged)) == 3000, 30, "the burst in the log")
+
+
 def test_the_log_gets_nothing_before_go_and_then_what_was_read(sessions, record):
     """The runner writes its "task started" line between start_reader() and go(): the thread
     reads at once (a CLI that prints at once is not held up), but the CLI's output must not reach
