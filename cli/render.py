@@ -115,9 +115,12 @@ def status(data: dict) -> None:
         _agents(console, agents)
     if len(hosts) > 1:  # (max_agents is each host's: the town's room is the live hosts')
         live = [h for h in hosts if h["state"] == "live"]
-        console.print(f"  {len(agents)}/{sum(h['max_agents'] for h in live)} agents on {len(live)} live "
-                      f"host{'s' if len(live) != 1 else ''}" + ("; add one with `tt spawn NAME`" if not agents else ""),
-                      markup=False)
+        on_live = sum(len(h["agents"]) for h in live)
+        line = (f"  {on_live}/{sum(h['max_agents'] for h in live)} agents on {len(live)} live "
+                f"host{'s' if len(live) != 1 else ''}" if live else f"  no live host of {len(hosts)}")
+        if len(agents) > on_live:
+            line += f", {len(agents) - on_live} on hosts not live"
+        console.print(line + ("; add one with `tt spawn NAME`" if not agents else ""), markup=False)
         _table(("HOST", "STATE", "AGENTS", "CAPACITY", "PID", "RENEWED"),
                [(h["name"], h["state"], ",".join(h["agents"]) or "-", f"{len(h['agents'])}/{h['max_agents']}",
                  str(h["pid"] or "-"), _ago(h["renewed_at"])) for h in hosts], state_col=1, console=console)

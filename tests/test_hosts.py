@@ -523,7 +523,10 @@ def test_status_counts_the_live_hosts_room_and_shows_them_with_no_agent(hosts):
     a.proc.send_signal(signal.SIGTERM)
     a.proc.wait(30)
     status = " ".join(b.tt("status", timeout=20).out.split())
-    assert f"1/{room} agents on 1 live host " in status and f"a stopped on-a 1/{room}" in status
+    assert f"0/{room} agents on 1 live host, 1 on hosts not live " in status and f"a stopped on-a 1/{room}" in status
+    b.proc.send_signal(signal.SIGTERM)
+    b.proc.wait(30)
+    assert "no live host of 2, 1 on hosts not live " in " ".join(b.tt("status").out.split())  # (it said 1/0)
 
 
 def test_forget_host_removes_a_stopped_or_lost_host_with_no_agents_and_refuses_the_rest(hosts):
