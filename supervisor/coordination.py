@@ -96,7 +96,7 @@ class Coordination:
             "dependents": k.dependents(""), "awaited": k.awaited, "backlog": k.backlog(""),
             "backlog_roles": k.backlog_roles, "roles": k.roles(""), "note": k.note(""), "notes": k.notes(""),
             "delivered_notes": k.delivered_notes(""), "cancel_requests": k.cancel_requests,
-            "output": k.output(""),
+            "output": k.output(""), "host": k.host(""),
         }
         self.ctx = json.dumps({"keys": templates, "events_maxlen": events_maxlen,
                                "control": k.control}, separators=(",", ":"))

@@ -424,13 +424,16 @@ return give_back(ARGV[2], ARGV[3] == '1')
 # ARGV: ctx, agent id, name, "1" = give its queued work to the backlog, "1" = only check.
 # `tt prune`: the agent leaves the registry with its keys (record, inbox, in-flight list, roles,
 # notes not yet delivered, output stream); its tasks stay. Refused (TTERR) while a runner may live
-# (state not stopped or failed), with a task in flight, or with queued work and no give-back.
-# Reply: {tasks given back, undelivered notes dropped}.
+# (state not stopped or failed, on a host not lost: a lost host's agents are settled by nobody, and
+# a runner of it that comes back finds its record gone), with a task in flight, or with queued work
+# and no give-back. Reply: {tasks given back, undelivered notes dropped}.
 PRUNE = PRELUDE + AGENT_QUEUE + r"""
 local agent_id, name, to_back, dry = ARGV[2], ARGV[3], ARGV[4] == '1', ARGV[5] == '1'
 if redis.call('HGET', K.agents, name) ~= agent_id then return fail('no agent named ' .. name) end
-local state = redis.call('HGET', K.agent .. agent_id, 'state') or ''
-if state ~= 'stopped' and state ~= 'failed' then
+local f = redis.call('HMGET', K.agent .. agent_id, 'state', 'host')
+local state, host = f[1] or '', f[2] or ''
+local host_lost = host ~= '' and redis.call('HGET', K.host .. host, 'state') == 'lost'
+if state ~= 'stopped' and state ~= 'failed' and not host_lost then
   return fail(name .. ' is ' .. state .. ': only a stopped agent is pruned (`tt close ' .. name .. '` first)')
 end
 if redis.call('LLEN', K.inflight .. agent_id) > 0 then

@@ -536,11 +536,15 @@ def test_forget_host_removes_a_stopped_or_lost_host_with_no_agents_and_refuses_t
     c = hosts("c").start()
     d = hosts("d").start()
     a.tt("spawn", "on-c", "--shared", "--host", "c")
+    a.tt("spawn", "on-d", "--shared", "--host", "d")
     for host in (b, c):
         host.proc.send_signal(signal.SIGTERM)
         host.proc.wait(30)
     d.kill()
     wait_for(lambda: a.town.hosts.states().get("d") == "lost", 30, "d to be declared lost")
+    # a dead machine's pinned agent: nobody stops it, so prune takes it as it is (it was refused)
+    assert "host d still has agent(s) on-d" in a.tt("forget-host", "d", check=False).err
+    a.tt("prune", "on-d")
     forgot = a.tt("forget-host", "b", "d")
     assert forgot.out == "Forgot host b\nForgot host d\n"
     assert sorted(a.town.hosts.states()) == ["a", "c"] and " b " not in a.tt("status").out
