@@ -591,6 +591,9 @@ def restart(agent, without_latest, town_path):
     town = _started_town(config)
     held = town.agent(agent)
     before = held.state
+    if without_latest:  # (before anything is stopped: a refused restart must change nothing)
+        from tinytown.supervisor.town import check_latest_to_leave
+        check_latest_to_leave(held)
     if held.health(config.supervisor.heartbeat_stale) == "unresponsive":
         from tinytown.cli.agent_commands import stop_now
         click.echo(f"{held.name}'s runner has sent no heartbeat for over {config.supervisor.heartbeat_stale:g}s "
@@ -604,7 +607,7 @@ def restart(agent, without_latest, town_path):
     found, done = town.restart_agent(agent, without_latest)
     if without_latest:
         click.echo(f"{found.name} goes on without its latest work (task {found.work_task}, on host "
-                   f"{found.work_host}): its commits stay there, on branch tt/{found.name}")
+                   f"{found.work_host}): its commits stay there, on branch {found.branch}")
     if done == "started" or before == "unresponsive":
         click.echo(f"Restarting agent {found.name} (it was {before}{', ' + held.hold + ' asked' if held.hold else ''})")
     elif done == "replaced":  # a new runner, with the config as it is now

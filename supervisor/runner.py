@@ -49,7 +49,7 @@ from .remote_attach import RemoteInput
 from .resp import RespConnectionError, Sender
 from .resp import connect as resp_connect
 from .stream_budget import StreamBudget, gap_line
-from .town import OUTPUT_TAIL_BYTES, Claimed, Town, agent_workspace
+from .town import OUTPUT_TAIL_BYTES, WORK_NOT_HERE, Claimed, Town, agent_workspace
 from .workspace import Carried, WorkNotHere, WorkspaceError
 from .workspace_remote import bring_here, push_head
 
@@ -258,7 +258,7 @@ class Runner:
                 reason = (f"its CLI cannot start: {exc}; fix [agent_clis.{self.spec.name}] (or PATH), "
                           f"then tt restart {self.name}")
             else:
-                reason = (f"its latest work is not here: {exc}; its tasks wait until it can be had, then tt restart "
+                reason = (f"{WORK_NOT_HERE}: {exc}; its tasks wait until it can be had, then tt restart "
                           f"{self.name} (or tt restart {self.name} --without-latest to go on without it)")
             self._note(reason)
             self.town.fail_agent(self.agent_id, self.name, reason)  # (first: a free agent is offered what goes back)

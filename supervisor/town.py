@@ -258,9 +258,7 @@ class Town:
         fields = {"reason": "", "hold": "", "to_backlog": ""}
         left = {}
         if without_latest:
-            if agent.state != AgentState.FAILED.value or not agent.work_task or agent.work_host in ("", agent.host):
-                raise TinytownError(f"{agent.name} has no latest work to leave: --without-latest is for an agent "
-                                    "failed because its latest work, made on another host, is not where it runs now")
+            check_latest_to_leave(agent)
             fields.update(work_task="", work_host="")
             left = {"left": agent.work_task}
         if agent.state in (AgentState.FAILED.value, AgentState.BACKOFF.value, AgentState.STOPPED.value,
@@ -756,6 +754,19 @@ def _stop_mode(value: str | None) -> StopMode | None:
         return StopMode(value)
     except ValueError:
         return StopMode.GRACEFUL
+
+
+# How a runner's failed reason starts when the agent's latest work, made on another host, cannot
+# be had where it runs now (runner.py); `tt restart --without-latest` is for that failure alone.
+WORK_NOT_HERE = "its latest work is not here"
+
+
+def check_latest_to_leave(agent: Agent) -> None:
+    """TinytownError unless `agent` failed because its latest work is not here (WORK_NOT_HERE)."""
+    if (agent.state != AgentState.FAILED.value or not agent.reason.startswith(WORK_NOT_HERE)
+            or not agent.work_task or agent.work_host in ("", agent.host)):
+        raise TinytownError(f"{agent.name} has no latest work to leave: --without-latest is for an agent "
+                            "failed because its latest work, made on another host, is not where it runs now")
 
 
 def agent_json(agent: Agent, queued: int, stale_after: float, root=None, host_states: dict | None = None,

@@ -633,9 +633,12 @@ def test_restart_of_a_hung_runner_stops_it_and_starts_a_new_one(make_town):
     pid = town.wait_agent("dev", ("idle",))["pid"]
     os.kill(pid, signal.SIGSTOP)  # hung: no heartbeat, deaf to the supervisor
     wait_for(lambda: town.json("status")["agents"][0]["health"] == "unresponsive", 20, "dev to look unresponsive")
+    refused = town.tt("restart", "dev", "--without-latest", check=False)  # (it stopped dev, then refused)
+    assert refused.returncode == 1 and "stopping it first" not in refused.out
+    from tinytown.supervisor.procutil import alive
+    assert alive(pid) and town.town().agent("dev").hold == ""
     out = town.tt("restart", "dev").out
     assert "stopping it first" in out and "Restarting agent dev" in out
-    from tinytown.supervisor.procutil import alive
     assert not alive(pid)
     fresh = town.wait_agent("dev", ("idle",))
     assert fresh["pid"] != pid and town.wait_task(town.assign("dev", "@echo back"))["state"] == "completed"
