@@ -5,7 +5,9 @@ Why: the stream (Keys.output) is a capped copy of the output for readers elsewhe
 printing flat out (a 100 MB dump) made Redis parse, store and append to its AOF every byte only
 to trim most of it again (the stream keeps ~64 MiB): ~15 % of the runner's throughput on 2 cores,
 and on a town sharing a Redis across hosts, every host's share of it. An AI CLI prints kilobytes a
-second; the budget never touches it.
+second; the budget never touches it. At 8 MiB then 4 MiB/s, what still went cost a flood ~13 % of
+its rate (0.65 of the bare pty loop's against 0.78 at 2 MiB then 1 MiB/s, 10 alternated rounds of
+100 MB): Redis parsing and persisting a sample no reader needs that large.
 
 Shape: output flows while the bucket (BURST, refilled at RATE) covers it. Once a flush would
 overdraw it, the stream gets nothing while only the newest WINDOW bytes are held (from a line's
@@ -17,9 +19,9 @@ from __future__ import annotations
 
 from collections import deque
 
-RATE = 4 * 1024 * 1024       # bytes a second into the stream, flat out
-BURST = 8 * 1024 * 1024      # bytes at once, after a quiet spell
-WINDOW = 1024 * 1024         # the newest output held while throttled, sent whole
+RATE = 1024 * 1024           # bytes a second into the stream, flat out
+BURST = 2 * 1024 * 1024      # bytes at once, after a quiet spell
+WINDOW = 256 * 1024          # the newest output held while throttled, sent whole
 LINE_SEARCH = 4096           # a held window starts after a newline found this near its cut
 
 

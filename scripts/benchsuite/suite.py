@@ -471,9 +471,10 @@ def pty_output(size: dict, ctx: Context) -> list[Row]:
                 control.append(_pexpect_read(nbytes, bt.config.log_dir / "pexpect-floor.log") / row.peer[-1])
         finally:
             follower.stop_flag.set()
+    from tinytown.supervisor.stream_budget import BURST, RATE
     row.note = (f"{nbytes / MB:g} MB per task; the follower reads the log 4 KiB per 10 ms. Tinytown also copies "
-                f"the output to the task's tail and, within its budget (supervisor/stream_budget.py: 8 MiB, then "
-                f"4 MiB/s), to a Redis stream. The same pexpect loop without the file "
+                f"the output to the task's tail and, within its budget (supervisor/stream_budget.py: {BURST >> 20} "
+                f"MiB, then {RATE >> 20} MiB/s), to a Redis stream. The same pexpect loop without the file "
                 f"reaches {statistics.median(no_log):.0f} MB/s (min {min(no_log):.0f}, max {max(no_log):.0f}) "
                 f"in this run. Control: the bare loop run twice in a row gave ratios {min(control):.2f}-{max(control):.2f} "
                 f"(median {statistics.median(control):.2f}), the spread of this row's ratio on an idle machine")
