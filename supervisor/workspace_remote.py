@@ -14,11 +14,15 @@ On one host this costs nothing: a head made here is a loose object, found by loo
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
-from .workspace import Workspace, WorkspaceError, _last_line, git, is_oid
+from .workspace import Workspace, WorkspaceError, _last_line, _text, git, is_oid
 
 REF_ROOT = "refs/tinytown"
+# A fetch that fails other than for a ref the remote lacks is tried again after these pauses (s):
+# a task's dependency, or the agent's own work, is not given up for a moment of network.
+FETCH_PAUSES = (0.5, 2.0)
 _CREDENTIALS = re.compile(r"(://)[^/@\s]+@")   # user:password@ or token@ in a URL git printed
 
 
@@ -55,9 +59,14 @@ def bring_here(workspace: Workspace, dependencies: list[str], heads: list[str], 
                              "\"Workspaces on several hosts\")")
     refs = [task_ref(town, whose[head]) for head in missing if head in whose]
     where = workspace.path if workspace.exists() else workspace.town_root
-    done = git(where, "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", remote,
-               *(f"+{ref}:{ref}" for ref in refs), ok=range(256)) if refs else None
-    still = missing_commits(workspace, missing)
+    done, still = None, missing
+    for pause in (*FETCH_PAUSES, None):
+        done = git(where, "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", remote,
+                   *(f"+{ref}:{ref}" for ref in refs), ok=range(256)) if refs else None
+        still = missing_commits(workspace, missing)
+        if not still or done is None or done.returncode == 0 or pause is None or _not_there(done):
+            break
+        time.sleep(pause)  # (a remote that did not answer: the network, a server restarting)
     if still:
         why = _said(done) if done is not None and done.returncode != 0 else f"{remote} does not have it"
         raise WorkspaceError(f"{what} {whose.get(still[0], '?')}'s work ({still[0][:12]}) is on another host "
@@ -76,6 +85,13 @@ def missing_commits(workspace: Workspace, heads: list[str]) -> list[str]:
     out = git(where, "cat-file", "--batch-check", input="".join(f"{h}\n" for h in unsure).encode()).stdout
     gone = {line.split()[0] for line in out.decode("ascii", "replace").splitlines() if line.endswith(" missing")}
     return [h for h in unsure if h in gone]
+
+
+def _not_there(done) -> bool:
+    """Whether a failed fetch says the remote lacks the ref, or is no repository at all (a name
+    not configured): asking again will not help."""
+    said = _text(done.stderr).lower()
+    return "couldn't find remote ref" in said or "does not appear to be a git repository" in said
 
 
 def _said(done) -> str:

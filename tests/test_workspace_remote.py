@@ -87,6 +87,22 @@ def test_diff_and_merge_of_a_task_done_on_another_host_fetch_its_work(two_hosts)
     assert (b.root / "feature.py").read_text() == "FEATURE = 1\n"
 
 
+def test_a_fetch_the_remote_fails_once_is_tried_again(two_hosts, tmp_path):
+    """A fetch that failed for a moment (the network, a server restarting) failed the dependent
+    task, or failed an agent whose own work it was until `tt restart`. It is tried again."""
+    a, b, _ = two_hosts('\n[workspace]\nremote = "origin"\n')
+    upstream, head = completed_on_host_a(a, b, "Add the feature\n@write feature.py FEATURE = 1")
+    failed_once = tmp_path / "failed-once"
+    flaky = tmp_path / "flaky-upload-pack"
+    flaky.write_text(f"#!/bin/sh\nif [ ! -e {failed_once} ]; then : > {failed_once}; "
+                     "echo 'fatal: the remote end hung up unexpectedly' >&2; exit 128; fi\nexec git-upload-pack \"$@\"\n")
+    flaky.chmod(0o755)
+    git(b.root, "config", "remote.origin.uploadpack", str(flaky))
+    shown = b.tt("diff", upstream, "--stat")
+    assert failed_once.exists() and "feature.py" in shown.out, shown.err
+    assert f"fetched the work of {upstream} from origin" in shown.err
+
+
 def test_diff_of_work_on_another_host_without_a_remote_says_why_in_one_line(two_hosts):
     a, b, _ = two_hosts()
     upstream, head = completed_on_host_a(a, b, "Add the feature\n@write feature.py FEATURE = 1")
