@@ -302,7 +302,7 @@ def spawn(name, cli_name, task_timeout, shared, from_ref, roles, pin, answers, k
     validate_task_timeout(task_timeout)
     for role in roles:
         validate_name("role", role)
-    if pin:
+    if pin is not None:  # (--host '' is no host: refused, not taken for "anywhere")
         validate_name("host", pin)
     shared = shared or config.workspace.mode == "shared"
     if shared and from_ref:
@@ -459,6 +459,9 @@ def status(as_json, town_path):
             click.echo(f"Town {config.name}: not running (start it with `tt start`)")
         return
     data = town.status()
+    from tinytown.supervisor.hosts import fencing
+    if running and fencing(config):  # (a Redis of its own that answers: the town runs if a host does)
+        running = any(h["state"] in ("live", "lapsed") for h in data.get("hosts") or [])
     data["running"] = running
     if not running:  # as last recorded, but not the snapshot's own address, nor a pid long gone
         data["redis"] = config.redis_where
@@ -594,6 +597,11 @@ def restart(agent, without_latest, town_path):
     if without_latest:  # (before anything is stopped: a refused restart must change nothing)
         from tinytown.supervisor.town import check_latest_to_leave
         check_latest_to_leave(held)
+    from tinytown.supervisor.hosts import fencing
+    if held.host and fencing(config) and town.hosts.lost(held.host):  # (no heartbeat: it is not hung)
+        from tinytown.cli.render import lost_host_note
+        raise TinytownError(f"{lost_host_note(held.name, held.host, held.pinned)}: nothing to restart "
+                            f"(`tt prune {held.name}` removes it)")
     if held.health(config.supervisor.heartbeat_stale) == "unresponsive":
         from tinytown.cli.agent_commands import stop_now
         click.echo(f"{held.name}'s runner has sent no heartbeat for over {config.supervisor.heartbeat_stale:g}s "
@@ -610,6 +618,8 @@ def restart(agent, without_latest, town_path):
                    f"{found.work_host}): its commits stay there, on branch {found.branch}")
     if done == "started" or before == "unresponsive":
         click.echo(f"Restarting agent {found.name} (it was {before}{', ' + held.hold + ' asked' if held.hold else ''})")
+        if held.host and fencing(config) and town.hosts.state(held.host) == "stopped":
+            click.echo(f"tt: note: its host {held.host} is stopped: it starts once `tt start` runs there", err=True)
     elif done == "replaced":  # a new runner, with the config as it is now
         click.echo(f"Restarting agent {found.name}'s runner" + (" once its current task is done"
                                                                if found.state != "idle" else ""))

@@ -141,7 +141,7 @@ def _agents(console, agents: list[dict]) -> None:
     health: dict[str, int] = {}
     for a in agents:
         health[a["health"]] = health.get(a["health"], 0) + 1
-    order = ("healthy", "unresponsive", "restarting", "failed", "starting", "stopping", "stopped", "paused")
+    order = ("healthy", "unresponsive", "restarting", "failed", "lost", "starting", "stopping", "stopped", "paused")
     console.print(_counts("  agents: ", {h: health[h] for h in order if h in health}))
     # STATE is the agent's state, except that a stale heartbeat shows as unresponsive and backoff
     # as restarting: what a user needs to know first. NOTE says why and what happens next.
@@ -185,6 +185,8 @@ def _note(a: dict) -> str:
     health, reason = a["health"], a["reason"] or ""
     if health == "lost":
         return lost_host_note(a["name"], a["host"], a.get("pinned", False))
+    if a.get("host_stopped") and health != "failed":
+        return f"its host {a['host']} is stopped: it runs once `tt start` runs there"
     asks = (f"asks {a['question']!r}: tt attach {a['name']} to answer"
             if a["state"] == "waiting" and a.get("question") else "")
     if a.get("hold") and a["state"] not in ("paused", "stopped"):  # (a question still waits for its answer)
@@ -197,7 +199,7 @@ def _note(a: dict) -> str:
         left = max(0.0, float(a["restart_at"]) - time.time()) if a.get("restart_at") else 0.0
         return f"restarting in {left:.0f}s (`tt restart {a['name']}`: now) after {reason}"
     if health == "failed":  # (a reason that says how to go on already is not told twice)
-        return reason if reason.endswith(f"tt restart {a['name']}") else f"{reason}; `tt restart {a['name']}` to try again"
+        return reason if f"tt restart {a['name']}" in reason else f"{reason}; `tt restart {a['name']}` to try again"
     if health == "unresponsive":
         return (f"{a['state']}, but no heartbeat for {_ago(a['heartbeat_at']).replace(' ago', '')}: the runner may be "
                 f"hung (`tt restart {a['name']}` replaces it)")

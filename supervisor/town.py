@@ -780,8 +780,11 @@ def agent_json(agent: Agent, queued: int, stale_after: float, root=None, host_st
     data["workspace"] = agent.workspace or "shared"
     data["pending"], data["queued"], data["waiting"] = queued + waiting, queued, waiting
     data["health"] = agent.health(stale_after)
-    if host_states and host_states.get(agent.host) == "lost":
+    host_state = (host_states or {}).get(agent.host, "")
+    if host_state == "lost":
         data["health"] = "lost"
+    elif host_state == "stopped":  # (what it waits for: `tt status` says so)
+        data["host_stopped"] = True
     data["responsive"] = data["health"] != "unresponsive"
     if root is not None:
         workspace = agent_workspace(root, agent)

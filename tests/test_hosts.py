@@ -242,6 +242,9 @@ def test_cluster_and_hosts_settings(tmp_path):
 def test_tt_start_refuses_a_bad_host_name_in_one_line(town):
     out = town.tt("start", "--host", "no/slash", check=False)
     assert out.returncode != 0 and out.err.count("\n") == 1 and "invalid host name" in out.err
+    empty = town.tt("spawn", "x", "--host", "", check=False)  # (it was taken for "any host")
+    assert empty.returncode == 1 and empty.err == "tt: error: invalid host name '': use letters, digits, '-', " \
+        "'_' or '.', starting with a letter or digit, at most 63 characters\n"
 
 
 # --- supervisors on several "hosts", sharing one password-protected Redis -----------------------
@@ -462,6 +465,9 @@ def test_a_pinned_agent_waits_for_its_host(hosts):
         in later.err  # (queued all the same)
     watch = b.tt("attach", "p", "--read-only", check=False, timeout=20)  # (it said "p is idle" and waited)
     assert (watch.returncode, watch.err) == (1, "tt: error: p's host a is lost: attach works once it is back\n")
+    restarted = b.tt("restart", "p", check=False)  # (no heartbeat: it was taken for hung, and killed)
+    assert (restarted.returncode, restarted.err.count("\n")) == (1, 1) and "nothing to restart" in restarted.err
+    assert b.town.agent("p").hold == "" and "lost 1" in b.tt("status").out
     a.start()  # the host returns: its agent's task runs there, the attempt counted
     (a.harness.record / "open").touch()
     done = a.harness.wait_task(task)
@@ -500,6 +506,8 @@ def test_one_host_stopping_leaves_the_others_commands_working(hosts):
     a.proc.wait(30)
     queued = b.tt("assign", "on-a", "@echo when a is back", timeout=20)  # (it said only "Assigned task")
     assert "tt: note: on-a's host a is stopped: this waits until `tt start` runs there again" in queued.err
+    assert "its host a is stopped: it runs once `tt start` runs there" in " ".join(b.tt("status").out.split())
+    assert "its host a is stopped: it starts once `tt start` runs there" in b.tt("restart", "on-a").err
     b.tt("spawn", "after", "--shared", "--host", "b", timeout=20)
     assert b.harness.wait_task(b.assign("after", "@echo still served"))["state"] == "completed"
     assert "after" in b.tt("status", timeout=20).out
@@ -569,6 +577,7 @@ def test_tt_stop_in_a_folder_without_a_supervisor_stops_the_town_on_its_hosts(ho
     assert a.proc.wait(30) is not None and b.proc.wait(30) is not None
     assert not a.tree() and not b.tree()  # every supervisor, runner and CLI gone
     assert a.town.hosts.states() == {"a": "stopped", "b": "stopped"}
+    assert elsewhere.harness.json("status")["running"] is False  # (its Redis answers: it said true)
     assert elsewhere.tt("stop").out == "Town testtown is not running\n"
 
 def test_each_host_s_stop_report_counts_its_own_re_queued_tasks(hosts):
@@ -786,7 +795,8 @@ def test_an_agent_that_moves_hosts_carries_its_work(hosts, tmp_path, remote_set)
             "host and [workspace] remote is not set: nothing to fetch it from (see README, \"Workspaces on several "
             "hosts\"); its tasks wait until it can be had, then tt restart w (or tt restart w --without-latest "
             "to go on without it)")
-        assert " ".join(b.tt("status").out.split()).count("tt restart w ") == 2  # (the reason once, not twice: it names both)
+        status = " ".join(b.tt("status").out.split())
+        assert status.count("tt restart w ") == 2 and "to try again" not in status  # (the reason once, and no more)
         waiting = b.town.task(second)
         assert (waiting.state, waiting.attempts) == ("assigned", 0) and not (b.harness.record / f"{second}.ls").exists()
         # a lost for good: its work cannot be had, and the agent goes on without it when told to
