@@ -118,8 +118,7 @@ def print_stop(name: str, report: dict | None, as_json: bool, echo) -> None:
         return
     if "hosts" in report:  # (stopped from a folder without a supervisor: each host's report is in its own)
         echo(f"Stopped town {name} on {len(report['hosts'])} host(s): {', '.join(report['hosts'])}")
-        for host, state in report.get("not_stopped", {}).items():
-            echo(f"Host {host} did not stop: it is {state} (its runners' tasks go back to their inboxes once it is lost)")
+        _not_stopped(report, echo)
         return
     stopped = report.get("stopped", []) + report.get("killed", [])
     echo(f"Stopped town {name}: {len(stopped)} runner(s)" + (f" ({', '.join(stopped)})" if stopped else ""))
@@ -129,6 +128,16 @@ def print_stop(name: str, report: dict | None, as_json: bool, echo) -> None:
         echo(f"{report['pending']} task(s) wait in inboxes for the next start")
     if report.get("waiting"):
         echo(f"{report['waiting']} task(s) wait on dependencies (they go on once those finish, after the next start)")
+    others = report.get("other_hosts")
+    if others:  # (the stop is the town's: its other hosts stopped too, each with its own report)
+        if others["hosts"]:
+            echo(f"Stopped on the town's other host(s) too: {', '.join(others['hosts'])}")
+        _not_stopped(others, echo)
+
+
+def _not_stopped(report: dict, echo) -> None:
+    for host, state in report.get("not_stopped", {}).items():
+        echo(f"Host {host} did not stop: it is {state} (its runners' tasks go back to their inboxes once it is lost)")
 
 
 def explain(exc: Exception, config=None) -> str:

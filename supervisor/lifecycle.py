@@ -216,12 +216,30 @@ def stop(config: Config, now: bool = False, timeout: float | None = None) -> dic
         return _stop_elsewhere(config, now, timeout) if config.redis_url else None
     from .keys import Keys
     from .resp import connect
+    wait = timeout if timeout is not None else stop_wait(config.supervisor.stop_grace, now)
+    town, others = None, []
     try:
-        ask(connect(config), Keys(config.name), StopMode.NOW if now else StopMode.GRACEFUL)
+        if config.redis_url:  # (the request is the town's: the other hosts stop too, and are said)
+            from .town import Town
+            town = Town(config, connect(config))
+            others = [name for name in town.hosts.live() if name != config.host_name()]
+        ask(town.r if town else connect(config), Keys(config.name), StopMode.NOW if now else StopMode.GRACEFUL)
     except Exception:  # noqa: BLE001 - Redis is unreachable: a signal still reaches a local supervisor
         signal_to_stop(pid)
-    wait_stopped(config.runtime_dir, pid, timeout if timeout is not None else stop_wait(config.supervisor.stop_grace, now))
-    return read_report(config.last_stop_file)
+    wait_stopped(config.runtime_dir, pid, wait)
+    report = read_report(config.last_stop_file)
+    if others:
+        report["other_hosts"] = _stopped_hosts(town, others, wait + STOP_ELSEWHERE_SLACK)
+    return report
+
+
+def _stopped_hosts(town, names: list[str], wait: float) -> dict:
+    """Wait (up to `wait`) for hosts asked to stop to be live no more: {"hosts": those stopped,
+    "not_stopped": {name: state}} (a host that died meanwhile lapses: it did not stop)."""
+    wait_until(lambda: not any(town.hosts.states().get(name) == "live" for name in names), wait)
+    states = town.hosts.states()
+    return {"hosts": [name for name in names if states.get(name) == "stopped"],
+            "not_stopped": {name: states.get(name, "gone") for name in names if states.get(name) != "stopped"}}
 
 
 def _stop_elsewhere(config: Config, now: bool, timeout: float | None) -> dict | None:
@@ -248,9 +266,7 @@ def _stop_elsewhere(config: Config, now: bool, timeout: float | None) -> dict | 
                                 "(`tt status` shows them; each stops with Ctrl+C or SIGTERM to its `tt start`)")
     if not asked:
         return None
-    states = town.hosts.states()  # (a host that died meanwhile lapses: it did not stop)
-    return {"hosts": [name for name in asked if states.get(name) == "stopped"],
-            "not_stopped": {name: states.get(name, "gone") for name in asked if states.get(name) != "stopped"}}
+    return _stopped_hosts(town, asked, 0)
 
 
 def reload(config: Config, timeout: float = 10.0) -> tuple[str, str] | None:

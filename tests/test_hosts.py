@@ -596,6 +596,19 @@ def test_each_host_s_stop_report_counts_its_own_re_queued_tasks(hosts):
         assert report["requeued"] == [tasks[host.name]], (host.name, report)
 
 
+def test_tt_stop_in_a_hosts_folder_says_the_other_hosts_stopped_too(hosts):
+    """The stop request is the town's: `tt stop` in host b's folder stopped host a as well, and
+    said only "Stopped town testtown: 1 runner(s) (on-b)"."""
+    a, b = hosts("a").start(), hosts("b").start()
+    for host in (a, b):
+        a.tt("spawn", f"on-{host.name}", "--shared", "--host", host.name)
+        a.harness.wait_agent(f"on-{host.name}")
+    done = b.tt("stop")
+    assert done.out == "Stopped town testtown: 1 runner(s) (on-b)\nStopped on the town's other host(s) too: a\n"
+    assert a.proc.wait(30) is not None and a.town.hosts.states() == {"a": "stopped", "b": "stopped"}
+    assert json.loads(b.tt("stop", "--json").out) == {"running": False}
+
+
 def test_a_stop_request_reaches_every_host_whichever_stops_first(hosts):
     """The town's one stop request was a field the first host to finish stopping cleared (and a
     host starting cleared too): a host that read it after that ran on, and `tt stop` from another
