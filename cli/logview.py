@@ -135,6 +135,8 @@ def _local_names(config: Config) -> list[str]:
 
 
 def _cannot_reach(config: Config) -> TinytownError:
+    if config.redis_url:  # (not the town's own: `tt start` would not start it)
+        return TinytownError(f"cannot reach the town's Redis at {config.redis_where} for {config.name!r}")
     return TinytownError(f"cannot reach the town's Redis for {config.name!r} (is the town running? `tt start`)")
 
 
@@ -180,8 +182,8 @@ def _show(config, client, names, local, lines, follow, task, since_at, raw, colo
     if all_agents:
         names = sorted(set(registry) | set(local))
     for name in names:
-        if name not in registry and name not in local:
-            raise TinytownError(f"no agent named {name!r} (see `tt list`)")
+        if name not in registry and name not in local:  # (with no Redis, there is no registry to ask)
+            raise _cannot_reach(config) if client is None else TinytownError(f"no agent named {name!r} (see `tt list`)")
     printer = Printer(out, prefix=all_agents or len(names) > 1, colour=colour, raw=raw)
     for name in names:
         printer.add(name)
