@@ -150,6 +150,11 @@ class AgentControl:
         coord.remove_agent(agent.id, agent.name, to_backlog, check_only=True)
         done = Pruned(agent.name)
         done.workspace = self._prune_workspace(agent, delete_branches)
+        from .hosts import elsewhere
+        if agent.workspace == "worktree" and elsewhere(self.town.config, agent.host):
+            # (this folder's is removed above, if it has one: the one it worked in is another machine's)
+            done.workspace.append(f"its worktree and branch on host {agent.host} stay there: `git worktree remove "
+                                  f"agents/{agent.name}` in that host's folder removes it")
         done.returned, done.notes_dropped = coord.remove_agent(agent.id, agent.name, to_backlog)
         return done
 

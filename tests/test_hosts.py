@@ -759,6 +759,11 @@ def test_a_worktree_agent_spawned_for_another_host_gets_its_worktree_there(hosts
     done = b.harness.wait_task(b.assign("w", "Write it\n@write made.py MADE = 1"))
     assert done["state"] == "completed" and done["branch"] == "tt/w", done
     assert (a.root / "agents" / "w" / "made.py").exists() and not (b.root / "agents" / "w").exists()
+    b.tt("close", "w")
+    b.harness.wait_agent("w", ("stopped",))
+    pruned = b.tt("prune", "w")  # (it said only "Pruned w": a user took the worktree on a for gone)
+    assert "its worktree and branch on host a stay there: `git worktree remove agents/w`" in pruned.out
+    assert (a.root / "agents" / "w" / "made.py").exists()
 
 
 def test_an_unpinned_agent_placed_on_another_host_leaves_no_worktree_here(hosts, tmp_path):
