@@ -137,7 +137,10 @@ def print_stop(name: str, report: dict | None, as_json: bool, echo) -> None:
 
 def _not_stopped(report: dict, echo) -> None:
     for host, state in report.get("not_stopped", {}).items():
-        echo(f"Host {host} did not stop: it is {state} (its runners' tasks go back to their inboxes once it is lost)")
+        if state == "live":
+            echo(f"Host {host} has not stopped yet: it still runs (`tt status` shows when it has)")
+        else:
+            echo(f"Host {host} did not stop: it is {state} (its runners' tasks go back to their inboxes once it is lost)")
 
 
 def explain(exc: Exception, config=None) -> str:

@@ -182,8 +182,10 @@ def _show(config, client, names, local, lines, follow, task, since_at, raw, colo
     if all_agents:
         names = sorted(set(registry) | set(local))
     for name in names:
-        if name not in registry and name not in local:  # (with no Redis, there is no registry to ask)
-            raise _cannot_reach(config) if client is None else TinytownError(f"no agent named {name!r} (see `tt list`)")
+        if name not in registry and name not in local:  # (a shared Redis out of reach: no registry to ask)
+            if client is None and config.redis_url:
+                raise _cannot_reach(config)
+            raise TinytownError(f"no agent named {name!r} (see `tt list`)")
     printer = Printer(out, prefix=all_agents or len(names) > 1, colour=colour, raw=raw)
     for name in names:
         printer.add(name)

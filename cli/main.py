@@ -460,7 +460,8 @@ def status(as_json, town_path):
         return
     data = town.status()
     from tinytown.supervisor.hosts import fencing
-    if running and fencing(config):  # (a Redis of its own that answers: the town runs if a host does)
+    from tinytown.supervisor.lifecycle import running_pid
+    if running and fencing(config) and not running_pid(config):  # (a shared Redis answers: a host runs?)
         running = any(h["state"] in ("live", "lapsed") for h in data.get("hosts") or [])
     data["running"] = running
     if not running:  # as last recorded, but not the snapshot's own address, nor a pid long gone
@@ -598,10 +599,12 @@ def restart(agent, without_latest, town_path):
         from tinytown.supervisor.town import check_latest_to_leave
         check_latest_to_leave(held)
     from tinytown.supervisor.hosts import fencing
-    if held.host and fencing(config) and town.hosts.lost(held.host):  # (no heartbeat: it is not hung)
+    from tinytown.supervisor.town import LIVE_STATES
+    lost = bool(held.host) and fencing(config) and town.hosts.lost(held.host)
+    if lost and held.state in LIVE_STATES and not held.hold:  # (its runner died with its host: not hung)
         from tinytown.cli.render import lost_host_note
-        raise TinytownError(f"{lost_host_note(held.name, held.host, held.pinned)}: nothing to restart "
-                            f"(`tt prune {held.name}` removes it)")
+        raise TinytownError(f"{lost_host_note(held.name, held.host, held.pinned)}: its runner is not hung, "
+                            f"nothing to restart (`tt prune {held.name}` removes it)")
     if held.health(config.supervisor.heartbeat_stale) == "unresponsive":
         from tinytown.cli.agent_commands import stop_now
         click.echo(f"{held.name}'s runner has sent no heartbeat for over {config.supervisor.heartbeat_stale:g}s "
@@ -618,8 +621,10 @@ def restart(agent, without_latest, town_path):
                    f"{found.work_host}): its commits stay there, on branch {found.branch}")
     if done == "started" or before == "unresponsive":
         click.echo(f"Restarting agent {found.name} (it was {before}{', ' + held.hold + ' asked' if held.hold else ''})")
-        if held.host and fencing(config) and town.hosts.state(held.host) == "stopped":
-            click.echo(f"tt: note: its host {held.host} is stopped: it starts once `tt start` runs there", err=True)
+        host_state = town.hosts.state(held.host) if held.host and fencing(config) else ""
+        if host_state in ("stopped", "lost"):
+            click.echo(f"tt: note: its host {held.host} is {host_state}: it starts once "
+                       + ("`tt start` runs there" if host_state == "stopped" else "that host is back"), err=True)
     elif done == "replaced":  # a new runner, with the config as it is now
         click.echo(f"Restarting agent {found.name}'s runner" + (" once its current task is done"
                                                                if found.state != "idle" else ""))

@@ -185,8 +185,6 @@ def _note(a: dict) -> str:
     health, reason = a["health"], a["reason"] or ""
     if health == "lost":
         return lost_host_note(a["name"], a["host"], a.get("pinned", False))
-    if a.get("host_stopped") and health != "failed":
-        return f"its host {a['host']} is stopped: it runs once `tt start` runs there"
     asks = (f"asks {a['question']!r}: tt attach {a['name']} to answer"
             if a["state"] == "waiting" and a.get("question") else "")
     if a.get("hold") and a["state"] not in ("paused", "stopped"):  # (a question still waits for its answer)
@@ -195,6 +193,8 @@ def _note(a: dict) -> str:
         return f"closed; `tt restart {a['name']}` opens it again, `tt prune` removes it"
     if a.get("hold") == "pause":
         return f"`tt resume {a['name']}` lets it take tasks again"
+    if a.get("host_stopped") and health != "failed":
+        return f"its host {a['host']} is stopped: it runs once `tt start` runs there"
     if health == "restarting":
         left = max(0.0, float(a["restart_at"]) - time.time()) if a.get("restart_at") else 0.0
         return f"restarting in {left:.0f}s (`tt restart {a['name']}`: now) after {reason}"

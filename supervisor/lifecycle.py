@@ -222,9 +222,11 @@ def stop(config: Config, now: bool = False, timeout: float | None = None) -> dic
         if config.redis_url:  # (the request is the town's: the other hosts stop too, and are said)
             from .town import Town
             town = Town(config, connect(config))
-            others = [name for name in town.hosts.live() if name != config.host_name()]
+            others = [h["name"] for h in town.hosts.listing()  # (this host: by its supervisor's pid too)
+                      if h["state"] == "live" and h["name"] != config.host_name() and h["pid"] != pid]
         ask(town.r if town else connect(config), Keys(config.name), StopMode.NOW if now else StopMode.GRACEFUL)
     except Exception:  # noqa: BLE001 - Redis is unreachable: a signal still reaches a local supervisor
+        others = []  # (nor did the request reach the other hosts)
         signal_to_stop(pid)
     wait_stopped(config.runtime_dir, pid, wait)
     report = read_report(config.last_stop_file)
@@ -235,11 +237,16 @@ def stop(config: Config, now: bool = False, timeout: float | None = None) -> dic
 
 def _stopped_hosts(town, names: list[str], wait: float) -> dict:
     """Wait (up to `wait`) for hosts asked to stop to be live no more: {"hosts": those stopped,
-    "not_stopped": {name: state}} (a host that died meanwhile lapses: it did not stop)."""
-    wait_until(lambda: not any(town.hosts.states().get(name) == "live" for name in names), wait)
-    states = town.hosts.states()
+    "not_stopped": {name: state}} (a host that died meanwhile lapses: it did not stop; one that
+    still runs is `live`). A Redis gone meanwhile: what was known, each host `unknown`."""
+    from .resp import RespError
+    try:
+        wait_until(lambda: not any(town.hosts.states().get(name) == "live" for name in names), wait)
+        states = town.hosts.states()
+    except RespError:
+        states = {}
     return {"hosts": [name for name in names if states.get(name) == "stopped"],
-            "not_stopped": {name: states.get(name, "gone") for name in names if states.get(name) != "stopped"}}
+            "not_stopped": {name: states.get(name, "unknown") for name in names if states.get(name) != "stopped"}}
 
 
 def _stop_elsewhere(config: Config, now: bool, timeout: float | None) -> dict | None:

@@ -783,7 +783,7 @@ def agent_json(agent: Agent, queued: int, stale_after: float, root=None, host_st
     host_state = (host_states or {}).get(agent.host, "")
     if host_state == "lost":
         data["health"] = "lost"
-    elif host_state == "stopped":  # (what it waits for: `tt status` says so)
+    elif host_state == "stopped" and "live" in host_states.values():  # (the town runs on, not here)
         data["host_stopped"] = True
     data["responsive"] = data["health"] != "unresponsive"
     if root is not None:

@@ -20,8 +20,8 @@ from pathlib import Path
 from .workspace import Workspace, WorkspaceError, _last_line, _text, git, is_oid
 
 REF_ROOT = "refs/tinytown"
-# A fetch that fails other than for a ref the remote lacks is tried again after these pauses (s):
-# a task's dependency, or the agent's own work, is not given up for a moment of network.
+# A fetch that fails for what may pass (_TRANSIENT) is tried again after these pauses (s): a
+# task's dependency, or the agent's own work, is not given up for a moment of network.
 FETCH_PAUSES = (0.5, 2.0)
 _CREDENTIALS = re.compile(r"(://)[^/@\s]+@")   # user:password@ or token@ in a URL git printed
 
@@ -64,7 +64,7 @@ def bring_here(workspace: Workspace, dependencies: list[str], heads: list[str], 
         done = git(where, "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", remote,
                    *(f"+{ref}:{ref}" for ref in refs), ok=range(256)) if refs else None
         still = missing_commits(workspace, missing)
-        if not still or done is None or done.returncode == 0 or pause is None or _not_there(done):
+        if not still or done is None or done.returncode == 0 or pause is None or not _passing(done):
             break
         time.sleep(pause)  # (a remote that did not answer: the network, a server restarting)
     if still:
@@ -87,11 +87,17 @@ def missing_commits(workspace: Workspace, heads: list[str]) -> list[str]:
     return [h for h in unsure if h in gone]
 
 
-def _not_there(done) -> bool:
-    """Whether a failed fetch says the remote lacks the ref, or is no repository at all (a name
-    not configured): asking again will not help."""
+# What git says of a failure that may pass (git runs with LC_ALL=C): a name not resolved, a connection
+# refused or cut, a server's 5xx. Anything else (no such ref or repository, refused credentials, a
+# host key, a timeout that already took minutes) is said at once.
+_TRANSIENT = ("could not resolve host", "connection refused", "connection reset", "remote end hung up unexpectedly",
+              "early eof", "rpc failed", "the requested url returned error: 5")
+
+
+def _passing(done) -> bool:
+    """Whether a failed fetch may work if asked again in a moment."""
     said = _text(done.stderr).lower()
-    return "couldn't find remote ref" in said or "does not appear to be a git repository" in said
+    return any(sign in said for sign in _TRANSIENT)
 
 
 def _said(done) -> str:

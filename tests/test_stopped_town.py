@@ -76,6 +76,9 @@ def test_a_stopped_towns_records_are_read_and_nothing_changes(town, private_tmp)
     assert status["tasks"]["completed"] == 1 and status["tasks"]["failed"] == 1
     text = town.tt("status").out
     assert "stopped" in text and "not running" in text and "dev" in text
+    assert "its host" not in text  # (one machine's town: its host is the town, never said apart)
+    typo = town.tt("logs", "dve", check=False)  # (a review found "cannot reach the town's Redis")
+    assert (typo.returncode, typo.err) == (1, "tt: error: no agent named 'dve' (see `tt list`)\n")
 
     assert files_of(runtime) == before
     nothing_left(town, private_tmp)

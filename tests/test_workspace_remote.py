@@ -101,6 +101,21 @@ def test_a_fetch_the_remote_fails_once_is_tried_again(two_hosts, tmp_path):
     shown = b.tt("diff", upstream, "--stat")
     assert failed_once.exists() and "feature.py" in shown.out, shown.err
     assert f"fetched the work of {upstream} from origin" in shown.err
+    # what will not pass is said at once, after one try (a review saw refused credentials tried 3 times)
+    refusing = tmp_path / "refusing-upload-pack"
+    tries = tmp_path / "tries"
+    refusing.write_text(f"#!/bin/sh\necho x >> {tries}\necho 'fatal: Authentication failed' >&2\nexit 128\n")
+    refusing.chmod(0o755)
+    git(b.root, "config", "remote.origin.uploadpack", str(refusing))
+    later = a.assign("dev", "Add more\n@write more.py MORE = 1")
+    assert a.wait_task(later)["state"] == "completed"
+    town_a, town_b = a.town(), b.town()
+    fields = town_a.r.hgetall(town_a.keys.task(later))
+    town_b.r.hset(town_b.keys.task(later), mapping=fields)
+    town_b.r.zadd(town_b.keys.task_index, {later: float(fields["created_at"])})
+    refused = b.tt("diff", later, check=False)
+    assert refused.returncode == 1 and "Authentication failed" in refused.err
+    assert tries.read_text().count("x") == 1
 
 
 def test_diff_of_work_on_another_host_without_a_remote_says_why_in_one_line(two_hosts):
