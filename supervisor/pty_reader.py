@@ -26,7 +26,8 @@ stall) comes after the batch that prompted it, which take() has written to the l
 At most QUEUE_BYTES wait between the two: past that the thread stops reading, the pty fills and
 the CLI waits, as it would for any slow reader, rather than the runner's memory growing while
 its main thread is held up (a stalled Redis, a slow disk). The bound is also the largest batch
-the main thread takes at once: with 256 KiB the rate was ~20 % lower than with 4 MiB here.
+the main thread takes at once: with 256 KiB the rate was ~20 % lower than with 4 MiB here, and
+8 MiB lets a flood's batches gather 50 ms (runner.FLOOD_BATCH_SECONDS) at its pty's rate.
 
 The thread reads its own dup of the master side. When the runner is done with a session whose
 terminal is still held open (by a helper that left the CLI's session), abandon() writes a byte
@@ -46,7 +47,7 @@ from .procutil import drain
 READ_CHUNK = 65536
 LOG_BLOCK = 64 * 1024    # the most read output waits for the log (see above)
 SMALL_READ = 4000        # a read short of a full pty buffer (4 KiB): the pty was drained, it goes at once
-QUEUE_BYTES = 4 * 1024 * 1024
+QUEUE_BYTES = 8 * 1024 * 1024
 _TIOCGPTPEER = 0x5441  # (termios does not name it): an fd for the slave side of a pty master
 
 

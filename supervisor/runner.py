@@ -65,11 +65,12 @@ KILL_WAIT_SECONDS = 2.0
 # log at most this much later.
 BATCH_SECONDS = 0.001
 # ... and this long while a flood is held back from the Redis stream and nobody is attached: then
-# no reader wants the batches sooner (the log has every byte at once, from the pty's reader
-# thread), and a hundred wakeups a second instead of a thousand left the runner ~3 % more of the
-# flood (100 MB floods, three alternating rounds). The reader's queue (4 MiB) holds 10 ms of
-# output up to 400 MB/s.
-FLOOD_BATCH_SECONDS = 0.01
+# no reader wants the batches sooner (the log has the output from the pty's reader thread), and
+# each wakeup of the main thread during a flood costs the pipeline on 2 cores. Of the bare pty
+# loop's rate, 100 MB floods read 0.60 at 1 ms, 0.70-0.74 at 10 ms, 0.79 at 25 ms and 0.84-0.85
+# at 50 ms (7 and 9 alternated rounds, 2026-12-02). The reader's queue (pty_reader.QUEUE_BYTES,
+# 8 MiB) holds 50 ms of output up to 160 MB/s.
+FLOOD_BATCH_SECONDS = 0.05
 
 
 class _StopNow(Exception):
