@@ -222,8 +222,8 @@ def stop(config: Config, now: bool = False, timeout: float | None = None) -> dic
         if config.redis_url:  # (the request is the town's: the other hosts stop too, and are said)
             from .town import Town
             town = Town(config, connect(config))
-            others = [h["name"] for h in town.hosts.listing()  # (this host: by its supervisor's pid too)
-                      if h["state"] == "live" and h["name"] != config.host_name() and h["pid"] != pid]
+            me = _running_as(config)
+            others = [h["name"] for h in town.hosts.listing() if h["state"] == "live" and h["name"] != me]
         ask(town.r if town else connect(config), Keys(config.name), StopMode.NOW if now else StopMode.GRACEFUL)
     except Exception:  # noqa: BLE001 - Redis is unreachable: a signal still reaches a local supervisor
         others = []  # (nor did the request reach the other hosts)
@@ -233,6 +233,15 @@ def stop(config: Config, now: bool = False, timeout: float | None = None) -> dic
     if others:
         report["other_hosts"] = _stopped_hosts(town, others, wait + STOP_ELSEWHERE_SLACK)
     return report
+
+
+def _running_as(config: Config) -> str:
+    """The host name this folder's running supervisor took (`tt start --host` wins over [cluster]
+    host there, and it writes the name it runs as down at its start)."""
+    try:
+        return config.host_file.read_text(encoding="utf-8").strip() or config.host_name()
+    except (OSError, UnicodeDecodeError):
+        return config.host_name()
 
 
 def _stopped_hosts(town, names: list[str], wait: float) -> dict:
