@@ -145,9 +145,8 @@ def test_the_reader_thread_takes_all_output_to_the_end(sessions, record):
 
 
 def test_a_flood_reaches_the_log_in_blocks_and_a_short_line_at_once(sessions, record):
-    """A pty hands a flood over ~4 KiB a read: a log write each was half the runner's system
-    calls (pty_reader.LOG_BLOCK). A short line after it (a prompt) still reaches the log with
-    everything before it, while the runner takes nothing (its main thread held up)."""
+    """A flood and a short line after it (a prompt) reach the log whole and in order, while the
+    runner takes nothing (its main thread held up). (How many writes: the test below.)"""
     flood = CliSpec("sh", ("sh", "-c", "head -c 2000000 /dev/zero; sleep 0.2; echo Proceed?; exec sleep 300"),
                     "stdin")
     session = start(sessions, record, b"", spec=flood)
@@ -156,9 +155,35 @@ def test_a_flood_reaches_the_log_in_blocks_and_a_short_line_at_once(sessions, re
     reader.go(logged.append)
     wait_for(lambda: b"Proceed?" in b"".join(logged), 30, "the line after the flood in the log")
     assert b"".join(logged) == b"\0" * 2000000 + b"Proceed?\r\n"
-    assert 2000000 / len(logged) > 8192  # (a write per read: ~4 KiB each)
     chunks, _ = reader.take()
     assert b"".join(chunks) == b"".join(logged)
+
+
+def test_full_reads_reach_the_log_in_blocks_and_a_short_one_at_once():
+    """How many writes the log gets, with the reads made one at a time (a pipe whose each write is
+    read before the next), so that the count does not hang on the machine's timing: a pty's
+    reader that keeps up gets short reads, each flushed, and one that falls behind full ones."""
+    from tinytown.supervisor.pty_reader import LOG_BLOCK, PtyReader
+    read_end, write_end = os.pipe()
+    reader = PtyReader(read_end)  # (it reads a dup of its own)
+    os.close(read_end)
+    reader.start()
+    logged: list[bytes] = []
+    reader.go(logged.append)
+    full = b"x" * 4095  # (what a pty hands over at once)
+    try:
+        for n in range(1, 101):
+            os.write(write_end, full)
+            wait_for(lambda: reader.size == n * len(full), 10, "the read")
+        assert len(logged) <= 100 * len(full) // LOG_BLOCK  # (a write per read: 100)
+        os.write(write_end, b"Proceed? ")  # short: at once, with all before it, though nothing is taken
+        wait_for(lambda: b"".join(logged) == full * 100 + b"Proceed? ", 10, "the short read in the log")
+    finally:
+        os.close(write_end)
+    wait_for(lambda: reader.eof, 10, "the end of the output")
+    chunks, eof = reader.take()
+    assert eof and b"".join(chunks) == b"".join(logged)
+    reader.abandon()
 
 
 def test_a_burst_the_cli_then_waits_after_reaches_the_log_with_the_runner_held_up(sessions, record):
