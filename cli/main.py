@@ -605,7 +605,7 @@ def restart(agent, without_latest, town_path):
         from tinytown.cli.render import lost_host_note
         raise TinytownError(f"{lost_host_note(held.name, held.host, held.pinned)}: its runner is not hung, "
                             f"nothing to restart (`tt prune {held.name}` removes it)")
-    if held.health(config.supervisor.heartbeat_stale) == "unresponsive":
+    if held.health(config.supervisor.heartbeat_stale) == "unresponsive" and not lost:  # (lost: its hold goes, below)
         from tinytown.cli.agent_commands import stop_now
         click.echo(f"{held.name}'s runner has sent no heartbeat for over {config.supervisor.heartbeat_stale:g}s "
                    "(hung?): stopping it first")

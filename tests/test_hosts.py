@@ -468,6 +468,12 @@ def test_a_pinned_agent_waits_for_its_host(hosts):
     restarted = b.tt("restart", "p", check=False)  # (no heartbeat: it was taken for hung, and killed)
     assert (restarted.returncode, restarted.err.count("\n")) == (1, 1) and "nothing to restart" in restarted.err
     assert b.town.agent("p").hold == "" and "lost 1" in b.tt("status").out
+    stale = b.harness.config().supervisor.heartbeat_stale
+    wait_for(lambda: b.town.agent("p").health(stale) == "unresponsive", 30, "p's heartbeat to go stale")
+    b.tt("close", "p")  # (nobody settles it while a is lost) ...
+    reopened = b.tt("restart", "p", timeout=20)  # ... and a restart reopens it, not kills it
+    assert "stopping it first" not in reopened.out and "it starts once that host is back" in reopened.err
+    assert b.town.agent("p").hold == ""
     a.start()  # the host returns: its agent's task runs there, the attempt counted
     (a.harness.record / "open").touch()
     done = a.harness.wait_task(task)
