@@ -600,7 +600,8 @@ def restart(agent, without_latest, town_path):
         check_latest_to_leave(held)
     from tinytown.supervisor.hosts import fencing
     from tinytown.supervisor.town import LIVE_STATES
-    lost = bool(held.host) and fencing(config) and town.hosts.lost(held.host)
+    host_state = town.hosts.state(held.host) if held.host and fencing(config) else ""  # (one read, said below too)
+    lost = host_state == "lost"
     if lost and held.state in LIVE_STATES and not held.hold:  # (its runner died with its host: not hung)
         from tinytown.cli.render import lost_host_note
         raise TinytownError(f"{lost_host_note(held.name, held.host, held.pinned)}: its runner is not hung, "
@@ -621,7 +622,6 @@ def restart(agent, without_latest, town_path):
                    f"{found.work_host}): its commits stay there, on branch {found.branch}")
     if done == "started" or before == "unresponsive":
         click.echo(f"Restarting agent {found.name} (it was {before}{', ' + held.hold + ' asked' if held.hold else ''})")
-        host_state = town.hosts.state(held.host) if held.host and fencing(config) else ""
         if host_state in ("stopped", "lost"):
             click.echo(f"tt: note: its host {held.host} is {host_state}: it starts once "
                        + ("`tt start` runs there" if host_state == "stopped" else "that host is back"), err=True)
