@@ -14,6 +14,8 @@ from tinytown.supervisor.config import Config, validate_name
 from tinytown.supervisor.errors import TinytownError
 from tinytown.supervisor.procutil import drain
 
+from tinytown.cli.entry import cannot_reach
+
 
 class KeyMatcher:
     """Finds the detach sequence in typed bytes; bytes that turn out not to be part of it pass on."""
@@ -93,6 +95,8 @@ def _attach_via_redis(config: Config, name: str, keys: bytes, keys_spec: str, re
         town = Town(config)
         agent = town.agent(name)
     except RespError:
+        if config.redis_url:  # (a shared Redis: no supervisor here says whether the town runs)
+            raise cannot_reach(config) from None
         raise TinytownError(_not_running(config, name)) from None
     if agent.state in NOT_RUNNING:
         raise TinytownError(f"agent {name} is not running (state {agent.state}); attach works once its runner is up")

@@ -143,6 +143,13 @@ def _not_stopped(report: dict, echo) -> None:
             echo(f"Host {host} did not stop: it is {state} (its runners' tasks go back to their inboxes once it is lost)")
 
 
+def cannot_reach(config) -> TinytownError:
+    """The town's Redis does not answer a command that reads it (a town sharing one says where)."""
+    if config.redis_url:  # (not the town's own: `tt start` would not start it)
+        return TinytownError(f"cannot reach the town's Redis at {config.redis_where} for {config.name!r}")
+    return TinytownError(f"cannot reach the town's Redis for {config.name!r} (is the town running? `tt start`)")
+
+
 def explain(exc: Exception, config=None) -> str:
     """One line for an unexpected error; the town's Redis errors by their class in resp.py."""
     resp = sys.modules.get("tinytown.supervisor.resp")  # not loaded: the error cannot be one of its

@@ -17,6 +17,8 @@ from tinytown.supervisor.log_readers import LogFile, OutputStream, cut_lines
 
 from tinytown.supervisor.terminal_text import clean_line
 
+from tinytown.cli.entry import cannot_reach
+
 POLL_SECONDS = 0.02          # how often followed files are checked: a new line shows within this
 PARTIAL_SECONDS = 0.3        # a line without its newline yet (a prompt) is shown after this pause
 RESCAN_SECONDS = 1.0         # how often "all agents" looks for agents spawned since
@@ -134,12 +136,6 @@ def _local_names(config: Config) -> list[str]:
         return []
 
 
-def _cannot_reach(config: Config) -> TinytownError:
-    if config.redis_url:  # (not the town's own: `tt start` would not start it)
-        return TinytownError(f"cannot reach the town's Redis at {config.redis_where} for {config.name!r}")
-    return TinytownError(f"cannot reach the town's Redis for {config.name!r} (is the town running? `tt start`)")
-
-
 def show(config: Config, names: list[str], *, lines: int | None, follow: bool, task: str | None,
          since: str | None, raw: bool, colour: bool, from_redis: bool, out=None) -> None:
     """The whole `tt logs` command (see cli/main.py for the options)."""
@@ -175,7 +171,7 @@ def show(config: Config, names: list[str], *, lines: int | None, follow: bool, t
 def _show(config, client, names, local, lines, follow, task, since_at, raw, colour, from_redis, out) -> None:
     if task:
         if client is None:
-            raise _cannot_reach(config)
+            raise cannot_reach(config)
         return _show_task(config, client, task, lines, since_at, follow, raw, out)
     registry = _registry(config, client) if client is not None else {}
     all_agents = not names
@@ -184,7 +180,7 @@ def _show(config, client, names, local, lines, follow, task, since_at, raw, colo
     for name in names:
         if name not in registry and name not in local:  # (a shared Redis out of reach: no registry to ask)
             if client is None and config.redis_url:
-                raise _cannot_reach(config)
+                raise cannot_reach(config)
             raise TinytownError(f"no agent named {name!r} (see `tt list`)")
     printer = Printer(out, prefix=all_agents or len(names) > 1, colour=colour, raw=raw)
     for name in names:
@@ -201,7 +197,7 @@ def _show(config, client, names, local, lines, follow, task, since_at, raw, colo
     try:
         if use_redis:
             if client is None:
-                raise _cannot_reach(config)
+                raise cannot_reach(config)
             _from_stream(config, client, registry, names, all_agents, printer, lines, since_at, follow)
         else:
             _from_files(config, names, all_agents, printer, lines, follow)

@@ -142,7 +142,8 @@ def test_refused_and_bad_password_are_one_line(make_town, remote_redis):
         out = town.tt(*args, check=False, timeout=60)
         assert out.returncode == 1 and out.err.count("\n") == 1 and "Traceback" not in out.err, (args, out.err)
         assert f"cannot connect to Redis at 127.0.0.1:{remote_redis.port}: Connection refused" in out.err, out.err
-    for args in (("logs", "dev"), ("logs", "dev", "--redis"), ("logs", "dev", "--since", "10m")):  # (no log here)
+    for args in (("logs", "dev"), ("logs", "dev", "--redis"), ("logs", "dev", "--since", "10m"),  # (no log here)
+                 ("attach", "dev", "--read-only")):
         out = town.tt(*args, check=False, timeout=60)  # (they said "no agent named 'dev'", or to `tt start` it)
         assert (out.returncode, out.err) == (1, f"tt: error: cannot reach the town's Redis at "
                                                 f"redis://127.0.0.1:{remote_redis.port} for 'testtown'\n"), (args, out.err)
