@@ -110,6 +110,10 @@ def test_from_ref_and_an_existing_branch_is_reused_never_reset(town):
     notes = space.ensure(from_ref="main")           # the branch exists: reused with its commit
     assert head(space.path) == ended.head and (space.path / "c.txt").exists()
     assert any("reused as it is" in note for note in notes)
+    space.prune()
+    notes = space.ensure()  # (an agent spawned again under a pruned one's name: it is told, not only --from)
+    assert head(space.path) == ended.head
+    assert any(f"branch tt/dev exists: reused as it is, at {ended.head[:12]}" in note for note in notes), notes
     with pytest.raises(WorkspaceError, match="no such commit"):
         Workspace(town, "qa").ensure(from_ref="no-such-ref")
     with pytest.raises(WorkspaceError, match="no such commit"):
