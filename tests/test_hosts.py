@@ -250,6 +250,7 @@ def test_tt_start_refuses_a_bad_host_name_in_one_line(town):
 # --- supervisors on several "hosts", sharing one password-protected Redis -----------------------
 import json  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -494,11 +495,33 @@ def test_an_unpinned_agent_on_a_lost_host_with_no_room_elsewhere_says_it_moves_o
     a.kill()
     wait_for(lambda: a.town.hosts.states().get("a") == "lost", 30, "a to be declared lost")
     note = "u's host a is lost: it moves to a live host once one has room (max_agents), or a is back"
-    assert note in " ".join(b.tt("status").out.split())
+    status = " ".join(b.tt("status").out.split())
+    assert note in status
+    # no pid of a's dead supervisor and runner in the PID columns (they named no process any more)
+    assert re.search(r"\ba lost u \d+/\d+ - ", status) and re.search(r"\bu lost \S+ - ", status), status
     assert f"tt: note: {note}, and this with it" in b.tt("assign", "u", "@echo moved").err
     c = hosts("c").start()  # room: u moves there, and its task runs
     wait_for(lambda: c.town.agent("u").host == "c", 30, "u to move to c")
     assert c.harness.wait_task(c.town.tasks("u")[0].id)["state"] == "completed"
+
+
+def test_a_failed_agent_on_a_lost_host_is_restarted_with_a_note_and_never_stopped_first(hosts):
+    """Nobody settles a lost host's agents: its failed one is reopened from elsewhere, to start
+    once that host is back, and no stop is sent to the runner that died with it."""
+    a = hosts("a")
+    with (a.root / "tinytown.toml").open("a") as fh:
+        fh.write('\n[agent_clis.broken]\ncommand = "no-such-cli-here"\n')
+    a.start()
+    b = hosts("b").start()
+    a.tt("spawn", "f", "--shared", "--host", "a", "--model", "broken")
+    a.assign("f", "@echo never")
+    wait_for(lambda: a.town.agent("f").state == "failed", 30, "f to fail on a")
+    a.kill()
+    wait_for(lambda: a.town.hosts.states().get("a") == "lost", 30, "a to be declared lost")
+    restarted = b.tt("restart", "f", timeout=20)
+    assert "stopping it first" not in restarted.out and "Restarting agent f (it was failed)" in restarted.out
+    assert "tt: note: its host a is lost: it starts once that host is back" in restarted.err
+    assert b.town.agent("f").state != "failed"
 
 
 def test_one_host_stopping_leaves_the_others_commands_working(hosts):
