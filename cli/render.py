@@ -81,10 +81,10 @@ def _line(*parts):
     return Text.assemble(*parts)
 
 
-def _pid(pid) -> str:
+def _pid(pid, gone: bool = False) -> str:
     """A pid column: "-" for none, and for one on a host that is gone (lost, stopped), where the
     number names no process of the town's any more (`--json` keeps what was recorded)."""
-    return str(pid) if pid else "-"
+    return str(pid) if pid and not gone else "-"
 
 
 def _ago(ts) -> str:
@@ -129,7 +129,7 @@ def status(data: dict) -> None:
         console.print(line + ("; add one with `tt spawn NAME`" if not agents else ""), markup=False)
         _table(("HOST", "STATE", "AGENTS", "CAPACITY", "PID", "RENEWED"),
                [(h["name"], h["state"], ",".join(h["agents"]) or "-", f"{len(h['agents'])}/{h['max_agents']}",
-                 _pid(h["pid"] if h["state"] in ("live", "lapsed") else None), _ago(h["renewed_at"]))
+                 _pid(h["pid"], gone=h["state"] not in ("live", "lapsed")), _ago(h["renewed_at"]))
                 for h in hosts], state_col=1, console=console)
     elif agents:
         console.print(f"  {len(agents)}/{data['max_agents']} agents", markup=False)
@@ -153,7 +153,7 @@ def _agents(console, agents: list[dict]) -> None:
     # STATE is the agent's state, except that a stale heartbeat shows as unresponsive and backoff
     # as restarting: what a user needs to know first. NOTE says why and what happens next.
     rows = [(a["name"], STATE_WORDS.get(a["state"], a["state"]) if a["health"] == "healthy" else a["health"],
-             a["cli"], _pid(a["pid"] if a["health"] != "lost" else None),
+             a["cli"], _pid(a["pid"], gone=a["health"] == "lost"),
              (a["current_task"] or "-")[:8], str(a["pending"]), str(a["restarts"]), _ago(a["heartbeat_at"]),
              "; ".join(t for t in (_note(a), "roles " + ",".join(a["roles"]) if a.get("roles") else "") if t))
             for a in agents]
