@@ -37,11 +37,14 @@ def fencing(config) -> bool:
     return bool(config.redis_url) or not config.use_socket
 
 
-def elsewhere(config, host: str | None) -> bool:
-    """Whether `host` (an agent's placement) is another host than this folder's: what a runner of
-    the agent's left here (a log, an attach socket, a branch) is from when it ran here, not where
-    it runs now. Never on a town that cannot span hosts."""
-    return bool(host) and fencing(config) and host != config.host_name()
+def elsewhere(config, host: str | None, here: str | None = None) -> bool:
+    """Whether `host` (an agent's placement) is another host than this folder's (`here`, else
+    lifecycle.host_here): what a runner of the agent's left here (a log, an attach socket, a
+    branch) is from when it ran here, not where it runs now. Never on a town that cannot span hosts."""
+    if not host or not fencing(config):
+        return False
+    from .lifecycle import host_here
+    return host != (here or host_here(config))
 
 
 def placed_elsewhere(config, client, agent_ids: list[str]) -> set[str]:
@@ -55,7 +58,9 @@ def placed_elsewhere(config, client, agent_ids: list[str]) -> set[str]:
     for agent_id in agent_ids:
         pipe.hget(keys.agent(agent_id), "host")
     hosts = [h.decode() if isinstance(h, bytes) else h for h in pipe.execute()]
-    return {agent_id for agent_id, host in zip(agent_ids, hosts) if elsewhere(config, host)}
+    from .lifecycle import host_here
+    here = host_here(config)
+    return {agent_id for agent_id, host in zip(agent_ids, hosts) if elsewhere(config, host, here)}
 
 
 def machine_id() -> str:

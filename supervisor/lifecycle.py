@@ -60,7 +60,7 @@ def _hosts_elsewhere(config: Config) -> dict[str, str] | None:
         return None
     from .resp import RespError, connect
     from .town import Town
-    here = config.host_name()  # (its own lease may outlive a killed supervisor: that is not elsewhere)
+    here = host_here(config)  # (its own lease may outlive a killed supervisor: that is not elsewhere)
     try:
         client = connect(config)
     except RespError:  # (unreachable: starting here says why, as before)
@@ -168,7 +168,7 @@ def _wait_ready(config: Config, timeout: float = START_TIMEOUT, stopping_too: bo
             return True  # it went away (it was stopping)
         try:
             state, pid = client.execute_command("HMGET", keys.supervisor, "state", "pid")
-            if pid != str(holder) and _host_live(client, keys, config.host_name(), holder):
+            if pid != str(holder) and _host_live(client, keys, host_here(config), holder):
                 # The town's record is another host's (a town on a shared Redis: the last to
                 # start or stop wrote it); this folder's supervisor holds a live lease of its own.
                 state = "running"
@@ -222,7 +222,7 @@ def stop(config: Config, now: bool = False, timeout: float | None = None) -> dic
         if config.redis_url:  # (the request is the town's: the other hosts stop too, and are said)
             from .town import Town
             town = Town(config, connect(config))
-            me = _running_as(config)
+            me = host_here(config)
             others = [h["name"] for h in town.hosts.listing() if h["state"] == "live" and h["name"] != me]
         ask(town.r if town else connect(config), Keys(config.name), StopMode.NOW if now else StopMode.GRACEFUL)
     except Exception:  # noqa: BLE001 - Redis is unreachable: a signal still reaches a local supervisor
@@ -235,13 +235,17 @@ def stop(config: Config, now: bool = False, timeout: float | None = None) -> dic
     return report
 
 
-def _running_as(config: Config) -> str:
-    """The host name this folder's running supervisor took (`tt start --host` wins over [cluster]
-    host there, and it writes the name it runs as down at its start)."""
-    try:
-        return config.host_file.read_text(encoding="utf-8").strip() or config.host_name()
-    except (OSError, UnicodeDecodeError):
-        return config.host_name()
+def host_here(config: Config) -> str:
+    """This folder's host in the town: while its supervisor runs, the name that one took (`tt start
+    --host` wins over [cluster] host, and it writes the name down at its start); else the name its
+    next start takes (config.host_name). Commands ask this, never config.host_name() alone: a
+    supervisor started with --host was taken for another host by its own folder's commands."""
+    if running_pid(config):
+        try:
+            return config.host_file.read_text(encoding="utf-8").strip() or config.host_name()
+        except (OSError, UnicodeDecodeError):
+            pass
+    return config.host_name()
 
 
 def _stopped_hosts(town, names: list[str], wait: float) -> dict:

@@ -136,7 +136,8 @@ class Town:
         self._place(Agent(id="", name=name, cli=""), host, {}, dry=True)
 
     def _place(self, agent: Agent, pin: str, fields: dict, dry: bool = False) -> str:
-        here = self.config.host_name()
+        from .lifecycle import host_here
+        here = host_here(self.config)
         return self.hosts.place(agent.name, agent.id, pin, here, self.config.host_capacity(here), agent.cli,
                                 fields, dry=dry)
 
@@ -726,7 +727,8 @@ class Town:
         several, that record is whichever supervisor started or stopped last, so this folder's
         host's own record says it (live: running), and a folder that is no host's (a laptop with
         the town's config) says it has none: "none here"."""
-        me = self.config.host_name()
+        from .lifecycle import host_here
+        me = host_here(self.config)
         here = next((h for h in hosts if h["name"] == me), None)
         if here is None and hosts and fencing(self.config):
             return {"pid": None, "host": "", "state": "none here"}

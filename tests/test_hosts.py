@@ -505,6 +505,24 @@ def test_an_unpinned_agent_on_a_lost_host_with_no_room_elsewhere_says_it_moves_o
     assert c.harness.wait_task(c.town.tasks("u")[0].id)["state"] == "completed"
 
 
+def test_a_host_started_with_a_name_other_than_its_config_s_is_that_host_to_its_folder_s_commands(hosts):
+    """`tt start --host a` where tinytown.toml says [cluster] host = "elsewhere": the supervisor
+    runs as a, but the folder's own commands took `elsewhere` for this host: status said "none
+    here", spawn placed by the wrong host's room, and attach went through Redis."""
+    a = hosts("a")
+    toml = a.root / "tinytown.toml"
+    toml.write_text(toml.read_text().replace("[cluster]\n", '[cluster]\nhost = "elsewhere"\n', 1))
+    a.start()
+    assert a.harness.config().cluster.host == "elsewhere"
+    mine = a.harness.json("status")["supervisor"]
+    assert (mine["host"], mine["state"], mine["pid"]) == ("a", "running", a.harness.supervisor_pid())
+    a.tt("spawn", "dev", "--shared")
+    assert a.town.agent("dev").host == "a"
+    from tinytown.supervisor.remote_attach import attach_route
+    wait_for(lambda: a.harness.config().attach_socket("dev").exists(), 30, "dev's attach socket")
+    assert attach_route(a.harness.config(), "dev") == "local"
+
+
 def test_a_failed_agent_on_a_lost_host_is_restarted_with_a_note_and_never_stopped_first(hosts):
     """Nobody settles a lost host's agents: its failed one is reopened from elsewhere, to start
     once that host is back, and no stop is sent to the runner that died with it."""
