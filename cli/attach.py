@@ -89,15 +89,17 @@ def _attach_via_redis(config: Config, name: str, keys: bytes, keys_spec: str, re
                       stdin: int, stdout: int) -> int:
     """The same session, its runner reached through the town's Redis (its socket is not here)."""
     from tinytown.supervisor.remote_attach import NOT_RUNNING, RedisBridge
-    from tinytown.supervisor.resp import RespError
+    from tinytown.supervisor.resp import RespConnectionError, RespError
     from tinytown.supervisor.town import Town
     try:
         town = Town(config)
         agent = town.agent(name)
-    except RespError:
-        if config.redis_url:  # (a shared Redis: no supervisor here says whether the town runs)
+    except RespError as exc:
+        if not config.redis_url:
+            raise TinytownError(_not_running(config, name)) from None
+        if isinstance(exc, RespConnectionError):  # (a shared Redis: no supervisor here says whether the town runs)
             raise cannot_reach(config) from None
-        raise TinytownError(_not_running(config, name)) from None
+        raise  # (a refused password, said as every command says it)
     if agent.state in NOT_RUNNING:
         raise TinytownError(f"agent {name} is not running (state {agent.state}); attach works once its runner is up")
     if town.hosts.lost(agent.host):  # (its record still says what it was doing when the host went)

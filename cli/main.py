@@ -319,13 +319,13 @@ def spawn(name, cli_name, task_timeout, shared, from_ref, roles, pin, answers, k
     if from_ref and not shared and any(host != here and state == "live" for host, state in states.items()):
         raise TinytownError(f"--from makes {name}'s branch in this checkout, but the town runs on other hosts too and "
                             f"{name} may be placed on one of them: pin it here with --host {here}")
-    pinned_elsewhere = pin if elsewhere(config, pin) else ""
+    pinned_elsewhere = pin if elsewhere(config, pin, here) else ""
     workspace = {"mode": "shared"} if shared else workspace_commands.prepare_workspace(
         config, town, name, from_ref, quiet=as_json, elsewhere=pinned_elsewhere)
     agent = town.spawn(name, cli_name or config.default_cli, task_timeout, workspace=workspace["mode"],
                        branch=workspace.get("branch", ""), host=pin or "", answers=answers,
                        keep_context=keep_context)
-    if workspace.get("path") and elsewhere(config, agent.host):  # placed on another host for its room
+    if workspace.get("path") and elsewhere(config, agent.host, here):  # placed on another host for its room
         workspace["notes"] = workspace_commands.leave_to_host(config, name, workspace, agent.host, quiet=as_json)
     for line in _spawn_warnings(spec, keep_context, workspace["mode"] == "shared"):
         click.echo(f"tt: warning: {line}", err=True)

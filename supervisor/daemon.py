@@ -132,6 +132,7 @@ class Supervisor:
             self._notify_ready(f"running {exc.pid or ''}")
             raise TinytownError(str(exc)) from None
         try:
+            self._remember_host()  # (first: this folder's commands take it for this host's name from now on)
             self._install_signals()
             become_subreaper()
             close_on_exec_all()
@@ -146,7 +147,6 @@ class Supervisor:
             self.reloads_done, self.stops_seen = asked.reloads, asked.stops
             self._retrying(lambda: self.town.record_supervisor_started(os.getpid(), self.host))
             self._retrying(self._join)  # before any runner: agents are run where they are placed
-            self._remember_host()
             self._retrying(lambda: self.town.record_config("", "", self.reloads_done))
             self._retrying(self._recover_coordination)  # before any runner: nothing races it
             self.control = ControlChannel(self.config, self.town.keys.control)
@@ -397,11 +397,16 @@ class Supervisor:
             self.say(f"{adopted_count} agent(s) from before hosts existed placed on host {self.host}")
 
     def _remember_host(self) -> None:
-        """This folder's host name, for a supervisor a later `tt` starts in the background here."""
+        """This folder's host name: what its commands take for this host while this supervisor
+        runs (lifecycle.host_here), and what a supervisor a later `tt` starts here takes."""
         try:
             self.config.host_file.write_text(self.host + "\n", encoding="utf-8")
-        except OSError as exc:  # (only a later background start's name depends on it)
+        except OSError as exc:  # (a name from before is not left to be taken for this one's)
             self.say(f"cannot write {self.config.host_file}: {exc.strerror or exc}")
+            try:
+                self.config.host_file.unlink()
+            except OSError:
+                pass
 
     def _tick(self):
         cluster = self.config.cluster

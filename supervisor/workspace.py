@@ -522,9 +522,11 @@ class Workspace:
                                  "nothing in it), or spawn the agent with --shared")
         tip = repo.resolve(self.ref)
         if tip is not None:
-            if from_ref or tip != repo.resolve("HEAD"):  # (a pruned agent's of that name, or another host's)
-                why = f"--from {from_ref} ignored" if from_ref else "not the town's HEAD"
-                notes.append(f"branch {self.branch} exists: reused as it is, at {tip[:12]} ({why})")
+            if from_ref:
+                notes.append(f"branch {self.branch} exists: reused as it is, at {tip[:12]} (--from {from_ref} ignored)")
+            elif not notes and tip != repo.resolve("HEAD"):  # (a pruned agent's of that name, or an old one here)
+                notes.append(f"branch {self.branch} exists here: {self.label} is made from it, at {tip[:12]} "
+                             "(not the town's HEAD)")
             args = ["worktree", "add", "-q", str(self.path), self.branch]
         else:
             start = repo.resolve(from_ref or "HEAD")

@@ -132,7 +132,7 @@ def test_a_password_in_a_file_others_can_read_is_refused(make_town, remote_redis
 def test_refused_and_bad_password_are_one_line(make_town, remote_redis):
     town = make_town()
     point_at(town, remote_redis.url.replace(remote_redis.password, "wrong-one"))
-    for args in (("status",), ("start",), ("spawn", "dev")):
+    for args in (("status",), ("start",), ("spawn", "dev"), ("attach", "dev", "--read-only")):
         out = town.tt(*args, check=False)
         assert out.returncode == 1 and out.err.count("\n") == 1 and "Traceback" not in out.err, (args, out.err)
         assert "refused the password" in out.err and "wrong-one" not in out.err, (args, out.err)

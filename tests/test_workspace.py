@@ -113,7 +113,8 @@ def test_from_ref_and_an_existing_branch_is_reused_never_reset(town):
     space.prune()
     notes = space.ensure()  # (an agent spawned again under a pruned one's name: it is told, not only --from)
     assert head(space.path) == ended.head
-    assert any(f"branch tt/dev exists: reused as it is, at {ended.head[:12]}" in note for note in notes), notes
+    assert any(f"branch tt/dev exists here: agents/dev is made from it, at {ended.head[:12]}" in note
+               for note in notes), notes
     with pytest.raises(WorkspaceError, match="no such commit"):
         Workspace(town, "qa").ensure(from_ref="no-such-ref")
     with pytest.raises(WorkspaceError, match="no such commit"):
