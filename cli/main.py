@@ -309,8 +309,7 @@ def spawn(name, cli_name, task_timeout, shared, from_ref, roles, pin, answers, k
         raise TinytownError('--from needs a worktree (not with --shared / [workspace] mode = "shared")')
     from tinytown.supervisor.hosts import elsewhere, fencing
     town = _started_town(config)
-    from tinytown.supervisor.lifecycle import host_here
-    here = host_here(config)
+    here = town.here
     states = town.hosts.states() if fencing(config) and not pin else {}  # (one machine's town: only this host)
     if states and here not in states and "live" not in states.values():  # (no host runs, this folder is none)
         raise TinytownError(f"no host of town {config.name!r} is running ({', '.join(sorted(states))}): `tt start` "

@@ -72,6 +72,7 @@ class Town:
         self.r = client if client is not None else connect(config)
         self._coordination = None
         self._hosts = None
+        self._here: str | None = None
         # A runner's placement, (host, epoch) as strings: set, its heartbeat and its outcome are
         # refused once the agent was placed again (supervisor/hosts.py), raising hosts.Fenced.
         self.fence: tuple[str, str] | None = None
@@ -82,6 +83,14 @@ class Town:
         if self._hosts is None:
             self._hosts = Hosts(self, EVENTS_MAXLEN)
         return self._hosts
+
+    @property
+    def here(self) -> str:
+        """This folder's host in the town (lifecycle.host_here), read once: one command, one answer."""
+        if self._here is None:
+            from .lifecycle import host_here
+            self._here = host_here(self.config)
+        return self._here
 
     @property
     def coordination(self):
@@ -136,8 +145,7 @@ class Town:
         self._place(Agent(id="", name=name, cli=""), host, {}, dry=True)
 
     def _place(self, agent: Agent, pin: str, fields: dict, dry: bool = False) -> str:
-        from .lifecycle import host_here
-        here = host_here(self.config)
+        here = self.here
         return self.hosts.place(agent.name, agent.id, pin, here, self.config.host_capacity(here), agent.cli,
                                 fields, dry=dry)
 
@@ -727,8 +735,7 @@ class Town:
         several, that record is whichever supervisor started or stopped last, so this folder's
         host's own record says it (live: running), and a folder that is no host's (a laptop with
         the town's config) says it has none: "none here"."""
-        from .lifecycle import host_here
-        me = host_here(self.config)
+        me = self.here
         here = next((h for h in hosts if h["name"] == me), None)
         if here is None and hosts and fencing(self.config):
             return {"pid": None, "host": "", "state": "none here"}
