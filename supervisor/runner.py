@@ -100,6 +100,17 @@ class PumpClock:
     batch_at: float = 0.0               # the next batch of output is taken from then
     watch_at: float | None = None       # the output watch looks at the silence then (a stall, a question)
 
+    def cli_exited(self, now: float) -> None:
+        """The CLI has exited with output perhaps still in its pty: that output may take until
+        EXIT_DRAIN_SECONDS to arrive, and is taken as it comes (see batch_taken)."""
+        self.drain_until = now + EXIT_DRAIN_SECONDS
+        self.batch_at = now
+
+    def batch_taken(self, now: float, gather: float) -> None:
+        """The next batch may gather `gather` seconds; not once the CLI has exited: its last
+        output ends its task (a flood's 50 ms batches held its end up to 50 ms)."""
+        self.batch_at = now if self.drain_until is not None else now + gather
+
     def wait(self, now: float) -> float:
         """Seconds until the next deadline still ahead (those passed have been acted on)."""
         ahead = [deadline for deadline in (self.next_beat, self.batch_at, self.grace_at, self.kill_at,
@@ -606,7 +617,7 @@ class Runner:
                 chunks, eof = reader.take()
                 if chunks:
                     self._output(chunks, clock, now)
-                    clock.batch_at = now + self._batch_wait(now)
+                    clock.batch_taken(now, self._batch_wait(now))
                     for notice in self.watch.feed(chunks, now):
                         self._act_on(session, task_id, notice)
                     clock.watch_at = self.watch.deadline()
@@ -627,7 +638,7 @@ class Runner:
                     # hold the terminal open: the group goes now (close() would kill it anyway),
                     # and its output is read to the terminal's end.
                     session.kill_group(signal.SIGKILL)
-                    clock.drain_until = now + EXIT_DRAIN_SECONDS
+                    clock.cli_exited(now)
             if exited and (eof or now >= clock.drain_until):
                 # (past the deadline: a helper that left the CLI's session holds the terminal;
                 # the reader thread is let go, to end at that helper's next write or exit)

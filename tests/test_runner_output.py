@@ -45,3 +45,16 @@ def test_batches_gather_longer_only_in_a_flood_nobody_watches():
     assert wait(throttled=False, viewers={}) == BATCH_SECONDS
     assert wait(throttled=True, viewers={3: object()}) == BATCH_SECONDS
     assert wait(throttled=True, viewers={}, far_until=101.0) == BATCH_SECONDS
+
+
+def test_a_cli_that_exited_mid_flood_has_its_last_output_taken_at_once():
+    """A flood's batches gather FLOOD_BATCH_SECONDS; once its CLI has exited, what is left in the pty
+    ends the task, so it is taken as it comes (it held a 100 MB flood's end up to 50 ms)."""
+    from tinytown.supervisor.runner import EXIT_DRAIN_SECONDS, FLOOD_BATCH_SECONDS, PumpClock
+    clock = PumpClock(next_beat=1000.0)
+    clock.batch_taken(10.0, FLOOD_BATCH_SECONDS)
+    assert clock.batch_at == 10.0 + FLOOD_BATCH_SECONDS  # still printing: the batch gathers
+    clock.cli_exited(10.01)
+    assert clock.batch_at == 10.01 and clock.drain_until == 10.01 + EXIT_DRAIN_SECONDS
+    clock.batch_taken(10.02, FLOOD_BATCH_SECONDS)
+    assert clock.batch_at == 10.02  # the next read's output is taken as soon as it comes
