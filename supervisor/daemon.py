@@ -424,12 +424,19 @@ class Supervisor:
     def _renew_lease(self) -> None:
         """Renew the lease. If this host was declared lost meanwhile (it was paused, or cut off,
         longer than lease_ttl), every runner it has is fenced: killed, writing nothing; the
-        agents that wait for this host (pinned) get new runners at the next reconcile."""
-        if self._tick().returned:
+        agents that wait for this host (pinned) get new runners at the next reconcile. So too if
+        it was lost and then forgotten (`tt forget-host`): its record is new again."""
+        tick = self._tick()
+        if tick.returned:
             self.say(f"host {self.host} was declared lost (no renewal for [cluster] lease_ttl = "
                      f"{self.config.cluster.lease_ttl:g}s); its runners are stopped, their tasks run elsewhere")
-            for proc in self.procs.values():
-                self._fence(proc)
+        elif not tick.before:  # (the start's own tick made the record: this one found none)
+            self.say(f"host {self.host} was forgotten (`tt forget-host`) while its supervisor was away: it joins "
+                     "the town again as a new host; its runners are stopped, their agents run elsewhere")
+        else:
+            return
+        for proc in self.procs.values():
+            self._fence(proc)
 
     def _fence(self, proc: RunnerProc) -> None:
         """A runner whose agent was placed again: SIGKILL (its group; its CLI has a session of its

@@ -612,6 +612,25 @@ def test_forget_host_removes_a_stopped_or_lost_host_with_no_agents_and_refuses_t
     assert sorted(a.town.hosts.states()) == ["a", "b", "c"]
 
 
+def test_a_forgotten_host_that_comes_back_says_so_and_runs_nothing_it_had(hosts):
+    """A host paused past its lease, declared lost and then forgotten (`tt forget-host`), comes
+    back: it joins as a new host and says so, and its runners, whose agents run elsewhere now,
+    are stopped at once (it used to join silently, as if it had never been)."""
+    a = hosts("a").start()
+    a.tt("spawn", "w", "--shared")
+    b = hosts("b").start()
+    wait_for(lambda: a.town.agent("w").state == "idle" and len(a.tree()) > 1, 30, "w's runner on a")
+    a.signal_all(signal.SIGSTOP)
+    wait_for(lambda: a.town.agent("w").host == "b", 30, "w to move to b")
+    assert b.tt("forget-host", "a").out == "Forgot host a\n"
+    a.signal_all(signal.SIGCONT)
+    out = a.root / "supervisor-out.log"
+    wait_for(lambda: "host a was forgotten" in out.read_text(errors="replace"), 30, "a to say it was forgotten")
+    wait_for(lambda: len(a.tree()) == 1, 30, "a's runner to be gone")
+    assert a.town.hosts.states().get("a") == "live" and a.town.agent("w").host == "b"
+    assert b.harness.wait_task(a.assign("w", "@echo next"))["state"] == "completed"
+
+
 def test_tt_stop_in_a_folder_without_a_supervisor_stops_the_town_on_its_hosts(hosts):
     """`tt stop` in a folder of the town where no supervisor runs said "not running" while hosts a
     and b ran. It now asks the town to stop, as from a host's folder, and waits for the hosts."""
