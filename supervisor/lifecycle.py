@@ -1,6 +1,7 @@
 """Starting and stopping a town's supervisor from a `tt` command."""
 from __future__ import annotations
 
+import functools
 import os
 import select
 import sys
@@ -161,6 +162,7 @@ def _wait_ready(config: Config, timeout: float = START_TIMEOUT, stopping_too: bo
     keys = Keys(config.name)
     client = connect(config)
     seen = [""]
+    here = functools.cache(lambda: host_here(config))  # (asked once, and only where the record is another's)
 
     def ready() -> bool:
         holder = running_pid(config)
@@ -168,7 +170,7 @@ def _wait_ready(config: Config, timeout: float = START_TIMEOUT, stopping_too: bo
             return True  # it went away (it was stopping)
         try:
             state, pid = client.execute_command("HMGET", keys.supervisor, "state", "pid")
-            if pid != str(holder) and _host_live(client, keys, host_here(config), holder):
+            if pid != str(holder) and _host_live(client, keys, here(), holder):
                 # The town's record is another host's (a town on a shared Redis: the last to
                 # start or stop wrote it); this folder's supervisor holds a live lease of its own.
                 state = "running"
@@ -188,7 +190,7 @@ def _wait_ready(config: Config, timeout: float = START_TIMEOUT, stopping_too: bo
 
 
 def _host_live(client, keys, host: str, pid: int) -> bool:
-    """Whether this folder's host (Config.host_name: the name its supervisor runs as) holds a live
+    """Whether this folder's host (host_here: the name its supervisor runs as) holds a live
     lease under supervisor `pid` (supervisor/hosts.py)."""
     state, found = client.execute_command("HMGET", keys.host(host), "state", "pid")
     return state == "live" and found == str(pid)
