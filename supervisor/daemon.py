@@ -40,6 +40,7 @@ from .town import Town
 ADOPTED_STOP_GRACE = 2.0
 # How often a running town looks whether tinytown.toml changed (one stat; `tt reload` asks at once).
 CONFIG_CHECK_SECONDS = 1.0
+FORK_RETRY_SECONDS = 1.0   # a runner's fork refused (the pid limit, memory): tried again after this
 # What a running town cannot change: its keys, and where its Redis is. The rest applies live.
 RESTART_ONLY = {"name": "name", "use_socket": "[redis] use_socket", "socket_path": "[redis] socket_path",
                 "redis_host": "[redis] host", "redis_port": "[redis] port", "redis_server": "[redis] server",
@@ -555,7 +556,11 @@ class Supervisor:
         sys.stdout.flush()
         sys.stderr.flush()
         parent = os.getpid()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # (EAGAIN: the pid limit, a runaway agent's helpers; ENOMEM) this agent waits, not the town
+            self._fork_refused(agent_id, name, exc)
+            return
         if pid == 0:  # --- child: becomes the runner and never returns
             try:
                 signal.set_wakeup_fd(-1)
@@ -590,6 +595,15 @@ class Supervisor:
         self.town.set_runner_pid(agent_id, pid)
         self.say(f"runner {name} started (pid {pid})")
 
+    def _fork_refused(self, agent_id: str, name: str, exc: OSError) -> None:
+        """A runner could not be forked: the agent waits in `backoff` and is tried again after
+        FORK_RETRY_SECONDS, as long as it takes (the machine, not the agent, is at fault)."""
+        self.restarts.setdefault(agent_id, RestartRecord()).next_start = time.monotonic() + FORK_RETRY_SECONDS
+        reason = f"cannot start its runner: {exc.strerror or exc} (the machine's process or memory limit?)"
+        self.town.set_agent_state(agent_id, AgentState.BACKOFF, pid="", cli_pid="", reason=reason,
+                                  restart_at=f"{time.time() + FORK_RETRY_SECONDS:.6f}")
+        self.say(f"cannot start runner {name}: {exc}; trying again in {FORK_RETRY_SECONDS:g}s")
+
     def _signal_runner(self, proc: RunnerProc, sig: int) -> None:
         proc.stop_requested = True
         try:
@@ -608,7 +622,10 @@ class Supervisor:
         while self.exited:  # one at a time: one a lost Redis cut short is done again next pass
             proc, status = self.exited[0]
             if proc.agent_id not in self.procs:  # (else it was restarted before Redis went)
-                self._runner_exited(proc, status)
+                try:
+                    self._runner_exited(proc, status)
+                except (InvalidTransition, ValueError, TypeError) as exc:  # a record edited by hand: not the
+                    self.say(f"runner {proc.name}'s exit not handled: {exc}")  # whole town (the reconcile looks again)
             self.exited.pop(0)
         if self.redis.proc and self.redis.proc.poll() is not None:
             self._redis_lost()
@@ -646,10 +663,11 @@ class Supervisor:
         # What it had claimed waits at the front of the inbox (a failed agent's work shows as
         # pending, not as running) for the next runner, which counts the attempt.
         self.town.put_back_inflight(proc.agent_id)
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == AGENT_FAILED_EXIT:
+        if (os.WIFEXITED(status) and os.WEXITSTATUS(status) == AGENT_FAILED_EXIT) or \
+                self.town.agent_state(proc.agent_id) == AgentState.FAILED.value:
             # The runner recorded the agent failed (its CLI cannot be run, its work cannot be
-            # brought here): not started again until `tt restart` (the reconcile leaves failed
-            # agents alone).
+            # brought here), whether or not it lived to exit saying so: not started again until
+            # `tt restart` (the reconcile leaves failed agents alone).
             self.restarts.setdefault(proc.agent_id, RestartRecord()).gave_up = True
             self.say(f"runner {proc.name}: the agent is failed until `tt restart {proc.name}` (tt status says why)")
             return

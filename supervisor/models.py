@@ -271,9 +271,17 @@ class Message:
 
     @classmethod
     def decode(cls, raw: bytes | str) -> "Message":
-        data = json.loads(raw)
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """An inbox entry; one that is not a message (written by hand or by another program)
+        decodes as type "": whoever reads it drops it, saying what it was, rather than dying on
+        it (a runner that died on one, and the supervisor after it, met it again at each start)."""
+        try:
+            data = json.loads(raw)
+            message = cls(**{k: v for k, v in data.items() if k in {f.name for f in fields(cls)}})
+        except (ValueError, TypeError, AttributeError):  # not JSON, not an object, fields missing
+            return cls(type="", id="", created_at=0.0)
+        if not (isinstance(message.type, str) and isinstance(message.task_id, str)):
+            return cls(type="", id="", created_at=0.0)
+        return message
 
     @classmethod
     def task_assign(cls, task_id: str) -> "Message":

@@ -337,6 +337,9 @@ class Runner:
     def _handle(self, claimed: Claimed) -> None:
         message = claimed.message
         if message.type != "TaskAssign":
+            if not message.type:
+                raw = claimed.raw if isinstance(claimed.raw, str) else claimed.raw.decode("utf-8", "replace")
+                self._note(f"dropped an inbox entry that is not a message: {raw[:200]!r}")
             self.town.drop_message(self.agent_id, claimed)
             return
         try:

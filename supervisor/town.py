@@ -628,6 +628,10 @@ class Town:
     def agent_exists(self, agent_id: str) -> bool:
         return bool(self.r.exists(self.keys.agent(agent_id)))
 
+    def agent_state(self, agent_id: str) -> str | None:
+        """The agent's recorded state, in one read (None: no such agent)."""
+        return self.r.hget(self.keys.agent(agent_id), "state")
+
     def cli_pid(self, agent_id: str) -> int | None:
         """The pid (and process group) of the CLI the agent's record names, if any."""
         pid = self.r.hget(self.keys.agent(agent_id), "cli_pid")

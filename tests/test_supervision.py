@@ -727,6 +727,90 @@ def test_a_hand_edited_agent_record_does_not_take_the_town_down(town):
     t.r.close()
 
 
+def test_a_runner_that_died_after_failing_its_agent_leaves_it_failed_and_the_town_up(make_town):
+    """A runner records its agent failed (its CLI cannot start), then dies before its exit says so
+    (SIGKILL, a Redis error on the way out): the supervisor took it for a crash and set the failed
+    agent `backoff`, a transition refused, and the whole town went down with it."""
+    town = make_town(policy=policy(start_seconds=60))
+    town.tt("spawn", "dev")
+    town.tt("spawn", "other")
+    first = town.wait_agent("dev", ("idle",))["pid"]
+    os.kill(first, signal.SIGKILL)  # one quick failure: restarted at once; the next one waits
+    second = wait_for(lambda: (lambda a: a["state"] == "idle" and a["pid"] not in ("", first) and a["pid"])(
+        town.agent("dev")), 30, "dev's second runner")
+    t = town.town()
+    try:
+        t.fail_agent(t.agent_id("dev"), "dev", "its CLI cannot start: test")  # as the runner writes it
+    finally:
+        t.r.close()
+    os.kill(second, signal.SIGKILL)
+    wait_for(lambda: "failed until `tt restart dev`" in (town.root / ".tt" / "supervisor.log").read_text(), 20,
+             "the supervisor to take dev as failed")
+    assert town.agent("dev")["state"] == "failed" and "its CLI cannot start" in town.agent("dev")["reason"]
+    assert town.wait_task(town.json("assign", "other", "@echo still here")["id"])["state"] == "completed"
+
+
+def test_an_inbox_entry_nobody_can_read_is_set_aside_not_the_town_taken_down(town):
+    """A hand-written inbox entry that is not a message (not JSON, or JSON of another shape): the
+    runner that claimed it died decoding it, and the supervisor, reading what it had in flight,
+    died too, at every start after. Now the runner drops it, saying what it was, and goes on."""
+    town.tt("spawn", "dev")
+    town.wait_agent("dev", ("idle",))
+    t = town.town()
+    try:
+        inbox = t.keys.inbox(t.agent_id("dev"))
+        for junk in ("not json", '["a", "list"]', '{"no": "type"}'):
+            t.r.rpush(inbox, junk)
+    finally:
+        t.r.close()
+    task = town.json("assign", "dev", "@echo after the junk")["id"]
+    assert town.wait_task(task)["state"] == "completed"
+    log = (town.root / ".tt" / "logs" / "dev.log").read_text()
+    for junk in ("'not json'", """'["a", "list"]'""", """'{"no": "type"}'"""):
+        assert f"dropped an inbox entry that is not a message: {junk}" in log
+    assert town.agent("dev")["restarts"] == 0
+
+
+def test_a_fork_refused_by_the_pid_limit_delays_that_runner_not_the_town(town):
+    """A runaway agent that uses up the pid limit made the supervisor's next fork fail, and the
+    supervisor took every agent's running task down with it. The runner waits and is tried again."""
+    cgroups = "/sys/fs/cgroup/pids"
+    if not os.access(cgroups, os.W_OK):
+        pytest.skip("needs a writable cgroup v1 pids controller (root)")
+    group = f"{cgroups}/tt-test-{os.getpid()}"
+    town.tt("spawn", "dev")
+    town.tt("spawn", "busy")
+    task = town.json("assign", "busy", "@gate go\n@echo done")["id"]
+    working_on(town, "busy", task)
+    runner = town.wait_agent("dev", ("idle",))["pid"]
+    supervisor = town.supervisor_pid()
+    os.mkdir(group)
+    try:
+        with open(f"{group}/cgroup.procs", "w") as fh:
+            fh.write(str(supervisor))
+        with open(f"{group}/pids.max", "w") as fh:
+            fh.write("1")  # the supervisor alone: its next fork is refused (EAGAIN)
+        os.kill(runner, signal.SIGKILL)
+        log = town.root / ".tt" / "supervisor.log"
+        wait_for(lambda: "cannot start runner dev" in log.read_text(), 20, "the refused fork to be said")
+        assert town.agent("dev")["state"] == "backoff" and town.supervisor_pid() == supervisor
+        with open(f"{group}/pids.max", "w") as fh:
+            fh.write("max")
+        wait_for(lambda: town.agent("dev")["state"] == "idle", 30, "dev's runner once forks work again")
+    finally:  # every process back where it was (the runner forked meanwhile is in the group too)
+        with open(f"{group}/cgroup.procs") as fh:
+            inside = fh.read().split()
+        for pid in inside:
+            try:
+                with open(f"{cgroups}/cgroup.procs", "w") as fh:
+                    fh.write(pid)
+            except ProcessLookupError:
+                pass
+        os.rmdir(group)
+    open_gate(town)
+    assert town.wait_task(task)["state"] == "completed"  # busy's task ran through it all
+
+
 def test_a_runner_that_stayed_up_long_enough_counts_as_started(make_town):
     """Crashes far apart are each restarted at once: only quick failures in a row lead to `failed`."""
     town = make_town(policy=policy(start_seconds=0.3, max_fast_failures=2))
