@@ -15,7 +15,7 @@ from pathlib import Path
 import tomllib
 
 from .errors import TinytownError
-from .town_dir import CONFIG_FILE, RUNTIME_DIR  # noqa: F401 - (named here for everyone who reads config)
+from .town_dir import AGENTS_DIR, CONFIG_FILE, RUNTIME_DIR  # noqa: F401 - (named here for everyone who reads config)
 from .town_dir import find as _find_town_dir
 
 # sun_path is 108 bytes on Linux, including the terminating NUL.
@@ -1092,7 +1092,7 @@ def init_town(folder: Path, name: str | None, default_cli: str = "claude", max_a
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         os.fchmod(fd, os.fstat(fd).st_mode & 0o755)
         fh.write(config_template(name, default_cli, max_agents))
-    (folder / "agents").mkdir(mode=0o755, exist_ok=True)
+    (folder / AGENTS_DIR).mkdir(mode=0o755, exist_ok=True)
     ensure_runtime_dir(folder / RUNTIME_DIR)
     gitignore = folder / ".gitignore"
     existing = gitignore.read_text() if gitignore.exists() else ""

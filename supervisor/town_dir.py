@@ -11,22 +11,25 @@ from .errors import TinytownError
 
 CONFIG_FILE = "tinytown.toml"
 RUNTIME_DIR = ".tt"
+AGENTS_DIR = "agents"    # a worktree agent's checkout is agents/NAME in its town's folder (workspace.py)
 
 
 def find(start: str | os.PathLike | None = None) -> str:
     """The folder holding tinytown.toml: `start` itself (a folder or the file), else walk up from
-    the current folder. A resolved path; TinytownError if there is none."""
+    the current folder. A resolved path; TinytownError if there is none. A worktree agent's
+    checkout (TOWN/agents/NAME) holds a copy of a committed tinytown.toml: it is its town's,
+    not a town of its own (a `tt spawn` there started a second town inside the first)."""
     if start is not None:
         path = os.path.realpath(os.path.expanduser(os.fspath(start)))
         if os.path.isfile(path):
-            return os.path.dirname(path)
+            return _outer_town(os.path.dirname(path))
         if os.path.isfile(os.path.join(path, CONFIG_FILE)):
-            return path
+            return _outer_town(path)
         raise TinytownError(f"no {CONFIG_FILE} in {path} (run `tt init` there)")
     folder = os.path.realpath(os.getcwd())
     while True:
         if os.path.isfile(os.path.join(folder, CONFIG_FILE)):
-            return folder
+            return _outer_town(folder)
         parent = os.path.dirname(folder)
         if parent == folder:
             raise TinytownError(f"no {CONFIG_FILE} here or in any parent folder (run `tt init`, or pass --town PATH)")
@@ -35,3 +38,14 @@ def find(start: str | os.PathLike | None = None) -> str:
 
 def runtime_dir(town: str | os.PathLike) -> str:
     return os.path.join(town, RUNTIME_DIR)
+
+
+def _outer_town(folder: str) -> str:
+    """`folder`, or the town it is an agent's checkout of (TOWN/agents/NAME, TOWN holding
+    tinytown.toml), outermost first if checkouts nest."""
+    while True:
+        agents = os.path.dirname(folder)
+        town = os.path.dirname(agents)
+        if os.path.basename(agents) != AGENTS_DIR or not os.path.isfile(os.path.join(town, CONFIG_FILE)):
+            return folder
+        folder = town

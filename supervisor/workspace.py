@@ -32,11 +32,11 @@ from typing import NamedTuple
 from .errors import TinytownError
 from .git_store import descends_from, identity_line, move_ref, read_ref, write_commit
 from .procutil import capture
+from .town_dir import AGENTS_DIR
 from .worktree_watch import WorktreeWatch, rule_files
 
 SHARED = "shared"
 WORKTREE = "worktree"
-AGENTS_DIR = "agents"
 EMAIL_DOMAIN = "tinytown.invalid"          # RFC 2606: can never be a real mailbox
 MARKER = "tt-task"                         # in the worktree's git folder: "<task-id> <base>"
 SUBJECT_MAX = 100                          # characters of the prompt's first line in a commit subject

@@ -378,3 +378,20 @@ def test_a_spawn_placed_on_another_host_removes_only_the_worktree_it_made(git_to
     again = prepare_workspace(config, None, "w", None, quiet=True)
     leave_to_host(config, "w", again, "b", quiet=True)
     assert (t.root / "agents" / "w" / ".env").read_text() == "KEY=1\n"  # (before: removed with the worktree)
+
+
+def test_tt_in_an_agents_worktree_is_its_towns_not_a_town_of_its_own(git_town):
+    """A committed tinytown.toml is in every worktree: `tt` run in agents/NAME (the tutorial says
+    `cd agents/dev`) found that copy, said the town was not running, and `tt spawn` there started
+    a second town inside the first."""
+    t = git_town()
+    t.tt("spawn", "dev")
+    checkout = t.root / "agents" / "dev"
+    assert (checkout / "tinytown.toml").is_file()
+    (checkout / "sub").mkdir()
+    listed = t.tt("list", "--json", cwd=checkout / "sub")
+    assert [a["name"] for a in json.loads(listed.out)] == ["dev"]
+    task = json.loads(t.tt("assign", "dev", "@echo from inside", "--json", cwd=checkout).out)["id"]
+    assert t.wait_task(task)["state"] == "completed"
+    assert json.loads(t.tt("list", "--json", "--town", str(checkout)).out)[0]["name"] == "dev"
+    assert not (checkout / ".tt").exists()
