@@ -32,7 +32,10 @@ def create_tasks(config, agent, texts, after, no_context, as_json, single: bool)
     """`tt assign` (and --each) through the coordination store: the references are resolved before
     anything is written. A task cancelled at once (a dependency already failed) is printed, then
     said on stderr, and the exit status is 1."""
-    town = _started_town(config)
+    def check(recorded) -> None:
+        recorded.agent_id(agent)
+        recorded.coordination.resolve_refs(after)
+    town = _started_town(config, check=check)
     coord = town.coordination
     deps = coord.resolve_refs(after)  # once for all of them, before any is written
     by = _caller(config)
@@ -125,7 +128,7 @@ def backlog_add(description, role, after, from_file, no_context, as_json, town_p
     """Queue a task for whichever agent (with ROLE) is idle first."""
     description = text_argument(description, from_file, "tt backlog add \"what to do\"")
     config = _config(town_path)
-    town = _started_town(config)
+    town = _started_town(config, check=lambda recorded: recorded.coordination.resolve_refs(after))
     created = town.coordination.backlog_add(description, role=role, after=after, context=not no_context,
                                             created_by=_caller(config))
     task = created.task
@@ -166,7 +169,7 @@ def send(agent, text, urgent, as_task, from_file, as_json, town_path):
     """Leave a note for AGENT, delivered with its next task (or, with --task, give it a task)."""
     text = text_argument(text, from_file, "tt send AGENT \"text\"", what="text")
     config = _config(town_path)
-    town = _started_town(config)
+    town = _started_town(config, check=lambda recorded: recorded.agent_id(agent))
     sender = _caller(config)
     if as_task:
         if urgent:

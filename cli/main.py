@@ -195,11 +195,33 @@ def _reading_town(config):
     return town
 
 
-def _started_town(config):
-    """A Town for writing: starts the supervisor in the background if it is not running."""
-    from tinytown.supervisor.lifecycle import ensure_running
+def _started_town(config, check=None):
+    """A Town for writing: starts the supervisor in the background if it is not running.
+    check(town): what the command needs of the town's records (its agent, the tasks it waits on),
+    asked first of a stopped town's records: a command refused starts nothing (a typo in an agent's
+    name started the town, and every queued task with it)."""
+    from tinytown.supervisor.lifecycle import ensure_running, running_pid
+    if check is not None and not running_pid(config):
+        recorded = _records_while_stopped(config)
+        if recorded is not None:
+            check(recorded)
     ensure_running(config, say=lambda text: click.echo(text, err=True))
     return _town(config)
+
+
+def _records_while_stopped(config):
+    """With no supervisor here: a Town on the town's Redis if it answers (a shared one), else on a
+    read-only snapshot of its records; None for a town never started."""
+    if not config.use_socket:
+        town = _town(config)
+        if town.ping():
+            return town
+    from tinytown.supervisor.snapshot import open_snapshot
+    snapshot = open_snapshot(config)
+    if snapshot is None:
+        return None
+    click.get_current_context().with_resource(snapshot)
+    return _town(snapshot.config)
 
 
 # --- shell completion (click's: `_TT_COMPLETE=bash_source tt`, see the README) -----------------
@@ -308,7 +330,7 @@ def spawn(name, cli_name, task_timeout, shared, from_ref, roles, pin, answers, k
     if shared and from_ref:
         raise TinytownError('--from needs a worktree (not with --shared / [workspace] mode = "shared")')
     from tinytown.supervisor.hosts import elsewhere, fencing
-    town = _started_town(config)
+    town = _started_town(config, check=lambda recorded: recorded.check_spawn(name, pin or ""))
     here = town.here
     states = town.hosts.states() if fencing(config) and not pin else {}  # (one machine's town: only this host)
     if states and here not in states and "live" not in states.values():  # (no host runs, this folder is none)
@@ -424,7 +446,7 @@ def _assign_each(agent, path, null, as_json, town_path, after=(), no_context=Fal
     if after or no_context:
         from tinytown.cli.coordination_commands import create_tasks
         return create_tasks(config, agent, texts, after, no_context, as_json, single=False)
-    tasks = _started_town(config).assign_many(agent, texts)
+    tasks = _started_town(config, check=lambda recorded: recorded.agent_id(agent)).assign_many(agent, texts)
     if as_json:
         _print_json([t.to_json() for t in tasks])
     else:
@@ -592,7 +614,7 @@ def restart(agent, without_latest, town_path):
     stopped sending heartbeats (hung) is stopped first, as `tt kill` would. An idle or working
     agent gets a new runner (reading tinytown.toml as it is now) once its task in hand is done."""
     config = _config(town_path)
-    town = _started_town(config)
+    town = _started_town(config, check=lambda recorded: recorded.agent_id(agent))
     held = town.agent(agent)
     before = held.state
     if without_latest:  # (before anything is stopped: a refused restart must change nothing)

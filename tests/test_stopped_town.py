@@ -108,6 +108,25 @@ def test_a_change_to_a_stopped_town_says_to_start_it(town, private_tmp):
     nothing_left(town, private_tmp)
 
 
+def test_a_command_a_stopped_town_refuses_starts_nothing(town, private_tmp):
+    """A command that would start a stopped town checks what it needs of the town's records first:
+    a typo in an agent's name (or a dependency) started the town, and every queued task with it."""
+    from test_cli_errors import one_error_line
+    town.tt("spawn", "dev")
+    town.tt("stop")
+    for args, why in ((("assign", "dve", "x"), "no agent named 'dve'"),
+                      (("assign", "dev", "x", "--after", "nosuch"), "nosuch"),
+                      (("assign", "dve", "--each", "-"), "no agent named 'dve'"),
+                      (("send", "dve", "hello"), "no agent named 'dve'"),
+                      (("restart", "dve"), "no agent named 'dve'"),
+                      (("backlog", "add", "x", "--after", "nosuch"), "nosuch"),
+                      (("spawn", "dev"), "dev")):
+        one_error_line(town.tt(*args, check=False, input="a\nb\n"), why)
+        assert town.supervisor_pid() is None and town_processes(town.root) == [], args
+    nothing_left(town, private_tmp)
+    assert town.wait_task(town.assign("dev", "@echo started for this one"))["state"] == "completed"
+
+
 def test_a_wait_whose_town_stops_under_it_exits_2_saying_so(town, private_tmp):
     """A town stopped while `tt wait` blocks: its Redis goes, and the wait reads the copy as for
     a town stopped before it began (exit 2: the task cannot finish now), not exit 1 on a lost
