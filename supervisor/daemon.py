@@ -29,7 +29,7 @@ from .procutil import (adopted, become_subreaper, close_on_exec_all, describe_st
                        set_process_name, signal_wakeup_pipe, wait_exit, wait_until)
 from .procutil import running as process_running
 from .redis_server import RedisServer
-from .resp import RespConnectionError, RespError
+from .resp import RespConnectionError, RespError, disk_full
 from .resp import connect as resp_connect
 from .hosts import FENCED_EXIT, fencing, machine_id
 from .runner import AGENT_FAILED_EXIT, KILL_WAIT_SECONDS, run_forked
@@ -846,11 +846,6 @@ class Supervisor:
                 pass
         self.procs.clear()
         kill_with_group(adopted(self._own_children()), signal.SIGKILL)  # orphaned CLIs, ours as subreaper
-
-
-def disk_full(exc: RespError) -> bool:
-    """Redis's answer when it cannot write its append-only file (a full disk, most often)."""
-    return str(exc).startswith("MISCONF")
 
 
 def reap_runners(procs: dict[str, RunnerProc]) -> list[tuple[RunnerProc, int]]:

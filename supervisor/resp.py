@@ -852,3 +852,11 @@ class Sender:
     def close(self) -> None:
         self.client.close()
         self.outstanding = 0
+
+
+def disk_full(exc: RespError) -> bool:
+    """Redis's answer when it cannot write its append-only file (a full disk, most often): it
+    refuses every write until it can. A script's write refused comes wrapped ("ERR Error running
+    script ...: -MISCONF ..."): missed, it took the supervisor down at its next lease renewal."""
+    message = str(exc)
+    return message.startswith("MISCONF") or "-MISCONF " in message

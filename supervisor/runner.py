@@ -46,7 +46,7 @@ from .procutil import drain, exit_now, signal_wakeup_pipe
 from .prompt_blocks import compose
 from .pty_session import CliSession, CliUnusable
 from .remote_attach import RemoteInput
-from .resp import RespConnectionError, Sender
+from .resp import RespConnectionError, RespError, Sender, disk_full
 from .resp import connect as resp_connect
 from .stream_budget import StreamBudget, gap_line
 from .town import OUTPUT_TAIL_BYTES, WORK_NOT_HERE, Claimed, Town, agent_workspace
@@ -57,6 +57,7 @@ STREAM_FLUSH_SECONDS = 0.02
 STREAM_FLUSH_BYTES = 64 * 1024
 THROTTLED_RECHECK = 0.05    # while a flood is held back from the stream: how often to see if it may go
 EXIT_DRAIN_SECONDS = 0.5
+REFUSED_RETRY_SECONDS = 1.0  # Redis refuses writes (a full disk): a finished task's outcome is tried again this often
 AGENT_FAILED_EXIT = 78      # (sysexits' EX_CONFIG) the runner failed its agent: its CLI cannot run, its work is elsewhere
 KILL_WAIT_SECONDS = 2.0
 # After a batch of output, the pump lets the next one gather this long (signals and deadlines
@@ -130,6 +131,7 @@ class Runner:
         self.idle = True                          # nothing to finish: a stop signal may end the wait
         self.cancel_asked = False                 # SIGUSR2 came: read the running task's cancel_request
         self.cancel_reason = ""                   # the running task is being cancelled, for this reason
+        self.refused = False                      # Redis refused a heartbeat (a full disk): said in the log
         self.wake_r = self.wake_w = -1
         # Filled in by run(), from the agent's record once Redis answers:
         self.town: Town | None = None
@@ -556,9 +558,40 @@ class Runner:
         if workspace_failed:  # mid-rebase, a nested repository...: a human must look
             state = TaskState.FAILED
         self._note(f"task {task_id} {state.value}" + (f": {reason}" if reason else ""))
-        after = AgentState.STOPPING if self.stop_mode else AgentState.IDLE
-        self.town.finish_task(self.agent_id, claimed, state, exit_code=code, reason=reason, output=bytes(self.tail),
-                              agent_state=after, work=work)
+        self._once_written(lambda: self.town.finish_task(
+            self.agent_id, claimed, state, exit_code=code, reason=reason, output=bytes(self.tail),
+            agent_state=AgentState.STOPPING if self.stop_mode else AgentState.IDLE, work=work))
+
+    def _beat(self) -> None:
+        """The heartbeat mid-task. While Redis refuses writes (MISCONF: it cannot write its file,
+        a full disk) the CLI works on, said once: the beat raised out of the pump, whose cleanup
+        killed the CLI, and the task ran again as a crash."""
+        try:
+            self.town.heartbeat(self.agent_id)
+        except RespError as exc:
+            if not disk_full(exc):
+                raise
+            if not self.refused:
+                self.refused = True
+                self._note(f"Redis refuses writes ({exc}): the CLI works on; its task is recorded once it takes them")
+
+    def _once_written(self, write) -> None:
+        """write() a finished task's outcome, waiting while Redis refuses writes (a full disk)
+        rather than dying with the outcome in hand (the task would run again). A stop's deadline
+        still ends the wait: the task is then in flight, for the next runner."""
+        said = False
+        while True:
+            try:
+                write()
+                self.refused = False
+                return
+            except RespError as exc:
+                if not disk_full(exc):
+                    raise
+                if not said:
+                    said = True
+                    self._note(f"the task's outcome waits until Redis takes writes ({exc})")
+                time.sleep(REFUSED_RETRY_SECONDS)
 
     def _remember_session(self, task_id: str, resume_failed: bool) -> None:
         """The session the agent's next task continues: this one's, failed or not (what went wrong
@@ -631,7 +664,7 @@ class Runner:
                 # A flood's held window goes once the budget allows, output or not (stream_budget.py).
                 clock.flush_at = now + THROTTLED_RECHECK if self.stream_budget.throttled else None
             if now >= clock.next_beat:
-                self.town.heartbeat(self.agent_id)
+                self._beat()
                 clock.next_beat = now + heartbeat
             # No waitpid per batch while output flows (SIGCHLD wakes the pump, and _enforce polls).
             if not exited and (eof or not chunks or signalled or session.reaped):

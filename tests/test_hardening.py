@@ -197,6 +197,53 @@ def test_a_full_disk_under_the_town_keeps_the_supervisor_up_and_says_so(make_tow
         subprocess.run(["umount", "-l", str(runtime)], check=False)
 
 
+@needs_mount_namespace
+def test_a_running_task_outlives_a_full_disk_and_is_recorded_once_there_is_space(make_town):
+    """Redis refusing writes mid-task (MISCONF): the runner's next heartbeat raised out of the pump,
+    whose cleanup SIGKILLed the CLI, and the task ran again as a crash. The CLI works on; its
+    outcome waits until Redis writes again."""
+    from conftest import wait_for
+    from tinytown.supervisor.resp import RespError, connect
+    town = make_town(policy="\n[supervisor]\nheartbeat_interval = 0.2\nstart_seconds = 0.1\n")
+    runtime = town.root / ".tt"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(runtime)], check=True)
+    try:
+        town.tt("spawn", "dev")
+        task = town.json("assign", "dev", "@gate go\n@echo done after the gate")["id"]
+        wait_for(lambda: town.agent("dev")["cli_pid"], 30, "the CLI to start")
+        filler = runtime / "filler"
+        with open(filler, "wb", buffering=0) as fh:  # every byte left, to the last
+            for size in (65536, 4096, 1):
+                try:
+                    while True:
+                        fh.write(b"\0" * size)
+                except OSError:
+                    pass
+        client = connect(town.config())
+
+        def refused() -> bool:
+            try:
+                client.hset("tt:probe", "x", "y")
+                return False
+            except RespError as exc:
+                return str(exc).startswith("MISCONF")
+
+        wait_for(refused, 30, "Redis to refuse writes")
+        log = runtime / "logs" / "dev.log"
+        wait_for(lambda: "Redis refuses writes" in log.read_text(errors="replace"), 20, "the runner to say so")
+        (town.record / "go").touch()  # the CLI finishes while nothing can be recorded
+        wait_for(lambda: "waits until Redis takes writes" in log.read_text(errors="replace"), 20,
+                 "the outcome to wait")
+        filler.unlink()
+        done = town.wait_task(task)
+        assert (done["state"], done["attempts"]) == ("completed", 1) and "done after the gate" in done["output"]
+        client.close()
+        town.tt("stop")
+    finally:
+        town.cleanup()
+        subprocess.run(["umount", "-l", str(runtime)], check=False)
+
+
 # --- a second look as another local user -----------------------------------------------------------
 NEIGHBOUR_UID = 4242  # no such user needs to exist: a socket is owned by the uid that made it
 

@@ -303,3 +303,14 @@ def test_sender_writes_in_order_without_waiting_and_collects_errors(server):
     assert sender.outstanding == 0 and len(sender.errors) == 1 and "WRONGTYPE" in sender.errors[0]
     assert server.client().lrange("sent", 0, -1) == [f"item {i}" for i in range(10)] + ["last"]
     sender.close()
+
+
+def test_a_full_disk_is_known_in_a_scripts_error_too():
+    """Redis refuses writes while it cannot write its file (MISCONF); a script's refused write comes
+    wrapped in the script's error, which the supervisor took for a bug and died of."""
+    from tinytown.supervisor.resp import ReplyError, disk_full
+    assert disk_full(ReplyError("MISCONF Errors writing to the AOF file: No space left on device"))
+    assert disk_full(ReplyError("ERR Error running script (call to f_d20c): @user_script:58: @user_script: 58: "
+                                "-MISCONF Errors writing to the AOF file: No space left on device"))
+    assert not disk_full(ReplyError("ERR wrong number of arguments for 'hset' command"))
+    assert not disk_full(ReplyError("WRONGTYPE Operation against a key holding the wrong kind of value: MISCONF"))
