@@ -512,6 +512,8 @@ def tasks(agent, state, limit, as_json, town_path):
     config = _config(town_path)
     town = _running_town(config, as_json)
     found = town.tasks(agent=agent, state=state, limit=limit)
+    if agent and not found:
+        town.agent_id(agent)  # (a pruned agent's tasks are still listed by its name; a typo is said)
     if as_json:
         from tinytown.cli.coordination_commands import tasks_json
         _print_json(tasks_json(town, found))

@@ -40,7 +40,7 @@ def agent_lines(agents, pending, roles=None, host_states=None) -> None:
         extra = f", host {a.host}" + (" (pinned)" if a.pinned else "") if many_hosts or a.pinned else ""
         extra += f", {pending.get(a.id, 0)} pending" if pending.get(a.id) else ""
         if a.state == "waiting" and a.question:
-            extra += f", asks {clean_text(a.question)!r}: tt attach {a.name}"
+            extra += f", asks {_quoted(a.question)}: tt attach {a.name}"
         if a.hold and a.state not in ("paused", "stopped"):
             extra += f", {HOLD_NOTES.get(a.hold, a.hold)}"
         elif a.hold in ("close", "kill"):
@@ -187,12 +187,18 @@ def lost_host_note(name: str, host: str, pinned: bool) -> str:
     return f"{name}'s host {host} is lost: it moves to a live host once one has room (max_agents), or {host} is back"
 
 
+def _quoted(question: str) -> str:
+    """An agent's question as it asked it, in quotes (repr() doubled its backslashes and switched
+    quotes on an apostrophe), cleaned of what a terminal would act on."""
+    return f'"{clean_text(question)}"'
+
+
 def _note(a: dict) -> str:
     """Why an agent is not healthy, and what happens next."""
     health, reason = a["health"], a["reason"] or ""
     if health == "lost":
         return lost_host_note(a["name"], a["host"], a.get("pinned", False))
-    asks = (f"asks {a['question']!r}: tt attach {a['name']} to answer"
+    asks = (f"asks {_quoted(a['question'])}: tt attach {a['name']} to answer"
             if a["state"] == "waiting" and a.get("question") else "")
     if a.get("hold") and a["state"] not in ("paused", "stopped"):  # (a question still waits for its answer)
         return "; ".join(t for t in (HOLD_NOTES.get(a["hold"], ""), asks) if t)

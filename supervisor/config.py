@@ -789,6 +789,14 @@ def _from_dict(data: dict, root: Path, path: Path, text: str) -> Config:
     _check_redis_url(source, config, path)
     if config.cluster.lease_ttl <= config.cluster.lease_renew:
         source.fail("cluster", "lease_ttl", f"must be longer than lease_renew ({config.cluster.lease_renew:g})")
+    policy = config.supervisor
+    if policy.heartbeat_stale <= policy.heartbeat_interval:  # (every healthy runner would show unresponsive)
+        source.fail("supervisor", "heartbeat_stale",
+                    f"must be longer than heartbeat_interval ({policy.heartbeat_interval:g})")
+    if policy.backoff_max < policy.backoff_first:
+        source.fail("supervisor", "backoff_max", f"must be at least backoff_first ({policy.backoff_first:g})")
+    if os.path.isabs(config.socket_path) or ".." in Path(config.socket_path).parts:
+        source.fail("redis", "socket_path", "must be a path inside .tt/ (relative, without '..')")
     if config.default_cli not in PRESETS and config.default_cli not in config.clis:
         source.fail("", "default_cli", f"unknown CLI {config.default_cli!r}")
     return config
@@ -1081,6 +1089,10 @@ def init_town(folder: Path, name: str | None, default_cli: str = "claude", max_a
     path = folder / CONFIG_FILE
     if path.exists() and not force:
         raise TinytownError(f"{path} already exists (use --force to overwrite)")
+    from . import lock
+    if path.exists() and (folder / RUNTIME_DIR).is_dir() and lock.holder(folder / RUNTIME_DIR):
+        # (its records would hide under another name, its settings change under it)
+        raise TinytownError(f"the town in {folder} is running: `tt stop` it before writing its tinytown.toml anew")
     name = validate_name("town", name) if name else default_town_name(folder)
     if default_cli not in PRESETS:
         raise TinytownError(f"unknown CLI {default_cli!r} (known: {', '.join(sorted(PRESETS))})")

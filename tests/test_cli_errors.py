@@ -196,3 +196,16 @@ def test_a_reader_that_stops_early_ends_tt_quietly(town):
     proc.stdout.close()  # (a command that ends in sys.exit: it used to say "Exception ignored", exit 120)
     err = proc.stderr.read().decode()
     assert proc.wait(30) == 141 and err == "", err
+
+
+def test_init_force_on_a_running_town_and_tasks_of_an_unknown_agent_are_refused(town):
+    """`tt init --force --name other` on a running town wrote a config whose name hid every record
+    it had; `tt tasks --agent dve` said "No tasks" where every other command knows no such agent."""
+    town.tt("spawn", "dev")
+    before = (town.root / "tinytown.toml").read_text()
+    one_error_line(town.tt("init", "--force", "--name", "other", check=False), "is running: `tt stop` it")
+    assert (town.root / "tinytown.toml").read_text() == before
+    one_error_line(town.tt("tasks", "--agent", "dve", check=False), "no agent named 'dve'")
+    assert town.tt("tasks", "--agent", "dev").out.strip() == "No tasks"
+    town.tt("stop")
+    assert "Initialized town 'other'" in town.tt("init", "--force", "--name", "other").out

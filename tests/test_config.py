@@ -201,3 +201,27 @@ def test_a_config_others_can_change_is_refused(tmp_path):
         os.chown(path, 65534, 65534)
         with pytest.raises(TinytownError, match="belongs to another user"):
             load(tmp_path / "town")
+
+
+def test_settings_that_contradict_each_other_or_leave_tt_are_named_with_file_and_line(tmp_path):
+    """heartbeat_stale under heartbeat_interval showed every healthy agent unresponsive (inviting a
+    restart of a good runner); backoff_max under backoff_first; an absolute socket_path made
+    folders anywhere (/nonexistent/dir), where the README says it is relative to .tt/."""
+    init_town(tmp_path, "t")
+    path = tmp_path / "tinytown.toml"
+    base = path.read_text()
+    for old, new, why in (
+            ("# heartbeat_stale = 10.0", "heartbeat_stale = 2\nheartbeat_interval = 20",
+             r"tinytown.toml:\d+: heartbeat_stale: must be longer than heartbeat_interval \(20\)"),
+            ("# backoff_max = 30.0", "backoff_max = 1\nbackoff_first = 100",
+             r"tinytown.toml:\d+: backoff_max: must be at least backoff_first \(100\)"),
+            ('socket_path = "redis.sock"', 'socket_path = "/nonexistent/dir/x.sock"',
+             r"tinytown.toml:7: socket_path: must be a path inside .tt/"),
+            ('socket_path = "redis.sock"', 'socket_path = "../x.sock"', r"tinytown.toml:7: socket_path: must be")):
+        assert old in base
+        path.write_text(base.replace(old, new, 1).replace("# [supervisor]", "[supervisor]", 1))
+        with pytest.raises(TinytownError, match=why):
+            load(tmp_path)
+    path.write_text(base.replace('socket_path = "redis.sock"', 'socket_path = "sub/r.sock"', 1))
+    assert load(tmp_path).socket_path == "sub/r.sock"
+    assert not os.path.exists("/nonexistent")

@@ -278,7 +278,7 @@ def test_an_unanswered_question_shows_the_agent_waiting_for_input(make_town):
     agent = town.wait_agent("dev", states=("waiting",))
     assert agent["question"] == "Delete [/]everything? [y/n]" and agent["current_task"] == task_id
     listed = town.tt("list").out
-    assert "Waiting for input" in listed and "asks 'Delete [/]everything? [y/n]': tt attach dev" in listed
+    assert "Waiting for input" in listed and 'asks "Delete [/]everything? [y/n]": tt attach dev' in listed
     status = town.tt("status").out
     assert "waiting for input" in status and "Delete [/]everything? [y/n]" in status
     assert "\x1b" not in listed + status

@@ -70,7 +70,7 @@ def test_status_on_an_80_column_terminal_keeps_each_agents_note(town):
     town.env["COLUMNS"] = "80"
     narrow = town.tt("status").out
     assert "NOTE" not in narrow and "tt attach dev to answer" in narrow
-    assert "  dev: asks 'Proceed with the migration?'" in narrow
+    assert '  dev: asks "Proceed with the migration?"' in narrow
     assert max(len(line) for line in narrow.splitlines()) <= 80
     del town.env["COLUMNS"]
     town.tt("interrupt", "dev")   # pausing after its task, which still waits for its answer
@@ -98,3 +98,11 @@ def test_tt_logs_removes_c1_controls_an_agent_wrote_in_utf8(town):
     shown = town.tt("logs", "dev")
     assert "before 31m red 0;pwned title after" in shown.out
     assert not [ch for ch in shown.out if "\x80" <= ch <= "\x9f"]
+
+
+def test_a_question_is_shown_as_the_agent_asked_it():
+    """repr() doubled a question's backslashes and switched to double quotes at an apostrophe."""
+    from tinytown.cli.render import _note
+    agent = {"name": "dev", "health": "waiting", "reason": "", "state": "waiting", "hold": "",
+             "question": "it's C:\\path ünï?\x1b[31m"}
+    assert _note(agent) == 'asks "it\'s C:\\path ünï?": tt attach dev to answer'
