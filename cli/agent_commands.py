@@ -149,7 +149,7 @@ def events(follow, agent, count, as_json, town_path):
     from tinytown.supervisor.event_stream import EventStream
     from tinytown.supervisor.resp import RespConnectionError
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `tt events -f | head` ends quietly
-    config = _config(town_path)
+    config = _config(town_path, use_started=True)
     town, running = _recorded_town(config)
     if not running:  # its read-only copy: nothing more will come
         click.echo(f"tt events: town {config.name!r} is stopped: its events as last recorded"

@@ -100,7 +100,7 @@ def backlog(ctx, as_json, town_path):
     """Work for whichever matching agent is idle first: list it (or `add`, `remove`)."""
     if ctx.invoked_subcommand is not None:
         return
-    config = _config(town_path)
+    config = _config(town_path, use_started=True)
     town = _running_town(config)
     found = town.coordination.backlog()
     town.explained([t for t in found if t.deps_left])  # "waits on <ids>" (the others: in the backlog)
@@ -192,7 +192,7 @@ def send(agent, text, urgent, as_task, from_file, as_json, town_path):
 @town_option
 def inbox(agent, show_all, as_json, town_path):
     """Notes waiting for AGENT's next task (every agent's without AGENT)."""
-    config = _config(town_path)
+    config = _config(town_path, use_started=True)
     town = _running_town(config)
     names = [agent] if agent else [a.name for a in town.agents()]
     notes = [n for name in names for n in town.coordination.inbox(name, delivered=show_all)]
@@ -252,7 +252,7 @@ def wait(refs, timeout, as_json, town_path):
     from tinytown.supervisor.resp import RespConnectionError, connect
     from tinytown.supervisor.town import Town
     end_on_ctrl_c(130)  # (as an interrupted command exits)
-    config = _config(town_path)
+    config = _config(town_path, use_started=True)
 
     def recorded():
         town, running = _recorded_town(config)

@@ -128,11 +128,34 @@ def json_option(func):
     return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(func)
 
 
-def _config(town_path):
+def _config(town_path, use_started: bool = False):
+    """The town's config. use_started: a command that reads the town, or stops it; while
+    tinytown.toml does not load and its supervisor runs (on its previous config), it goes on with
+    the config that supervisor started with, the error said on stderr (`tt status` shows the edit
+    not applied). A command that changes the town waits for the file to be mended."""
     from tinytown.supervisor.config import load
-    config = load(town_path)
+    try:
+        config = load(town_path)
+    except TinytownError as exc:
+        config = _started_config(town_path) if use_started else None
+        if config is None:
+            raise
+        click.echo(f"tt: warning: {exc} (the town runs on its previous config: shown on it)", err=True)
     click.get_current_context().meta[CONFIG_META] = config  # for _explain
     return config
+
+
+def _started_config(town_path):
+    """The config this folder's running supervisor started with, or None (none runs, or unreadable)."""
+    from tinytown.supervisor import lock
+    from tinytown.supervisor.config import load_started
+    from tinytown.supervisor.town_dir import find, runtime_dir
+    try:
+        if not lock.holder(runtime_dir(find(town_path))):
+            return None
+        return load_started(town_path)
+    except (OSError, TinytownError):
+        return None
 
 
 def _town(config):
@@ -386,7 +409,7 @@ def _spawn_warnings(spec, keep_context: bool, shared: bool) -> list[str]:
 def list_agents(as_json, town_path):
     """The town's agents with id and state."""
     from tinytown.cli import render
-    config = _config(town_path)
+    config = _config(town_path, use_started=True)
     town = _running_town(config, as_json)
     agents = town.agents()
     queued = town.queued_counts(agents)
@@ -471,7 +494,7 @@ def _read_input(path: str) -> bytes:
 @town_option
 def status(as_json, town_path):
     """The town, its agents and their states, and pending work."""
-    config = _config(town_path)
+    config = _config(town_path, use_started=True)
     town, running = _town_or_snapshot(config)
     if town is None:
         data = {"town": config.name, "root": str(config.root), "running": False, "agents": [], "tasks": {}}
@@ -509,7 +532,7 @@ def status(as_json, town_path):
 @town_option
 def tasks(agent, state, limit, as_json, town_path):
     """The town's tasks, oldest first."""
-    config = _config(town_path)
+    config = _config(town_path, use_started=True)
     town = _running_town(config, as_json)
     found = town.tasks(agent=agent, state=state, limit=limit)
     if agent and not found:
@@ -529,7 +552,7 @@ def tasks(agent, state, limit, as_json, town_path):
 @town_option
 def task(task_id, raw, as_json, town_path):
     """One task in full (TASK_ID may be a unique prefix)."""
-    config = _config(town_path)
+    config = _config(town_path, use_started=True)
     town = _running_town(config, as_json)
     found = town.task(task_id)
     so_far = found.state == "running" and not found.output
@@ -562,7 +585,7 @@ def start(host, town_path):
 @town_option
 def stop(now, as_json, town_path):
     """Stop every runner, then the town's own redis-server (none with a url); unfinished tasks go back to their inbox."""
-    stop_command(_config(town_path), now, as_json, click.echo)  # (also cli/entry.py's, without click)
+    stop_command(_config(town_path, use_started=True), now, as_json, click.echo)  # (also cli/entry.py's, without click)
 
 
 @cli.command(name="forget-host")
@@ -678,7 +701,7 @@ def logs(agents, lines, follow, task_id, since, no_color, raw, from_redis, town_
         raise TinytownError("give either agent names or --task, not both")
     if task_id is not None and not task_id.strip():
         raise TinytownError("--task '': no task id given")
-    config = _config(town_path)
+    config = _config(town_path, use_started=True)
     if follow:
         from tinytown.cli.entry import end_on_ctrl_c
         end_on_ctrl_c()

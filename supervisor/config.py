@@ -18,6 +18,8 @@ from .errors import TinytownError
 from .town_dir import AGENTS_DIR, CONFIG_FILE, RUNTIME_DIR  # noqa: F401 - (named here for everyone who reads config)
 from .town_dir import find as _find_town_dir
 
+STARTED_CONFIG = "started.toml"    # in .tt/: tinytown.toml as the running supervisor started with it
+
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_UNIX_SOCKET_PATH = 107
 # Linux caps one argv string at MAX_ARG_STRLEN = 32 pages (128 KiB), NUL included.
@@ -414,6 +416,11 @@ class Config:
         """The host name this folder's supervisor last ran as (written at its start)."""
         return self.runtime_dir / "host"
 
+    @property
+    def started_config_file(self) -> Path:
+        """tinytown.toml as the running supervisor read it at its start (load_started)."""
+        return self.runtime_dir / STARTED_CONFIG
+
     def host_capacity(self, host: str) -> int:
         """How many agents `host` runs at most: [hosts.NAME] max_agents, else max_agents."""
         own = self.hosts.get(host)
@@ -644,17 +651,51 @@ def find_town(start: str | Path | None = None) -> Path:
 def load(root: str | Path | None = None) -> Config:
     """Find and load the town's config, or raise TinytownError naming file and line."""
     folder = find_town(root)
-    path = folder / CONFIG_FILE
+    return _load_file(folder, folder / CONFIG_FILE)
+
+
+def _load_file(folder: Path, path: Path) -> Config:
     _refuse_if_others_can_change(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise TinytownError(f"{path}: cannot read: {exc}") from None
+    return _loads(folder, path, text)
+
+
+def _loads(folder: Path, path: Path, text: str) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise TinytownError(_toml_error(path, text, exc)) from None
     return _from_dict(data, folder, path, text)
+
+
+def remember_started(config: Config) -> None:
+    """Keep the text of tinytown.toml that `config` was read from, for load_started; nothing if the
+    file has changed since (it is then not what this config is)."""
+    path = config.root / CONFIG_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+        if _loads(config.root, path, text) != config:
+            return
+        fd = os.open(config.started_config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    except (OSError, UnicodeDecodeError, TinytownError):
+        pass  # (reading commands then fail on a broken tinytown.toml, as before)
+
+
+def load_started(root: str | Path | None = None) -> Config:
+    """The config the running supervisor of this folder started with: what reading commands use
+    while tinytown.toml does not load (its supervisor runs on its previous config meanwhile)."""
+    folder = find_town(root)
+    path = folder / RUNTIME_DIR / STARTED_CONFIG
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TinytownError(f"{path}: cannot read: {exc}") from None
+    return _loads(folder, path, text)
 
 
 # The tables of tinytown.toml and the dataclass whose settings each holds (Config's own keys

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field, fields, replace
 
 from . import lock, stopping
-from .config import CONFIG_FILE, Config, ensure_runtime_dir, load
+from .config import CONFIG_FILE, Config, ensure_runtime_dir, load, remember_started
 from .control import ControlChannel
 from .errors import TinytownError
 from .agent_log import tail_text
@@ -134,6 +134,7 @@ class Supervisor:
             raise TinytownError(str(exc)) from None
         try:
             self._remember_host()  # (first: this folder's commands take it for this host's name from now on)
+            remember_started(self.config)  # (what reading commands use while tinytown.toml is broken)
             self._install_signals()
             become_subreaper()
             close_on_exec_all()

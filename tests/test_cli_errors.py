@@ -209,3 +209,28 @@ def test_init_force_on_a_running_town_and_tasks_of_an_unknown_agent_are_refused(
     assert town.tt("tasks", "--agent", "dev").out.strip() == "No tasks"
     town.tt("stop")
     assert "Initialized town 'other'" in town.tt("init", "--force", "--name", "other").out
+
+
+def test_a_broken_tinytown_toml_leaves_a_running_town_readable_and_says_so(town):
+    """While tinytown.toml does not load, the town runs on its previous config, and `tt status`
+    was to show the edit not applied; every command died loading the same file first."""
+    town.tt("spawn", "dev")
+    task = town.assign("dev", "@echo before the edit")
+    town.wait_task(task)
+    path = town.root / "tinytown.toml"
+    good = path.read_text()
+    path.write_text(good.replace("max_agents = ", "stop_grace = 3\nmax_agents = ", 1))
+    status = wait_for(lambda: (lambda p: p if "not applied" in p.out else None)(town.tt("status")), 20,
+                      "tt status to show the edit not applied")
+    assert status.returncode == 0 and "stop_grace: unknown key" in status.out
+    [warning] = status.err.splitlines()
+    assert warning.startswith("tt: warning: ") and "tinytown.toml:3: stop_grace: unknown key" in warning
+    assert "previous config" in warning
+    for args in (("list",), ("tasks",), ("task", task), ("logs", "dev"), ("events",), ("inbox", "dev")):
+        shown = town.tt(*args)
+        assert shown.err.count("\n") == 1 and "previous config" in shown.err, args
+    assert "before the edit" in town.tt("task", task).out
+    one_error_line(town.tt("assign", "dev", "x", check=False), "stop_grace: unknown key")  # writes wait for a fix
+    town.tt("stop")
+    one_error_line(town.tt("status", check=False), "stop_grace: unknown key")  # nothing runs on it now
+    path.write_text(good)

@@ -196,7 +196,7 @@ def test_follow_through_redis_from_another_folder(town, tmp_path, follow):
     viewer = tmp_path / "elsewhere"
     viewer.mkdir()
     (viewer / "tinytown.toml").write_text(
-        f'name = "testtown"\n[redis]\nsocket_path = "{town.config().redis_socket}"\n')
+        f'name = "testtown"\n[redis]\nurl = "unix://{town.config().redis_socket}"\n')
     assert "old-output" in town.tt("logs", "dev", cwd=viewer).out
     follower = follow(town, "dev", cwd=viewer)
     follower.wait_for("old-output")
