@@ -60,6 +60,7 @@ class RunnerProc:
     hold: str = ""              # the models.Hold it was signalled for (`tt interrupt/close/kill`)
     kill_at: float | None = None  # `tt kill`: past this (monotonic), the runner is SIGKILLed
     fenced: bool = False        # its agent was placed again (this host declared lost): it writes nothing
+    stop_grace: float = 0.0     # the grace its config gives a stop (a reload changes the next runner's only)
 
 
 @dataclass
@@ -592,7 +593,7 @@ class Supervisor:
             os.setpgid(pid, pid)
         except OSError:
             pass
-        self.procs[agent_id] = RunnerProc(agent_id, name, pid, time.monotonic())
+        self.procs[agent_id] = RunnerProc(agent_id, name, pid, time.monotonic(), stop_grace=self.policy.stop_grace)
         self.town.set_runner_pid(agent_id, pid)
         self.say(f"runner {name} started (pid {pid})")
 
@@ -716,7 +717,9 @@ class Supervisor:
         self.say(f"stopping ({mode.value})")
         self.town.set_supervisor_state("stopping")
         since = self.town.event("town_stopping", mode=mode.value)
-        grace = 0.0 if mode is StopMode.NOW else self.policy.stop_grace
+        # (each runner's own grace: one forked before a reload shortened it still takes the longer)
+        grace = 0.0 if mode is StopMode.NOW else max([self.policy.stop_grace,
+                                                      *(proc.stop_grace for proc in self.procs.values())])
         self.stopping = Stopping(mode, since, time.monotonic() + grace + KILL_WAIT_SECONDS + 3.0)
         # While a runner lives, the agent's state is its own to write (it says `stopping` when it
         # gets the signal): a write from here could race with it recording a finished task.

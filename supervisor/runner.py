@@ -425,6 +425,10 @@ class Runner:
                 self._note(note)
             base = begun.base
             prompt = _interrupted_line(begun) + prompt
+        if self.stop_mode is StopMode.NOW:  # `tt stop --now` or `tt kill` came while it was readied (git)
+            self._note(f"task {task_id} not started: stopped before its CLI was; back in the inbox")
+            self.town.requeue(self.agent_id, claimed)
+            return
         spec = self.spec
         if self.keep_context and self.session_task:
             spec = spec.continued(self.session)

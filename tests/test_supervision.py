@@ -571,6 +571,23 @@ def test_stop_lets_a_working_runner_finish_within_the_grace_period(make_town):
     assert task["state"] == "completed" and task["attempts"] == 1 and "finished in time" in task["output"]
 
 
+def test_a_stop_gives_a_runner_the_grace_of_the_config_it_was_started_with(make_town):
+    """`tt reload` shortening stop_grace reaches the next runner only; the supervisor took the new
+    grace for every runner and SIGKILLed one still within its own, its CLI with it (no SIGTERM)."""
+    town = make_town(policy=policy(stop_grace=60))
+    town.tt("spawn", "dev")
+    town.wait_agent("dev", ("idle",))
+    path = town.root / "tinytown.toml"
+    path.write_text(path.read_text().replace("stop_grace = 60", "stop_grace = 0.5", 1))
+    assert "applied [supervisor]" in town.tt("reload").out
+    task_id = town.json("assign", "dev", "@sleep 7\n@echo finished within its grace")["id"]
+    working_on(town, "dev", task_id)
+    report = town.json("stop")  # past 0.5 s + the supervisor's slack (5.5 s), within the runner's 60
+    assert report["killed"] == [] and report["requeued"] == [] and report["stopped"] == ["dev"], report
+    task = town.task(task_id)
+    assert task["state"] == "completed" and task["attempts"] == 1 and "finished within its grace" in task["output"]
+
+
 def test_stop_now_skips_the_grace_period(make_town):
     town = make_town(policy=policy(stop_grace=600))
     town.tt("spawn", "dev")

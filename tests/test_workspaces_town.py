@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -395,3 +396,36 @@ def test_tt_in_an_agents_worktree_is_its_towns_not_a_town_of_its_own(git_town):
     assert t.wait_task(task)["state"] == "completed"
     assert json.loads(t.tt("list", "--json", "--town", str(checkout)).out)[0]["name"] == "dev"
     assert not (checkout / ".tt").exists()
+
+
+def test_a_stop_now_while_a_task_is_readied_starts_no_cli(git_town, tmp_path):
+    """`tt stop --now` (or `tt kill`) arriving after a task was claimed, while its worktree was being
+    readied (git: a checkpoint, a merge, a fetch), still started the CLI, to SIGTERM it at once: a
+    real CLI could already have begun work the user had asked to stop."""
+    t = git_town()
+    wrapper = tmp_path / "bin"
+    wrapper.mkdir()
+    real = subprocess.run(["sh", "-c", "command -v git"], capture_output=True, text=True, check=True).stdout.strip()
+    gate = tmp_path / "gate"
+    (wrapper / "git").write_text(  # real git, held while the gate file is there (a slow disk, a fetch)
+        f'#!/bin/sh\nif [ -e {gate} ]; then touch {gate}.held; while [ -e {gate} ]; do sleep 0.02; done; fi\n'
+        f'exec {real} "$@"\n')
+    (wrapper / "git").chmod(0o755)
+    t.env["PATH"] = f"{wrapper}{os.pathsep}{t.env['PATH']}"  # (the supervisor's, so its runners')
+    t.tt("spawn", "dev")
+    t.tt("spawn", "up")
+    upstream = t.assign("up", "@write up.txt made upstream")
+    assert t.wait_task(upstream)["state"] == "completed"
+    gate.touch()  # dev's task merges up's work first: git, held
+    task = t.json("assign", "dev", "@echo should never run", "--after", upstream)["id"]
+    wait_for(lambda: (tmp_path / "gate.held").exists(), 30, "the runner to ready the task's worktree")
+    stopping = subprocess.Popen([sys.executable, "-m", "tinytown.cli.main", "stop", "--now"], cwd=t.root,
+                                env=t.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = t.root / ".tt" / "supervisor.log"
+    wait_for(lambda: "stopping (now)" in log.read_text(errors="replace"), 30, "the stop to be asked")
+    gate.unlink()
+    assert stopping.wait(60) == 0, stopping.stderr.read()
+    log = (t.root / ".tt" / "logs" / "dev.log").read_text()
+    assert f"task {task} started" not in log and f"task {task} not started: stopped before its CLI" in log
+    after = t.task(task)
+    assert after["state"] == "assigned" and after["attempts"] == 0
