@@ -37,7 +37,11 @@ def create_tasks(config, agent, texts, after, no_context, as_json, single: bool)
         recorded.coordination.resolve_refs(after)
     town = _started_town(config, check=check)
     coord = town.coordination
-    deps = coord.resolve_refs(after)  # once for all of them, before any is written
+    idle: list[str] = []
+    deps = coord.resolve_refs(after, idle=idle)  # once for all of them, before any is written
+    for name in idle:  # (by design: an agent with nothing to wait for; said, not silent)
+        click.echo(f"tt: note: --after {name}: {name} has no task yet, so there is nothing of it to wait for",
+                   err=True)
     by = _caller(config)
     made = [coord.create_task(text, agent=agent, after=deps, context=not no_context, created_by=by).task
             for text in texts]

@@ -127,8 +127,9 @@ class Coordination:
             return matches[0]
         raise TinytownError(f"task id {ref!r} is ambiguous" if matches else f"no task {ref!r}")
 
-    def resolve_refs(self, refs, what: str = "--after") -> list[str]:
-        """Dependency ids from `--after` (or `tt wait`) references, in order, each once.
+    def resolve_refs(self, refs, what: str = "--after", idle: list[str] | None = None) -> list[str]:
+        """Dependency ids from `--after` (or `tt wait`) references, in order, each once. idle: the
+        agents named that have no task at all (nothing to wait for) are appended to it.
 
         A reference naming an agent means every task of that agent not finished yet or, when it
         has none, the task it finished last (none at all: nothing to wait for). So `tt wait tester
@@ -148,6 +149,8 @@ class Coordination:
                     by_agent = self._tasks_by_agent()
                 unfinished, latest = by_agent.get(agents[ref], ([], ""))
                 ids.extend(unfinished or ([latest] if latest else []))
+                if idle is not None and not (unfinished or latest):
+                    idle.append(ref)
                 continue
             try:
                 ids.append(self.resolve_task(ref))

@@ -96,6 +96,19 @@ def test_an_unknown_reference_creates_nothing(town):
     assert bad_option.returncode == 3 and "--timeout" in bad_option.err and "Traceback" not in bad_option.err
 
 
+def test_after_an_agent_with_no_task_yet_says_there_is_nothing_to_wait_for(town):
+    """`--after fresh` for an agent that has never had a task waits on nothing (by design), and
+    said nothing: the task ran at once, where the user meant it to wait."""
+    _spawn(town, "fresh")
+    _spawn(town, "reviewer")
+    made = town.tt("assign", "reviewer", "@echo review", "--after", "fresh", "--json")
+    assert made.err == "tt: note: --after fresh: fresh has no task yet, so there is nothing of it to wait for\n"
+    assert town.wait_task(json.loads(made.out)["id"])["state"] == "completed"
+    done = town.assign("fresh", "@echo first")
+    town.wait_task(done)
+    assert town.tt("assign", "reviewer", "@echo again", "--after", "fresh").err == ""
+
+
 def test_wait_times_out_with_exit_2_and_completes_with_0(town):
     _spawn(town, "dev")
     slow = town.assign("dev", "@gate open")
