@@ -42,11 +42,28 @@ def create_tasks(config, agent, texts, after, no_context, as_json, single: bool)
     for name in idle:  # (by design: an agent with nothing to wait for; said, not silent)
         click.echo(f"tt: note: --after {name}: {name} has no task yet, so there is nothing of it to wait for",
                    err=True)
+    if deps:
+        _say_if_work_stays_on_branches(town, agent, deps)
     by = _caller(config)
     made = [coord.create_task(text, agent=agent, after=deps, context=not no_context, created_by=by).task
             for text in texts]
     _report(town, made, as_json, f"to {agent}" if single else None)
     _say_if_held(town, agent)
+
+
+def _say_if_work_stays_on_branches(town, name: str, deps: list[str]) -> None:
+    """A shared agent (the town's folder) waiting on worktree agents' tasks runs after them but
+    without their work, which stays on their branches until merged: said on stderr (a trial's
+    task completed without the upstream file, saying nothing)."""
+    agents = {a.name: a for a in town.agents()}
+    if agents.get(name) is None or agents[name].workspace == "worktree":
+        return
+    upstream = sorted({owner for owner in town.task_field(deps, "agent")
+                       if owner in agents and agents[owner].workspace == "worktree"})
+    for owner in upstream:
+        click.echo(f"tt: note: {name} works in the town's folder: {owner}'s work stays on branch "
+                   f"{agents[owner].branch} until merged (`tt merge {owner}`), so it runs after it but without it",
+                   err=True)
 
 
 def _say_if_held(town, name: str) -> None:

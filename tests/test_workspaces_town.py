@@ -429,3 +429,17 @@ def test_a_stop_now_while_a_task_is_readied_starts_no_cli(git_town, tmp_path):
     assert f"task {task} started" not in log and f"task {task} not started: stopped before its CLI" in log
     after = t.task(task)
     assert after["state"] == "assigned" and after["attempts"] == 0
+
+
+def test_a_shared_agent_after_a_worktree_agents_task_is_told_its_work_stays_on_the_branch(git_town):
+    """Dependencies carry work between worktree agents; a shared agent works in the town's folder,
+    where a worktree agent's commits arrive only when merged. It ran without them, saying nothing."""
+    t = git_town()
+    t.tt("spawn", "dev")
+    t.tt("spawn", "helper", "--shared")
+    made = t.assign("dev", "@write fromdev.txt hi")
+    t.wait_task(made)
+    after = t.tt("assign", "helper", "@echo after dev", "--after", made)
+    assert after.err == ("tt: note: helper works in the town's folder: dev's work stays on branch tt/dev until "
+                         "merged (`tt merge dev`), so it runs after it but without it\n")
+    assert t.tt("assign", "dev", "@echo more", "--after", made).err == ""  # (a worktree agent gets it)
