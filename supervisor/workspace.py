@@ -932,8 +932,9 @@ class Workspace:
             head, ref = self.head()
             commit, _, nested = self._checkpoint("tt: left uncommitted when the agent was pruned", head, ref,
                                                  base=head, trailers={"Tinytown-State": "pruned"})
-            if commit:
-                notes.append(f"{self.label} held uncommitted changes: committed as {commit[:12]}")
+            if commit:  # (on the branch checked out there: not tt/NAME if someone switched it)
+                on = f" on branch {ref.removeprefix('refs/heads/')}" if ref else ""
+                notes.append(f"{self.label} held uncommitted changes: committed as {commit[:12]}{on}")
             if nested:
                 raise WorkspaceError(f"{_names([f'{self.label}/{path}' for path in nested])} is a git repository of "
                                      "its own, whose files no branch holds: move it out of the worktree first")

@@ -686,6 +686,18 @@ def test_prune_keeps_unmerged_branches_and_deletes_merged_ones_when_asked(town):
     assert "on none of your branches" in a.prune(delete_branch=True)[-1]
 
 
+def test_prune_names_the_branch_it_committed_leftovers_on(town):
+    """Someone switched agents/dev to a branch of their own: prune commits what is left there, on
+    that branch, and said "committed as X ... kept branch tt/dev", sending them to the wrong one."""
+    dev = spawned(town)
+    git(dev.path, "checkout", "-q", "-b", "side")
+    (dev.path / "wip.txt").write_text("work in progress\n")
+    notes = dev.prune()
+    committed = [n for n in notes if "held uncommitted changes" in n]
+    assert len(committed) == 1 and committed[0].endswith(" on branch side"), notes
+    assert "wip.txt" in git(town, "show", "--name-only", "--format=", "side")
+
+
 def test_prune_refuses_a_worktree_holding_a_repository_of_its_own(town):
     """Its files are on no branch: removing the worktree would delete them."""
     space = spawned(town)
