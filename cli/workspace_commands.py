@@ -11,7 +11,7 @@ import sys
 import click
 
 from tinytown.supervisor.errors import TinytownError
-from tinytown.supervisor.terminal_text import clean_written, quoted_name
+from tinytown.supervisor.terminal_text import clean_text, clean_written, quoted_name
 
 
 def prepare_workspace(config, town, name: str, from_ref: str | None, quiet: bool = False,
@@ -80,14 +80,22 @@ def file_lines(files: list[dict]) -> list[str]:
     return lines
 
 
-def _no_commits(task) -> TinytownError:
-    """Why a task has no commits to show or merge, from its record."""
+def _no_commits(town, task) -> TinytownError:
+    """Why a task has no commits to show or merge, from its record and its agent's. (A run put
+    back clears started_at, so attempts says whether it ran; a worktree agent's task that failed
+    before its CLI, on a conflict, has no branch recorded but did not run in the town's folder.)"""
+    try:
+        shared = town.agent(task.agent).workspace != "worktree"
+    except TinytownError:  # pruned: its workspace is not known
+        shared = None
     if task.state in ("pending", "assigned", "running"):
         why = f"it has not ended: it is {task.state}"
-    elif task.started_at is None:
+    elif not task.attempts:
         why = f"it was {task.state} before it ran"
-    elif not task.branch:
+    elif shared:
         why = "it ran in the shared town folder"
+    elif task.reason:
+        why = f"it ended {task.state} without one: {clean_text(task.reason)[:200]}"
     else:
         why = "none was recorded"
     return TinytownError(f"task {task.id} has no commits ({why})")
@@ -170,7 +178,7 @@ def diff(ctx, ref, stat, town_path):
         argv = diff_argv(config.root, branch=_branch_here(config, agent), stat=stat)
     else:
         if not (task.base and task.head):
-            raise _no_commits(task)
+            raise _no_commits(town, task)
         _task_work_here(config, task)
         argv = diff_argv(config.root, base=task.base, head=task.head, stat=stat)
     import subprocess
@@ -199,7 +207,7 @@ def merge(ctx, ref, into, town_path):
         source, label = "refs/heads/" + _branch_here(config, agent), agent.name
     else:
         if not task.head:
-            raise _no_commits(task)
+            raise _no_commits(town, task)
         _task_work_here(config, task)
         source, label = task.head, f"task {task.id[:8]}"
     done = merge_home(config.root, source, into, label=label)

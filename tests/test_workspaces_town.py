@@ -122,6 +122,10 @@ def test_a_conflicting_dependency_fails_the_task_before_its_cli_starts(git_town)
     assert not (t.record / f"{reviewer}.json").exists()  # its CLI never started
     assert git(worktree, "rev-parse", "HEAD") == before and git(worktree, "status", "--porcelain") == ""
     assert (worktree / "app.py").read_text() == "print('hello')\n"
+    # `tt diff` says why it has no commits (it said "it ran in the shared town folder")
+    refused = t.tt("diff", reviewer, check=False)
+    assert refused.returncode == 1 and f"task {reviewer} has no commits (it ended failed without one: " in refused.err
+    assert "conflicts in app.py" in refused.err and "shared" not in refused.err
     # and the agent goes on with its next task
     after = t.assign("reviewer", "@echo next")
     assert t.wait_task(after)["state"] == "completed"
