@@ -147,10 +147,33 @@ def test_tasks_waiting_for_a_failed_agent_say_why_and_count_as_blocked(make_town
 
 
 # --- 5. a full disk under .tt/: the town keeps what it has ---------------------------------------
+def fill(folder):
+    """A file taking every byte left on `folder`'s file system, to the last; its path."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as fh:
+        for size in (65536, 4096, 1):
+            try:
+                while True:
+                    fh.write(b"\0" * size)
+            except OSError:
+                pass
+    return filler
+
+
+def writes_refused(client) -> bool:
+    """Whether Redis refuses writes for want of room for its file (MISCONF)."""
+    from tinytown.supervisor.resp import RespError
+    try:
+        client.hset("tt:probe", "x", "y")
+        return False
+    except RespError as exc:
+        return str(exc).startswith("MISCONF")
+
+
 @needs_mount_namespace
 def test_a_full_disk_under_the_town_keeps_the_supervisor_up_and_says_so(make_town):
     from conftest import wait_for
-    from tinytown.supervisor.resp import RespError, connect
+    from tinytown.supervisor.resp import connect
     town = make_town(policy="\n[supervisor]\nheartbeat_interval = 0.2\nstart_seconds = 0.1\n")
     runtime = town.root / ".tt"
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(runtime)], check=True)
@@ -158,23 +181,9 @@ def test_a_full_disk_under_the_town_keeps_the_supervisor_up_and_says_so(make_tow
         town.tt("spawn", "dev")
         assert town.wait_task(town.json("assign", "dev", "@echo before")["id"])["state"] == "completed"
         supervisor = town.supervisor_pid()
-        filler = runtime / "filler"
-        with open(filler, "wb") as fh:  # every byte left
-            try:
-                while True:
-                    fh.write(b"\0" * 65536)
-                    fh.flush()
-            except OSError:
-                pass
+        filler = fill(runtime)
         client = connect(town.config())
-
-        def refused() -> bool:
-            try:
-                client.hset("tt:probe", "x", "y")
-                return False
-            except RespError as exc:
-                return str(exc).startswith("MISCONF")
-
+        refused = lambda: writes_refused(client)  # noqa: E731
         wait_for(refused, 30, "Redis to refuse writes")
         # the runner's heartbeats fail, it exits; the supervisor cannot record anything either
         status = wait_for(lambda: (lambda s: s if s["supervisor"]["disk_error"] else None)(town.json("status")),
@@ -203,7 +212,7 @@ def test_a_running_task_outlives_a_full_disk_and_is_recorded_once_there_is_space
     whose cleanup SIGKILLed the CLI, and the task ran again as a crash. The CLI works on; its
     outcome waits until Redis writes again."""
     from conftest import wait_for
-    from tinytown.supervisor.resp import RespError, connect
+    from tinytown.supervisor.resp import connect
     town = make_town(policy="\n[supervisor]\nheartbeat_interval = 0.2\nstart_seconds = 0.1\n")
     runtime = town.root / ".tt"
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(runtime)], check=True)
@@ -211,24 +220,9 @@ def test_a_running_task_outlives_a_full_disk_and_is_recorded_once_there_is_space
         town.tt("spawn", "dev")
         task = town.json("assign", "dev", "@gate go\n@echo done after the gate")["id"]
         wait_for(lambda: town.agent("dev")["cli_pid"], 30, "the CLI to start")
-        filler = runtime / "filler"
-        with open(filler, "wb", buffering=0) as fh:  # every byte left, to the last
-            for size in (65536, 4096, 1):
-                try:
-                    while True:
-                        fh.write(b"\0" * size)
-                except OSError:
-                    pass
+        filler = fill(runtime)
         client = connect(town.config())
-
-        def refused() -> bool:
-            try:
-                client.hset("tt:probe", "x", "y")
-                return False
-            except RespError as exc:
-                return str(exc).startswith("MISCONF")
-
-        wait_for(refused, 30, "Redis to refuse writes")
+        wait_for(lambda: writes_refused(client), 30, "Redis to refuse writes")
         log = runtime / "logs" / "dev.log"
         wait_for(lambda: "Redis refuses writes" in log.read_text(errors="replace"), 20, "the runner to say so")
         (town.record / "go").touch()  # the CLI finishes while nothing can be recorded
