@@ -673,9 +673,13 @@ def _loads(folder: Path, path: Path, text: str) -> Config:
 
 def remember_started(config: Config) -> None:
     """Keep the text of tinytown.toml that `config` was read from, for load_started; nothing if the
-    file has changed since (it is then not what this config is)."""
+    file has changed since (it is then not what this config is), nor if it holds a secret (a
+    password in [redis] url, an [agent_clis] env: API keys live there), which is never copied."""
     path = config.root / CONFIG_FILE
     try:
+        config.started_config_file.unlink(missing_ok=True)  # (an earlier start's is not this one's)
+        if _holds_secrets(config):
+            return
         text = path.read_text(encoding="utf-8")
         if _loads(config.root, path, text) != config:
             return
@@ -684,6 +688,13 @@ def remember_started(config: Config) -> None:
             fh.write(text)
     except (OSError, UnicodeDecodeError, TinytownError):
         pass  # (reading commands then fail on a broken tinytown.toml, as before)
+
+
+def _holds_secrets(config: Config) -> bool:
+    from urllib.parse import urlsplit
+    if config.redis_url and urlsplit(config.redis_url).password is not None:
+        return True
+    return any(spec.env for spec in config.clis.values())
 
 
 def load_started(root: str | Path | None = None) -> Config:

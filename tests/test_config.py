@@ -225,3 +225,17 @@ def test_settings_that_contradict_each_other_or_leave_tt_are_named_with_file_and
     path.write_text(base.replace('socket_path = "redis.sock"', 'socket_path = "sub/r.sock"', 1))
     assert load(tmp_path).socket_path == "sub/r.sock"
     assert not os.path.exists("/nonexistent")
+
+
+def test_the_started_config_is_kept_only_without_secrets(tmp_path):
+    """.tt/started.toml (what reading commands use while tinytown.toml is broken) is a copy of the
+    file: never made when it holds a password in its url or an [agent_clis] env (API keys)."""
+    from tinytown.supervisor.config import load_started, remember_started
+    config = init_town(tmp_path, "t")
+    remember_started(config)
+    assert load_started(tmp_path) == config
+    path = tmp_path / "tinytown.toml"
+    path.write_text(path.read_text() + '\n[agent_clis.mine]\ncommand = ["mine"]\nenv = {API_KEY = "sk-secret"}\n')
+    path.chmod(0o600)
+    remember_started(load(tmp_path))
+    assert not (tmp_path / ".tt" / "started.toml").exists()  # (and the earlier copy is gone with it)
