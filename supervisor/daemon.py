@@ -801,16 +801,16 @@ class Supervisor:
         for attempt in range(attempts):
             try:
                 return call()
+            except RespConnectionError as exc:  # (first: it is a RespError too)
+                if attempt == attempts - 1:
+                    raise
+                self.say(f"lost Redis ({exc}); reconnecting")
+                self._redis_lost()
             except RespError as exc:
                 if not disk_full(exc):
                     raise
                 self._refused(exc)
                 return None
-            except RespConnectionError as exc:
-                if attempt == attempts - 1:
-                    raise
-                self.say(f"lost Redis ({exc}); reconnecting")
-                self._redis_lost()
 
     def _stop_adopted(self, grace: float = ADOPTED_STOP_GRACE) -> None:
         """A CLI's helper that left its group (setsid, a double fork: a server, a gpg-agent) outlived

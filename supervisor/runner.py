@@ -427,6 +427,7 @@ class Runner:
             prompt = _interrupted_line(begun) + prompt
         if self.stop_mode is StopMode.NOW:  # `tt stop --now` or `tt kill` came while it was readied (git)
             self._note(f"task {task_id} not started: stopped before its CLI was; back in the inbox")
+            self.town.check_fence(self.agent_id)  # (SIGUSR1 is also its host's death: placed again?)
             self.town.requeue(self.agent_id, claimed)
             return
         spec = self.spec
@@ -570,14 +571,9 @@ class Runner:
         """The heartbeat mid-task. While Redis refuses writes (MISCONF: it cannot write its file,
         a full disk) the CLI works on, said once: the beat raised out of the pump, whose cleanup
         killed the CLI, and the task ran again as a crash."""
-        try:
-            self.town.heartbeat(self.agent_id)
-        except RespError as exc:
-            if not disk_full(exc):
-                raise
-            if not self.refused:
-                self.refused = True
-                self._note(f"Redis refuses writes ({exc}): the CLI works on; its task is recorded once it takes them")
+        if not self._unless_disk_full(lambda: self.town.heartbeat(self.agent_id)) and not self.refused:
+            self.refused = True
+            self._say("Redis refuses writes (disk full?): the CLI works on; its task is recorded once it takes them")
 
     def _once_written(self, write) -> None:
         """write() a finished task's outcome, waiting while Redis refuses writes (a full disk)
@@ -592,9 +588,9 @@ class Runner:
             except RespError as exc:
                 if not disk_full(exc):
                     raise
-                if not said:
+                if not said:  # (_say, not _note: a note would set the log's warning in Redis)
                     said = True
-                    self._note(f"the task's outcome waits until Redis takes writes ({exc})")
+                    self._say(f"the task's outcome waits until Redis takes writes ({exc})")
                 time.sleep(REFUSED_RETRY_SECONDS)
 
     def _remember_session(self, task_id: str, resume_failed: bool) -> None:
@@ -617,7 +613,7 @@ class Runner:
         else:
             self.session = printed or self.session
             self.session_task = task_id
-        self.town.record_session(self.agent_id, self.session, self.session_task)
+        self._once_written(lambda: self.town.record_session(self.agent_id, self.session, self.session_task))
 
     def _pump(self, session: CliSession, task_id: str) -> Ending:
         """Copy the CLI's output to the log, attach, Redis and the task's tail until it exits, and
@@ -700,7 +696,7 @@ class Runner:
         is being killed (None: it is not)."""
         if self.stop_mode is StopMode.GRACEFUL and clock.grace_at is None:
             clock.grace_at = now + self.config.supervisor.stop_grace
-            self.town.set_agent_state(self.agent_id, AgentState.STOPPING)  # `tt status` shows the wait
+            self._unless_disk_full(lambda: self.town.set_agent_state(self.agent_id, AgentState.STOPPING))  # (shown)
         if clock.grace_at is not None and now >= clock.grace_at:
             self.stop_mode = StopMode.NOW
         if killed_for is None:
@@ -747,8 +743,9 @@ class Runner:
             session.write(notice.answer.send)
             self._note(f"answered {notice.line!r} with {notice.answer.send.decode('utf-8', 'replace')!r}"
                        f" (expect {notice.answer.expect!r})")
-            self.town.event("agent_answered", agent=self.name, task=task_id, question=notice.line,
-                            expect=notice.answer.expect, sent=notice.answer.send.decode("utf-8", "replace"))
+            self._unless_disk_full(lambda: self.town.event(
+                "agent_answered", agent=self.name, task=task_id, question=notice.line,
+                expect=notice.answer.expect, sent=notice.answer.send.decode("utf-8", "replace")))
         elif notice.kind == "stalled":
             if not self.stall_reason:
                 self.stall_reason = notice.line
@@ -757,7 +754,8 @@ class Runner:
             if notice.kind == "waiting":
                 self._note(f"waiting for input: {notice.line!r} (tt attach {self.name} to answer)")
             try:
-                self.town.set_waiting(self.agent_id, self.name, task_id, notice.line if notice.kind == "waiting" else "")
+                self._unless_disk_full(lambda: self.town.set_waiting(
+                    self.agent_id, self.name, task_id, notice.line if notice.kind == "waiting" else ""))
             except InvalidTransition:  # stopping: `tt status` shows that instead
                 pass
 
@@ -806,11 +804,25 @@ class Runner:
             self._set_warning(self.log.problem)
 
     def _set_warning(self, text: str) -> None:
-        """The log's trouble (or its end) on the agent's record, for `tt status`."""
+        """The log's trouble (or its end) on the agent's record, for `tt status`. On a full disk
+        the log and Redis's file fail together: the record waits for Redis (tried again with the
+        next batch), the CLI works on."""
+        if not self._unless_disk_full(lambda: self.town.set_agent_warning(self.agent_id, text)):
+            return
         self.warning = text
-        self.town.set_agent_warning(self.agent_id, text)
         if text:
             self._say(f"warning: {text}")
+
+    def _unless_disk_full(self, write) -> bool:
+        """write() to Redis, let go (False) if Redis refuses it for want of disk: what a running
+        task records on the way (a warning, a question, `stopping`) is not worth its CLI."""
+        try:
+            write()
+            return True
+        except RespError as exc:
+            if not disk_full(exc):
+                raise
+            return False
 
     @staticmethod
     def _say(text: str) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import town_processes
 
@@ -218,16 +219,18 @@ def test_a_running_task_outlives_a_full_disk_and_is_recorded_once_there_is_space
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(runtime)], check=True)
     try:
         town.tt("spawn", "dev")
-        task = town.json("assign", "dev", "@gate go\n@echo done after the gate")["id"]
+        task = town.json("assign", "dev", "@gate go\n@seq 3000\n@echo done after the gate")["id"]
         wait_for(lambda: town.agent("dev")["cli_pid"], 30, "the CLI to start")
         filler = fill(runtime)
         client = connect(town.config())
         wait_for(lambda: writes_refused(client), 30, "Redis to refuse writes")
         log = runtime / "logs" / "dev.log"
         wait_for(lambda: "Redis refuses writes" in log.read_text(errors="replace"), 20, "the runner to say so")
-        (town.record / "go").touch()  # the CLI finishes while nothing can be recorded
-        wait_for(lambda: "waits until Redis takes writes" in log.read_text(errors="replace"), 20,
-                 "the outcome to wait")
+        cli = town.agent("dev")["cli_pid"]
+        (town.record / "go").touch()  # the CLI prints ~30 KB (the log cannot take it either) and finishes
+        wait_for(lambda: not psutil.pid_exists(cli) or psutil.Process(cli).status() == psutil.STATUS_ZOMBIE, 30,
+                 "the CLI to finish")
+        assert town.task(task)["state"] == "running"  # its outcome waits for Redis
         filler.unlink()
         done = town.wait_task(task)
         assert (done["state"], done["attempts"]) == ("completed", 1) and "done after the gate" in done["output"]
