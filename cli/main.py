@@ -140,7 +140,8 @@ def _config(town_path, use_started: bool = False):
         config = _started_config(town_path) if use_started else None
         if config is None:
             raise
-        click.echo(f"tt: warning: {exc} (the town runs on its previous config: shown on it)", err=True)
+        click.echo(f"tt: warning: {exc} (the town runs on its previous config: shown with the one it started with)",
+                   err=True)
     click.get_current_context().meta[CONFIG_META] = config  # for _explain
     return config
 
@@ -225,26 +226,27 @@ def _started_town(config, check=None):
     name started the town, and every queued task with it)."""
     from tinytown.supervisor.lifecycle import ensure_running, running_pid
     if check is not None and not running_pid(config):
-        recorded = _records_while_stopped(config)
-        if recorded is not None:
-            check(recorded)
+        _check_while_stopped(config, check)
     ensure_running(config, say=lambda text: click.echo(text, err=True))
     return _town(config)
 
 
-def _records_while_stopped(config):
-    """With no supervisor here: a Town on the town's Redis if it answers (a shared one), else on a
-    read-only snapshot of its records; None for a town never started."""
+def _check_while_stopped(config, check) -> None:
+    """check(town) with no supervisor here: on the town's Redis if it answers (a shared one), else
+    on a read-only snapshot of its records, closed before the town starts. Nothing to check (never
+    started) or a snapshot that cannot be had: the command goes on, as it did before the check."""
     if not config.use_socket:
         town = _town(config)
         if town.ping():
-            return town
+            return check(town)
     from tinytown.supervisor.snapshot import open_snapshot
-    snapshot = open_snapshot(config)
-    if snapshot is None:
+    try:
+        snapshot = open_snapshot(config)
+    except (TinytownError, OSError):
         return None
-    click.get_current_context().with_resource(snapshot)
-    return _town(snapshot.config)
+    if snapshot is not None:
+        with snapshot:
+            check(_town(snapshot.config))
 
 
 # --- shell completion (click's: `_TT_COMPLETE=bash_source tt`, see the README) -----------------
@@ -535,7 +537,7 @@ def tasks(agent, state, limit, as_json, town_path):
     config = _config(town_path, use_started=True)
     town = _running_town(config, as_json)
     found = town.tasks(agent=agent, state=state, limit=limit)
-    if agent and not found:
+    if agent and not found and not (state and town.tasks(agent=agent, limit=1)):
         town.agent_id(agent)  # (a pruned agent's tasks are still listed by its name; a typo is said)
     if as_json:
         from tinytown.cli.coordination_commands import tasks_json

@@ -190,7 +190,7 @@ def lost_host_note(name: str, host: str, pinned: bool) -> str:
 def _quoted(question: str) -> str:
     """An agent's question as it asked it, in quotes (repr() doubled its backslashes and switched
     quotes on an apostrophe), cleaned of what a terminal would act on."""
-    return f'"{clean_text(question)}"'
+    return '"' + " ".join(clean_text(question).split("\n")) + '"'
 
 
 def _note(a: dict) -> str:

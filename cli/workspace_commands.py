@@ -90,12 +90,12 @@ def _no_commits(town, task) -> TinytownError:
         shared = None
     if task.state in ("pending", "assigned", "running"):
         why = f"it has not ended: it is {task.state}"
-    elif not task.attempts:
+    elif not (task.attempts or task.base):  # (a stop's put-back gives its attempt back; base stays)
         why = f"it was {task.state} before it ran"
     elif shared:
         why = "it ran in the shared town folder"
     elif task.reason:
-        why = f"it ended {task.state} without one: {clean_text(task.reason)[:200]}"
+        why = f"it ended {task.state} without one: {' '.join(clean_text(task.reason).split())[:200]}"
     else:
         why = "none was recorded"
     return TinytownError(f"task {task.id} has no commits ({why})")

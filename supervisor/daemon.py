@@ -107,6 +107,8 @@ class Supervisor:
         self.selector: selectors.BaseSelector | None = None
         self.wake_r = self.wake_w = -1
         self.disk_full = False                    # Redis refuses writes (MISCONF): said once
+        self.joined = False                       # a lease renewal has gone through (_renew_lease)
+        self.fork_refused: set[str] = set()       # agents whose runner's fork was refused: said once
         self.config_stamp = self._config_stamp()  # tinytown.toml as `config` was read from it
         self.reloads_done = 0                     # `tt reload` requests answered
         self.stops_seen = 0                       # `tt stop` requests made before this supervisor started
@@ -181,8 +183,13 @@ class Supervisor:
         """Write what `tt stop` needs into the lock file, so it can ask without reading the config
         (stopping.py); again after a reload, which may change stop_grace."""
         socket_path = str(self.config.redis_socket) if self.redis.embedded and self.config.use_socket else ""
-        lock.describe(self.lock_fd, stopping.Card(self.config.name, socket_path, self.policy.stop_grace,
+        lock.describe(self.lock_fd, stopping.Card(self.config.name, socket_path, self._longest_grace(),
                                                   str(self.config.last_stop_file)).encode())
+
+    def _longest_grace(self) -> float:
+        """The longest a graceful stop may take: runners keep the grace of the config they were
+        forked with (a reload that shortened it reaches the next runner only)."""
+        return max([self.policy.stop_grace, *(proc.stop_grace for proc in self.procs.values())])
 
     def _notify_ready(self, line: str) -> None:
         if self.ready_fd is not None:
@@ -416,6 +423,7 @@ class Supervisor:
         self.lease_at = time.monotonic() + cluster.lease_renew
         tick = self.town.hosts.tick(self.host, self.config.host_capacity(self.host), os.getpid(), cluster.lease_ttl,
                                     self.machine)
+        self.joined = True  # (a renewal went through: a record missing after this was removed)
         if tick.reaper != self.reaper:
             if tick.reaper == self.host and self.reaper:  # (a takeover; not a first start)
                 self.say(f"host {self.host} handles lost hosts now, after host {self.reaper} (elected through Redis)")
@@ -429,11 +437,12 @@ class Supervisor:
         longer than lease_ttl), every runner it has is fenced: killed, writing nothing; the
         agents that wait for this host (pinned) get new runners at the next reconcile. So too if
         it was lost and then forgotten (`tt forget-host`): its record is new again."""
+        joined = self.joined
         tick = self._tick()
         if tick.returned:
             self.say(f"host {self.host} was declared lost (no renewal for [cluster] lease_ttl = "
                      f"{self.config.cluster.lease_ttl:g}s); its runners are stopped, their tasks run elsewhere")
-        elif not tick.before:  # (the start's own tick made the record: this one found none)
+        elif not tick.before and joined:  # (a renewal before found its record: this one found none)
             self.say(f"host {self.host} was forgotten (`tt forget-host`) while its supervisor was away: it joins "
                      "the town again as a new host; its runners are stopped, their agents run elsewhere")
         else:
@@ -594,6 +603,7 @@ class Supervisor:
         except OSError:
             pass
         self.procs[agent_id] = RunnerProc(agent_id, name, pid, time.monotonic(), stop_grace=self.policy.stop_grace)
+        self.fork_refused.discard(agent_id)
         self.town.set_runner_pid(agent_id, pid)
         self.say(f"runner {name} started (pid {pid})")
 
@@ -604,7 +614,9 @@ class Supervisor:
         reason = f"cannot start its runner: {exc.strerror or exc} (the machine's process or memory limit?)"
         self.town.set_agent_state(agent_id, AgentState.BACKOFF, pid="", cli_pid="", reason=reason,
                                   restart_at=f"{time.time() + FORK_RETRY_SECONDS:.6f}")
-        self.say(f"cannot start runner {name}: {exc}; trying again in {FORK_RETRY_SECONDS:g}s")
+        if agent_id not in self.fork_refused:  # (said once until a fork goes through, not each second)
+            self.fork_refused.add(agent_id)
+            self.say(f"cannot start runner {name}: {exc}; trying again every {FORK_RETRY_SECONDS:g}s")
 
     def _signal_runner(self, proc: RunnerProc, sig: int) -> None:
         proc.stop_requested = True
@@ -714,12 +726,9 @@ class Supervisor:
 
     # --- stop: the loop's other mode -------------------------------------------------------------
     def _begin_stop(self, mode: StopMode) -> None:
-        self.say(f"stopping ({mode.value})")
         self.town.set_supervisor_state("stopping")
         since = self.town.event("town_stopping", mode=mode.value)
-        # (each runner's own grace: one forked before a reload shortened it still takes the longer)
-        grace = 0.0 if mode is StopMode.NOW else max([self.policy.stop_grace,
-                                                      *(proc.stop_grace for proc in self.procs.values())])
+        grace = 0.0 if mode is StopMode.NOW else self._longest_grace()
         self.stopping = Stopping(mode, since, time.monotonic() + grace + KILL_WAIT_SECONDS + 3.0)
         # While a runner lives, the agent's state is its own to write (it says `stopping` when it
         # gets the signal): a write from here could race with it recording a finished task.
@@ -732,6 +741,7 @@ class Supervisor:
                 self._signal_runner(proc, sig)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        self.say(f"stopping ({mode.value})")  # (once every runner has been told)
 
     def _stop_now(self) -> None:
         """`tt stop --now` (or a second Ctrl+C) during a graceful stop: skip the grace period."""

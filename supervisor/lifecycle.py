@@ -199,11 +199,7 @@ def _host_live(client, keys, host: str, pid: int) -> bool:
 def _refuse_a_rename(config: Config) -> None:
     """The supervisor holding this folder's lock has no record under tinytown.toml's name: if its
     lock card names another town (the name was edited while it ran), say so now, not after a wait."""
-    try:
-        pid, raw = lock.holder_and_card(config.runtime_dir)
-    except OSError:
-        return
-    card = Card.decode(raw) if pid and raw else None
+    card = _card(config)
     if card is not None and card.name != config.name:
         raise TinytownError(f"this town runs as {card.name!r}, but tinytown.toml now names it {config.name!r}: "
                             f"put the name back while it runs (its records are kept under {card.name!r}), then "
@@ -218,7 +214,9 @@ def stop(config: Config, now: bool = False, timeout: float | None = None) -> dic
         return _stop_elsewhere(config, now, timeout) if config.redis_url else None
     from .keys import Keys
     from .resp import connect
-    wait = timeout if timeout is not None else stop_wait(config.supervisor.stop_grace, now)
+    card = _card(config)  # (the supervisor's own: its runners' grace may outlast an edited file's)
+    grace = max(config.supervisor.stop_grace, card.stop_grace if card else 0.0)
+    wait = timeout if timeout is not None else stop_wait(grace, now)
     town, others = None, []
     try:
         if config.redis_url:  # (the request is the town's: the other hosts stop too, and are said)
@@ -314,3 +312,12 @@ def reload(config: Config, timeout: float = 10.0) -> tuple[str, str] | None:
     if not wait_until(done, timeout) or not answered:
         raise TinytownError("the town's supervisor did not answer the reload; see .tt/supervisor.log")
     return answered.get("config_error", ""), answered.get("config_note", "")
+
+
+def _card(config: Config) -> Card | None:
+    """What the running supervisor wrote into its lock for `tt stop` (stopping.Card), if any."""
+    try:
+        pid, raw = lock.holder_and_card(config.runtime_dir)
+    except OSError:
+        return None
+    return Card.decode(raw) if pid and raw else None

@@ -41,11 +41,15 @@ def runtime_dir(town: str | os.PathLike) -> str:
 
 
 def _outer_town(folder: str) -> str:
-    """`folder`, or the town it is an agent's checkout of (TOWN/agents/NAME, TOWN holding
-    tinytown.toml), outermost first if checkouts nest."""
+    """`folder`, or the town it is inside an agent's checkout of: TOWN/agents/NAME/..., TOWN
+    holding tinytown.toml (a town in a repository's subfolder has its copy at agents/NAME/sub);
+    the outermost such town if checkouts nest."""
+    found, path = folder, folder
     while True:
-        agents = os.path.dirname(folder)
-        town = os.path.dirname(agents)
-        if os.path.basename(agents) != AGENTS_DIR or not os.path.isfile(os.path.join(town, CONFIG_FILE)):
-            return folder
-        folder = town
+        parent = os.path.dirname(path)
+        if parent == path:
+            return found
+        town = os.path.dirname(parent)
+        if os.path.basename(parent) == AGENTS_DIR and os.path.isfile(os.path.join(town, CONFIG_FILE)):
+            found = town
+        path = parent

@@ -239,3 +239,15 @@ def test_the_started_config_is_kept_only_without_secrets(tmp_path):
     path.chmod(0o600)
     remember_started(load(tmp_path))
     assert not (tmp_path / ".tt" / "started.toml").exists()  # (and the earlier copy is gone with it)
+
+
+def test_an_agents_checkout_of_a_town_in_a_subfolder_is_that_towns(tmp_path):
+    """A town at repo/sub has its agents work in agents/NAME/sub, where the committed copy of its
+    tinytown.toml is: that is the town's checkout, not a town of its own."""
+    town = tmp_path / "repo" / "sub"
+    inner = town / "agents" / "dev" / "sub"
+    inner.mkdir(parents=True)
+    for folder in (town, inner):
+        (folder / "tinytown.toml").write_text('name = "t"\n')
+    assert find_town(inner) == town and find_town(town) == town
+    assert find_town(tmp_path / "repo" / "sub" / "agents" / "dev" / "sub" / "tinytown.toml") == town

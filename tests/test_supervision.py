@@ -580,6 +580,10 @@ def test_a_stop_gives_a_runner_the_grace_of_the_config_it_was_started_with(make_
     path = town.root / "tinytown.toml"
     path.write_text(path.read_text().replace("stop_grace = 60", "stop_grace = 0.5", 1))
     assert "applied [supervisor]" in town.tt("reload").out
+    from tinytown.supervisor import lock
+    from tinytown.supervisor.stopping import Card
+    card = Card.decode(lock.holder_and_card(town.root / ".tt")[1])
+    assert card.stop_grace == 60  # what `tt stop` waits for: dev's runner keeps its 60 s
     task_id = town.json("assign", "dev", "@sleep 7\n@echo finished within its grace")["id"]
     working_on(town, "dev", task_id)
     report = town.json("stop")  # past 0.5 s + the supervisor's slack (5.5 s), within the runner's 60
