@@ -101,9 +101,13 @@ def test_the_card_follows_a_reload(town):
     town.tt("spawn", "dev")
     town.wait_agent("dev")
     toml = town.root / "tinytown.toml"
-    toml.write_text(toml.read_text().replace("\nstop_grace = 10.0\n", "\nstop_grace = 3.5\n", 1))
+    text = toml.read_text()
+    toml.write_text(text.replace("\nstop_grace = 10.0\n", "\nstop_grace = 20.0\n", 1))
     town.tt("reload")
-    assert card_of(town)["stop_grace"] == 3.5
+    assert card_of(town)["stop_grace"] == 20.0
+    toml.write_text(text.replace("\nstop_grace = 10.0\n", "\nstop_grace = 3.5\n", 1))
+    town.tt("reload")
+    assert card_of(town)["stop_grace"] == 10.0  # (dev's runner keeps the 10 s it was forked with)
     assert town.tt("stop").returncode == 0
 
 
