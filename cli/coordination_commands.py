@@ -55,15 +55,17 @@ def _say_if_work_stays_on_branches(town, name: str, deps: list[str]) -> None:
     """A shared agent (the town's folder) waiting on worktree agents' tasks runs after them but
     without their work, which stays on their branches until merged: said on stderr (a trial's
     task completed without the upstream file, saying nothing)."""
-    agents = {a.name: a for a in town.agents()}
-    if agents.get(name) is None or agents[name].workspace == "worktree":
+    if town.agent(name).workspace == "worktree":  # (most agents of a git town: one read, and done)
         return
-    upstream = sorted({owner for owner in town.task_field(deps, "agent")
-                       if owner in agents and agents[owner].workspace == "worktree"})
-    for owner in upstream:
-        click.echo(f"tt: note: {name} works in the town's folder: {owner}'s work stays on branch "
-                   f"{agents[owner].branch} until merged (`tt merge {owner}`), so it runs after it but without it",
-                   err=True)
+    for owner in sorted(set(town.task_field(deps, "agent")) - {name}):
+        try:
+            upstream = town.agent(owner)
+        except TinytownError:  # (pruned since)
+            continue
+        if upstream.workspace == "worktree":
+            click.echo(f"tt: note: {name} works in the town's folder: {owner}'s work stays on branch "
+                       f"{upstream.branch} until merged (`tt merge {owner}`), so it runs after it but without it",
+                       err=True)
 
 
 def _say_if_held(town, name: str) -> None:

@@ -671,22 +671,24 @@ def _loads(folder: Path, path: Path, text: str) -> Config:
     return _from_dict(data, folder, path, text)
 
 
-def remember_started(config: Config) -> None:
-    """Keep the text of tinytown.toml that `config` was read from, for load_started; nothing if the
-    file has changed since (it is then not what this config is), nor if it holds a secret (a
-    password in [redis] url, an [agent_clis] env: API keys live there), which is never copied."""
+def remember_started(config: Config, stamp: tuple | None) -> None:
+    """Keep the text of tinytown.toml that `config` was read from, for load_started: if the file is
+    still as `stamp` (procutil.file_stamp, taken when it was read) says, a copy, not parsed again
+    (a start's cost); nothing if it holds a secret (a password in [redis] url, an [agent_clis]
+    env: API keys live there), which is never copied."""
+    from .procutil import file_stamp
     path = config.root / CONFIG_FILE
     try:
         config.started_config_file.unlink(missing_ok=True)  # (an earlier start's is not this one's)
         if _holds_secrets(config):
             return
-        text = path.read_text(encoding="utf-8")
-        if _loads(config.root, path, text) != config:
+        text = path.read_bytes()
+        if stamp is None or file_stamp(path) != stamp:  # (edited since: not what this config is)
             return
         fd = os.open(config.started_config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with os.fdopen(fd, "wb") as fh:
             fh.write(text)
-    except (OSError, UnicodeDecodeError, TinytownError):
+    except OSError:
         pass  # (reading commands then fail on a broken tinytown.toml, as before)
 
 

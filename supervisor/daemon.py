@@ -137,7 +137,7 @@ class Supervisor:
             raise TinytownError(str(exc)) from None
         try:
             self._remember_host()  # (first: this folder's commands take it for this host's name from now on)
-            remember_started(self.config)  # (what reading commands use while tinytown.toml is broken)
+            remember_started(self.config, self.config_stamp)  # (what reading commands use while it is broken)
             self._install_signals()
             become_subreaper()
             close_on_exec_all()

@@ -580,18 +580,12 @@ class Runner:
         rather than dying with the outcome in hand (the task would run again). A stop's deadline
         still ends the wait: the task is then in flight, for the next runner."""
         said = False
-        while True:
-            try:
-                write()
-                self.refused = False
-                return
-            except RespError as exc:
-                if not disk_full(exc):
-                    raise
-                if not said:  # (_say, not _note: a note would set the log's warning in Redis)
-                    said = True
-                    self._say(f"the task's outcome waits until Redis takes writes ({exc})")
-                time.sleep(REFUSED_RETRY_SECONDS)
+        while not self._unless_disk_full(write):
+            if not said:  # (_say, not _note: a note would set the log's warning in Redis)
+                said = True
+                self._say("the task's outcome waits until Redis takes writes (disk full?)")
+            time.sleep(REFUSED_RETRY_SECONDS)
+        self.refused = False
 
     def _remember_session(self, task_id: str, resume_failed: bool) -> None:
         """The session the agent's next task continues: this one's, failed or not (what went wrong

@@ -231,13 +231,14 @@ def test_the_started_config_is_kept_only_without_secrets(tmp_path):
     """.tt/started.toml (what reading commands use while tinytown.toml is broken) is a copy of the
     file: never made when it holds a password in its url or an [agent_clis] env (API keys)."""
     from tinytown.supervisor.config import load_started, remember_started
+    from tinytown.supervisor.procutil import file_stamp
     config = init_town(tmp_path, "t")
-    remember_started(config)
+    remember_started(config, file_stamp(tmp_path / "tinytown.toml"))
     assert load_started(tmp_path) == config
     path = tmp_path / "tinytown.toml"
     path.write_text(path.read_text() + '\n[agent_clis.mine]\ncommand = ["mine"]\nenv = {API_KEY = "sk-secret"}\n')
     path.chmod(0o600)
-    remember_started(load(tmp_path))
+    remember_started(load(tmp_path), file_stamp(path))
     assert not (tmp_path / ".tt" / "started.toml").exists()  # (and the earlier copy is gone with it)
 
 
